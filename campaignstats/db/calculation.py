@@ -1,0 +1,125 @@
+"""The full calculation: every count recomputed from Postgres in one read-only snapshot.
+
+All statements of one calculation run in one ``READ ONLY, REPEATABLE READ`` transaction, so the
+counts and the highest action id describe the same instant; each statement is bounded by
+``statement_timeout``. The SQL itself lives in :mod:`campaignstats.db.queries`.
+
+Memory is bounded by the result (rows per campaign x org / area / action type), never by the size
+of the tables: all aggregation happens in Postgres.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import structlog
+
+from campaignstats.errors import CalculationError
+from campaignstats.model import CalculationResult, CampaignStats
+
+from .queries import PROCA_QUERIES, Queries
+
+if TYPE_CHECKING:
+    import asyncpg
+
+log = structlog.get_logger(__name__)
+
+Scope = Literal["all", "live"] | Sequence[int]
+
+DEFAULT_STATEMENT_TIMEOUT = 60.0  # seconds, per statement
+
+
+def scope_kind(scope: Scope) -> str:
+    return scope if isinstance(scope, str) else "ids"
+
+
+async def calculate(
+    conn: asyncpg.Connection,
+    scope: Scope = "all",
+    *,
+    queries: Queries = PROCA_QUERIES,
+    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
+    work_mem: str = "256MB",
+) -> CalculationResult:
+    """Recompute the covered campaigns' counts; raises :class:`CalculationError` on any failure.
+
+    ``scope`` is ``"all"``, ``"live"`` (campaigns with status live) or a list of campaign ids (of
+    which those that exist in ``campaigns`` are covered).
+    """
+    import asyncpg
+
+    kind = scope_kind(scope)
+    if not isinstance(scope, str) and not all(isinstance(c, int) for c in scope):
+        raise TypeError("scope must be 'all', 'live' or a sequence of campaign ids")
+    started_at = time.time()
+    t0 = time.perf_counter()
+    try:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            # SET LOCAL: these last until the end of this transaction only.
+            await conn.execute(f"SET LOCAL statement_timeout = {int(statement_timeout * 1000)}")
+            await conn.execute(f"SET LOCAL work_mem = '{_safe_setting(work_mem)}'")
+            # The filter "$1 IS NULL OR id = ANY($1)" needs a plan made for the actual value.
+            await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+            if kind == "all":
+                covered = [r[0] for r in await conn.fetch(queries.all_campaigns)]
+                ids: list[int] | None = None
+            elif kind == "live":
+                covered = [r[0] for r in await conn.fetch(queries.live_campaigns)]
+                ids = covered
+            else:
+                ids = sorted(set(scope))
+                covered = [r[0] for r in await conn.fetch(queries.existing_campaigns, ids)]
+                ids = covered
+            max_action_id = await conn.fetchval(queries.max_action_id)
+            if ids == []:
+                supporter_rows: list[asyncpg.Record] = []
+                extra_rows: list[asyncpg.Record] = []
+                action_rows: list[asyncpg.Record] = []
+            else:
+                supporter_rows = await conn.fetch(queries.supporter_counts, ids)
+                extra_rows = await conn.fetch(queries.extra_supporters, ids)
+                action_rows = await conn.fetch(queries.action_counts, ids)
+    except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+        raise CalculationError(f"{kind} calculation failed: {type(exc).__name__}: {exc}") from exc
+
+    campaigns = {cid: CampaignStats() for cid in covered}
+    for cid, org_id, area, n, level in supporter_rows:
+        stats = campaigns.get(cid)
+        if stats is None:  # an action whose campaign row is missing: nothing covers it
+            continue
+        if level == 0:
+            stats.supporters = n
+        elif level == 1:
+            stats.org[org_id] = n
+        else:
+            stats.area[area] = n
+    for cid, org_id, extra in extra_rows:
+        stats = campaigns.get(cid)
+        if stats is None:
+            continue
+        stats.extra_supporters += extra
+        stats.supporters += extra
+        stats.org[org_id] = stats.org.get(org_id, 0) + extra
+    for cid, action_type, n in action_rows:
+        stats = campaigns.get(cid)
+        if stats is not None:
+            stats.action[action_type] = n
+    rows = len(covered) + len(supporter_rows) + len(extra_rows) + len(action_rows)
+    duration = time.perf_counter() - t0
+    log.info(
+        "calculation.done",
+        kind=kind,
+        campaigns=len(campaigns),
+        rows=rows,
+        max_action_id=max_action_id,
+        duration=round(duration, 3),
+    )
+    return CalculationResult(kind, campaigns, int(max_action_id), started_at, duration, rows)
+
+
+def _safe_setting(value: str) -> str:
+    if not value.replace(" ", "").isalnum():
+        raise ValueError(f"not a plain setting value: {value!r}")
+    return value

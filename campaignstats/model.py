@@ -1,0 +1,258 @@
+"""The counting model: per-campaign state, increments, calculation results and the exact merge.
+
+Plain Python with no I/O and no event loop (shared/DESIGN.md, "Per-campaign state"). Only the actor
+task mutates a live :class:`StatsState`; tests call :meth:`StatsState.apply` directly.
+
+Semantics follow Proca's ``Proca.Server.Stats.increment/5``, with two deliberate differences from its
+code: ``area`` and ``org`` move only for a new supporter (Proca seeds a new area with 1 even for a
+returning supporter), and no zero-valued keys are created, so that memory and a recount from the
+database compare equal key for key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from campaignstats.errors import Invalid
+
+#: Wire STATS map: ``{"supporters", "action", "area", "org", "extra_supporters"}``.
+WireStats = dict[str, Any]
+
+DEFAULT_MAX_KEYS = 10_000
+
+
+class Increment(NamedTuple):
+    """One increment, as the wire and the embedding API carry it (shared/PROTOCOL.md, ``inc``)."""
+
+    campaign_id: int
+    org_id: int
+    action_type: str
+    area: str | None = None
+    new_supporter: bool = False
+    count: int = 1
+    action_id: int | None = None
+
+
+@dataclass(slots=True)
+class CampaignStats:
+    """Counts of one campaign. ``supporters`` and ``org`` include ``extra_supporters``."""
+
+    supporters: int = 0
+    action: dict[str, int] = field(default_factory=dict)
+    area: dict[str, int] = field(default_factory=dict)
+    org: dict[int, int] = field(default_factory=dict)
+    extra_supporters: int = 0
+
+    def copy(self) -> CampaignStats:
+        return CampaignStats(
+            self.supporters, dict(self.action), dict(self.area), dict(self.org), self.extra_supporters
+        )
+
+    def to_wire(self) -> WireStats:
+        """The STATS map of the wire. Copies, so the caller may keep it while the state moves on."""
+        return {
+            "supporters": self.supporters,
+            "action": dict(self.action),
+            "area": dict(self.area),
+            "org": dict(self.org),
+            "extra_supporters": self.extra_supporters,
+        }
+
+    @classmethod
+    def from_wire(cls, stats: Mapping[str, Any]) -> CampaignStats:
+        return cls(
+            int(stats["supporters"]),
+            dict(stats["action"]),
+            dict(stats["area"]),
+            dict(stats["org"]),
+            int(stats["extra_supporters"]),
+        )
+
+    def add(self, inc: Increment) -> None:
+        """Apply one increment with no limit checks (used when replaying a journal)."""
+        self.action[inc.action_type] = self.action.get(inc.action_type, 0) + inc.count
+        if inc.new_supporter:
+            self.supporters += 1
+            self.org[inc.org_id] = self.org.get(inc.org_id, 0) + 1
+            if inc.area is not None:
+                self.area[inc.area] = self.area.get(inc.area, 0) + 1
+
+
+EMPTY_WIRE_STATS: WireStats = CampaignStats().to_wire()
+
+
+def empty_wire_stats() -> WireStats:
+    """STATS of an unknown campaign: all zeros and empty maps (a fresh copy)."""
+    return CampaignStats().to_wire()
+
+
+@dataclass(slots=True)
+class CampaignDrift:
+    """How far memory was from the truth (database value plus unseen increments) at a merge.
+
+    Positive numbers mean memory counted more than the truth.
+    """
+
+    campaign_id: int
+    supporters: int
+    actions: int
+
+    @property
+    def is_zero(self) -> bool:
+        return self.supporters == 0 and self.actions == 0
+
+
+@dataclass(slots=True)
+class CalculationResult:
+    """What one calculation read from Postgres, in one snapshot.
+
+    ``campaigns`` has an entry for every covered campaign, zero or not: a covered campaign that is
+    missing from the result has no supporters in the database, which is itself a fact to merge.
+    """
+
+    kind: str  # "all", "live" or "ids"
+    campaigns: dict[int, CampaignStats]
+    max_action_id: int
+    started_at: float = 0.0  # wall clock, seconds since the epoch
+    duration: float = 0.0  # seconds
+    rows: int = 0  # rows read from the database
+
+
+class StatsState:
+    """All campaigns' counts, with the journal the exact merge needs.
+
+    ``journal`` is ``None`` when no calculation is running. While one runs it maps a campaign id to
+    the increments applied to that campaign since the calculation started, so that each covered
+    campaign can become "database value + increments the snapshot could not contain".
+    """
+
+    __slots__ = ("applied", "campaigns", "journal", "max_campaigns", "max_keys")
+
+    def __init__(self, *, max_keys: int = DEFAULT_MAX_KEYS, max_campaigns: int | None = None) -> None:
+        self.campaigns: dict[int, CampaignStats] = {}
+        self.journal: dict[int, list[Increment]] | None = None
+        self.max_keys = max_keys
+        self.max_campaigns = max_campaigns
+        self.applied = 0  # increments applied since start (each counts once, whatever its count)
+
+    # -- increments -----------------------------------------------------------------------------
+
+    def apply(self, inc: Increment) -> None:
+        """Apply one increment, or raise :class:`Invalid` and change nothing."""
+        rejected = self.apply_many((inc,))
+        if rejected:
+            raise Invalid(rejected[0][1])
+
+    def apply_many(self, incs: Iterable[Increment]) -> list[tuple[int, str]]:
+        """Apply a batch; returns ``(index, reason)`` for each rejected increment.
+
+        Increments are validated by the codec already; what is checked here depends on the state:
+        the cap on distinct keys per campaign and on campaigns in total. A rejected increment
+        changes nothing. This is the hot path: lookups are hoisted and no object is allocated per
+        increment unless a new key or campaign appears.
+        """
+        campaigns = self.campaigns
+        journal = self.journal
+        max_keys = self.max_keys
+        rejected: list[tuple[int, str]] = []
+        applied = 0
+        for i, inc in enumerate(incs):
+            cid, org_id, action_type, area, new_supporter, count, _ = inc
+            stats = campaigns.get(cid)
+            if stats is None:
+                if self.max_campaigns is not None and len(campaigns) >= self.max_campaigns:
+                    rejected.append((i, f"campaign {cid}: over the limit of {self.max_campaigns} campaigns"))
+                    continue
+                stats = campaigns[cid] = CampaignStats()
+            action = stats.action
+            n = action.get(action_type)
+            if n is None:
+                if len(action) >= max_keys:
+                    rejected.append((i, f"campaign {cid}: over {max_keys} action types"))
+                    continue
+                n = 0
+            if new_supporter:
+                org = stats.org
+                o = org.get(org_id)
+                if o is None:
+                    if len(org) >= max_keys:
+                        rejected.append((i, f"campaign {cid}: over {max_keys} orgs"))
+                        continue
+                    o = 0
+                if area is not None:
+                    areas = stats.area
+                    a = areas.get(area)
+                    if a is None:
+                        if len(areas) >= max_keys:
+                            rejected.append((i, f"campaign {cid}: over {max_keys} areas"))
+                            continue
+                        a = 0
+                    areas[area] = a + 1
+                org[org_id] = o + 1
+                stats.supporters += 1
+            action[action_type] = n + count
+            applied += 1
+            if journal is not None:
+                entries = journal.get(cid)
+                if entries is None:
+                    journal[cid] = [inc]
+                else:
+                    entries.append(inc)
+        self.applied += applied
+        return rejected
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def stats(self, campaign_id: int) -> WireStats:
+        stats = self.campaigns.get(campaign_id)
+        return empty_wire_stats() if stats is None else stats.to_wire()
+
+    # -- the exact merge (shared/DESIGN.md, "The actor") ----------------------------------------
+
+    def start_journal(self) -> None:
+        """Start recording increments; called when a calculation starts, before its snapshot."""
+        self.journal = {}
+
+    def stop_journal(self) -> None:
+        self.journal = None
+
+    def merge(
+        self, result: CalculationResult, campaign_ids: Iterable[int] | None = None
+    ) -> list[CampaignDrift]:
+        """Make each covered campaign equal to its database value plus the unseen increments.
+
+        Unseen increments are the journaled ones the snapshot could not contain: those with an
+        ``action_id`` above ``result.max_action_id``, and all of those without an action id.
+        ``campaign_ids`` selects a part of the result, so that the actor can merge a large result
+        in slices and keep serving between them; the journal keeps recording meanwhile, so a
+        campaign merged in a later slice also gets the increments that arrived in between.
+        Returns the non-zero drifts.
+        """
+        journal = self.journal or {}
+        max_id = result.max_action_id
+        ids = result.campaigns.keys() if campaign_ids is None else campaign_ids
+        drifts: list[CampaignDrift] = []
+        for cid in ids:
+            truth = result.campaigns[cid].copy()
+            for inc in journal.get(cid, ()):
+                if inc.action_id is None or inc.action_id > max_id:
+                    truth.add(inc)
+            before = self.campaigns.get(cid)
+            if before is not None:
+                drift = CampaignDrift(
+                    cid,
+                    before.supporters - truth.supporters,
+                    sum(before.action.values()) - sum(truth.action.values()),
+                )
+            else:
+                drift = CampaignDrift(cid, -truth.supporters, -sum(truth.action.values()))
+            if not drift.is_zero:
+                drifts.append(drift)
+            self.campaigns[cid] = truth
+        return drifts
+
+    def replace_all(self, campaigns: Mapping[int, CampaignStats]) -> None:
+        """Load a snapshot file's content (before any calculation)."""
+        self.campaigns = {cid: stats.copy() for cid, stats in campaigns.items()}
