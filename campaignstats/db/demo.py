@@ -77,31 +77,44 @@ class _Generator:
         self.key = hashlib.blake2b(str(seed).encode(), digest_size=16).digest()
         n_campaigns = max(3, min(300, actions // 10_000 + 3))
         n_orgs = max(4, n_campaigns // 2 + 4)
-        self.orgs = [(self._next("orgs"), f"Demo org {i + 1}") for i in range(n_orgs)]
+        self.orgs = [
+            (self._next("orgs"), f"Demo org {i + 1}", BASE_TIME, BASE_TIME) for i in range(n_orgs)
+        ]
         # The last org has only offline supporters: extra_supporters on its pages, no actions.
         offline_org = self.orgs[-1][0]
         statuses = _weighted(rng, CAMPAIGN_STATUS, n_campaigns)
         statuses[0] = statuses[1] = 1  # the two busiest campaigns are live
         self.campaigns = [
-            (self._next("campaigns"), f"Demo campaign {i + 1}", self.orgs[i % (n_orgs - 1)][0], st)
+            (
+                self._next("campaigns"),
+                f"Demo campaign {i + 1}",
+                self.orgs[i % (n_orgs - 1)][0],
+                st,
+                BASE_TIME,
+                BASE_TIME,
+            )
             for i, st in enumerate(statuses)
         ]
         # Zipf-like weights; the last campaign gets none: a campaign without actions.
         self.campaign_weights = [1 / (i + 1) ** 1.1 for i in range(n_campaigns - 1)] + [0.0]
-        self.pages: list[tuple[int, str, int, int, int]] = []
+        self.pages: list[tuple[Any, ...]] = []
         self.pages_of: list[list[tuple[int, int]]] = []  # per campaign: (page id, org id)
-        for ci, (cid, _, _, _) in enumerate(self.campaigns):
+        for ci, (cid, *_) in enumerate(self.campaigns):
             active: list[tuple[int, int]] = []
             for p in range(rng.randint(2, 6)):
                 org_id = self.orgs[rng.randrange(n_orgs - 1)][0]
-                extra = rng.randint(1, 2_000) if rng.random() < 0.2 else 0
+                extra = rng.randint(1, 500) if rng.random() < 0.2 else 0
                 page_id = self._next("action_pages")
-                self.pages.append((page_id, f"demo/{cid}/{p}", cid, org_id, extra))
+                self.pages.append(
+                    (page_id, f"demo/{cid}/{p}", cid, org_id, extra, BASE_TIME, BASE_TIME)
+                )
                 active.append((page_id, org_id))
             if ci % 4 == 0:
                 page_id = self._next("action_pages")
-                extra = rng.randint(10, 5_000)
-                self.pages.append((page_id, f"demo/{cid}/offline", cid, offline_org, extra))
+                extra = rng.randint(10, 1_000)
+                self.pages.append(
+                    (page_id, f"demo/{cid}/offline", cid, offline_org, extra, BASE_TIME, BASE_TIME)
+                )
             self.pages_of.append(active)
         self.supporters_of: list[list[int]] = [[] for _ in self.campaigns]
         self.fingerprints_of: list[list[bytes]] = [[] for _ in self.campaigns]
@@ -163,6 +176,9 @@ class _Generator:
             yield supporters, actions
 
 
+PAGE_COLUMNS = (
+    "id", "name", "campaign_id", "org_id", "extra_supporters", "inserted_at", "updated_at",
+)  # fmt: skip
 SUPPORTER_COLUMNS = (
     "id", "campaign_id", "action_page_id", "fingerprint", "area", "processing_status",
     "dupe_rank", "inserted_at", "updated_at",
@@ -211,14 +227,18 @@ async def fill_demo(
             # The rows are generated consistent; skipping per-row foreign-key triggers is what
             # lets COPY reach 100,000 actions/s. Only a superuser may do this; others just wait.
             await conn.execute("SET LOCAL session_replication_role = replica")
-        await conn.copy_records_to_table("orgs", records=gen.orgs, columns=("id", "name"))
         await conn.copy_records_to_table(
-            "campaigns", records=gen.campaigns, columns=("id", "name", "org_id", "status")
+            "orgs", records=gen.orgs, columns=("id", "name", "inserted_at", "updated_at")
+        )
+        await conn.copy_records_to_table(
+            "campaigns",
+            records=gen.campaigns,
+            columns=("id", "name", "org_id", "status", "inserted_at", "updated_at"),
         )
         await conn.copy_records_to_table(
             "action_pages",
             records=gen.pages,
-            columns=("id", "name", "campaign_id", "org_id", "extra_supporters"),
+            columns=PAGE_COLUMNS,
         )
         with tqdm(total=actions, unit="action", disable=not progress, desc="demo") as bar:
             async for supporters, action_rows in _prefetched(gen.chunks()):
@@ -254,6 +274,3 @@ async def fill_demo(
         actions_per_second=round(summary.actions_per_second),
     )
     return summary
-
-
-

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,11 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start the cluster (initdb on first use) and return the DSN of its ``postgres`` database."""
-        import pgserver  # imported here: a deployment with DATABASE_URL never loads it
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (root shells, CI); pgserver then
+            # uses /tmp/runtime-<uid>, which is fine.
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+            import pgserver  # imported here: a deployment with DATABASE_URL never loads it
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._server is None:
@@ -127,3 +132,22 @@ def with_database(dsn: str, name: str) -> str:
 
     parts = urlsplit(dsn)
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+EMBEDDED_DATABASE = "campaignstats"
+
+
+async def resolve_dsn(
+    dsn: str | None, data_dir: Path | str = DEFAULT_DATA_DIR
+) -> tuple[str, EmbeddedPostgres | None]:
+    """The DSN to use: ``dsn`` when given, else the embedded cluster's ``campaignstats`` database.
+
+    The caller owns the returned :class:`EmbeddedPostgres` (``close()`` it when done); the
+    cluster stops when the last process using it lets go.
+    """
+    if dsn:
+        return dsn, None
+    pg = EmbeddedPostgres(data_dir)
+    admin = pg.start()
+    await create_database(admin, EMBEDDED_DATABASE)
+    return with_database(admin, EMBEDDED_DATABASE), pg
