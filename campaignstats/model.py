@@ -21,6 +21,8 @@ from campaignstats.errors import Invalid
 WireStats = dict[str, Any]
 
 DEFAULT_MAX_KEYS = 10_000
+MAX_ID = 2**63 - 1
+DEFAULT_MAX_STRING = 64  # bytes of UTF-8, for action_type and area
 
 
 class Increment(NamedTuple):
@@ -33,6 +35,34 @@ class Increment(NamedTuple):
     new_supporter: bool = False
     count: int = 1
     action_id: int | None = None
+
+
+def check_increment(inc: Increment, max_string: int = DEFAULT_MAX_STRING) -> str | None:
+    """Why ``inc`` is not a valid increment (types and ranges), or None when it is.
+
+    The wire codec and the embedding API both validate through here, once, at the edge.
+    """
+    cid, org_id, action_type, area, new_supporter, count, action_id = inc
+    if type(cid) is not int or type(org_id) is not int:
+        return "campaign_id and org_id must be integers"
+    if not (0 < cid <= MAX_ID and 0 < org_id <= MAX_ID):
+        return f"ids must be between 1 and 2**63-1 (campaign_id={cid}, org_id={org_id})"
+    if type(action_type) is not str:
+        return "action_type must be a string"
+    if not 0 < len(action_type.encode()) <= max_string:
+        return f"action_type must be 1 to {max_string} bytes"
+    if area is not None:
+        if type(area) is not str:
+            return "area must be a string or nil"
+        if not 0 < len(area.encode()) <= max_string:
+            return f"area must be 1 to {max_string} bytes"
+    if type(new_supporter) is not bool:
+        return "new_supporter must be a boolean"
+    if type(count) is not int or not 0 < count <= MAX_ID:
+        return "count must be an integer >= 1"
+    if action_id is not None and (type(action_id) is not int or not 0 < action_id <= MAX_ID):
+        return "action_id must be nil or an integer between 1 and 2**63-1"
+    return None
 
 
 @dataclass(slots=True)
@@ -118,6 +148,9 @@ class CalculationResult:
     started_at: float = 0.0  # wall clock, seconds since the epoch
     duration: float = 0.0  # seconds
     rows: int = 0  # rows read from the database
+    #: action ids at or below ``max_action_id`` that the snapshot did not see (in-flight or
+    #: rolled-back transactions: gaps among the newest ids); their increments are not in it
+    invisible_ids: frozenset[int] = frozenset()
 
 
 class StatsState:
@@ -128,14 +161,26 @@ class StatsState:
     campaign can become "database value + increments the snapshot could not contain".
     """
 
-    __slots__ = ("applied", "campaigns", "journal", "max_campaigns", "max_keys")
+    __slots__ = (
+        "applied",
+        "already_counted",
+        "campaigns",
+        "journal",
+        "max_campaigns",
+        "max_keys",
+        "seen",
+    )
 
     def __init__(self, *, max_keys: int = DEFAULT_MAX_KEYS, max_campaigns: int | None = None) -> None:
         self.campaigns: dict[int, CampaignStats] = {}
         self.journal: dict[int, list[Increment]] | None = None
+        #: per campaign, what its last merged calculation saw: (max action id, invisible ids).
+        #: An increment whose action the database value already holds is not applied again.
+        self.seen: dict[int, tuple[int, frozenset[int]]] = {}
         self.max_keys = max_keys
         self.max_campaigns = max_campaigns
         self.applied = 0  # increments applied since start (each counts once, whatever its count)
+        self.already_counted = 0  # increments skipped: a merged calculation had counted them
 
     # -- increments -----------------------------------------------------------------------------
 
@@ -156,10 +201,18 @@ class StatsState:
         campaigns = self.campaigns
         journal = self.journal
         max_keys = self.max_keys
+        seen = self.seen
         rejected: list[tuple[int, str]] = []
         applied = 0
         for i, inc in enumerate(incs):
-            cid, org_id, action_type, area, new_supporter, count, _ = inc
+            cid, org_id, action_type, area, new_supporter, count, action_id = inc
+            if action_id is not None and seen:
+                horizon = seen.get(cid)
+                if horizon is not None and action_id <= horizon[0] and action_id not in horizon[1]:
+                    # Announced after a calculation that already counted it: applying it would
+                    # count it twice.
+                    self.already_counted += 1
+                    continue
             stats = campaigns.get(cid)
             if stats is None:
                 if self.max_campaigns is not None and len(campaigns) >= self.max_campaigns:
@@ -224,7 +277,9 @@ class StatsState:
         """Make each covered campaign equal to its database value plus the unseen increments.
 
         Unseen increments are the journaled ones the snapshot could not contain: those with an
-        ``action_id`` above ``result.max_action_id``, and all of those without an action id.
+        ``action_id`` above ``result.max_action_id`` or among its invisible ids, and all of
+        those without an action id. From then on, an increment of this campaign whose action the
+        snapshot held is skipped (see :meth:`apply_many`), so no increment counts twice.
         ``campaign_ids`` selects a part of the result, so that the actor can merge a large result
         in slices and keep serving between them; the journal keeps recording meanwhile, so a
         campaign merged in a later slice also gets the increments that arrived in between.
@@ -232,24 +287,26 @@ class StatsState:
         """
         journal = self.journal or {}
         max_id = result.max_action_id
+        invisible = result.invisible_ids
+        horizon = (max_id, invisible)
         ids = result.campaigns.keys() if campaign_ids is None else campaign_ids
         drifts: list[CampaignDrift] = []
         for cid in ids:
             truth = result.campaigns[cid].copy()
             for inc in journal.get(cid, ()):
-                if inc.action_id is None or inc.action_id > max_id:
+                aid = inc.action_id
+                if aid is None or aid > max_id or aid in invisible:
                     truth.add(inc)
+            self.seen[cid] = horizon
             before = self.campaigns.get(cid)
-            if before is not None:
+            if before is not None:  # a campaign memory did not know yet has no drift to speak of
                 drift = CampaignDrift(
                     cid,
                     before.supporters - truth.supporters,
                     sum(before.action.values()) - sum(truth.action.values()),
                 )
-            else:
-                drift = CampaignDrift(cid, -truth.supporters, -sum(truth.action.values()))
-            if not drift.is_zero:
-                drifts.append(drift)
+                if not drift.is_zero:
+                    drifts.append(drift)
             self.campaigns[cid] = truth
         return drifts
 

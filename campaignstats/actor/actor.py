@@ -1,0 +1,476 @@
+"""The stats actor: one task that owns all counts and is the only code that mutates them.
+
+Everything reaches it through the :class:`~campaignstats.actor.mailbox.Mailbox`. It also owns the
+schedule of calculations (start, every ``sync_interval``, retries with backoff), the exact merge of
+their results, the drift measurement, and the throttled change notifications.
+
+Time is handled without timer tasks: the loop knows its next deadlines (next calculation, next
+publication) and waits on the mailbox at most until the nearest one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from campaignstats import __version__
+from campaignstats.errors import ActorStopped, InternalError
+from campaignstats.model import (
+    DEFAULT_MAX_KEYS,
+    CalculationResult,
+    CampaignDrift,
+    StatsState,
+    WireStats,
+)
+
+from .mailbox import Mailbox
+from .messages import (
+    Ask,
+    CalculationDone,
+    CalculationFailed,
+    Flush,
+    GetInfo,
+    GetStats,
+    GetStatsMany,
+    Increments,
+    Message,
+    Resync,
+    Stop,
+    Subscribe,
+    Unsubscribe,
+)
+from .snapshot import load_snapshot, save_snapshot
+from .subscriptions import DEFAULT_PUBLISH_INTERVAL, Registry
+
+log = structlog.get_logger(__name__)
+
+
+class Source(Protocol):
+    """Where calculations come from (:class:`campaignstats.db.source.PostgresSource`)."""
+
+    async def calculate(self, scope: Any) -> CalculationResult: ...
+
+
+@dataclass(slots=True)
+class ActorConfig:
+    sync_interval: float = 60.0  # seconds between calculations of live campaigns
+    snapshot_path: Path | None = None
+    max_keys: int = DEFAULT_MAX_KEYS
+    max_campaigns: int | None = None
+    publish_interval: float = DEFAULT_PUBLISH_INTERVAL
+    backoff_initial: float = 1.0
+    backoff_max: float = 30.0
+    merge_slice: int = 2_000  # campaigns merged per step; the loop serves messages in between
+    #: test-only: called with every message before it is handled; raising crashes the actor
+    fault_hook: Callable[[Message], None] | None = None
+
+
+@dataclass(slots=True)
+class Lifetime:
+    """What outlives one actor incarnation: kept by the supervisor."""
+
+    started_at: float = field(default_factory=time.time)
+    restarts: int = 0
+    applied_before_restarts: int = 0
+    rejected_before_restarts: int = 0
+
+
+@dataclass(slots=True)
+class _Merge:
+    result: CalculationResult
+    ids: Iterator[int]
+    t0: float
+    drifts: list[CampaignDrift] = field(default_factory=list)
+    longest_step: float = 0.0
+
+
+class StatsActor:
+    def __init__(
+        self,
+        mailbox: Mailbox,
+        source: Source,
+        registry: Registry,
+        config: ActorConfig,
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
+        lifetime: Lifetime,
+        incarnation: int = 0,
+    ) -> None:
+        self.mailbox = mailbox
+        self.source = source
+        self.registry = registry
+        self.config = config
+        self.lifetime = lifetime
+        self.incarnation = incarnation
+        self._spawn = spawn
+        self.state = StatsState(max_keys=config.max_keys, max_campaigns=config.max_campaigns)
+        self.rejected = 0
+        # calculations
+        self._generation = 0
+        self._calc_task: asyncio.Task[None] | None = None
+        self._running: tuple[str, float] | None = None  # (kind, wall-clock start)
+        self._merge: _Merge | None = None
+        self._loaded = False  # a full calculation has succeeded since this actor started
+        self._next_calc_at = 0.0  # monotonic; 0 = now
+        self._failures_in_row = 0
+        self.completed = 0
+        self.failed = 0
+        self.skipped = 0
+        self.last_calculation: dict[str, Any] | None = None
+        self.last_error: str | None = None
+        # notifications
+        self._next_publish_at: float | None = None
+        #: the message being handled, for the crash report
+        self.current: Message | None = None
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Rebuild the state (snapshot, then a full calculation), then serve until :class:`Stop`."""
+        if self.config.snapshot_path is not None:
+            campaigns = load_snapshot(self.config.snapshot_path)
+            if campaigns is not None:
+                self.state.replace_all(campaigns)
+        self._start_calculation("all")
+        self._next_calc_at = time.monotonic() + self.config.sync_interval
+        try:
+            await self._loop()
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Cancel this incarnation's calculation (its result would go to a dead state)."""
+        if self._calc_task is not None and not self._calc_task.done():
+            self._calc_task.cancel()
+        self._calc_task = None
+
+    async def _loop(self) -> None:
+        mailbox = self.mailbox
+        get_nowait = mailbox.get_nowait
+        handle = self._handle
+        while True:
+            if self._merge is not None:
+                # Merge one slice, then serve what arrived meanwhile: no long stall, and the
+                # journal keeps the not-yet-merged campaigns exact.
+                self._merge_step()
+                for _ in range(1_000):
+                    msg = get_nowait()
+                    if msg is None:
+                        break
+                    if handle(msg):
+                        return
+                self._check_timers(time.monotonic())
+                await asyncio.sleep(0)
+                continue
+            msg = get_nowait()
+            if msg is None:
+                now = time.monotonic()
+                self._check_timers(now)
+                try:
+                    async with asyncio.timeout(self._until_next_deadline(now)):
+                        msg = await mailbox.get()
+                except TimeoutError:
+                    continue
+            if handle(msg):
+                return
+            self._check_timers(time.monotonic())
+
+    def _until_next_deadline(self, now: float) -> float:
+        deadline = self._next_calc_at
+        if self._next_publish_at is not None:
+            deadline = min(deadline, self._next_publish_at)
+        return max(0.0, deadline - now)
+
+    def _check_timers(self, now: float) -> None:
+        if now >= self._next_calc_at:
+            self._tick(now)
+        if self._next_publish_at is not None and now >= self._next_publish_at:
+            self._publish()
+
+    # -- messages -------------------------------------------------------------------------------
+
+    def _handle(self, msg: Message) -> bool:
+        """Handle one message; True means stop."""
+        self.current = msg
+        if self.config.fault_hook is not None:
+            self.config.fault_hook(msg)
+        kind = type(msg)
+        if kind is Increments:
+            self._apply(msg)  # type: ignore[arg-type]
+        elif kind is Ask:
+            self._answer(msg)  # type: ignore[arg-type]
+        elif kind is CalculationDone:
+            self._on_result(msg)  # type: ignore[arg-type]
+        elif kind is CalculationFailed:
+            self._on_failure(msg)  # type: ignore[arg-type]
+        elif kind is Stop:
+            self._drain_and_stop()
+            return True
+        else:
+            raise InternalError(f"unknown message type {kind.__name__}")
+        self.current = None
+        return False
+
+    def _apply(self, msg: Increments) -> None:
+        rejected = self.state.apply_many(msg.items)
+        if rejected:
+            self.rejected += len(rejected)
+            if msg.on_rejected is not None:
+                try:
+                    msg.on_rejected(rejected)
+                except Exception:
+                    log.exception("actor.on_rejected_failed")
+        watchers = self.registry.watchers
+        if watchers:
+            dirty = self.registry.dirty
+            for inc in msg.items:
+                if inc[0] in watchers:
+                    dirty.add(inc[0])
+            if dirty and self._next_publish_at is None:
+                self._next_publish_at = time.monotonic() + self.config.publish_interval
+
+    def _answer(self, ask: Ask) -> None:
+        reply = ask.reply
+        try:
+            result = self._call(ask.request)
+        except Exception as exc:  # the caller gets the error; the actor keeps running
+            if not reply.done():
+                reply.set_exception(exc)
+            return
+        if not reply.done():  # the caller may have given up (timeout, cancelled)
+            reply.set_result(result)
+
+    def _call(self, request: Any) -> Any:
+        kind = type(request)
+        if kind is GetStats:
+            return self.state.stats(request.campaign_id)
+        if kind is GetStatsMany:
+            stats = self.state.stats
+            return {cid: stats(cid) for cid in request.campaign_ids}
+        if kind is Flush:
+            return None
+        if kind is GetInfo:
+            return self.info()
+        if kind is Resync:
+            return {"started": self._request_calculation(request.scope)}
+        if kind is Subscribe:
+            self.registry.add(request.campaign_id, request.subscriber)
+            return None
+        if kind is Unsubscribe:
+            self.registry.remove(request.campaign_id, request.subscriber)
+            return None
+        raise InternalError(f"unknown request {kind.__name__}")
+
+    def _drain_and_stop(self) -> None:
+        """Apply what is already in the mailbox, write the snapshot."""
+        drained = 0
+        while (msg := self.mailbox.get_nowait()) is not None:
+            if type(msg) is Increments or type(msg) is Ask:
+                self._handle(msg)
+                drained += 1
+        self.abandon()
+        if self._merge is not None:
+            # A half-merged result is still exact per campaign; finish it before saving.
+            while self._merge is not None:
+                self._merge_step()
+        if self.config.snapshot_path is not None:
+            try:
+                save_snapshot(self.config.snapshot_path, self.state.campaigns)
+            except OSError as exc:
+                log.error("snapshot.save_failed", path=str(self.config.snapshot_path), error=str(exc))
+        log.info("actor.stopped", drained=drained, campaigns=len(self.state.campaigns))
+
+    # -- calculations ---------------------------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        interval = self.config.sync_interval
+        self._next_calc_at = max(self._next_calc_at + interval, now + min(interval, 1.0))
+        if self._running is not None:
+            self.skipped += 1
+            log.warning("calculation.skipped", reason="still running", kind=self._running[0])
+            return
+        self._start_calculation("live" if self._loaded else "all")
+
+    def _request_calculation(self, scope: Any) -> bool:
+        if self._running is not None:
+            self.skipped += 1
+            log.info("calculation.skipped", reason="still running", requested=scope_name(scope))
+            return False
+        self._start_calculation(scope)
+        return True
+
+    def _start_calculation(self, scope: Any) -> None:
+        self._generation += 1
+        generation = self._generation
+        kind = scope_name(scope)
+        # Journal from now on: the snapshot is taken after this point, so anything applied from
+        # here may or may not be in it, and the merge sorts that out by action id.
+        self.state.start_journal()
+        self._running = (kind, time.time())
+        log.info("calculation.started", kind=kind, generation=generation)
+        self._calc_task = self._spawn(self._calculate(generation, scope, kind))
+
+    async def _calculate(self, generation: int, scope: Any, kind: str) -> None:
+        """Runs in its own task: the actor keeps serving while Postgres works."""
+        try:
+            result = await self.source.calculate(scope)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            message: Message = CalculationFailed(generation, kind, exc)
+        else:
+            message = CalculationDone(generation, result)
+        await self.mailbox.put(message)
+
+    def _on_result(self, msg: CalculationDone) -> None:
+        if msg.generation != self._generation or self._running is None:
+            return  # from a calculation this actor no longer waits for
+        result = msg.result
+        self._merge = _Merge(result, iter(list(result.campaigns)), time.perf_counter())
+        self._merge_step()  # small results merge at once
+
+    def _merge_step(self) -> None:
+        merge = self._merge
+        assert merge is not None
+        t0 = time.perf_counter()
+        ids = [cid for _, cid in zip(range(self.config.merge_slice), merge.ids, strict=False)]
+        if ids:
+            merge.drifts.extend(self.state.merge(merge.result, ids))
+            watchers = self.registry.watchers
+            if watchers:
+                self.registry.dirty.update(cid for cid in ids if cid in watchers)
+                if self._next_publish_at is None:
+                    self._next_publish_at = time.monotonic() + self.config.publish_interval
+        merge.longest_step = max(merge.longest_step, time.perf_counter() - t0)
+        if len(ids) == self.config.merge_slice:
+            return
+        self._merge = None
+        self._finish_calculation(merge)
+
+    def _finish_calculation(self, merge: _Merge) -> None:
+        result = merge.result
+        self.state.stop_journal()
+        self._running = None
+        self._calc_task = None
+        self.completed += 1
+        self._failures_in_row = 0
+        if result.kind == "all":
+            self._loaded = True
+        drifts = merge.drifts
+        drift = {
+            "campaigns": len(drifts),
+            "supporters": sum(abs(d.supporters) for d in drifts),
+            "actions": sum(abs(d.actions) for d in drifts),
+            "largest": [
+                {"campaign_id": d.campaign_id, "supporters": d.supporters, "actions": d.actions}
+                for d in sorted(drifts, key=lambda d: -abs(d.supporters) - abs(d.actions))[:5]
+            ],
+        }
+        self.last_calculation = {
+            "kind": result.kind,
+            "started_at": result.started_at,
+            "duration": round(result.duration, 4),
+            "merge_duration": round(time.perf_counter() - merge.t0, 4),
+            "longest_merge_step": round(merge.longest_step, 4),
+            "rows": result.rows,
+            "campaigns": len(result.campaigns),
+            "max_action_id": result.max_action_id,
+            "drift": drift,
+        }
+        log.info(
+            "calculation.merged",
+            kind=result.kind,
+            campaigns=len(result.campaigns),
+            duration=round(result.duration, 3),
+            max_action_id=result.max_action_id,
+            drift_campaigns=drift["campaigns"],
+            drift_supporters=drift["supporters"],
+            drift_actions=drift["actions"],
+            largest_drift=drift["largest"][:3],
+        )
+
+    def _on_failure(self, msg: CalculationFailed) -> None:
+        if msg.generation != self._generation or self._running is None:
+            return
+        self.state.stop_journal()
+        self._running = None
+        self._calc_task = None
+        self.failed += 1
+        self._failures_in_row += 1
+        delay = self.config.backoff_initial * 2 ** (self._failures_in_row - 1)
+        if delay > self.config.backoff_max * 2:  # 1, 2, 4 ... 30, then the normal interval
+            delay = self.config.sync_interval
+        else:
+            delay = min(delay, self.config.backoff_max)
+        self._next_calc_at = time.monotonic() + delay
+        self.last_error = str(msg.error)
+        log.warning(
+            "calculation.failed",
+            kind=msg.kind,
+            error=str(msg.error),
+            cause=repr(msg.error.__cause__) if msg.error.__cause__ else None,
+            failures_in_row=self._failures_in_row,
+            retry_in=delay,
+        )
+
+    # -- notifications --------------------------------------------------------------------------
+
+    def _publish(self) -> None:
+        registry = self.registry
+        self._next_publish_at = None
+        dirty, registry.dirty = registry.dirty, set()
+        for cid in dirty:
+            subscribers = registry.watchers.get(cid)
+            if not subscribers:
+                continue
+            stats = self.state.stats(cid)
+            for subscriber in list(subscribers):
+                try:
+                    subscriber.push(cid, stats)
+                except Exception:
+                    log.exception("subscriber.push_failed", campaign_id=cid)
+                    registry.remove(None, subscriber)
+
+    # -- info -----------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        lifetime = self.lifetime
+        mailbox = self.mailbox.statistics()
+        return {
+            "version": __version__,
+            "uptime": round(time.time() - lifetime.started_at, 3),
+            "campaigns": len(self.state.campaigns),
+            "increments_applied": lifetime.applied_before_restarts + self.state.applied,
+            "rejected": lifetime.rejected_before_restarts + self.rejected,
+            "mailbox": {
+                "depth": mailbox.depth,
+                "capacity": mailbox.capacity,
+                "blocked_producers": mailbox.blocked_producers,
+            },
+            "calculations": {
+                "running": self._running[0] if self._running else None,
+                "completed": self.completed,
+                "failed": self.failed,
+                "skipped": self.skipped,
+                "last_error": self.last_error,
+                "loaded": self._loaded,
+            },
+            "last_calculation": self.last_calculation,
+            "subscriptions": self.registry.count(),
+            "restarts": lifetime.restarts,
+        }
+
+    def stats(self, campaign_id: int) -> WireStats:
+        return self.state.stats(campaign_id)
+
+
+def scope_name(scope: Any) -> str:
+    return scope if isinstance(scope, str) else "ids"
+
+
+__all__ = ["ActorConfig", "ActorStopped", "Lifetime", "Source", "StatsActor"]

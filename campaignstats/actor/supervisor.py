@@ -1,0 +1,106 @@
+"""The supervisor: restarts the actor when it crashes, within a restart intensity (as in OTP).
+
+The mailbox, the subscriptions and the client connections belong to the supervisor, so they
+survive a restart. The message that crashed the actor is logged and dropped (a call waiting on
+it gets :class:`~campaignstats.errors.InternalError`); the new actor rebuilds its state from the
+snapshot file, if any, and a full calculation. More than ``max_restarts`` crashes within
+``window`` seconds means something is badly wrong: :class:`SupervisorGaveUp` is raised, and the
+process exits non-zero so that systemd (or the like) restarts it whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+import structlog
+
+from campaignstats.errors import InternalError, StatsError
+
+from .actor import ActorConfig, Lifetime, Source, StatsActor
+from .mailbox import Mailbox
+from .messages import Ask
+from .subscriptions import Registry
+
+log = structlog.get_logger(__name__)
+
+
+class SupervisorGaveUp(StatsError):
+    """The actor crashed more often than the restart intensity allows."""
+
+
+class Supervisor:
+    def __init__(
+        self,
+        mailbox: Mailbox,
+        source: Source,
+        config: ActorConfig,
+        *,
+        max_restarts: int = 5,
+        window: float = 60.0,
+    ) -> None:
+        self.mailbox = mailbox
+        self.source = source
+        self.config = config
+        self.registry = Registry()
+        self.lifetime = Lifetime()
+        self.max_restarts = max_restarts
+        self.window = window
+        self.actor: StatsActor | None = None
+        self._crashes: deque[float] = deque()
+
+    async def run(self) -> None:
+        """Run actors until one stops cleanly; raise :class:`SupervisorGaveUp` past the limit."""
+        # The task group owns the calculation tasks; each catches its own errors.
+        async with asyncio.TaskGroup() as tasks:
+            incarnation = 0
+            while True:
+                actor = StatsActor(
+                    self.mailbox,
+                    self.source,
+                    self.registry,
+                    self.config,
+                    tasks.create_task,
+                    self.lifetime,
+                    incarnation,
+                )
+                self.actor = actor
+                try:
+                    await actor.run()
+                    return
+                except Exception as exc:
+                    self._on_crash(actor, exc)
+                incarnation += 1
+
+    def _on_crash(self, actor: StatsActor, exc: Exception) -> None:
+        message = actor.current
+        if isinstance(message, Ask) and not message.reply.done():
+            message.reply.set_exception(
+                InternalError(f"the stats actor crashed while answering: {exc!r}")
+            )
+        self.lifetime.applied_before_restarts += actor.state.applied
+        self.lifetime.rejected_before_restarts += actor.rejected
+        now = time.monotonic()
+        self._crashes.append(now)
+        while self._crashes and self._crashes[0] < now - self.window:
+            self._crashes.popleft()
+        log.error(
+            "actor.crashed",
+            error=repr(exc),
+            message=_describe(message),
+            crashes_in_window=len(self._crashes),
+            exc_info=exc,
+        )
+        if len(self._crashes) > self.max_restarts:
+            log.critical("actor.giving_up", max_restarts=self.max_restarts, window=self.window)
+            raise SupervisorGaveUp(
+                f"the stats actor crashed {len(self._crashes)} times in {self.window:.0f} s"
+            ) from exc
+        self.lifetime.restarts += 1
+        log.warning("actor.restarting", restarts=self.lifetime.restarts)
+
+
+def _describe(message: object) -> str:
+    text = repr(message)
+    return text if len(text) <= 300 else text[:300] + "..."
