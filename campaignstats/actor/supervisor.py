@@ -52,10 +52,12 @@ class Supervisor:
 
     async def run(self) -> None:
         """Run actors until one stops cleanly; raise :class:`SupervisorGaveUp` past the limit."""
-        # The task group owns the calculation tasks; each catches its own errors.
+        gave_up: SupervisorGaveUp | None = None
+        # The task group owns the calculation tasks; each catches its own errors, and a dead
+        # actor cancels its own (StatsActor.abandon), so the group never waits on an orphan.
         async with asyncio.TaskGroup() as tasks:
             incarnation = 0
-            while True:
+            while gave_up is None:
                 actor = StatsActor(
                     self.mailbox,
                     self.source,
@@ -70,10 +72,11 @@ class Supervisor:
                     await actor.run()
                     return
                 except Exception as exc:
-                    self._on_crash(actor, exc)
+                    gave_up = self._on_crash(actor, exc)
                 incarnation += 1
+        raise gave_up
 
-    def _on_crash(self, actor: StatsActor, exc: Exception) -> None:
+    def _on_crash(self, actor: StatsActor, exc: Exception) -> SupervisorGaveUp | None:
         message = actor.current
         if isinstance(message, Ask) and not message.reply.done():
             message.reply.set_exception(
@@ -94,11 +97,14 @@ class Supervisor:
         )
         if len(self._crashes) > self.max_restarts:
             log.critical("actor.giving_up", max_restarts=self.max_restarts, window=self.window)
-            raise SupervisorGaveUp(
+            gave_up = SupervisorGaveUp(
                 f"the stats actor crashed {len(self._crashes)} times in {self.window:.0f} s"
-            ) from exc
+            )
+            gave_up.__cause__ = exc
+            return gave_up
         self.lifetime.restarts += 1
         log.warning("actor.restarting", restarts=self.lifetime.restarts)
+        return None
 
 
 def _describe(message: object) -> str:
