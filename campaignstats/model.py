@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from campaignstats.errors import Invalid
+from campaignstats.errors import BadMessage, Invalid, ProtocolError
 
 #: Wire STATS map: ``{"supporters", "action", "area", "org", "extra_supporters"}``.
 WireStats = dict[str, Any]
@@ -37,31 +37,38 @@ class Increment(NamedTuple):
     action_id: int | None = None
 
 
-def check_increment(inc: Increment, max_string: int = DEFAULT_MAX_STRING) -> str | None:
-    """Why ``inc`` is not a valid increment (types and ranges), or None when it is.
+def check_increment(inc: Increment, max_string: int = DEFAULT_MAX_STRING) -> ProtocolError | None:
+    """Why ``inc`` is not a valid increment, or None when it is.
 
-    The wire codec and the embedding API both validate through here, once, at the edge.
+    A wrong type is :class:`BadMessage`, a value out of range :class:`Invalid` (the wire codes
+    ``bad_message`` and ``invalid``). The wire codec and the embedding API both validate
+    through here, once, at the edge.
     """
     cid, org_id, action_type, area, new_supporter, count, action_id = inc
     if type(cid) is not int or type(org_id) is not int:
-        return "campaign_id and org_id must be integers"
+        return BadMessage("campaign_id and org_id must be integers")
     if not (0 < cid <= MAX_ID and 0 < org_id <= MAX_ID):
-        return f"ids must be between 1 and 2**63-1 (campaign_id={cid}, org_id={org_id})"
+        return Invalid(f"ids must be between 1 and 2**63-1 (campaign_id={cid}, org_id={org_id})")
     if type(action_type) is not str:
-        return "action_type must be a string"
+        return BadMessage("action_type must be a string")
     if not 0 < len(action_type.encode()) <= max_string:
-        return f"action_type must be 1 to {max_string} bytes"
+        return Invalid(f"action_type must be 1 to {max_string} bytes")
     if area is not None:
         if type(area) is not str:
-            return "area must be a string or nil"
+            return BadMessage("area must be a string or nil")
         if not 0 < len(area.encode()) <= max_string:
-            return f"area must be 1 to {max_string} bytes"
+            return Invalid(f"area must be 1 to {max_string} bytes")
     if type(new_supporter) is not bool:
-        return "new_supporter must be a boolean"
-    if type(count) is not int or not 0 < count <= MAX_ID:
-        return "count must be an integer >= 1"
-    if action_id is not None and (type(action_id) is not int or not 0 < action_id <= MAX_ID):
-        return "action_id must be nil or an integer between 1 and 2**63-1"
+        return BadMessage("new_supporter must be a boolean")
+    if type(count) is not int:
+        return BadMessage("count must be an integer")
+    if not 0 < count <= MAX_ID:
+        return Invalid("count must be >= 1")
+    if action_id is not None:
+        if type(action_id) is not int:
+            return BadMessage("action_id must be an integer or nil")
+        if not 0 < action_id <= MAX_ID:
+            return Invalid("action_id must be between 1 and 2**63-1")
     return None
 
 

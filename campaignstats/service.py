@@ -123,9 +123,9 @@ class StatsService:
     ) -> None:
         """Count one action, without waiting. Raises Invalid, Overloaded or ActorStopped."""
         inc = Increment(campaign_id, org_id, action_type, area, new_supporter, count, action_id)
-        reason = check_increment(inc, self.max_string)
-        if reason is not None:
-            raise Invalid(reason)
+        error = check_increment(inc, self.max_string)
+        if error is not None:
+            raise error
         self._check_running()
         self.mailbox.put_nowait(Increments((inc,)))
 

@@ -15,7 +15,7 @@ from campaignstats.actor.messages import Ask, GetStats, Increments, Message
 from campaignstats.actor.supervisor import SupervisorGaveUp
 from campaignstats.db.demo import fill_demo
 from campaignstats.db.source import PostgresSource
-from campaignstats.errors import ActorStopped, InternalError, Invalid, Overloaded
+from campaignstats.errors import ActorStopped, BadMessage, InternalError, Invalid, Overloaded
 from campaignstats.model import CampaignStats, Increment
 from campaignstats.service import StatsService
 
@@ -260,15 +260,15 @@ async def test_increment_rejects_bad_input_and_changes_nothing(
 ) -> None:
     service = service_factory(ActorConfig(sync_interval=3600))
     await service.start()
-    for bad in (
-        (0, 1, "register"),
-        (1, 1, ""),
-        (1, 1, "x" * 65),
-        (1, 1, "register", "DE", "yes"),
-        (1, 1, "register", None, True, 0),
-        (1, True, "register"),
+    for bad, error in (
+        ((0, 1, "register"), Invalid),
+        ((1, 1, ""), Invalid),
+        ((1, 1, "x" * 65), Invalid),
+        ((1, 1, "register", "DE", "yes"), BadMessage),
+        ((1, 1, "register", None, True, 0), Invalid),
+        ((1, True, "register"), BadMessage),
     ):
-        with pytest.raises(Invalid):
+        with pytest.raises(error):
             service.increment(*bad)  # type: ignore[arg-type]
     await service.flush()
     assert (await service.info())["increments_applied"] == 0

@@ -10,8 +10,10 @@ of the tables: all aggregation happens in Postgres.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Literal
 
 import structlog
@@ -42,11 +44,17 @@ async def calculate(
     queries: Queries = PROCA_QUERIES,
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
     work_mem: str = "256MB",
+    helper_conn: asyncpg.Connection | None = None,
 ) -> CalculationResult:
     """Recompute the covered campaigns' counts; raises :class:`CalculationError` on any failure.
 
     ``scope`` is ``"all"``, ``"live"`` (campaigns with status live) or a list of campaign ids (of
     which those that exist in ``campaigns`` are covered).
+
+    With ``helper_conn`` (a second, idle connection to the same database), the supporter counts are
+    split by fingerprint range over both connections, which run at the same time in the same
+    snapshot: ``conn`` exports it (``pg_export_snapshot()``) and the helper's transaction adopts it
+    (``SET TRANSACTION SNAPSHOT``), both ``REPEATABLE READ READ ONLY``.
     """
     import asyncpg
 
@@ -55,13 +63,25 @@ async def calculate(
         raise TypeError("scope must be 'all', 'live' or a sequence of campaign ids")
     started_at = time.time()
     t0 = time.perf_counter()
+    settings = (
+        f"statement_timeout = {int(statement_timeout * 1000)}",
+        f"work_mem = '{_safe_setting(work_mem)}'",
+        # The filter "$1 IS NULL OR id = ANY($1)" needs a plan made for the actual value.
+        "plan_cache_mode = force_custom_plan",
+        *queries.settings,
+    )
+    supporter_sql = queries.supporter_counts if kind != "ids" else queries.supporter_counts_by_ids
+    supporter_settings = queries.supporter_settings if kind != "ids" else ()
     try:
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            # SET LOCAL: these last until the end of this transaction only.
-            await conn.execute(f"SET LOCAL statement_timeout = {int(statement_timeout * 1000)}")
-            await conn.execute(f"SET LOCAL work_mem = '{_safe_setting(work_mem)}'")
-            # The filter "$1 IS NULL OR id = ANY($1)" needs a plan made for the actual value.
-            await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(
+                conn.transaction(isolation="repeatable_read", readonly=True)
+            )
+            snapshot = None
+            if helper_conn is not None:
+                # The first statement of the transaction: it takes the snapshot, and exports it.
+                snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
+            await _set_local(conn, settings)
             if kind == "all":
                 covered = [r[0] for r in await conn.fetch(queries.all_campaigns)]
                 ids: list[int] | None = None
@@ -73,14 +93,41 @@ async def calculate(
                 covered = [r[0] for r in await conn.fetch(queries.existing_campaigns, ids)]
                 ids = covered
             max_action_id = await conn.fetchval(queries.max_action_id)
-            if ids == []:
-                supporter_rows: list[asyncpg.Record] = []
-                extra_rows: list[asyncpg.Record] = []
-                action_rows: list[asyncpg.Record] = []
-            else:
-                supporter_rows = await conn.fetch(queries.supporter_counts, ids)
+            supporter_rows: list[asyncpg.Record] = []
+            extra_rows: list[asyncpg.Record] = []
+            action_rows: list[asyncpg.Record] = []
+            if ids != [] and helper_conn is None:
                 extra_rows = await conn.fetch(queries.extra_supporters, ids)
                 action_rows = await conn.fetch(queries.action_counts, ids)
+                await _set_local(conn, supporter_settings)
+                supporter_rows = await conn.fetch(supporter_sql, ids, None, None)
+            elif ids != [] and helper_conn is not None:
+                await stack.enter_async_context(
+                    helper_conn.transaction(isolation="repeatable_read", readonly=True)
+                )
+                await helper_conn.execute(
+                    f"SET TRANSACTION SNAPSHOT '{_safe_setting(str(snapshot))}'"
+                )
+                await _set_local(helper_conn, settings)
+                split = queries.fingerprint_split
+
+                async def main_part() -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+                    actions = await conn.fetch(queries.action_counts, ids)
+                    await _set_local(conn, supporter_settings)
+                    return actions, await conn.fetch(supporter_sql, ids, None, split)
+
+                async def helper_part() -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+                    extra = await helper_conn.fetch(queries.extra_supporters, ids)
+                    await _set_local(helper_conn, supporter_settings)
+                    return extra, await helper_conn.fetch(supporter_sql, ids, split, None)
+
+                # Both finish before either transaction ends, even when one fails.
+                results = await asyncio.gather(main_part(), helper_part(), return_exceptions=True)
+                for r in results:
+                    if isinstance(r, BaseException):
+                        raise r
+                (action_rows, rows_lo), (extra_rows, rows_hi) = results  # type: ignore[misc]
+                supporter_rows = [*rows_lo, *rows_hi]
     except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
         raise CalculationError(f"{kind} calculation failed: {type(exc).__name__}: {exc}") from exc
 
@@ -89,12 +136,13 @@ async def calculate(
         stats = campaigns.get(cid)
         if stats is None:  # an action whose campaign row is missing: nothing covers it
             continue
+        # Partial counts (disjoint sets of people): add them up.
         if level == 0:
-            stats.supporters = n
+            stats.supporters += n
         elif level == 1:
-            stats.org[org_id] = n
+            stats.org[org_id] = stats.org.get(org_id, 0) + n
         else:
-            stats.area[area] = n
+            stats.area[area] = stats.area.get(area, 0) + n
     for cid, org_id, extra in extra_rows:
         stats = campaigns.get(cid)
         if stats is None:
@@ -114,12 +162,19 @@ async def calculate(
         campaigns=len(campaigns),
         rows=rows,
         max_action_id=max_action_id,
+        helper=helper_conn is not None,
         duration=round(duration, 3),
     )
     return CalculationResult(kind, campaigns, int(max_action_id), started_at, duration, rows)
 
 
+async def _set_local(conn: asyncpg.Connection, settings: Sequence[str]) -> None:
+    """SET LOCAL each ``name = value``: they last until the end of the transaction."""
+    if settings:
+        await conn.execute(";".join(f"SET LOCAL {s}" for s in settings))
+
+
 def _safe_setting(value: str) -> str:
-    if not value.replace(" ", "").isalnum():
+    if not value.replace(" ", "").replace("-", "").isalnum():
         raise ValueError(f"not a plain setting value: {value!r}")
     return value

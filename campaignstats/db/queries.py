@@ -6,6 +6,9 @@ in the package writes SQL for the calculation.
 
 Each calculation query takes ``$1``, an array of campaign ids, or NULL for every campaign; the
 filter is written so that the planner sees a plain ``= ANY($1)`` it can push into index scans.
+The supporter queries also take ``$2``/``$3``, a half-open range ``[$2, $3)`` of
+``supporters.fingerprint`` (NULL = unbounded): people are disjoint across fingerprint ranges, so
+the counts of several ranges add up exactly, which lets two connections share the work.
 
 Status codes (Proca): supporters.processing_status 3 = accepted; actions.processing_status
 3 = accepted, 4 = delivered; campaigns.status 1 = live.
@@ -15,19 +18,98 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The rows every supporter count starts from: one per (campaign, org, area, fingerprint) reached by
-# an accepted or delivered action of an accepted, first-ranked supporter. DISTINCT happens first,
-# on narrow rows, so the three counts below aggregate a set that is already small: that is what
-# makes the calculation several times faster than counting DISTINCT fingerprints per group.
-_SUPPORTER_ROWS = """
+# Accepted, first-ranked supporters in the fingerprint range [$2, $3) (NULL: unbounded).
+_SUPPORTER_FILTER = """
+      s.processing_status = 3 AND s.dupe_rank = 0
+      AND ($2::bytea IS NULL OR s.fingerprint >= $2::bytea)
+      AND ($3::bytea IS NULL OR s.fingerprint < $3::bytea)
+"""
+_ACTION_FILTER = """
+      a.processing_status IN (3, 4)
+      AND ($1::bigint[] IS NULL OR a.campaign_id = ANY($1::bigint[]))
+"""
+
+# The streaming plan, for "all" and "live". Counting distinct fingerprints with hash tables of one
+# entry per person is what makes Proca's query slow (about 1 us per row on 2 cores). Instead:
+#
+# * `shared`: fingerprints held by two or more supporter rows of any status, read in order from
+#   supporters_fingerprint_index (an index-only scan, no hashing). Every other fingerprint belongs
+#   to exactly one supporter row, so for those people "distinct fingerprint" = "distinct supporter
+#   id".
+# * The join is a merge join of actions_partial_processing_status_index (supporter_id first, an
+#   index-only scan of exactly the counted actions) with supporters_pkey, so rows arrive ordered by
+#   supporter id: (supporter, campaign, org) is deduplicated by a tiny per-supporter sort, and
+#   `first_c` marks the first row of each (supporter, campaign), which carries the supporter's area.
+# * `g` groups by (campaign, org, area, pk), pk = the fingerprint for shared people and NULL for the
+#   rest: a few thousand groups plus one per shared person. The non-shared counts are sums over g;
+#   the shared people are counted exactly with DISTINCT pk. Both parts are disjoint sets of people.
+#
+# Rows: (campaign_id, org_id, area, count, level); level 0 = campaign, 1 = org, 2 = area. A campaign
+# or key may come in several rows (non-shared and shared people): the caller adds them up.
+_STREAMING_SUPPORTER_COUNTS = f"""
+WITH shared AS MATERIALIZED (
+    SELECT s.fingerprint
+    FROM supporters s
+    WHERE ($2::bytea IS NULL OR s.fingerprint >= $2::bytea)
+      AND ($3::bytea IS NULL OR s.fingerprint < $3::bytea)
+    GROUP BY s.fingerprint
+    HAVING count(*) > 1
+    ORDER BY s.fingerprint
+),
+g AS MATERIALIZED (
+    SELECT c, org, area, pk, count(*) AS n, count(*) FILTER (WHERE first_c) AS n_first
+    FROM (
+        SELECT c, org, area, pk,
+               (sid IS DISTINCT FROM lag(sid) OVER w OR c <> lag(c) OVER w) AS first_c
+        FROM (
+            SELECT DISTINCT ON (s.id, a.campaign_id, ap.org_id)
+                   s.id AS sid, a.campaign_id AS c, ap.org_id AS org, s.area,
+                   CASE WHEN s.fingerprint IN (SELECT fingerprint FROM shared)
+                        THEN s.fingerprint END AS pk
+            FROM actions a
+            JOIN supporters s ON s.id = a.supporter_id
+            JOIN action_pages ap ON ap.id = a.action_page_id
+            WHERE {_ACTION_FILTER} AND {_SUPPORTER_FILTER}
+            ORDER BY s.id, a.campaign_id, ap.org_id
+        ) d
+        WINDOW w AS (ORDER BY sid, c, org)
+    ) x
+    GROUP BY c, org, area, pk
+)
+SELECT c, NULL::bigint, NULL::text, sum(n_first)::bigint, 0 FROM g WHERE pk IS NULL GROUP BY c
+UNION ALL
+SELECT c, org, NULL, sum(n)::bigint, 1 FROM g WHERE pk IS NULL GROUP BY c, org
+UNION ALL
+SELECT c, NULL, area, sum(n_first)::bigint, 2 FROM g WHERE pk IS NULL AND area IS NOT NULL
+GROUP BY c, area
+UNION ALL
+SELECT c, NULL, NULL, count(DISTINCT pk), 0 FROM g WHERE pk IS NOT NULL GROUP BY c
+UNION ALL
+SELECT c, org, NULL, count(DISTINCT pk), 1 FROM g WHERE pk IS NOT NULL GROUP BY c, org
+UNION ALL
+SELECT c, NULL, area, count(DISTINCT pk), 2 FROM g WHERE pk IS NOT NULL AND area IS NOT NULL
+GROUP BY c, area
+"""
+
+# The hashing plan, for a list of campaign ids: the ids reach actions_campaign_id_index, and the
+# rows of a few campaigns are cheap to hash on the fingerprint directly.
+_HASHING_SUPPORTER_COUNTS = f"""
+WITH rows AS MATERIALIZED (
     SELECT DISTINCT a.campaign_id, ap.org_id, s.area, s.fingerprint
     FROM actions a
     JOIN supporters s ON s.id = a.supporter_id
     JOIN action_pages ap ON ap.id = a.action_page_id
-    WHERE a.processing_status IN (3, 4)
-      AND s.processing_status = 3
-      AND s.dupe_rank = 0
-      AND ($1::bigint[] IS NULL OR a.campaign_id = ANY($1::bigint[]))
+    WHERE {_ACTION_FILTER} AND {_SUPPORTER_FILTER}
+)
+SELECT campaign_id, NULL::bigint, NULL::text, count(*), 0
+FROM (SELECT DISTINCT campaign_id, fingerprint FROM rows) d GROUP BY campaign_id
+UNION ALL
+SELECT campaign_id, org_id, NULL, count(*), 1
+FROM (SELECT DISTINCT campaign_id, org_id, fingerprint FROM rows) d GROUP BY campaign_id, org_id
+UNION ALL
+SELECT campaign_id, NULL, area, count(*), 2
+FROM (SELECT DISTINCT campaign_id, area, fingerprint FROM rows WHERE area IS NOT NULL) d
+GROUP BY campaign_id, area
 """
 
 
@@ -41,12 +123,29 @@ class Queries:
     existing_campaigns: str  # $1: ids asked for; returns those that exist
     #: the highest action id the snapshot sees (increments above it are replayed after a merge)
     max_action_id: str
-    #: (campaign_id, org_id, area, supporters, level): level 0 = campaign, 1 = org, 2 = area
+    #: (campaign_id, org_id, area, supporters, level): level 0 = campaign, 1 = org, 2 = area.
+    #: Partial counts: rows with the same (level, key) are added up. $1 ids, [$2, $3) fingerprints.
+    #: Used for the "all" and "live" scopes.
     supporter_counts: str
+    #: the same, for a list of campaign ids
+    supporter_counts_by_ids: str
     #: (campaign_id, org_id, extra_supporters)
     extra_supporters: str
     #: (campaign_id, action_type, count)
     action_counts: str
+    #: settings (SET LOCAL) for the whole calculation transaction
+    settings: tuple[str, ...] = ("jit = off",)
+    #: settings (SET LOCAL) just before ``supporter_counts``: the streaming plan needs the merge
+    #: join (its rows come ordered by supporter id); Postgres' parallel workers would only compete
+    #: with the helper connection for the same cores
+    supporter_settings: tuple[str, ...] = (
+        "enable_hashjoin = off",
+        "max_parallel_workers_per_gather = 0",
+    )
+    #: with a helper connection, the fingerprint ranges [lo, hi) each connection counts (their
+    #: union must be every bytea; the split only balances the work, exactness does not depend on it)
+    #: (0x70: the main connection also counts the actions, so it takes 7/16 of uniform fingerprints)
+    fingerprint_split: bytes = b"\x70"
 
 
 PROCA_QUERIES = Queries(
@@ -54,25 +153,8 @@ PROCA_QUERIES = Queries(
     live_campaigns="SELECT id FROM campaigns WHERE status = 1",
     existing_campaigns="SELECT id FROM campaigns WHERE id = ANY($1::bigint[])",
     max_action_id="SELECT coalesce(max(id), 0) FROM actions",
-    supporter_counts=f"""
-    WITH rows AS MATERIALIZED ({_SUPPORTER_ROWS}),
-    per_campaign AS (
-        SELECT campaign_id, NULL::bigint AS org_id, NULL::text AS area, count(*) AS n, 0 AS level
-        FROM (SELECT DISTINCT campaign_id, fingerprint FROM rows) d
-        GROUP BY campaign_id
-    ),
-    per_org AS (
-        SELECT campaign_id, org_id, NULL::text, count(*), 1
-        FROM (SELECT DISTINCT campaign_id, org_id, fingerprint FROM rows) d
-        GROUP BY campaign_id, org_id
-    ),
-    per_area AS (
-        SELECT campaign_id, NULL::bigint, area, count(*), 2
-        FROM (SELECT DISTINCT campaign_id, area, fingerprint FROM rows WHERE area IS NOT NULL) d
-        GROUP BY campaign_id, area
-    )
-    SELECT * FROM per_campaign UNION ALL SELECT * FROM per_org UNION ALL SELECT * FROM per_area
-    """,
+    supporter_counts=_STREAMING_SUPPORTER_COUNTS,
+    supporter_counts_by_ids=_HASHING_SUPPORTER_COUNTS,
     extra_supporters="""
     SELECT campaign_id, org_id, sum(extra_supporters)::bigint
     FROM action_pages

@@ -1,0 +1,413 @@
+"""The wire codec of shared/PROTOCOL.md: bytes in, typed messages out, and back. No sockets.
+
+In the manner of h11: :class:`ServerCodec` turns what a client sent into messages
+(:meth:`~ServerCodec.receive_data`, then :meth:`~ServerCodec.next_messages`) and the server's
+answers into bytes; :class:`ClientCodec` does the same from the client's side. Both are fed bytes
+in any chunking; MessagePack values delimit themselves, so the same stream gives the same messages
+whether it arrives whole or one byte at a time.
+
+Every field is validated here, once: a message that comes out of :class:`ServerCodec` is well
+typed and in range. A message that is valid MessagePack but not a valid message comes out as a
+:class:`Rejected` carrying the error to send back (the connection goes on); bytes that are not
+MessagePack, or a value over the size limit, raise :class:`~campaignstats.errors.BadFrame`, after
+which the connection must be closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import msgpack
+
+from campaignstats.errors import BadFrame, BadMessage, Invalid, ProtocolError
+from campaignstats.model import (
+    DEFAULT_MAX_STRING,
+    MAX_ID,
+    Increment,
+    WireStats,
+    check_increment,
+)
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_MESSAGE = 1 << 20  # bytes
+DEFAULT_MAX_BATCH = 10_000  # items in one incs, ids in one stats_many or resync
+_FEED_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_message: int = DEFAULT_MAX_MESSAGE
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_string: int = DEFAULT_MAX_STRING
+
+
+# -- client to server -----------------------------------------------------------------------------
+
+
+class Incs(NamedTuple):
+    """``inc`` or ``incs``: the valid increments, and the rejected items' (index, reason)."""
+
+    items: list[Increment]
+    rejected: list[tuple[int, str]]
+    single: bool  # an ``inc`` (errors name no index) rather than an ``incs``
+
+
+class Hello(NamedTuple):
+    req_id: int
+    protocol: int
+    token: str | None
+    client: str | None
+
+
+class Ping(NamedTuple):
+    req_id: int
+
+
+class StatsReq(NamedTuple):
+    req_id: int
+    campaign_id: int
+
+
+class StatsManyReq(NamedTuple):
+    req_id: int
+    campaign_ids: list[int]
+
+
+class FlushReq(NamedTuple):
+    req_id: int
+
+
+class InfoReq(NamedTuple):
+    req_id: int
+
+
+class ResyncReq(NamedTuple):
+    req_id: int
+    scope: str | list[int]
+
+
+class SubReq(NamedTuple):
+    req_id: int
+    campaign_id: int
+
+
+class UnsubReq(NamedTuple):
+    req_id: int
+    campaign_id: int
+
+
+class Rejected(NamedTuple):
+    """A readable value that is not a valid message: answer ``err`` and go on."""
+
+    req_id: int | None
+    error: ProtocolError
+
+
+Call = Hello | Ping | StatsReq | StatsManyReq | FlushReq | InfoReq | ResyncReq | SubReq | UnsubReq
+ClientMessage = Incs | Call | Rejected
+
+# -- server to client -----------------------------------------------------------------------------
+
+
+class Ok(NamedTuple):
+    req_id: int
+    result: Any
+
+
+class Err(NamedTuple):
+    req_id: int | None
+    code: str
+    message: str
+
+    def exception(self) -> ProtocolError:
+        """The typed exception for this error (one class per wire code)."""
+        return ProtocolError.from_code(self.code, self.message)
+
+
+class Pub(NamedTuple):
+    campaign_id: int
+    stats: WireStats
+
+
+ServerMessage = Ok | Err | Pub
+
+# -- decoding -------------------------------------------------------------------------------------
+
+
+class _Decoder:
+    """MessagePack values from a byte stream, with an exact per-value size limit."""
+
+    def __init__(self, max_message: int) -> None:
+        self.max_message = max_message
+        self._unpacker = msgpack.Unpacker(
+            raw=False,
+            strict_map_key=False,
+            max_buffer_size=max_message + _FEED_CHUNK,
+        )
+        self._fed = 0
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Every complete value in the stream so far; raises BadFrame on garbage or oversize."""
+        values: list[Any] = []
+        view = memoryview(data)
+        for start in range(0, len(view), _FEED_CHUNK):
+            chunk = view[start : start + _FEED_CHUNK]
+            try:
+                self._unpacker.feed(chunk)
+            except msgpack.BufferFull:
+                raise BadFrame(f"a message is over {self.max_message} bytes") from None
+            self._fed += len(chunk)
+            self._drain(values)
+        return values
+
+    def _drain(self, values: list[Any]) -> None:
+        unpacker = self._unpacker
+        max_message = self.max_message
+        start = unpacker.tell()
+        while True:
+            try:
+                value = unpacker.unpack()
+            except msgpack.OutOfData:
+                break
+            except (msgpack.ExtraData, ValueError, TypeError, msgpack.UnpackException) as exc:
+                raise BadFrame(f"not MessagePack: {exc}") from None
+            end = unpacker.tell()
+            if end - start > max_message:
+                raise BadFrame(f"a message is over {max_message} bytes")
+            values.append(value)
+            start = end
+        if self._fed - unpacker.tell() > max_message:
+            raise BadFrame(f"a message is over {max_message} bytes")
+
+
+def _is_id(value: object) -> bool:
+    return type(value) is int and 0 < value <= MAX_ID  # type: ignore[operator]
+
+
+def _req_id(msg: list[Any]) -> int | None:
+    rid = msg[1] if len(msg) > 1 else None
+    return rid if type(rid) is int else None
+
+
+class ServerCodec:
+    """The server's half: client bytes to :data:`ClientMessage`, answers to bytes."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self._decoder = _Decoder(self.limits.max_message)
+        self._pack = msgpack.Packer().pack
+        self._parsers: dict[str, Callable[[list[Any]], ClientMessage]] = {
+            "inc": self._inc,
+            "incs": self._incs,
+            "hello": self._hello,
+            "ping": self._ping,
+            "stats": self._stats,
+            "stats_many": self._stats_many,
+            "flush": self._flush,
+            "info": self._info,
+            "resync": self._resync,
+            "sub": self._sub,
+            "unsub": self._unsub,
+        }
+
+    def receive_data(self, data: bytes) -> list[ClientMessage]:
+        """All the messages completed by ``data``. Raises BadFrame (then close the connection)."""
+        parse = self.parse
+        return [parse(value) for value in self._decoder.feed(data)]
+
+    def parse(self, msg: Any) -> ClientMessage:
+        if type(msg) is not list or not msg:
+            return Rejected(None, BadMessage("a message is a non-empty array"))
+        parser = self._parsers.get(msg[0]) if type(msg[0]) is str else None
+        if parser is None:
+            return Rejected(_req_id(msg), BadMessage(f"unknown op {msg[0]!r}"))
+        return parser(msg)
+
+    # The increments are the hot path: the common case is checked inline, and only a failing
+    # item goes through check_increment to find the reason.
+    def _item(self, item: Any) -> Increment | ProtocolError:
+        if type(item) is not list or not 5 <= len(item) <= 7:
+            return BadMessage(
+                "an increment is [campaign_id, org_id, action_type, area, new_supporter, "
+                "(count), (action_id)]"
+            )
+        inc = Increment(*item)
+        max_chars = self.limits.max_string >> 2  # 4 bytes per character at most in UTF-8
+        cid, org, action_type, area, new, count, aid = inc
+        if (
+            type(cid) is int
+            and 0 < cid <= MAX_ID
+            and type(org) is int
+            and 0 < org <= MAX_ID
+            and type(action_type) is str
+            and 0 < len(action_type) <= max_chars
+            and (area is None or (type(area) is str and 0 < len(area) <= max_chars))
+            and type(new) is bool
+            and type(count) is int
+            and 0 < count <= MAX_ID
+            and (aid is None or (type(aid) is int and 0 < aid <= MAX_ID))
+        ):
+            return inc  # short strings cannot be over the byte limit, whatever their characters
+        return check_increment(inc, self.limits.max_string) or inc
+
+    def _inc(self, msg: list[Any]) -> ClientMessage:
+        if not 6 <= len(msg) <= 8:
+            return Rejected(None, BadMessage("inc takes 5 to 7 fields"))
+        result = self._item(msg[1:])
+        if isinstance(result, ProtocolError):
+            return Rejected(None, result)
+        return Incs([result], [], True)
+
+    def _incs(self, msg: list[Any]) -> ClientMessage:
+        if len(msg) != 2 or type(msg[1]) is not list:
+            return Rejected(None, BadMessage("incs takes one array of increments"))
+        items = msg[1]
+        if len(items) > self.limits.max_batch:
+            return Rejected(None, Invalid(f"incs holds at most {self.limits.max_batch} items"))
+        good: list[Increment] = []
+        rejected: list[tuple[int, str]] = []
+        check = self._item
+        for i, item in enumerate(items):
+            result = check(item)
+            if type(result) is Increment:
+                good.append(result)
+            else:
+                rejected.append((i, str(result)))
+        return Incs(good, rejected, False)
+
+    def _call(self, msg: list[Any], n_args: int, name: str) -> int | Rejected:
+        """The req_id of a call with ``n_args`` fields after it, or why not."""
+        rid = _req_id(msg)
+        if rid is None:
+            return Rejected(None, BadMessage(f"{name}: req_id must be an integer"))
+        if len(msg) != 2 + n_args:
+            return Rejected(rid, BadMessage(f"{name} takes {n_args} field(s) after req_id"))
+        return rid
+
+    def _hello(self, msg: list[Any]) -> ClientMessage:
+        rid = self._call(msg, 1, "hello")
+        if type(rid) is not int:
+            return rid  # type: ignore[return-value]
+        opts = msg[2]
+        if type(opts) is not dict:
+            return Rejected(rid, BadMessage("hello takes a map"))
+        protocol, token, client = opts.get("protocol"), opts.get("token"), opts.get("client")
+        if type(protocol) is not int:
+            return Rejected(rid, BadMessage("hello: protocol must be an integer"))
+        if token is not None and type(token) is not str:
+            return Rejected(rid, BadMessage("hello: token must be a string"))
+        if client is not None and type(client) is not str:
+            return Rejected(rid, BadMessage("hello: client must be a string"))
+        if protocol != PROTOCOL_VERSION:
+            return Rejected(rid, Invalid(f"protocol {protocol} is not supported (1 is)"))
+        return Hello(rid, protocol, token, client)
+
+    def _ping(self, msg: list[Any]) -> ClientMessage:
+        rid = self._call(msg, 0, "ping")
+        return Ping(rid) if type(rid) is int else rid  # type: ignore[return-value]
+
+    def _flush(self, msg: list[Any]) -> ClientMessage:
+        rid = self._call(msg, 0, "flush")
+        return FlushReq(rid) if type(rid) is int else rid  # type: ignore[return-value]
+
+    def _info(self, msg: list[Any]) -> ClientMessage:
+        rid = self._call(msg, 0, "info")
+        return InfoReq(rid) if type(rid) is int else rid  # type: ignore[return-value]
+
+    def _one_campaign(self, msg: list[Any], name: str, kind: type) -> ClientMessage:
+        rid = self._call(msg, 1, name)
+        if type(rid) is not int:
+            return rid  # type: ignore[return-value]
+        cid = msg[2]
+        if type(cid) is not int:
+            return Rejected(rid, BadMessage(f"{name}: campaign_id must be an integer"))
+        if not _is_id(cid):
+            return Rejected(rid, Invalid(f"{name}: campaign_id must be between 1 and 2**63-1"))
+        return kind(rid, cid)  # type: ignore[no-any-return]
+
+    def _stats(self, msg: list[Any]) -> ClientMessage:
+        return self._one_campaign(msg, "stats", StatsReq)
+
+    def _sub(self, msg: list[Any]) -> ClientMessage:
+        return self._one_campaign(msg, "sub", SubReq)
+
+    def _unsub(self, msg: list[Any]) -> ClientMessage:
+        return self._one_campaign(msg, "unsub", UnsubReq)
+
+    def _ids(self, rid: int, ids: Any, name: str) -> list[int] | Rejected:
+        if type(ids) is not list or not all(type(i) is int for i in ids):
+            return Rejected(rid, BadMessage(f"{name}: campaign ids must be an array of integers"))
+        if len(ids) > self.limits.max_batch:
+            return Rejected(rid, Invalid(f"{name}: at most {self.limits.max_batch} ids"))
+        if not all(_is_id(i) for i in ids):
+            return Rejected(rid, Invalid(f"{name}: campaign ids must be between 1 and 2**63-1"))
+        return ids
+
+    def _stats_many(self, msg: list[Any]) -> ClientMessage:
+        rid = self._call(msg, 1, "stats_many")
+        if type(rid) is not int:
+            return rid  # type: ignore[return-value]
+        ids = self._ids(rid, msg[2], "stats_many")
+        return ids if type(ids) is Rejected else StatsManyReq(rid, ids)  # type: ignore[return-value,arg-type]
+
+    def _resync(self, msg: list[Any]) -> ClientMessage:
+        rid = self._call(msg, 1, "resync")
+        if type(rid) is not int:
+            return rid  # type: ignore[return-value]
+        scope = msg[2]
+        if scope in ("all", "live"):
+            return ResyncReq(rid, scope)
+        if type(scope) is str:
+            return Rejected(rid, Invalid("resync: scope is 'all', 'live' or campaign ids"))
+        ids = self._ids(rid, scope, "resync")
+        if type(ids) is not Rejected and not ids:
+            return Rejected(rid, Invalid("resync: give at least one campaign id"))
+        return ids if type(ids) is Rejected else ResyncReq(rid, ids)  # type: ignore[return-value,arg-type]
+
+    # -- encoding answers ----------------------------------------------------------------------
+
+    def ok(self, req_id: int, result: Any) -> bytes:
+        return self._pack(["ok", req_id, result])  # type: ignore[no-any-return]
+
+    def err(self, req_id: int | None, error: ProtocolError) -> bytes:
+        return self._pack(["err", req_id, error.code, str(error)])  # type: ignore[no-any-return]
+
+    def pub(self, campaign_id: int, stats: WireStats) -> bytes:
+        return self._pack(["pub", campaign_id, stats])  # type: ignore[no-any-return]
+
+
+class ClientCodec:
+    """The client's half: requests to bytes, server bytes to :data:`ServerMessage`."""
+
+    def __init__(self, max_message: int = 64 << 20) -> None:
+        # Replies (stats_many, info) can be larger than requests; the limit only guards memory.
+        self._decoder = _Decoder(max_message)
+        self._pack = msgpack.Packer().pack
+
+    def receive_data(self, data: bytes) -> list[ServerMessage]:
+        out: list[ServerMessage] = []
+        for value in self._decoder.feed(data):
+            if type(value) is not list or not value:
+                raise BadFrame(f"unexpected value from the server: {value!r:.100}")
+            op = value[0]
+            if op == "ok" and len(value) == 3:
+                out.append(Ok(value[1], value[2]))
+            elif op == "err" and len(value) == 4:
+                out.append(Err(value[1], value[2], value[3]))
+            elif op == "pub" and len(value) == 3:
+                out.append(Pub(value[1], value[2]))
+            else:
+                raise BadFrame(f"unexpected message from the server: {value!r:.100}")
+        return out
+
+    def call(self, op: str, req_id: int, *args: Any) -> bytes:
+        return self._pack([op, req_id, *args])  # type: ignore[no-any-return]
+
+    def inc(self, inc: Sequence[Any]) -> bytes:
+        return self._pack(["inc", *inc])  # type: ignore[no-any-return]
+
+    def incs(self, items: Sequence[Sequence[Any]]) -> bytes:
+        """One ``incs`` message (the caller keeps batches within the server's limit)."""
+        return self._pack(["incs", items])  # type: ignore[no-any-return]
