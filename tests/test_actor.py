@@ -342,3 +342,33 @@ async def test_subscribers_get_changes_at_most_once_per_second(
     gaps = [b[0] - a[0] for a, b in zip(updates, updates[1:], strict=False)]
     assert all(gap >= 0.4 for gap in gaps), gaps
     assert updates[-1][1]["action"] == {"share": n}
+
+
+async def test_an_action_numbered_below_the_snapshot_but_committed_after_it_is_still_counted(
+    world: World, module_dsn: str, service_factory: Callable[..., StatsService]
+) -> None:
+    service = service_factory(ActorConfig(sync_interval=3600))
+    await service.start()
+    await wait_for(lambda: loaded(service))
+    slow = await asyncpg.connect(module_dsn)
+    try:
+        tx = slow.transaction()
+        await tx.start()  # takes an action id first, commits last
+        slow_world = World(slow)
+        slow_world.person = 1_000
+        late = await slow_world.sign(1)
+        quick = await world.sign(1)
+        assert quick.action_id is not None and late.action_id is not None
+        assert late.action_id < quick.action_id
+        service.increment(*quick)
+        assert await service.resync("live")
+        await wait_for(lambda: _more(service, 2))
+        info = await service.info()
+        assert info["last_calculation"]["max_action_id"] == quick.action_id
+        await tx.commit()
+        service.increment(*late)  # below the snapshot's highest id, yet not in it
+        await service.flush()
+        assert (await service.stats(1))["supporters"] == 2
+        assert await memory_of(service, [1, 2]) == await recount(world.conn)
+    finally:
+        await slow.close()

@@ -31,6 +31,9 @@ log = structlog.get_logger(__name__)
 Scope = Literal["all", "live"] | Sequence[int]
 
 DEFAULT_STATEMENT_TIMEOUT = 60.0  # seconds, per statement
+#: how far below the highest action id to look for ids the snapshot cannot see
+INVISIBLE_WINDOW = 10_000
+_YIELD_EVERY = 5_000
 
 
 def scope_kind(scope: Scope) -> str:
@@ -93,6 +96,11 @@ async def calculate(
                 covered = [r[0] for r in await conn.fetch(queries.existing_campaigns, ids)]
                 ids = covered
             max_action_id = await conn.fetchval(queries.max_action_id)
+            low = max(0, max_action_id - INVISIBLE_WINDOW)
+            visible = {r[0] for r in await conn.fetch(queries.recent_action_ids, low)}
+            # Ids below the highest that this snapshot cannot see: transactions still running
+            # (or rolled back) when it was taken. Their increments are not in these counts.
+            invisible = frozenset(range(low + 1, max_action_id + 1)) - visible
             supporter_rows: list[asyncpg.Record] = []
             extra_rows: list[asyncpg.Record] = []
             action_rows: list[asyncpg.Record] = []
@@ -129,10 +137,18 @@ async def calculate(
                 (action_rows, rows_lo), (extra_rows, rows_hi) = results  # type: ignore[misc]
                 supporter_rows = [*rows_lo, *rows_hi]
     except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-        raise CalculationError(f"{kind} calculation failed: {type(exc).__name__}: {exc}") from exc
+        # A connection lost mid-query surfaces as the rollback's InterfaceError; the reason
+        # worth logging (admin shutdown, terminated backend...) is the error it interrupted.
+        cause = exc.__context__ if isinstance(exc, asyncpg.InterfaceError) else None
+        reason = cause if isinstance(cause, asyncpg.PostgresError | OSError) else exc
+        raise CalculationError(
+            f"{kind} calculation failed: {type(reason).__name__}: {reason}"
+        ) from reason
 
     campaigns = {cid: CampaignStats() for cid in covered}
-    for cid, org_id, area, n, level in supporter_rows:
+    for i, (cid, org_id, area, n, level) in enumerate(supporter_rows):
+        if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+            await asyncio.sleep(0)  # a big result must not stall the actor's event loop
         stats = campaigns.get(cid)
         if stats is None:  # an action whose campaign row is missing: nothing covers it
             continue
@@ -165,7 +181,9 @@ async def calculate(
         helper=helper_conn is not None,
         duration=round(duration, 3),
     )
-    return CalculationResult(kind, campaigns, int(max_action_id), started_at, duration, rows)
+    return CalculationResult(
+        kind, campaigns, int(max_action_id), started_at, duration, rows, invisible
+    )
 
 
 async def _set_local(conn: asyncpg.Connection, settings: Sequence[str]) -> None:

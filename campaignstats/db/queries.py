@@ -123,6 +123,8 @@ class Queries:
     existing_campaigns: str  # $1: ids asked for; returns those that exist
     #: the highest action id the snapshot sees (increments above it are replayed after a merge)
     max_action_id: str
+    #: ids of the actions above $1 (the newest few thousand), to find the ones not yet visible
+    recent_action_ids: str
     #: (campaign_id, org_id, area, supporters, level): level 0 = campaign, 1 = org, 2 = area.
     #: Partial counts: rows with the same (level, key) are added up. $1 ids, [$2, $3) fingerprints.
     #: Used for the "all" and "live" scopes.
@@ -153,6 +155,7 @@ PROCA_QUERIES = Queries(
     live_campaigns="SELECT id FROM campaigns WHERE status = 1",
     existing_campaigns="SELECT id FROM campaigns WHERE id = ANY($1::bigint[])",
     max_action_id="SELECT coalesce(max(id), 0) FROM actions",
+    recent_action_ids="SELECT id FROM actions WHERE id > $1",
     supporter_counts=_STREAMING_SUPPORTER_COUNTS,
     supporter_counts_by_ids=_HASHING_SUPPORTER_COUNTS,
     extra_supporters="""
