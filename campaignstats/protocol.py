@@ -15,6 +15,7 @@ which the connection must be closed.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -137,7 +138,12 @@ ServerMessage = Ok | Err | Pub
 
 
 class _Decoder:
-    """MessagePack values from a byte stream, with an exact per-value size limit."""
+    """MessagePack values from a byte stream, with an exact per-value size limit.
+
+    msgpack's Unpacker consumes the parts of a value it is still building, so the size of a
+    value is measured from the stream offset where it started (the end of the previous value),
+    across as many feeds as it takes to arrive.
+    """
 
     def __init__(self, max_message: int) -> None:
         self.max_message = max_message
@@ -146,40 +152,65 @@ class _Decoder:
             strict_map_key=False,
             max_buffer_size=max_message + _FEED_CHUNK,
         )
-        self._fed = 0
+        self._fed = 0  # bytes fed so far
+        self._start = 0  # stream offset where the value being read starts
+        #: an error found after some complete values: raised by the next feed
+        self.error: BadFrame | None = None
 
     def feed(self, data: bytes) -> list[Any]:
-        """Every complete value in the stream so far; raises BadFrame on garbage or oversize."""
+        """Every value completed by ``data``.
+
+        Raises BadFrame on bytes that are not MessagePack or a value over the limit; values
+        completed before the bad bytes are returned first, and the error comes with the next
+        call, so the outcome does not depend on how the stream was cut into reads.
+        """
+        if self.error is not None:
+            raise self.error
         values: list[Any] = []
         view = memoryview(data)
-        for start in range(0, len(view), _FEED_CHUNK):
-            chunk = view[start : start + _FEED_CHUNK]
-            try:
-                self._unpacker.feed(chunk)
-            except msgpack.BufferFull:
-                raise BadFrame(f"a message is over {self.max_message} bytes") from None
-            self._fed += len(chunk)
-            self._drain(values)
+        try:
+            for start in range(0, len(view), _FEED_CHUNK):
+                chunk = view[start : start + _FEED_CHUNK]
+                try:
+                    self._unpacker.feed(chunk)
+                except msgpack.BufferFull:
+                    raise BadFrame(f"a message is over {self.max_message} bytes") from None
+                self._fed += len(chunk)
+                self._drain(values)
+        except BadFrame as exc:
+            if not values:
+                raise
+            self.error = exc
         return values
 
     def _drain(self, values: list[Any]) -> None:
         unpacker = self._unpacker
         max_message = self.max_message
-        start = unpacker.tell()
         while True:
             try:
                 value = unpacker.unpack()
             except msgpack.OutOfData:
                 break
             except (msgpack.ExtraData, ValueError, TypeError, msgpack.UnpackException) as exc:
-                raise BadFrame(f"not MessagePack: {exc}") from None
+                raise BadFrame(f"not MessagePack: {type(exc).__name__} {exc}".strip()) from None
             end = unpacker.tell()
-            if end - start > max_message:
+            if end - self._start > max_message:
                 raise BadFrame(f"a message is over {max_message} bytes")
             values.append(value)
-            start = end
-        if self._fed - unpacker.tell() > max_message:
+            self._start = end
+        if self._fed - self._start > max_message:
             raise BadFrame(f"a message is over {max_message} bytes")
+
+
+_repr = reprlib.Repr()
+_repr.maxlevel = 3
+_repr.maxstring = 60
+_repr.maxother = 60
+
+
+def _short(value: object) -> str:
+    """A bounded repr: a peer's deeply nested value must not cost a deep recursion."""
+    return _repr.repr(value)
 
 
 def _is_id(value: object) -> bool:
@@ -213,16 +244,24 @@ class ServerCodec:
         }
 
     def receive_data(self, data: bytes) -> list[ClientMessage]:
-        """All the messages completed by ``data``. Raises BadFrame (then close the connection)."""
+        """All the messages completed by ``data``. Raises BadFrame (then close the connection).
+
+        When bad bytes follow complete messages, the messages come first and :attr:`error`
+        holds the BadFrame to answer once they are handled.
+        """
         parse = self.parse
         return [parse(value) for value in self._decoder.feed(data)]
+
+    @property
+    def error(self) -> BadFrame | None:
+        return self._decoder.error
 
     def parse(self, msg: Any) -> ClientMessage:
         if type(msg) is not list or not msg:
             return Rejected(None, BadMessage("a message is a non-empty array"))
         parser = self._parsers.get(msg[0]) if type(msg[0]) is str else None
         if parser is None:
-            return Rejected(_req_id(msg), BadMessage(f"unknown op {msg[0]!r}"))
+            return Rejected(_req_id(msg), BadMessage(f"unknown op {_short(msg[0])}"))
         return parser(msg)
 
     # The increments are the hot path: the common case is checked inline, and only a failing
@@ -390,7 +429,7 @@ class ClientCodec:
         out: list[ServerMessage] = []
         for value in self._decoder.feed(data):
             if type(value) is not list or not value:
-                raise BadFrame(f"unexpected value from the server: {value!r:.100}")
+                raise BadFrame(f"unexpected value from the server: {_short(value)}")
             op = value[0]
             if op == "ok" and len(value) == 3:
                 out.append(Ok(value[1], value[2]))
@@ -399,7 +438,7 @@ class ClientCodec:
             elif op == "pub" and len(value) == 3:
                 out.append(Pub(value[1], value[2]))
             else:
-                raise BadFrame(f"unexpected message from the server: {value!r:.100}")
+                raise BadFrame(f"unexpected message from the server: {_short(value)}")
         return out
 
     def call(self, op: str, req_id: int, *args: Any) -> bytes:

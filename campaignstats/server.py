@@ -181,10 +181,7 @@ class Connection(asyncio.Protocol):
         try:
             messages = self.codec.receive_data(data)
         except BadFrame as exc:
-            self.server.counters.bad_frames += 1
-            self._log_rejected("bad_frame", str(exc))
-            self._write_error(None, exc)
-            self.close()
+            self._bad_frame(exc)
             return
         batch: list[Increment] | None = None
         segments: list[tuple[int, Incs]] | None = None
@@ -214,6 +211,14 @@ class Connection(asyncio.Protocol):
                 return
         if batch is not None:
             self._submit(Increments(batch, self._rejection_reporter(segments or [])))
+        if self.codec.error is not None:  # bad bytes after the messages just handled
+            self._bad_frame(self.codec.error)
+
+    def _bad_frame(self, exc: BadFrame) -> None:
+        self.server.counters.bad_frames += 1
+        self._log_rejected("bad_frame", str(exc))
+        self._write_error(None, exc)
+        self.close()
 
     # -- calls -----------------------------------------------------------------------------------
 
