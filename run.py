@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Start campaignstats with its defaults: embedded Postgres, schema, demo data when empty.
+"""Start the campaignstats server with its defaults: embedded Postgres, schema, demo data.
 
 ``make run`` prepares the virtual environment and calls this; ``python run.py`` works too once
 ``.venv`` exists (it re-executes itself there). Extra arguments go to the command line tool.
@@ -24,7 +24,8 @@ def main() -> int:
         print("campaignstats is not installed here: run `make run` (it sets everything up)")
         return 2
     os.chdir(HERE)
-    return cli_main(["quickstart", *sys.argv[1:]])
+    # Embedded Postgres in ./.campaignstats, schema created, demo data when empty, then serve.
+    return cli_main(["serve", "--demo-if-empty", "100000", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -24,11 +24,15 @@ from campaignstats.logs import configure_logging
 log = structlog.get_logger(__name__)
 
 EPILOG = """\
-database: --dsn URL, else $DATABASE_URL, else an embedded Postgres in --data-dir.
+database (serve, init-db, demo, calculate): --dsn URL, else $DATABASE_URL, else an embedded
+Postgres in --data-dir. Client commands (stats, inc, info, resync) take --url.
 examples:
-  campaignstats init-db
+  campaignstats serve --snapshot stats.snapshot
+  campaignstats stats 1 2 3
+  campaignstats inc 1 7 register --area DE --new-supporter --action-id 1234
+  campaignstats resync live
   campaignstats demo --actions 1000000 --seed 1
-  campaignstats calculate live
+  campaignstats calculate live        (offline: from the database, no server)
 """
 
 
@@ -99,6 +103,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scope", nargs="*", default=["all"], metavar="SCOPE")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--statement-timeout", type=float, default=60.0, metavar="SECONDS")
+    p = sub.add_parser(
+        "serve",
+        help="run the stats server",
+        description="Run the stats server: load the counts from Postgres, take increments and "
+        "queries over MessagePack (TCP and/or a Unix socket), resync periodically. SIGTERM or "
+        "SIGINT stops it gracefully (queued increments applied, snapshot written).",
+    )
+    _add_db_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="TCP address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=7400, help="TCP port (default: %(default)s)")
+    p.add_argument("--no-tcp", action="store_true", help="listen on the Unix socket only")
+    p.add_argument("--unix", type=Path, metavar="PATH", help="also listen on this Unix socket")
+    p.add_argument(
+        "--sync-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds between calculations of live campaigns (default: %(default)s)",
+    )
+    p.add_argument(
+        "--snapshot",
+        type=Path,
+        metavar="PATH",
+        help="snapshot file (read at start, written at stop)",
+    )
+    p.add_argument(
+        "--token",
+        default=os.environ.get("CAMPAIGNSTATS_TOKEN"),
+        help="require this token in hello (default: $CAMPAIGNSTATS_TOKEN)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening on a non-loopback address without a token",
+    )
+    p.add_argument("--statement-timeout", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument("--mailbox-size", type=int, default=10_000, help="bounded mailbox, in messages")
+    p.add_argument("--max-connections", type=int, default=10_000)
+    p.add_argument(
+        "--demo-if-empty",
+        type=_positive_int,
+        default=0,
+        metavar="N",
+        help="on an empty embedded database, create the schema and N demo actions first",
+    )
+
+    client_help = (
+        "server URL: tcp://host:port or unix:///path (default: $CAMPAIGNSTATS_URL or %(default)s)"
+    )
+    for name, text in (
+        ("stats", "print the stats of campaigns"),
+        ("inc", "send one increment"),
+        ("info", "print what the server says about itself"),
+        ("resync", "ask the server for a calculation now (all, live or campaign ids)"),
+    ):
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        p.add_argument(
+            "--url",
+            default=os.environ.get("CAMPAIGNSTATS_URL", "tcp://127.0.0.1:7400"),
+            help=client_help,
+        )
+        p.add_argument("--token", default=os.environ.get("CAMPAIGNSTATS_TOKEN"))
+        p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+        if name == "stats":
+            p.add_argument("campaign_ids", type=int, nargs="+", metavar="ID")
+            p.add_argument("--json", action="store_true", help="print JSON")
+        elif name == "inc":
+            p.add_argument("campaign_id", type=int)
+            p.add_argument("org_id", type=int)
+            p.add_argument("action_type")
+            p.add_argument("--area")
+            p.add_argument("--new-supporter", action="store_true")
+            p.add_argument("--count", type=int, default=1)
+            p.add_argument("--action-id", type=int)
+        elif name == "resync":
+            p.add_argument("scope", nargs="*", default=["all"], metavar="SCOPE")
+
     p = sub.add_parser(
         "quickstart",
         help="embedded database, schema, demo data when empty, one calculation (what run.py does)",
@@ -183,7 +264,8 @@ async def cmd_calculate(conn: Any, args: argparse.Namespace) -> int:
     else:
         print_table(result.campaigns)
         print(
-            f"{len(result.campaigns)} campaigns, {result.duration:.3f} s, max action id {result.max_action_id}"
+            f"{len(result.campaigns)} campaigns, {result.duration:.3f} s, "
+            f"max action id {result.max_action_id}"
         )
     return 0
 
@@ -193,9 +275,8 @@ def print_table(campaigns: dict[int, Any], limit: int = 20) -> None:
     print(f"{'campaign':>9} {'supporters':>11} {'extra':>7} {'actions':>9}  top areas")
     for cid, s in rows:
         areas = ", ".join(f"{a} {n}" for a, n in sorted(s.area.items(), key=lambda kv: -kv[1])[:3])
-        print(
-            f"{cid:>9} {s.supporters:>11,} {s.extra_supporters:>7,} {sum(s.action.values()):>9,}  {areas}"
-        )
+        actions = sum(s.action.values())
+        print(f"{cid:>9} {s.supporters:>11,} {s.extra_supporters:>7,} {actions:>9,}  {areas}")
 
 
 async def cmd_quickstart(conn: Any, args: argparse.Namespace) -> int:
@@ -213,6 +294,136 @@ async def cmd_quickstart(conn: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+async def serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from campaignstats.actor.actor import ActorConfig
+    from campaignstats.actor.supervisor import SupervisorGaveUp
+    from campaignstats.db.source import PostgresSource
+    from campaignstats.server import ServerConfig, StatsServer
+    from campaignstats.service import StatsService
+
+    host = None if args.no_tcp else args.host
+    if host is not None and not _is_loopback(host) and not args.token:
+        if not args.insecure:
+            print(
+                f"refusing to listen on {host} without a token: set --token (or "
+                "$CAMPAIGNSTATS_TOKEN), or pass --insecure if the network is trusted",
+                file=sys.stderr,
+            )
+            return 2
+        log.warning("serve.insecure", host=host, reason="non-loopback address without a token")
+    dsn, embedded = await resolve_dsn(args.dsn, args.data_dir)
+    try:
+        if embedded is not None:
+            await _prepare_embedded(dsn, args.demo_if_empty)
+        service = StatsService(
+            PostgresSource(dsn, statement_timeout=args.statement_timeout),
+            ActorConfig(sync_interval=args.sync_interval, snapshot_path=args.snapshot),
+            mailbox_size=args.mailbox_size,
+        )
+        server = StatsServer(
+            service,
+            ServerConfig(
+                host=host,
+                port=args.port,
+                unix_path=args.unix,
+                token=args.token,
+                max_connections=args.max_connections,
+            ),
+        )
+        await service.start()
+        await server.start()
+        where = []
+        if host is not None:
+            where.append(f"tcp://{host}:{server.port}")
+        if args.unix is not None:
+            where.append(f"unix://{args.unix.resolve()}")
+        print(f"campaignstats {__version__} listening on {', '.join(where)}", flush=True)
+        print(f"  query it:  campaignstats stats 1 --url {where[0]}", flush=True)
+        print("  stop it:   Ctrl-C (or SIGTERM)", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        waiter = asyncio.create_task(stop.wait())
+        supervisor = asyncio.create_task(service.wait())
+        await asyncio.wait({waiter, supervisor}, return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        if supervisor.done():
+            error = supervisor.exception()
+            log.critical("serve.actor_gave_up", error=str(error))
+            code = 70 if isinstance(error, SupervisorGaveUp) else 1
+        else:
+            log.info("serve.stopping")
+        waiter.cancel()
+        await server.close()  # stop accepting first, so nothing new arrives while we drain
+        await service.stop()
+        supervisor.cancel()
+        return code
+    finally:
+        if embedded is not None:
+            embedded.close()
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _prepare_embedded(dsn: str, demo_actions: int) -> None:
+    import asyncpg
+
+    from campaignstats.db.demo import fill_demo
+    from campaignstats.db.schema import init_db, is_empty
+
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await init_db(conn)
+        if demo_actions and await is_empty(conn):
+            print(f"empty database: adding {demo_actions:,} demo actions", flush=True)
+            await fill_demo(conn, actions=demo_actions, seed=1)
+    finally:
+        await conn.close()
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    from campaignstats.client import StatsClient
+    from campaignstats.model import CampaignStats
+
+    with StatsClient(args.url, token=args.token, timeout=args.timeout) as client:
+        if args.command == "stats":
+            many = client.stats_many(args.campaign_ids)
+            if args.json:
+                print(json.dumps({str(k): v for k, v in many.items()}, default=str))
+            else:
+                print_table({cid: CampaignStats.from_wire(st) for cid, st in many.items()})
+        elif args.command == "inc":
+            client.increment(
+                args.campaign_id,
+                args.org_id,
+                args.action_type,
+                args.area,
+                args.new_supporter,
+                args.count,
+                args.action_id,
+            )
+            client.flush()
+            print("applied")
+        elif args.command == "info":
+            print(json.dumps(client.info(), indent=2, default=str))
+        elif args.command == "resync":
+            started = client.resync(parse_scope(args.scope))
+            print("calculation started" if started else "a calculation is already running")
+    return 0
+
+
 COMMANDS = {
     "init-db": cmd_init_db,
     "demo": cmd_demo,
@@ -227,7 +438,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from campaignstats.errors import StatsError
 
     try:
+        if args.command in ("stats", "inc", "info", "resync"):
+            return run_client_command(args)
+        if args.command == "serve":
+            return asyncio.run(serve(args))
         return int(asyncio.run(_with_db(args)))
+    except ConnectionError as exc:
+        print(f"cannot reach the server: {exc}", file=sys.stderr)
+        return 1
     except StatsError as exc:
         log.error("command_failed", command=args.command, error=str(exc))
         return 1
