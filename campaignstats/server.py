@@ -76,6 +76,7 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_PORT = 7400
 _LOG_EVERY = 10.0  # seconds between two logs of rejected messages from one connection
+_LINGER = 2.0  # seconds a connection closed on an error still drains its input
 
 
 @dataclass(slots=True)
@@ -152,7 +153,7 @@ class Connection(asyncio.Protocol):
             server.counters.refused_connections += 1
             log.warning("connection.refused", peer=self.peer, reason="too many connections")
             self._write_error(None, Overloaded("too many connections"))
-            self.close()
+            self.close_after_error()
             return
         server.connections.add(self)
         sock = transport.get_extra_info("socket")
@@ -218,7 +219,7 @@ class Connection(asyncio.Protocol):
         self.server.counters.bad_frames += 1
         self._log_rejected("bad_frame", str(exc))
         self._write_error(None, exc)
-        self.close()
+        self.close_after_error()
 
     # -- calls -----------------------------------------------------------------------------------
 
@@ -262,7 +263,7 @@ class Connection(asyncio.Protocol):
         log.warning("connection.unauthorized", peer=self.peer)
         req_id = getattr(msg, "req_id", None)
         self._write_error(req_id, Unauthorized("a hello with the server's token must come first"))
-        self.close()
+        self.close_after_error()
 
     def _ask(
         self, req_id: int, request: Any, transform: Callable[[Any], Any] | None = None
@@ -419,6 +420,27 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.close()
+
+    def close_after_error(self) -> None:
+        """Close after a fatal error reply, making sure the peer can read that reply.
+
+        Closing a socket with unread input makes the kernel send a reset, which destroys the
+        reply on its way. So: send the reply and our end of stream (half-close), keep reading and
+        discarding what the peer still sends, and drop the connection a moment later.
+        """
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        self.closed = True  # no more replies or processing
+        self.data_received = self._discard  # type: ignore[method-assign]
+        if transport.can_write_eof():
+            transport.write_eof()
+            asyncio.get_running_loop().call_later(_LINGER, transport.abort)
+        else:
+            transport.close()
+
+    def _discard(self, data: bytes) -> None:
+        pass
 
 
 def _original_index(msg: Incs, position: int) -> int:

@@ -37,8 +37,12 @@ class PostgresSource:
         try:
             for _ in range(2 if self.parallel else 1):
                 conns.append(await asyncpg.connect(self.dsn, timeout=self.connect_timeout))
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except BaseException as exc:  # cancelled too: never leave a connection behind
             await _close_all(conns)
+            if not isinstance(
+                exc, OSError | asyncpg.PostgresError | asyncpg.InterfaceError | TimeoutError
+            ):
+                raise
             raise CalculationError(
                 f"{scope_kind(scope)} calculation: cannot connect: {type(exc).__name__}: {exc}"
             ) from exc
@@ -56,7 +60,6 @@ class PostgresSource:
 
 async def _close_all(conns: list[asyncpg.Connection]) -> None:
     for conn in conns:
-        try:
-            await conn.close(timeout=5)
-        except Exception:  # the server may already be gone; drop the socket anyway
-            conn.terminate()
+        # terminate(), not close(): it cannot be interrupted by a cancellation half-way, and a
+        # connection that has finished (or failed) its work has nothing to say goodbye with.
+        conn.terminate()

@@ -1,0 +1,280 @@
+"""What the bench's client processes do: each function runs in a forked child and returns a dict.
+
+Every loop is bounded by its input and by a deadline (``limit`` seconds): a loop cut by the
+deadline says so (``cut``) and its figure does not count.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import socket
+import threading
+import time
+from typing import Any
+
+import msgpack
+
+from bench._data import ACTION_TYPES, AREAS, Item
+from campaignstats.client import StatsClient
+from campaignstats.model import StatsState
+from campaignstats.protocol import ClientCodec, Err, Ok, ServerCodec
+
+_RECV = 1 << 16
+
+
+def _touch(items: list[Any]) -> None:
+    """Touch every object once, so that copy-on-write faults after fork happen before timing."""
+    for item in items:
+        if type(item) is tuple:
+            len(item)
+
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _wait_reply(sock: socket.socket, codec: ClientCodec, req_id: int) -> tuple[Any, int]:
+    """The result of the call ``req_id``; also counts error replies to casts seen meanwhile."""
+    errors = 0
+    while True:
+        data = sock.recv(_RECV)
+        if not data:
+            raise ConnectionError("server closed the connection")
+        for msg in codec.receive_data(data):
+            if type(msg) is Err and msg.req_id is None:
+                errors += 1
+            elif type(msg) is Ok and msg.req_id == req_id:
+                return msg.result, errors
+            elif type(msg) is Err and msg.req_id == req_id:
+                raise msg.exception()
+
+
+def raw_call(port: int, op: str, *args: Any) -> Any:
+    """One call over a fresh socket (no threads: safe in the parent before forking)."""
+    codec = ClientCodec()
+    with _connect(port) as sock:
+        sock.sendall(codec.call(op, 1, *args))
+        return _wait_reply(sock, codec, 1)[0]
+
+
+# -- our server -------------------------------------------------------------------------------
+
+
+def client_per_increment(port: int, items: list[Item], limit: float) -> dict[str, Any]:
+    """Workload 1: StatsClient.increment() once per increment, then flush()."""
+    client = StatsClient(f"tcp://127.0.0.1:{port}", queue_size=len(items) + 1, timeout=120)
+    client.ping()  # connected before the clock starts
+    _touch(items)
+    inc = client.increment
+    n = 0
+    cut = False
+    t0 = time.perf_counter()
+    deadline = t0 + limit
+    for start in range(0, len(items), 10_000):
+        for item in items[start : start + 10_000]:
+            inc(*item)
+        n = min(start + 10_000, len(items))
+        if time.perf_counter() > deadline:
+            cut = n < len(items)
+            break
+    client.flush(timeout=120)
+    seconds = time.perf_counter() - t0
+    stats = client.statistics()
+    client.close()
+    return {"n": n, "seconds": seconds, "dropped": stats.dropped, "cut": cut}
+
+
+def client_batches(port: int, items: list[Item], batch: int, limit: float) -> dict[str, Any]:
+    """Workload 2: batches of ``batch`` items encoded by ClientCodec.incs, written to a socket.
+
+    The client has no batch API: this is what its sender does for each batch, without the
+    queue. Encoding is inside the timing.
+    """
+    codec = ClientCodec()
+    sock = _connect(port)
+    _touch(items)
+    incs = codec.incs
+    send = sock.sendall
+    n = 0
+    cut = False
+    t0 = time.perf_counter()
+    deadline = t0 + limit
+    for start in range(0, len(items), batch):
+        send(incs(items[start : start + batch]))
+        n = min(start + batch, len(items))
+        if (start // batch) % 100 == 99 and time.perf_counter() > deadline:
+            cut = n < len(items)
+            break
+    send(codec.call("flush", 1))
+    _, errors = _wait_reply(sock, codec, 1)
+    seconds = time.perf_counter() - t0
+    sock.close()
+    return {"n": n, "seconds": seconds, "errors": errors, "cut": cut}
+
+
+def raw_blast(port: int, streams: list[bytes], n: int, limit: float) -> dict[str, Any]:
+    """Workload 3: pre-encoded streams, one per connection, then flush on each; one clock."""
+    socks = [_connect(port) for _ in streams]
+    for sock in socks:
+        sock.settimeout(limit)
+    barrier = threading.Barrier(len(streams) + 1)
+    errors: list[int] = []
+    failures: list[str] = []
+
+    def blast(sock: socket.socket, stream: bytes) -> None:
+        codec = ClientCodec()
+        barrier.wait()
+        try:
+            sock.sendall(stream)
+            sock.sendall(codec.call("flush", 1))
+            errors.append(_wait_reply(sock, codec, 1)[1])
+        except Exception as exc:
+            failures.append(repr(exc))
+
+    threads = [threading.Thread(target=blast, args=a) for a in zip(socks, streams, strict=True)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join(limit + 5)
+    seconds = time.perf_counter() - t0
+    for sock in socks:
+        sock.close()
+    return {
+        "n": n,
+        "seconds": seconds,
+        "errors": sum(errors),
+        "cut": bool(failures) or any(t.is_alive() for t in threads),
+        "failures": failures[:3],
+    }
+
+
+def blast_for(port: int, stream: bytes, seconds: float) -> dict[str, Any]:
+    """Send one pre-encoded stream over and over for ``seconds`` (load for the profiler)."""
+    codec = ClientCodec()
+    sock = _connect(port)
+    t0 = time.perf_counter()
+    rounds = 0
+    while time.perf_counter() - t0 < seconds:
+        sock.sendall(stream)
+        rounds += 1
+    sock.sendall(codec.call("flush", 1))
+    _wait_reply(sock, codec, 1)
+    elapsed = time.perf_counter() - t0
+    sock.close()
+    return {"rounds": rounds, "seconds": elapsed}
+
+
+def paced_load(
+    port: int, batches: list[bytes], per_batch: int, rate: float, stop: Any, limit: float
+) -> dict[str, Any]:
+    """Send pre-encoded ``incs`` batches at ``rate`` increments/s until ``stop`` is set."""
+    codec = ClientCodec()
+    sock = _connect(port)
+    interval = per_batch / rate
+    sent = 0
+    t0 = time.perf_counter()
+    k = 0
+    while not stop.is_set() and time.perf_counter() - t0 < limit:
+        sock.sendall(batches[k % len(batches)])
+        k += 1
+        sent += per_batch
+        ahead = t0 + k * interval - time.perf_counter()
+        if ahead > 0:
+            time.sleep(ahead)
+    elapsed = time.perf_counter() - t0
+    sock.sendall(codec.call("flush", 1))
+    _wait_reply(sock, codec, 1)
+    sock.close()
+    return {"sent": sent, "seconds": elapsed, "rate": sent / elapsed}
+
+
+def query_latency(port: int, n: int, seed: int, limit: float) -> dict[str, Any]:
+    """Workload 4: sequential StatsClient.stats() of random campaigns; latencies in µs."""
+    client = StatsClient(f"tcp://127.0.0.1:{port}", timeout=10)
+    rng = random.Random(seed)
+    cids = [rng.randint(1, 1000) for _ in range(n)]
+    stats = client.stats
+    for cid in cids[:500]:  # warm-up
+        stats(cid)
+    clock = time.perf_counter
+    out: list[float] = []
+    deadline = clock() + limit
+    for cid in cids:
+        t = clock()
+        stats(cid)
+        out.append((clock() - t) * 1e6)
+        if t > deadline:
+            break
+    client.close()
+    return {"latencies": out, "cut": len(out) < n}
+
+
+# -- in-process ceiling and memory ------------------------------------------------------------
+
+
+def ceiling(stream: bytes, n: int, mode: str) -> dict[str, Any]:
+    """Workload 5: decode (+ apply) the ``incs`` stream in this process, in 64 KiB reads."""
+    chunks = [stream[i : i + _RECV] for i in range(0, len(stream), _RECV)]
+    state = StatsState()
+    gc.collect()
+    t0 = time.perf_counter()
+    if mode == "decode":
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        count = 0
+        for chunk in chunks:
+            unpacker.feed(chunk)
+            for msg in unpacker:
+                count += len(msg[1])
+    elif mode == "decode+apply":
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        apply_many = state.apply_many
+        for chunk in chunks:
+            unpacker.feed(chunk)
+            for msg in unpacker:
+                apply_many(msg[1])
+    elif mode == "codec+apply":
+        codec = ServerCodec()
+        apply_many = state.apply_many
+        for chunk in chunks:
+            for msg in codec.receive_data(chunk):
+                apply_many(msg.items)  # type: ignore[union-attr]
+    else:
+        raise ValueError(mode)
+    seconds = time.perf_counter() - t0
+    totals = {
+        cid: (s.supporters, dict(s.action), dict(s.area), dict(s.org))
+        for cid, s in state.campaigns.items()
+    }
+    return {"n": n, "seconds": seconds, "totals": totals if mode != "decode" else None}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def typical_campaign(cid: int) -> list[tuple[int, int, str, str | None, bool, int, None]]:
+    """10 new supporters: 5 action types, 10 areas, 3 orgs (fresh strings, as decoded)."""
+    return [
+        (cid, 1 + j % 3, (ACTION_TYPES[j % 5] + ".")[:-1], (AREAS[j] + ".")[:-1], True, 1, None)
+        for j in range(10)
+    ]
+
+
+def memory(campaigns: int) -> dict[str, Any]:
+    """Workload 6: RSS growth of a StatsState holding ``campaigns`` typical campaigns."""
+    gc.collect()
+    before = _rss()
+    state = StatsState()
+    for cid in range(1, campaigns + 1):
+        state.apply_many(typical_campaign(cid))  # type: ignore[arg-type]
+    gc.collect()
+    after = _rss()
+    assert len(state.campaigns) == campaigns
+    return {"campaigns": campaigns, "bytes_per_campaign": (after - before) / campaigns}
