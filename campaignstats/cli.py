@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from campaignstats import __version__
+from campaignstats.db.calculation import Scope
 from campaignstats.db.embedded import DEFAULT_DATA_DIR, resolve_dsn
 from campaignstats.logs import configure_logging
 
@@ -198,10 +199,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def parse_scope(words: Sequence[str]) -> str | list[int]:
+def parse_scope(words: Sequence[str]) -> Scope:
     """``all``, ``live`` or campaign ids, as the CLI and ``resync`` take them."""
-    if len(words) == 1 and words[0] in ("all", "live"):
-        return words[0]
+    if words == ["all"]:
+        return "all"
+    if words == ["live"]:
+        return "live"
     try:
         ids = [int(w) for w in words]
     except ValueError:

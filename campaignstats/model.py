@@ -3,10 +3,10 @@
 Plain Python with no I/O and no event loop (shared/DESIGN.md, "Per-campaign state"). Only the actor
 task mutates a live :class:`StatsState`; tests call :meth:`StatsState.apply` directly.
 
-Semantics follow Proca's ``Proca.Server.Stats.increment/5``, with two deliberate differences from its
-code: ``area`` and ``org`` move only for a new supporter (Proca seeds a new area with 1 even for a
-returning supporter), and no zero-valued keys are created, so that memory and a recount from the
-database compare equal key for key.
+Semantics follow Proca's ``Proca.Server.Stats.increment/5``, with two deliberate differences from
+its code: ``area`` and ``org`` move only for a new supporter (Proca seeds a new area with 1 even
+for a returning supporter), and no zero-valued keys are created, so that memory and a recount from
+the database compare equal key for key.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Increment(NamedTuple):
     action_type: str
     area: str | None = None
     new_supporter: bool = False
-    count: int = 1
+    count: int = 1  # type: ignore[assignment]  # the wire's name; shadows tuple.count
     action_id: int | None = None
 
 
@@ -84,7 +84,11 @@ class CampaignStats:
 
     def copy(self) -> CampaignStats:
         return CampaignStats(
-            self.supporters, dict(self.action), dict(self.area), dict(self.org), self.extra_supporters
+            self.supporters,
+            dict(self.action),
+            dict(self.area),
+            dict(self.org),
+            self.extra_supporters,
         )
 
     def to_wire(self) -> WireStats:
@@ -169,8 +173,8 @@ class StatsState:
     """
 
     __slots__ = (
-        "applied",
         "already_counted",
+        "applied",
         "campaigns",
         "journal",
         "max_campaigns",
@@ -178,7 +182,9 @@ class StatsState:
         "seen",
     )
 
-    def __init__(self, *, max_keys: int = DEFAULT_MAX_KEYS, max_campaigns: int | None = None) -> None:
+    def __init__(
+        self, *, max_keys: int = DEFAULT_MAX_KEYS, max_campaigns: int | None = None
+    ) -> None:
         self.campaigns: dict[int, CampaignStats] = {}
         self.journal: dict[int, list[Increment]] | None = None
         #: per campaign, what its last merged calculation saw: (max action id, invisible ids).
@@ -223,7 +229,9 @@ class StatsState:
             stats = campaigns.get(cid)
             if stats is None:
                 if self.max_campaigns is not None and len(campaigns) >= self.max_campaigns:
-                    rejected.append((i, f"campaign {cid}: over the limit of {self.max_campaigns} campaigns"))
+                    rejected.append(
+                        (i, f"campaign {cid}: over the limit of {self.max_campaigns} campaigns")
+                    )
                     continue
                 stats = campaigns[cid] = CampaignStats()
             action = stats.action

@@ -214,7 +214,7 @@ def _short(value: object) -> str:
 
 
 def _is_id(value: object) -> bool:
-    return type(value) is int and 0 < value <= MAX_ID  # type: ignore[operator]
+    return type(value) is int and 0 < value <= MAX_ID
 
 
 def _req_id(msg: list[Any]) -> int | None:
@@ -389,7 +389,7 @@ class ServerCodec:
         if type(rid) is not int:
             return rid  # type: ignore[return-value]
         ids = self._ids(rid, msg[2], "stats_many")
-        return ids if type(ids) is Rejected else StatsManyReq(rid, ids)  # type: ignore[return-value,arg-type]
+        return ids if isinstance(ids, Rejected) else StatsManyReq(rid, ids)
 
     def _resync(self, msg: list[Any]) -> ClientMessage:
         rid = self._call(msg, 1, "resync")
@@ -401,9 +401,11 @@ class ServerCodec:
         if type(scope) is str:
             return Rejected(rid, Invalid("resync: scope is 'all', 'live' or campaign ids"))
         ids = self._ids(rid, scope, "resync")
-        if type(ids) is not Rejected and not ids:
+        if isinstance(ids, Rejected):
+            return ids
+        if not ids:
             return Rejected(rid, Invalid("resync: give at least one campaign id"))
-        return ids if type(ids) is Rejected else ResyncReq(rid, ids)  # type: ignore[return-value,arg-type]
+        return ResyncReq(rid, ids)
 
     # -- encoding answers ----------------------------------------------------------------------
 

@@ -376,7 +376,11 @@ class Connection(asyncio.Protocol):
         now = time.monotonic()
         if now - self._last_log >= _LOG_EVERY:  # one line per connection per period
             log.warning(
-                "message.rejected", peer=self.peer, code=code, reason=reason, since_last=self._unlogged
+                "message.rejected",
+                peer=self.peer,
+                code=code,
+                reason=reason,
+                since_last=self._unlogged,
             )
             self._last_log = now
             self._unlogged = 0
@@ -508,7 +512,7 @@ class StatsServer:
         self._servers.clear()
         if self.config.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
-                Path(self.config.unix_path).unlink()
+                os.unlink(self.config.unix_path)
         log.info("server.closed")
 
     def add_info(self, info: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
@@ -40,6 +40,9 @@ from campaignstats.actor.subscriptions import Subscriber, Subscription
 from campaignstats.actor.supervisor import Supervisor
 from campaignstats.errors import ActorStopped, Invalid
 from campaignstats.model import DEFAULT_MAX_STRING, Increment, WireStats, check_increment
+
+if TYPE_CHECKING:
+    from campaignstats.db.calculation import Scope
 
 log = structlog.get_logger(__name__)
 
@@ -162,9 +165,12 @@ class StatsService:
 
     async def resync(self, scope: str | Sequence[int] = "all") -> bool:
         """Start a calculation (``all``, ``live`` or ids); False when one is already running."""
-        if not (scope in ("all", "live") or not isinstance(scope, str)):
+        if scope == "all" or scope == "live":
+            result = await self.call(Resync(cast("Scope", scope)))
+        elif isinstance(scope, str):
             raise Invalid("scope must be 'all', 'live' or a list of campaign ids")
-        result = await self.call(Resync(scope if isinstance(scope, str) else list(scope)))
+        else:
+            result = await self.call(Resync(list(scope)))
         return bool(result["started"])
 
     async def watch(self, campaign_id: int, subscriber: Subscriber) -> None:
@@ -182,7 +188,7 @@ class StatsService:
 
     async def subscribe(self, *campaign_ids: int) -> Subscription:
         """Updates of these campaigns, at most once per second each, as an async iterator."""
-        subscription = Subscription(on_close=self.unwatch_nowait)  # type: ignore[arg-type]
+        subscription = Subscription(on_close=self.unwatch_nowait)
         for cid in campaign_ids:
             await self.watch(cid, subscription)
         return subscription

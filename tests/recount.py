@@ -17,7 +17,9 @@ SUPPORTER_ACCEPTED = 3
 ACTION_COUNTED = (3, 4)  # accepted, delivered
 
 
-async def recount(conn: asyncpg.Connection, campaign_ids: Iterable[int] | None = None) -> dict[int, CampaignStats]:
+async def recount(
+    conn: asyncpg.Connection, campaign_ids: Iterable[int] | None = None
+) -> dict[int, CampaignStats]:
     campaigns = [r["id"] for r in await conn.fetch("SELECT id FROM campaigns")]
     if campaign_ids is not None:
         wanted = set(campaign_ids)

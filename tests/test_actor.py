@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -339,7 +340,7 @@ async def test_subscribers_get_changes_at_most_once_per_second(
     subscription.close()
     await asyncio.wait_for(consumer, 1)
     assert 2 <= len(updates) <= 5
-    gaps = [b[0] - a[0] for a, b in zip(updates, updates[1:], strict=False)]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(updates)]
     assert all(gap >= 0.4 for gap in gaps), gaps
     assert updates[-1][1]["action"] == {"share": n}
 
@@ -358,7 +359,8 @@ async def test_an_action_numbered_below_the_snapshot_but_committed_after_it_is_s
         slow_world.person = 1_000
         late = await slow_world.sign(1)
         quick = await world.sign(1)
-        assert quick.action_id is not None and late.action_id is not None
+        assert quick.action_id is not None
+        assert late.action_id is not None
         assert late.action_id < quick.action_id
         service.increment(*quick)
         assert await service.resync("live")

@@ -1,4 +1,4 @@
-"""The calculation from Postgres equals a brute-force recount of the same rows (tests/recount.py)."""
+"""The calculation from Postgres equals a brute-force recount of the same rows (recount.py)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ async def load(
         [(i + 1, f"c{i}", s) for i, s in enumerate(statuses)],
     )
     page_rows = [
-        (i + 1, f"p{i}", c % len(statuses) + 1, o + 1, extra) for i, (c, o, extra) in enumerate(pages)
+        (i + 1, f"p{i}", c % len(statuses) + 1, o + 1, extra)
+        for i, (c, o, extra) in enumerate(pages)
     ]
     await conn.executemany(
         "INSERT INTO action_pages (id, name, campaign_id, org_id, extra_supporters) "
@@ -193,7 +194,7 @@ async def test_a_statement_timeout_fails_the_calculation_with_a_clear_error(demo
 
     conn = await asyncpg.connect(demo_db)
     try:
-        with pytest.raises(CalculationError, match="QueryCanceledError|statement timeout"):
+        with pytest.raises(CalculationError, match=r"QueryCanceledError|statement timeout"):
             await calculate(conn, "all", statement_timeout=0.001)
         # The connection is still usable afterwards: the transaction was rolled back.
         assert await conn.fetchval("SELECT 1") == 1

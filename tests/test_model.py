@@ -122,7 +122,9 @@ def test_the_totals_are_the_sums_of_the_increments(incs: list[Increment]) -> Non
         assert stats["supporters"] == sum(i.new_supporter for i in mine)
         assert sum(stats["action"].values()) == sum(i.count for i in mine)
         assert sum(stats["org"].values()) == stats["supporters"]
-        assert sum(stats["area"].values()) == sum(i.new_supporter and i.area is not None for i in mine)
+        assert sum(stats["area"].values()) == sum(
+            i.new_supporter and i.area is not None for i in mine
+        )
 
 
 @given(

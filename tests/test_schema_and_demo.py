@@ -77,7 +77,5 @@ async def test_demo_appends_after_existing_rows_and_keeps_sequences_usable(
     await fill_demo(conn, actions=1_000, seed=1, progress=False)
     assert await conn.fetchval("SELECT count(*) FROM actions") == 2_000
     assert await conn.fetchval("SELECT count(DISTINCT campaign_id) FROM actions") > 3
-    new_id = await conn.fetchval(
-        "INSERT INTO orgs (name) VALUES ('after demo') RETURNING id"
-    )
+    new_id = await conn.fetchval("INSERT INTO orgs (name) VALUES ('after demo') RETURNING id")
     assert new_id == await conn.fetchval("SELECT max(id) FROM orgs")

@@ -282,7 +282,9 @@ class StatsActor:
             try:
                 save_snapshot(self.config.snapshot_path, self.state.campaigns)
             except OSError as exc:
-                log.error("snapshot.save_failed", path=str(self.config.snapshot_path), error=str(exc))
+                log.error(
+                    "snapshot.save_failed", path=str(self.config.snapshot_path), error=str(exc)
+                )
         log.info("actor.stopped", drained=drained, campaigns=len(self.state.campaigns))
 
     # -- calculations ---------------------------------------------------------------------------
@@ -362,7 +364,7 @@ class StatsActor:
         if result.kind == "all":
             self._loaded = True
         drifts = merge.drifts
-        drift = {
+        drift: dict[str, Any] = {
             "campaigns": len(drifts),
             "supporters": sum(abs(d.supporters) for d in drifts),
             "actions": sum(abs(d.actions) for d in drifts),

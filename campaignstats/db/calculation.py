@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import structlog
 
@@ -92,7 +92,7 @@ async def calculate(
                 covered = [r[0] for r in await conn.fetch(queries.live_campaigns)]
                 ids = covered
             else:
-                ids = sorted(set(scope))
+                ids = sorted(set(cast("Sequence[int]", scope)))
                 covered = [r[0] for r in await conn.fetch(queries.existing_campaigns, ids)]
                 ids = covered
             max_action_id = await conn.fetchval(queries.max_action_id)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-
 import random
 import time
 from collections.abc import AsyncIterator, Iterator

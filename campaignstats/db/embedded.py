@@ -41,7 +41,7 @@ class EmbeddedPostgres:
         self._server: Any = None
 
     def start(self) -> str:
-        """Start the cluster (initdb on first use) and return the DSN of its ``postgres`` database."""
+        """Start the cluster (initdb on first use); return the DSN of its ``postgres`` database."""
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset (root shells, CI); pgserver then
             # uses /tmp/runtime-<uid>, which is fine.
@@ -51,7 +51,7 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._server is None:
             log.info("embedded_postgres.starting", pgdata=str(self.pgdata))
-            self._server = pgserver.get_server(
+            self._server = pgserver.get_server(  # type: ignore[attr-defined]
                 self.pgdata, cleanup_mode="delete" if self._delete_on_close else "stop"
             )
             self._tune()
@@ -70,9 +70,7 @@ class EmbeddedPostgres:
         marker = self.pgdata / "campaignstats.tuned"
         if marker.exists():
             return
-        self._server.psql(
-            "".join(f"ALTER SYSTEM SET {k} = '{v}';" for k, v in _TUNING.items())
-        )
+        self._server.psql("".join(f"ALTER SYSTEM SET {k} = '{v}';" for k, v in _TUNING.items()))
         self.stop()
         self._server.ensure_postgres_running()
         marker.write_text("settings: " + repr(_TUNING) + "\n")
@@ -85,7 +83,7 @@ class EmbeddedPostgres:
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the cluster (``fast`` disconnects clients; ``immediate`` is a crash)."""
-        from pgserver._commands import pg_ctl
+        from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
 
         if self._server is None:
             return
