@@ -312,9 +312,10 @@ class StatsState:
                 aid = inc.action_id
                 if aid is None or aid > max_id or aid in invisible:
                     truth.add(inc)
-            self.seen[cid] = horizon
             before = self.campaigns.get(cid)
-            if before is not None:  # a campaign memory did not know yet has no drift to speak of
+            # Drift only means something for a campaign memory had loaded before (from a merge or
+            # a snapshot); increments alone before the first load are not "drift".
+            if before is not None and cid in self.seen:
                 drift = CampaignDrift(
                     cid,
                     before.supporters - truth.supporters,
@@ -323,8 +324,11 @@ class StatsState:
                 if not drift.is_zero:
                     drifts.append(drift)
             self.campaigns[cid] = truth
+            self.seen[cid] = horizon
         return drifts
 
     def replace_all(self, campaigns: Mapping[int, CampaignStats]) -> None:
         """Load a snapshot file's content (before any calculation)."""
         self.campaigns = {cid: stats.copy() for cid, stats in campaigns.items()}
+        # Loaded, so drift is measured at the first merge; a horizon of 0 skips nothing.
+        self.seen = dict.fromkeys(campaigns, (0, frozenset()))

@@ -96,6 +96,14 @@ class StatsService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    async def loaded(self) -> None:
+        """Wait until a full calculation has been merged (memory then matches the database).
+
+        Queries are answered before that, from the snapshot file or from zeros; wrap this in
+        ``asyncio.timeout()`` if the database may be down.
+        """
+        await self.supervisor.lifetime.loaded.wait()
+
     async def wait(self) -> None:
         """Wait until the supervisor ends; raises its error (e.g. it gave up restarting)."""
         if self._task is not None:

@@ -374,3 +374,16 @@ async def test_an_action_numbered_below_the_snapshot_but_committed_after_it_is_s
         assert await memory_of(service, [1, 2]) == await recount(world.conn)
     finally:
         await slow.close()
+
+
+async def test_the_embedding_example_runs_against_a_real_database(module_dsn: str) -> None:
+    import sys
+
+    example = Path(__file__).parent.parent / "examples" / "embedded.py"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(example), "--dsn", module_dsn, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    assert b"campaign 1:" in out
+    assert b"update for campaign 1" in out

@@ -160,6 +160,7 @@ def test_merge_gives_the_database_value_plus_the_increments_the_snapshot_could_n
 
 def test_merge_measures_drift_and_the_database_wins() -> None:
     state = StatsState()
+    state.merge(CalculationResult("all", {1: CampaignStats()}, max_action_id=0))  # loaded once
     state.apply_many([Increment(1, 1, "a", None, True)] * 5)  # memory: 5 supporters, 5 actions
     state.start_journal()
     state.apply(Increment(1, 1, "a", None, True, action_id=11))  # after the snapshot
@@ -191,3 +192,24 @@ def test_merge_leaves_campaigns_outside_the_result_alone() -> None:
     state.merge(CalculationResult("live", {1: CampaignStats(supporters=2)}, 0))
     assert state.stats(5)["supporters"] == 1
     assert state.stats(1)["supporters"] == 2
+
+
+def test_increments_before_the_first_load_are_not_reported_as_drift() -> None:
+    state = StatsState()
+    state.apply(Increment(1, 1, "a", None, True))
+    state.start_journal()
+    db = CampaignStats(supporters=9, action={"a": 9}, org={1: 9})
+    assert state.merge(CalculationResult("all", {1: db}, max_action_id=10)) == []
+
+
+def test_an_increment_the_merged_calculation_already_counted_is_skipped() -> None:
+    state = StatsState()
+    state.merge(CalculationResult("all", {1: CampaignStats()}, 10, invisible_ids=frozenset({7})))
+    state.apply(Increment(1, 1, "a", action_id=5))  # counted by the calculation: skipped
+    state.apply(Increment(1, 1, "a", action_id=7))  # invisible to its snapshot: applied
+    state.apply(Increment(1, 1, "a", action_id=11))  # newer than the snapshot: applied
+    state.apply(Increment(1, 1, "a"))  # no action id: applied
+    state.apply(Increment(2, 1, "a", action_id=5))  # another campaign, never merged: applied
+    assert state.stats(1)["action"] == {"a": 3}
+    assert state.stats(2)["action"] == {"a": 1}
+    assert state.already_counted == 1

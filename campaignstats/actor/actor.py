@@ -76,6 +76,8 @@ class Lifetime:
     """What outlives one actor incarnation: kept by the supervisor."""
 
     started_at: float = field(default_factory=time.time)
+    #: set while the live actor has completed a full calculation since it started
+    loaded: asyncio.Event = field(default_factory=asyncio.Event)
     restarts: int = 0
     applied_before_restarts: int = 0
     rejected_before_restarts: int = 0
@@ -363,6 +365,7 @@ class StatsActor:
         self._failures_in_row = 0
         if result.kind == "all":
             self._loaded = True
+            self.lifetime.loaded.set()
         drifts = merge.drifts
         drift: dict[str, Any] = {
             "campaigns": len(drifts),

@@ -82,6 +82,7 @@ class Supervisor:
             message.reply.set_exception(
                 InternalError(f"the stats actor crashed while answering: {exc!r}")
             )
+        self.lifetime.loaded.clear()  # the next actor starts from scratch
         self.lifetime.applied_before_restarts += actor.state.applied
         self.lifetime.rejected_before_restarts += actor.rejected
         now = time.monotonic()
