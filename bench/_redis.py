@@ -317,8 +317,11 @@ def memory(port: int, campaigns: int) -> dict[str, Any]:
     before = int(r.info("memory")["used_memory"])
     pipe = r.pipeline(transaction=False)
     for cid in range(1, campaigns + 1):
-        for key, field, by in (c for item in typical_campaign(cid) for c in commands(item)):  # type: ignore[arg-type]
-            pipe.hincrby(key, field, by)
+        fields: dict[str, int] = {}
+        for item in typical_campaign(cid):
+            for key, field, by in commands(item):  # type: ignore[arg-type]
+                fields[field] = fields.get(field, 0) + by
+        pipe.hset(key, mapping=fields)  # one HSET per hash: same content, quicker to load
         if cid % 1000 == 0:
             pipe.execute()
             pipe = r.pipeline(transaction=False)
