@@ -37,6 +37,14 @@ class Increment(NamedTuple):
     action_id: int | None = None
 
 
+def _utf8_length(text: str) -> int:
+    """Bytes of ``text`` in UTF-8; -1 when it cannot be encoded (a lone surrogate)."""
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError:
+        return -1
+
+
 def check_increment(inc: Increment, max_string: int = DEFAULT_MAX_STRING) -> ProtocolError | None:
     """Why ``inc`` is not a valid increment, or None when it is.
 
@@ -51,13 +59,13 @@ def check_increment(inc: Increment, max_string: int = DEFAULT_MAX_STRING) -> Pro
         return Invalid(f"ids must be between 1 and 2**63-1 (campaign_id={cid}, org_id={org_id})")
     if type(action_type) is not str:
         return BadMessage("action_type must be a string")
-    if not 0 < len(action_type.encode()) <= max_string:
-        return Invalid(f"action_type must be 1 to {max_string} bytes")
+    if not 0 < _utf8_length(action_type) <= max_string:
+        return Invalid(f"action_type must be 1 to {max_string} bytes of UTF-8")
     if area is not None:
         if type(area) is not str:
             return BadMessage("area must be a string or nil")
-        if not 0 < len(area.encode()) <= max_string:
-            return Invalid(f"area must be 1 to {max_string} bytes")
+        if not 0 < _utf8_length(area) <= max_string:
+            return Invalid(f"area must be 1 to {max_string} bytes of UTF-8")
     if type(new_supporter) is not bool:
         return BadMessage("new_supporter must be a boolean")
     if type(count) is not int:

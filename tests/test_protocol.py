@@ -579,7 +579,8 @@ def test_action_type_and_area_are_limited_to_64_bytes_of_utf8_not_64_characters(
 
 @examples(200)
 @given(
-    text=st.text(st.sampled_from("aé€😀") | st.characters(), max_size=70),
+    # Lone surrogates cannot be encoded to UTF-8, so no MessagePack str can carry them.
+    text=st.text(st.sampled_from("aé€😀") | st.characters(exclude_categories=["Cs"]), max_size=70),
     max_string=st.integers(1, 70),
 )
 def test_a_string_is_accepted_exactly_when_its_utf8_is_1_to_max_string_bytes(
