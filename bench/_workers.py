@@ -215,6 +215,40 @@ def query_latency(port: int, n: int, seed: int, limit: float) -> dict[str, Any]:
     return {"latencies": out, "cut": len(out) < n}
 
 
+def raw_query_latency(port: int, n: int, seed: int, limit: float) -> dict[str, Any]:
+    """Like :func:`query_latency` over a plain blocking socket and ClientCodec: no client
+    threads, so the difference to the client's figure is what its reader thread costs."""
+    codec = ClientCodec()
+    sock = _connect(port)
+    rng = random.Random(seed)
+    cids = [rng.randint(1, 1000) for _ in range(n)]
+    call = codec.call
+    send = sock.sendall
+    recv = sock.recv
+    feed = codec.receive_data
+
+    def stats(req_id: int, cid: int) -> None:
+        send(call("stats", req_id, cid))
+        while True:
+            for msg in feed(recv(_RECV)):
+                if msg.req_id == req_id:  # type: ignore[union-attr]
+                    return
+
+    for i, cid in enumerate(cids[:500]):
+        stats(i + 1, cid)
+    clock = time.perf_counter
+    out: list[float] = []
+    deadline = clock() + limit
+    for i, cid in enumerate(cids):
+        t = clock()
+        stats(1000 + i, cid)
+        out.append((clock() - t) * 1e6)
+        if t > deadline:
+            break
+    sock.close()
+    return {"latencies": out, "cut": len(out) < n}
+
+
 # -- in-process ceiling and memory ------------------------------------------------------------
 
 

@@ -244,6 +244,8 @@ class Bench:
         p = self.p
         self.say(f"workload 4: stats() latency, {p.n_queries:,} sequential calls, idle")
         self._latency("lat.idle", "query stats(), idle", _workers.query_latency, None)
+        self._latency("lat.raw.idle", "query, raw socket (no client threads), idle",
+                      _workers.raw_query_latency, None)  # fmt: skip
         best = max(_med(self.metrics.get("raw.b1000.c1")), _med(self.metrics.get("client.batches")))
         rate = best / 2
         self.say(f"  ... and while another process sends incs of 1,000 at {rate:,.0f} inc/s "
@@ -252,6 +254,8 @@ class Bench:
                    for i in range(0, p.n_raw, 1000)]  # fmt: skip
         self._latency("lat.load", "query stats(), under load", _workers.query_latency,
                       (_workers.paced_load, batches, 1000, rate))  # fmt: skip
+        self._latency("lat.raw.load", "query, raw socket (no client threads), under load",
+                      _workers.raw_query_latency, (_workers.paced_load, batches, 1000, rate))  # fmt: skip
 
     def _latency(self, key: str, label: str, fn: Any, load: tuple[Any, ...] | None,
                  port: int | None = None) -> None:  # fmt: skip
@@ -489,6 +493,10 @@ ROWS: list[tuple[str, str | None]] = [
     ("lat.load.p50", "redis.lat.load.p50"),
     ("lat.load.p99", "redis.lat.load.p99"),
     ("lat.load.p99.9", "redis.lat.load.p99.9"),
+    ("lat.raw.idle.p50", "redis.lat.idle.p50"),
+    ("lat.raw.idle.p99", "redis.lat.idle.p99"),
+    ("lat.raw.load.p50", "redis.lat.load.p50"),
+    ("lat.raw.load.p99", "redis.lat.load.p99"),
     ("mem.10000", "redis.mem.10000"),
     ("mem.100000", "redis.mem.100000"),
     ("redis.bench.c1", None),

@@ -141,7 +141,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--statement-timeout", type=float, default=60.0, metavar="SECONDS")
     p.add_argument("--mailbox-size", type=int, default=10_000, help="bounded mailbox, in messages")
-    p.add_argument("--max-connections", type=int, default=10_000)
+    limits = p.add_argument_group("limits (rejected input gets an error and changes nothing)")
+    limits.add_argument("--max-connections", type=int, default=10_000, metavar="N")
+    limits.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="close connections silent this long, subscribers excepted; 0: never "
+        "(default: %(default)s)",
+    )
+    limits.add_argument("--max-message", type=int, default=1 << 20, metavar="BYTES")
+    limits.add_argument("--max-batch", type=int, default=10_000, metavar="N", help="items per incs")
+    limits.add_argument("--max-string", type=int, default=64, metavar="BYTES")
+    limits.add_argument(
+        "--max-output",
+        type=int,
+        default=4 << 20,
+        metavar="BYTES",
+        help="unread replies per connection before pubs and cast errors are dropped and "
+        "connections closed (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-keys",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="distinct action types, areas or orgs per campaign",
+    )
+    limits.add_argument(
+        "--max-campaigns",
+        type=int,
+        default=None,
+        metavar="N",
+        help="campaigns in memory; increments creating more are invalid (default: no cap)",
+    )
     p.add_argument(
         "--demo-if-empty",
         type=_positive_int,
@@ -303,6 +337,7 @@ async def serve(args: argparse.Namespace) -> int:
     from campaignstats.actor.actor import ActorConfig
     from campaignstats.actor.supervisor import SupervisorGaveUp
     from campaignstats.db.source import PostgresSource
+    from campaignstats.protocol import Limits
     from campaignstats.server import ServerConfig, StatsServer
     from campaignstats.service import StatsService
 
@@ -322,8 +357,14 @@ async def serve(args: argparse.Namespace) -> int:
             await _prepare_embedded(dsn, args.demo_if_empty)
         service = StatsService(
             PostgresSource(dsn, statement_timeout=args.statement_timeout),
-            ActorConfig(sync_interval=args.sync_interval, snapshot_path=args.snapshot),
+            ActorConfig(
+                sync_interval=args.sync_interval,
+                snapshot_path=args.snapshot,
+                max_keys=args.max_keys,
+                max_campaigns=args.max_campaigns,
+            ),
             mailbox_size=args.mailbox_size,
+            max_string=args.max_string,
         )
         server = StatsServer(
             service,
@@ -332,7 +373,10 @@ async def serve(args: argparse.Namespace) -> int:
                 port=args.port,
                 unix_path=args.unix,
                 token=args.token,
+                limits=Limits(args.max_message, args.max_batch, args.max_string),
                 max_connections=args.max_connections,
+                max_output=args.max_output,
+                idle_timeout=args.idle_timeout,
             ),
         )
         await service.start()

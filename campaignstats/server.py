@@ -89,7 +89,9 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     max_connections: int = 10_000
     max_output: int = 4 << 20  # bytes a client may leave unread before we drop or disconnect
-    read_size: int = 1 << 16
+    #: seconds without a byte from a client before its connection is closed (0: never);
+    #: connections with subscriptions wait for pubs and are exempt
+    idle_timeout: float = 900.0
 
 
 @dataclass(slots=True)
@@ -102,6 +104,7 @@ class ServerCounters:
     bad_frames: int = 0
     refused_connections: int = 0
     unauthorized: int = 0
+    closed_idle: int = 0
 
 
 class _Slot:
@@ -137,6 +140,7 @@ class Connection(asyncio.Protocol):
         self._backlog: deque[Message] = deque()  # waiting for room in the mailbox
         self._drainer: asyncio.Task[None] | None = None
         self._subscribed = False
+        self.last_active = time.monotonic()
         self._last_log = 0.0
         self._unlogged = 0
 
@@ -179,6 +183,7 @@ class Connection(asyncio.Protocol):
             log.debug("connection.closed", peer=self.peer)
 
     def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
         try:
             messages = self.codec.receive_data(data)
         except BadFrame as exc:
@@ -420,6 +425,15 @@ class Connection(asyncio.Protocol):
             return
         transport.write(data)
 
+    @property
+    def subscribed(self) -> bool:
+        return self._subscribed
+
+    @property
+    def busy(self) -> bool:
+        """Waiting on the actor (replies or a backlog): not idle, whatever the clock says."""
+        return bool(self._replies or self._backlog)
+
     def close(self) -> None:
         if self.transport is not None and not self.closed:
             self.closed = True
@@ -478,6 +492,7 @@ class StatsServer:
         self.connections: set[Connection] = set()
         self.counters = ServerCounters()
         self._servers: list[asyncio.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
@@ -499,9 +514,25 @@ class StatsServer:
             log.info("server.listening", transport="unix", path=str(path))
         if not self._servers:
             raise ValueError("nothing to listen on: give a host or a Unix socket path")
+        if config.idle_timeout > 0:
+            self._sweeper = asyncio.create_task(self._close_idle(config.idle_timeout))
+
+    async def _close_idle(self, timeout: float) -> None:
+        while True:
+            await asyncio.sleep(min(timeout / 4, 5.0))
+            limit = time.monotonic() - timeout
+            for conn in list(self.connections):
+                if conn.last_active < limit and not conn.subscribed and not conn.busy:
+                    self.counters.closed_idle += 1
+                    log.info("connection.closed_idle", peer=conn.peer, idle_timeout=timeout)
+                    conn.close()
 
     async def close(self) -> None:
         """Stop accepting and close every connection (the service keeps running)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
@@ -528,6 +559,7 @@ class StatsServer:
             "bad_frames": counters.bad_frames,
             "refused_connections": counters.refused_connections,
             "unauthorized": counters.unauthorized,
+            "closed_idle": counters.closed_idle,
             "auth": self.config.token is not None,  # never the token itself
             "limits": {
                 "max_message": self.config.limits.max_message,
@@ -535,6 +567,7 @@ class StatsServer:
                 "max_string": self.config.limits.max_string,
                 "max_connections": self.config.max_connections,
                 "max_output": self.config.max_output,
+                "idle_timeout": self.config.idle_timeout,
             },
         }
         info["rejected"] = info.get("rejected", 0) + counters.rejected_messages

@@ -521,3 +521,70 @@ async def test_a_nodejs_client_speaking_the_protocol_gets_the_same_counts(
         "org": {"3": 2},
         "extra_supporters": 0,
     }
+
+
+async def test_an_idle_connection_is_closed_but_a_subscriber_is_not(start: Start) -> None:
+    running = await start(idle_timeout=0.4)
+    idle = await Raw.tcp(running.port)
+    half = await Raw.tcp(running.port)
+    subscriber = await Raw.tcp(running.port)
+    try:
+        assert await idle.call("ping", 1) == ["ok", 1, "pong"]
+        assert await subscriber.call("sub", 1, 990) == ["ok", 1, None]
+        await half.send_bytes(msgpack.packb(["stats", 1, 990])[:-1])  # half a message, stalled
+        assert await idle.is_closed(within=5)
+        assert await half.is_closed(within=5)
+        assert await subscriber.call("ping", 2) == ["ok", 2, "pong"]
+        ok, _, info = await subscriber.call("info", 3)
+        assert ok == "ok"
+        assert info["server"]["closed_idle"] == 2
+    finally:
+        for c in (idle, half, subscriber):
+            await c.close()
+
+
+async def test_a_new_campaign_over_the_campaign_cap_is_invalid_and_others_keep_counting(
+    start: Start,
+) -> None:
+    running = await start(ActorConfig(sync_interval=3600, max_campaigns=1_000_000))
+    c = await Raw.tcp(running.port)
+    try:
+        known = running.service.supervisor.actor
+        assert known is not None
+        known.state.max_campaigns = len(known.state.campaigns) + 1  # room for one more
+        await c.send(["inc", 995, 1, "register", None, True])
+        await c.send(["inc", 996, 1, "register", None, True])  # one too many
+        [error] = await c.recv()
+        assert error[:3] == ["err", None, "invalid"]
+        assert "campaign" in error[3]
+        await c.send(["inc", 995, 1, "register", None, True])
+        assert await c.call("flush", 1) == ["ok", 1, None]
+        many = (await c.call("stats_many", 2, [995, 996]))[2]
+        assert many[995]["supporters"] == 2
+        assert many[996]["supporters"] == 0
+        info = (await c.call("info", 3))[2]
+        assert info["rejected"] >= 1
+    finally:
+        await c.close()
+
+
+async def test_a_thousand_concurrent_connections_are_all_answered_and_counts_are_exact(
+    server: Running,
+) -> None:
+    async def one(i: int) -> None:
+        c = await Raw.tcp(server.port)
+        try:
+            await c.send(["incs", [[998, 1 + i % 50, "share", None, i % 3 == 0]] * 10])
+            assert await c.call("flush", i) == ["ok", i, None]
+            ok, _, stats = await c.call("stats", i, 998)
+            assert ok == "ok"
+            assert stats["action"]["share"] >= 10
+        finally:
+            await c.close()
+
+    async with asyncio.timeout(60):
+        for start_at in range(0, 1_000, 250):  # 250 at a time: the sandbox's open-files limit
+            await asyncio.gather(*(one(i) for i in range(start_at, start_at + 250)))
+    stats = await server.service.stats(998)
+    assert stats["action"] == {"share": 10_000}
+    assert stats["supporters"] == 10 * len(range(0, 1_000, 3))

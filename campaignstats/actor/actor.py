@@ -468,6 +468,12 @@ class StatsActor:
             "last_calculation": self.last_calculation,
             "subscriptions": self.registry.count(),
             "restarts": lifetime.restarts,
+            "already_counted": self.state.already_counted,
+            "limits": {
+                "max_keys": self.config.max_keys,
+                "max_campaigns": self.config.max_campaigns,
+                "mailbox": mailbox.capacity,
+            },
         }
 
     def stats(self, campaign_id: int) -> WireStats:
