@@ -21,6 +21,7 @@ from campaignstats.errors import BadMessage, Invalid, ProtocolError
 WireStats = dict[str, Any]
 
 DEFAULT_MAX_KEYS = 10_000
+DEFAULT_JOURNAL_LIMIT = 5_000_000  # increments: about 500 MB at worst
 MAX_ID = 2**63 - 1
 DEFAULT_MAX_STRING = 64  # bytes of UTF-8, for action_type and area
 
@@ -185,6 +186,10 @@ class StatsState:
         "applied",
         "campaigns",
         "journal",
+        "journal_limit",
+        "journal_only",
+        "journal_overflow",
+        "journal_size",
         "max_campaigns",
         "max_keys",
         "seen",
@@ -195,6 +200,13 @@ class StatsState:
     ) -> None:
         self.campaigns: dict[int, CampaignStats] = {}
         self.journal: dict[int, list[Increment]] | None = None
+        #: campaigns worth journaling (the calculation's scope when known), None: all
+        self.journal_only: frozenset[int] | None = None
+        #: the journal is bounded: past this many increments it is dropped, and the calculation
+        #: it was for cannot be merged exactly (it is then treated as failed and retried)
+        self.journal_limit = DEFAULT_JOURNAL_LIMIT
+        self.journal_size = 0
+        self.journal_overflow = False
         #: per campaign, what its last merged calculation saw: (max action id, invisible ids).
         #: An increment whose action the database value already holds is not applied again.
         self.seen: dict[int, tuple[int, frozenset[int]]] = {}
@@ -221,6 +233,8 @@ class StatsState:
         """
         campaigns = self.campaigns
         journal = self.journal
+        only = self.journal_only
+        journaled = 0
         max_keys = self.max_keys
         seen = self.seen
         rejected: list[tuple[int, str]] = []
@@ -249,6 +263,10 @@ class StatsState:
                     rejected.append((i, f"campaign {cid}: over {max_keys} action types"))
                     continue
                 n = 0
+            total = n + count
+            if total > MAX_ID:  # a total must stay a MessagePack int64
+                rejected.append((i, f"campaign {cid}: {action_type!r} count would overflow"))
+                continue
             if new_supporter:
                 org = stats.org
                 o = org.get(org_id)
@@ -268,15 +286,21 @@ class StatsState:
                     areas[area] = a + 1
                 org[org_id] = o + 1
                 stats.supporters += 1
-            action[action_type] = n + count
+            action[action_type] = total
             applied += 1
-            if journal is not None:
+            if journal is not None and (only is None or cid in only):
                 entries = journal.get(cid)
                 if entries is None:
                     journal[cid] = [inc]
                 else:
                     entries.append(inc)
+                journaled += 1
         self.applied += applied
+        if journaled:
+            self.journal_size += journaled
+            if self.journal_size > self.journal_limit:
+                self.journal = None
+                self.journal_overflow = True
         return rejected
 
     # -- queries --------------------------------------------------------------------------------
@@ -287,12 +311,19 @@ class StatsState:
 
     # -- the exact merge (shared/DESIGN.md, "The actor") ----------------------------------------
 
-    def start_journal(self) -> None:
-        """Start recording increments; called when a calculation starts, before its snapshot."""
+    def start_journal(self, only: Iterable[int] | None = None) -> None:
+        """Start recording increments; called when a calculation starts, before its snapshot.
+
+        ``only``: the campaigns the calculation covers, when known in advance (a list of ids).
+        """
         self.journal = {}
+        self.journal_only = None if only is None else frozenset(only)
+        self.journal_size = 0
+        self.journal_overflow = False
 
     def stop_journal(self) -> None:
         self.journal = None
+        self.journal_only = None
 
     def merge(
         self, result: CalculationResult, campaign_ids: Iterable[int] | None = None

@@ -297,28 +297,32 @@ class Connection(asyncio.Protocol):
 
     def _on_reply_ready(self, _: asyncio.Future[Any]) -> None:
         replies = self._replies
-        codec = self.codec
         while replies:
             slot = replies[0]
-            if slot.future is not None:
-                if not slot.future.done():
-                    return
-                if slot.future.cancelled():
-                    data = codec.err(slot.req_id, InternalError("cancelled"))
-                elif (exc := slot.future.exception()) is not None:
-                    error = exc if isinstance(exc, ProtocolError) else InternalError(str(exc))
-                    data = codec.err(slot.req_id, error)
-                else:
-                    result = slot.future.result()
-                    if slot.transform is not None:
-                        result = slot.transform(result)
-                    data = codec.ok(slot.req_id, result)
-            else:
-                data = slot.data  # type: ignore[assignment]
+            if slot.future is not None and not slot.future.done():
+                return
             replies.popleft()
-            self._write_reply(data)
+            self._write_reply(self._encode_reply(slot))
             if self.closed:
                 return
+
+    def _encode_reply(self, slot: _Slot) -> bytes:
+        if slot.future is None:
+            return slot.data  # type: ignore[return-value]
+        codec = self.codec
+        if slot.future.cancelled():
+            return codec.err(slot.req_id, InternalError("cancelled"))
+        if (exc := slot.future.exception()) is not None:
+            error = exc if isinstance(exc, ProtocolError) else InternalError(str(exc))
+            return codec.err(slot.req_id, error)
+        try:
+            result = slot.future.result()
+            if slot.transform is not None:
+                result = slot.transform(result)
+            return codec.ok(slot.req_id, result)
+        except Exception as exc:  # e.g. a count past what MessagePack can carry
+            log.exception("reply.encode_failed", peer=self.peer)
+            return codec.err(slot.req_id, InternalError(f"cannot encode the reply: {exc!r}"))
 
     # -- increments and backpressure -------------------------------------------------------------
 
@@ -342,7 +346,7 @@ class Connection(asyncio.Protocol):
                 self._backlog.popleft()
         finally:
             self._drainer = None
-        if not self.closed and self.transport is not None:
+        if not self.closed and self.transport is not None and not self.server.closing:
             self.transport.resume_reading()
 
     def _rejection_reporter(
@@ -426,6 +430,18 @@ class Connection(asyncio.Protocol):
         transport.write(data)
 
     @property
+    def backlog(self) -> int:
+        return len(self._backlog)
+
+    @property
+    def drainer(self) -> asyncio.Task[None] | None:
+        return self._drainer
+
+    def stop_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    @property
     def subscribed(self) -> bool:
         return self._subscribed
 
@@ -493,6 +509,7 @@ class StatsServer:
         self.counters = ServerCounters()
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self.closing = False
         self.port: int | None = None
 
     async def start(self) -> None:
@@ -529,12 +546,23 @@ class StatsServer:
 
     async def close(self) -> None:
         """Stop accepting and close every connection (the service keeps running)."""
+        self.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         for server in self._servers:
             server.close()
+        # What connections decoded but could not queue yet (the mailbox was full) has been
+        # received: hand it to the actor before closing, within a bound.
+        for conn in self.connections:
+            conn.stop_reading()
+        drainers = [c.drainer for c in self.connections if c.drainer is not None]
+        if drainers:
+            await asyncio.wait(drainers, timeout=10)
+            lost = sum(conn.backlog for conn in self.connections)
+            if lost:
+                log.error("server.close_backlog_lost", messages=lost)
         for conn in list(self.connections):
             conn.close()
         for server in self._servers:

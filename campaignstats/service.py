@@ -111,6 +111,10 @@ class StatsService:
 
     def _on_supervisor_done(self, task: asyncio.Task[None]) -> None:
         # Whatever is still queued will never be answered: say so instead of hanging callers.
+        self.mailbox.close()
+        self._fail_queued()
+
+    def _fail_queued(self) -> None:
         dropped = 0
         while (msg := self.mailbox.get_nowait()) is not None:
             if isinstance(msg, Ask) and not msg.reply.done():
@@ -119,6 +123,9 @@ class StatsService:
                 dropped += len(msg.items)
         if dropped:
             log.warning("service.increments_dropped_at_stop", increments=dropped)
+        if self.mailbox.statistics().blocked_producers:
+            # Producers that were waiting for room enqueue now that there is some: fail theirs too.
+            asyncio.get_running_loop().call_later(0.01, self._fail_queued)
 
     # -- increments -----------------------------------------------------------------------------
 
@@ -152,8 +159,9 @@ class StatsService:
     async def call(self, request: Request, timeout: float | None = None) -> Any:
         self._check_running()
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self.mailbox.put(Ask(request, reply))
-        return await asyncio.wait_for(reply, self.call_timeout if timeout is None else timeout)
+        async with asyncio.timeout(self.call_timeout if timeout is None else timeout):
+            await self.mailbox.put(Ask(request, reply))  # waiting for room counts too
+            return await reply
 
     async def stats(self, campaign_id: int) -> WireStats:
         result: WireStats = await self.call(GetStats(campaign_id))
@@ -188,11 +196,12 @@ class StatsService:
         await self.call(Unsubscribe(campaign_id, subscriber))
 
     def unwatch_nowait(self, subscriber: Subscriber) -> None:
-        """Forget a subscriber everywhere (a closed connection); best effort, never waits."""
-        if self.running:
-            loop = asyncio.get_running_loop()
-            with contextlib.suppress(Exception):
-                self.mailbox.put_nowait(Ask(Unsubscribe(None, subscriber), loop.create_future()))
+        """Forget a subscriber everywhere (a closed connection), at once and whatever the load.
+
+        The registry belongs to the supervisor and lives on this event loop, so this needs no
+        mailbox round trip that a full mailbox could lose.
+        """
+        self.supervisor.registry.remove(None, subscriber)
 
     async def subscribe(self, *campaign_ids: int) -> Subscription:
         """Updates of these campaigns, at most once per second each, as an async iterator."""

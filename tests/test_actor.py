@@ -143,13 +143,13 @@ async def test_increments_racing_with_calculations_end_equal_to_the_database_and
     for i in range(300):
         inc = await world.sign(1 + i % 2, area="DE" if i % 3 else None)
         service.increment(*inc)
-        if i % 50 == 0:
+        if i % 20 == 0:
             await service.resync("live")
     done.set()
     await watcher
     await service.flush()
     calculations = await completed(service)
-    assert calculations > 5, "the increments did not race with calculations"
+    assert calculations >= 3, "the increments did not race with calculations"
     # Exact already, before one more calculation settles everything:
     expected = await recount(world.conn)
     assert await memory_of(service, [1, 2]) == expected
@@ -387,3 +387,27 @@ async def test_the_embedding_example_runs_against_a_real_database(module_dsn: st
     assert proc.returncode == 0
     assert b"campaign 1:" in out
     assert b"update for campaign 1" in out
+
+
+async def test_a_result_meant_for_a_previous_actor_is_ignored_after_a_restart(
+    world: World, service_factory: Callable[..., StatsService]
+) -> None:
+    from campaignstats.actor.messages import CalculationDone
+    from campaignstats.model import CalculationResult
+
+    def crash_on_campaign_666(msg: Message) -> None:
+        if isinstance(msg, Increments) and msg.items[0].campaign_id == 666:
+            raise RuntimeError("injected crash")
+
+    service = service_factory(ActorConfig(sync_interval=3600, fault_hook=crash_on_campaign_666))
+    await service.start()
+    await wait_for(lambda: loaded(service))
+    await world.sign(1)
+    stale = CalculationResult("all", {1: CampaignStats(supporters=100)}, max_action_id=1)
+    service.mailbox.put_nowait(Increments((Increment(666, 1, "boom"),)))
+    service.mailbox.put_nowait(CalculationDone(1, stale))  # the first actor's generation
+    await service.flush()
+    assert (await service.info())["restarts"] == 1
+    await wait_for(lambda: loaded(service))
+    assert (await service.stats(1))["supporters"] == 1
+    assert await memory_of(service, [1, 2]) == await recount(world.conn)

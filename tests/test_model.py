@@ -213,3 +213,32 @@ def test_an_increment_the_merged_calculation_already_counted_is_skipped() -> Non
     assert state.stats(1)["action"] == {"a": 3}
     assert state.stats(2)["action"] == {"a": 1}
     assert state.already_counted == 1
+
+
+def test_an_increment_that_would_overflow_a_count_is_rejected() -> None:
+    state = StatsState()
+    state.apply(Increment(1, 1, "a", count=2**63 - 2))
+    with pytest.raises(Invalid, match="overflow"):
+        state.apply(Increment(1, 1, "a", count=2))
+    assert state.stats(1)["action"] == {"a": 2**63 - 2}
+
+
+def test_a_journal_over_its_limit_is_dropped_and_flagged() -> None:
+    state = StatsState()
+    state.journal_limit = 3
+    state.start_journal()
+    state.apply_many([Increment(1, 1, "a")] * 3)
+    assert state.journal is not None
+    assert not state.journal_overflow
+    state.apply(Increment(1, 1, "a"))
+    assert state.journal is None
+    assert state.journal_overflow
+    assert state.stats(1)["action"] == {"a": 4}  # counting goes on
+
+
+def test_a_journal_for_some_campaigns_records_only_those() -> None:
+    state = StatsState()
+    state.start_journal(only=[2])
+    state.apply_many([Increment(1, 1, "a"), Increment(2, 1, "a"), Increment(2, 1, "b")])
+    assert state.journal == {2: [Increment(2, 1, "a"), Increment(2, 1, "b")]}
+    assert state.journal_size == 2

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import structlog
 
 from campaignstats import __version__
-from campaignstats.errors import ActorStopped, InternalError
+from campaignstats.errors import ActorStopped, CalculationError, InternalError
 from campaignstats.model import (
     DEFAULT_MAX_KEYS,
     CalculationResult,
@@ -79,6 +79,9 @@ class Lifetime:
     #: set while the live actor has completed a full calculation since it started
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     restarts: int = 0
+    #: numbers every calculation of every incarnation, so that a result meant for a dead actor
+    #: (still in the mailbox after a restart) is never taken for the new actor's own
+    generation: int = 0
     applied_before_restarts: int = 0
     rejected_before_restarts: int = 0
 
@@ -113,7 +116,7 @@ class StatsActor:
         self.state = StatsState(max_keys=config.max_keys, max_campaigns=config.max_campaigns)
         self.rejected = 0
         # calculations
-        self._generation = 0
+        self._generation = -1  # the generation this actor waits for
         self._calc_task: asyncio.Task[None] | None = None
         self._running: tuple[str, float] | None = None  # (kind, wall-clock start)
         self._merge: _Merge | None = None
@@ -280,14 +283,17 @@ class StatsActor:
             # A half-merged result is still exact per campaign; finish it before saving.
             while self._merge is not None:
                 self._merge_step()
-        if self.config.snapshot_path is not None:
-            try:
-                save_snapshot(self.config.snapshot_path, self.state.campaigns)
-            except OSError as exc:
-                log.error(
-                    "snapshot.save_failed", path=str(self.config.snapshot_path), error=str(exc)
-                )
+        self.save_snapshot()
         log.info("actor.stopped", drained=drained, campaigns=len(self.state.campaigns))
+
+    def save_snapshot(self) -> None:
+        """Write the snapshot file if configured; a failure is logged, never raised."""
+        if self.config.snapshot_path is None:
+            return
+        try:
+            save_snapshot(self.config.snapshot_path, self.state.campaigns)
+        except Exception as exc:
+            log.error("snapshot.save_failed", path=str(self.config.snapshot_path), error=repr(exc))
 
     # -- calculations ---------------------------------------------------------------------------
 
@@ -309,12 +315,12 @@ class StatsActor:
         return True
 
     def _start_calculation(self, scope: Any) -> None:
-        self._generation += 1
-        generation = self._generation
+        self.lifetime.generation += 1
+        generation = self._generation = self.lifetime.generation
         kind = scope_name(scope)
         # Journal from now on: the snapshot is taken after this point, so anything applied from
         # here may or may not be in it, and the merge sorts that out by action id.
-        self.state.start_journal()
+        self.state.start_journal(None if isinstance(scope, str) else scope)
         self._running = (kind, time.time())
         log.info("calculation.started", kind=kind, generation=generation)
         self._calc_task = self._spawn(self._calculate(generation, scope, kind))
@@ -334,6 +340,13 @@ class StatsActor:
     def _on_result(self, msg: CalculationDone) -> None:
         if msg.generation != self._generation or self._running is None:
             return  # from a calculation this actor no longer waits for
+        if self.state.journal_overflow:
+            error = CalculationError(
+                f"journal over {self.state.journal_limit} increments while the calculation ran: "
+                "its result cannot be merged exactly"
+            )
+            self._on_failure(CalculationFailed(msg.generation, msg.result.kind, error))
+            return
         result = msg.result
         self._merge = _Merge(result, iter(list(result.campaigns)), time.perf_counter())
         self._merge_step()  # small results merge at once
@@ -341,6 +354,12 @@ class StatsActor:
     def _merge_step(self) -> None:
         merge = self._merge
         assert merge is not None
+        if self.state.journal_overflow:
+            # The rest cannot be merged exactly; unmerged campaigns keep their memory values.
+            self._merge = None
+            error = CalculationError("journal overflow during the merge: the rest is skipped")
+            self._on_failure(CalculationFailed(self._generation, merge.result.kind, error))
+            return
         t0 = time.perf_counter()
         ids = [cid for _, cid in zip(range(self.config.merge_slice), merge.ids, strict=False)]
         if ids:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from campaignstats.errors import Overloaded
+from campaignstats.errors import ActorStopped, Overloaded
 
 from .messages import Message
 
@@ -32,8 +32,15 @@ class Mailbox:
         self.capacity = capacity
         self._queue: asyncio.Queue[Message] = asyncio.Queue(capacity)
         self._waiting = 0
+        self.closed = False
+
+    def close(self) -> None:
+        """No more messages: every later put raises :class:`ActorStopped`."""
+        self.closed = True
 
     async def put(self, message: Message) -> None:
+        if self.closed:
+            raise ActorStopped("the stats actor has stopped")
         if not self._queue.full():
             self._queue.put_nowait(message)
             return
@@ -44,6 +51,8 @@ class Mailbox:
             self._waiting -= 1
 
     def put_nowait(self, message: Message) -> None:
+        if self.closed:
+            raise ActorStopped("the stats actor has stopped")
         try:
             self._queue.put_nowait(message)
         except asyncio.QueueFull:

@@ -70,19 +70,30 @@ class Registry:
     def __init__(self) -> None:
         self.watchers: dict[int, set[Subscriber]] = {}
         self.dirty: set[int] = set()
+        self._by_subscriber: dict[Subscriber, set[int]] = {}
 
     def add(self, campaign_id: int, subscriber: Subscriber) -> None:
         self.watchers.setdefault(campaign_id, set()).add(subscriber)
+        self._by_subscriber.setdefault(subscriber, set()).add(campaign_id)
 
     def remove(self, campaign_id: int | None, subscriber: Subscriber) -> None:
-        ids = list(self.watchers) if campaign_id is None else [campaign_id]
+        """Forget one subscription, or (``None``) all of a subscriber's.
+
+        Called by the actor for ``unsub``, and directly (same event loop, never blocked by a
+        full mailbox) when a connection or subscription closes.
+        """
+        mine = self._by_subscriber.get(subscriber, set())
+        ids = list(mine) if campaign_id is None else [campaign_id]
         for cid in ids:
+            mine.discard(cid)
             subs = self.watchers.get(cid)
             if subs is not None:
                 subs.discard(subscriber)
                 if not subs:
                     del self.watchers[cid]
                     self.dirty.discard(cid)
+        if not mine:
+            self._by_subscriber.pop(subscriber, None)
 
     def count(self) -> int:
         return sum(len(s) for s in self.watchers.values())

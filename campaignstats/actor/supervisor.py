@@ -20,7 +20,7 @@ from campaignstats.errors import InternalError, StatsError
 
 from .actor import ActorConfig, Lifetime, Source, StatsActor
 from .mailbox import Mailbox
-from .messages import Ask
+from .messages import Ask, Stop
 from .subscriptions import Registry
 
 log = structlog.get_logger(__name__)
@@ -72,6 +72,11 @@ class Supervisor:
                     await actor.run()
                     return
                 except Exception as exc:
+                    if isinstance(actor.current, Stop):
+                        # Stopping is what was asked: do not start a new actor for it.
+                        log.error("actor.crashed_while_stopping", error=repr(exc), exc_info=exc)
+                        actor.save_snapshot()
+                        return
                     gave_up = self._on_crash(actor, exc)
                 incarnation += 1
         raise gave_up

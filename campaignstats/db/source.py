@@ -36,7 +36,16 @@ class PostgresSource:
         conns: list[asyncpg.Connection] = []
         try:
             for _ in range(2 if self.parallel else 1):
-                conns.append(await asyncpg.connect(self.dsn, timeout=self.connect_timeout))
+                conns.append(
+                    await asyncpg.connect(
+                        self.dsn,
+                        timeout=self.connect_timeout,
+                        # statement_timeout is enforced by the server; this one also ends a
+                        # query whose connection died silently (failover, NAT), which would
+                        # otherwise keep the calculation "running" for ever
+                        command_timeout=self.statement_timeout + 10,
+                    )
+                )
         except BaseException as exc:  # cancelled too: never leave a connection behind
             await _close_all(conns)
             if not isinstance(
