@@ -71,9 +71,12 @@ def _totals(stats: CampaignStats) -> tuple[int, dict[str, int], dict[str, int], 
 
 def wire_totals(wire: dict[int, dict[str, Any]]) -> Totals:
     return {
-        int(cid): (s["supporters"], dict(s["action"]), dict(s["area"]), {
-            int(k): v for k, v in s["org"].items()
-        })
+        int(cid): (
+            s["supporters"],
+            dict(s["action"]),
+            dict(s["area"]),
+            {int(k): v for k, v in s["org"].items()},
+        )
         for cid, s in wire.items()
     }
 
@@ -97,6 +100,7 @@ def delta(after: Totals, before: Totals) -> Totals:
 
 def same(got: Totals, want: Totals) -> bool:
     """Equal totals, ignoring campaigns that are all zero."""
+
     def nonzero(t: Totals) -> Totals:
         return {c: v for c, v in t.items() if v[0] or v[1] or v[2] or v[3]}
 

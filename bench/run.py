@@ -62,10 +62,23 @@ class Params:
     limit: float  # seconds any one timed loop may take
 
 
-FULL = Params(3, 500_000, 1_000_000, 1_000_000, 200_000, 20_000, 200_000, 20_000, 500_000,
-              (10_000, 100_000), 6.0, 60.0)  # fmt: skip
-QUICK = Params(2, 50_000, 100_000, 100_000, 30_000, 3_000, 30_000, 3_000, 100_000,
-               (10_000, 100_000), 3.0, 20.0)  # fmt: skip
+FULL = Params(
+    3,
+    500_000,
+    1_000_000,
+    1_000_000,
+    200_000,
+    20_000,
+    200_000,
+    20_000,
+    500_000,
+    (10_000, 100_000),
+    6.0,
+    60.0,
+)
+QUICK = Params(
+    2, 50_000, 100_000, 100_000, 30_000, 3_000, 30_000, 3_000, 100_000, (10_000, 100_000), 3.0, 20.0
+)
 
 
 class Bench:
@@ -116,8 +129,9 @@ class Bench:
 
         return wait
 
-    def record(self, key: str, label: str, unit: str, values: list[float], oks: list[bool],
-               **extra: Any) -> None:  # fmt: skip
+    def record(
+        self, key: str, label: str, unit: str, values: list[float], oks: list[bool], **extra: Any
+    ) -> None:
         ok = bool(oks) and all(oks)
         self.metrics[key] = {
             "label": label,
@@ -128,8 +142,9 @@ class Bench:
             **extra,
         }
 
-    def throughput(self, key: str, label: str, runs: list[dict[str, Any]], oks: list[bool],
-                   **extra: Any) -> None:  # fmt: skip
+    def throughput(
+        self, key: str, label: str, runs: list[dict[str, Any]], oks: list[bool], **extra: Any
+    ) -> None:
         rates = [r["n"] / r["seconds"] for r in runs if "seconds" in r]
         self.record(key, label, "inc/s", rates, oks, **extra)
 
@@ -151,8 +166,10 @@ class Bench:
             runs.append(r)
             oks.append(ok)
             rate = f"{r['n'] / r['seconds']:,.0f} inc/s" if "seconds" in r else r.get("error")
-            self.say(f"  {label} run {i + 1}/{self.p.runs}: {rate}, totals "
-                     f"{'match' if ok else 'DO NOT MATCH / cut / error: ' + str(r)[:200]}")  # fmt: skip
+            self.say(
+                f"  {label} run {i + 1}/{self.p.runs}: {rate}, totals "
+                f"{'match' if ok else 'DO NOT MATCH / cut / error: ' + str(r)[:200]}"
+            )
         self.throughput(key, label, runs, oks, runs_raw=[_strip(r) for r in runs])
 
     # -- the run --------------------------------------------------------------------------------
@@ -165,22 +182,35 @@ class Bench:
         raw = self.items[: p.n_raw]
         small = self.items[: p.n_small]
         self.streams: dict[tuple[int, int], list[bytes]] = {}
-        for batch, conns in ((1, 1), (1, 16), (10, 1), (100, 1), (1000, 1), (1000, 4),
-                             (1000, 16), (10000, 1)):  # fmt: skip
+        for batch, conns in (
+            (1, 1),
+            (1, 16),
+            (10, 1),
+            (100, 1),
+            (1000, 1),
+            (1000, 4),
+            (1000, 16),
+            (10000, 1),
+        ):
             src = small if batch <= 10 else raw
             parts = _data.split(src, conns) if conns > 1 else [src]
             self.streams[batch, conns] = [_data.encode_incs(part, batch) for part in parts]
         mb = len(self.streams[1000, 1][0]) / len(raw)
-        self.say(f"  incs-1000 stream: {len(self.streams[1000, 1][0]) / 1e6:.1f} MB, "
-                 f"{mb:.1f} bytes/increment")  # fmt: skip
+        self.say(
+            f"  incs-1000 stream: {len(self.streams[1000, 1][0]) / 1e6:.1f} MB, "
+            f"{mb:.1f} bytes/increment"
+        )
         self.expected(p.n_raw)
 
     def in_process(self) -> None:
         p = self.p
         stream = self.streams[1000, 1][0]
         self.say(f"workload 5: in-process ceiling over the incs-1000 stream ({p.n_raw:,} items)")
-        for mode, key in (("decode", "ceiling.decode"), ("decode+apply", "ceiling.decode_apply"),
-                          ("codec+apply", "ceiling.codec_apply")):  # fmt: skip
+        for mode, key in (
+            ("decode", "ceiling.decode"),
+            ("decode+apply", "ceiling.decode_apply"),
+            ("codec+apply", "ceiling.codec_apply"),
+        ):
             runs, oks = [], []
             for _ in range(p.runs):
                 r = self.child(_workers.ceiling, stream, p.n_raw, mode)
@@ -190,29 +220,41 @@ class Bench:
                 runs.append(r)
                 oks.append(ok)
             self.throughput(key, f"in-process: msgpack {mode}", runs, oks)
-            self.say(f"  {mode}: {_med(self.metrics[key]):,.0f} inc/s, totals "
-                     f"{'match' if all(oks) else 'DO NOT MATCH'}")  # fmt: skip
-        self.say("workload 6: memory per campaign (StatsState, typical campaign: 10 supporters, "
-                 "5 action types, 10 areas, 3 orgs)")  # fmt: skip
+            self.say(
+                f"  {mode}: {_med(self.metrics[key]):,.0f} inc/s, totals "
+                f"{'match' if all(oks) else 'DO NOT MATCH'}"
+            )
+        self.say(
+            "workload 6: memory per campaign (StatsState, typical campaign: 10 supporters, "
+            "5 action types, 10 areas, 3 orgs)"
+        )
         for size in p.memory_sizes:
             r = self.child(_workers.memory, size)
-            self.record(f"mem.{size}", f"memory per campaign, {size:,} campaigns", "B",
-                        [r["bytes_per_campaign"]] if "error" not in r else [], ["error" not in r])  # fmt: skip
+            self.record(
+                f"mem.{size}",
+                f"memory per campaign, {size:,} campaigns",
+                "B",
+                [r["bytes_per_campaign"]] if "error" not in r else [],
+                ["error" not in r],
+            )
             self.say(f"  {size:,} campaigns: {r.get('bytes_per_campaign', r.get('error'))} B each")
 
     def start_server(self) -> None:
         cmd = [sys.executable, "-m", "bench._server", "--port", "0"]
         if self.args.uvloop:
             cmd.append("--uvloop")
-        self.server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
-                                       cwd=Path(__file__).parent.parent)  # fmt: skip
+        self.server = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent
+        )
         assert self.server.stdout is not None
         line = self.server.stdout.readline()
         if not line.startswith("PORT "):
             raise RuntimeError(f"the server did not start: {line!r}")
         self.port = int(line.split()[1])
-        self.say(f"server pid {self.server.pid} on 127.0.0.1:{self.port}"
-                 f"{' (uvloop)' if self.args.uvloop else ''}")  # fmt: skip
+        self.say(
+            f"server pid {self.server.pid} on 127.0.0.1:{self.port}"
+            f"{' (uvloop)' if self.args.uvloop else ''}"
+        )
 
     def stop_server(self) -> None:
         self.server.terminate()
@@ -225,40 +267,77 @@ class Bench:
     def ours(self) -> None:
         p = self.p
         self.say(f"workload 1: StatsClient.increment() x {p.n_client:,}, then flush()")
-        self.run_ours("client.per_inc", "client: increment() per increment, flush",
-                      p.n_client, _workers.client_per_increment, self.items[: p.n_client],
-                      p.limit)  # fmt: skip
-        self.say(f"workload 2: {p.n_batch:,} increments as ClientCodec.incs batches of 1,000 "
-                 "over a raw socket (the client has no batch API)")  # fmt: skip
-        self.run_ours("client.batches", "client codec: incs of 1,000, raw socket", p.n_batch,
-                      _workers.client_batches, self.items[: p.n_batch], 1000, p.limit)  # fmt: skip
+        self.run_ours(
+            "client.per_inc",
+            "client: increment() per increment, flush",
+            p.n_client,
+            _workers.client_per_increment,
+            self.items[: p.n_client],
+            p.limit,
+        )
+        self.say(
+            f"workload 2: {p.n_batch:,} increments as ClientCodec.incs batches of 1,000 "
+            "over a raw socket (the client has no batch API)"
+        )
+        self.run_ours(
+            "client.batches",
+            "client codec: incs of 1,000, raw socket",
+            p.n_batch,
+            _workers.client_batches,
+            self.items[: p.n_batch],
+            1000,
+            p.limit,
+        )
         self.say("workload 3: raw capacity, pre-encoded streams, then flush")
         for (batch, conns), streams in self.streams.items():
             n = p.n_small if batch <= 10 else p.n_raw
             what = "single inc" if batch == 1 else f"incs of {batch:,}"
-            self.run_ours(f"raw.b{batch}.c{conns}", f"raw: {what}, {conns} conn", n,
-                          _workers.raw_blast, streams, n, p.limit)  # fmt: skip
+            self.run_ours(
+                f"raw.b{batch}.c{conns}",
+                f"raw: {what}, {conns} conn",
+                n,
+                _workers.raw_blast,
+                streams,
+                n,
+                p.limit,
+            )
         self.latency_ours()
 
     def latency_ours(self) -> None:
         p = self.p
         self.say(f"workload 4: stats() latency, {p.n_queries:,} sequential calls, idle")
         self._latency("lat.idle", "query stats(), idle", _workers.query_latency, None)
-        self._latency("lat.raw.idle", "query, raw socket (no client threads), idle",
-                      _workers.raw_query_latency, None)  # fmt: skip
+        self._latency(
+            "lat.raw.idle",
+            "query, raw socket (no client threads), idle",
+            _workers.raw_query_latency,
+            None,
+        )
         best = max(_med(self.metrics.get("raw.b1000.c1")), _med(self.metrics.get("client.batches")))
         rate = best / 2
-        self.say(f"  ... and while another process sends incs of 1,000 at {rate:,.0f} inc/s "
-                 "(half the best 1-connection ingest rate)")  # fmt: skip
-        batches = [_data.encode_incs(self.items[i : i + 1000], 1000)
-                   for i in range(0, p.n_raw, 1000)]  # fmt: skip
-        self._latency("lat.load", "query stats(), under load", _workers.query_latency,
-                      (_workers.paced_load, batches, 1000, rate))  # fmt: skip
-        self._latency("lat.raw.load", "query, raw socket (no client threads), under load",
-                      _workers.raw_query_latency, (_workers.paced_load, batches, 1000, rate))  # fmt: skip
+        self.say(
+            f"  ... and while another process sends incs of 1,000 at {rate:,.0f} inc/s "
+            "(half the best 1-connection ingest rate)"
+        )
+        batches = [
+            _data.encode_incs(self.items[i : i + 1000], 1000) for i in range(0, p.n_raw, 1000)
+        ]
+        self._latency(
+            "lat.load",
+            "query stats(), under load",
+            _workers.query_latency,
+            (_workers.paced_load, batches, 1000, rate),
+        )
+        self._latency(
+            "lat.raw.load",
+            "query, raw socket (no client threads), under load",
+            _workers.raw_query_latency,
+            (_workers.paced_load, batches, 1000, rate),
+        )
 
-    def _latency(self, key: str, label: str, fn: Any, load: tuple[Any, ...] | None,
-                 port: int | None = None) -> None:  # fmt: skip
+    def _latency(
+        self, key: str, label: str, fn: Any, load: tuple[Any, ...] | None, port: int | None = None
+    ) -> None:
         port = self.port if port is None else port
         per: dict[str, list[float]] = collections.defaultdict(list)
         oks: list[bool] = []
@@ -280,34 +359,61 @@ class Bench:
             for name, q in (("p50", 50), ("p99", 99), ("p99.9", 99.9)):
                 per[name].append(percentile(lat, q))
             extra = f", load {loads[-1].get('rate', 0):,.0f} inc/s" if loads else ""
-            self.say(f"  {label} run {i + 1}: p50 {per['p50'][-1]:.0f} µs, p99 "
-                     f"{per['p99'][-1]:.0f} µs, p99.9 {per['p99.9'][-1]:.0f} µs{extra}")  # fmt: skip
+            self.say(
+                f"  {label} run {i + 1}: p50 {per['p50'][-1]:.0f} µs, p99 "
+                f"{per['p99'][-1]:.0f} µs, p99.9 {per['p99.9'][-1]:.0f} µs{extra}"
+            )
         for name, values in per.items():
-            self.record(f"{key}.{name}", f"{label} {name}", "µs", values, oks,
-                        load=[_strip(x) for x in loads])  # fmt: skip
+            self.record(
+                f"{key}.{name}",
+                f"{label} {name}",
+                "µs",
+                values,
+                oks,
+                load=[_strip(x) for x in loads],
+            )
 
     def profile(self) -> None:
         """py-spy on the server while one connection blasts incs of 1,000, then single incs."""
         exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         if not Path(exe).exists():
             self.say("installing py-spy into the venv (pip; bench-only) for the profile...")
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"],
-                           capture_output=True)  # fmt: skip
+            subprocess.run(
+                [sys.executable, "-m", "pip", "install", "-q", "py-spy"], capture_output=True
+            )
         if not Path(exe).exists():
             self.notes.append("py-spy is not installable: no profile")
             self.say("py-spy unavailable: profile skipped")
             return
         self.profiles: dict[str, Any] = {}
         secs = self.p.profile_seconds
-        for name, stream in (("incs-1000", self.streams[1000, 1][0]),
-                             ("single inc", self.streams[1, 1][0])):  # fmt: skip
+        for name, stream in (
+            ("incs-1000", self.streams[1000, 1][0]),
+            ("single inc", self.streams[1, 1][0]),
+        ):
             out = Path(f"/tmp/bench-pyspy-{os.getpid()}-{name.replace(' ', '_')}.txt")
             self.say(f"profiling the server with py-spy for {secs:.0f} s under {name} load...")
             wait = self.start(_workers.blast_for, self.port, stream, secs + 1.5)
             time.sleep(0.5)
-            r = subprocess.run([exe, "record", "-p", str(self.server.pid), "-d", str(int(secs)),
-                                "-r", "250", "-f", "raw", "-o", str(out), "--nonblocking"],
-                               capture_output=True, text=True)  # fmt: skip
+            r = subprocess.run(
+                [
+                    exe,
+                    "record",
+                    "-p",
+                    str(self.server.pid),
+                    "-d",
+                    str(int(secs)),
+                    "-r",
+                    "250",
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(out),
+                    "--nonblocking",
+                ],
+                capture_output=True,
+                text=True,
+            )
             wait(self.p.limit + 30)
             if r.returncode != 0 or not out.exists():
                 self.notes.append(f"py-spy failed: {r.stderr.strip()[:200]}")
@@ -330,52 +436,95 @@ class Bench:
         with _redis.redis_server() as port:
             self.say(f"redis-server on 127.0.0.1:{port} (no persistence)")
             self.say(f"Redis: redis-py pipelines of 1,000 increments ({p.n_redis_pipe:,})")
-            self._run_redis("redis.pipeline", "Redis: redis-py pipeline of 1,000", port,
-                            p.n_redis_pipe, _redis.pipeline, self.items[: p.n_redis_pipe],
-                            1000, p.limit)  # fmt: skip
+            self._run_redis(
+                "redis.pipeline",
+                "Redis: redis-py pipeline of 1,000",
+                port,
+                p.n_redis_pipe,
+                _redis.pipeline,
+                self.items[: p.n_redis_pipe],
+                1000,
+                p.limit,
+            )
             self.say(f"Redis: one round trip per increment ({p.n_redis_rt:,})")
-            self._run_redis("redis.roundtrip", "Redis: redis-py, 1 round trip/increment", port,
-                            p.n_redis_rt, _redis.roundtrip, self.items[: p.n_redis_rt],
-                            p.limit)  # fmt: skip
+            self._run_redis(
+                "redis.roundtrip",
+                "Redis: redis-py, 1 round trip/increment",
+                port,
+                p.n_redis_rt,
+                _redis.roundtrip,
+                self.items[: p.n_redis_rt],
+                p.limit,
+            )
             raw = self.items[: p.n_redis_raw]
             for conns in (1, 16):
                 parts = _data.split(raw, conns) if conns > 1 else [raw]
                 streams = [_redis.encode_resp(part) for part in parts]
                 ncmds = sum(c for _, c in streams)
-                self.say(f"Redis: pre-encoded RESP HINCRBY stream, {conns} conn "
-                         f"({p.n_redis_raw:,} increments = {ncmds:,} commands)")  # fmt: skip
-                self._run_redis(f"redis.raw.c{conns}", f"Redis: RESP stream, {conns} conn", port,
-                                p.n_redis_raw, _redis.raw_blast, streams, p.n_redis_raw,
-                                p.limit, cmds_per_inc=ncmds / p.n_redis_raw)  # fmt: skip
+                self.say(
+                    f"Redis: pre-encoded RESP HINCRBY stream, {conns} conn "
+                    f"({p.n_redis_raw:,} increments = {ncmds:,} commands)"
+                )
+                self._run_redis(
+                    f"redis.raw.c{conns}",
+                    f"Redis: RESP stream, {conns} conn",
+                    port,
+                    p.n_redis_raw,
+                    _redis.raw_blast,
+                    streams,
+                    p.n_redis_raw,
+                    p.limit,
+                    cmds_per_inc=ncmds / p.n_redis_raw,
+                )
             for conns in (1, 16):
                 r = _redis.redis_benchmark(port, 200_000 if p is QUICK else 2_000_000, conns, 1000)
                 if r:
-                    self.record(f"redis.bench.c{conns}",
-                                f"redis-benchmark HINCRBY -P 1000 -c {conns}", "cmd/s",
-                                [r["commands_per_s"]], [True], **r)  # fmt: skip
-                    self.say(f"  redis-benchmark HINCRBY -P 1000 -c {conns}: "
-                             f"{r['commands_per_s']:,.0f} commands/s")  # fmt: skip
+                    self.record(
+                        f"redis.bench.c{conns}",
+                        f"redis-benchmark HINCRBY -P 1000 -c {conns}",
+                        "cmd/s",
+                        [r["commands_per_s"]],
+                        [True],
+                        **r,
+                    )
+                    self.say(
+                        f"  redis-benchmark HINCRBY -P 1000 -c {conns}: "
+                        f"{r['commands_per_s']:,.0f} commands/s"
+                    )
             # State for the latency test: the same 1,000 campaigns as ours hold.
             _redis.flushall(port)
             self.child(_redis.pipeline, port, self.items[: p.n_redis_pipe], 1000, p.limit)
             self.say(f"Redis: HGETALL latency, {p.n_queries:,} sequential calls, idle")
             self._latency("redis.lat.idle", "Redis HGETALL, idle", _redis.latency, None, port)
             rate = _med(self.metrics.get("redis.pipeline")) / 2
-            self.say(f"  ... and while another process sends pipelines at {rate:,.0f} inc/s "
-                     "(half its redis-py pipeline rate)")  # fmt: skip
-            self._latency("redis.lat.load", "Redis HGETALL, under load", _redis.latency,
-                          (_redis.paced_load, self.items[: p.n_redis_pipe], 1000, rate), port)  # fmt: skip
+            self.say(
+                f"  ... and while another process sends pipelines at {rate:,.0f} inc/s "
+                "(half its redis-py pipeline rate)"
+            )
+            self._latency(
+                "redis.lat.load",
+                "Redis HGETALL, under load",
+                _redis.latency,
+                (_redis.paced_load, self.items[: p.n_redis_pipe], 1000, rate),
+                port,
+            )
             for size in p.memory_sizes:
                 r = self.child(_redis.memory, port, size)
-                self.record(f"redis.mem.{size}", f"Redis used_memory/hash, {size:,}", "B",
-                            [r["bytes_per_campaign"]] if "error" not in r else [],
-                            ["error" not in r])  # fmt: skip
-                self.say(f"  Redis {size:,} hashes: "
-                         f"{r.get('bytes_per_campaign', r.get('error'))} B each")  # fmt: skip
+                self.record(
+                    f"redis.mem.{size}",
+                    f"Redis used_memory/hash, {size:,}",
+                    "B",
+                    [r["bytes_per_campaign"]] if "error" not in r else [],
+                    ["error" not in r],
+                )
+                self.say(
+                    f"  Redis {size:,} hashes: {r.get('bytes_per_campaign', r.get('error'))} B each"
+                )
         self.say("redis-server stopped")
 
-    def _run_redis(self, key: str, label: str, port: int, n: int, fn: Any, *args: Any,
-                   **extra: Any) -> None:  # fmt: skip
+    def _run_redis(
+        self, key: str, label: str, port: int, n: int, fn: Any, *args: Any, **extra: Any
+    ) -> None:
         runs, oks = [], []
         for i in range(self.p.runs):
             _redis.flushall(port)
@@ -386,8 +535,10 @@ class Bench:
             runs.append(r)
             oks.append(ok)
             rate = f"{r['n'] / r['seconds']:,.0f} inc/s" if "seconds" in r else r.get("error")
-            self.say(f"  {label} run {i + 1}/{self.p.runs}: {rate}, totals "
-                     f"{'match' if ok else 'DO NOT MATCH / cut / error: ' + str(r)[:200]}")  # fmt: skip
+            self.say(
+                f"  {label} run {i + 1}/{self.p.runs}: {rate}, totals "
+                f"{'match' if ok else 'DO NOT MATCH / cut / error: ' + str(r)[:200]}"
+            )
         self.throughput(key, label, runs, oks, runs_raw=[_strip(r) for r in runs], **extra)
 
 
@@ -456,11 +607,21 @@ def targets(metrics: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | N
             out.append((name, "not measured (or totals did not match)", None))
             return
         met = value >= goal if higher else value <= goal
-        out.append((name, f"{value:,.1f} {unit} (target {'>=' if higher else '<='} "
-                          f"{goal:,.0f} {unit})", met))  # fmt: skip
+        out.append(
+            (
+                name,
+                f"{value:,.1f} {unit} (target {'>=' if higher else '<='} {goal:,.0f} {unit})",
+                met,
+            )
+        )
 
-    check("batched via client (codec batches of 1,000)", med("client.batches"), 1_000_000,
-          "inc/s", True)  # fmt: skip
+    check(
+        "batched via client (codec batches of 1,000)",
+        med("client.batches"),
+        1_000_000,
+        "inc/s",
+        True,
+    )
     check("per-increment increment()", med("client.per_inc"), 300_000, "inc/s", True)
     ceiling = med("ceiling.decode_apply")
     for key, label in (("raw.b1000.c1", "1 conn"), ("raw.b1000.c16", "16 conns")):
@@ -517,15 +678,18 @@ def main() -> None:
         bench.p = Params(**{**bench.p.__dict__, "runs": args.runs})
     if args.uvloop and importlib.util.find_spec("uvloop") is None:
         bench.say("installing uvloop into the venv (pip; bench-only, for this comparison)...")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "uvloop"],
-                       capture_output=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "uvloop"], capture_output=True
+        )
         if importlib.util.find_spec("uvloop") is None:
             sys.exit("uvloop is not installable here")
     date = dt.datetime.now()
     info = machine(args)
-    bench.say(f"{date:%Y-%m-%d %H:%M}  {info['cpu']}, {info['cores']} cores, Python "
-              f"{info['python']}, msgpack {info['msgpack']}, server on {info['server_loop']}"
-              f"{', QUICK' if args.quick else ''}")  # fmt: skip
+    bench.say(
+        f"{date:%Y-%m-%d %H:%M}  {info['cpu']}, {info['cores']} cores, Python "
+        f"{info['python']}, msgpack {info['msgpack']}, server on {info['server_loop']}"
+        f"{', QUICK' if args.quick else ''}"
+    )
     bench.prepare()
     bench.in_process()
     bench.start_server()
@@ -540,11 +704,15 @@ def main() -> None:
 
     m = bench.metrics
     print()
-    print(f"campaignstats bench, {date:%Y-%m-%d %H:%M}: {info['cpu']}, {info['cores']} cores "
-          f"(client and server share them), Python {info['python']}, server loop "
-          f"{info['server_loop']}, {bench.p.runs} runs each{' (QUICK)' if args.quick else ''}")  # fmt: skip
-    print("ratio = ours / Redis, medians of the same run (throughput: higher is better; "
-          "latency and memory: lower is better); ok = totals matched in every run")  # fmt: skip
+    print(
+        f"campaignstats bench, {date:%Y-%m-%d %H:%M}: {info['cpu']}, {info['cores']} cores "
+        f"(client and server share them), Python {info['python']}, server loop "
+        f"{info['server_loop']}, {bench.p.runs} runs each{' (QUICK)' if args.quick else ''}"
+    )
+    print(
+        "ratio = ours / Redis, medians of the same run (throughput: higher is better; "
+        "latency and memory: lower is better); ok = totals matched in every run"
+    )
     print(table(m, ROWS))
     print()
     goals = targets(m)

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
+from campaignstats.actor.actor import ActorConfig
 from campaignstats.db.embedded import EmbeddedPostgres, create_database, with_database
 from campaignstats.db.schema import init_db
+from campaignstats.db.source import PostgresSource
+from campaignstats.server import ServerConfig, StatsServer
+from campaignstats.service import StatsService
+
+from .helpers import Running, Start, loaded, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +54,35 @@ async def truncate_all(conn: asyncpg.Connection) -> None:
     await conn.execute(
         "TRUNCATE actions, supporters, action_pages, campaigns, orgs RESTART IDENTITY CASCADE"
     )
+
+
+@pytest.fixture
+async def start(module_dsn: str, tmp_path: Path) -> AsyncIterator[Start]:
+    running: list[Running] = []
+
+    async def make(
+        config: ActorConfig | None = None, mailbox_size: int = 10_000, **server: Any
+    ) -> Running:
+        service = StatsService(
+            PostgresSource(module_dsn),
+            config or ActorConfig(sync_interval=3600, publish_interval=0.3),
+            mailbox_size=mailbox_size,
+        )
+        await service.start()
+        await wait_for(lambda: loaded(service))
+        unix = tmp_path / f"s{len(running)}.sock"
+        srv = StatsServer(service, ServerConfig(port=0, unix_path=unix, **server))
+        await srv.start()
+        r = Running(service, srv, unix)
+        running.append(r)
+        return r
+
+    yield make
+    for r in running:
+        await r.server.close()
+        await r.service.stop()
+
+
+@pytest.fixture
+async def server(start: Start) -> Running:
+    return await start()

@@ -21,32 +21,8 @@ from campaignstats.model import CampaignStats, Increment
 from campaignstats.service import StatsService
 
 from .conftest import truncate_all
+from .helpers import completed, loaded, memory_of, wait_for
 from .recount import recount
-
-
-async def wait_for(predicate: Callable[[], object], timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not await _maybe_await(predicate()):
-            await asyncio.sleep(0.02)
-
-
-async def _maybe_await(value: object) -> object:
-    if asyncio.iscoroutine(value):
-        return await value
-    return value
-
-
-async def loaded(service: StatsService) -> bool:
-    return bool((await service.info())["calculations"]["loaded"])
-
-
-async def completed(service: StatsService) -> int:
-    return int((await service.info())["calculations"]["completed"])
-
-
-async def memory_of(service: StatsService, ids: list[int]) -> dict[int, CampaignStats]:
-    many = await service.stats_many(ids)
-    return {cid: CampaignStats.from_wire(stats) for cid, stats in many.items()}
 
 
 @pytest.fixture

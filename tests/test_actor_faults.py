@@ -21,8 +21,9 @@ from campaignstats.db.source import PostgresSource
 from campaignstats.model import CampaignStats
 from campaignstats.service import StatsService
 
+from .helpers import completed, loaded, memory_of, wait_for
 from .recount import recount
-from .test_actor import World, completed, loaded, memory_of, wait_for
+from .test_actor import World
 
 SLOW = replace(
     PROCA_QUERIES,

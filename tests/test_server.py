@@ -11,8 +11,6 @@ import contextlib
 import json
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,117 +19,12 @@ import pytest
 
 from campaignstats.actor.actor import ActorConfig
 from campaignstats.actor.messages import Ask, GetStats, Message
-from campaignstats.db.source import PostgresSource
 from campaignstats.protocol import Limits
-from campaignstats.server import ServerConfig, StatsServer
 from campaignstats.service import StatsService
 
-from .test_actor import loaded, wait_for
+from .helpers import Raw, Running, Start, wait_for
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Raw:
-    """A bare protocol peer: msgpack in, msgpack out, nothing else."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.unpacker = msgpack.Unpacker(strict_map_key=False)
-        self.pending: list[Any] = []
-
-    @classmethod
-    async def tcp(cls, port: int) -> Raw:
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
-
-    @classmethod
-    async def unix(cls, path: Path) -> Raw:
-        return cls(*await asyncio.open_unix_connection(str(path)))
-
-    async def send(self, *messages: Any) -> None:
-        self.writer.write(b"".join(msgpack.packb(m) for m in messages))
-        await self.writer.drain()
-
-    async def send_bytes(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def recv(self, n: int = 1, within: float = 5.0) -> list[Any]:
-        async with asyncio.timeout(within):
-            while len(self.pending) < n:
-                data = await self.reader.read(1 << 16)
-                if not data:
-                    raise ConnectionResetError(f"closed after {self.pending!r}")
-                self.unpacker.feed(data)
-                self.pending.extend(self.unpacker)
-        out, self.pending = self.pending[:n], self.pending[n:]
-        return out
-
-    async def call(self, *message: Any) -> Any:
-        await self.send(list(message))
-        [reply] = await self.recv()
-        return reply
-
-    async def is_closed(self, within: float = 5.0) -> bool:
-        async with asyncio.timeout(within):
-            while True:
-                data = await self.reader.read(1 << 16)
-                if not data:
-                    return True
-                self.unpacker.feed(data)
-                self.pending.extend(self.unpacker)
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self.writer.wait_closed()
-
-
-@dataclass
-class Running:
-    service: StatsService
-    server: StatsServer
-    unix: Path
-
-    @property
-    def port(self) -> int:
-        assert self.server.port is not None
-        return self.server.port
-
-
-Start = Callable[..., Awaitable[Running]]
-
-
-@pytest.fixture
-async def start(module_dsn: str, tmp_path: Path) -> AsyncIterator[Start]:
-    running: list[Running] = []
-
-    async def make(
-        config: ActorConfig | None = None, mailbox_size: int = 10_000, **server: Any
-    ) -> Running:
-        service = StatsService(
-            PostgresSource(module_dsn),
-            config or ActorConfig(sync_interval=3600, publish_interval=0.3),
-            mailbox_size=mailbox_size,
-        )
-        await service.start()
-        await wait_for(lambda: loaded(service))
-        unix = tmp_path / f"s{len(running)}.sock"
-        srv = StatsServer(service, ServerConfig(port=0, unix_path=unix, **server))
-        await srv.start()
-        r = Running(service, srv, unix)
-        running.append(r)
-        return r
-
-    yield make
-    for r in running:
-        await r.server.close()
-        await r.service.stop()
-
-
-@pytest.fixture
-async def server(start: Start) -> Running:
-    return await start()
 
 
 async def connect(running: Running, transport: str) -> Raw:

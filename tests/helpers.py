@@ -1,0 +1,112 @@
+"""Helpers shared by the test modules: polling, a bare protocol peer, a running server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from campaignstats.model import CampaignStats
+from campaignstats.server import StatsServer
+from campaignstats.service import StatsService
+
+
+async def wait_for(predicate: Callable[[], object], timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await _maybe_await(predicate()):
+            await asyncio.sleep(0.02)
+
+
+async def _maybe_await(value: object) -> object:
+    if asyncio.iscoroutine(value):
+        return await value
+    return value
+
+
+async def loaded(service: StatsService) -> bool:
+    return bool((await service.info())["calculations"]["loaded"])
+
+
+async def completed(service: StatsService) -> int:
+    return int((await service.info())["calculations"]["completed"])
+
+
+async def memory_of(service: StatsService, ids: list[int]) -> dict[int, CampaignStats]:
+    many = await service.stats_many(ids)
+    return {cid: CampaignStats.from_wire(stats) for cid, stats in many.items()}
+
+
+class Raw:
+    """A bare protocol peer: msgpack in, msgpack out, nothing else."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.unpacker = msgpack.Unpacker(strict_map_key=False)
+        self.pending: list[Any] = []
+
+    @classmethod
+    async def tcp(cls, port: int) -> Raw:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    @classmethod
+    async def unix(cls, path: Path) -> Raw:
+        return cls(*await asyncio.open_unix_connection(str(path)))
+
+    async def send(self, *messages: Any) -> None:
+        self.writer.write(b"".join(msgpack.packb(m) for m in messages))
+        await self.writer.drain()
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv(self, n: int = 1, within: float = 5.0) -> list[Any]:
+        async with asyncio.timeout(within):
+            while len(self.pending) < n:
+                data = await self.reader.read(1 << 16)
+                if not data:
+                    raise ConnectionResetError(f"closed after {self.pending!r}")
+                self.unpacker.feed(data)
+                self.pending.extend(self.unpacker)
+        out, self.pending = self.pending[:n], self.pending[n:]
+        return out
+
+    async def call(self, *message: Any) -> Any:
+        await self.send(list(message))
+        [reply] = await self.recv()
+        return reply
+
+    async def is_closed(self, within: float = 5.0) -> bool:
+        async with asyncio.timeout(within):
+            while True:
+                data = await self.reader.read(1 << 16)
+                if not data:
+                    return True
+                self.unpacker.feed(data)
+                self.pending.extend(self.unpacker)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+
+
+@dataclass
+class Running:
+    service: StatsService
+    server: StatsServer
+    unix: Path
+
+    @property
+    def port(self) -> int:
+        assert self.server.port is not None
+        return self.server.port
+
+
+Start = Callable[..., Awaitable[Running]]
