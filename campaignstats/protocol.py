@@ -316,7 +316,17 @@ class ServerCodec:
         When bad bytes follow complete messages, the messages come first and :attr:`error`
         holds the BadFrame to answer once they are handled.
         """
-        return [self._frame(frame) for frame in self._decoder.feed(data)]
+        messages: list[ClientMessage] = []
+        for frame in self._decoder.feed(data):
+            try:
+                messages.append(self._frame(frame))
+            except BadFrame as exc:
+                # As for bad bytes: the messages before it first, the error with the next call.
+                if not messages:
+                    raise
+                self._decoder.error = exc
+                break
+        return messages
 
     def _frame(self, frame: bytes) -> ClientMessage:
         if frame.startswith(_INCS_HEAD):
@@ -413,48 +423,13 @@ class ServerCodec:
         items = msg[1]
         if len(items) > self.limits.max_batch:
             return Rejected(None, Invalid(f"incs holds at most {self.limits.max_batch} items"))
-        # The hot loop of the server: the common case is checked inline with locals only, and
-        # each Increment is built by tuple.__new__ (a NamedTuple's own __new__ is Python code).
+        # Only batches msgspec refused come here (see _frame): check each item to name the bad.
         good: list[Increment] = []
-        append = good.append
         rejected: list[tuple[int, str]] = []
-        max_chars = self.limits.max_string >> 2  # 4 bytes per character at most in UTF-8
-        make = tuple.__new__
-        inc_type = Increment
         for i, item in enumerate(items):
-            if type(item) is list:
-                n = len(item)
-                if n == 7:
-                    cid, org, action_type, area, new, count, aid = item
-                elif n == 5:
-                    cid, org, action_type, area, new = item
-                    count, aid = 1, None
-                    item = [cid, org, action_type, area, new, 1, None]
-                elif n == 6:
-                    cid, org, action_type, area, new, count = item
-                    aid = None
-                    item = [cid, org, action_type, area, new, count, None]
-                else:
-                    n = 0
-                if (
-                    n
-                    and type(cid) is int
-                    and 0 < cid <= MAX_ID
-                    and type(org) is int
-                    and 0 < org <= MAX_ID
-                    and type(action_type) is str
-                    and 0 < len(action_type) <= max_chars
-                    and (area is None or (type(area) is str and 0 < len(area) <= max_chars))
-                    and type(new) is bool
-                    and type(count) is int
-                    and 0 < count <= MAX_ID
-                    and (aid is None or (type(aid) is int and 0 < aid <= MAX_ID))
-                ):
-                    append(make(inc_type, item))
-                    continue
-            result = self._item(item)  # the slow path: long strings, or the reason it is bad
+            result = self._item(item)
             if type(result) is Increment:
-                append(result)
+                good.append(result)
             else:
                 rejected.append((i, str(result)))
         return Incs(good, rejected, False)

@@ -33,6 +33,7 @@ import structlog
 
 from campaignstats import __version__
 from campaignstats.actor.messages import (
+    READS,
     Ask,
     Flush,
     GetInfo,
@@ -140,6 +141,7 @@ class Connection(asyncio.Protocol):
         self._backlog: deque[Message] = deque()  # waiting for room in the mailbox
         self._drainer: asyncio.Task[None] | None = None
         self._subscribed = False
+        self._last_sequence = 0  # of this connection's last message in the mailbox's normal lane
         self.last_active = time.monotonic()
         self._last_log = 0.0
         self._unlogged = 0
@@ -280,6 +282,18 @@ class Connection(asyncio.Protocol):
         slot = _Slot(req_id, future=future, transform=transform)
         self._replies.append(slot)
         future.add_done_callback(self._on_reply_ready)
+        if (
+            isinstance(request, READS)
+            and not self._backlog
+            and self.service.mailbox.taken_up_to(self._last_sequence)
+        ):
+            # Ahead of other connections' queued increments; never ahead of this connection's
+            # own (read your writes). The reply order is kept by the slots anyway.
+            try:
+                self.service.mailbox.put_read_nowait(Ask(request, future))
+                return
+            except Overloaded:
+                pass
         self._submit(Ask(request, future))
 
     def _reply_now(self, req_id: int, result: Any) -> None:
@@ -331,7 +345,7 @@ class Connection(asyncio.Protocol):
             self._backlog.append(message)
             return
         try:
-            self.service.mailbox.put_nowait(message)
+            self._last_sequence = self.service.mailbox.put_nowait(message)
         except Overloaded:
             # Stop reading: the client's writes now wait in its kernel buffers, not in our memory.
             self._backlog.append(message)
@@ -342,7 +356,7 @@ class Connection(asyncio.Protocol):
     async def _drain_backlog(self) -> None:
         try:
             while self._backlog:
-                await self.service.mailbox.put(self._backlog[0])
+                self._last_sequence = await self.service.mailbox.put(self._backlog[0])
                 self._backlog.popleft()
         finally:
             self._drainer = None

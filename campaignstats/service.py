@@ -23,6 +23,7 @@ import structlog
 from campaignstats.actor.actor import ActorConfig, Source
 from campaignstats.actor.mailbox import DEFAULT_MAILBOX_SIZE, Mailbox
 from campaignstats.actor.messages import (
+    READS,
     Ask,
     Flush,
     GetInfo,
@@ -38,7 +39,7 @@ from campaignstats.actor.messages import (
 )
 from campaignstats.actor.subscriptions import Subscriber, Subscription
 from campaignstats.actor.supervisor import Supervisor
-from campaignstats.errors import ActorStopped, Invalid
+from campaignstats.errors import ActorStopped, Invalid, Overloaded
 from campaignstats.model import DEFAULT_MAX_STRING, Increment, WireStats, check_increment
 
 if TYPE_CHECKING:
@@ -69,6 +70,8 @@ class StatsService:
         self.call_timeout = call_timeout
         self.max_string = max_string
         self._task: asyncio.Task[None] | None = None
+        #: this process's last message in the normal lane: its reads never overtake its writes
+        self._last_sequence = 0
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -145,14 +148,14 @@ class StatsService:
         if error is not None:
             raise error
         self._check_running()
-        self.mailbox.put_nowait(Increments((inc,)))
+        self._last_sequence = self.mailbox.put_nowait(Increments((inc,)))
 
     async def send(
         self, increments: Sequence[Increment], on_rejected: RejectedCallback | None = None
     ) -> None:
         """Queue a batch of already validated increments, waiting while the mailbox is full."""
         self._check_running()
-        await self.mailbox.put(Increments(increments, on_rejected))
+        self._last_sequence = await self.mailbox.put(Increments(increments, on_rejected))
 
     # -- calls ----------------------------------------------------------------------------------
 
@@ -160,7 +163,14 @@ class StatsService:
         self._check_running()
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         async with asyncio.timeout(self.call_timeout if timeout is None else timeout):
-            await self.mailbox.put(Ask(request, reply))  # waiting for room counts too
+            ask = Ask(request, reply)
+            if isinstance(request, READS) and self.mailbox.taken_up_to(self._last_sequence):
+                try:
+                    self.mailbox.put_read_nowait(ask)
+                except Overloaded:
+                    self._last_sequence = await self.mailbox.put(ask)
+            else:
+                self._last_sequence = await self.mailbox.put(ask)  # waiting for room counts too
             return await reply
 
     async def stats(self, campaign_id: int) -> WireStats:

@@ -387,3 +387,19 @@ async def test_a_result_meant_for_a_previous_actor_is_ignored_after_a_restart(
     await wait_for(lambda: loaded(service))
     assert (await service.stats(1))["supporters"] == 1
     assert await memory_of(service, [1, 2]) == await recount(world.conn)
+
+
+async def test_reads_are_served_ahead_of_queued_increments_but_never_ahead_of_their_own() -> None:
+    mailbox = Mailbox(10)
+    first = mailbox.put_nowait(Increments(()))
+    second = mailbox.put_nowait(Increments(()))
+    read = Ask(GetStats(1), asyncio.get_running_loop().create_future())
+    mailbox.put_read_nowait(read)
+    assert mailbox.get_nowait() is read  # ahead of both increment batches
+    assert not mailbox.taken_up_to(first)
+    mailbox.get_nowait()
+    assert mailbox.taken_up_to(first)
+    assert not mailbox.taken_up_to(second)  # a producer of `second` must still wait its turn
+    mailbox.get_nowait()
+    assert mailbox.taken_up_to(second)
+    assert mailbox.get_nowait() is None

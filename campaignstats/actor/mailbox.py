@@ -1,8 +1,18 @@
-"""The actor's bounded mailbox. It belongs to the supervisor, so it survives actor restarts."""
+"""The actor's bounded mailbox. It belongs to the supervisor, so it survives actor restarts.
+
+Two lanes, each bounded. The normal lane keeps everything in order: increments, and every call
+whose answer depends on what came before it (``flush``, ``resync``, subscriptions...). The read
+lane takes queries that only read (``stats``, ``stats_many``, ``info``) and is served first, so
+that a query waits for at most the message the actor is busy with, not for thousands of queued
+increment batches. A producer keeps its reads after its own writes: every message of the normal
+lane gets a sequence number, and a producer uses the read lane only once the actor has taken the
+last message it put in the normal lane (:meth:`taken_up_to`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass
 
 from campaignstats.errors import ActorStopped, Overloaded
@@ -17,12 +27,13 @@ class MailboxStatistics:
     depth: int
     capacity: int
     blocked_producers: int  # producers waiting for room: backpressure in action
+    reads: int = 0  # queries waiting in the read lane
 
 
 class Mailbox:
-    """A FIFO of at most ``capacity`` messages.
+    """At most ``capacity`` messages in each lane.
 
-    :meth:`put` waits while the mailbox is full (the socket server then stops reading its
+    :meth:`put` waits while the normal lane is full (the socket server then stops reading its
     sockets, so memory stays flat); :meth:`put_nowait` raises :class:`Overloaded` instead.
     """
 
@@ -30,46 +41,91 @@ class Mailbox:
         if capacity < 1:
             raise ValueError("the mailbox needs room for at least one message")
         self.capacity = capacity
-        self._queue: asyncio.Queue[Message] = asyncio.Queue(capacity)
-        self._waiting = 0
+        self._normal: deque[Message] = deque()
+        self._reads: deque[Message] = deque()
+        self._getter: asyncio.Future[None] | None = None
+        self._putters: deque[asyncio.Future[None]] = deque()
         self.closed = False
+        self._submitted = 0  # sequence number of the last message put in the normal lane
+        self._taken = 0  # sequence number of the last one taken out
 
     def close(self) -> None:
         """No more messages: every later put raises :class:`ActorStopped`."""
         self.closed = True
+        for putter in self._putters:
+            if not putter.done():
+                putter.set_result(None)  # they wake up, see closed, and raise
 
-    async def put(self, message: Message) -> None:
+    async def put(self, message: Message) -> int:
+        """Queue ``message``, waiting for room; returns its sequence number."""
+        while len(self._normal) >= self.capacity:
+            if self.closed:
+                raise ActorStopped("the stats actor has stopped")
+            putter = asyncio.get_running_loop().create_future()
+            self._putters.append(putter)
+            try:
+                await putter
+            finally:
+                if putter in self._putters:
+                    self._putters.remove(putter)
+        return self.put_nowait(message)
+
+    def put_nowait(self, message: Message) -> int:
+        """Queue ``message`` or raise Overloaded; returns its sequence number."""
         if self.closed:
             raise ActorStopped("the stats actor has stopped")
-        if not self._queue.full():
-            self._queue.put_nowait(message)
-            return
-        self._waiting += 1
-        try:
-            await self._queue.put(message)
-        finally:
-            self._waiting -= 1
+        if len(self._normal) >= self.capacity:
+            raise Overloaded(f"the stats mailbox is full ({self.capacity} messages)")
+        self._normal.append(message)
+        self._submitted += 1
+        self._wake_getter()
+        return self._submitted
 
-    def put_nowait(self, message: Message) -> None:
+    def taken_up_to(self, sequence: int) -> bool:
+        """True once the actor has taken (and so handled) the message numbered ``sequence``."""
+        return self._taken >= sequence
+
+    def put_read_nowait(self, message: Message) -> None:
+        """A read-only query, served ahead of the normal lane. Raises Overloaded when full."""
         if self.closed:
             raise ActorStopped("the stats actor has stopped")
-        try:
-            self._queue.put_nowait(message)
-        except asyncio.QueueFull:
-            raise Overloaded(f"the stats mailbox is full ({self.capacity} messages)") from None
+        if len(self._reads) >= self.capacity:
+            raise Overloaded(f"the stats mailbox is full ({self.capacity} queries)")
+        self._reads.append(message)
+        self._wake_getter()
+
+    def _wake_getter(self) -> None:
+        getter = self._getter
+        if getter is not None and not getter.done():
+            getter.set_result(None)
 
     async def get(self) -> Message:
-        # asyncio.Queue.get is cancel-safe: a cancelled get never loses a message.
-        return await self._queue.get()
+        # Cancel-safe: a message stays in its lane until get_nowait takes it.
+        while (message := self.get_nowait()) is None:
+            getter = self._getter = asyncio.get_running_loop().create_future()
+            try:
+                await getter
+            finally:
+                self._getter = None
+        return message
 
     def get_nowait(self) -> Message | None:
-        try:
-            return self._queue.get_nowait()
-        except asyncio.QueueEmpty:
+        if self._reads:
+            return self._reads.popleft()
+        if not self._normal:
             return None
+        message = self._normal.popleft()
+        self._taken += 1
+        while self._putters:  # room for one more: wake the first producer still waiting
+            putter = self._putters.popleft()
+            if not putter.done():
+                putter.set_result(None)
+                break
+        return message
 
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._normal) + len(self._reads)
 
     def statistics(self) -> MailboxStatistics:
-        return MailboxStatistics(self._queue.qsize(), self.capacity, self._waiting)
+        waiting = sum(1 for p in self._putters if not p.done())
+        return MailboxStatistics(len(self._normal), self.capacity, waiting, len(self._reads))

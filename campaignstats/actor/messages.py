@@ -66,6 +66,9 @@ class Unsubscribe(NamedTuple):
 
 Request = GetStats | GetStatsMany | Flush | GetInfo | Resync | Subscribe | Unsubscribe
 
+#: read-only requests: they may take the mailbox's read lane, ahead of queued increments
+READS = (GetStats, GetStatsMany, GetInfo)
+
 
 @dataclass(slots=True)
 class Ask:
