@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from campaignstats.errors import BadMessage, Invalid, ProtocolError
 
@@ -81,6 +81,26 @@ def check_increment(inc: Increment, max_string: int = DEFAULT_MAX_STRING) -> Pro
     return None
 
 
+class IncrementLike(Protocol):
+    """What :meth:`StatsState.apply_many` reads: an :class:`Increment`, or the wire codec's
+    decoded item (same fields, validated)."""
+
+    @property
+    def campaign_id(self) -> int: ...
+    @property
+    def org_id(self) -> int: ...
+    @property
+    def action_type(self) -> str: ...
+    @property
+    def area(self) -> str | None: ...
+    @property
+    def new_supporter(self) -> bool: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def action_id(self) -> int | None: ...
+
+
 @dataclass(slots=True)
 class CampaignStats:
     """Counts of one campaign. ``supporters`` and ``org`` include ``extra_supporters``."""
@@ -120,7 +140,7 @@ class CampaignStats:
             int(stats["extra_supporters"]),
         )
 
-    def add(self, inc: Increment) -> None:
+    def add(self, inc: IncrementLike) -> None:
         """Apply one increment with no limit checks (used when replaying a journal)."""
         self.action[inc.action_type] = self.action.get(inc.action_type, 0) + inc.count
         if inc.new_supporter:
@@ -199,7 +219,7 @@ class StatsState:
         self, *, max_keys: int = DEFAULT_MAX_KEYS, max_campaigns: int | None = None
     ) -> None:
         self.campaigns: dict[int, CampaignStats] = {}
-        self.journal: dict[int, list[Increment]] | None = None
+        self.journal: dict[int, list[IncrementLike]] | None = None
         #: campaigns worth journaling (the calculation's scope when known), None: all
         self.journal_only: frozenset[int] | None = None
         #: the journal is bounded: past this many increments it is dropped, and the calculation
@@ -223,7 +243,7 @@ class StatsState:
         if rejected:
             raise Invalid(rejected[0][1])
 
-    def apply_many(self, incs: Iterable[Increment]) -> list[tuple[int, str]]:
+    def apply_many(self, incs: Iterable[IncrementLike]) -> list[tuple[int, str]]:
         """Apply a batch; returns ``(index, reason)`` for each rejected increment.
 
         Increments are validated by the codec already; what is checked here depends on the state:
@@ -240,7 +260,10 @@ class StatsState:
         rejected: list[tuple[int, str]] = []
         applied = 0
         for i, inc in enumerate(incs):
-            cid, org_id, action_type, area, new_supporter, count, action_id = inc
+            # By attribute: the codec's msgspec items and Increment tuples both have them, so a
+            # decoded batch is applied as it is, with no copy per increment.
+            cid = inc.campaign_id
+            action_id = inc.action_id
             if action_id is not None and seen:
                 horizon = seen.get(cid)
                 if horizon is not None and action_id <= horizon[0] and action_id not in horizon[1]:
@@ -248,6 +271,8 @@ class StatsState:
                     # count it twice.
                     self.already_counted += 1
                     continue
+            org_id, action_type, area = inc.org_id, inc.action_type, inc.area
+            new_supporter, count = inc.new_supporter, inc.count
             stats = campaigns.get(cid)
             if stats is None:
                 if self.max_campaigns is not None and len(campaigns) >= self.max_campaigns:

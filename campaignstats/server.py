@@ -54,7 +54,7 @@ from campaignstats.errors import (
     StatsError,
     Unauthorized,
 )
-from campaignstats.model import Increment, WireStats
+from campaignstats.model import IncrementLike, WireStats
 from campaignstats.protocol import (
     PROTOCOL_VERSION,
     FlushReq,
@@ -191,7 +191,7 @@ class Connection(asyncio.Protocol):
         except BadFrame as exc:
             self._bad_frame(exc)
             return
-        batch: list[Increment] | None = None
+        batch: list[IncrementLike] | None = None
         segments: list[tuple[int, Incs]] | None = None
         for msg in messages:
             kind = type(msg)

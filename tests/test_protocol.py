@@ -13,6 +13,7 @@ from itertools import pairwise
 from typing import Any, NamedTuple
 
 import msgpack
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -70,7 +71,7 @@ def pack(value: Any) -> bytes:
 
 def decode(data: bytes, limits: Limits | None = None) -> list[ClientMessage]:
     codec = ServerCodec(limits)
-    out = codec.receive_data(data)
+    out = [plain(m) for m in codec.receive_data(data)]
     codec.receive_data(b"")  # the end of the stream: raises an error found after some values
     return out
 
@@ -82,7 +83,7 @@ def decode_in_chunks(
     bounds = [0, *sorted(cuts), len(data)]
     out: list[ClientMessage] = []
     for start, end in pairwise(bounds):
-        out.extend(codec.receive_data(data[start:end]))
+        out.extend(plain(m) for m in codec.receive_data(data[start:end]))
     codec.receive_data(b"")
     return out
 
@@ -95,6 +96,17 @@ def decode_one(value: Any, limits: Limits | None = None) -> ClientMessage:
     messages = decode(pack(value), limits)
     assert len(messages) == 1
     return messages[0]
+
+
+def plain(message: Any) -> Any:
+    """The codec's fast path gives msgspec items with Increment's fields: compare as Increments."""
+    if type(message) is Incs:
+        items = [
+            i if type(i) is Increment else Increment(*msgspec.structs.astuple(i))
+            for i in message.items
+        ]
+        return Incs(items, message.rejected, message.single)
+    return message
 
 
 def comparable(message: object) -> object:
@@ -312,8 +324,8 @@ def test_a_stream_cut_anywhere_gives_exactly_the_messages_completed_before_the_c
     ends = [sum(len(f) for f in frames[: i + 1]) for i in range(len(frames))]
     complete = sum(1 for end in ends if end <= cut)
     codec = ServerCodec()
-    head = codec.receive_data(wire[:cut])
-    tail = codec.receive_data(wire[cut:])
+    head = [plain(m) for m in codec.receive_data(wire[:cut])]
+    tail = [plain(m) for m in codec.receive_data(wire[cut:])]
     assert len(head) == complete
     assert [comparable(m) for m in head + tail] == [comparable(m) for m in decode(wire)]
 

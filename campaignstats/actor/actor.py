@@ -234,8 +234,8 @@ class StatsActor:
         if watchers:
             dirty = self.registry.dirty
             for inc in msg.items:
-                if inc[0] in watchers:
-                    dirty.add(inc[0])
+                if inc.campaign_id in watchers:
+                    dirty.add(inc.campaign_id)
             if dirty and self._next_publish_at is None:
                 self._next_publish_at = time.monotonic() + self.config.publish_interval
 

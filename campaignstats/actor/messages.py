@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from campaignstats.model import CalculationResult, Increment
+from campaignstats.model import CalculationResult, IncrementLike
 
 if TYPE_CHECKING:
     from campaignstats.db.calculation import Scope
@@ -27,7 +27,7 @@ RejectedCallback = Callable[[list[tuple[int, str]]], None]
 class Increments(NamedTuple):
     """A cast: a batch of increments (one mailbox message per socket read, not per increment)."""
 
-    items: Sequence[Increment]
+    items: Sequence[IncrementLike]
     on_rejected: RejectedCallback | None = None
 
 
