@@ -158,6 +158,7 @@ class Loader:
         self.weights = [1 / (i + 1) for i in range(CAMPAIGNS)]
         self.written = 0
         self.person = 0
+        self.errors: list[str] = []
 
     async def run(self, stop: asyncio.Event) -> None:
         batch = max(1, self.rate // 20)  # 20 batches a second
@@ -173,8 +174,9 @@ class Loader:
                 if conn is None or conn.is_closed():
                     conn = await asyncpg.connect(self.dsn, timeout=2)
                 await self._write(conn, batch)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            except Exception as exc:  # noqa: BLE001 - whatever a restarting Postgres raises
                 # Postgres is restarting: nothing written, nothing announced; try again later.
+                self.errors.append(type(exc).__name__)
                 if conn is not None:
                     conn.terminate()
                 conn = None

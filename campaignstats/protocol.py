@@ -153,17 +153,24 @@ class _Decoder:
         #: frames=True: return each value's raw bytes (found with skip(), which builds nothing),
         #: for a decoder that validates while it decodes; else the decoded values
         self._frames = frames
+        self._reset()
+        #: an error found after some complete values: raised by the next feed
+        self.error: BadFrame | None = None
+
+    def _reset(self) -> None:
+        """Fresh, small buffers. Called at the start and whenever a read ends on a message
+        boundary: an Unpacker's buffer only grows (up to the message limit), so keeping one
+        per connection for ever would let each idle connection hold up to a megabyte."""
         self._buf = bytearray()  # frames mode: the stream from offset _base on
         self._base = 0
         self._unpacker = msgpack.Unpacker(
             raw=False,
             strict_map_key=False,
-            max_buffer_size=max_message + _FEED_CHUNK,
+            read_size=4096,
+            max_buffer_size=self.max_message + _FEED_CHUNK,
         )
-        self._fed = 0  # bytes fed so far
-        self._start = 0  # stream offset where the value being read starts
-        #: an error found after some complete values: raised by the next feed
-        self.error: BadFrame | None = None
+        self._fed = 0  # bytes fed to this unpacker
+        self._start = 0  # offset where the value being read starts
 
     def feed(self, data: bytes) -> list[Any]:
         """Every value completed by ``data``.
@@ -191,6 +198,9 @@ class _Decoder:
             if not values:
                 raise
             self.error = exc
+            return values
+        if self._start == self._fed and self._fed > _FEED_CHUNK:
+            self._reset()
         return values
 
     def _drain(self, values: list[Any]) -> None:
