@@ -174,7 +174,7 @@ class Loader:
                 if conn is None or conn.is_closed():
                     conn = await asyncpg.connect(self.dsn, timeout=2)
                 await self._write(conn, batch)
-            except Exception as exc:  # noqa: BLE001 - whatever a restarting Postgres raises
+            except Exception as exc:  # whatever a restarting Postgres raises
                 # Postgres is restarting: nothing written, nothing announced; try again later.
                 self.errors.append(type(exc).__name__)
                 if conn is not None:
