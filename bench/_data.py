@@ -12,7 +12,7 @@ import itertools
 import random
 from typing import Any
 
-from campaignstats.model import CampaignStats, StatsState
+from campaignstats.model import CampaignStats, Increment, StatsState
 from campaignstats.protocol import ClientCodec
 
 CAMPAIGNS = 1_000
@@ -60,7 +60,7 @@ def split(stream_items: list[Item], parts: int) -> list[list[Item]]:
 
 def expected(items: list[Item]) -> Totals:
     state = StatsState()
-    rejected = state.apply_many(items)  # type: ignore[arg-type]
+    rejected = state.apply_many([Increment(*item) for item in items])
     assert not rejected
     return {cid: _totals(stats) for cid, stats in state.campaigns.items()}
 

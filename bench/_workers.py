@@ -18,7 +18,7 @@ import msgpack
 
 from bench._data import ACTION_TYPES, AREAS, Item
 from campaignstats.client import StatsClient
-from campaignstats.model import StatsState
+from campaignstats.model import Increment, StatsState
 from campaignstats.protocol import ClientCodec, Err, Ok, ServerCodec
 
 _RECV = 1 << 16
@@ -271,7 +271,8 @@ def ceiling(stream: bytes, n: int, mode: str) -> dict[str, Any]:
         for chunk in chunks:
             unpacker.feed(chunk)
             for msg in unpacker:
-                apply_many(msg[1])
+                # the dictionary updates need Increment's fields: build them as a server would
+                apply_many([Increment(*item) for item in msg[1]])
     elif mode == "codec+apply":
         codec = ServerCodec()
         apply_many = state.apply_many
@@ -307,7 +308,7 @@ def memory(campaigns: int) -> dict[str, Any]:
     before = _rss()
     state = StatsState()
     for cid in range(1, campaigns + 1):
-        state.apply_many(typical_campaign(cid))  # type: ignore[arg-type]
+        state.apply_many([Increment(*item) for item in typical_campaign(cid)])
     gc.collect()
     after = _rss()
     assert len(state.campaigns) == campaigns
