@@ -623,7 +623,10 @@ def targets(metrics: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | N
         True,
     )
     check("per-increment increment()", med("client.per_inc"), 300_000, "inc/s", True)
-    ceiling = med("ceiling.decode_apply")
+    # The ceiling is the fastest in-process way to decode and apply the same stream: plain
+    # msgpack plus building increments, or our codec (msgspec validates while it decodes).
+    ceilings = [c for c in (med("ceiling.decode_apply"), med("ceiling.codec_apply")) if c]
+    ceiling = max(ceilings) if ceilings else None
     for key, label in (("raw.b1000.c1", "1 conn"), ("raw.b1000.c16", "16 conns")):
         raw = med(key)
         share = 100 * raw / ceiling if raw and ceiling else None
