@@ -102,7 +102,8 @@ class Bench:
         return self._expected[key]
 
     def child(self, fn: Any, *args: Any, limit: float | None = None) -> dict[str, Any]:
-        return self.start(fn, *args)(limit or self.p.limit + 30)
+        result: dict[str, Any] = self.start(fn, *args)(limit or self.p.limit + 30)
+        return result
 
     def start(self, fn: Any, *args: Any) -> Any:
         """Run ``fn(*args)`` in a forked process; returns a function that waits for its result."""
