@@ -481,3 +481,23 @@ async def test_a_thousand_concurrent_connections_are_all_answered_and_counts_are
     stats = await server.service.stats(998)
     assert stats["action"] == {"share": 10_000}
     assert stats["supporters"] == 10 * len(range(0, 1_000, 3))
+
+
+async def test_a_client_that_disconnects_mid_message_changes_nothing_and_harms_no_one(
+    server: Running,
+) -> None:
+    other = await Raw.tcp(server.port)
+    try:
+        for _ in range(20):
+            quitter = await Raw.tcp(server.port)
+            whole = msgpack.packb(["incs", [[985, 1, "register", None, True]] * 50])
+            await quitter.send_bytes(whole[: len(whole) // 2])
+            await quitter.close()
+        assert await other.call("flush", 1) == ["ok", 1, None]
+        ok, _, stats = await other.call("stats", 2, 985)
+        assert ok == "ok"
+        assert stats["supporters"] == 0
+        _, _, info = await other.call("info", 3)
+        assert info["server"]["connections"] == 1
+    finally:
+        await other.close()
