@@ -215,14 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "resync":
             p.add_argument("scope", nargs="*", default=["all"], metavar="SCOPE")
 
-    p = sub.add_parser(
-        "quickstart",
-        help="embedded database, schema, demo data when empty, one calculation (what run.py does)",
-        description="Create the schema if missing, add demo data when the database has no "
-        "action, run the full calculation and print the busiest campaigns.",
-    )
-    _add_db_options(p)
-    p.add_argument("--demo-actions", type=_positive_int, default=100_000)
     return parser
 
 
@@ -314,21 +306,6 @@ def print_table(campaigns: dict[int, Any], limit: int = 20) -> None:
         areas = ", ".join(f"{a} {n}" for a, n in sorted(s.area.items(), key=lambda kv: -kv[1])[:3])
         actions = sum(s.action.values())
         print(f"{cid:>9} {s.supporters:>11,} {s.extra_supporters:>7,} {actions:>9,}  {areas}")
-
-
-async def cmd_quickstart(conn: Any, args: argparse.Namespace) -> int:
-    from campaignstats.db.calculation import calculate
-    from campaignstats.db.demo import fill_demo
-    from campaignstats.db.schema import init_db, is_empty
-
-    await init_db(conn)
-    if await is_empty(conn):
-        print(f"empty database: adding {args.demo_actions:,} demo actions")
-        await fill_demo(conn, actions=args.demo_actions, seed=1)
-    result = await calculate(conn, "all")
-    print_table(result.campaigns)
-    print(f"{len(result.campaigns)} campaigns counted in {result.duration:.3f} s")
-    return 0
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -475,7 +452,6 @@ COMMANDS = {
     "init-db": cmd_init_db,
     "demo": cmd_demo,
     "calculate": cmd_calculate,
-    "quickstart": cmd_quickstart,
 }
 
 

@@ -150,9 +150,6 @@ class CampaignStats:
                 self.area[inc.area] = self.area.get(inc.area, 0) + 1
 
 
-EMPTY_WIRE_STATS: WireStats = CampaignStats().to_wire()
-
-
 def empty_wire_stats() -> WireStats:
     """STATS of an unknown campaign: all zeros and empty maps (a fresh copy)."""
     return CampaignStats().to_wire()
