@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from bench._data import CAMPAIGNS, Item, Totals
-from bench._workers import typical_campaign
+from bench._workers import time_each, typical_campaign
 
 
 def ensure_redis(say: Any) -> str | None:
@@ -278,20 +278,9 @@ def latency(port: int, n: int, seed: int, limit: float) -> dict[str, Any]:
     r = redis.Redis(port=port)
     rng = random.Random(seed)
     keys = [f"c:{rng.randint(1, CAMPAIGNS)}" for _ in range(n)]
-    hgetall = r.hgetall
-    for key in keys[:500]:
-        hgetall(key)
-    clock = time.perf_counter
-    out: list[float] = []
-    deadline = clock() + limit
-    for key in keys:
-        t = clock()
-        hgetall(key)
-        out.append((clock() - t) * 1e6)
-        if t > deadline:
-            break
+    result = time_each(r.hgetall, keys, limit)
     r.close()
-    return {"latencies": out, "cut": len(out) < n}
+    return result
 
 
 def paced_load(

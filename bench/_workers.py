@@ -12,6 +12,7 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -194,25 +195,30 @@ def paced_load(
     return {"sent": sent, "seconds": elapsed, "rate": sent / elapsed}
 
 
+def time_each(call: Callable[[Any], object], args: list[Any], limit: float) -> dict[str, Any]:
+    """Latency in µs of ``call(arg)`` for each arg, after 500 warm-up calls, within ``limit`` s."""
+    for arg in args[:500]:
+        call(arg)
+    clock = time.perf_counter
+    out: list[float] = []
+    deadline = clock() + limit
+    for arg in args:
+        t = clock()
+        call(arg)
+        out.append((clock() - t) * 1e6)
+        if t > deadline:
+            break
+    return {"latencies": out, "cut": len(out) < len(args)}
+
+
 def query_latency(port: int, n: int, seed: int, limit: float) -> dict[str, Any]:
     """Workload 4: sequential StatsClient.stats() of random campaigns; latencies in µs."""
     client = StatsClient(f"tcp://127.0.0.1:{port}", timeout=10)
     rng = random.Random(seed)
     cids = [rng.randint(1, 1000) for _ in range(n)]
-    stats = client.stats
-    for cid in cids[:500]:  # warm-up
-        stats(cid)
-    clock = time.perf_counter
-    out: list[float] = []
-    deadline = clock() + limit
-    for cid in cids:
-        t = clock()
-        stats(cid)
-        out.append((clock() - t) * 1e6)
-        if t > deadline:
-            break
+    result = time_each(client.stats, cids, limit)
     client.close()
-    return {"latencies": out, "cut": len(out) < n}
+    return result
 
 
 def raw_query_latency(port: int, n: int, seed: int, limit: float) -> dict[str, Any]:
@@ -227,26 +233,17 @@ def raw_query_latency(port: int, n: int, seed: int, limit: float) -> dict[str, A
     recv = sock.recv
     feed = codec.receive_data
 
-    def stats(req_id: int, cid: int) -> None:
+    def stats(call_args: tuple[int, int]) -> None:
+        req_id, cid = call_args
         send(call("stats", req_id, cid))
         while True:
             for msg in feed(recv(_RECV)):
                 if msg.req_id == req_id:  # type: ignore[union-attr]
                     return
 
-    for i, cid in enumerate(cids[:500]):
-        stats(i + 1, cid)
-    clock = time.perf_counter
-    out: list[float] = []
-    deadline = clock() + limit
-    for i, cid in enumerate(cids):
-        t = clock()
-        stats(1000 + i, cid)
-        out.append((clock() - t) * 1e6)
-        if t > deadline:
-            break
+    result = time_each(stats, list(enumerate(cids, 1)), limit)
     sock.close()
-    return {"latencies": out, "cut": len(out) < n}
+    return result
 
 
 # -- in-process ceiling and memory ------------------------------------------------------------

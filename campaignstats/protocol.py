@@ -372,15 +372,12 @@ class ServerCodec:
                 return None
         return Incs(items, [], False)  # msgspec's items have Increment's fields: no copy
 
-    def parse(self, msg: Any) -> ClientMessage:
-        """A decoded value as a message (the slow path: every check in Python)."""
-        return self._parse(msg)
-
     @property
     def error(self) -> BadFrame | None:
         return self._decoder.error
 
-    def _parse(self, msg: Any) -> ClientMessage:
+    def parse(self, msg: Any) -> ClientMessage:
+        """A decoded value as a message (the slow path: every check in Python)."""
         if type(msg) is not list or not msg:
             return Rejected(None, BadMessage("a message is a non-empty array"))
         parser = self._parsers.get(msg[0]) if type(msg[0]) is str else None

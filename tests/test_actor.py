@@ -403,3 +403,17 @@ async def test_reads_are_served_ahead_of_queued_increments_but_never_ahead_of_th
     mailbox.get_nowait()
     assert mailbox.taken_up_to(second)
     assert mailbox.get_nowait() is None
+
+
+async def test_send_queues_a_batch_and_reports_the_items_the_state_rejected(
+    world: World, service_factory: Callable[..., StatsService]
+) -> None:
+    service = service_factory(ActorConfig(sync_interval=3600, max_keys=2))
+    await service.start()
+    await wait_for(lambda: loaded(service))
+    rejected: list[tuple[int, str]] = []
+    batch = [Increment(700, 1, "a"), Increment(700, 1, "b"), Increment(700, 1, "c")]
+    await service.send(batch, on_rejected=rejected.extend)
+    await service.flush()
+    assert [i for i, _ in rejected] == [2]  # a third action type is over max_keys
+    assert (await service.stats(700))["action"] == {"a": 1, "b": 1}
