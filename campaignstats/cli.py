@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from campaignstats import __version__
+from campaignstats._version import __version__
 from campaignstats.db.calculation import Scope
 from campaignstats.db.embedded import DEFAULT_DATA_DIR, resolve_dsn
 from campaignstats.logs import configure_logging

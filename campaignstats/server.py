@@ -31,7 +31,7 @@ from typing import Any, cast
 
 import structlog
 
-from campaignstats import __version__
+from campaignstats._version import __version__
 from campaignstats.actor.messages import (
     READS,
     Ask,

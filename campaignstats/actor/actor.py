@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from campaignstats import __version__
+from campaignstats._version import __version__
 from campaignstats.errors import ActorStopped, CalculationError, InternalError
 from campaignstats.model import (
     DEFAULT_MAX_KEYS,

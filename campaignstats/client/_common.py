@@ -18,8 +18,10 @@ from urllib.parse import unquote, urlsplit
 
 import structlog
 
-from campaignstats import __version__
-from campaignstats.errors import Invalid, StatsError
+from campaignstats._version import __version__
+from campaignstats.errors import (
+    Invalid,
+)
 from campaignstats.model import DEFAULT_MAX_STRING, MAX_ID, Increment, check_increment
 from campaignstats.protocol import DEFAULT_MAX_BATCH, PROTOCOL_VERSION
 
@@ -45,30 +47,6 @@ Item = tuple[int, int, str, str | None, bool, int, int | None]
 # An ASCII string has one byte per character, so the hot path can check its length without
 # encoding it; anything else (and every failure) goes through check_increment.
 _MAX_STRING = DEFAULT_MAX_STRING
-
-
-# -- errors -------------------------------------------------------------------------------------
-
-
-class ServerUnavailable(StatsError, ConnectionError):
-    """No usable connection to the server: refused, lost, or not established in time.
-
-    Both a :class:`~campaignstats.errors.StatsError` (for code that catches everything from
-    campaignstats) and a :class:`ConnectionError` (for code that catches network trouble).
-    Only calls raise it; ``increment()`` never does.
-    """
-
-
-class ConnectTimeout(ServerUnavailable, TimeoutError):
-    """The connection (socket connect plus the ``hello`` round trip) took longer than allowed."""
-
-
-class CallTimeout(StatsError, TimeoutError):
-    """The server did not answer a call within its timeout (it may still be working on it)."""
-
-
-class ClientClosed(StatsError, RuntimeError):
-    """A call on a client after ``close()``: a bug in the caller, not a server problem."""
 
 
 # -- addresses ----------------------------------------------------------------------------------
