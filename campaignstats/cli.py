@@ -18,9 +18,9 @@ from typing import Any
 import structlog
 
 from campaignstats._version import __version__
-from campaignstats.db.calculation import Scope
 from campaignstats.db.embedded import DEFAULT_DATA_DIR, resolve_dsn
 from campaignstats.logs import configure_logging
+from campaignstats.model import Scope
 
 log = structlog.get_logger(__name__)
 

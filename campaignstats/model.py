@@ -11,9 +11,9 @@ the database compare equal key for key.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from campaignstats.errors import BadMessage, Invalid, ProtocolError
 
@@ -27,7 +27,12 @@ DEFAULT_MAX_STRING = 64  # bytes of UTF-8, for action_type and area
 
 
 class Increment(NamedTuple):
-    """One increment, as the wire and the embedding API carry it (shared/PROTOCOL.md, ``inc``)."""
+    """One change, as the wire and the embedding API carry it (docs/protocol.md, "Increments").
+
+    The same fields describe an increment and a decrement (its exact inverse); which one it is
+    depends on the message that carries it, never on the fields. The first seven are the v1
+    array form, in order; the rest only travel in the map form (or as keyword arguments).
+    """
 
     campaign_id: int
     org_id: int
@@ -36,6 +41,34 @@ class Increment(NamedTuple):
     new_supporter: bool = False
     count: int = 1  # type: ignore[assignment]  # the wire's name; shadows tuple.count
     action_id: int | None = None
+    #: pg_current_xact_id() of the transaction that made the change count (or stop counting)
+    txid: int | None = None
+    #: when the change happened, epoch seconds (from the backend's clock)
+    at: float | None = None
+    #: the action page it was made on
+    page: int | None = None
+    #: mail-to-target messages it sent (Proca #312)
+    messages: int = 0
+
+
+#: the map form's keys, and the Increment field each one fills
+MAP_KEYS: dict[str, str] = {
+    "campaign": "campaign_id",
+    "org": "org_id",
+    "type": "action_type",
+    "area": "area",
+    "new": "new_supporter",
+    "count": "count",
+    "action": "action_id",
+    "txid": "txid",
+    "at": "at",
+    "page": "page",
+    "messages": "messages",
+}
+
+#: the latest ``at`` accepted: a little after the year 9999, so that a timestamp in milliseconds
+#: (a common mistake) is refused rather than filed ten thousand years ahead
+MAX_AT = 253_402_300_800.0
 
 
 def _utf8_length(text: str) -> int:
@@ -46,14 +79,24 @@ def _utf8_length(text: str) -> int:
         return -1
 
 
-def check_increment(inc: Increment, max_string: int = DEFAULT_MAX_STRING) -> ProtocolError | None:
-    """Why ``inc`` is not a valid increment, or None when it is.
+def _optional_id(value: object, name: str) -> ProtocolError | None:
+    if value is None:
+        return None
+    if type(value) is not int:
+        return BadMessage(f"{name} must be an integer or nil")
+    if not 0 < value <= MAX_ID:
+        return Invalid(f"{name} must be between 1 and 2**63-1")
+    return None
 
-    A wrong type is :class:`BadMessage`, a value out of range :class:`Invalid` (the wire codes
-    ``bad_message`` and ``invalid``). The wire codec and the embedding API both validate
-    through here, once, at the edge.
+
+def check_increment(inc: Increment, max_string: int = DEFAULT_MAX_STRING) -> ProtocolError | None:
+    """Why ``inc`` is not a valid increment (or decrement), or None when it is.
+
+    The one validator: the wire codec (on its slow path), the embedding API and the clients all
+    call it. A wrong type is :class:`BadMessage`, a value out of range :class:`Invalid` (the
+    wire codes ``bad_message`` and ``invalid``).
     """
-    cid, org_id, action_type, area, new_supporter, count, action_id = inc
+    cid, org_id, action_type, area, new_supporter, count, action_id, txid, at, page, messages = inc
     if type(cid) is not int or type(org_id) is not int:
         return BadMessage("campaign_id and org_id must be integers")
     if not (0 < cid <= MAX_ID and 0 < org_id <= MAX_ID):
@@ -73,12 +116,47 @@ def check_increment(inc: Increment, max_string: int = DEFAULT_MAX_STRING) -> Pro
         return BadMessage("count must be an integer")
     if not 0 < count <= MAX_ID:
         return Invalid("count must be >= 1")
-    if action_id is not None:
-        if type(action_id) is not int:
-            return BadMessage("action_id must be an integer or nil")
-        if not 0 < action_id <= MAX_ID:
-            return Invalid("action_id must be between 1 and 2**63-1")
+    error = (
+        _optional_id(action_id, "action_id")
+        or _optional_id(txid, "txid")
+        or _optional_id(page, "page")
+    )
+    if error is not None:
+        return error
+    if at is not None:
+        if type(at) is not float and type(at) is not int:
+            return BadMessage("at must be a number (epoch seconds) or nil")
+        if not 0 <= at <= MAX_AT or at != at:
+            return Invalid("at must be epoch seconds between 0 and the year 9999")
+    if type(messages) is not int:
+        return BadMessage("messages must be an integer")
+    if not 0 <= messages <= MAX_ID:
+        return Invalid("messages must be >= 0")
     return None
+
+
+def increment_from_map(item: Mapping[Any, Any]) -> Increment | ProtocolError:
+    """The map form of an increment (docs/protocol.md) as an :class:`Increment`, or why not.
+
+    ``campaign``, ``org`` and ``type`` are required; an unknown key is ``bad_message``. Only the
+    shape is checked here; :func:`check_increment` checks the values.
+    """
+    fields: dict[str, Any] = {}
+    for key, value in item.items():
+        name = MAP_KEYS.get(key) if type(key) is str else None
+        if name is None:
+            return BadMessage(f"unknown increment key {str(key)[:40]!r}")
+        fields[name] = value
+    for required in ("campaign", "org", "type"):
+        if MAP_KEYS[required] not in fields:
+            return BadMessage(f"an increment map needs {required!r}")
+    if fields.get("count", 1) is None:  # nil means the default, as for the optional ids
+        fields["count"] = 1
+    if fields.get("messages", 0) is None:
+        fields["messages"] = 0
+    if fields.get("new_supporter", False) is None:
+        fields["new_supporter"] = False
+    return Increment(**fields)
 
 
 class IncrementLike(Protocol):
@@ -99,6 +177,23 @@ class IncrementLike(Protocol):
     def count(self) -> int: ...
     @property
     def action_id(self) -> int | None: ...
+    @property
+    def txid(self) -> int | None: ...
+    @property
+    def at(self) -> float | None: ...
+    @property
+    def page(self) -> int | None: ...
+    @property
+    def messages(self) -> int: ...
+
+
+#: what a calculation covers: every campaign, the live ones, or a list of campaign ids
+Scope = Literal["all", "live"] | Sequence[int]
+
+
+def scope_name(scope: Scope) -> str:
+    """``"all"``, ``"live"`` or ``"ids"``: how logs and ``info`` name a scope."""
+    return scope if isinstance(scope, str) else "ids"
 
 
 @dataclass(slots=True)

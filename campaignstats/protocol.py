@@ -286,6 +286,9 @@ def _incs_decoder(limits: Limits) -> msgspec.msgpack.Decoder[Any]:
         array_like=True,
         forbid_unknown_fields=True,  # an eighth field is an error, as in the slow path
         gc=False,
+        # The fields only the map form carries: class attributes, so an array item reads as an
+        # Increment does (apply_many reads by attribute) at no cost per item.
+        namespace={"txid": None, "at": None, "page": None, "messages": 0},
     )
     return msgspec.msgpack.Decoder(tuple[str, list[item]])  # type: ignore[valid-type]
 
@@ -395,7 +398,7 @@ class ServerCodec:
             )
         inc = Increment(*item)
         max_chars = self.limits.max_string >> 2  # 4 bytes per character at most in UTF-8
-        cid, org, action_type, area, new, count, aid = inc
+        cid, org, action_type, area, new, count, aid = inc[:7]
         if (
             type(cid) is int
             and 0 < cid <= MAX_ID

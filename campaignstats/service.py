@@ -43,7 +43,7 @@ from campaignstats.errors import ActorStopped, Invalid, Overloaded
 from campaignstats.model import DEFAULT_MAX_STRING, Increment, WireStats, check_increment
 
 if TYPE_CHECKING:
-    from campaignstats.db.calculation import Scope
+    from campaignstats.model import Scope
 
 log = structlog.get_logger(__name__)
 
@@ -141,9 +141,25 @@ class StatsService:
         new_supporter: bool = False,
         count: int = 1,
         action_id: int | None = None,
+        txid: int | None = None,
+        at: float | None = None,
+        page: int | None = None,
+        messages: int = 0,
     ) -> None:
         """Count one action, without waiting. Raises Invalid, Overloaded or ActorStopped."""
-        inc = Increment(campaign_id, org_id, action_type, area, new_supporter, count, action_id)
+        inc = Increment(
+            campaign_id,
+            org_id,
+            action_type,
+            area,
+            new_supporter,
+            count,
+            action_id,
+            txid,
+            at,
+            page,
+            messages,
+        )
         error = check_increment(inc, self.max_string)
         if error is not None:
             raise error

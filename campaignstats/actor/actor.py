@@ -25,8 +25,10 @@ from campaignstats.model import (
     DEFAULT_MAX_KEYS,
     CalculationResult,
     CampaignDrift,
+    Scope,
     StatsState,
     WireStats,
+    scope_name,
 )
 
 from .mailbox import Mailbox
@@ -54,7 +56,7 @@ log = structlog.get_logger(__name__)
 class Source(Protocol):
     """Where calculations come from (:class:`campaignstats.db.source.PostgresSource`)."""
 
-    async def calculate(self, scope: Any) -> CalculationResult: ...
+    async def calculate(self, scope: Scope) -> CalculationResult: ...
 
 
 @dataclass(slots=True)
@@ -497,10 +499,6 @@ class StatsActor:
 
     def stats(self, campaign_id: int) -> WireStats:
         return self.state.stats(campaign_id)
-
-
-def scope_name(scope: Any) -> str:
-    return scope if isinstance(scope, str) else "ids"
 
 
 __all__ = ["ActorConfig", "ActorStopped", "Lifetime", "Source", "StatsActor"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from campaignstats.model import CalculationResult, IncrementLike
 
 if TYPE_CHECKING:
-    from campaignstats.db.calculation import Scope
+    from campaignstats.model import Scope
 
     from .subscriptions import Subscriber
 

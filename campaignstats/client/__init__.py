@@ -14,14 +14,11 @@ from __future__ import annotations
 from campaignstats.client._common import (
     CLIENT_NAME,
     DEFAULT_PORT,
-    CallTimeout,
-    ClientClosed,
     ClientStatistics,
-    ConnectTimeout,
-    ServerUnavailable,
 )
 from campaignstats.client.aio import AsyncStatsClient, Subscription
 from campaignstats.client.blocking import StatsClient
+from campaignstats.errors import CallTimeout, ClientClosed, ConnectTimeout, ServerUnavailable
 
 __all__ = [
     "CLIENT_NAME",

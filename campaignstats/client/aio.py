@@ -32,21 +32,24 @@ from campaignstats.client._common import (
     DEFAULT_TIMEOUT,
     DEFAULT_URL,
     Backoff,
-    CallTimeout,
-    ClientClosed,
     ClientOptions,
     ClientStatistics,
-    ConnectTimeout,
     IncrementQueue,
     Item,
     RateLimitedLog,
-    ServerUnavailable,
     check_scope,
     log,
     parse_url,
     take_batch,
 )
-from campaignstats.errors import BadFrame, StatsError
+from campaignstats.errors import (
+    BadFrame,
+    CallTimeout,
+    ClientClosed,
+    ConnectTimeout,
+    ServerUnavailable,
+    StatsError,
+)
 from campaignstats.model import WireStats
 from campaignstats.protocol import DEFAULT_MAX_BATCH, ClientCodec, Err, Ok, Pub
 

@@ -14,12 +14,12 @@ import asyncio
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, cast
 
 import structlog
 
 from campaignstats.errors import CalculationError
-from campaignstats.model import CalculationResult, CampaignStats
+from campaignstats.model import CalculationResult, CampaignStats, Scope, scope_name
 
 from .queries import PROCA_QUERIES, Queries
 
@@ -28,16 +28,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-Scope = Literal["all", "live"] | Sequence[int]
-
 DEFAULT_STATEMENT_TIMEOUT = 60.0  # seconds, per statement
 #: how far below the highest action id to look for ids the snapshot cannot see
 INVISIBLE_WINDOW = 10_000
 _YIELD_EVERY = 5_000
-
-
-def scope_kind(scope: Scope) -> str:
-    return scope if isinstance(scope, str) else "ids"
 
 
 async def calculate(
@@ -61,7 +55,7 @@ async def calculate(
     """
     import asyncpg
 
-    kind = scope_kind(scope)
+    kind = scope_name(scope)
     if not isinstance(scope, str) and not all(isinstance(c, int) for c in scope):
         raise TypeError("scope must be 'all', 'live' or a sequence of campaign ids")
     started_at = time.time()

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from campaignstats.errors import CalculationError
-from campaignstats.model import CalculationResult
+from campaignstats.model import CalculationResult, Scope, scope_name
 
-from .calculation import DEFAULT_STATEMENT_TIMEOUT, Scope, calculate, scope_kind
+from .calculation import DEFAULT_STATEMENT_TIMEOUT, calculate
 from .queries import PROCA_QUERIES, Queries
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ class PostgresSource:
             ):
                 raise
             raise CalculationError(
-                f"{scope_kind(scope)} calculation: cannot connect: {type(exc).__name__}: {exc}"
+                f"{scope_name(scope)} calculation: cannot connect: {type(exc).__name__}: {exc}"
             ) from exc
         try:
             return await calculate(
