@@ -1,0 +1,127 @@
+"""One request vocabulary: the typed requests that the wire, the service and the actor all speak.
+
+A request has one name from end to end. The server session decodes ``["stats", 7, 42]`` into
+``Stats(42)`` (the ``req_id`` stays with the session, which owns reply order), the service puts
+that same object in the actor's mailbox, and the actor finds its handler in a table keyed by the
+type. A client session encodes the same object back into the wire form with :meth:`wire_args`.
+Nothing here does I/O; nothing here knows about asyncio or sockets (docs/design.md, "The house").
+
+Casts (no reply) are :class:`Increments` and :class:`Decrements`; everything else is a call.
+``READS`` lists the calls that only read: they may be served ahead of queued increments, but
+never ahead of the same producer's own earlier writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar, NamedTuple
+
+from campaignstats.model import IncrementLike, Scope
+
+
+class Increments(NamedTuple):
+    """A cast: a batch of increments (one mailbox message per socket read, not per item)."""
+
+    items: Sequence[IncrementLike]
+
+    op: ClassVar[str] = "incs"
+
+
+class Decrements(NamedTuple):
+    """A cast: a batch of decrements, each the exact inverse of the same increment."""
+
+    items: Sequence[IncrementLike]
+
+    op: ClassVar[str] = "decs"
+
+
+Cast = Increments | Decrements
+
+
+class Stats(NamedTuple):
+    campaign_id: int
+
+    op: ClassVar[str] = "stats"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        return (self.campaign_id,)
+
+
+class StatsMany(NamedTuple):
+    campaign_ids: Sequence[int]
+
+    op: ClassVar[str] = "stats_many"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        return (list(self.campaign_ids),)
+
+
+class Flush(NamedTuple):
+    """Answered once every message before it, from the same producer, has been applied."""
+
+    op: ClassVar[str] = "flush"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        return ()
+
+
+class Info(NamedTuple):
+    op: ClassVar[str] = "info"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        return ()
+
+
+class Resync(NamedTuple):
+    scope: Scope
+
+    op: ClassVar[str] = "resync"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        scope = self.scope
+        return (scope if isinstance(scope, str) else list(scope),)
+
+
+class Subscribe(NamedTuple):
+    """``subscriber`` is filled in by whoever delivers the updates (the server's connection, an
+    embedding application's :class:`~campaignstats.actor.subscriptions.Subscription`); the wire
+    form carries only the campaign."""
+
+    campaign_id: int
+    subscriber: Any = None
+
+    op: ClassVar[str] = "sub"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        return (self.campaign_id,)
+
+
+class Unsubscribe(NamedTuple):
+    campaign_id: int | None  # None: every campaign of this subscriber (never on the wire)
+    subscriber: Any = None
+
+    op: ClassVar[str] = "unsub"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        return (self.campaign_id,)
+
+
+Request = Stats | StatsMany | Flush | Info | Resync | Subscribe | Unsubscribe
+
+#: read-only requests: they may take the mailbox's read lane
+READS: tuple[type, ...] = (Stats, StatsMany, Info)
+
+__all__ = [
+    "READS",
+    "Cast",
+    "Decrements",
+    "Flush",
+    "Increments",
+    "Info",
+    "Request",
+    "Resync",
+    "Stats",
+    "StatsMany",
+    "Subscribe",
+    "Unsubscribe",
+]
