@@ -14,12 +14,14 @@ never ahead of the same producer's own earlier writes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar, NamedTuple
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from campaignstats.model import IncrementLike, Scope
 
 
-class Increments(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Increments:
     """A cast: a batch of increments (one mailbox message per socket read, not per item)."""
 
     items: Sequence[IncrementLike]
@@ -27,7 +29,8 @@ class Increments(NamedTuple):
     op: ClassVar[str] = "incs"
 
 
-class Decrements(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Decrements:
     """A cast: a batch of decrements, each the exact inverse of the same increment."""
 
     items: Sequence[IncrementLike]
@@ -38,7 +41,8 @@ class Decrements(NamedTuple):
 Cast = Increments | Decrements
 
 
-class Stats(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Stats:
     campaign_id: int
 
     op: ClassVar[str] = "stats"
@@ -47,7 +51,8 @@ class Stats(NamedTuple):
         return (self.campaign_id,)
 
 
-class StatsMany(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class StatsMany:
     campaign_ids: Sequence[int]
 
     op: ClassVar[str] = "stats_many"
@@ -56,7 +61,8 @@ class StatsMany(NamedTuple):
         return (list(self.campaign_ids),)
 
 
-class Flush(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Flush:
     """Answered once every message before it, from the same producer, has been applied."""
 
     op: ClassVar[str] = "flush"
@@ -65,14 +71,16 @@ class Flush(NamedTuple):
         return ()
 
 
-class Info(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Info:
     op: ClassVar[str] = "info"
 
     def wire_args(self) -> tuple[Any, ...]:
         return ()
 
 
-class Resync(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Resync:
     scope: Scope
 
     op: ClassVar[str] = "resync"
@@ -82,7 +90,8 @@ class Resync(NamedTuple):
         return (scope if isinstance(scope, str) else list(scope),)
 
 
-class Subscribe(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Subscribe:
     """``subscriber`` is filled in by whoever delivers the updates (the server's connection, an
     embedding application's :class:`~campaignstats.actor.subscriptions.Subscription`); the wire
     form carries only the campaign."""
@@ -96,7 +105,8 @@ class Subscribe(NamedTuple):
         return (self.campaign_id,)
 
 
-class Unsubscribe(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
     campaign_id: int | None  # None: every campaign of this subscriber (never on the wire)
     subscriber: Any = None
 
