@@ -552,6 +552,12 @@ class ClientCodec:
         self._pack = msgpack.Packer().pack
 
     def receive_data(self, data: bytes) -> list[ServerMessage]:
+        """The messages completed by ``data``, in any chunking.
+
+        Raises :class:`~campaignstats.errors.BadFrame` when the server sends bytes or a value
+        the protocol does not allow: the stream cannot be trusted past that point (the client
+        session reports it as a :class:`~campaignstats.errors.RemoteProtocolError`).
+        """
         out: list[ServerMessage] = []
         for value in self._decoder.feed(data):
             if type(value) is not list or not value:
@@ -576,3 +582,7 @@ class ClientCodec:
     def incs(self, items: Sequence[Sequence[Any]]) -> bytes:
         """One ``incs`` message (the caller keeps batches within the server's limit)."""
         return self._pack(["incs", items])  # type: ignore[no-any-return]
+
+    def cast(self, op: str, items: Sequence[Any]) -> bytes:
+        """One ``incs`` or ``decs`` message; each item is the v1 array or the map form."""
+        return self._pack([op, items])  # type: ignore[no-any-return]
