@@ -205,6 +205,7 @@ class CampaignStats:
     area: dict[str, int] = field(default_factory=dict)
     org: dict[int, int] = field(default_factory=dict)
     extra_supporters: int = 0
+    messages: int = 0
 
     def copy(self) -> CampaignStats:
         return CampaignStats(
@@ -213,6 +214,7 @@ class CampaignStats:
             dict(self.area),
             dict(self.org),
             self.extra_supporters,
+            self.messages,
         )
 
     def to_wire(self) -> WireStats:
@@ -223,6 +225,7 @@ class CampaignStats:
             "area": dict(self.area),
             "org": dict(self.org),
             "extra_supporters": self.extra_supporters,
+            "messages": self.messages,
         }
 
     @classmethod
@@ -233,6 +236,7 @@ class CampaignStats:
             dict(stats["area"]),
             dict(stats["org"]),
             int(stats["extra_supporters"]),
+            int(stats.get("messages", 0)),
         )
 
     def add(self, inc: IncrementLike) -> None:
@@ -243,6 +247,43 @@ class CampaignStats:
             self.org[inc.org_id] = self.org.get(inc.org_id, 0) + 1
             if inc.area is not None:
                 self.area[inc.area] = self.area.get(inc.area, 0) + 1
+        if inc.messages:
+            self.messages += inc.messages
+
+    def subtract(self, inc: IncrementLike) -> bool:
+        """Take one increment back (docs/design.md, "Counts that go down").
+
+        No count goes below zero and a key whose count reaches zero disappears, so memory and a
+        recount compare equal key for key. Returns True when some count had to be clamped (it
+        held less than the decrement takes back).
+        """
+        clamped = _take(self.action, inc.action_type, inc.count)
+        if inc.new_supporter:
+            if self.supporters > 0:
+                self.supporters -= 1
+            else:
+                clamped = True
+            clamped = _take(self.org, inc.org_id, 1) or clamped
+            if inc.area is not None:
+                clamped = _take(self.area, inc.area, 1) or clamped
+        if inc.messages:
+            if self.messages >= inc.messages:
+                self.messages -= inc.messages
+            else:
+                self.messages = 0
+                clamped = True
+        return clamped
+
+
+def _take(counts: dict[Any, int], key: Any, n: int) -> bool:
+    """Subtract ``n`` from ``counts[key]``, dropping the key at zero; True if clamped."""
+    have = counts.get(key, 0)
+    if have > n:
+        counts[key] = have - n
+        return False
+    if have:
+        del counts[key]
+    return have < n
 
 
 def empty_wire_stats() -> WireStats:
@@ -266,6 +307,99 @@ class CampaignDrift:
         return self.supporters == 0 and self.actions == 0
 
 
+# -- what a calculation's snapshot saw -------------------------------------------------------------
+
+#: an ``at`` this much older than a snapshot is taken as seen by it; closer than that, a change
+#: is replayed (the next calculation confirms), since the backend's clock and the database's
+#: may disagree by a little
+AT_MARGIN = 1.0  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class TxSnapshot:
+    """``pg_current_snapshot()`` of a calculation: which transactions its counts include.
+
+    A transaction id is visible (its changes are in the counts) iff it is below ``xmin``, or
+    below ``xmax`` and not among ``xip``, the transactions still in progress when it was taken.
+    """
+
+    xmin: int
+    xmax: int
+    xip: frozenset[int] = frozenset()
+
+    @classmethod
+    def parse(cls, text: str) -> TxSnapshot:
+        """From Postgres's text form ``xmin:xmax:xip,xip,...``."""
+        xmin, xmax, xip = text.split(":")
+        return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x))
+
+    def sees(self, txid: int) -> bool:
+        return txid < self.xmin or (txid < self.xmax and txid not in self.xip)
+
+
+@dataclass(frozen=True, slots=True)
+class Horizon:
+    """What one calculation's snapshot counted, for deciding whether a change is in it.
+
+    * ``snapshot``: exact for any change carrying ``txid`` (docs/design.md, "Exact by
+      transaction id").
+    * ``max_action_id``, ``window_low`` and ``uncounted``: for changes carrying only
+      ``action_id``. Ids in ``(window_low, max_action_id]`` are known one by one: ``uncounted``
+      holds those the snapshot did not count (invisible to it, or not accepted yet). Ids at or
+      below ``window_low`` are not known: a change about them is applied, and the next
+      calculation confirms it.
+    * ``taken_at``: the database's clock when the snapshot was taken, for changes carrying only
+      ``at``.
+    """
+
+    max_action_id: int = 0
+    window_low: int = 0
+    uncounted: frozenset[int] = frozenset()
+    snapshot: TxSnapshot | None = None
+    taken_at: float | None = None
+
+    def reflects(self, inc: IncrementLike, decrement: bool, late: set[int] | None) -> bool:
+        """True when the counts of this snapshot already include the change ``inc``.
+
+        ``late``: this campaign's action ids that the snapshot did not count but that were
+        counted on top of it since (replayed at the merge, or announced after it).
+        """
+        txid = inc.txid
+        if txid is not None and self.snapshot is not None:
+            return self.snapshot.sees(txid)
+        aid = inc.action_id
+        if aid is not None:
+            if aid > self.max_action_id or aid <= self.window_low:
+                return False  # after the snapshot, or unknown: apply, the next one confirms
+            counted_by_snapshot = aid not in self.uncounted
+            if late is not None and aid in late:
+                # Counted since the snapshot: a repeated increment is in already; a decrement
+                # takes that count back.
+                return not decrement
+            # An increment is in the counts iff the snapshot counted its action; a decrement
+            # is in them iff the snapshot did not count the action (its rejection was seen).
+            return counted_by_snapshot != decrement
+        at = inc.at
+        if at is not None and self.taken_at is not None:
+            return at < self.taken_at - AT_MARGIN
+        return False
+
+    def needs_late_set(self, inc: IncrementLike) -> bool:
+        """An action-id-only change about an id this snapshot knows it did not count."""
+        aid = inc.action_id
+        return (
+            (inc.txid is None or self.snapshot is None)
+            and aid is not None
+            and self.window_low < aid <= self.max_action_id
+            and aid in self.uncounted
+        )
+
+
+#: the horizon of a campaign that memory holds from a snapshot file: nothing is known, so
+#: nothing is skipped
+NO_HORIZON = Horizon()
+
+
 @dataclass(slots=True)
 class CalculationResult:
     """What one calculation read from Postgres, in one snapshot.
@@ -280,28 +414,43 @@ class CalculationResult:
     started_at: float = 0.0  # wall clock, seconds since the epoch
     duration: float = 0.0  # seconds
     rows: int = 0  # rows read from the database
-    #: action ids at or below ``max_action_id`` that the snapshot did not see (in-flight or
-    #: rolled-back transactions: gaps among the newest ids); their increments are not in it
-    invisible_ids: frozenset[int] = frozenset()
+    #: action ids in ``(window_low, max_action_id]`` that the snapshot did not count: in-flight
+    #: or rolled-back transactions, and actions not accepted (yet)
+    uncounted_ids: frozenset[int] = frozenset()
+    window_low: int = 0
+    snapshot: TxSnapshot | None = None
+    #: the database's clock when the snapshot was taken (epoch seconds)
+    taken_at: float | None = None
+
+    @property
+    def horizon(self) -> Horizon:
+        return Horizon(
+            self.max_action_id, self.window_low, self.uncounted_ids, self.snapshot, self.taken_at
+        )
 
 
 class StatsState:
     """All campaigns' counts, with the journal the exact merge needs.
 
     ``journal`` is ``None`` when no calculation is running. While one runs it maps a campaign id to
-    the increments applied to that campaign since the calculation started, so that each covered
-    campaign can become "database value + increments the snapshot could not contain".
+    the changes applied to that campaign since the calculation started (``journal_decs`` the
+    decrements), so that each covered campaign can become "database value + the changes the
+    snapshot could not contain".
     """
 
     __slots__ = (
         "already_counted",
         "applied",
         "campaigns",
+        "clamped",
+        "decremented",
         "journal",
+        "journal_decs",
         "journal_limit",
         "journal_only",
         "journal_overflow",
         "journal_size",
+        "late",
         "max_campaigns",
         "max_keys",
         "seen",
@@ -312,37 +461,49 @@ class StatsState:
     ) -> None:
         self.campaigns: dict[int, CampaignStats] = {}
         self.journal: dict[int, list[IncrementLike]] | None = None
+        self.journal_decs: dict[int, list[IncrementLike]] = {}
         #: campaigns worth journaling (the calculation's scope when known), None: all
         self.journal_only: frozenset[int] | None = None
-        #: the journal is bounded: past this many increments it is dropped, and the calculation
+        #: the journal is bounded: past this many changes it is dropped, and the calculation
         #: it was for cannot be merged exactly (it is then treated as failed and retried)
         self.journal_limit = DEFAULT_JOURNAL_LIMIT
         self.journal_size = 0
         self.journal_overflow = False
-        #: per campaign, what its last merged calculation saw: (max action id, invisible ids).
-        #: An increment whose action the database value already holds is not applied again.
-        self.seen: dict[int, tuple[int, frozenset[int]]] = {}
+        #: per campaign, what its last merged calculation saw: a change that calculation
+        #: already counted is not applied again
+        self.seen: dict[int, Horizon] = {}
+        #: per campaign, action ids its last merged snapshot did not count but memory counts
+        #: since (see :meth:`Horizon.reflects`); small: only actions accepted late
+        self.late: dict[int, set[int]] = {}
         self.max_keys = max_keys
         self.max_campaigns = max_campaigns
         self.applied = 0  # increments applied since start (each counts once, whatever its count)
-        self.already_counted = 0  # increments skipped: a merged calculation had counted them
+        self.decremented = 0  # decrements applied
+        self.clamped = 0  # decrements that took back more than a count held
+        self.already_counted = 0  # changes skipped: a merged calculation had counted them
 
     # -- increments -----------------------------------------------------------------------------
 
-    def apply(self, inc: Increment) -> None:
-        """Apply one increment, or raise :class:`Invalid` and change nothing."""
-        rejected = self.apply_many((inc,))
+    def apply(self, inc: Increment, *, decrement: bool = False) -> None:
+        """Apply one change, or raise :class:`Invalid` and change nothing."""
+        rejected = self.apply_many((inc,), decrement=decrement)
         if rejected:
             raise Invalid(rejected[0][1])
 
-    def apply_many(self, incs: Iterable[IncrementLike]) -> list[tuple[int, str]]:
+    def apply_many(
+        self, incs: Iterable[IncrementLike], *, decrement: bool = False
+    ) -> list[tuple[int, str]]:
         """Apply a batch; returns ``(index, reason)`` for each rejected increment.
 
         Increments are validated by the codec already; what is checked here depends on the state:
         the cap on distinct keys per campaign and on campaigns in total. A rejected increment
         changes nothing. This is the hot path: lookups are hoisted and no object is allocated per
-        increment unless a new key or campaign appears.
+        increment unless a new key or campaign appears. Decrements are never rejected (they
+        create nothing); see :meth:`_decrement_many`.
         """
+        if decrement:
+            self._decrement_many(incs)
+            return []
         campaigns = self.campaigns
         journal = self.journal
         only = self.journal_only
@@ -355,13 +516,9 @@ class StatsState:
             # By attribute: the codec's msgspec items and Increment tuples both have them, so a
             # decoded batch is applied as it is, with no copy per increment.
             cid = inc.campaign_id
-            action_id = inc.action_id
-            if action_id is not None and seen:
+            if seen and (inc.action_id is not None or inc.txid is not None or inc.at is not None):
                 horizon = seen.get(cid)
-                if horizon is not None and action_id <= horizon[0] and action_id not in horizon[1]:
-                    # Announced after a calculation that already counted it: applying it would
-                    # count it twice.
-                    self.already_counted += 1
+                if horizon is not None and self._already_counted(cid, horizon, inc, False):
                     continue
             org_id, action_type, area = inc.org_id, inc.action_type, inc.area
             new_supporter, count = inc.new_supporter, inc.count
@@ -381,7 +538,8 @@ class StatsState:
                     continue
                 n = 0
             total = n + count
-            if total > MAX_ID:  # a total must stay a MessagePack int64
+            messages = inc.messages
+            if total > MAX_ID or stats.messages + messages > MAX_ID:  # totals stay int64
                 rejected.append((i, f"campaign {cid}: {action_type!r} count would overflow"))
                 continue
             if new_supporter:
@@ -404,6 +562,8 @@ class StatsState:
                 org[org_id] = o + 1
                 stats.supporters += 1
             action[action_type] = total
+            if messages:
+                stats.messages += messages
             applied += 1
             if journal is not None and (only is None or cid in only):
                 entries = journal.get(cid)
@@ -414,11 +574,65 @@ class StatsState:
                 journaled += 1
         self.applied += applied
         if journaled:
-            self.journal_size += journaled
-            if self.journal_size > self.journal_limit:
-                self.journal = None
-                self.journal_overflow = True
+            self._journaled(journaled)
         return rejected
+
+    def _already_counted(
+        self, cid: int, horizon: Horizon, inc: IncrementLike, decrement: bool
+    ) -> bool:
+        """Whether the campaign's last merged snapshot already holds this late change; keeps
+        the record of late-counted action ids (:attr:`late`) up to date."""
+        late = self.late.get(cid)
+        if horizon.reflects(inc, decrement, late):
+            self.already_counted += 1
+            return True
+        if horizon.needs_late_set(inc):
+            aid = inc.action_id
+            if decrement:
+                if late is not None:
+                    late.discard(aid)
+            elif late is None:
+                self.late[cid] = {aid}  # type: ignore[arg-type]
+            else:
+                late.add(aid)  # type: ignore[arg-type]
+        return False
+
+    def _decrement_many(self, decs: Iterable[IncrementLike]) -> None:
+        campaigns = self.campaigns
+        journal = self.journal
+        only = self.journal_only
+        seen = self.seen
+        journaled = 0
+        for dec in decs:
+            cid = dec.campaign_id
+            if seen and (dec.action_id is not None or dec.txid is not None or dec.at is not None):
+                horizon = seen.get(cid)
+                if horizon is not None and self._already_counted(cid, horizon, dec, True):
+                    continue
+            stats = campaigns.get(cid)
+            # A decrement of a campaign memory does not hold takes back what is not there:
+            # clamped, and no campaign is created for it.
+            if stats is None or stats.subtract(dec):
+                self.clamped += 1
+            self.decremented += 1
+            if journal is not None and (only is None or cid in only):
+                # Journaled even when clamped: the database value it will be replayed on may
+                # hold what memory did not.
+                entries = self.journal_decs.get(cid)
+                if entries is None:
+                    self.journal_decs[cid] = [dec]
+                else:
+                    entries.append(dec)
+                journaled += 1
+        if journaled:
+            self._journaled(journaled)
+
+    def _journaled(self, n: int) -> None:
+        self.journal_size += n
+        if self.journal_size > self.journal_limit:
+            self.journal = None
+            self.journal_decs = {}
+            self.journal_overflow = True
 
     # -- queries --------------------------------------------------------------------------------
 
@@ -426,48 +640,63 @@ class StatsState:
         stats = self.campaigns.get(campaign_id)
         return empty_wire_stats() if stats is None else stats.to_wire()
 
-    # -- the exact merge (shared/DESIGN.md, "The actor") ----------------------------------------
+    # -- the exact merge (docs/design.md, "The actor" and "Exact by transaction id") -------------
 
     def start_journal(self, only: Iterable[int] | None = None) -> None:
-        """Start recording increments; called when a calculation starts, before its snapshot.
+        """Start recording changes; called when a calculation starts, before its snapshot.
 
         ``only``: the campaigns the calculation covers, when known in advance (a list of ids).
         """
         self.journal = {}
+        self.journal_decs = {}
         self.journal_only = None if only is None else frozenset(only)
         self.journal_size = 0
         self.journal_overflow = False
 
     def stop_journal(self) -> None:
         self.journal = None
+        self.journal_decs = {}
         self.journal_only = None
 
     def merge(
         self, result: CalculationResult, campaign_ids: Iterable[int] | None = None
     ) -> list[CampaignDrift]:
-        """Make each covered campaign equal to its database value plus the unseen increments.
+        """Make each covered campaign equal to its database value plus the unseen changes.
 
-        Unseen increments are the journaled ones the snapshot could not contain: those with an
-        ``action_id`` above ``result.max_action_id`` or among its invisible ids, and all of
-        those without an action id. From then on, an increment of this campaign whose action the
-        snapshot held is skipped (see :meth:`apply_many`), so no increment counts twice.
-        ``campaign_ids`` selects a part of the result, so that the actor can merge a large result
-        in slices and keep serving between them; the journal keeps recording meanwhile, so a
-        campaign merged in a later slice also gets the increments that arrived in between.
-        Returns the non-zero drifts.
+        Unseen changes are the journaled ones the snapshot could not contain
+        (:meth:`Horizon.reflects`): a ``txid`` the snapshot does not see; an ``action_id``
+        above its highest, or one it did not count; an ``at`` after it; and every change with
+        none of these. Increments are replayed before decrements, so a decrement of an
+        increment replayed in the same merge is never clamped. From then on, a change of this
+        campaign that the snapshot holds is skipped (see :meth:`apply_many`), so none counts
+        twice. ``campaign_ids`` selects a part of the result, so that the actor can merge a
+        large result in slices and keep serving between them; the journal keeps recording
+        meanwhile, so a campaign merged in a later slice also gets the changes that arrived in
+        between. Returns the non-zero drifts.
         """
         journal = self.journal or {}
-        max_id = result.max_action_id
-        invisible = result.invisible_ids
-        horizon = (max_id, invisible)
+        journal_decs = self.journal_decs
+        horizon = result.horizon
         ids = result.campaigns.keys() if campaign_ids is None else campaign_ids
         drifts: list[CampaignDrift] = []
         for cid in ids:
             truth = result.campaigns[cid].copy()
+            late: set[int] | None = None
             for inc in journal.get(cid, ()):
-                aid = inc.action_id
-                if aid is None or aid > max_id or aid in invisible:
-                    truth.add(inc)
+                if horizon.reflects(inc, False, late):
+                    continue
+                truth.add(inc)
+                if horizon.needs_late_set(inc):
+                    if late is None:
+                        late = set()
+                    late.add(inc.action_id)  # type: ignore[arg-type]
+            for dec in journal_decs.get(cid, ()):
+                if horizon.reflects(dec, True, late):
+                    continue
+                if truth.subtract(dec):
+                    self.clamped += 1
+                if late is not None and horizon.needs_late_set(dec):
+                    late.discard(dec.action_id)
             before = self.campaigns.get(cid)
             # Drift only means something for a campaign memory had loaded before (from a merge or
             # a snapshot); increments alone before the first load are not "drift".
@@ -481,10 +710,15 @@ class StatsState:
                     drifts.append(drift)
             self.campaigns[cid] = truth
             self.seen[cid] = horizon
+            if late:
+                self.late[cid] = late
+            else:
+                self.late.pop(cid, None)
         return drifts
 
     def replace_all(self, campaigns: Mapping[int, CampaignStats]) -> None:
         """Load a snapshot file's content (before any calculation)."""
         self.campaigns = {cid: stats.copy() for cid, stats in campaigns.items()}
-        # Loaded, so drift is measured at the first merge; a horizon of 0 skips nothing.
-        self.seen = dict.fromkeys(campaigns, (0, frozenset()))
+        # Loaded, so drift is measured at the first merge; an empty horizon skips nothing.
+        self.seen = dict.fromkeys(campaigns, NO_HORIZON)
+        self.late = {}

@@ -25,6 +25,7 @@ def test_a_new_supporter_moves_supporters_area_org_and_action() -> None:
         "area": {"DE": 1},
         "org": {7: 1},
         "extra_supporters": 0,
+        "messages": 0,
     }
 
 
@@ -50,7 +51,7 @@ def test_count_adds_that_many_actions_but_one_supporter() -> None:
 def test_an_unknown_campaign_has_zeros_and_empty_maps() -> None:
     assert StatsState().stats(42) == empty_wire_stats()
     assert empty_wire_stats() == {
-        "supporters": 0, "action": {}, "area": {}, "org": {}, "extra_supporters": 0,
+        "supporters": 0, "action": {}, "area": {}, "org": {}, "extra_supporters": 0, "messages": 0,
     }  # fmt: skip
 
 
@@ -204,7 +205,7 @@ def test_increments_before_the_first_load_are_not_reported_as_drift() -> None:
 
 def test_an_increment_the_merged_calculation_already_counted_is_skipped() -> None:
     state = StatsState()
-    state.merge(CalculationResult("all", {1: CampaignStats()}, 10, invisible_ids=frozenset({7})))
+    state.merge(CalculationResult("all", {1: CampaignStats()}, 10, uncounted_ids=frozenset({7})))
     state.apply(Increment(1, 1, "a", action_id=5))  # counted by the calculation: skipped
     state.apply(Increment(1, 1, "a", action_id=7))  # invisible to its snapshot: applied
     state.apply(Increment(1, 1, "a", action_id=11))  # newer than the snapshot: applied

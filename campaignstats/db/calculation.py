@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, cast
 import structlog
 
 from campaignstats.errors import CalculationError
-from campaignstats.model import CalculationResult, CampaignStats, Scope, scope_name
+from campaignstats.model import CalculationResult, CampaignStats, Scope, TxSnapshot, scope_name
 
 from .queries import PROCA_QUERIES, Queries
 
@@ -29,8 +29,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 DEFAULT_STATEMENT_TIMEOUT = 60.0  # seconds, per statement
-#: how far below the highest action id to look for ids the snapshot cannot see
-INVISIBLE_WINDOW = 10_000
+#: how far below the highest action id the calculation knows, id by id, which actions it counted
+#: (docs/design.md, "Exact by action id"): a late change carrying only an action id in that
+#: window is settled exactly; below it, it is applied and the next calculation confirms it
+ACTION_WINDOW = 100_000
 _YIELD_EVERY = 5_000
 
 
@@ -74,9 +76,11 @@ async def calculate(
             await stack.enter_async_context(
                 conn.transaction(isolation="repeatable_read", readonly=True)
             )
+            # The first statement of the transaction takes its snapshot: record which
+            # transactions it sees, and when (the database's clock).
+            tx_snapshot_text, taken_at = await conn.fetchrow(queries.snapshot_info)
             snapshot = None
             if helper_conn is not None:
-                # The first statement of the transaction: it takes the snapshot, and exports it.
                 snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
             await _set_local(conn, settings)
             if kind == "all":
@@ -90,11 +94,14 @@ async def calculate(
                 covered = [r[0] for r in await conn.fetch(queries.existing_campaigns, ids)]
                 ids = covered
             max_action_id = await conn.fetchval(queries.max_action_id)
-            low = max(0, max_action_id - INVISIBLE_WINDOW)
-            visible = {r[0] for r in await conn.fetch(queries.recent_action_ids, low)}
-            # Ids below the highest that this snapshot cannot see: transactions still running
-            # (or rolled back) when it was taken. Their increments are not in these counts.
-            invisible = frozenset(range(low + 1, max_action_id + 1)) - visible
+            low = max(0, max_action_id - ACTION_WINDOW)
+            counted = {r[0] for r in await conn.fetch(queries.recent_counted_action_ids, low)}
+            # Ids below the highest that these counts do not hold: transactions still running
+            # (or rolled back) when the snapshot was taken, and actions not accepted yet.
+            uncounted = frozenset(range(low + 1, max_action_id + 1)).difference(counted)
+            message_rows: list[asyncpg.Record] = []
+            if ids != [] and await conn.fetchval(queries.messages_table):
+                message_rows = await conn.fetch(queries.message_counts, ids)
             supporter_rows: list[asyncpg.Record] = []
             extra_rows: list[asyncpg.Record] = []
             action_rows: list[asyncpg.Record] = []
@@ -164,7 +171,12 @@ async def calculate(
         stats = campaigns.get(cid)
         if stats is not None:
             stats.action[action_type] = n
+    for cid, n in message_rows:
+        stats = campaigns.get(cid)
+        if stats is not None:
+            stats.messages = n
     rows = len(covered) + len(supporter_rows) + len(extra_rows) + len(action_rows)
+    rows += len(message_rows)
     duration = time.perf_counter() - t0
     log.info(
         "calculation.done",
@@ -176,7 +188,16 @@ async def calculate(
         duration=round(duration, 3),
     )
     return CalculationResult(
-        kind, campaigns, int(max_action_id), started_at, duration, rows, invisible
+        kind,
+        campaigns,
+        int(max_action_id),
+        started_at,
+        duration,
+        rows,
+        uncounted_ids=uncounted,
+        window_low=low,
+        snapshot=TxSnapshot.parse(tx_snapshot_text),
+        taken_at=float(taken_at),
     )
 
 

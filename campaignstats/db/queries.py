@@ -121,10 +121,19 @@ class Queries:
     all_campaigns: str
     live_campaigns: str
     existing_campaigns: str  # $1: ids asked for; returns those that exist
+    #: the first statement of a calculation, which takes its snapshot: (pg_current_snapshot() as
+    #: text, the database clock in epoch seconds); docs/design.md, "Exact by transaction id"
+    snapshot_info: str
     #: the highest action id the snapshot sees (increments above it are replayed after a merge)
     max_action_id: str
-    #: ids of the actions above $1 (the newest few thousand), to find the ones not yet visible
-    recent_action_ids: str
+    #: ids of the actions above $1 (the newest ones) that the calculation counts, to find those
+    #: it does not (not visible yet, or not accepted yet)
+    recent_counted_action_ids: str
+    #: (campaign_id, messages): mail-to-target messages of counted actions; run only when the
+    #: database has the table (``messages_table``)
+    message_counts: str
+    #: returns true when the messages table exists
+    messages_table: str
     #: (campaign_id, org_id, area, supporters, level): level 0 = campaign, 1 = org, 2 = area.
     #: Partial counts: rows with the same (level, key) are added up. $1 ids, [$2, $3) fingerprints.
     #: Used for the "all" and "live" scopes.
@@ -154,8 +163,22 @@ PROCA_QUERIES = Queries(
     all_campaigns="SELECT id FROM campaigns",
     live_campaigns="SELECT id FROM campaigns WHERE status = 1",
     existing_campaigns="SELECT id FROM campaigns WHERE id = ANY($1::bigint[])",
+    snapshot_info=(
+        "SELECT pg_current_snapshot()::text, extract(epoch FROM clock_timestamp())::float8"
+    ),
     max_action_id="SELECT coalesce(max(id), 0) FROM actions",
-    recent_action_ids="SELECT id FROM actions WHERE id > $1",
+    recent_counted_action_ids=(
+        "SELECT id FROM actions WHERE id > $1 AND processing_status IN (3, 4) AND NOT testing"
+    ),
+    messages_table="SELECT to_regclass('messages') IS NOT NULL",
+    message_counts="""
+    SELECT a.campaign_id, count(*)
+    FROM messages m
+    JOIN actions a ON a.id = m.action_id
+    WHERE a.processing_status IN (3, 4) AND NOT a.testing
+      AND ($1::bigint[] IS NULL OR a.campaign_id = ANY($1::bigint[]))
+    GROUP BY a.campaign_id
+    """,
     supporter_counts=_STREAMING_SUPPORTER_COUNTS,
     supporter_counts_by_ids=_HASHING_SUPPORTER_COUNTS,
     extra_supporters="""

@@ -77,3 +77,12 @@ CREATE INDEX IF NOT EXISTS actions_partial_status_inserted_at_index
     ON actions (processing_status, inserted_at) WHERE testing;
 CREATE INDEX IF NOT EXISTS partial_inserted_at_id_index
     ON actions (id, inserted_at) WHERE processing_status IN (0, 3);
+
+-- Proca's mail-to-target messages (one row per message an action sent to a target), reduced to
+-- the column campaignstats reads: STATS "messages" counts the messages of counted actions.
+CREATE TABLE IF NOT EXISTS messages (
+    id          bigserial PRIMARY KEY,
+    action_id   bigint NOT NULL REFERENCES actions (id) ON DELETE CASCADE,
+    inserted_at timestamp(0) NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS messages_action_id_index ON messages (action_id);
