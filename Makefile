@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 # Python sources that lint checks (ruff would also format the README's code blocks: not ours to).
 PY_PATHS := campaignstats tests bench examples run.py
 
-.PHONY: run test test-slow test-all lint bench clean
+.PHONY: run test test-all lint bench clean
 
 $(STAMP): pyproject.toml campaignstats/_version.py
 	$(PYTHON) -m venv $(VENV)
@@ -28,14 +28,11 @@ define pytest
 	exit $$rc
 endef
 
-# The fast suite: everything but the tests marked slow.
+# The suite without the tests marked slow (pytest -m slow: more than ~20 s each).
 test: $(STAMP)
 	$(call pytest,-m "not slow")
 
-# Only the slow tests (the packaging test builds a fresh venv from PyPI).
-test-slow: $(STAMP)
-	$(call pytest,-m slow)
-
+# Everything, the slow tests included: what CI runs.
 test-all: $(STAMP)
 	$(call pytest,)
 
