@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unix", type=Path, metavar="PATH", help="also listen on this Unix socket")
     p.add_argument(
         "--sync-interval",
-        type=float,
+        type=_positive_seconds,
         default=60.0,
         metavar="SECONDS",
         help="seconds between calculations of live campaigns (default: %(default)s)",
@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("stats", "print the stats of campaigns"),
         ("inc", "send one increment"),
+        ("dec", "send one decrement (the exact inverse of the same increment)"),
         ("info", "print what the server says about itself"),
         ("resync", "ask the server for a calculation now (all, live or campaign ids)"),
     ):
@@ -204,18 +205,36 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "stats":
             p.add_argument("campaign_ids", type=int, nargs="+", metavar="ID")
             p.add_argument("--json", action="store_true", help="print JSON")
-        elif name == "inc":
+        elif name in ("inc", "dec"):
             p.add_argument("campaign_id", type=int)
             p.add_argument("org_id", type=int)
             p.add_argument("action_type")
             p.add_argument("--area")
             p.add_argument("--new-supporter", action="store_true")
-            p.add_argument("--count", type=int, default=1)
-            p.add_argument("--action-id", type=int)
+            p.add_argument("--count", type=int, default=1, help="action rows (default: 1)")
+            p.add_argument("--action-id", type=int, help="the action's database id")
+            p.add_argument(
+                "--txid",
+                type=int,
+                help="pg_current_xact_id() of the transaction that made the change",
+            )
+            p.add_argument("--at", type=float, help="when it happened, epoch seconds")
+            p.add_argument("--page", type=int, help="the action page id")
+            p.add_argument("--messages", type=int, default=0, help="mail-to-target messages")
         elif name == "resync":
             p.add_argument("scope", nargs="*", default=["all"], metavar="SCOPE")
 
     return parser
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -428,8 +447,9 @@ def run_client_command(args: argparse.Namespace) -> int:
                 print(json.dumps({str(k): v for k, v in many.items()}, default=str))
             else:
                 print_table({cid: CampaignStats.from_wire(st) for cid, st in many.items()})
-        elif args.command == "inc":
-            client.increment(
+        elif args.command in ("inc", "dec"):
+            send = client.increment if args.command == "inc" else client.decrement
+            send(
                 args.campaign_id,
                 args.org_id,
                 args.action_type,
@@ -437,6 +457,10 @@ def run_client_command(args: argparse.Namespace) -> int:
                 args.new_supporter,
                 args.count,
                 args.action_id,
+                txid=args.txid,
+                at=args.at,
+                page=args.page,
+                messages=args.messages,
             )
             client.flush()
             print("applied")
@@ -461,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from campaignstats.errors import StatsError
 
     try:
-        if args.command in ("stats", "inc", "info", "resync"):
+        if args.command in ("stats", "inc", "dec", "info", "resync"):
             return run_client_command(args)
         if args.command == "serve":
             return asyncio.run(serve(args))

@@ -716,6 +716,22 @@ class StatsState:
                 self.late.pop(cid, None)
         return drifts
 
+    def check(self) -> str | None:
+        """What is wrong with the counts, or None: every count a non-negative int, every
+        key of the right type. Used before a restarted actor keeps its predecessor's state."""
+        for cid, stats in self.campaigns.items():
+            if type(stats) is not CampaignStats:
+                return f"campaign {cid}: not CampaignStats"
+            for name in ("supporters", "extra_supporters", "messages"):
+                n = getattr(stats, name)
+                if type(n) is not int or n < 0:
+                    return f"campaign {cid}: {name} is {n!r}"
+            for name, key_type in (("action", str), ("area", str), ("org", int)):
+                for key, n in getattr(stats, name).items():
+                    if type(key) is not key_type or type(n) is not int or n <= 0:
+                        return f"campaign {cid}: {name}[{key!r}] is {n!r}"
+        return None
+
     def replace_all(self, campaigns: Mapping[int, CampaignStats]) -> None:
         """Load a snapshot file's content (before any calculation)."""
         self.campaigns = {cid: stats.copy() for cid, stats in campaigns.items()}

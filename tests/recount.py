@@ -1,6 +1,6 @@
 """A brute-force recount in Python of the rows of a Proca-shaped database (the test oracle).
 
-Written from shared/DESIGN.md, "The truth in Postgres", as plainly as possible, with no SQL
+Written from docs/design.md, "The truth in Postgres", as plainly as possible, with no SQL
 aggregation: every table is read whole and the rules are applied row by row.
 """
 
@@ -61,6 +61,17 @@ async def recount(
     for cid, counts in action_counts.items():
         if cid in result:
             result[cid].action = dict(counts)
+    has_messages = await conn.fetchval("SELECT to_regclass('messages') IS NOT NULL")
+    if has_messages:
+        counted_actions = {
+            a["id"]: a["campaign_id"]
+            for a in actions
+            if a["processing_status"] in ACTION_COUNTED and not a["testing"]
+        }
+        for m in await conn.fetch("SELECT action_id FROM messages"):
+            cid = counted_actions.get(m["action_id"])
+            if cid is not None and cid in result:
+                result[cid].messages += 1
     for page in pages.values():
         stats = result.get(page["campaign_id"])
         if stats is not None and page["extra_supporters"]:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import structlog
 
 from campaignstats._version import __version__
-from campaignstats.errors import ActorStopped, CalculationError, InternalError
+from campaignstats.errors import ActorStopped, CalculationError, InternalError, UsageError
 from campaignstats.model import (
     DEFAULT_MAX_KEYS,
     CalculationResult,
@@ -72,6 +72,16 @@ class ActorConfig:
     #: test-only: called with every message before it is handled; raising crashes the actor
     fault_hook: Callable[[Message], None] | None = None
 
+    def __post_init__(self) -> None:
+        # A zero interval would start a calculation on every loop turn: a spinning core and
+        # tens of thousands of "skipped" warnings a second.
+        for name in ("sync_interval", "publish_interval", "backoff_initial", "backoff_max"):
+            value = getattr(self, name)
+            if not value > 0 or value == float("inf"):
+                raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
+        if self.merge_slice < 1:
+            raise UsageError(f"merge_slice must be at least 1, not {self.merge_slice!r}")
+
 
 @dataclass(slots=True)
 class Lifetime:
@@ -107,6 +117,7 @@ class StatsActor:
         spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
         lifetime: Lifetime,
         incarnation: int = 0,
+        state: StatsState | None = None,
     ) -> None:
         self.mailbox = mailbox
         self.source = source
@@ -115,7 +126,12 @@ class StatsActor:
         self.lifetime = lifetime
         self.incarnation = incarnation
         self._spawn = spawn
-        self.state = StatsState(max_keys=config.max_keys, max_campaigns=config.max_campaigns)
+        #: a restarted actor inherits its predecessor's counts when they can be trusted
+        #: (Supervisor), rather than going back to a snapshot file that may be days old
+        self._inherited = state is not None
+        self.state = state or StatsState(
+            max_keys=config.max_keys, max_campaigns=config.max_campaigns
+        )
         self.rejected = 0
         # calculations
         self._generation = -1  # the generation this actor waits for
@@ -139,7 +155,9 @@ class StatsActor:
 
     async def run(self) -> None:
         """Rebuild the state (snapshot, then a full calculation), then serve until :class:`Stop`."""
-        if self.config.snapshot_path is not None:
+        if self._inherited:
+            log.info("actor.kept_counts", campaigns=len(self.state.campaigns))
+        elif self.config.snapshot_path is not None:
             campaigns = load_snapshot(self.config.snapshot_path)
             if campaigns is not None:
                 self.state.replace_all(campaigns)
@@ -428,7 +446,10 @@ class StatsActor:
         self._calc_task = None
         self.failed += 1
         self._failures_in_row += 1
-        delay = self.config.backoff_initial * 2 ** (self._failures_in_row - 1)
+        # The exponent is capped: 2.0 ** 1024 overflows a float, which after about 17 hours of
+        # outage would crash the actor.
+        doublings = min(self._failures_in_row - 1, 62)
+        delay = self.config.backoff_initial * 2.0**doublings
         if delay > self.config.backoff_max * 2:  # 1, 2, 4 ... 30, then the normal interval
             delay = self.config.sync_interval
         else:
@@ -490,6 +511,8 @@ class StatsActor:
             "subscriptions": self.registry.count(),
             "restarts": lifetime.restarts,
             "already_counted": self.state.already_counted,
+            "decrements_applied": self.state.decremented,
+            "clamped": self.state.clamped,
             "limits": {
                 "max_keys": self.config.max_keys,
                 "max_campaigns": self.config.max_campaigns,

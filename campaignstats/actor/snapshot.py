@@ -7,9 +7,11 @@ every start replaces what it covers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import structlog
@@ -18,22 +20,29 @@ from campaignstats.model import CampaignStats
 
 log = structlog.get_logger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: rows gain messages; format 1 files (without it) are still read
+_READABLE = (1, 2)
 
 
 def save_snapshot(path: Path, campaigns: dict[int, CampaignStats]) -> None:
     rows = [
-        (cid, s.supporters, s.action, s.area, s.org, s.extra_supporters)
+        (cid, s.supporters, s.action, s.area, s.org, s.extra_supporters, s.messages)
         for cid, s in campaigns.items()
     ]
     data = msgpack.packb({"format": FORMAT, "saved_at": time.time(), "campaigns": rows})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A full disk (or any failure) must not leave a half-written temporary file behind.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -49,14 +58,25 @@ def load_snapshot(path: Path) -> dict[int, CampaignStats] | None:
     except FileNotFoundError:
         log.info("snapshot.missing", path=str(path))
         return None
+    except OSError as exc:  # a directory, no permission...: ignored, never fatal
+        log.error("snapshot.unreadable", path=str(path), error=repr(exc))
+        return None
     try:
         data = msgpack.unpackb(raw, strict_map_key=False)
-        if data.get("format") != FORMAT:
-            raise ValueError(f"unknown snapshot format {data.get('format')!r}")
-        campaigns = {
-            int(cid): CampaignStats(int(sup), dict(action), dict(area), dict(org), int(extra))
-            for cid, sup, action, area, org, extra in data["campaigns"]
-        }
+        if type(data) is not dict or data.get("format") not in _READABLE:
+            raise ValueError("not a campaignstats snapshot, or an unknown format")
+        campaigns = {}
+        for row in data["campaigns"]:
+            cid, sup, action, area, org, extra, *rest = row
+            messages = rest[0] if rest else 0
+            campaigns[_id(cid)] = CampaignStats(
+                _count(sup),
+                _counts(action, str),
+                _counts(area, str),
+                _counts(org, int),
+                _count(extra),
+                _count(messages),
+            )
     except Exception as exc:  # a damaged file must not keep the server from starting
         log.error("snapshot.unreadable", path=str(path), error=repr(exc))
         return None
@@ -67,3 +87,30 @@ def load_snapshot(path: Path) -> dict[int, CampaignStats] | None:
         age_seconds=round(time.time() - float(data.get("saved_at", 0)), 1),
     )
     return campaigns
+
+
+# A snapshot that decodes is still checked value by value: a wrong type loaded into the state
+# would crash the actor at its first increment, and again after every restart.
+
+
+def _id(value: object) -> int:
+    if type(value) is not int or value < 1:
+        raise ValueError(f"a campaign id must be a positive integer, not {value!r}")
+    return value
+
+
+def _count(value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"a count must be a non-negative integer, not {value!r}")
+    return value
+
+
+def _counts(value: object, key_type: type) -> dict[Any, int]:
+    if type(value) is not dict:
+        raise ValueError(f"counts must be a map, not {type(value).__name__}")
+    for key, n in value.items():
+        if type(key) is not key_type:
+            raise ValueError(f"a key must be {key_type.__name__}, not {key!r}")
+        if type(n) is not int or n <= 0:
+            raise ValueError(f"a count must be a positive integer, not {n!r}")
+    return dict(value)

@@ -17,6 +17,7 @@ from collections import deque
 import structlog
 
 from campaignstats.errors import InternalError, StatsError
+from campaignstats.model import StatsState
 
 from .actor import ActorConfig, Lifetime, Source, StatsActor
 from .mailbox import Mailbox
@@ -57,6 +58,7 @@ class Supervisor:
         # actor cancels its own (StatsActor.abandon), so the group never waits on an orphan.
         async with asyncio.TaskGroup() as tasks:
             incarnation = 0
+            inherited: StatsState | None = None
             while gave_up is None:
                 actor = StatsActor(
                     self.mailbox,
@@ -66,6 +68,7 @@ class Supervisor:
                     tasks.create_task,
                     self.lifetime,
                     incarnation,
+                    inherited,
                 )
                 self.actor = actor
                 try:
@@ -78,6 +81,7 @@ class Supervisor:
                         actor.save_snapshot()
                         return
                     gave_up = self._on_crash(actor, exc)
+                    inherited = _trusted(actor)
                 incarnation += 1
         raise gave_up
 
@@ -111,6 +115,25 @@ class Supervisor:
         self.lifetime.restarts += 1
         log.warning("actor.restarting", restarts=self.lifetime.restarts)
         return None
+
+
+def _trusted(actor: StatsActor) -> StatsState | None:
+    """The dead actor's counts, for its successor, when they can be trusted.
+
+    The state only changes inside ``apply_many`` and ``merge``, and each increment is applied
+    whole or not at all, so a crash elsewhere leaves sound counts: keeping them beats going back
+    to a snapshot file that may be days old. They are checked all the same (every count a
+    non-negative integer); a state that fails the check is dropped. The calculation the dead
+    actor was running is abandoned with its journal; the new actor starts a full one.
+    """
+    state = actor.state
+    problem = state.check()
+    if problem is not None:
+        log.error("actor.counts_dropped", reason=problem)
+        return None
+    state.stop_journal()
+    state.applied = 0  # already added to the lifetime's total
+    return state
 
 
 def _describe(message: object) -> str:
