@@ -2,19 +2,19 @@
 
 Campaign ``c`` is the hash ``c:<c>`` with fields ``s`` (supporters), ``a:<type>``, ``r:<area>``
 and ``o:<org>``. An increment is one HINCRBY (a returning supporter) to four (a new one with an
-area). redis-server, redis-py and hiredis are bench-only: :func:`ensure_redis` installs them
-when missing (apt-get and pip into the running interpreter's environment).
+area). redis-py and hiredis are the [bench] extra and redis-server a Debian package, all
+bench-only: ``make bench`` installs them; :func:`ensure_redis` only checks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import random
 import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -22,43 +22,25 @@ from collections.abc import Iterator
 from typing import Any
 
 from bench._data import CAMPAIGNS, Item, Totals
-from bench._workers import time_each, typical_campaign
+from bench._harness import free_port, time_each
+from bench._workers import typical_campaign
 
 
 def ensure_redis(say: Any) -> str | None:
-    """Why Redis cannot be benchmarked, or None when redis-server and redis-py are here."""
+    """Why Redis cannot be benchmarked, or None when redis-server and redis-py are here.
+
+    Nothing is installed at run time: redis-py and hiredis are the [bench] extra, redis-server
+    is Debian's package (``make bench`` installs both when missing).
+    """
     if shutil.which("redis-server") is None:
-        say("installing redis-server (apt-get)...")
-        env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-        r = subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "redis-server"], capture_output=True, env=env
-        )
-        if r.returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env)
-            subprocess.run(
-                ["apt-get", "install", "-y", "-qq", "redis-server"], capture_output=True, env=env
-            )
-        if shutil.which("redis-server") is None:
-            return "redis-server could not be installed"
+        return "redis-server is not installed (apt-get install redis-server, or make bench)"
     try:
-        import hiredis  # noqa: F401
-        import redis
+        import redis  # noqa: F401
     except ImportError:
-        say("installing redis and hiredis into the venv (pip; bench-only)...")
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "redis", "hiredis"], capture_output=True
-        )
-        try:
-            import redis  # noqa: F401
-        except ImportError:
-            return "redis-py could not be installed"
+        return "redis-py is not installed (pip install -e '.[bench]', or make bench)"
+    if importlib.util.find_spec("hiredis") is None:
+        say("hiredis is not installed: redis-py parses replies in Python (slower peer)")
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

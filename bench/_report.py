@@ -1,24 +1,10 @@
-"""The bench's output: summaries, the table, the targets, the chart."""
+"""The output of ``bench.run``: the table and the chart (statistics: bench/_harness.py)."""
 
 from __future__ import annotations
 
 import math
-import statistics
 from pathlib import Path
 from typing import Any
-
-
-def percentile(sorted_values: list[float], p: float) -> float:
-    if not sorted_values:
-        return math.nan
-    k = max(0, math.ceil(p / 100 * len(sorted_values)) - 1)
-    return sorted_values[k]
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"median": math.nan, "min": math.nan, "max": math.nan}
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def fmt(value: float, unit: str) -> str:
@@ -71,7 +57,7 @@ def chart(metrics: dict[str, dict[str, Any]], path: Path) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed: chart skipped"
+        return "matplotlib is not installed (the [bench] extra): chart skipped"
 
     def med(key: str) -> float | None:
         m = metrics.get(key)

@@ -1,23 +1,23 @@
 """What the bench's client processes do: each function runs in a forked child and returns a dict.
 
-Every loop is bounded by its input and by a deadline (``limit`` seconds): a loop cut by the
-deadline says so (``cut``) and its figure does not count.
+The harness (forking, the timing loop, percentiles) is bench/_harness.py. Every loop is bounded
+by its input and by a deadline (``limit`` seconds): a loop cut by the deadline says so (``cut``)
+and its figure does not count.
 """
 
 from __future__ import annotations
 
 import gc
-import os
 import random
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import msgpack
 
 from bench._data import ACTION_TYPES, AREAS, Item
+from bench._harness import rss_bytes, time_each
 from campaignstats.client import StatsClient
 from campaignstats.model import Increment, StatsState
 from campaignstats.protocol import ClientCodec, Err, Ok, ServerCodec
@@ -195,22 +195,6 @@ def paced_load(
     return {"sent": sent, "seconds": elapsed, "rate": sent / elapsed}
 
 
-def time_each(call: Callable[[Any], object], args: list[Any], limit: float) -> dict[str, Any]:
-    """Latency in µs of ``call(arg)`` for each arg, after 500 warm-up calls, within ``limit`` s."""
-    for arg in args[:500]:
-        call(arg)
-    clock = time.perf_counter
-    out: list[float] = []
-    deadline = clock() + limit
-    for arg in args:
-        t = clock()
-        call(arg)
-        out.append((clock() - t) * 1e6)
-        if t > deadline:
-            break
-    return {"latencies": out, "cut": len(out) < len(args)}
-
-
 def query_latency(port: int, n: int, seed: int, limit: float) -> dict[str, Any]:
     """Workload 4: sequential StatsClient.stats() of random campaigns; latencies in µs."""
     client = StatsClient(f"tcp://127.0.0.1:{port}", timeout=10)
@@ -286,11 +270,6 @@ def ceiling(stream: bytes, n: int, mode: str) -> dict[str, Any]:
     return {"n": n, "seconds": seconds, "totals": totals if mode != "decode" else None}
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def typical_campaign(cid: int) -> list[tuple[int, int, str, str | None, bool, int, None]]:
     """10 new supporters: 5 action types, 10 areas, 3 orgs (fresh strings, as decoded)."""
     return [
@@ -302,11 +281,11 @@ def typical_campaign(cid: int) -> list[tuple[int, int, str, str | None, bool, in
 def memory(campaigns: int) -> dict[str, Any]:
     """Workload 6: RSS growth of a StatsState holding ``campaigns`` typical campaigns."""
     gc.collect()
-    before = _rss()
+    before = rss_bytes()
     state = StatsState()
     for cid in range(1, campaigns + 1):
         state.apply_many([Increment(*item) for item in typical_campaign(cid)])
     gc.collect()
-    after = _rss()
+    after = rss_bytes()
     assert len(state.campaigns) == campaigns
     return {"campaigns": campaigns, "bytes_per_campaign": (after - before) / campaigns}

@@ -6,7 +6,8 @@ Builds the demo database once (named by actions and seed) in an embedded Postgre
 ``--data-dir`` and reuses it afterwards. Runs Proca's queries (bench/proca_queries.py, sequential on
 one connection) and ours (``calculate()``, with a helper connection unless ``--no-helper``)
 alternately, checks that the org, action and extra-supporter maps agree, prints a table and writes
-JSON to bench/results/calculation-<date>.json.
+JSON to bench/results/calculation-<date>.json. Medians, min and max are bench/_harness.py's, as in
+every benchmark here.
 """
 
 from __future__ import annotations
@@ -14,36 +15,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import logging
-import os
-import platform
 import resource
-import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import structlog
 
+from bench._harness import append_result, machine, summary
 from bench.proca_queries import proca_calculate
 from campaignstats.db.calculation import calculate
 from campaignstats.db.demo import fill_demo
 from campaignstats.db.embedded import EmbeddedPostgres, create_database, with_database
 from campaignstats.db.schema import init_db
 from campaignstats.model import CampaignStats
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 async def ensure_database(admin_dsn: str, actions: int, seed: int) -> str:
@@ -84,14 +69,6 @@ def compare(ours: dict[int, CampaignStats], proca: dict[int, CampaignStats]) -> 
             if getattr(a, field) != getattr(b, field):
                 problems.append(f"campaign {cid}: {field} differs")
     return problems
-
-
-def summary(times: list[float]) -> dict[str, float]:
-    return {
-        "median": statistics.median(times),
-        "min": min(times),
-        "max": max(times),
-    }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -135,11 +112,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     p, o = summary(proca_times), summary(our_times)
     return {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "actions": args.actions,
         "seed": args.seed,
         "scope": args.scope,
@@ -180,12 +153,7 @@ def main() -> None:
     print(f"ratio (proca / ours, medians): {out['ratio_median']:.2f}x")
     print(f"peak RSS of this process: {out['peak_rss_mb_during_ours']:.0f} MB")
     print("maps equal (org, action, extra)" if not out["mismatches"] else out["mismatches"])
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"calculation-{dt.date.today().isoformat()}.json"
-    runs = json.loads(path.read_text()) if path.exists() else []
-    runs = runs if isinstance(runs, list) else [runs]
-    runs.append(out)
-    path.write_text(json.dumps(runs, indent=2) + "\n")
+    path = append_result(f"calculation-{dt.date.today().isoformat()}", out)
     print(f"written to {path}")
 
 

@@ -2,16 +2,20 @@
 
     python -m bench.run            # full: about 5-8 minutes on 2 cores
     python -m bench.run --quick    # smoke version, 1-2 minutes
-    python -m bench.run --uvloop   # the server on uvloop (pip-installed for the run if missing)
+    python -m bench.run --uvloop   # the server on uvloop
+    make bench                     # installs what the bench needs, then python -m bench.run
 
 A real server process (bench/_server.py: StatsService + StatsServer on 127.0.0.1, with an
 in-bench source whose calculation returns an empty result at once, so the actor is loaded) and
 client processes forked from this one. The workload (bench/_data.py) is generated with a fixed
 seed and encoded before any clock starts. Every figure counts only if the totals it produced
 match the totals of the same increments applied to a StatsState here (for Redis: the hashes,
-read back with HGETALL). Redis (redis-server from apt, redis-py and hiredis from pip, all
-bench-only and installed when missing) runs on a loopback port without persistence, and is
-stopped at the end.
+read back with HGETALL). Redis runs on a loopback port without persistence, and is stopped at
+the end. What the bench needs beyond the server is installed before it runs, never by it: the
+[bench] extra (redis-py, hiredis, matplotlib, uvloop, py-spy) and Debian's redis-server, both
+by ``make bench``.
+
+Forking, timing and percentiles are bench/_harness.py: latency percentiles are nearest-rank.
 
 Prints a table (median, min-max over the runs, ratio ours/peer of the medians), writes JSON to
 bench/results/run-<date>.json (a list: each run appends) and a PNG chart beside it.
@@ -23,10 +27,7 @@ import argparse
 import collections
 import datetime as dt
 import importlib.util
-import json
-import multiprocessing as mp
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -37,12 +38,10 @@ from typing import Any
 
 import msgpack
 
-from bench import _data, _redis, _workers
-from bench._report import chart, percentile, summary, table
-from bench.calculation import cpu_model
+from bench import _data, _harness, _redis, _workers
+from bench._harness import RESULTS, percentiles, summary
+from bench._report import chart, table
 
-RESULTS = Path(__file__).parent / "results"
-CTX = mp.get_context("fork")
 SEED = 42
 
 
@@ -102,33 +101,11 @@ class Bench:
         return self._expected[key]
 
     def child(self, fn: Any, *args: Any, limit: float | None = None) -> dict[str, Any]:
-        result: dict[str, Any] = self.start(fn, *args)(limit or self.p.limit + 30)
-        return result
+        return _harness.in_child(fn, *args, timeout=limit or self.p.limit + 30)
 
-    def start(self, fn: Any, *args: Any) -> Any:
+    def start(self, fn: Any, *args: Any) -> _harness.Waiter:
         """Run ``fn(*args)`` in a forked process; returns a function that waits for its result."""
-        recv, send = CTX.Pipe(duplex=False)
-
-        def target() -> None:
-            try:
-                send.send(fn(*args))
-            except BaseException as exc:
-                send.send({"error": f"{type(exc).__name__}: {exc}"})
-
-        proc = CTX.Process(target=target, daemon=True)
-        proc.start()
-        send.close()
-
-        def wait(timeout: float) -> dict[str, Any]:
-            if recv.poll(timeout):
-                result: dict[str, Any] = recv.recv()
-            else:
-                result = {"error": f"no result in {timeout:.0f} s"}
-                proc.kill()
-            proc.join(5)
-            return result
-
-        return wait
+        return _harness.fork(fn, *args)
 
     def record(
         self, key: str, label: str, unit: str, values: list[float], oks: list[bool], **extra: Any
@@ -346,7 +323,7 @@ class Bench:
         for i in range(self.p.runs):
             wait_load = None
             if load is not None:
-                stop = CTX.Event()
+                stop = _harness.event()
                 wait_load = self.start(load[0], port, *load[1:], stop, self.p.limit)
                 time.sleep(0.5)
             r = self.child(fn, port, self.p.n_queries, SEED + i, self.p.limit)
@@ -356,9 +333,8 @@ class Bench:
                 loads.append(lr)
             ok = "error" not in r and not r.get("cut")
             oks.append(ok)
-            lat = sorted(r.get("latencies", []))
-            for name, q in (("p50", 50), ("p99", 99), ("p99.9", 99.9)):
-                per[name].append(percentile(lat, q))
+            for name, value in percentiles(r.get("latencies", [])).items():
+                per[name].append(value)
             extra = f", load {loads[-1].get('rate', 0):,.0f} inc/s" if loads else ""
             self.say(
                 f"  {label} run {i + 1}: p50 {per['p50'][-1]:.0f} µs, p99 "
@@ -378,13 +354,8 @@ class Bench:
         """py-spy on the server while one connection blasts incs of 1,000, then single incs."""
         exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         if not Path(exe).exists():
-            self.say("installing py-spy into the venv (pip; bench-only) for the profile...")
-            subprocess.run(
-                [sys.executable, "-m", "pip", "install", "-q", "py-spy"], capture_output=True
-            )
-        if not Path(exe).exists():
-            self.notes.append("py-spy is not installable: no profile")
-            self.say("py-spy unavailable: profile skipped")
+            self.notes.append("py-spy is not installed (the [bench] extra): no profile")
+            self.say("py-spy is not installed (the [bench] extra): profile skipped")
             return
         self.profiles: dict[str, Any] = {}
         secs = self.p.profile_seconds
@@ -587,13 +558,10 @@ def _frame(frame: str) -> str:
 
 
 def machine(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "msgpack": ".".join(map(str, msgpack.version)),
-        "server_loop": "uvloop" if args.uvloop else "asyncio",
-    }
+    return _harness.machine(
+        msgpack=".".join(map(str, msgpack.version)),
+        server_loop="uvloop" if args.uvloop else "asyncio",
+    )
 
 
 def targets(metrics: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
@@ -681,12 +649,7 @@ def main() -> None:
     if args.runs:
         bench.p = Params(**{**bench.p.__dict__, "runs": args.runs})
     if args.uvloop and importlib.util.find_spec("uvloop") is None:
-        bench.say("installing uvloop into the venv (pip; bench-only, for this comparison)...")
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "uvloop"], capture_output=True
-        )
-        if importlib.util.find_spec("uvloop") is None:
-            sys.exit("uvloop is not installable here")
+        sys.exit("--uvloop: uvloop is not installed (pip install -e '.[bench]', or make bench)")
     date = dt.datetime.now()
     info = machine(args)
     bench.say(
@@ -743,11 +706,7 @@ def main() -> None:
         "profile": getattr(bench, "profiles", None),
         "notes": bench.notes,
     }
-    path = RESULTS / f"{stem}.json"
-    runs = json.loads(path.read_text()) if path.exists() else []
-    runs = runs if isinstance(runs, list) else [runs]
-    runs.append(out)
-    path.write_text(json.dumps(runs, indent=1, default=str) + "\n")
+    path = _harness.append_result(stem, out)
     print(f"results appended to {path}; total {time.monotonic() - bench.t0:.0f} s")
 
 

@@ -11,7 +11,8 @@ connections; subscribers follow the busiest campaigns; a prober queries a random
 query. Postgres is stopped and started again ``--restarts`` times, evenly spaced. At the end the
 server's counts must equal the calculation from the database, campaign by campaign.
 
-Results: bench/results/soak-<date>.json, and a PNG chart when matplotlib is installed.
+Results: bench/results/soak-<date>.json, and a PNG chart when matplotlib (the [bench] extra) is
+installed. Percentiles are nearest-rank (bench/_harness.py), as in every benchmark here.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import contextlib
 import json
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,6 +34,7 @@ from typing import Any
 
 import asyncpg
 
+from bench._harness import RESULTS, free_port, machine, percentile, rss_bytes
 from campaignstats.client import AsyncStatsClient
 from campaignstats.db.calculation import calculate
 from campaignstats.db.embedded import EmbeddedPostgres, create_database, with_database
@@ -43,7 +44,6 @@ CAMPAIGNS = 200
 ORGS = 20
 AREAS = ["DE", "FR", "IT", "ES", "PL", None]
 TYPES = ["register", "share", "mail2target", "petition", "donate"]
-RESULTS = Path(__file__).parent / "results"
 
 
 @dataclass
@@ -88,8 +88,8 @@ class SoakReport:
             "rss_mb_second_half_median": round(statistics.median(rss[half:] or rss), 1),
             "rss_mb_max": round(max(rss), 1) if rss else None,
             "mailbox_depth_max": max(depth) if depth else None,
-            "query_ms_p50": round(_pct(lat, 50), 3) if lat else None,
-            "query_ms_p99": round(_pct(lat, 99), 3) if lat else None,
+            "query_ms_p50": round(percentile(lat, 50), 3) if lat else None,
+            "query_ms_p99": round(percentile(lat, 99), 3) if lat else None,
             "query_ms_max": round(lat[-1], 3) if lat else None,
             "calculations": self.calculations,
             "client_drops": self.increments_dropped_by_clients,
@@ -99,24 +99,11 @@ class SoakReport:
         }
 
 
-def _pct(sorted_values: list[float], p: float) -> float:
-    k = min(len(sorted_values) - 1, round(p / 100 * (len(sorted_values) - 1)))
-    return sorted_values[k]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    try:
+        return rss_bytes(pid) / 2**20
+    except OSError:  # the server is gone: the sample says 0, the exactness check says why
+        return 0.0
 
 
 async def _setup(dsn: str) -> list[int]:
@@ -241,7 +228,7 @@ async def soak(
     await create_database(admin, "soak", drop_existing=True)
     dsn = with_database(admin, "soak")
     campaigns = await _setup(dsn)
-    port = _free_port()
+    port = free_port()
     log_fd = os.open(data_dir / "server.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     server = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "campaignstats.cli", "--log-format", "json",
@@ -398,26 +385,18 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now().strftime("%Y-%m-%d-%H%M")
     out = RESULTS / f"soak-{stamp}.json"
-    machine = {"cpu": _cpu(), "cores": os.cpu_count(), "python": sys.version.split()[0]}
+    where = machine()
     samples = [asdict(s) for s in report.samples]
     out.write_text(
-        json.dumps({"machine": machine, "summary": report.summary(), "samples": samples}, indent=1)
+        json.dumps({"machine": where, "summary": report.summary(), "samples": samples}, indent=1)
     )
     chart = RESULTS / f"soak-{stamp}.png"
-    print(json.dumps({"machine": machine, **report.summary()}, indent=2))
+    print(json.dumps({"machine": where, **report.summary()}, indent=2))
     print(
         f"results: {out}"
         + (f", chart: {chart}" if _chart(report, chart) else " (no matplotlib: no chart)")
     )
     return 0 if report.exact else 1
-
-
-def _cpu() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":
