@@ -560,9 +560,7 @@ class ClientCodec:
         """
         out: list[ServerMessage] = []
         for value in self._decoder.feed(data):
-            if type(value) is not list or not value:
-                raise BadFrame(f"unexpected value from the server: {_short(value)}")
-            op = value[0]
+            op = value[0] if type(value) is list and value else None
             if op == "ok" and len(value) == 3:
                 out.append(Ok(value[1], value[2]))
             elif op == "err" and len(value) == 4:
@@ -570,8 +568,19 @@ class ClientCodec:
             elif op == "pub" and len(value) == 3:
                 out.append(Pub(value[1], value[2]))
             else:
-                raise BadFrame(f"unexpected message from the server: {_short(value)}")
+                error = BadFrame(f"unexpected message from the server: {_short(value)}")
+                if not out:
+                    raise error
+                # As for bad bytes: the messages before it first, the error with the next call
+                # (and in :attr:`error` at once, for a caller that wants to know now).
+                self._decoder.error = error
+                break
         return out
+
+    @property
+    def error(self) -> BadFrame | None:
+        """A violation found after the messages last returned: the connection must go."""
+        return self._decoder.error
 
     def call(self, op: str, req_id: int, *args: Any) -> bytes:
         return self._pack([op, req_id, *args])  # type: ignore[no-any-return]
