@@ -141,10 +141,12 @@ async def test_actions_accepted_and_rejected_later_are_exact_while_calculations_
     # ...and never backwards but for rejections: what the samples lost adds up to no more
     # than the rejections committed by then.
     lost = 0
-    for before, after, rejections in zip(samples, samples[1:], rejections_at_sample[1:]):
+    pairs = zip(samples, samples[1:], rejections_at_sample[1:], strict=False)
+    for before, after, rejections in pairs:
         lost += max(0, before - after)
         assert lost <= rejections, (before, after, lost, rejections)
-    assert proca.rejections > 0 and len(proca.counted) > 0
+    assert proca.rejections > 0
+    assert proca.counted
 
 
 SLOW_START = replace(
@@ -217,4 +219,5 @@ async def _messages_scenario(conn: asyncpg.Connection, service: StatsService) ->
 
 
 async def _messages(service: StatsService, n: int) -> bool:
-    return (await service.stats(1))["messages"] == n
+    stats = await service.stats(1)
+    return bool(stats["messages"] == n)
