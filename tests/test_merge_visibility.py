@@ -1,10 +1,11 @@
-"""The exact merge against a model of Postgres visibility (docs/design.md, "Exact by transaction id").
+"""The exact merge against a model of Postgres visibility.
 
-Hypothesis plays a Proca deployment at random: actions are accepted (an increment) and some are
-rejected later (a decrement), each change in its own transaction; transactions begin and commit
-in any interleaving; the backend announces each change after its commit, after any delay and in
-any order but one (a rejection after its acceptance); calculations journal, take a snapshot and merge at any point. The model computes what
-Postgres would: which transactions each snapshot sees (``xmin:xmax:xip``) and the counts it reads.
+docs/design.md, "Exact by transaction id". Hypothesis plays a Proca deployment at random: actions
+are accepted (an increment) and some are rejected later (a decrement), each change in its own
+transaction; transactions begin and commit in any interleaving; the backend announces each change
+after its commit, after any delay and in any order but one (a rejection after its acceptance);
+calculations journal, take a snapshot and merge at any point. The model computes what Postgres
+would: which transactions each snapshot sees (``xmin:xmax:xip``) and the counts it reads.
 
 The property: at every step, memory equals the effect of every change that is either visible to
 the last merged snapshot or already announced, so once everything is committed and announced,
@@ -176,7 +177,8 @@ def play(data: st.DataObject, actions: int, rejections: bool, with_txid: bool) -
             pending_result = result_for(changes, snapshot, world, actions)
             calculation = ("taken", snapshot)
         else:
-            assert pending_result is not None and calculation is not None
+            assert pending_result is not None
+            assert calculation is not None
             state.merge(pending_result)
             state.stop_journal()
             merged_snapshot = calculation[1]
