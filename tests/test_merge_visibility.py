@@ -125,9 +125,7 @@ def play(data: st.DataObject, actions: int, rejections: bool, with_txid: bool) -
 
     def expected() -> CampaignStats:
         included = {
-            i
-            for i, c in enumerate(changes)
-            if c.announced or visible(c, merged_snapshot, world)
+            i for i, c in enumerate(changes) if c.announced or visible(c, merged_snapshot, world)
         }
         return stats_of(counted_actions(changes, included))
 
