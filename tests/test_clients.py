@@ -1,16 +1,22 @@
-"""Both clients against the real StatsServer over real sockets: outages, restarts, timeouts.
+"""Both clients against the real StatsServer over real sockets: one behaviour suite, run twice.
 
-The server runs in the test's event loop, so the blocking client's calls run in a worker thread
-(:class:`Driver`); its ``increment()`` never blocks and is called directly, like a web view would.
-Every test uses campaign ids of its own: the service (and its counts) is shared by the module.
+Every test that takes ``make_client`` runs against the asyncio and the blocking client: the same
+calls, options, errors and timeouts. The server runs in the test's event loop, so the blocking
+client's calls run in a worker thread (:class:`Driver`); its ``increment()`` never blocks and is
+called directly, like a web view would. Every test uses campaign ids of its own: the service (and
+its counts) is shared by the module.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import itertools
+import os
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -24,14 +30,18 @@ from campaignstats.actor.actor import ActorConfig
 from campaignstats.client import (
     CLIENT_NAME,
     AsyncStatsClient,
+    BlockingSubscription,
     CallTimeout,
     ServerUnavailable,
     StatsClient,
+    blocking,
 )
+from campaignstats.client import Subscription as AsyncSubscription
 from campaignstats.client._common import parse_url
 from campaignstats.db.source import PostgresSource
 from campaignstats.errors import BadMessage, Invalid, StatsError, Unauthorized
-from campaignstats.protocol import Hello, Ping, ServerCodec
+from campaignstats.model import Increment
+from campaignstats.protocol import Call, Hello, Ping, ServerCodec
 from campaignstats.server import StatsServer
 from campaignstats.service import StatsService
 
@@ -115,11 +125,17 @@ class Driver:
     def increment(self, *args: Any, **kwargs: Any) -> None:
         self.client.increment(*args, **kwargs)
 
-    async def call(self, name: str, *args: Any) -> Any:
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)  # increment_many, decrement... never block
+
+    async def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         method = getattr(self.client, name)
         if isinstance(self.client, AsyncStatsClient):
-            return await method(*args)
-        return await asyncio.to_thread(method, *args)
+            return await method(*args, **kwargs)
+        return await asyncio.to_thread(method, *args, **kwargs)
+
+    def subscribe(self, campaign_id: int) -> SubscriptionDriver:
+        return SubscriptionDriver(self.client.subscribe(campaign_id))
 
     async def close(self) -> None:
         await self.call("close")
@@ -139,6 +155,30 @@ class Driver:
     @property
     def connected(self) -> bool:
         return self.client.statistics().connected
+
+
+class SubscriptionDriver:
+    """Drives either client's subscription: ``start``, ``get`` and ``close`` awaited alike."""
+
+    def __init__(self, subscription: AsyncSubscription | BlockingSubscription) -> None:
+        self.subscription = subscription
+
+    async def start(self) -> None:
+        if isinstance(self.subscription, AsyncSubscription):
+            await self.subscription.start()
+        else:
+            await asyncio.to_thread(self.subscription.start)
+
+    async def get(self, timeout: float | None = None) -> tuple[int, dict[str, Any]] | None:
+        if isinstance(self.subscription, AsyncSubscription):
+            return await self.subscription.get(timeout)
+        return await asyncio.to_thread(self.subscription.get, timeout)
+
+    async def close(self) -> None:
+        if isinstance(self.subscription, AsyncSubscription):
+            await self.subscription.aclose()
+        else:
+            await asyncio.to_thread(self.subscription.close)
 
 
 MakeClient = Callable[..., Driver]
@@ -302,11 +342,11 @@ class Fake:
         try:
             while data := await reader.read(1 << 16):
                 for msg in codec.receive_data(data):
-                    received.append(msg)
-                    result = self.answer(msg)
-                    req_id = getattr(msg, "req_id", None)
-                    if result is not None and isinstance(req_id, int):
-                        writer.write(codec.ok(req_id, result))
+                    request = msg.request if isinstance(msg, Call) else msg
+                    received.append(request)
+                    result = self.answer(request)
+                    if result is not None and isinstance(msg, Call):
+                        writer.write(codec.ok(msg.req_id, result))
         except ConnectionError:
             pass
         finally:
@@ -427,6 +467,7 @@ async def test_every_call_works_over_a_unix_socket(
             "area": {"DE": 1},
             "org": {7: 1},
             "extra_supporters": 0,
+            "messages": 0,
         }
         assert await client.call("stats", cid) == expected
         many = await client.call("stats_many", [cid, other])
@@ -483,40 +524,126 @@ async def test_the_blocking_client_takes_increments_from_many_threads_at_once(
 
 
 async def test_subscribe_yields_the_new_stats_of_a_campaign_that_changes(
-    service: StatsService,
+    service: StatsService, make_client: MakeClient
 ) -> None:
     async with asyncio.timeout(10), running_server(service) as server:
-        client = AsyncStatsClient(tcp_url(server))
+        client = make_client(tcp_url(server))
         cid = new_campaign()
-        async with client.subscribe(cid) as updates:
-            client.increment(cid, 1, "register", "FR", True)
-            await client.flush()
-            got, stats = await anext(updates)
-            assert got == cid
-            assert (stats["supporters"], stats["area"]) == (1, {"FR": 1})
-        ended = client.subscribe(cid)
-        await ended.start()
-        await client.close()
-        assert [update async for update in ended] == []  # closing the client ends iteration
+        updates = client.subscribe(cid)
+        await updates.start()  # confirmed: no update after this is missed
+        client.increment(cid, 1, "register", "FR", True)
+        await client.call("flush")
+        update = await updates.get(timeout=5)
+        assert update is not None
+        got, stats = update
+        assert got == cid
+        assert (stats["supporters"], stats["area"]) == (1, {"FR": 1})
+        assert await updates.get(timeout=0.2) is None  # nothing new: the wait times out
+        await updates.close()
+        assert await updates.get() is None  # a closed subscription ends
 
 
-async def test_a_subscription_survives_a_server_restart(service: StatsService) -> None:
+async def test_a_subscription_survives_a_server_restart(
+    service: StatsService, make_client: MakeClient
+) -> None:
     port = free_port()
     cid = new_campaign()
-    client = AsyncStatsClient(f"tcp://127.0.0.1:{port}", backoff_max=0.1)
-    try:
-        async with asyncio.timeout(10):
-            async with running_server(service, port=port):
-                updates = client.subscribe(cid)
-                await updates.start()
-            await eventually(lambda: not client.statistics().connected)
-            async with running_server(service, port=port):
-                # Nothing to send: the subscription alone makes the client reconnect.
-                await eventually(lambda: client.statistics().connected)
-                client.increment(cid, 1, "register", None, True)
-                await client.flush()
-                async for _, stats in updates:
-                    if stats["supporters"] == 1:
-                        break
-    finally:
-        await client.close()
+    client = make_client(f"tcp://127.0.0.1:{port}")
+    async with asyncio.timeout(15):
+        async with running_server(service, port=port):
+            updates = client.subscribe(cid)
+            await updates.start()
+        async with running_server(service, port=port):
+            client.increment(cid, 1, "register", None, True)
+            await client.call("flush")
+            # Re-subscribed on a new connection; the current stats come as an update.
+            while True:
+                update = await updates.get(timeout=5)
+                assert update is not None
+                if update[1]["supporters"] == 1:
+                    break
+        await updates.close()
+
+
+async def test_a_per_call_timeout_overrides_the_clients(make_client: MakeClient) -> None:
+    async with asyncio.timeout(10), fake_server(hello_only) as fake:
+        client = make_client(f"tcp://127.0.0.1:{fake.port}", timeout=30)
+        start = time.monotonic()
+        for call, args in [("ping", ()), ("stats", (1,)), ("info", ()), ("flush", ())]:
+            with pytest.raises(CallTimeout):
+                await client.call(call, *args, timeout=0.2)
+        assert time.monotonic() - start < 3
+        with pytest.raises(ValueError, match="timeout"):
+            await client.call("ping", timeout=0)
+
+
+def hello_with_limits(msg: Any) -> Any | None:
+    if isinstance(msg, Hello):
+        return {"protocol": 1, "server": "fake", "limits": {"max_string": 8}}
+    return "pong" if isinstance(msg, Ping) else None
+
+
+async def test_the_string_limit_comes_from_the_servers_hello(make_client: MakeClient) -> None:
+    async with asyncio.timeout(10), fake_server(hello_with_limits) as fake:
+        client = make_client(f"tcp://127.0.0.1:{fake.port}")
+        client.increment(1, 1, "x" * 20)  # before any hello: the protocol default (64)
+        await client.call("ping")
+        client.increment(1, 1, "x" * 8)
+        with pytest.raises(Invalid, match="8 bytes"):
+            client.increment(1, 1, "x" * 9)
+
+
+async def test_batches_decrements_and_the_map_form_reach_the_server(
+    service: StatsService, make_client: MakeClient
+) -> None:
+    async with asyncio.timeout(10), running_server(service) as server:
+        client = make_client(tcp_url(server))
+        cid = new_campaign()
+        await client.call("ping")
+        client.increment_many(
+            [Increment(cid, 1, "register", "DE", True, action_id=i + 1) for i in range(10)]
+        )
+        client.increment(cid, 2, "mail", None, True, txid=10**6, page=3, messages=4, at=1.7e9)
+        client.decrement(cid, 1, "register", "DE", True)
+        client.decrement_many([Increment(cid, 2, "mail", None, True, messages=4)])
+        await client.call("flush")
+        stats = await client.call("stats", cid)
+        assert stats["action"] == {"register": 9}
+        assert (stats["supporters"], stats["area"], stats["org"]) == (9, {"DE": 9}, {1: 9})
+        assert stats["messages"] == 0
+        assert client.dropped == 0
+        with pytest.raises(Invalid, match="item 1"):
+            client.increment_many([Increment(cid, 1, "a"), Increment(cid, 1, "")])
+
+
+def test_closed_blocking_clients_leave_no_fork_or_exit_hook_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Review finding: each StatsClient registered an at-fork and an atexit hook that nothing
+    # removed, so a process making and closing clients grew both lists for ever.
+    registered: list[object] = []
+    monkeypatch.setattr(os, "register_at_fork", lambda **hooks: registered.append(hooks))
+    monkeypatch.setattr(atexit, "register", lambda *args, **kw: registered.append(args))
+    for _ in range(100):
+        StatsClient("tcp://127.0.0.1:9").close()
+    assert registered == []
+    assert not any(c.closed for c in blocking._live)
+
+
+def test_a_forked_child_starts_with_an_empty_queue_and_its_own_connections() -> None:
+    script = """
+import os, sys
+from campaignstats.client import StatsClient
+client = StatsClient("tcp://127.0.0.1:9", backoff_min=5, backoff_max=5)
+client.increment(1, 1, "register")
+pid = os.fork()
+if pid == 0:
+    s = client.statistics()
+    os._exit(0 if (s.queued, s.sent, s.dropped) == (0, 0, 0) else 3)
+_, status = os.waitpid(pid, 0)
+assert client.statistics().queued == 1
+client.close(timeout=0.1)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()

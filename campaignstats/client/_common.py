@@ -1,29 +1,30 @@
-"""What the asyncio and the blocking client share: errors, URLs, options, the increment queue.
+"""What the asyncio and the blocking client share: URLs, options, the increment queue, warnings.
 
-Nothing here does I/O. The two clients differ only in how they wait (an event loop or threads),
-so everything that does not wait lives here once: parsing ``tcp://`` and ``unix://`` URLs, the
-hello payload, reconnection backoff, rate-limited warnings, and the hot path of ``increment()``.
+Nothing here does I/O, and nothing here speaks the protocol: that is the client session's job
+(:mod:`campaignstats.sessions.client`). The two clients differ only in how they wait (an event
+loop, or the caller's thread), so everything that does not wait lives here once: parsing
+``tcp://`` and ``unix://`` URLs, the options, reconnection backoff, rate-limited warnings, and the
+hot path of ``increment()``.
 
-Layering (shared/DESIGN.md): a client imports the codec, the errors and the model, never the
-actor, the service or the server.
+Layering (docs/design.md, "The house"): a client imports the session, the codec, the requests,
+the errors and the model, never the actor, the service or the server.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import structlog
 
-from campaignstats._version import __version__
-from campaignstats.errors import (
-    Invalid,
-)
-from campaignstats.model import DEFAULT_MAX_STRING, MAX_ID, Increment, check_increment
-from campaignstats.protocol import DEFAULT_MAX_BATCH, PROTOCOL_VERSION
+from campaignstats.errors import LocalProtocolError, UsageError
+from campaignstats.model import DEFAULT_MAX_STRING, MAX_ID, Increment, Scope, check_increment
+from campaignstats.protocol import DEFAULT_MAX_BATCH
+from campaignstats.sessions.client import ClientSession, Undo, WireItem, wire_item
 
 log = structlog.get_logger("campaignstats.client")
 
@@ -38,15 +39,8 @@ BACKOFF_MIN = 0.05
 BACKOFF_MAX = 5.0
 WARN_INTERVAL = 10.0  # seconds between two warnings of the same kind
 
-CLIENT_NAME = f"campaignstats-python/{__version__}"
-
-#: An increment as queued and sent: the wire item of ``incs``
-#: ``(campaign_id, org_id, action_type, area, new_supporter, count, action_id)``.
-Item = tuple[int, int, str, str | None, bool, int, int | None]
-
-# An ASCII string has one byte per character, so the hot path can check its length without
-# encoding it; anything else (and every failure) goes through check_increment.
-_MAX_STRING = DEFAULT_MAX_STRING
+#: what a client's queue holds: an increment's wire item, or a decrement's (wrapped in Undo)
+Queued = WireItem | Undo
 
 
 # -- addresses ----------------------------------------------------------------------------------
@@ -69,24 +63,24 @@ class Address(NamedTuple):
 def parse_url(url: str) -> Address:
     """``tcp://host[:port]`` (port 7400 by default) or ``unix:///path/to/socket``.
 
-    A wrong URL raises :class:`ValueError` at construction: it is a configuration bug, better
-    found at start-up than on the first increment.
+    A wrong URL raises :class:`~campaignstats.errors.UsageError` (a ValueError) at construction:
+    it is a configuration bug, better found at start-up than on the first increment.
     """
     parts = urlsplit(url)
     if parts.scheme == "unix":
         path = unquote(parts.netloc + parts.path)
         if not path:
-            raise ValueError(f"no socket path in {url!r} (expected unix:///path/to/socket)")
+            raise UsageError(f"no socket path in {url!r}", hint="unix:///path/to/socket")
         return Address("unix", path, 0)
     if parts.scheme == "tcp":
         try:
             port = parts.port
         except ValueError as exc:
-            raise ValueError(f"bad port in {url!r}") from exc
+            raise UsageError(f"bad port in {url!r}") from exc
         if not parts.hostname:
-            raise ValueError(f"no host in {url!r} (expected tcp://host:port)")
+            raise UsageError(f"no host in {url!r}", hint="tcp://host:port")
         return Address("tcp", parts.hostname, DEFAULT_PORT if port is None else port)
-    raise ValueError(f"unsupported URL {url!r}: use tcp://host:port or unix:///path")
+    raise UsageError(f"unsupported URL {url!r}", hint="tcp://host:port or unix:///path")
 
 
 # -- options ------------------------------------------------------------------------------------
@@ -108,29 +102,31 @@ class ClientOptions:
 
     def __post_init__(self) -> None:
         if self.timeout <= 0 or self.connect_timeout <= 0 or self.close_timeout < 0:
-            raise ValueError("timeouts must be positive")
+            raise UsageError("timeouts must be positive")
         if self.queue_size < 1:
-            raise ValueError("queue_size must be at least 1")
+            raise UsageError("queue_size must be at least 1")
         if not 1 <= self.batch_size <= DEFAULT_MAX_BATCH:
-            # The server rejects a whole ``incs`` over its limit: a bigger batch would lose it all.
-            raise ValueError(f"batch_size must be 1 to {DEFAULT_MAX_BATCH}")
+            # Batches are also cut at the limit the server announces; this bound is the default.
+            raise UsageError(f"batch_size must be 1 to {DEFAULT_MAX_BATCH}")
         if not 0 < self.backoff_min <= self.backoff_max:
-            raise ValueError("backoff must satisfy 0 < backoff_min <= backoff_max")
-
-    def hello(self) -> dict[str, Any]:
-        """The map of ``hello``, the first message on every connection."""
-        payload: dict[str, Any] = {"protocol": PROTOCOL_VERSION, "client": CLIENT_NAME}
-        if self.token is not None:
-            payload["token"] = self.token
-        return payload
+            raise UsageError("backoff must satisfy 0 < backoff_min <= backoff_max")
 
 
-def check_scope(scope: str | list[int] | tuple[int, ...]) -> str | list[int]:
-    """The wire form of a resync scope; a wrong one is the caller's bug (:class:`ValueError`)."""
+def call_timeout(timeout: float | None, default: float) -> float:
+    """A per-call timeout, or the client's."""
+    if timeout is None:
+        return default
+    if not timeout > 0:
+        raise UsageError(f"timeout must be positive, not {timeout!r}")
+    return timeout
+
+
+def check_scope(scope: str | Iterable[int]) -> Scope:
+    """A resync scope: ``"all"``, ``"live"`` or campaign ids (UsageError otherwise)."""
     if isinstance(scope, str):
         if scope not in ("all", "live"):
-            raise ValueError("scope is 'all', 'live' or a list of campaign ids")
-        return scope
+            raise UsageError("scope is 'all', 'live' or a list of campaign ids")
+        return scope  # type: ignore[return-value]
     return list(scope)
 
 
@@ -140,8 +136,8 @@ def check_scope(scope: str | list[int] | tuple[int, ...]) -> str | list[int]:
 class Backoff:
     """Delays between connection attempts: ``minimum`` doubling up to ``maximum``.
 
-    The sender uses it so that a down server costs a few connection attempts per second at first
-    and one every ``maximum`` seconds after a while; a success resets it.
+    A down server costs a few connection attempts per second at first and one every ``maximum``
+    seconds after a while; a success resets it.
     """
 
     __slots__ = ("_next", "maximum", "minimum")
@@ -194,46 +190,62 @@ class RateLimitedLog:
 class ClientStatistics:
     """A client's counters at one moment (in the manner of anyio's ``statistics()``)."""
 
-    queued: int  # increments waiting for the sender
+    queued: int  # increments and decrements waiting for the sender
     queue_size: int  # the bound of that queue
-    sent: int  # increments written to a connection
-    dropped: int  # increments given up: queue full, connection lost mid-write, or closed
-    server_errors: int  # ``err`` replies to casts (e.g. an ``incs`` item the server rejected)
+    sent: int  # written to a connection
+    dropped: int  # given up: queue full, connection lost mid-write, refused, or closed
+    server_errors: int  # ``err`` replies nobody waited for (e.g. an ``incs`` item rejected)
     connected: bool
-    connections: int  # connections established so far (1 + reconnections)
+    connections: int  # connections established so far
 
 
 # -- the increment queue ------------------------------------------------------------------------
 
 
-def take_batch(queue: deque[Item], size: int) -> list[Item]:
-    """Pop up to ``size`` items from the left.
+def take_runs(queue: deque[Queued], size: int) -> list[tuple[bool, list[WireItem]]]:
+    """Pop up to ``size`` entries from the left, as runs of ``(decrement, items)`` in order.
 
     Pops one by one instead of swapping the deque: other threads may be appending to it at
     this very moment, and an append to a deque that was just swapped out would be lost.
     """
     popleft = queue.popleft
-    return [popleft() for _ in range(min(size, len(queue)))]
+    batch = [popleft() for _ in range(min(size, len(queue)))]
+    if not batch:
+        return []
+    if Undo not in {type(entry) for entry in batch}:
+        return [(False, batch)]  # type: ignore[list-item]  # no Undo: all wire items
+    runs: list[tuple[bool, list[WireItem]]] = []
+    for entry in batch:
+        dec = isinstance(entry, Undo)
+        item: WireItem = entry.item if isinstance(entry, Undo) else entry
+        if runs and runs[-1][0] == dec:
+            runs[-1][1].append(item)
+        else:
+            runs.append((dec, [item]))
+    return runs
 
 
 class IncrementQueue:
     """The hot path both clients share: validate, append to a bounded deque, maybe wake.
 
-    ``increment()`` is called once per action on a web request, and is meant to sustain some
-    300,000 calls per second: it builds one tuple, checks the common case inline (the slower
-    :func:`~campaignstats.model.check_increment` only runs to explain a failure, or for
-    non-ASCII strings), appends, and calls :meth:`_wake` only when the sender said it is idle.
-    Everything else (batching, the socket, reconnecting) belongs to the sender.
+    ``increment()`` is called once per action on a web request: it builds one tuple, checks the
+    common case inline (:func:`~campaignstats.model.check_increment`, the one validator, runs to
+    explain a failure, for non-ASCII strings, and for the fields of the map form), appends, and
+    calls :meth:`_wake` only when the sender said it is idle. Batching, the socket and
+    reconnecting belong to the sender.
 
     Subclasses provide :meth:`_wake` and :meth:`_drop`, and set ``_idle`` to True whenever their
     sender is about to wait for work (and before checking the queue one last time, so that an
     append racing with it is never left unsent).
     """
 
-    _queue: deque[Item]
+    _queue: deque[Queued]
     _queue_size: int
     _idle: bool
     _closed: bool
+    #: the longest string the server takes, from its hello (the protocol default until then)
+    _max_string: int = DEFAULT_MAX_STRING
+    _warn: Any
 
     def increment(
         self,
@@ -244,51 +256,204 @@ class IncrementQueue:
         new_supporter: bool = False,
         count: int = 1,
         action_id: int | None = None,
+        *,
+        txid: int | None = None,
+        at: float | None = None,
+        page: int | None = None,
+        messages: int = 0,
     ) -> None:
         """Count one action; returns at once and never raises because the server is down.
 
+        ``txid`` is the ``pg_current_xact_id()`` of the transaction that made the action count
+        (``SELECT pg_current_xact_id()`` inside it), ``at`` its time in epoch seconds, ``page``
+        its action page, ``messages`` the mail-to-target messages it sent. Pass ``action_id``
+        or, better, ``txid`` whenever you have them: they make the merge with a calculation
+        exact (docs/design.md, "Exact by transaction id").
+
         Invalid arguments raise (:class:`~campaignstats.errors.Invalid` or
-        :class:`~campaignstats.errors.BadMessage`): that is a bug in the caller, and the server
-        would reject the increment anyway. A valid increment is queued and sent in a batch by the
-        background sender. When the queue is full (the server down or slower than the callers)
-        the increment is dropped, counted in ``dropped``, and a warning is logged now and then;
-        the server's periodic resync from the database repairs the counts.
+        :class:`~campaignstats.errors.BadMessage`, the errors the server would answer): that is
+        a bug in the caller. A valid increment is queued and sent in a batch by the background
+        sender. When the queue is full (the server down or slower than the callers) it is
+        dropped, counted in ``dropped``, and a warning is logged now and then; the server's
+        periodic resync from the database repairs the counts.
         """
-        if not (
-            type(campaign_id) is int
+        max_string = self._max_string
+        if (
+            txid is None
+            and at is None
+            and page is None
+            and messages == 0
+            and type(campaign_id) is int
             and 0 < campaign_id <= MAX_ID
             and type(org_id) is int
             and 0 < org_id <= MAX_ID
             and type(action_type) is str
-            and 0 < len(action_type) <= _MAX_STRING
+            and 0 < len(action_type) <= max_string
             and action_type.isascii()
             and (
                 area is None
-                or (type(area) is str and 0 < len(area) <= _MAX_STRING and area.isascii())
+                or (type(area) is str and 0 < len(area) <= max_string and area.isascii())
             )
             and type(new_supporter) is bool
             and type(count) is int
             and 0 < count <= MAX_ID
             and (action_id is None or (type(action_id) is int and 0 < action_id <= MAX_ID))
         ):
-            inc = Increment(campaign_id, org_id, action_type, area, new_supporter, count, action_id)
-            try:
-                error = check_increment(inc)
-            except UnicodeEncodeError:
-                # A lone surrogate: no UTF-8 for it, so the batch it joined could not be packed.
-                error = Invalid("action_type and area must be valid Unicode (no lone surrogates)")
-            if error is not None:
-                raise error
+            item: WireItem = (
+                campaign_id,
+                org_id,
+                action_type,
+                area,
+                new_supporter,
+                count,
+                action_id,
+            )
+        else:
+            item = self._checked(
+                Increment(
+                    campaign_id,
+                    org_id,
+                    action_type,
+                    area,
+                    new_supporter,
+                    count,
+                    action_id,
+                    txid,
+                    at,
+                    page,
+                    messages,
+                )
+            )
         queue = self._queue
         if len(queue) >= self._queue_size or self._closed:
-            self._drop(1, "client.queue_full" if not self._closed else "client.closed")
+            self._drop(1, "client.closed" if self._closed else "client.queue_full")
             return
-        queue.append((campaign_id, org_id, action_type, area, new_supporter, count, action_id))
+        queue.append(item)
         if self._idle:
             self._wake()
+
+    def decrement(
+        self,
+        campaign_id: int,
+        org_id: int,
+        action_type: str,
+        area: str | None = None,
+        new_supporter: bool = False,
+        count: int = 1,
+        action_id: int | None = None,
+        *,
+        txid: int | None = None,
+        at: float | None = None,
+        page: int | None = None,
+        messages: int = 0,
+    ) -> None:
+        """Take one action back: the exact inverse of :meth:`increment` with the same fields
+        (docs/design.md, "Counts that go down"). Queued like an increment, in order with them;
+        a server that takes no decrements gets none (dropped with a warning)."""
+        inc = Increment(
+            campaign_id,
+            org_id,
+            action_type,
+            area,
+            new_supporter,
+            count,
+            action_id,
+            txid,
+            at,
+            page,
+            messages,
+        )
+        self._put([Undo(self._checked(inc))])
+
+    def increment_many(self, increments: Iterable[Increment]) -> None:
+        """Count many actions at once: each :class:`~campaignstats.model.Increment` as if
+        given to :meth:`increment`, for a fraction of the cost per item.
+
+        All are checked before any is queued: one invalid item raises (naming its index) and
+        queues nothing. What does not fit in the queue is dropped and counted.
+        """
+        self._put(self._checked_many(increments))
+
+    def decrement_many(self, decrements: Iterable[Increment]) -> None:
+        """:meth:`decrement` for many, as :meth:`increment_many` does for increments."""
+        self._put([Undo(item) for item in self._checked_many(decrements)])
+
+    def _checked(self, inc: Increment) -> WireItem:
+        error = check_increment(inc, self._max_string)
+        if error is not None:
+            raise error
+        return wire_item(inc)
+
+    def _checked_many(self, increments: Iterable[Increment]) -> list[WireItem]:
+        max_string = self._max_string
+        items: list[WireItem] = []
+        append = items.append
+        for i, inc in enumerate(increments):
+            if type(inc) is not Increment:
+                raise UsageError(f"item {i} is a {type(inc).__name__}, not an Increment")
+            cid, org, action_type, area, new, count, aid, txid, at, page, messages = inc
+            if (
+                txid is None
+                and at is None
+                and page is None
+                and messages == 0
+                and type(cid) is int
+                and 0 < cid <= MAX_ID
+                and type(org) is int
+                and 0 < org <= MAX_ID
+                and type(action_type) is str
+                and 0 < len(action_type) <= max_string
+                and action_type.isascii()
+                and (
+                    area is None
+                    or (type(area) is str and 0 < len(area) <= max_string and area.isascii())
+                )
+                and type(new) is bool
+                and type(count) is int
+                and 0 < count <= MAX_ID
+                and (aid is None or (type(aid) is int and 0 < aid <= MAX_ID))
+            ):
+                append((cid, org, action_type, area, new, count, aid))
+                continue
+            error = check_increment(inc, max_string)
+            if error is not None:
+                raise type(error)(f"item {i}: {error}")
+            append(wire_item(inc))
+        return items
+
+    def _put(self, entries: Sequence[Queued]) -> None:
+        if not entries:
+            return
+        queue = self._queue
+        if self._closed:
+            self._drop(len(entries), "client.closed")
+            return
+        room = self._queue_size - len(queue)
+        if room < len(entries):
+            self._drop(len(entries) - max(room, 0), "client.queue_full")
+            entries = entries[: max(room, 0)]
+        queue.extend(entries)
+        if entries and self._idle:
+            self._wake()
+
+    def _encode(
+        self, session: ClientSession, runs: list[tuple[bool, list[WireItem]]]
+    ) -> tuple[bytes, int]:
+        """The bytes of runs taken from the queue, and how many items they hold; runs the
+        server cannot take (decrements to an older server) are dropped with a warning."""
+        parts: list[bytes] = []
+        n = 0
+        for decrement, items in runs:
+            try:
+                parts.append(session.send_changes(items, decrement=decrement))
+            except LocalProtocolError as exc:
+                self._drop(len(items), "client.unsupported_by_server", error=str(exc))
+            else:
+                n += len(items)
+        return b"".join(parts), n
 
     def _wake(self) -> None:
         raise NotImplementedError
 
-    def _drop(self, n: int, reason: str) -> None:
+    def _drop(self, n: int, reason: str, **fields: Any) -> None:
         raise NotImplementedError

@@ -4,23 +4,24 @@
         stats.increment(campaign_id=1, org_id=2, action_type="register", new_supporter=True)
         print(await stats.stats(1))
 
-Three layers, as in asyncpg: :class:`_Connection` is the asyncio protocol of one socket (bytes to
-messages through :class:`~campaignstats.protocol.ClientCodec`, replies to the futures waiting for
-them); the sender task turns the increment queue into ``incs`` batches and keeps a connection up;
-the public methods are calls with a timeout. Everything runs in one event loop, so none of it needs
-a lock: ``increment()`` must be called from the loop's thread (use the blocking client elsewhere).
+An adapter over :class:`~campaignstats.sessions.client.ClientSession`, which owns the protocol
+(hello, request ids, reply order, subscriptions across reconnections, encoding increments): this
+module only moves bytes between one socket and the session and waits, the asyncio way. One
+connection carries everything (calls are pipelined on it, replies come in call order); a sender
+task turns the increment queue into ``incs`` batches and keeps the connection up. Everything runs
+in one event loop, so none of it needs a lock: ``increment()`` must be called from the loop's
+thread (use the blocking client elsewhere).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, Final
+from typing import Any
 
 from campaignstats.client._common import (
     BACKOFF_MAX,
@@ -35,48 +36,50 @@ from campaignstats.client._common import (
     ClientOptions,
     ClientStatistics,
     IncrementQueue,
-    Item,
+    Queued,
     RateLimitedLog,
+    call_timeout,
     check_scope,
     log,
     parse_url,
-    take_batch,
+    take_runs,
 )
 from campaignstats.errors import (
-    BadFrame,
     CallTimeout,
     ClientClosed,
     ConnectTimeout,
+    RemoteProtocolError,
     ServerUnavailable,
     StatsError,
 )
 from campaignstats.model import WireStats
-from campaignstats.protocol import DEFAULT_MAX_BATCH, ClientCodec, Err, Ok, Pub
+from campaignstats.protocol import CallRequest, Hello, Ping
+from campaignstats.requests import Flush, Info, Resync, Stats, StatsMany, Subscribe, Unsubscribe
+from campaignstats.sessions.client import (
+    ClientSession,
+    Event,
+    Failed,
+    Ready,
+    Reply,
+    ServerError,
+    SessionState,
+    Update,
+)
 
 __all__ = ["AsyncStatsClient", "Subscription"]
 
-_IGNORED: Final = None  # a pending slot whose reply nobody waits for (re-subscriptions)
-
 
 class _Connection(asyncio.Protocol):
-    """One socket to the server: writes frames, reads replies, resolves the calls' futures.
-
-    Replies come in call order, but they are matched by ``req_id`` anyway: a call that timed out
-    has left ``pending``, and its late reply must not be taken for the next call's.
-    """
+    """One socket: hands what it reads to the client, and lets writers wait for the buffer."""
 
     def __init__(self, client: AsyncStatsClient) -> None:
         self._client = client
-        self.codec = ClientCodec()
         self.transport: asyncio.Transport | None = None
-        self.pending: dict[int, asyncio.Future[Any] | None] = {}
         self.alive = False
         self._loop = asyncio.get_running_loop()
         self.lost: asyncio.Future[None] = self._loop.create_future()
         self._paused = False
         self._resumed: asyncio.Future[None] | None = None
-
-    # -- asyncio.Protocol -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -84,47 +87,14 @@ class _Connection(asyncio.Protocol):
         self.alive = True
 
     def data_received(self, data: bytes) -> None:
-        try:
-            messages = self.codec.receive_data(data)
-        except BadFrame as exc:
-            # The stream cannot be trusted past this point: drop the connection, reconnect.
-            self._client._warn("client.bad_frame", error=str(exc))
-            self.abort()
-            return
-        pending = self.pending
-        client = self._client
-        for msg in messages:
-            if isinstance(msg, Pub):
-                client._on_pub(msg.campaign_id, msg.stats)
-                continue
-            if msg.req_id is None:  # an error about a cast: an increment was rejected
-                if isinstance(msg, Err):
-                    client._on_server_error(msg)
-                continue
-            if msg.req_id not in pending:
-                continue  # the reply to a call that timed out or was cancelled
-            future = pending.pop(msg.req_id)
-            if isinstance(msg, Ok):
-                if future is not None and not future.done():
-                    future.set_result(msg.result)
-            elif future is None:
-                client._on_server_error(msg)
-            elif not future.done():
-                future.set_exception(msg.exception())
+        self._client._receive(self, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.alive = False
-        error = ServerUnavailable(
-            f"connection to {self._client.options.address} lost" + (f": {exc}" if exc else "")
-        )
-        for future in self.pending.values():
-            if future is not None and not future.done():
-                future.set_exception(error)
-        self.pending.clear()
         self._wake_writers()
         if not self.lost.done():
             self.lost.set_result(None)
-        self._client._on_connection_lost(self)
+        self._client._lost(self)
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -133,25 +103,10 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._wake_writers()
 
-    # -- used by the client ---------------------------------------------------------------------
-
-    def send(self, data: bytes) -> None:
-        """Queue bytes on the transport; raises at once if the connection is gone."""
+    def write(self, data: bytes) -> None:
         if not self.alive or self.transport is None:
-            raise ServerUnavailable(f"not connected to {self._client.options.address}")
+            raise ServerUnavailable("connection to the server lost")
         self.transport.write(data)
-
-    def call(self, op: str, req_id: int, *args: Any) -> asyncio.Future[Any]:
-        """Send a call; the future gets its result, or its typed error."""
-        self.send(self.codec.call(op, req_id, *args))
-        future: asyncio.Future[Any] = self._loop.create_future()
-        self.pending[req_id] = future
-        return future
-
-    def call_ignored(self, op: str, req_id: int, *args: Any) -> None:
-        """Send a call whose reply nobody awaits (an error reply is logged)."""
-        self.send(self.codec.call(op, req_id, *args))
-        self.pending[req_id] = _IGNORED
 
     async def drain(self) -> None:
         """Wait while the transport's buffer is over its high-water mark (the server is slow)."""
@@ -161,7 +116,7 @@ class _Connection(asyncio.Protocol):
             # shield: one waiter being cancelled must not cancel the future the others wait on
             await asyncio.shield(self._resumed)
         if not self.alive:
-            raise ServerUnavailable(f"connection to {self._client.options.address} lost")
+            raise ServerUnavailable("connection to the server lost")
 
     def _wake_writers(self) -> None:
         if self._resumed is not None and not self._resumed.done():
@@ -182,9 +137,9 @@ class Subscription:
     The ``sub`` is sent when iteration starts (or on ``async with``, which also guarantees that
     no update after it is missed). Like the server's own subscriptions it keeps only the newest
     stats: a consumer slower than the updates skips intermediate values instead of making memory
-    grow. After a reconnection the client subscribes again and pushes the campaign's current
-    stats, so a value that changed while the connection was down is not kept. Iteration ends when
-    the subscription or the client is closed.
+    grow. After a reconnection the session subscribes again and pushes the campaign's current
+    stats, so a value that changed while the connection was down is not missed. Iteration ends
+    when the subscription or the client is closed.
     """
 
     def __init__(self, client: AsyncStatsClient, campaign_id: int) -> None:
@@ -195,12 +150,12 @@ class Subscription:
         self._started = False
         self._closed = False
 
-    async def start(self) -> None:
+    async def start(self, *, timeout: float | None = None) -> None:
         """Send ``sub`` and wait for the server to confirm it; raises like any call."""
         if not self._started:
             if self._closed:
                 raise ClientClosed("this subscription is closed")
-            await self._client._subscribe(self)
+            await self._client._subscribe(self, timeout)
             self._started = True
 
     def _push(self, stats: WireStats) -> None:
@@ -211,26 +166,37 @@ class Subscription:
         self._closed = True
         self._event.set()
 
+    async def get(self, timeout: float | None = None) -> tuple[int, WireStats] | None:
+        """The next update; None when ``timeout`` passes first or the subscription ends."""
+        if not self._started and not self._closed:
+            await self.start()
+        try:
+            async with asyncio.timeout(timeout):
+                while self._latest is None:
+                    if self._closed:
+                        return None
+                    self._event.clear()
+                    await self._event.wait()
+        except TimeoutError:
+            return None
+        stats, self._latest = self._latest, None
+        return self.campaign_id, stats
+
     async def aclose(self) -> None:
         """Stop the updates (sends ``unsub`` when no other subscription wants this campaign)."""
         if not self._closed:
             self._end()
             if self._started:
-                await self._client._unsubscribe(self)
+                self._client._unsubscribe(self)
 
     def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> tuple[int, WireStats]:
-        if not self._started and not self._closed:
-            await self.start()
-        while self._latest is None:
-            if self._closed:
-                raise StopAsyncIteration
-            self._event.clear()
-            await self._event.wait()
-        stats, self._latest = self._latest, None
-        return self.campaign_id, stats
+        update = await self.get()
+        if update is None:
+            raise StopAsyncIteration
+        return update
 
     async def __aenter__(self) -> Subscription:
         await self.start()
@@ -249,7 +215,8 @@ class AsyncStatsClient(IncrementQueue):
     once: a batch being written when the connection dies is counted as dropped, never sent
     twice; the server's periodic resync from the database repairs the counts.
 
-    The calls (:meth:`stats`, :meth:`flush`, ...) do raise: :class:`ServerUnavailable` (a
+    The calls (:meth:`stats`, :meth:`flush`, ...) take an optional ``timeout`` (seconds; the
+    client's ``timeout`` by default) and raise :class:`ServerUnavailable` (a
     :class:`ConnectionError`) when there is no connection, :class:`CallTimeout` (a
     :class:`TimeoutError`) when the server does not answer in time, and the typed
     :class:`~campaignstats.errors.ProtocolError` subclass of the server's ``err`` reply.
@@ -282,7 +249,8 @@ class AsyncStatsClient(IncrementQueue):
             backoff_max,
             close_timeout,
         )
-        self._queue: deque[Item] = deque()
+        self._session = ClientSession(token=token)
+        self._queue: deque[Queued] = deque()
         self._queue_size = queue_size
         self._idle = True  # the sender waits for work (or is not started): increment() wakes it
         self._closed = False
@@ -290,7 +258,8 @@ class AsyncStatsClient(IncrementQueue):
         self._sender: asyncio.Task[None] | None = None
         self._conn: _Connection | None = None
         self._connect_lock = asyncio.Lock()
-        self._req_ids = itertools.count(1)
+        self._waiters: dict[int, asyncio.Future[Any]] = {}
+        self._hello: asyncio.Future[Ready] | None = None
         self._subscriptions: dict[int, set[Subscription]] = {}
         self._warn = RateLimitedLog().warning
         self.sent = 0
@@ -312,8 +281,9 @@ class AsyncStatsClient(IncrementQueue):
     ) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        """Push what is queued (for at most ``close_timeout`` seconds), then disconnect.
+    async def close(self, timeout: float | None = None) -> None:
+        """Push what is queued (for at most ``timeout``, by default ``close_timeout`` seconds),
+        then disconnect.
 
         Never raises because the server is down: increments that cannot be delivered in time are
         counted as dropped. Subscriptions end. Closing twice is harmless.
@@ -328,8 +298,9 @@ class AsyncStatsClient(IncrementQueue):
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
         if self._queue:
+            wait = self.options.close_timeout if timeout is None else timeout
             try:
-                await self._flush(closing=True)
+                await self._flush(wait)
             except (StatsError, OSError) as exc:
                 log.warning("client.close_flush_failed", error=str(exc), queued=len(self._queue))
             if self._queue:
@@ -340,12 +311,13 @@ class AsyncStatsClient(IncrementQueue):
             for subscription in subscriptions:
                 subscription._end()
         self._subscriptions.clear()
-        conn, self._conn = self._conn, None
+        conn = self._conn
         if conn is not None:
             conn.close()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await asyncio.shield(conn.lost)
+            self._forget(conn)
 
     @property
     def closed(self) -> bool:
@@ -372,9 +344,9 @@ class AsyncStatsClient(IncrementQueue):
                 return  # no running loop yet: the queue is sent once the client is used in one
         self._wakeup.set()
 
-    def _drop(self, n: int, reason: str) -> None:
+    def _drop(self, n: int, reason: str, **fields: Any) -> None:
         self.dropped += n
-        self._warn(reason, dropped=n, total_dropped=self.dropped, queue_size=self._queue_size)
+        self._warn(reason, dropped=n, total_dropped=self.dropped, **fields)
 
     def _ensure_sender(self) -> None:
         """Start the sender task in the running loop (RuntimeError outside of one)."""
@@ -401,7 +373,7 @@ class AsyncStatsClient(IncrementQueue):
                     self._idle = False
                     continue
                 try:
-                    conn = await self._connection()
+                    conn = await self._connection(self.options.connect_timeout)
                 except (StatsError, OSError) as exc:
                     delay = backoff.next()
                     self._warn(
@@ -421,15 +393,15 @@ class AsyncStatsClient(IncrementQueue):
                 # Nothing awaits between taking a batch and writing it, so a flush() can never
                 # overtake increments that left the queue before it.
                 while queue and conn.alive:
-                    batch = take_batch(queue, batch_size)
-                    conn.send(conn.codec.incs(batch))
-                    self.sent += len(batch)
+                    data, n = self._encode(self._session, take_runs(queue, batch_size))
+                    conn.write(data)
+                    self.sent += n
                     try:
                         await conn.drain()
                     except ServerUnavailable:
                         # Part of it may have reached the server: never resend (at most once).
-                        self.sent -= len(batch)
-                        self._drop(len(batch), "client.connection_lost_while_sending")
+                        self.sent -= n
+                        self._drop(n, "client.connection_lost_while_sending")
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -440,125 +412,154 @@ class AsyncStatsClient(IncrementQueue):
         """Subscriptions need a connection even when there is nothing to send."""
         return bool(self._subscriptions) and (self._conn is None or not self._conn.alive)
 
-    # -- connection -----------------------------------------------------------------------------
+    # -- the connection and the session ---------------------------------------------------------
 
-    async def _connection(self) -> _Connection:
+    async def _connection(self, timeout: float) -> _Connection:
         conn = self._conn
-        if conn is not None and conn.alive:
+        if conn is not None and conn.alive and self._session.state is SessionState.READY:
             return conn
         async with self._connect_lock:
             conn = self._conn
-            if conn is not None and conn.alive:
+            if conn is not None and conn.alive and self._session.state is SessionState.READY:
                 return conn
-            conn = await self._open()
-            self._conn = conn
+            conn = await self._open(min(timeout, self.options.connect_timeout))
             self._wakeup.set()  # a sender waiting out its backoff can go now
             return conn
 
-    async def _open(self) -> _Connection:
+    async def _open(self, timeout: float) -> _Connection:
         """Connect and say hello; raises ServerUnavailable, ConnectTimeout or the hello's error."""
-        options = self.options
-        address = options.address
+        address = self.options.address
         loop = asyncio.get_running_loop()
         conn = _Connection(self)
         try:
-            async with asyncio.timeout(options.connect_timeout):
+            async with asyncio.timeout(timeout):
                 if address.kind == "tcp":
                     await loop.create_connection(lambda: conn, address.host_or_path, address.port)
                 else:
                     await loop.create_unix_connection(lambda: conn, address.host_or_path)
-                await conn.call("hello", next(self._req_ids), options.hello())
+                self._conn = conn
+                self._hello = loop.create_future()
+                conn.write(self._session.connect())
+                ready = await self._hello
         except BaseException as exc:
             conn.abort()
+            self._forget(conn)
             if isinstance(exc, StatsError):
                 raise  # the hello's typed error (unauthorized...), or the connection lost
             if isinstance(exc, TimeoutError):
-                raise ConnectTimeout(
-                    f"no connection to {address} within {options.connect_timeout} s"
-                ) from None
+                raise ConnectTimeout(f"no connection to {address} within {timeout:.3g} s") from None
             if isinstance(exc, OSError):
                 raise ServerUnavailable(f"cannot connect to {address}: {exc}") from exc
             raise
+        self._max_string = ready.limits.max_string
         self.connections += 1
         if self.connections > 1:
             log.info("client.reconnected", address=str(address), connections=self.connections)
-        if self._subscriptions:
-            self._resubscribe(conn)
         return conn
 
-    def _resubscribe(self, conn: _Connection) -> None:
-        """Subscribe again on a new connection, and push the current stats of those campaigns."""
-        ids = list(self._subscriptions)
-        for cid in ids:
-            conn.call_ignored("sub", next(self._req_ids), cid)
-        for start in range(0, len(ids), DEFAULT_MAX_BATCH):
-            future = conn.call(
-                "stats_many", next(self._req_ids), ids[start : start + DEFAULT_MAX_BATCH]
-            )
-            future.add_done_callback(self._push_current)
+    def _receive(self, conn: _Connection, data: bytes) -> None:
+        if conn is not self._conn:
+            return
+        session = self._session
+        try:
+            session.receive_data(data)
+            while (event := session.next_event()) is not None:
+                self._dispatch(event)
+        except RemoteProtocolError as exc:
+            # The stream cannot be trusted past this point: drop the connection, reconnect.
+            self._warn("client.protocol_error", error=str(exc))
+            conn.abort()
+            self._forget(conn)
 
-    def _push_current(self, future: asyncio.Future[Any]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            return  # the connection went away again; the next one will retry
-        for cid, stats in future.result().items():
-            self._on_pub(cid, stats)
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, Reply):
+            future = self._waiters.pop(event.req_id, None)
+            if future is not None and not future.done():
+                future.set_result(event.result)
+        elif isinstance(event, Failed):
+            if isinstance(event.request, Hello):
+                future = self._hello
+            else:
+                future = self._waiters.pop(event.req_id, None)
+            if future is not None and not future.done():
+                future.set_exception(event.error)
+        elif isinstance(event, Update):
+            for subscription in self._subscriptions.get(event.campaign_id, ()):
+                subscription._push(event.stats)
+        elif isinstance(event, Ready):
+            if self._hello is not None and not self._hello.done():
+                self._hello.set_result(event)
+        elif isinstance(event, ServerError):
+            self.server_errors += 1
+            self._warn("client.server_error", code=event.error.code, error=str(event.error))
 
-    def _on_connection_lost(self, conn: _Connection) -> None:
-        if self._conn is conn:
-            self._conn = None
+    def _lost(self, conn: _Connection) -> None:
+        if conn is self._conn:
+            self._forget(conn)
             if not self._closed:
                 self._warn("client.connection_lost", address=str(self.options.address))
                 self._wakeup.set()  # reconnect if there is something to send or subscriptions
 
-    def _on_pub(self, campaign_id: int, stats: WireStats) -> None:
-        for subscription in self._subscriptions.get(campaign_id, ()):
-            subscription._push(stats)
-
-    def _on_server_error(self, err: Err) -> None:
-        self.server_errors += 1
-        self._warn("client.server_error", code=err.code, error=err.message)
+    def _forget(self, conn: _Connection) -> None:
+        """Done with ``conn``: every call waiting on it fails, and the session is idle again."""
+        if conn is not self._conn:
+            return
+        self._conn = None
+        for failed in self._session.connection_lost():
+            self._dispatch(failed)
+        error = ServerUnavailable(f"connection to {self.options.address} lost")
+        if self._hello is not None and not self._hello.done():
+            self._hello.set_exception(error)
+        for future in self._waiters.values():
+            if not future.done():
+                future.set_exception(error)
+        self._waiters.clear()
 
     # -- calls ----------------------------------------------------------------------------------
 
-    async def _call(self, op: str, *args: Any) -> Any:
+    async def _call(self, request: CallRequest, timeout: float | None = None) -> Any:
         if self._closed:
             raise ClientClosed("the client is closed")
-        timeout = self.options.timeout
+        seconds = call_timeout(timeout, self.options.timeout)
         if self._queue:
             self._ensure_sender()
-        conn: _Connection | None = None
-        req_id = next(self._req_ids)
         try:
-            async with asyncio.timeout(timeout):
-                conn = await self._connection()
-                future = conn.call(op, req_id, *args)
-                await conn.drain()
-                return await future
+            async with asyncio.timeout(seconds):
+                conn = await self._connection(seconds)
+                req_id, data = self._session.send(request)
+                future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                self._waiters[req_id] = future
+                try:
+                    conn.write(data)
+                    await conn.drain()
+                    return await future
+                finally:
+                    if self._waiters.pop(req_id, None) is not None:
+                        self._session.abandon(req_id)  # cancelled or timed out: never answered
         except StatsError:
             raise  # before TimeoutError: ConnectTimeout is both
         except TimeoutError:
             raise CallTimeout(
-                f"no answer to {op} from {self.options.address} in {timeout} s"
+                f"no answer to {request.op} from {self.options.address} in {seconds} s"
             ) from None
-        finally:
-            if conn is not None:
-                conn.pending.pop(req_id, None)
 
-    async def stats(self, campaign_id: int) -> WireStats:
+    async def stats(self, campaign_id: int, *, timeout: float | None = None) -> WireStats:
         """The STATS map of one campaign (zeros and empty maps for an unknown one)."""
-        result: WireStats = await self._call("stats", campaign_id)
+        result: WireStats = await self._call(Stats(campaign_id), timeout)
         return result
 
-    async def stats_many(self, campaign_ids: Iterable[int]) -> dict[int, WireStats]:
+    async def stats_many(
+        self, campaign_ids: Iterable[int], *, timeout: float | None = None
+    ) -> dict[int, WireStats]:
         """STATS of several campaigns; more ids than the server takes at once are split."""
         ids = list(campaign_ids)
+        step = self._session.limits.max_batch
         result: dict[int, WireStats] = {}
-        for start in range(0, max(len(ids), 1), DEFAULT_MAX_BATCH):
-            part = await self._call("stats_many", ids[start : start + DEFAULT_MAX_BATCH])
-            result.update(part)
+        for start in range(0, max(len(ids), 1), step):
+            result.update(await self._call(StatsMany(ids[start : start + step]), timeout))
         return result
 
-    async def flush(self) -> None:
+    async def flush(self, *, timeout: float | None = None) -> None:
         """Send every queued increment, then return once the server has applied all of them.
 
         Raises when the server is down or slow (the increments stay queued for the sender unless
@@ -566,63 +567,64 @@ class AsyncStatsClient(IncrementQueue):
         """
         if self._closed:
             raise ClientClosed("the client is closed")
-        await self._flush()
+        await self._flush(call_timeout(timeout, self.options.timeout))
 
-    async def _flush(self, *, closing: bool = False) -> None:
-        timeout = self.options.close_timeout if closing else self.options.timeout
-        conn: _Connection | None = None
-        req_id = next(self._req_ids)
+    async def _flush(self, timeout: float) -> None:
         try:
             async with asyncio.timeout(timeout):
-                conn = await self._connection()
+                conn = await self._connection(timeout)
                 # All of it in one go, with no await in between: the sender cannot interleave,
                 # and the flush call lands after the last increment.
                 queue = self._queue
                 batch_size = self.options.batch_size
-                incs = conn.codec.incs
                 written = 0
                 while queue:
-                    batch = take_batch(queue, batch_size)
-                    conn.send(incs(batch))
-                    written += len(batch)
-                future = conn.call("flush", req_id)
+                    data, n = self._encode(self._session, take_runs(queue, batch_size))
+                    conn.write(data)
+                    written += n
+                req_id, data = self._session.send(Flush())
+                future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                self._waiters[req_id] = future
+                conn.write(data)
                 self.sent += written
                 try:
-                    await conn.drain()
-                except ServerUnavailable:
-                    self.sent -= written
-                    self._drop(written, "client.connection_lost_while_sending")
-                    raise
-                await future
+                    try:
+                        await conn.drain()
+                    except ServerUnavailable:
+                        self.sent -= written
+                        self._drop(written, "client.connection_lost_while_sending")
+                        raise
+                    await future
+                finally:
+                    if self._waiters.pop(req_id, None) is not None:
+                        self._session.abandon(req_id)
         except StatsError:
             raise
         except TimeoutError:
             raise CallTimeout(
                 f"no answer to flush from {self.options.address} in {timeout} s"
             ) from None
-        finally:
-            if conn is not None:
-                conn.pending.pop(req_id, None)
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self, *, timeout: float | None = None) -> dict[str, Any]:
         """What the server says about itself (version, uptime, calculations, connections...)."""
-        result: dict[str, Any] = await self._call("info")
+        result: dict[str, Any] = await self._call(Info(), timeout)
         return result
 
-    async def resync(self, scope: str | Sequence[int] = "all") -> bool:
+    async def resync(
+        self, scope: str | Iterable[int] = "all", *, timeout: float | None = None
+    ) -> bool:
         """Start a calculation from the database (``"all"``, ``"live"`` or campaign ids).
 
         Returns whether it started (False: one is already running). It does not wait for the
         calculation to finish.
         """
-        wire_scope = check_scope(scope if isinstance(scope, str) else tuple(scope))
-        result = await self._call("resync", wire_scope)
-        return bool(result["started"])
+        started: bool = await self._call(Resync(check_scope(scope)), timeout)
+        return started
 
-    async def ping(self) -> float:
+    async def ping(self, *, timeout: float | None = None) -> float:
         """A round trip to the server; returns how long it took, in seconds."""
         start = time.perf_counter()
-        await self._call("ping")
+        await self._call(Ping(), timeout)
         return time.perf_counter() - start
 
     # -- subscriptions --------------------------------------------------------------------------
@@ -633,15 +635,14 @@ class AsyncStatsClient(IncrementQueue):
             raise ClientClosed("the client is closed")
         return Subscription(self, campaign_id)
 
-    async def _subscribe(self, subscription: Subscription) -> None:
+    async def _subscribe(self, subscription: Subscription, timeout: float | None) -> None:
         cid = subscription.campaign_id
-        await self._connection()  # connected first: a new connection re-subscribes what is known
         subscriptions = self._subscriptions.setdefault(cid, set())
         first = not subscriptions
         subscriptions.add(subscription)
         if first:
             try:
-                await self._call("sub", cid)
+                await self._call(Subscribe(cid), timeout)
             except BaseException:
                 subscriptions.discard(subscription)
                 if not subscriptions:
@@ -649,15 +650,19 @@ class AsyncStatsClient(IncrementQueue):
                 raise
         self._ensure_sender()  # it keeps the connection up for the subscriptions
 
-    async def _unsubscribe(self, subscription: Subscription) -> None:
+    def _unsubscribe(self, subscription: Subscription) -> None:
         cid = subscription.campaign_id
         subscriptions = self._subscriptions.get(cid)
         if subscriptions is None:
             return
         subscriptions.discard(subscription)
-        if not subscriptions:
-            del self._subscriptions[cid]
-            conn = self._conn
-            if conn is not None and conn.alive and not self._closed:
-                with contextlib.suppress(StatsError):
-                    conn.call_ignored("unsub", next(self._req_ids), cid)
+        if subscriptions:
+            return
+        del self._subscriptions[cid]
+        conn = self._conn
+        if conn is not None and conn.alive and self._session.state is SessionState.READY:
+            req_id, data = self._session.send(Unsubscribe(cid))
+            self._session.abandon(req_id)  # nobody waits for it
+            conn.write(data)
+        else:
+            self._session.forget_subscription(cid)

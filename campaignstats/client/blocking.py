@@ -4,32 +4,34 @@
     stats.increment(campaign_id=1, org_id=2, action_type="register", new_supporter=True)
     stats.stats(1)
 
-One client is meant to be shared by every thread of a process. It holds one connection at a time,
-with two daemon threads: the sender, which turns the increment queue into ``incs`` batches and
-reconnects with backoff, and the connection's reader, which matches replies to the calls waiting
-for them (so calls from many threads share the connection without waiting for each other's
-replies). Frames are written under one lock, so they never interleave on the socket.
+An adapter over :class:`~campaignstats.sessions.client.ClientSession`, which owns the protocol:
+this module only moves bytes between sockets and sessions and waits, the blocking way. As in
+redis-py, a call runs on the caller's own thread, on a connection taken from a small pool (one
+socket and one session each, used by one thread at a time) and given back after the reply; there
+is no reader thread and no hand-off. Only increments go through the background: ``increment()``
+appends to a bounded queue, and one daemon sender thread turns it into ``incs`` batches on a
+connection of its own, reconnecting with backoff. :meth:`StatsClient.flush` uses that same
+connection (the server's ``flush`` covers what came before it on its connection).
 
-Forking (gunicorn with ``--preload``, multiprocessing) is handled: a child process starts with an
-empty queue and no connection, and opens its own on first use, instead of writing into the
-parent's socket from a process that has none of the parent's threads. At interpreter exit, a
-client that was not closed is closed (what is queued gets ``close_timeout`` seconds to go out).
+Forking (gunicorn with ``--preload``, multiprocessing) is handled: in a child process every live
+client starts with an empty queue and no connection, and opens its own on first use, instead of
+writing into the parent's sockets. At interpreter exit, clients not yet closed are closed (what
+is queued gets ``close_timeout`` seconds to go out). Both hooks are registered once for the
+module, over a weak set of the live clients: a closed client leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
-import itertools
 import os
+import select
 import socket
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, InvalidStateError
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -47,152 +49,392 @@ from campaignstats.client._common import (
     ClientOptions,
     ClientStatistics,
     IncrementQueue,
-    Item,
+    Queued,
     RateLimitedLog,
+    call_timeout,
     check_scope,
     log,
     parse_url,
-    take_batch,
+    take_runs,
 )
 from campaignstats.errors import (
-    BadFrame,
     CallTimeout,
     ClientClosed,
     ConnectTimeout,
+    RemoteProtocolError,
     ServerUnavailable,
     StatsError,
 )
 from campaignstats.model import WireStats
-from campaignstats.protocol import DEFAULT_MAX_BATCH, ClientCodec, Err, Ok, Pub
+from campaignstats.protocol import CallRequest, Limits, Ping
+from campaignstats.requests import Flush, Info, Resync, Stats, StatsMany, Subscribe, Unsubscribe
+from campaignstats.sessions.client import (
+    ClientSession,
+    Event,
+    Failed,
+    Ready,
+    Reply,
+    ServerError,
+    Update,
+)
 
-__all__ = ["StatsClient"]
+__all__ = ["StatsClient", "Subscription"]
 
 _RECV_SIZE = 1 << 16
 
+OnEvent = Callable[[Event], None]
 
-def _set_exception(future: Future[Any], error: BaseException) -> None:
-    # The reader may resolve a future while another thread fails it: first one wins.
-    try:
-        if not future.done():
-            future.set_exception(error)
-    except InvalidStateError:
-        pass
+
+def _ignore(event: Event) -> None:
+    pass
 
 
 class _Connection:
-    """One socket and the daemon thread that reads it.
+    """One socket and its session, used by one thread at a time.
 
-    The reader thread is the only one that closes the socket: closing a descriptor while another
-    thread is blocked reading it could make that thread read whatever socket gets the number next.
-    Others stop a connection with :meth:`kill`, which shuts the socket down and so wakes the reader.
+    Any failure on the socket (an error, a timeout mid-write or mid-read) leaves the stream in
+    an unknown state, so the connection is closed and never used again.
     """
 
-    def __init__(self, sock: socket.socket, codec: ClientCodec, client: StatsClient) -> None:
+    def __init__(self, sock: socket.socket, session: ClientSession, address: Address) -> None:
         self.sock = sock
-        self.codec = codec  # decoding only, by the reader thread, once started
-        self.address = client.options.address
-        self.pending: dict[int, Future[Any]] = {}
-        self.alive = True
-        self._lock = threading.Lock()  # alive and pending change together
-        self._client = client
-        self._reader = threading.Thread(
-            target=self._read_loop, name="campaignstats-client-reader", daemon=True
-        )
+        self.session = session
+        self.address = address
+        self.closed = False
 
-    def start(self) -> None:
-        self._reader.start()
-
-    def register(self, req_id: int) -> Future[Any]:
-        """A future for the reply to ``req_id``; raises if the connection is already gone."""
-        future: Future[Any] = Future()
-        with self._lock:
-            if not self.alive:
-                raise ServerUnavailable(f"connection to {self.address} lost")
-            self.pending[req_id] = future
-        return future
-
-    def send(self, data: bytes) -> None:
-        """Write a whole frame (the caller holds the client's write lock).
-
-        A failure, a timeout included, leaves an unknown part of the frame on the wire, so the
-        connection is given up.
-        """
+    @classmethod
+    def open(cls, address: Address, session: ClientSession, timeout: float) -> _Connection:
+        """Connect and say hello; raises ServerUnavailable, ConnectTimeout or the hello's error."""
+        deadline = time.monotonic() + timeout
         try:
-            self.sock.sendall(data)
+            if address.kind == "tcp":
+                sock = socket.create_connection((address.host_or_path, address.port), timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.settimeout(timeout)
+                    sock.connect(address.host_or_path)
+                except BaseException:
+                    sock.close()
+                    raise
+        except TimeoutError:
+            raise ConnectTimeout(f"no connection to {address} within {timeout:.3g} s") from None
         except OSError as exc:
-            self.kill()
+            raise ServerUnavailable(f"cannot connect to {address}: {exc}") from exc
+        conn = cls(sock, session, address)
+        try:
+            conn._write(session.connect(), deadline)
+            while True:
+                event = conn._next(deadline)
+                if isinstance(event, Ready):
+                    return conn
+                if isinstance(event, Failed):
+                    raise event.error
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, CallTimeout):
+                raise ConnectTimeout(f"no answer to hello from {address} in time") from None
+            raise
+
+    def _write(self, data: bytes, deadline: float) -> None:
+        try:
+            self.sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+            self.sock.sendall(data)
+        except TimeoutError:
+            self.close()
+            raise CallTimeout(f"{self.address} did not take our bytes in time") from None
+        except OSError as exc:
+            self.close()
             raise ServerUnavailable(f"connection to {self.address} lost: {exc}") from exc
 
-    def kill(self) -> None:
-        """Fail the pending calls and shut the socket down (the reader then closes it)."""
-        with self._lock:
-            if not self.alive:
+    def _next(self, deadline: float | None, *, keep: bool = False) -> Event:
+        """The next event, reading the socket as needed (until ``deadline``; None: forever).
+
+        A timeout closes the connection (a reply may still come, in a place no one expects),
+        unless ``keep``: waiting for a pub that did not come breaks nothing.
+        """
+        session = self.session
+        while True:
+            try:
+                event = session.next_event()
+            except RemoteProtocolError:
+                self.close()
+                raise
+            if event is not None:
+                return event
+            if self.closed:
+                raise ServerUnavailable(f"connection to {self.address} closed")
+            timeout = None if deadline is None else deadline - time.monotonic()
+            try:
+                if timeout is not None and timeout <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(timeout)
+                data = self.sock.recv(_RECV_SIZE)
+            except TimeoutError:
+                if not keep:
+                    self.close()
+                raise CallTimeout(f"no answer from {self.address} in time") from None
+            except OSError as exc:
+                self.close()
+                raise ServerUnavailable(f"connection to {self.address} lost: {exc}") from exc
+            if not data:
+                self.close()
+                raise ServerUnavailable(f"{self.address} closed the connection")
+            session.receive_data(data)
+
+    def call(self, request: CallRequest, deadline: float, on_event: OnEvent) -> Any:
+        """Send ``request`` and wait for its reply; other events go to ``on_event``."""
+        req_id, data = self.session.send(request)
+        self._write(data, deadline)
+        while True:
+            event = self._next(deadline)
+            if isinstance(event, Reply | Failed) and event.req_id == req_id:
+                if isinstance(event, Failed):
+                    raise event.error
+                return event.result
+            on_event(event)
+
+    def write(self, data: bytes, deadline: float) -> None:
+        self._write(data, deadline)
+
+    def poll(self, on_event: OnEvent) -> None:
+        """Handle what the server sent meanwhile (errors about casts), without waiting."""
+        while self.readable():
+            try:
+                data = self.sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.close()
                 return
-            self.alive = False
-            pending, self.pending = self.pending, {}
-        error = ServerUnavailable(f"connection to {self.address} lost")
-        for future in pending.values():
-            _set_exception(future, error)
-        with contextlib.suppress(OSError):  # already disconnected
-            self.sock.shutdown(socket.SHUT_RDWR)
+            if not data:
+                self.close()
+                return
+            self.session.receive_data(data)
+            try:
+                while (event := self.session.next_event()) is not None:
+                    on_event(event)
+            except RemoteProtocolError:
+                self.close()
+                return
 
-    def join(self, timeout: float) -> None:
-        if self._reader.is_alive() and self._reader is not threading.current_thread():
-            self._reader.join(timeout)
-
-    def _read_loop(self) -> None:
-        client = self._client
-        sock = self.sock
+    def readable(self) -> bool:
+        if self.closed:
+            return False
         try:
-            while self.alive:
-                try:
-                    data = sock.recv(_RECV_SIZE)
-                except TimeoutError:
-                    continue  # the socket's timeout is for writes; reading just waits on
-                except OSError:
-                    break
-                if not data:
-                    break
-                try:
-                    messages = self.codec.receive_data(data)
-                except BadFrame as exc:
-                    client._warn("client.bad_frame", error=str(exc))
-                    break
-                for msg in messages:
-                    if isinstance(msg, Pub):
-                        continue  # this client does not subscribe
-                    if msg.req_id is None:
-                        if isinstance(msg, Err):
-                            client._on_server_error(msg)
-                        continue
-                    future = self.pending.pop(msg.req_id, None)
-                    if future is None:
-                        continue  # the caller gave up (timeout) before the reply came
-                    try:
-                        if isinstance(msg, Ok):
-                            future.set_result(msg.result)
-                        else:
-                            future.set_exception(msg.exception())
-                    except InvalidStateError:
-                        pass
-        except Exception:
-            log.exception("client.reader_failed")
-        finally:
-            self.kill()
-            sock.close()
-            client._on_connection_lost(self)
+            return bool(select.select([self.sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            self.close()
+            return False
+
+    def alive(self) -> bool:
+        """Whether the server kept this connection: an idle socket with bytes waiting or at
+        end-of-file has been closed by the server (or holds what nobody asked for)."""
+        if self.closed:
+            return False
+        if self.readable():
+            self.close()
+            return False
+        return True
+
+    def looks_connected(self) -> bool:
+        """Whether the server has not closed it, found without reading anything (any thread)."""
+        if self.closed:
+            return False
+        try:
+            if not select.select([self.sock], [], [], 0)[0]:
+                return True
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                self.sock.close()
 
 
-def _reset_in_child(ref: weakref.ref[StatsClient]) -> None:
-    client = ref()
-    if client is not None:
+class _Pool:
+    """Idle connections for the calls (redis-py's pool): a call takes one, or opens one, and
+    gives it back after its reply; a connection that failed is closed instead."""
+
+    def __init__(self, open_connection: Callable[[float], _Connection]) -> None:
+        self._open = open_connection
+        self._idle: list[_Connection] = []
+        self._lock = threading.Lock()
+
+    def get(self, timeout: float) -> _Connection:
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._open(timeout)
+            if conn.alive():
+                return conn
+
+    def put(self, conn: _Connection) -> None:
+        if not conn.closed:
+            with self._lock:
+                self._idle.append(conn)
+
+    def any_alive(self) -> bool:
+        with self._lock:
+            return any(conn.looks_connected() for conn in self._idle)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self.close()
+
+
+# -- fork and exit: one hook each for the module, over the live clients ---------------------------
+
+_live: weakref.WeakSet[StatsClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_live):
         client._reset_after_fork()
 
 
-def _close_at_exit(ref: weakref.ref[StatsClient]) -> None:
-    client = ref()
-    if client is not None:
+def _close_at_exit() -> None:
+    for client in list(_live):
         client.close()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_at_exit)
+
+
+class Subscription:
+    """Updates of one campaign, on a connection of its own:
+
+        with client.subscribe(7) as updates:       # confirmed before the block runs
+            for campaign_id, stats in updates:      # blocks until the next update
+                ...
+
+    Keeps only the newest stats (a slow consumer skips intermediate values). If the connection
+    is lost, it reconnects with backoff and subscribes again, and the campaign's current stats
+    come as the next update. Iteration ends when the subscription or the client is closed.
+    """
+
+    def __init__(self, client: StatsClient, campaign_id: int) -> None:
+        self.campaign_id = campaign_id
+        self._client = client
+        self._session = ClientSession(token=client.options.token)
+        self._conn: _Connection | None = None
+        self._lock = threading.Lock()  # one reader at a time
+        self._started = False
+        self._closed = False
+
+    def start(self, *, timeout: float | None = None) -> None:
+        """Connect, send ``sub`` and wait for the server to confirm it; raises like any call."""
+        if self._started:
+            return
+        if self._closed:
+            raise ClientClosed("this subscription is closed")
+        seconds = call_timeout(timeout, self._client.options.timeout)
+        deadline = time.monotonic() + seconds
+        with self._lock:
+            conn = self._connect(seconds)
+            try:
+                conn.call(Subscribe(self.campaign_id), deadline, self._keep)
+            except BaseException:
+                conn.close()
+                self._session.connection_lost()
+                raise
+            self._started = True
+            self._client._subscriptions.add(self)
+
+    _pushed: WireStats | None = None
+
+    def _keep(self, event: Event) -> None:
+        if isinstance(event, Update) and event.campaign_id == self.campaign_id:
+            self._pushed = event.stats
+        elif isinstance(event, ServerError):
+            self._client._on_server_error(event)
+
+    def _connect(self, timeout: float) -> _Connection:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn
+        self._session.connection_lost()
+        conn = self._conn = _Connection.open(self._client.options.address, self._session, timeout)
+        return conn
+
+    def get(self, timeout: float | None = None) -> tuple[int, WireStats] | None:
+        """The next update; None when ``timeout`` passes first or the subscription ends."""
+        if not self._started:
+            self.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        backoff = Backoff(self._client.options.backoff_min, self._client.options.backoff_max)
+        with self._lock:
+            while not self._closed:
+                conn = self._conn
+                try:
+                    if conn is None or conn.closed:
+                        conn = self._connect(self._client.options.connect_timeout)
+                        backoff.reset()
+                    if self._pushed is None:  # wait for one, then take the newest available
+                        self._keep(conn._next(deadline, keep=True))
+                    conn.poll(self._keep)
+                except CallTimeout:
+                    if conn is not None and conn.closed:
+                        self._conn = None
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return None
+                except (StatsError, OSError) as exc:
+                    if self._closed:
+                        break
+                    self._client._warn("client.subscription_lost", error=str(exc))
+                    delay = backoff.next()
+                    if deadline is not None:
+                        delay = min(delay, deadline - time.monotonic())
+                        if delay <= 0:
+                            return None
+                    time.sleep(delay)
+                    continue
+                if self._pushed is not None:
+                    stats, self._pushed = self._pushed, None
+                    return self.campaign_id, stats
+        return None
+
+    def close(self) -> None:
+        """Stop the updates: ``unsub`` (best effort), then the connection closes."""
+        if self._closed:
+            return
+        self._closed = True
+        self._client._subscriptions.discard(self)
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            with contextlib.suppress(StatsError, OSError):
+                _, data = self._session.send(Unsubscribe(self.campaign_id))
+                conn.sock.sendall(data)
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)  # wakes a reader in get()
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+
+    def __iter__(self) -> Iterator[tuple[int, WireStats]]:
+        while (update := self.get()) is not None:
+            yield update
+
+    def __enter__(self) -> Subscription:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class StatsClient(IncrementQueue):
@@ -204,12 +446,13 @@ class StatsClient(IncrementQueue):
     is at most once: a batch whose write fails is counted as dropped, never sent twice; the
     server's periodic resync from the database repairs the counts.
 
-    The calls (:meth:`stats`, :meth:`flush`, ...) do raise: :class:`ServerUnavailable` (a
-    :class:`ConnectionError`) when there is no connection, :class:`CallTimeout` (a
-    :class:`TimeoutError`) when the server does not answer in time, and the typed
-    :class:`~campaignstats.errors.ProtocolError` subclass of the server's ``err`` reply.
+    The calls (:meth:`stats`, :meth:`flush`, ...) run on the caller's thread, take an optional
+    ``timeout`` (seconds; the client's ``timeout`` by default) and raise
+    :class:`ServerUnavailable` (a :class:`ConnectionError`) when there is no connection,
+    :class:`CallTimeout` (a :class:`TimeoutError`) when the server does not answer in time, and
+    the typed :class:`~campaignstats.errors.ProtocolError` subclass of the server's ``err``.
 
-    Every (re)connection starts with ``hello`` (with ``token`` if given). Nothing connects and no
+    Every connection starts with ``hello`` (with ``token`` if given). Nothing connects and no
     thread starts until the first increment or call. The queue bound is exact for one thread;
     racing threads may overshoot it by one increment each.
     """
@@ -238,31 +481,28 @@ class StatsClient(IncrementQueue):
             backoff_max,
             close_timeout,
         )
-        self._queue: deque[Item] = deque()
+        self._queue: deque[Queued] = deque()
         self._queue_size = queue_size
         self._closed = False
-        self._req_ids = itertools.count(1)  # next() on a count is atomic under the GIL
         self._warn = RateLimitedLog().warning
+        self._limits = Limits()
         self.sent = 0
         self.dropped = 0
         self.server_errors = 0
         self.connections = 0
+        self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self._init_threading()
-        # Neither hook can be unregistered: a dead client's weak reference just does nothing.
-        os.register_at_fork(after_in_child=functools.partial(_reset_in_child, weakref.ref(self)))
-        # Web apps rarely close their client: push what is queued when the interpreter exits.
-        atexit.register(functools.partial(_close_at_exit, weakref.ref(self)))
+        _live.add(self)
 
     def _init_threading(self) -> None:
         self._idle = True  # the sender waits for work (or is not started): increment() wakes it
-        self._codec = ClientCodec()  # encoding, under _write_lock
-        self._write_lock = threading.Lock()  # one frame at a time on the socket
-        self._connect_lock = threading.Lock()  # one connection attempt at a time
         self._state_lock = threading.Lock()  # counters, starting the sender, closing
+        self._cast_lock = threading.Lock()  # the sender's connection, shared with flush()
+        self._cast_conn: _Connection | None = None
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._sender: threading.Thread | None = None
-        self._conn: _Connection | None = None
+        self._pool = _Pool(self._open)
 
     def _reset_after_fork(self) -> None:
         """In a forked child: no threads, no connection, and not the parent's queue.
@@ -270,16 +510,16 @@ class StatsClient(IncrementQueue):
         The parent's threads do not exist here and its locks may be held forever, so all of them
         are made anew, and the counters start from zero (they describe this process). The queued
         increments are the parent's to send: sending them from here too would count them twice.
-        Closing the inherited socket only closes this process's descriptor; the parent's
-        connection is unaffected.
+        Closing the inherited sockets only closes this process's descriptors; the parent's
+        connections are unaffected.
         """
-        conn = self._conn
+        cast, pool = self._cast_conn, self._pool
         self._init_threading()
         self._queue.clear()
         self.sent = self.dropped = self.server_errors = self.connections = 0  # this process's
-        if conn is not None:
-            with contextlib.suppress(OSError):
-                conn.sock.close()
+        if cast is not None:
+            cast.close()
+        pool.reset_after_fork()
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -295,17 +535,17 @@ class StatsClient(IncrementQueue):
         self.close()
 
     def close(self, timeout: float | None = None) -> None:
-        """Push what is queued (for at most ``timeout``, by default ``close_timeout`` seconds).
-
-        Then stop the sender and disconnect.
+        """Push what is queued (for at most ``timeout``, by default ``close_timeout`` seconds),
+        then stop the sender and disconnect.
 
         Never raises because the server is down: increments that cannot be delivered in time are
-        counted as dropped. Closing twice is harmless.
+        counted as dropped. Subscriptions end. Closing twice is harmless.
         """
         with self._state_lock:
             if self._closed:
                 return
             self._closed = True
+        _live.discard(self)
         if timeout is None:
             timeout = self.options.close_timeout
         if self._queue:
@@ -322,26 +562,53 @@ class StatsClient(IncrementQueue):
             left = len(self._queue)
             self._queue.clear()
             self._drop(left, "client.closed")
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.kill()
-            conn.join(timeout)
+        for subscription in list(self._subscriptions):
+            subscription.close()
+        if self._cast_lock.acquire(timeout=timeout):
+            try:
+                if self._cast_conn is not None:
+                    self._cast_conn.close()
+                    self._cast_conn = None
+            finally:
+                self._cast_lock.release()
+        self._pool.close()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     def statistics(self) -> ClientStatistics:
-        conn = self._conn
+        cast = self._cast_conn
         return ClientStatistics(
             queued=len(self._queue),
             queue_size=self._queue_size,
             sent=self.sent,
             dropped=self.dropped,
             server_errors=self.server_errors,
-            connected=conn is not None and conn.alive,
+            connected=(cast is not None and cast.looks_connected()) or self._pool.any_alive(),
             connections=self.connections,
         )
+
+    # -- connections ----------------------------------------------------------------------------
+
+    def _open(self, timeout: float) -> _Connection:
+        timeout = min(timeout, self.options.connect_timeout)
+        session = ClientSession(token=self.options.token)
+        conn = _Connection.open(self.options.address, session, timeout)
+        self._limits = session.limits
+        self._max_string = session.limits.max_string
+        with self._state_lock:
+            self.connections += 1
+        return conn
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, ServerError):
+            self._on_server_error(event)
+
+    def _on_server_error(self, event: ServerError) -> None:
+        with self._state_lock:
+            self.server_errors += 1
+        self._warn("client.server_error", code=event.error.code, error=str(event.error))
 
     # -- increments (the hot path is IncrementQueue.increment) ----------------------------------
 
@@ -356,11 +623,40 @@ class StatsClient(IncrementQueue):
                     self._sender = sender
         self._wakeup.set()
 
-    def _drop(self, n: int, reason: str) -> None:
+    def _drop(self, n: int, reason: str, **fields: Any) -> None:
         with self._state_lock:
             self.dropped += n
             total = self.dropped
-        self._warn(reason, dropped=n, total_dropped=total, queue_size=self._queue_size)
+        self._warn(reason, dropped=n, total_dropped=total, **fields)
+
+    def _cast_connection(self, timeout: float) -> _Connection:
+        """The sender's connection (the caller holds ``_cast_lock``)."""
+        conn = self._cast_conn
+        if conn is not None:
+            conn.poll(self._on_event)  # errors about earlier casts; notices a closed connection
+            if not conn.closed:
+                return conn
+        self._cast_conn = None
+        conn = self._cast_conn = self._open(timeout)
+        return conn
+
+    def _write_queue(self, conn: _Connection, deadline: float) -> int:
+        """Write the whole queue on ``conn`` (the caller holds ``_cast_lock``)."""
+        queue = self._queue
+        batch_size = self.options.batch_size
+        written = 0
+        while queue:
+            data, n = self._encode(conn.session, take_runs(queue, batch_size))
+            try:
+                conn.write(data, deadline)
+            except StatsError:
+                # Part of it may have reached the server: never resend (at most once).
+                self._drop(n, "client.connection_lost_while_sending")
+                raise
+            with self._state_lock:
+                self.sent += n
+            written += n
+        return written
 
     def _send_loop(self) -> None:
         """Until close(): wait for increments, get a connection, write them in batches.
@@ -369,7 +665,6 @@ class StatsClient(IncrementQueue):
         """
         backoff = Backoff(self.options.backoff_min, self.options.backoff_max)
         queue = self._queue
-        batch_size = self.options.batch_size
         wakeup = self._wakeup
         stopping = self._stopping
         while not stopping.is_set():
@@ -383,160 +678,51 @@ class StatsClient(IncrementQueue):
                         wakeup.wait()
                     self._idle = False
                     continue
-                try:
-                    conn = self._connection(time.monotonic() + self.options.connect_timeout)
-                except (StatsError, OSError) as exc:
-                    delay = backoff.next()
-                    self._warn(
-                        "client.server_unavailable",
-                        address=str(self.options.address),
-                        error=str(exc) or type(exc).__name__,
-                        retry_in=delay,
-                        queued=len(queue),
-                    )
-                    wakeup.clear()  # set by close(), or by a call that connected meanwhile
-                    wakeup.wait(delay)
+                error: Exception | None = None
+                with self._cast_lock:
+                    try:
+                        conn = self._cast_connection(self.options.connect_timeout)
+                        self._write_queue(conn, time.monotonic() + self.options.timeout)
+                        conn.poll(self._on_event)
+                    except (StatsError, OSError) as exc:
+                        error = exc
+                if error is None:
+                    backoff.reset()
                     continue
-                backoff.reset()
-                # Taken under the write lock, so that a flush() cannot overtake a batch that
-                # already left the queue.
-                with self._write_lock:
-                    batch = take_batch(queue, batch_size)
-                    if batch:
-                        try:
-                            conn.send(self._codec.incs(batch))
-                        except ServerUnavailable:
-                            self._drop(len(batch), "client.connection_lost_while_sending")
-                        else:
-                            self.sent += len(batch)
+                delay = backoff.next()
+                self._warn(
+                    "client.server_unavailable",
+                    address=str(self.options.address),
+                    error=str(error) or type(error).__name__,
+                    retry_in=delay,
+                    queued=len(queue),
+                )
+                stopping.wait(delay)
             except Exception:
                 log.exception("client.sender_failed")
                 stopping.wait(backoff.next())
 
-    # -- connection -----------------------------------------------------------------------------
-
-    def _connection(self, deadline: float) -> _Connection:
-        conn = self._conn
-        if conn is not None and conn.alive:
-            return conn
-        address = self.options.address
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not self._connect_lock.acquire(timeout=remaining):
-            raise ConnectTimeout(f"no connection to {address} in time")
-        try:
-            conn = self._conn
-            if conn is not None and conn.alive:
-                return conn
-            remaining = min(self.options.connect_timeout, deadline - time.monotonic())
-            if remaining <= 0:
-                raise ConnectTimeout(f"no connection to {address} in time")
-            conn = self._open(address, remaining)
-            self._conn = conn
-        finally:
-            self._connect_lock.release()
-        self._wakeup.set()  # a sender waiting out its backoff can go now
-        return conn
-
-    def _open(self, address: Address, timeout: float) -> _Connection:
-        """Connect and say hello; raises ServerUnavailable, ConnectTimeout or the hello's error."""
-        deadline = time.monotonic() + timeout
-        try:
-            if address.kind == "tcp":
-                sock = socket.create_connection((address.host_or_path, address.port), timeout)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            else:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    sock.settimeout(timeout)
-                    sock.connect(address.host_or_path)
-                except BaseException:
-                    sock.close()
-                    raise
-        except TimeoutError:
-            raise ConnectTimeout(f"no connection to {address} within {timeout:.3g} s") from None
-        except OSError as exc:
-            raise ServerUnavailable(f"cannot connect to {address}: {exc}") from exc
-        codec = ClientCodec()
-        try:
-            req_id = next(self._req_ids)
-            sock.sendall(codec.call("hello", req_id, self.options.hello()))
-            reply: Ok | Err | None = None
-            while reply is None:
-                sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-                data = sock.recv(_RECV_SIZE)
-                if not data:
-                    raise ServerUnavailable(f"{address} closed the connection during hello")
-                for msg in codec.receive_data(data):
-                    if not isinstance(msg, Pub) and msg.req_id == req_id:
-                        reply = msg
-            if isinstance(reply, Err):
-                raise reply.exception()
-        except BaseException as exc:
-            sock.close()
-            if isinstance(exc, StatsError):
-                raise
-            if isinstance(exc, TimeoutError):
-                raise ConnectTimeout(f"no answer to hello from {address} in time") from None
-            if isinstance(exc, OSError):
-                raise ServerUnavailable(f"connection to {address} lost: {exc}") from exc
-            raise
-        # From now on the timeout bounds writes (a server that stops reading); the reader
-        # thread ignores it.
-        sock.settimeout(self.options.timeout)
-        conn = _Connection(sock, codec, self)
-        with self._state_lock:
-            self.connections += 1
-            connections = self.connections
-        if connections > 1:
-            log.info("client.reconnected", address=str(address), connections=connections)
-        conn.start()
-        return conn
-
-    def _on_connection_lost(self, conn: _Connection) -> None:
-        if self._conn is conn:
-            self._conn = None
-            if not self._closed:
-                self._warn("client.connection_lost", address=str(self.options.address))
-
-    def _on_server_error(self, err: Err) -> None:
-        with self._state_lock:
-            self.server_errors += 1
-        self._warn("client.server_error", code=err.code, error=err.message)
-
     # -- calls ----------------------------------------------------------------------------------
 
-    def _lock_for_write(self, deadline: float, op: str) -> None:
-        if not self._write_lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
-            raise CallTimeout(f"{op}: the connection stayed busy until the timeout")
-
-    def _call(self, op: str, *args: Any, timeout: float | None = None) -> Any:
+    def _call(self, request: CallRequest, timeout: float | None = None) -> Any:
         if self._closed:
             raise ClientClosed("the client is closed")
-        if timeout is None:
-            timeout = self.options.timeout
-        deadline = time.monotonic() + timeout
-        conn = self._connection(deadline)
-        req_id = next(self._req_ids)
-        future = conn.register(req_id)
+        seconds = call_timeout(timeout, self.options.timeout)
+        deadline = time.monotonic() + seconds
+        conn = self._pool.get(seconds)
         try:
-            self._lock_for_write(deadline, op)
-            try:
-                conn.send(self._codec.call(op, req_id, *args))
-            finally:
-                self._write_lock.release()
-            return future.result(max(deadline - time.monotonic(), 0))
-        except StatsError:
-            raise  # before TimeoutError: ConnectTimeout is both
-        except TimeoutError:
+            result = conn.call(request, deadline, self._on_event)
+        except CallTimeout:
             raise CallTimeout(
-                f"no answer to {op} from {self.options.address} in {timeout} s"
+                f"no answer to {request.op} from {self.options.address} in {seconds} s"
             ) from None
         finally:
-            conn.pending.pop(req_id, None)
+            self._pool.put(conn)  # unless it failed: a failed connection is closed
+        return result
 
     def stats(self, campaign_id: int, *, timeout: float | None = None) -> WireStats:
         """The STATS map of one campaign (zeros and empty maps for an unknown one)."""
-        result: WireStats = self._call("stats", campaign_id, timeout=timeout)
+        result: WireStats = self._call(Stats(campaign_id), timeout)
         return result
 
     def stats_many(
@@ -544,11 +730,10 @@ class StatsClient(IncrementQueue):
     ) -> dict[int, WireStats]:
         """STATS of several campaigns; more ids than the server takes at once are split."""
         ids = list(campaign_ids)
+        step = self._limits.max_batch
         result: dict[int, WireStats] = {}
-        for start in range(0, max(len(ids), 1), DEFAULT_MAX_BATCH):
-            result.update(
-                self._call("stats_many", ids[start : start + DEFAULT_MAX_BATCH], timeout=timeout)
-            )
+        for start in range(0, max(len(ids), 1), step):
+            result.update(self._call(StatsMany(ids[start : start + step]), timeout))
         return result
 
     def flush(self, *, timeout: float | None = None) -> None:
@@ -560,57 +745,47 @@ class StatsClient(IncrementQueue):
         """
         if self._closed:
             raise ClientClosed("the client is closed")
-        self._flush(self.options.timeout if timeout is None else timeout)
+        self._flush(call_timeout(timeout, self.options.timeout))
 
     def _flush(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        conn = self._connection(deadline)
-        req_id = next(self._req_ids)
-        future = conn.register(req_id)
+        if not self._cast_lock.acquire(timeout=timeout):
+            raise CallTimeout("flush: the sender's connection stayed busy until the timeout")
         try:
-            self._lock_for_write(deadline, "flush")
-            try:
-                queue = self._queue
-                batch_size = self.options.batch_size
-                incs = self._codec.incs
-                while queue:
-                    batch = take_batch(queue, batch_size)
-                    try:
-                        conn.send(incs(batch))
-                    except ServerUnavailable:
-                        self._drop(len(batch), "client.connection_lost_while_sending")
-                        raise
-                    self.sent += len(batch)
-                conn.send(self._codec.call("flush", req_id))
-            finally:
-                self._write_lock.release()
-            future.result(max(deadline - time.monotonic(), 0))
-        except StatsError:
-            raise
-        except TimeoutError:
+            conn = self._cast_connection(max(deadline - time.monotonic(), 1e-3))
+            self._write_queue(conn, deadline)
+            conn.call(Flush(), deadline, self._on_event)
+        except CallTimeout:
             raise CallTimeout(
                 f"no answer to flush from {self.options.address} in {timeout} s"
             ) from None
         finally:
-            conn.pending.pop(req_id, None)
+            self._cast_lock.release()
 
     def info(self, *, timeout: float | None = None) -> dict[str, Any]:
         """What the server says about itself (version, uptime, calculations, connections...)."""
-        result: dict[str, Any] = self._call("info", timeout=timeout)
+        result: dict[str, Any] = self._call(Info(), timeout)
         return result
 
-    def resync(self, scope: str | Sequence[int] = "all", *, timeout: float | None = None) -> bool:
+    def resync(self, scope: str | Iterable[int] = "all", *, timeout: float | None = None) -> bool:
         """Start a calculation from the database (``"all"``, ``"live"`` or campaign ids).
 
         Returns whether it started (False: one is already running). It does not wait for the
         calculation to finish.
         """
-        wire_scope = check_scope(scope if isinstance(scope, str) else tuple(scope))
-        result = self._call("resync", wire_scope, timeout=timeout)
-        return bool(result["started"])
+        started: bool = self._call(Resync(check_scope(scope)), timeout)
+        return started
 
     def ping(self, *, timeout: float | None = None) -> float:
         """A round trip to the server; returns how long it took, in seconds."""
         start = time.perf_counter()
-        self._call("ping", timeout=timeout)
+        self._call(Ping(), timeout)
         return time.perf_counter() - start
+
+    # -- subscriptions --------------------------------------------------------------------------
+
+    def subscribe(self, campaign_id: int) -> Subscription:
+        """Updates of ``campaign_id`` (at most one per second), on a connection of their own."""
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        return Subscription(self, campaign_id)
