@@ -22,7 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 # What a copy of the repository leaves out: environments, caches and build output.
-_NOT_COPIED = shutil.ignore_patterns(
+_NOT_COPIED_NAMES = shutil.ignore_patterns(
     ".git",
     ".venv",
     "venv",
@@ -37,6 +37,17 @@ _NOT_COPIED = shutil.ignore_patterns(
     "results",
     "node_modules",
 )
+
+
+def _not_copied(directory: str, names: list[str]) -> set[str]:
+    """The names above, and whatever is neither a file nor a directory (a server's socket)."""
+    skipped = set(_NOT_COPIED_NAMES(directory, names))
+    for name in names:
+        path = Path(directory, name)
+        if not (path.is_file() or path.is_dir()):
+            skipped.add(name)
+    return skipped
+
 
 # Run inside the fresh venv, from a directory that holds no campaignstats/, so that only the
 # installed copy can be imported.
@@ -92,7 +103,7 @@ def _run(cmd: list[str], *, cwd: Path, timeout: float) -> subprocess.CompletedPr
 @pytest.mark.timeout(900)
 def test_a_plain_install_has_both_clients_and_none_of_the_server(tmp_path: Path) -> None:
     source = tmp_path / "src"
-    shutil.copytree(REPO, source, ignore=_NOT_COPIED)
+    shutil.copytree(REPO, source, ignore=_not_copied, symlinks=True)
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path, timeout=120)
     python = venv / "bin" / "python"
