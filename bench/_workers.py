@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import random
-import socket
 import threading
 import time
 from typing import Any
@@ -19,8 +18,12 @@ import msgpack
 from bench._data import ACTION_TYPES, AREAS, Item
 from bench._harness import rss_bytes, time_each
 from campaignstats.client import StatsClient
+from campaignstats.client._common import Address
+from campaignstats.client.blocking import _Connection
 from campaignstats.model import Increment, StatsState
-from campaignstats.protocol import ClientCodec, Err, Ok, ServerCodec
+from campaignstats.protocol import ServerCodec
+from campaignstats.requests import Flush, Stats
+from campaignstats.sessions.client import ClientSession, Event, ServerError
 
 _RECV = 1 << 16
 
@@ -32,34 +35,24 @@ def _touch(items: list[Any]) -> None:
             len(item)
 
 
-def _connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+def _connect(port: int) -> _Connection:
+    """One connection of our blocking client (socket, session, hello done), for the workloads
+    that write pre-encoded bytes: the server's raw capacity, measured through our own client's
+    connection rather than a copy of it."""
+    return _Connection.open(Address("tcp", "127.0.0.1", port), ClientSession(), 120)
 
 
-def _wait_reply(sock: socket.socket, codec: ClientCodec, req_id: int) -> tuple[Any, int]:
-    """The result of the call ``req_id``; also counts error replies to casts seen meanwhile."""
-    errors = 0
-    while True:
-        data = sock.recv(_RECV)
-        if not data:
-            raise ConnectionError("server closed the connection")
-        for msg in codec.receive_data(data):
-            if type(msg) is Err and msg.req_id is None:
-                errors += 1
-            elif type(msg) is Ok and msg.req_id == req_id:
-                return msg.result, errors
-            elif type(msg) is Err and msg.req_id == req_id:
-                raise msg.exception()
+def _flush(conn: _Connection, timeout: float = 120) -> int:
+    """``flush`` on ``conn``; returns the errors about casts (rejected items) seen meanwhile."""
+    errors: list[Event] = []
+    conn.call(Flush(), time.monotonic() + timeout, errors.append)
+    return sum(isinstance(event, ServerError) for event in errors)
 
 
 def raw_call(port: int, op: str, *args: Any) -> Any:
-    """One call over a fresh socket (no threads: safe in the parent before forking)."""
-    codec = ClientCodec()
-    with _connect(port) as sock:
-        sock.sendall(codec.call(op, 1, *args))
-        return _wait_reply(sock, codec, 1)[0]
+    """One call through a fresh StatsClient (no threads for calls: safe before forking)."""
+    with StatsClient(f"tcp://127.0.0.1:{port}", timeout=120) as client:
+        return getattr(client, op)(*args)
 
 
 # -- our server -------------------------------------------------------------------------------
@@ -90,53 +83,48 @@ def client_per_increment(port: int, items: list[Item], limit: float) -> dict[str
 
 
 def client_batches(port: int, items: list[Item], batch: int, limit: float) -> dict[str, Any]:
-    """Workload 2: batches of ``batch`` items encoded by ClientCodec.incs, written to a socket.
+    """Workload 2: StatsClient.increment_many() with ``batch`` items at a time, then flush().
 
-    The client has no batch API: this is what its sender does for each batch, without the
-    queue. Encoding is inside the timing.
+    Checking, queueing, encoding and sending are all inside the timing.
     """
-    codec = ClientCodec()
-    sock = _connect(port)
-    _touch(items)
-    incs = codec.incs
-    send = sock.sendall
+    client = StatsClient(f"tcp://127.0.0.1:{port}", queue_size=len(items) + 1, timeout=120)
+    client.ping()  # connected before the clock starts
+    increments = [Increment(*item) for item in items]
+    _touch(increments)
+    many = client.increment_many
     n = 0
     cut = False
     t0 = time.perf_counter()
     deadline = t0 + limit
-    for start in range(0, len(items), batch):
-        send(incs(items[start : start + batch]))
-        n = min(start + batch, len(items))
+    for start in range(0, len(increments), batch):
+        many(increments[start : start + batch])
+        n = min(start + batch, len(increments))
         if (start // batch) % 100 == 99 and time.perf_counter() > deadline:
             cut = n < len(items)
             break
-    send(codec.call("flush", 1))
-    _, errors = _wait_reply(sock, codec, 1)
+    client.flush(timeout=120)
     seconds = time.perf_counter() - t0
-    sock.close()
-    return {"n": n, "seconds": seconds, "errors": errors, "cut": cut}
+    stats = client.statistics()
+    client.close()
+    return {"n": n, "seconds": seconds, "errors": stats.server_errors, "cut": cut}
 
 
 def raw_blast(port: int, streams: list[bytes], n: int, limit: float) -> dict[str, Any]:
     """Workload 3: pre-encoded streams, one per connection, then flush on each; one clock."""
-    socks = [_connect(port) for _ in streams]
-    for sock in socks:
-        sock.settimeout(limit)
+    conns = [_connect(port) for _ in streams]
     barrier = threading.Barrier(len(streams) + 1)
     errors: list[int] = []
     failures: list[str] = []
 
-    def blast(sock: socket.socket, stream: bytes) -> None:
-        codec = ClientCodec()
+    def blast(conn: _Connection, stream: bytes) -> None:
         barrier.wait()
         try:
-            sock.sendall(stream)
-            sock.sendall(codec.call("flush", 1))
-            errors.append(_wait_reply(sock, codec, 1)[1])
+            conn.write(stream, time.monotonic() + limit)
+            errors.append(_flush(conn, limit))
         except Exception as exc:
             failures.append(repr(exc))
 
-    threads = [threading.Thread(target=blast, args=a) for a in zip(socks, streams, strict=True)]
+    threads = [threading.Thread(target=blast, args=a) for a in zip(conns, streams, strict=True)]
     for t in threads:
         t.start()
     barrier.wait()
@@ -144,8 +132,8 @@ def raw_blast(port: int, streams: list[bytes], n: int, limit: float) -> dict[str
     for t in threads:
         t.join(limit + 5)
     seconds = time.perf_counter() - t0
-    for sock in socks:
-        sock.close()
+    for conn in conns:
+        conn.close()
     return {
         "n": n,
         "seconds": seconds,
@@ -157,17 +145,15 @@ def raw_blast(port: int, streams: list[bytes], n: int, limit: float) -> dict[str
 
 def blast_for(port: int, stream: bytes, seconds: float) -> dict[str, Any]:
     """Send one pre-encoded stream over and over for ``seconds`` (load for the profiler)."""
-    codec = ClientCodec()
-    sock = _connect(port)
+    conn = _connect(port)
     t0 = time.perf_counter()
     rounds = 0
     while time.perf_counter() - t0 < seconds:
-        sock.sendall(stream)
+        conn.write(stream, time.monotonic() + 120)
         rounds += 1
-    sock.sendall(codec.call("flush", 1))
-    _wait_reply(sock, codec, 1)
+    _flush(conn)
     elapsed = time.perf_counter() - t0
-    sock.close()
+    conn.close()
     return {"rounds": rounds, "seconds": elapsed}
 
 
@@ -175,23 +161,21 @@ def paced_load(
     port: int, batches: list[bytes], per_batch: int, rate: float, stop: Any, limit: float
 ) -> dict[str, Any]:
     """Send pre-encoded ``incs`` batches at ``rate`` increments/s until ``stop`` is set."""
-    codec = ClientCodec()
-    sock = _connect(port)
+    conn = _connect(port)
     interval = per_batch / rate
     sent = 0
     t0 = time.perf_counter()
     k = 0
     while not stop.is_set() and time.perf_counter() - t0 < limit:
-        sock.sendall(batches[k % len(batches)])
+        conn.write(batches[k % len(batches)], time.monotonic() + 120)
         k += 1
         sent += per_batch
         ahead = t0 + k * interval - time.perf_counter()
         if ahead > 0:
             time.sleep(ahead)
     elapsed = time.perf_counter() - t0
-    sock.sendall(codec.call("flush", 1))
-    _wait_reply(sock, codec, 1)
-    sock.close()
+    _flush(conn)
+    conn.close()
     return {"sent": sent, "seconds": elapsed, "rate": sent / elapsed}
 
 
@@ -206,27 +190,22 @@ def query_latency(port: int, n: int, seed: int, limit: float) -> dict[str, Any]:
 
 
 def raw_query_latency(port: int, n: int, seed: int, limit: float) -> dict[str, Any]:
-    """Like :func:`query_latency` over a plain blocking socket and ClientCodec: no client
-    threads, so the difference to the client's figure is what its reader thread costs."""
-    codec = ClientCodec()
-    sock = _connect(port)
+    """Like :func:`query_latency` on one connection of the client, without its pool: the
+    difference between the two figures is what taking and giving back a connection costs."""
+    conn = _connect(port)
     rng = random.Random(seed)
     cids = [rng.randint(1, 1000) for _ in range(n)]
-    call = codec.call
-    send = sock.sendall
-    recv = sock.recv
-    feed = codec.receive_data
+    call = conn.call
+    monotonic = time.monotonic
 
-    def stats(call_args: tuple[int, int]) -> None:
-        req_id, cid = call_args
-        send(call("stats", req_id, cid))
-        while True:
-            for msg in feed(recv(_RECV)):
-                if msg.req_id == req_id:  # type: ignore[union-attr]
-                    return
+    def ignore(event: Event) -> None:
+        pass
 
-    result = time_each(stats, list(enumerate(cids, 1)), limit)
-    sock.close()
+    def stats(cid: int) -> None:
+        call(Stats(cid), monotonic() + 10, ignore)
+
+    result = time_each(stats, cids, limit)
+    conn.close()
     return result
 
 
