@@ -105,9 +105,12 @@ def play(rng: random.Random, mode: Mode, actions: int, p_reject: float) -> int:
                 moves.append(("begin", c))
             elif c.txid is not None and c.committed_at is None:
                 moves.append(("commit", c))
-            elif c.committed_at is not None and not c.announced:
-                if not c.decrement or accept.announced or mode.any_order:
-                    moves.append(("announce", c))
+            elif (
+                c.committed_at is not None
+                and not c.announced
+                and (not c.decrement or accept.announced or mode.any_order)
+            ):
+                moves.append(("announce", c))
         rejected = {c.action for c in changes if c.decrement}
         for c in changes[:actions]:
             if c.committed_at is not None and c.action not in rejected and rng.random() < p_reject:
