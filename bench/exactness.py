@@ -116,17 +116,18 @@ def play(rng: random.Random, mode: Mode, actions: int, p_reject: float) -> int:
             if c.committed_at is not None and c.action not in rejected and rng.random() < p_reject:
                 moves.append(("reject", c))
         moves.append(("calc", None))
-        move, c = rng.choice(moves)
-        if move == "begin" and c is not None:
+        move, picked = rng.choice(moves)
+        c = picked if picked is not None else changes[0]
+        if move == "begin":
             c.txid = next_txid
             next_txid += 1
             running.add(c.txid)
-        elif move == "commit" and c is not None and c.txid is not None:
+        elif move == "commit" and c.txid is not None:
             running.discard(c.txid)
             c.committed_at = clock
-        elif move == "announce" and c is not None:
+        elif move == "announce":
             announce(c)
-        elif move == "reject" and c is not None:
+        elif move == "reject":
             changes.append(Change(c.action, True))
         elif calc[0] == "idle":
             state.start_journal()
