@@ -1,16 +1,19 @@
-"""The wire codec of shared/PROTOCOL.md: bytes in, typed messages out, and back. No sockets.
+"""The wire codec of docs/protocol.md: bytes in, typed messages out, and back. No sockets.
 
 In the manner of h11: :class:`ServerCodec` turns what a client sent into messages
-(:meth:`~ServerCodec.receive_data`, then :meth:`~ServerCodec.next_messages`) and the server's
-answers into bytes; :class:`ClientCodec` does the same from the client's side. Both are fed bytes
-in any chunking; MessagePack values delimit themselves, so the same stream gives the same messages
-whether it arrives whole or one byte at a time.
+(:meth:`~ServerCodec.receive_data`) and the server's answers into bytes; :class:`ClientCodec` does
+the same from the client's side. Both are fed bytes in any chunking; MessagePack values delimit
+themselves, so the same stream gives the same messages whether it arrives whole or one byte at a
+time. The codec knows messages only: hello, request ids and reply order belong to the sessions
+(:mod:`campaignstats.sessions`).
 
 Every field is validated here, once: a message that comes out of :class:`ServerCodec` is well
-typed and in range. A message that is valid MessagePack but not a valid message comes out as a
-:class:`Rejected` carrying the error to send back (the connection goes on); bytes that are not
-MessagePack, or a value over the size limit, raise :class:`~campaignstats.errors.BadFrame`, after
-which the connection must be closed.
+typed and in range. A call comes out as a :class:`Call`: its ``req_id`` and the typed request of
+:mod:`campaignstats.requests` (or :class:`Hello` / :class:`Ping`, which the session answers
+itself). Increments and decrements come out as a :class:`Batch`. A message that is valid
+MessagePack but not a valid message comes out as a :class:`Rejected` carrying the error to send
+back (the connection goes on); bytes that are not MessagePack, or a value over the size limit,
+raise :class:`~campaignstats.errors.BadFrame`, after which the connection must be closed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import functools
 import reprlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, ClassVar, NamedTuple
 
 import msgpack
 import msgspec
@@ -27,11 +30,24 @@ import msgspec
 from campaignstats.errors import BadFrame, BadMessage, Invalid, ProtocolError
 from campaignstats.model import (
     DEFAULT_MAX_STRING,
+    MAP_KEYS,
+    MAX_AT,
     MAX_ID,
     Increment,
     IncrementLike,
     WireStats,
     check_increment,
+    increment_from_map,
+)
+from campaignstats.requests import (
+    Flush,
+    Info,
+    Request,
+    Resync,
+    Stats,
+    StatsMany,
+    Subscribe,
+    Unsubscribe,
 )
 
 PROTOCOL_VERSION = 1
@@ -46,60 +62,72 @@ class Limits:
     max_batch: int = DEFAULT_MAX_BATCH
     max_string: int = DEFAULT_MAX_STRING
 
+    def to_wire(self) -> dict[str, int]:
+        """The ``limits`` of the ``hello`` reply (docs/protocol.md, "Additions")."""
+        return {
+            "max_message": self.max_message,
+            "max_batch": self.max_batch,
+            "max_string": self.max_string,
+        }
+
 
 # -- client to server -----------------------------------------------------------------------------
 
 
-class Incs(NamedTuple):
-    """``inc`` or ``incs``: the valid increments, and the rejected items' (index, reason)."""
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The first call of a connection; the session answers it (it never reaches the actor)."""
+
+    protocol: int
+    token: str | None = None
+    client: str | None = None
+
+    op: ClassVar[str] = "hello"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        opts: dict[str, Any] = {"protocol": self.protocol}
+        if self.token is not None:
+            opts["token"] = self.token
+        if self.client is not None:
+            opts["client"] = self.client
+        return (opts,)
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Answered ``"pong"`` by the session, in its place among the replies."""
+
+    op: ClassVar[str] = "ping"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        return ()
+
+
+#: what a call may carry: the requests of the actor, and the two the session answers itself
+CallRequest = Request | Hello | Ping
+
+
+class Call(NamedTuple):
+    """A call: the client's ``req_id`` and the typed request."""
+
+    req_id: int
+    request: CallRequest
+
+
+class Batch(NamedTuple):
+    """``inc``, ``incs``, ``dec`` or ``decs``: the valid items, and why the others were refused.
+
+    ``rejected`` holds ``(index in the message, reason)``. ``positions`` is None when every item
+    passed (``items[i]`` is the message's item ``i``); otherwise it gives, for each valid item,
+    its index in the message, so that a later rejection (by the actor) can be named in the
+    client's own numbering with one lookup.
+    """
 
     items: Sequence[IncrementLike]  # Increment, or the fast path's msgspec items (same fields)
     rejected: list[tuple[int, str]]
-    single: bool  # an ``inc`` (errors name no index) rather than an ``incs``
-
-
-class Hello(NamedTuple):
-    req_id: int
-    protocol: int
-    token: str | None
-    client: str | None
-
-
-class Ping(NamedTuple):
-    req_id: int
-
-
-class StatsReq(NamedTuple):
-    req_id: int
-    campaign_id: int
-
-
-class StatsManyReq(NamedTuple):
-    req_id: int
-    campaign_ids: list[int]
-
-
-class FlushReq(NamedTuple):
-    req_id: int
-
-
-class InfoReq(NamedTuple):
-    req_id: int
-
-
-class ResyncReq(NamedTuple):
-    req_id: int
-    scope: str | list[int]
-
-
-class SubReq(NamedTuple):
-    req_id: int
-    campaign_id: int
-
-
-class UnsubReq(NamedTuple):
-    req_id: int
-    campaign_id: int
+    single: bool  # an ``inc``/``dec`` (errors name no index) rather than ``incs``/``decs``
+    decrement: bool = False
+    positions: list[int] | None = None
 
 
 class Rejected(NamedTuple):
@@ -109,8 +137,7 @@ class Rejected(NamedTuple):
     error: ProtocolError
 
 
-Call = Hello | Ping | StatsReq | StatsManyReq | FlushReq | InfoReq | ResyncReq | SubReq | UnsubReq
-ClientMessage = Incs | Call | Rejected
+ClientMessage = Batch | Call | Rejected
 
 # -- server to client -----------------------------------------------------------------------------
 
@@ -261,18 +288,34 @@ def _short(value: object) -> str:
     return _repr.repr(value)
 
 
-_INCS_HEAD = b"\x92\xa4incs"  # fixarray of 2, then the fixstr "incs"
+_BATCH_HEADS = {  # fixarray of 2, then the fixstr op: the batches the fast path decodes
+    b"\x92\xa4incs": False,
+    b"\x92\xa4decs": True,
+}
+_MAP_FIRST_BYTES = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # fixmap, map 16, map 32
+
+
+def _first_item_byte(frame: bytes) -> int:
+    """The first byte of the first item of ``["incs", [item, ...]]`` (-1: none)."""
+    header = frame[6] if len(frame) > 6 else -1
+    offset = 7 if 0x90 <= header <= 0x9F else 9 if header == 0xDC else 11 if header == 0xDD else -1
+    return frame[offset] if 0 < offset < len(frame) else -1
 
 
 @functools.lru_cache(maxsize=8)  # one per set of limits, shared by every connection
-def _incs_decoder(limits: Limits) -> msgspec.msgpack.Decoder[Any]:
-    """A decoder of ``["incs", [item, ...]]`` whose items pass every type and range check.
+def _batch_decoders(
+    limits: Limits,
+) -> tuple[msgspec.msgpack.Decoder[Any], msgspec.msgpack.Decoder[Any]]:
+    """Decoders of ``["incs", [item, ...]]`` whose items pass every type and range check:
+    one for the v1 arrays, one for maps (msgspec cannot mix untagged structs in a union).
 
     Strings are limited in characters here (msgspec counts characters), and in bytes after.
     """
     ident = Annotated[int, msgspec.Meta(ge=1, le=MAX_ID)]
     text = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.max_string)]
-    item = msgspec.defstruct(
+    at = Annotated[float, msgspec.Meta(ge=0, le=MAX_AT)]
+    messages = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
+    array_item = msgspec.defstruct(
         "IncItem",
         [
             ("campaign_id", ident),
@@ -290,7 +333,29 @@ def _incs_decoder(limits: Limits) -> msgspec.msgpack.Decoder[Any]:
         # Increment does (apply_many reads by attribute) at no cost per item.
         namespace={"txid": None, "at": None, "page": None, "messages": 0},
     )
-    return msgspec.msgpack.Decoder(tuple[str, list[item]])  # type: ignore[valid-type]
+    map_item = msgspec.defstruct(
+        "IncMap",
+        [  # Increment's order, so that astuple() gives an Increment's fields
+            ("campaign_id", ident),
+            ("org_id", ident),
+            ("action_type", text),
+            ("area", text | None, None),
+            ("new_supporter", bool, False),
+            ("count", ident, 1),
+            ("action_id", ident | None, None),
+            ("txid", ident | None, None),
+            ("at", at | None, None),
+            ("page", ident | None, None),
+            ("messages", messages, 0),
+        ],
+        rename={field: key for key, field in MAP_KEYS.items()},
+        forbid_unknown_fields=True,  # unknown keys are bad_message (docs/protocol.md)
+        gc=False,
+    )
+    return (
+        msgspec.msgpack.Decoder(tuple[str, list[array_item]]),  # type: ignore[valid-type]
+        msgspec.msgpack.Decoder(tuple[str, list[map_item]]),  # type: ignore[valid-type]
+    )
 
 
 def _is_id(value: object) -> bool:
@@ -302,27 +367,47 @@ def _req_id(msg: list[Any]) -> int | None:
     return rid if type(rid) is int else None
 
 
+_ITEM_SHAPE = (
+    "an increment is [campaign_id, org_id, action_type, area, new_supporter, (count), "
+    "(action_id)] or a map"
+)
+
+#: a call's parser: the fields after req_id in, the typed request (or why not) out
+_CallParser = Callable[..., CallRequest | ProtocolError]
+
+
 class ServerCodec:
     """The server's half: client bytes to :data:`ClientMessage`, answers to bytes."""
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self._decoder = _Decoder(self.limits.max_message, frames=True)
-        self._incs_decoder = _incs_decoder(self.limits)
+        self._array_decoder, self._map_decoder = _batch_decoders(self.limits)
         self._pack = msgpack.Packer().pack
-        self._parsers: dict[str, Callable[[list[Any]], ClientMessage]] = {
-            "inc": self._inc,
-            "incs": self._incs,
-            "hello": self._hello,
-            "ping": self._ping,
-            "stats": self._stats,
-            "stats_many": self._stats_many,
-            "flush": self._flush,
-            "info": self._info,
-            "resync": self._resync,
-            "sub": self._sub,
-            "unsub": self._unsub,
+        # One table per kind of message: the op names the parser, and a call's table entry says
+        # how many fields follow its req_id (docs/protocol.md).
+        self._casts: dict[str, Callable[[list[Any]], ClientMessage]] = {
+            "inc": functools.partial(self._single, decrement=False),
+            "incs": functools.partial(self._batch, decrement=False),
+            "dec": functools.partial(self._single, decrement=True),
+            "decs": functools.partial(self._batch, decrement=True),
         }
+        self._calls: dict[str, tuple[int, _CallParser]] = {
+            "hello": (1, self._hello),
+            "ping": (0, Ping),
+            "stats": (1, self._stats),
+            "stats_many": (1, self._stats_many),
+            "flush": (0, Flush),
+            "info": (0, Info),
+            "resync": (1, self._resync),
+            "sub": (1, self._sub),
+            "unsub": (1, self._unsub),
+        }
+
+    @property
+    def ops(self) -> list[str]:
+        """Every op this codec understands (the ``ops`` of the ``hello`` reply)."""
+        return [*self._calls, *self._casts]
 
     def receive_data(self, data: bytes) -> list[ClientMessage]:
         """All the messages completed by ``data``. Raises BadFrame (then close the connection).
@@ -343,37 +428,43 @@ class ServerCodec:
         return messages
 
     def _frame(self, frame: bytes) -> ClientMessage:
-        if frame.startswith(_INCS_HEAD):
+        decrement = _BATCH_HEADS.get(frame[:6])
+        if decrement is not None:
             # The hot path: msgspec decodes and validates a whole valid batch in C, several
-            # times faster than msgpack plus checks in Python. Any invalid item sends the whole
-            # message down the slow path below, which finds and names each bad one.
+            # times faster than msgpack plus checks in Python. Any invalid item (or a batch that
+            # mixes arrays and maps) sends the whole message down the slow path below, which
+            # finds and names each bad one.
+            decoder = (
+                self._map_decoder
+                if _first_item_byte(frame) in _MAP_FIRST_BYTES
+                else self._array_decoder
+            )
             try:
-                _, items = self._incs_decoder.decode(frame)
+                _, items = decoder.decode(frame)
             except (msgspec.DecodeError, ValueError):  # invalid, or not UTF-8: the slow path says
                 pass
             else:
-                if len(items) <= self.limits.max_batch:
-                    incs = self._accept(items)
-                    if incs is not None:
-                        return incs
+                if len(items) <= self.limits.max_batch and self._strings_fit(items):
+                    # msgspec's items have Increment's fields: no copy
+                    return Batch(items, [], False, decrement)
         try:
             value = msgpack.unpackb(frame, raw=False, strict_map_key=False)
         except (ValueError, TypeError, msgpack.UnpackException) as exc:  # e.g. invalid UTF-8
             raise BadFrame(f"not MessagePack: {type(exc).__name__} {exc}".strip()) from None
         return self.parse(value)
 
-    def _accept(self, items: list[Any]) -> Incs | None:
-        """The increments of a batch msgspec validated; None if a string is over in bytes."""
+    def _strings_fit(self, items: list[Any]) -> bool:
+        """False if a string msgspec accepted (it counts characters) is over in bytes."""
         max_string = self.limits.max_string
         max_chars = max_string >> 2
         for it in items:
-            # msgspec counted characters; only a long string can be over the limit in bytes
+            # only a long string can be over the limit in bytes
             action_type, area = it.action_type, it.area
             if len(action_type) > max_chars and len(action_type.encode()) > max_string:
-                return None
+                return False
             if area is not None and len(area) > max_chars and len(area.encode()) > max_string:
-                return None
-        return Incs(items, [], False)  # msgspec's items have Increment's fields: no copy
+                return False
+        return True
 
     @property
     def error(self) -> BadFrame | None:
@@ -383,19 +474,38 @@ class ServerCodec:
         """A decoded value as a message (the slow path: every check in Python)."""
         if type(msg) is not list or not msg:
             return Rejected(None, BadMessage("a message is a non-empty array"))
-        parser = self._parsers.get(msg[0]) if type(msg[0]) is str else None
-        if parser is None:
-            return Rejected(_req_id(msg), BadMessage(f"unknown op {_short(msg[0])}"))
-        return parser(msg)
+        op = msg[0]
+        if type(op) is not str:
+            return Rejected(_req_id(msg), BadMessage(f"unknown op {_short(op)}"))
+        cast = self._casts.get(op)
+        if cast is not None:
+            return cast(msg)
+        call = self._calls.get(op)
+        if call is None:
+            return Rejected(_req_id(msg), BadMessage(f"unknown op {_short(op)}"))
+        rid = _req_id(msg)
+        if rid is None:
+            return Rejected(None, BadMessage(f"{op}: req_id must be an integer"))
+        n_args, parser = call
+        if len(msg) != 2 + n_args:
+            return Rejected(rid, BadMessage(f"{op} takes {n_args} field(s) after req_id"))
+        request = parser(*msg[2:])
+        if isinstance(request, ProtocolError):
+            return Rejected(rid, request)
+        return Call(rid, request)
+
+    # -- increments and decrements -------------------------------------------------------------
 
     # The increments are the hot path: the common case is checked inline, and only a failing
-    # item goes through check_increment to find the reason.
+    # item goes through check_increment (the one validator) to find the reason.
     def _item(self, item: Any) -> Increment | ProtocolError:
+        if type(item) is dict:
+            inc = increment_from_map(item)
+            if isinstance(inc, ProtocolError):
+                return inc
+            return check_increment(inc, self.limits.max_string) or inc
         if type(item) is not list or not 5 <= len(item) <= 7:
-            return BadMessage(
-                "an increment is [campaign_id, org_id, action_type, area, new_supporter, "
-                "(count), (action_id)]"
-            )
+            return BadMessage(_ITEM_SHAPE)
         inc = Increment(*item)
         max_chars = self.limits.max_string >> 2  # 4 bytes per character at most in UTF-8
         cid, org, action_type, area, new, count, aid = inc[:7]
@@ -415,121 +525,98 @@ class ServerCodec:
             return inc  # short strings cannot be over the byte limit, whatever their characters
         return check_increment(inc, self.limits.max_string) or inc
 
-    def _inc(self, msg: list[Any]) -> ClientMessage:
-        if not 6 <= len(msg) <= 8:
-            return Rejected(None, BadMessage("inc takes 5 to 7 fields"))
-        result = self._item(msg[1:])
+    def _single(self, msg: list[Any], *, decrement: bool) -> ClientMessage:
+        if len(msg) == 2 and type(msg[1]) is dict:
+            item: Any = msg[1]
+        elif 6 <= len(msg) <= 8:
+            item = msg[1:]
+        else:
+            return Rejected(None, BadMessage(f"{msg[0]} takes 5 to 7 fields, or one map"))
+        result = self._item(item)
         if isinstance(result, ProtocolError):
             return Rejected(None, result)
-        return Incs([result], [], True)
+        return Batch([result], [], True, decrement)
 
-    def _incs(self, msg: list[Any]) -> ClientMessage:
+    def _batch(self, msg: list[Any], *, decrement: bool) -> ClientMessage:
+        op = msg[0]
         if len(msg) != 2 or type(msg[1]) is not list:
-            return Rejected(None, BadMessage("incs takes one array of increments"))
+            return Rejected(None, BadMessage(f"{op} takes one array of items"))
         items = msg[1]
         if len(items) > self.limits.max_batch:
-            return Rejected(None, Invalid(f"incs holds at most {self.limits.max_batch} items"))
+            return Rejected(None, Invalid(f"{op} holds at most {self.limits.max_batch} items"))
         # Only batches msgspec refused come here (see _frame): check each item to name the bad.
         good: list[Increment] = []
+        positions: list[int] = []
         rejected: list[tuple[int, str]] = []
         for i, item in enumerate(items):
             result = self._item(item)
             if type(result) is Increment:
                 good.append(result)
+                positions.append(i)
             else:
                 rejected.append((i, str(result)))
-        return Incs(good, rejected, False)
+        return Batch(good, rejected, False, decrement, positions if rejected else None)
 
-    def _call(self, msg: list[Any], n_args: int, name: str) -> int | Rejected:
-        """The req_id of a call with ``n_args`` fields after it, or why not."""
-        rid = _req_id(msg)
-        if rid is None:
-            return Rejected(None, BadMessage(f"{name}: req_id must be an integer"))
-        if len(msg) != 2 + n_args:
-            return Rejected(rid, BadMessage(f"{name} takes {n_args} field(s) after req_id"))
-        return rid
+    # -- calls: each returns the typed request, or the error to answer ---------------------------
 
-    def _hello(self, msg: list[Any]) -> ClientMessage:
-        rid = self._call(msg, 1, "hello")
-        if type(rid) is not int:
-            return rid  # type: ignore[return-value]
-        opts = msg[2]
+    def _hello(self, opts: Any) -> Hello | ProtocolError:
         if type(opts) is not dict:
-            return Rejected(rid, BadMessage("hello takes a map"))
+            return BadMessage("hello takes a map")
         protocol, token, client = opts.get("protocol"), opts.get("token"), opts.get("client")
         if type(protocol) is not int:
-            return Rejected(rid, BadMessage("hello: protocol must be an integer"))
+            return BadMessage("hello: protocol must be an integer")
         if token is not None and type(token) is not str:
-            return Rejected(rid, BadMessage("hello: token must be a string"))
+            return BadMessage("hello: token must be a string")
         if client is not None and type(client) is not str:
-            return Rejected(rid, BadMessage("hello: client must be a string"))
+            return BadMessage("hello: client must be a string")
         if protocol != PROTOCOL_VERSION:
-            return Rejected(rid, Invalid(f"protocol {protocol} is not supported (1 is)"))
-        return Hello(rid, protocol, token, client)
+            return Invalid(f"protocol {protocol} is not supported (1 is)")
+        return Hello(protocol, token, client)
 
-    def _ping(self, msg: list[Any]) -> ClientMessage:
-        rid = self._call(msg, 0, "ping")
-        return Ping(rid) if type(rid) is int else rid  # type: ignore[return-value]
-
-    def _flush(self, msg: list[Any]) -> ClientMessage:
-        rid = self._call(msg, 0, "flush")
-        return FlushReq(rid) if type(rid) is int else rid  # type: ignore[return-value]
-
-    def _info(self, msg: list[Any]) -> ClientMessage:
-        rid = self._call(msg, 0, "info")
-        return InfoReq(rid) if type(rid) is int else rid  # type: ignore[return-value]
-
-    def _one_campaign(self, msg: list[Any], name: str, kind: type) -> ClientMessage:
-        rid = self._call(msg, 1, name)
-        if type(rid) is not int:
-            return rid  # type: ignore[return-value]
-        cid = msg[2]
+    @staticmethod
+    def _campaign_id(cid: Any, op: str) -> int | ProtocolError:
         if type(cid) is not int:
-            return Rejected(rid, BadMessage(f"{name}: campaign_id must be an integer"))
+            return BadMessage(f"{op}: campaign_id must be an integer")
         if not _is_id(cid):
-            return Rejected(rid, Invalid(f"{name}: campaign_id must be between 1 and 2**63-1"))
-        return kind(rid, cid)  # type: ignore[no-any-return]
+            return Invalid(f"{op}: campaign_id must be between 1 and 2**63-1")
+        return cid
 
-    def _stats(self, msg: list[Any]) -> ClientMessage:
-        return self._one_campaign(msg, "stats", StatsReq)
+    def _stats(self, cid: Any) -> Stats | ProtocolError:
+        checked = self._campaign_id(cid, "stats")
+        return checked if isinstance(checked, ProtocolError) else Stats(checked)
 
-    def _sub(self, msg: list[Any]) -> ClientMessage:
-        return self._one_campaign(msg, "sub", SubReq)
+    def _sub(self, cid: Any) -> Subscribe | ProtocolError:
+        checked = self._campaign_id(cid, "sub")
+        return checked if isinstance(checked, ProtocolError) else Subscribe(checked)
 
-    def _unsub(self, msg: list[Any]) -> ClientMessage:
-        return self._one_campaign(msg, "unsub", UnsubReq)
+    def _unsub(self, cid: Any) -> Unsubscribe | ProtocolError:
+        checked = self._campaign_id(cid, "unsub")
+        return checked if isinstance(checked, ProtocolError) else Unsubscribe(checked)
 
-    def _ids(self, rid: int, ids: Any, name: str) -> list[int] | Rejected:
+    def _ids(self, ids: Any, op: str) -> list[int] | ProtocolError:
         if type(ids) is not list or not all(type(i) is int for i in ids):
-            return Rejected(rid, BadMessage(f"{name}: campaign ids must be an array of integers"))
+            return BadMessage(f"{op}: campaign ids must be an array of integers")
         if len(ids) > self.limits.max_batch:
-            return Rejected(rid, Invalid(f"{name}: at most {self.limits.max_batch} ids"))
+            return Invalid(f"{op}: at most {self.limits.max_batch} ids")
         if not all(_is_id(i) for i in ids):
-            return Rejected(rid, Invalid(f"{name}: campaign ids must be between 1 and 2**63-1"))
+            return Invalid(f"{op}: campaign ids must be between 1 and 2**63-1")
         return ids
 
-    def _stats_many(self, msg: list[Any]) -> ClientMessage:
-        rid = self._call(msg, 1, "stats_many")
-        if type(rid) is not int:
-            return rid  # type: ignore[return-value]
-        ids = self._ids(rid, msg[2], "stats_many")
-        return ids if isinstance(ids, Rejected) else StatsManyReq(rid, ids)
+    def _stats_many(self, ids: Any) -> StatsMany | ProtocolError:
+        checked = self._ids(ids, "stats_many")
+        return checked if isinstance(checked, ProtocolError) else StatsMany(checked)
 
-    def _resync(self, msg: list[Any]) -> ClientMessage:
-        rid = self._call(msg, 1, "resync")
-        if type(rid) is not int:
-            return rid  # type: ignore[return-value]
-        scope = msg[2]
-        if scope in ("all", "live"):
-            return ResyncReq(rid, scope)
+    def _resync(self, scope: Any) -> Resync | ProtocolError:
+        if scope == "all" or scope == "live":
+            return Resync("all" if scope == "all" else "live")
         if type(scope) is str:
-            return Rejected(rid, Invalid("resync: scope is 'all', 'live' or campaign ids"))
-        ids = self._ids(rid, scope, "resync")
-        if isinstance(ids, Rejected):
+            return Invalid("resync: scope is 'all', 'live' or campaign ids")
+        ids = self._ids(scope, "resync")
+        if isinstance(ids, ProtocolError):
             return ids
         if not ids:
-            return Rejected(rid, Invalid("resync: give at least one campaign id"))
-        return ResyncReq(rid, ids)
+            return Invalid("resync: give at least one campaign id")
+        return Resync(ids)
 
     # -- encoding answers ----------------------------------------------------------------------
 

@@ -1,29 +1,34 @@
-"""The socket server: TCP and Unix listeners speaking shared/PROTOCOL.md to the stats actor.
+"""The socket server: TCP and Unix listeners speaking docs/protocol.md in front of the service.
 
-Each connection is an :class:`asyncio.Protocol`: bytes go through the pure
-:class:`~campaignstats.protocol.ServerCodec`, and every read becomes at most a few mailbox
-messages: the increments of a read travel as one batch, split only where a call must keep its
-place between them (a ``flush`` after increments is answered after they are applied).
+An adapter only (docs/design.md, "The house"): each connection's protocol state lives in a
+sans-IO :class:`~campaignstats.sessions.server.ServerSession` (hello and auth, request ids, reply
+order, error replies, which rejected item was which), the mailbox is reached only through the
+service (one :class:`~campaignstats.service.Producer` per connection), and this module moves
+bytes, applies backpressure and waits.
 
-Replies keep call order per connection: each call takes a slot in a FIFO, and a slot is written
-only when every slot before it is. Writes never block: what a client does not read piles up in
-the transport's buffer, which is bounded: past ``max_output`` bytes, error replies to casts and
-``pub`` updates are dropped (and counted), and a connection whose call replies cannot be
-delivered is closed. When the mailbox is full, the connection stops reading its socket until the
-actor catches up (TCP then pushes back on the client), so memory stays flat under any load.
+Each connection is an :class:`asyncio.Protocol` on the loop's own transports, not an anyio
+stream: the increments of a read reach the mailbox from ``data_received`` with no task switch
+and no await (one mailbox message per read). Measured with ``bench.run`` (raw pre-encoded
+``incs`` of 1,000 on one connection, 2-core VM): see docs/design.md, "Measured"; a stream-based
+reader adds a task wake-up and a copy per read to that path.
+
+Writes never block: what a client does not read piles up in the transport's buffer, which is
+bounded: past ``max_output`` bytes, error replies to casts and ``pub`` updates are dropped (and
+counted) by the session, and a connection whose call replies cannot be delivered is closed. When
+the mailbox is full, the connection stops reading its socket until the actor catches up (TCP then
+pushes back on the client), so memory stays flat under any load. Every background task (backlog
+drainers, the idle sweeper) belongs to the server's task group.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import functools
 import os
 import socket
 import stat
 import time
-from bisect import bisect_right
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,53 +36,29 @@ from typing import Any, cast
 
 import structlog
 
-from campaignstats._version import __version__
-from campaignstats.actor.messages import (
-    READS,
-    Ask,
-    Flush,
-    GetInfo,
-    GetStats,
-    GetStatsMany,
-    Increments,
-    Message,
-    Resync,
-    Subscribe,
-    Unsubscribe,
+from campaignstats.errors import InternalError, Overloaded, StatsError
+from campaignstats.model import WireStats
+from campaignstats.protocol import Limits
+from campaignstats.requests import Info
+from campaignstats.service import StatsService, TaskHost
+from campaignstats.sessions.server import (
+    CallReceived,
+    CastOrigin,
+    CastReceived,
+    Closing,
+    Greeted,
+    MessageRejected,
+    ServerSession,
+    SessionCounters,
+    Slot,
 )
-from campaignstats.errors import (
-    BadFrame,
-    InternalError,
-    Invalid,
-    Overloaded,
-    ProtocolError,
-    StatsError,
-    Unauthorized,
-)
-from campaignstats.model import IncrementLike, WireStats
-from campaignstats.protocol import (
-    PROTOCOL_VERSION,
-    FlushReq,
-    Hello,
-    Incs,
-    InfoReq,
-    Limits,
-    Ping,
-    Rejected,
-    ResyncReq,
-    ServerCodec,
-    StatsManyReq,
-    StatsReq,
-    SubReq,
-    UnsubReq,
-)
-from campaignstats.service import StatsService
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_PORT = 7400
 _LOG_EVERY = 10.0  # seconds between two logs of rejected messages from one connection
 _LINGER = 2.0  # seconds a connection closed on an error still drains its input
+_CLOSE_BACKLOG_TIMEOUT = 10.0  # seconds the server's close gives backlogs to reach the actor
 
 
 @dataclass(slots=True)
@@ -96,34 +77,11 @@ class ServerConfig:
 
 
 @dataclass(slots=True)
-class ServerCounters:
+class ServerCounters(SessionCounters):
     connections_total: int = 0
-    rejected_messages: int = 0
-    dropped_errors: int = 0
-    dropped_pubs: int = 0
     closed_slow: int = 0
-    bad_frames: int = 0
     refused_connections: int = 0
-    unauthorized: int = 0
     closed_idle: int = 0
-
-
-class _Slot:
-    """A reply's place in a connection's FIFO."""
-
-    __slots__ = ("data", "future", "req_id", "transform")
-
-    def __init__(
-        self,
-        req_id: int,
-        future: asyncio.Future[Any] | None = None,
-        data: bytes | None = None,
-        transform: Callable[[Any], Any] | None = None,
-    ) -> None:
-        self.req_id = req_id
-        self.future = future
-        self.data = data
-        self.transform = transform
 
 
 class Connection(asyncio.Protocol):
@@ -132,19 +90,33 @@ class Connection(asyncio.Protocol):
     def __init__(self, server: StatsServer) -> None:
         self.server = server
         self.service = server.service
-        self.codec = ServerCodec(server.config.limits)
+        config = server.config
+        self.producer = server.service.producer()
+        self.session = ServerSession(
+            config.limits,
+            token=config.token,
+            subscriber=self,
+            max_output=config.max_output,
+            unsent=self._unsent,
+            counters=server.counters,
+        )
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self.authenticated = server.config.token is None
         self.closed = False
-        self._replies: deque[_Slot] = deque()
-        self._backlog: deque[Message] = deque()  # waiting for room in the mailbox
+        self._discarding = False  # closing after an error: input is read and dropped
+        self._write_lost = False  # the peer went away under a write: logged once
+        self._calls: set[asyncio.Future[Any]] = set()  # waiting on the actor
         self._drainer: asyncio.Task[None] | None = None
-        self._subscribed = False
-        self._last_sequence = 0  # of this connection's last message in the mailbox's normal lane
         self.last_active = time.monotonic()
         self._last_log = 0.0
         self._unlogged = 0
+        self._events: dict[type[Any], Callable[[Any], None]] = {
+            CastReceived: self._cast,
+            CallReceived: self._call,
+            MessageRejected: self._rejected,
+            Greeted: self._greeted,
+            Closing: self._closing,
+        }
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -158,7 +130,7 @@ class Connection(asyncio.Protocol):
         if len(server.connections) >= server.config.max_connections:
             server.counters.refused_connections += 1
             log.warning("connection.refused", peer=self.peer, reason="too many connections")
-            self._write_error(None, Overloaded("too many connections"))
+            self.transport.write(self.session.codec.err(None, Overloaded("too many connections")))
             self.close_after_error()
             return
         server.connections.add(self)
@@ -172,230 +144,94 @@ class Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         if self._drainer is not None:
             self._drainer.cancel()
-        if self._subscribed:
+        if self.session.subscribed:
             self.service.unwatch_nowait(self)
-        for slot in self._replies:
-            if slot.future is not None:
-                slot.future.cancel()
-        self._replies.clear()
-        self._backlog.clear()
+        self.session.connection_lost()
+        # Calls still queued are given up: the actor skips them (a ``sub`` registers nothing).
+        self.producer.close()
+        for call in self._calls:
+            call.cancel()
+        self._calls.clear()
         if exc is not None:
             log.info("connection.lost", peer=self.peer, error=str(exc))
         else:
             log.debug("connection.closed", peer=self.peer)
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding or self.closed:
+            return
         self.last_active = time.monotonic()
-        try:
-            messages = self.codec.receive_data(data)
-        except BadFrame as exc:
-            self._bad_frame(exc)
-            return
-        batch: list[IncrementLike] | None = None
-        segments: list[tuple[int, Incs]] | None = None
-        for msg in messages:
-            kind = type(msg)
-            if not self.authenticated and kind is not Hello:
-                self._refuse(msg)
-                return
-            if kind is Incs:
-                if msg.rejected:  # type: ignore[union-attr]
-                    self._reject_items(msg)  # type: ignore[arg-type]
-                if not msg.items:  # type: ignore[union-attr]
-                    continue
-                if batch is None:
-                    batch, segments = [], []
-                segments.append((len(batch), msg))  # type: ignore[union-attr,arg-type]
-                batch.extend(msg.items)  # type: ignore[union-attr]
-                continue
-            if batch is not None:
-                self._submit(Increments(batch, self._rejection_reporter(segments or [])))
-                batch = segments = None
-            if kind is Rejected:
-                self._on_rejected(msg)  # type: ignore[arg-type]
-            else:
-                self._on_call(msg)
-            if self.closed:
-                return
-        if batch is not None:
-            self._submit(Increments(batch, self._rejection_reporter(segments or [])))
-        if self.codec.error is not None:  # bad bytes after the messages just handled
-            self._bad_frame(self.codec.error)
-
-    def _bad_frame(self, exc: BadFrame) -> None:
-        self.server.counters.bad_frames += 1
-        self._log_rejected("bad_frame", str(exc))
-        self._write_error(None, exc)
-        self.close_after_error()
-
-    # -- calls -----------------------------------------------------------------------------------
-
-    def _on_call(self, msg: Any) -> None:
-        kind = type(msg)
-        if kind is StatsReq:
-            self._ask(msg.req_id, GetStats(msg.campaign_id))
-        elif kind is StatsManyReq:
-            self._ask(msg.req_id, GetStatsMany(msg.campaign_ids))
-        elif kind is FlushReq:
-            self._ask(msg.req_id, Flush())
-        elif kind is Ping:
-            self._reply_now(msg.req_id, "pong")
-        elif kind is InfoReq:
-            self._ask(msg.req_id, GetInfo(), self.server.add_info)
-        elif kind is ResyncReq:
-            self._ask(msg.req_id, Resync(msg.scope))
-        elif kind is SubReq:
-            self._subscribed = True
-            self._ask(msg.req_id, Subscribe(msg.campaign_id, self))
-        elif kind is UnsubReq:
-            self._ask(msg.req_id, Unsubscribe(msg.campaign_id, self))
-        elif kind is Hello:
-            self._hello(msg)
-
-    def _hello(self, msg: Hello) -> None:
-        token = self.server.config.token
-        if token is not None and not (
-            msg.token is not None and hmac.compare_digest(msg.token.encode(), token.encode())
-        ):
-            self._refuse(msg)
-            return
-        self.authenticated = True
-        log.debug("connection.hello", peer=self.peer, client=msg.client)
-        self._reply_now(
-            msg.req_id, {"protocol": PROTOCOL_VERSION, "server": f"campaignstats {__version__}"}
-        )
-
-    def _refuse(self, msg: Any) -> None:
-        self.server.counters.unauthorized += 1
-        log.warning("connection.unauthorized", peer=self.peer)
-        req_id = getattr(msg, "req_id", None)
-        self._write_error(req_id, Unauthorized("a hello with the server's token must come first"))
-        self.close_after_error()
-
-    def _ask(
-        self, req_id: int, request: Any, transform: Callable[[Any], Any] | None = None
-    ) -> None:
-        if not self.service.running:
-            self._reply_error_in_order(req_id, InternalError("the stats actor is not running"))
-            return
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        slot = _Slot(req_id, future=future, transform=transform)
-        self._replies.append(slot)
-        future.add_done_callback(self._on_reply_ready)
-        if (
-            isinstance(request, READS)
-            and not self._backlog
-            and self.service.mailbox.taken_up_to(self._last_sequence)
-        ):
-            # Ahead of other connections' queued increments; never ahead of this connection's
-            # own (read your writes). The reply order is kept by the slots anyway.
-            try:
-                self.service.mailbox.put_read_nowait(Ask(request, future))
-                return
-            except Overloaded:
-                pass
-        self._submit(Ask(request, future))
-
-    def _reply_now(self, req_id: int, result: Any) -> None:
-        if self._replies:  # keep the order behind calls still waiting on the actor
-            self._replies.append(_Slot(req_id, data=self.codec.ok(req_id, result)))
-        else:
-            self._write_reply(self.codec.ok(req_id, result))
-
-    def _reply_error_in_order(self, req_id: int, error: ProtocolError) -> None:
-        data = self.codec.err(req_id, error)
-        if self._replies:
-            self._replies.append(_Slot(req_id, data=data))
-        else:
-            self._write_reply(data)
-
-    def _on_reply_ready(self, _: asyncio.Future[Any]) -> None:
-        replies = self._replies
-        while replies:
-            slot = replies[0]
-            if slot.future is not None and not slot.future.done():
-                return
-            replies.popleft()
-            self._write_reply(self._encode_reply(slot))
-            if self.closed:
-                return
-
-    def _encode_reply(self, slot: _Slot) -> bytes:
-        if slot.future is None:
-            return slot.data  # type: ignore[return-value]
-        codec = self.codec
-        if slot.future.cancelled():
-            return codec.err(slot.req_id, InternalError("cancelled"))
-        if (exc := slot.future.exception()) is not None:
-            error = exc if isinstance(exc, ProtocolError) else InternalError(str(exc))
-            return codec.err(slot.req_id, error)
-        try:
-            result = slot.future.result()
-            if slot.transform is not None:
-                result = slot.transform(result)
-            return codec.ok(slot.req_id, result)
-        except Exception as exc:  # e.g. a count past what MessagePack can carry
-            log.exception("reply.encode_failed", peer=self.peer)
-            return codec.err(slot.req_id, InternalError(f"cannot encode the reply: {exc!r}"))
-
-    # -- increments and backpressure -------------------------------------------------------------
-
-    def _submit(self, message: Message) -> None:
-        if self._backlog:
-            self._backlog.append(message)
-            return
-        try:
-            self._last_sequence = self.service.mailbox.put_nowait(message)
-        except Overloaded:
+        handlers = self._events
+        for event in self.session.receive_data(data):
+            handlers[type(event)](event)
+        self._send()
+        if self.session.closing:
+            self.close_after_error()
+        elif self.producer.backlog and self._drainer is None and not self.closed:
             # Stop reading: the client's writes now wait in its kernel buffers, not in our memory.
-            self._backlog.append(message)
             if self.transport is not None:
                 self.transport.pause_reading()
-            self._drainer = asyncio.get_running_loop().create_task(self._drain_backlog())
+            self._drainer = self.server.tasks.spawn(self._drain(), name=f"drain {self.peer}")
 
-    async def _drain_backlog(self) -> None:
+    # -- events of the session -------------------------------------------------------------------
+
+    def _cast(self, event: CastReceived) -> None:
         try:
-            while self._backlog:
-                self._last_sequence = await self.service.mailbox.put(self._backlog[0])
-                self._backlog.popleft()
-        finally:
-            self._drainer = None
-        if not self.closed and self.transport is not None and not self.server.closing:
-            self.transport.resume_reading()
+            self.producer.cast(event.cast, functools.partial(self._cast_rejected, event.origin))
+        except StatsError as exc:  # the actor has stopped: nothing will apply it
+            log.warning("connection.cast_dropped", peer=self.peer, error=str(exc))
 
-    def _rejection_reporter(
-        self, segments: list[tuple[int, Incs]]
-    ) -> Callable[[list[tuple[int, str]]], None]:
-        """Map the actor's rejections (indices into the read's batch) back to each message."""
+    def _cast_rejected(self, origin: CastOrigin, rejected: list[tuple[int, str]]) -> None:
+        if not self.closed:
+            self.session.cast_rejected(origin, rejected)
+            self._send()
 
-        def report(rejected: list[tuple[int, str]]) -> None:
-            if self.closed:
-                return
-            starts = [start for start, _ in segments]
-            per_message: dict[int, list[tuple[int, str]]] = {}
-            for index, reason in rejected:
-                n = bisect_right(starts, index) - 1
-                start, msg = segments[n]
-                per_message.setdefault(n, []).append((_original_index(msg, index - start), reason))
-            for n, items in per_message.items():
-                msg = segments[n][1]
-                self._write_error(None, _items_error(items, single=msg.single))
+    def _call(self, event: CallReceived) -> None:
+        slot, request = event.slot, event.request
+        if not self.service.running:
+            self.session.fail(slot, InternalError("the stats actor is not running"))
+            return
+        try:
+            reply = self.producer.call(request)
+        except StatsError as exc:
+            self.session.fail(slot, InternalError(str(exc)))
+            return
+        transform = self.server.add_info if type(request) is Info else None
+        self._calls.add(reply)
+        reply.add_done_callback(functools.partial(self._answered, slot, transform))
 
-        return report
-
-    def _reject_items(self, msg: Incs) -> None:
-        self._log_rejected("invalid", f"{len(msg.rejected)} incs items")
-        self._write_error(None, _items_error(msg.rejected, single=msg.single))
-
-    def _on_rejected(self, msg: Rejected) -> None:
-        self._log_rejected(msg.error.code, str(msg.error))
-        if msg.req_id is None:
-            self._write_error(None, msg.error)
+    def _answered(
+        self, slot: Slot, transform: Callable[[Any], Any] | None, reply: asyncio.Future[Any]
+    ) -> None:
+        self._calls.discard(reply)
+        if self.closed:
+            return
+        session = self.session
+        if reply.cancelled():
+            session.fail(slot, InternalError("cancelled"))
+        elif (exc := reply.exception()) is not None:
+            session.fail(slot, exc)
+        elif transform is None:
+            session.answer(slot, reply.result())
         else:
-            self._reply_error_in_order(msg.req_id, msg.error)
+            try:
+                session.answer(slot, transform(reply.result()))
+            except Exception as error:
+                log.exception("reply.transform_failed", peer=self.peer)
+                session.fail(slot, InternalError(repr(error)))
+        self._send()
+
+    def _rejected(self, event: MessageRejected) -> None:
+        self._log_rejected(event.code, event.reason)
+
+    def _greeted(self, event: Greeted) -> None:
+        log.debug("connection.hello", peer=self.peer, client=event.client)
+
+    def _closing(self, event: Closing) -> None:
+        if event.error.code == "unauthorized":
+            log.warning("connection.unauthorized", peer=self.peer)
 
     def _log_rejected(self, code: str, reason: str) -> None:
-        self.server.counters.rejected_messages += 1
         now = time.monotonic()
         if now - self._last_log >= _LOG_EVERY:  # one line per connection per period
             log.warning(
@@ -410,42 +246,60 @@ class Connection(asyncio.Protocol):
         else:
             self._unlogged += 1
 
+    # -- backpressure ----------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        try:
+            await self.producer.drain()
+        except StatsError as exc:  # the actor stopped with our backlog still waiting
+            dropped = self.producer.close()
+            log.warning(
+                "connection.backlog_dropped", peer=self.peer, messages=dropped, error=str(exc)
+            )
+        finally:
+            self._drainer = None
+        if not self.closed and self.transport is not None and not self.server.closing:
+            self.transport.resume_reading()
+
     # -- writing ---------------------------------------------------------------------------------
 
     def push(self, campaign_id: int, stats: WireStats) -> None:
         """A subscribed campaign changed (called by the actor)."""
-        if self.closed or self.transport is None:
-            return
-        if self.transport.get_write_buffer_size() > self.server.config.max_output:
-            self.server.counters.dropped_pubs += 1
-            return
-        self.transport.write(self.codec.pub(campaign_id, stats))
+        if not self.closed:
+            self.session.pub(campaign_id, stats)
+            self._send()
 
-    def _write_error(self, req_id: int | None, error: ProtocolError) -> None:
-        """An error reply to a cast or an unreadable message: best effort."""
+    def _unsent(self) -> int:
         transport = self.transport
-        if self.closed or transport is None:
+        return 0 if transport is None else transport.get_write_buffer_size()
+
+    def _send(self) -> None:
+        data = self.session.data_to_send()
+        transport = self.transport
+        if not data or transport is None or self.closed:
+            return
+        if transport.is_closing():
+            # The peer went away (a reset seen by an earlier write) and connection_lost has not
+            # run yet: asyncio logs a warning for every write from here on, so stop writing.
+            if not self._write_lost:
+                self._write_lost = True
+                log.info("connection.write_after_loss", peer=self.peer)
             return
         if transport.get_write_buffer_size() > self.server.config.max_output:
-            self.server.counters.dropped_errors += 1
-            return
-        transport.write(self.codec.err(req_id, error))
-
-    def _write_reply(self, data: bytes) -> None:
-        transport = self.transport
-        if self.closed or transport is None:
-            return
-        if transport.get_write_buffer_size() > self.server.config.max_output:
-            # Replies to calls must not be dropped; a client that does not read them is gone.
+            # Replies to calls must not be dropped (the session drops what may be): a client that
+            # does not read them is gone.
             self.server.counters.closed_slow += 1
             log.warning("connection.closed_slow_reader", peer=self.peer)
+            self.closed = True
             transport.abort()
             return
         transport.write(data)
 
+    # -- the server's view -----------------------------------------------------------------------
+
     @property
     def backlog(self) -> int:
-        return len(self._backlog)
+        return self.producer.backlog
 
     @property
     def drainer(self) -> asyncio.Task[None] | None:
@@ -457,12 +311,12 @@ class Connection(asyncio.Protocol):
 
     @property
     def subscribed(self) -> bool:
-        return self._subscribed
+        return self.session.subscribed
 
     @property
     def busy(self) -> bool:
         """Waiting on the actor (replies or a backlog): not idle, whatever the clock says."""
-        return bool(self._replies or self._backlog)
+        return bool(self.session.pending_calls or self.producer.backlog)
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
@@ -477,40 +331,15 @@ class Connection(asyncio.Protocol):
         discarding what the peer still sends, and drop the connection a moment later.
         """
         transport = self.transport
-        if transport is None or self.closed:
+        if transport is None or self._discarding or self.closed:
             return
-        self.closed = True  # no more replies or processing
-        self.data_received = self._discard  # type: ignore[method-assign]
+        self._discarding = True  # input from now on is read and dropped
         if transport.can_write_eof():
             transport.write_eof()
             asyncio.get_running_loop().call_later(_LINGER, transport.abort)
         else:
+            self.closed = True
             transport.close()
-
-    def _discard(self, data: bytes) -> None:
-        pass
-
-
-def _original_index(msg: Incs, position: int) -> int:
-    """The index in the client's ``incs`` of the ``position``-th item that passed the codec."""
-    if not msg.rejected:
-        return position
-    skipped = {i for i, _ in msg.rejected}
-    seen = -1
-    for i in range(len(msg.items) + len(msg.rejected)):
-        if i not in skipped:
-            seen += 1
-            if seen == position:
-                return i
-    return position
-
-
-def _items_error(items: list[tuple[int, str]], *, single: bool) -> Invalid:
-    if single:
-        return Invalid(items[0][1])
-    shown = "; ".join(f"[{i}] {reason}" for i, reason in items[:50])
-    more = f"; and {len(items) - 50} more" if len(items) > 50 else ""
-    return Invalid(f"incs items rejected ({len(items)}): {shown}{more}")
 
 
 class StatsServer:
@@ -521,6 +350,8 @@ class StatsServer:
         self.config = config or ServerConfig(**kw)
         self.connections: set[Connection] = set()
         self.counters = ServerCounters()
+        #: the server's background tasks: backlog drainers and the idle sweeper
+        self.tasks = TaskHost("campaignstats-server")
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self.closing = False
@@ -529,24 +360,33 @@ class StatsServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         config = self.config
-        if config.host is not None:
-            server = await loop.create_server(
-                lambda: Connection(self), config.host, config.port, reuse_address=True
-            )
-            self._servers.append(server)
-            self.port = server.sockets[0].getsockname()[1]
-            log.info("server.listening", transport="tcp", host=config.host, port=self.port)
-        if config.unix_path is not None:
-            path = Path(config.unix_path)
-            _remove_stale_socket(path)
-            server = await loop.create_unix_server(lambda: Connection(self), str(path))
-            os.chmod(path, config.unix_mode)
-            self._servers.append(server)
-            log.info("server.listening", transport="unix", path=str(path))
-        if not self._servers:
-            raise ValueError("nothing to listen on: give a host or a Unix socket path")
+        await self.tasks.start()
+        try:
+            if config.host is not None:
+                server = await loop.create_server(
+                    lambda: Connection(self), config.host, config.port, reuse_address=True
+                )
+                self._servers.append(server)
+                self.port = server.sockets[0].getsockname()[1]
+                log.info("server.listening", transport="tcp", host=config.host, port=self.port)
+            if config.unix_path is not None:
+                path = Path(config.unix_path)
+                _remove_stale_socket(path)
+                server = await loop.create_unix_server(lambda: Connection(self), str(path))
+                os.chmod(path, config.unix_mode)
+                self._servers.append(server)
+                log.info("server.listening", transport="unix", path=str(path))
+            if not self._servers:
+                raise ValueError("nothing to listen on: give a host or a Unix socket path")
+        except BaseException:
+            for server in self._servers:
+                server.close()
+            await self.tasks.close(0)
+            raise
         if config.idle_timeout > 0:
-            self._sweeper = asyncio.create_task(self._close_idle(config.idle_timeout))
+            self._sweeper = self.tasks.spawn(
+                self._close_idle(config.idle_timeout), name="campaignstats-idle-sweeper"
+            )
 
     async def _close_idle(self, timeout: float) -> None:
         while True:
@@ -558,13 +398,15 @@ class StatsServer:
                     log.info("connection.closed_idle", peer=conn.peer, idle_timeout=timeout)
                     conn.close()
 
-    async def close(self) -> None:
-        """Stop accepting and close every connection (the service keeps running)."""
+    async def close(self, timeout: float = _CLOSE_BACKLOG_TIMEOUT + 5.0) -> None:
+        """Stop accepting and close every connection (the service keeps running).
+
+        Takes at most ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         self.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
         for server in self._servers:
             server.close()
         # What connections decoded but could not queue yet (the mailbox was full) has been
@@ -573,7 +415,7 @@ class StatsServer:
             conn.stop_reading()
         drainers = [c.drainer for c in self.connections if c.drainer is not None]
         if drainers:
-            await asyncio.wait(drainers, timeout=10)
+            await asyncio.wait(drainers, timeout=min(_CLOSE_BACKLOG_TIMEOUT, timeout / 2))
             lost = sum(conn.backlog for conn in self.connections)
             if lost:
                 log.error("server.close_backlog_lost", messages=lost)
@@ -581,8 +423,9 @@ class StatsServer:
             conn.close()
         for server in self._servers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 5)
+                await asyncio.wait_for(server.wait_closed(), max(0.0, deadline - loop.time()))
         self._servers.clear()
+        await self.tasks.close(max(0.0, deadline - loop.time()))
         if self.config.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.config.unix_path)

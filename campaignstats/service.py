@@ -1,53 +1,213 @@
-"""The stats service in-process: the embedding API, and what the socket server runs on.
+"""The stats service in-process: the embedding API, and the only door to the actor's mailbox.
 
     async with campaignstats.open_stats(dsn="postgresql://...") as stats:
         stats.increment(campaign_id=1, org_id=2, action_type="register", new_supporter=True)
         print(await stats.stats(1))
 
-:class:`StatsService` owns the mailbox and the supervisor task; every method is a message to the
-actor. ``increment`` never waits (it raises :class:`~campaignstats.errors.Overloaded` when the
-mailbox is full); ``send`` waits for room, which is how the socket server applies backpressure.
+:class:`StatsService` owns the mailbox and the supervisor; every method is a message to the actor.
+``increment`` and ``decrement`` never wait (they raise :class:`~campaignstats.errors.Overloaded`
+when the mailbox is full); ``send`` and the calls wait for room.
+
+Everything that puts messages in the mailbox does it through a :class:`Producer`: the embedding
+process has one, and the socket server takes one per connection (:meth:`StatsService.producer`).
+A producer keeps its messages in order and its reads behind its own writes (docs/design.md,
+"Queries first"); that logic lives here and nowhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import structlog
 
 from campaignstats.actor.actor import ActorConfig, Source
 from campaignstats.actor.mailbox import DEFAULT_MAILBOX_SIZE, Mailbox
-from campaignstats.actor.messages import (
-    READS,
-    Ask,
-    Flush,
-    GetInfo,
-    GetStats,
-    GetStatsMany,
-    Increments,
-    RejectedCallback,
-    Request,
-    Resync,
-    Stop,
-    Subscribe,
-    Unsubscribe,
-)
+from campaignstats.actor.messages import Ask, Message, RejectedCallback, Stop, Tell
 from campaignstats.actor.subscriptions import Subscriber, Subscription
 from campaignstats.actor.supervisor import Supervisor
 from campaignstats.errors import ActorStopped, Invalid, Overloaded
 from campaignstats.model import DEFAULT_MAX_STRING, Increment, WireStats, check_increment
-
-if TYPE_CHECKING:
-    from campaignstats.model import Scope
+from campaignstats.requests import (
+    READS,
+    Cast,
+    Decrements,
+    Flush,
+    Increments,
+    Info,
+    Request,
+    Resync,
+    Stats,
+    StatsMany,
+    Subscribe,
+    Unsubscribe,
+)
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_CALL_TIMEOUT = 10.0
+
+
+class TaskHost:
+    """A task group that stays open from :meth:`start` to :meth:`close`.
+
+    ``asyncio.TaskGroup`` is entered and left by one task, while the service and the server have
+    a start/stop life cycle: a host task holds the group open, and every background task is
+    created in it (:meth:`spawn`), so none outlives :meth:`close` unnoticed and none is orphaned.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._group: asyncio.TaskGroup | None = None
+        self._host: asyncio.Task[None] | None = None
+        self._release: asyncio.Future[None] | None = None
+
+    async def start(self) -> None:
+        if self._host is not None:
+            raise RuntimeError(f"{self.name} already started")
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        self._release = loop.create_future()
+        self._host = asyncio.create_task(self._hold(ready, self._release), name=self.name)
+        self._host.add_done_callback(_retrieve)
+        await ready
+
+    async def _hold(self, ready: asyncio.Future[None], release: asyncio.Future[None]) -> None:
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            ready.set_result(None)
+            await release
+        self._group = None
+
+    @property
+    def open(self) -> bool:
+        return self._group is not None and self._release is not None and not self._release.done()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
+        if self._group is None or not self.open:
+            coro.close()
+            raise RuntimeError(f"{self.name} is not running")
+        return self._group.create_task(coro, name=name)
+
+    async def close(self, timeout: float) -> bool:
+        """Let the tasks end for up to ``timeout`` seconds, then cancel them; True if they ended
+        in time. Never waits more than ``timeout`` (a task that ignores cancellation is left to
+        end on its own, logged)."""
+        host = self._host
+        if host is None or host.done():
+            return True
+        if self._release is not None and not self._release.done():
+            self._release.set_result(None)
+        done, _ = await asyncio.wait({host}, timeout=timeout)
+        if done:
+            return True
+        host.cancel()
+        log.error("tasks.cancelled_at_close", host=self.name, timeout=timeout)
+        return False
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a host task's error as seen (the tasks' own errors are reported by their owners)."""
+    if not task.cancelled():
+        task.exception()
+
+
+class Producer:
+    """One ordered stream of messages into the mailbox: a connection, or the embedding process.
+
+    Its messages reach the actor in the order they were given. Read-only calls (``READS``) may
+    take the mailbox's read lane, ahead of other producers' queued increments, but only once the
+    actor has taken this producer's last message: a query never overtakes its own writes.
+
+    Two ways to give it a message. The embedding API waits for room (:meth:`put`) or raises
+    (:meth:`put_nowait`). The socket server never waits in a protocol callback: :meth:`cast` and
+    :meth:`call` keep what the full mailbox cannot take in a backlog, in order; the server then
+    stops reading its socket and awaits :meth:`drain`.
+    """
+
+    __slots__ = ("_backlog", "_last", "_mailbox")
+
+    def __init__(self, mailbox: Mailbox) -> None:
+        self._mailbox = mailbox
+        self._last = 0  # sequence number of this producer's last message in the normal lane
+        self._backlog: deque[Message] = deque()
+
+    # -- the embedding API's way: wait, or raise --------------------------------------------------
+
+    def put_nowait(self, message: Message) -> None:
+        """Queue ``message``, or raise Overloaded (mailbox full) or ActorStopped."""
+        if self._backlog:
+            raise Overloaded("the stats mailbox is full")
+        self._last = self._mailbox.put_nowait(message)
+
+    async def put(self, message: Message) -> None:
+        """Queue ``message``, waiting for room."""
+        await self.drain()
+        self._last = await self._mailbox.put(message)
+
+    def read_lane(self, ask: Ask) -> bool:
+        """Put a read-only call in the read lane if it may go there; False: it may not."""
+        if (
+            isinstance(ask.request, READS)
+            and not self._backlog
+            and self._mailbox.taken_up_to(self._last)
+        ):
+            try:
+                self._mailbox.put_read_nowait(ask)
+                return True
+            except Overloaded:
+                pass
+        return False
+
+    # -- the socket server's way: never wait, keep a backlog ---------------------------------------
+
+    def cast(self, cast: Cast, on_rejected: RejectedCallback | None = None) -> None:
+        """Queue a batch; raises only ActorStopped."""
+        self._submit(Tell(cast, on_rejected))
+
+    def call(self, request: Request) -> asyncio.Future[Any]:
+        """Queue a call; its answer (or error) goes to the returned future. Cancel the future
+        to give up: the actor then skips the request. Raises only ActorStopped."""
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        ask = Ask(request, reply)
+        if not self.read_lane(ask):
+            self._submit(ask)
+        return reply
+
+    def _submit(self, message: Message) -> None:
+        if self._backlog:
+            self._backlog.append(message)
+            return
+        try:
+            self._last = self._mailbox.put_nowait(message)
+        except Overloaded:
+            self._backlog.append(message)
+
+    @property
+    def backlog(self) -> int:
+        """Messages waiting for room in the mailbox (stop producing while there are any)."""
+        return len(self._backlog)
+
+    async def drain(self) -> None:
+        """Wait until the backlog is in the mailbox (one drainer at a time)."""
+        backlog = self._backlog
+        while backlog:
+            self._last = await self._mailbox.put(backlog[0])
+            backlog.popleft()
+
+    def close(self) -> int:
+        """Drop the backlog (its calls are cancelled); returns how many messages were dropped."""
+        dropped = len(self._backlog)
+        for message in self._backlog:
+            if isinstance(message, Ask):
+                message.reply.cancel()
+        self._backlog.clear()
+        return dropped
 
 
 class StatsService:
@@ -63,41 +223,57 @@ class StatsService:
         max_string: int = DEFAULT_MAX_STRING,
     ) -> None:
         self.config = config or ActorConfig()
-        self.mailbox = Mailbox(mailbox_size)
+        self._mailbox = Mailbox(mailbox_size)
         self.supervisor = Supervisor(
-            self.mailbox, source, self.config, max_restarts=max_restarts, window=restart_window
+            self._mailbox, source, self.config, max_restarts=max_restarts, window=restart_window
         )
         self.call_timeout = call_timeout
         self.max_string = max_string
+        self._tasks = TaskHost("campaignstats-service")
         self._task: asyncio.Task[None] | None = None
-        #: this process's last message in the normal lane: its reads never overtake its writes
-        self._last_sequence = 0
+        #: the embedding process's own stream: its reads never overtake its writes
+        self._producer = Producer(self._mailbox)
 
     # -- life cycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         if self._task is not None:
             raise RuntimeError("already started")
-        self._task = asyncio.create_task(self.supervisor.run(), name="campaignstats-supervisor")
-        self._task.add_done_callback(self._on_supervisor_done)
+        await self._tasks.start()
+        self._task = self._tasks.spawn(self._supervise(), name="campaignstats-supervisor")
+
+    async def _supervise(self) -> None:
+        try:
+            await self.supervisor.run()
+        finally:
+            # Whatever is still queued will never be answered: say so instead of hanging callers.
+            self._mailbox.close()
+            self._fail_queued()
 
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
     async def stop(self, timeout: float = 30.0) -> None:
-        """Apply what the mailbox holds, write the snapshot (if configured), stop."""
+        """Apply what the mailbox holds, write the snapshot (if configured), stop.
+
+        Takes at most ``timeout`` seconds: past it the actor is cancelled (logged).
+        """
         task = self._task
-        if task is None or task.done():
+        if task is None:
             return
-        await self.mailbox.put(Stop())
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout)
-        except TimeoutError:
-            log.error("service.stop_timeout", timeout=timeout)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if not task.done():
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._mailbox.put(Stop())
+                    await asyncio.wait({task})
+            except TimeoutError:
+                log.error("service.stop_timeout", timeout=timeout)
+            except ActorStopped:
+                pass  # it stopped on its own meanwhile
+        await self._tasks.close(max(0.0, deadline - loop.time()))
 
     async def loaded(self) -> None:
         """Wait until a full calculation has been merged (memory then matches the database).
@@ -110,27 +286,35 @@ class StatsService:
     async def wait(self) -> None:
         """Wait until the supervisor ends; raises its error (e.g. it gave up restarting)."""
         if self._task is not None:
-            await self._task
-
-    def _on_supervisor_done(self, task: asyncio.Task[None]) -> None:
-        # Whatever is still queued will never be answered: say so instead of hanging callers.
-        self.mailbox.close()
-        self._fail_queued()
+            await asyncio.wait({self._task})
+            if not self._task.cancelled() and (error := self._task.exception()) is not None:
+                raise error
 
     def _fail_queued(self) -> None:
         dropped = 0
-        while (msg := self.mailbox.get_nowait()) is not None:
+        while (msg := self._mailbox.get_nowait()) is not None:
             if isinstance(msg, Ask) and not msg.reply.done():
                 msg.reply.set_exception(ActorStopped("the stats actor has stopped"))
-            elif isinstance(msg, Increments):
-                dropped += len(msg.items)
+            elif isinstance(msg, Tell):
+                dropped += len(msg.cast.items)
         if dropped:
             log.warning("service.increments_dropped_at_stop", increments=dropped)
-        if self.mailbox.statistics().blocked_producers:
+        if self._mailbox.statistics().blocked_producers:
             # Producers that were waiting for room enqueue now that there is some: fail theirs too.
             asyncio.get_running_loop().call_later(0.01, self._fail_queued)
 
-    # -- increments -----------------------------------------------------------------------------
+    # -- the mailbox ----------------------------------------------------------------------------
+
+    def producer(self) -> Producer:
+        """A stream of messages of its own (one per connection of the socket server)."""
+        return Producer(self._mailbox)
+
+    @property
+    def mailbox(self) -> Mailbox:
+        """The mailbox itself, for tests and introspection; producers are the way in."""
+        return self._mailbox
+
+    # -- increments and decrements --------------------------------------------------------------
 
     def increment(
         self,
@@ -146,7 +330,8 @@ class StatsService:
         page: int | None = None,
         messages: int = 0,
     ) -> None:
-        """Count one action, without waiting. Raises Invalid, Overloaded or ActorStopped."""
+        """Count one action, without waiting. Raises Invalid (or BadMessage for a wrong type),
+        Overloaded or ActorStopped."""
         inc = Increment(
             campaign_id,
             org_id,
@@ -160,41 +345,83 @@ class StatsService:
             page,
             messages,
         )
+        self._cast_one(Increments((self._checked(inc),)))
+
+    def decrement(
+        self,
+        campaign_id: int,
+        org_id: int,
+        action_type: str,
+        area: str | None = None,
+        new_supporter: bool = False,
+        count: int = 1,
+        action_id: int | None = None,
+        txid: int | None = None,
+        at: float | None = None,
+        page: int | None = None,
+        messages: int = 0,
+    ) -> None:
+        """Take one action back (the exact inverse of the same :meth:`increment`), without
+        waiting. Raises as :meth:`increment` does."""
+        inc = Increment(
+            campaign_id,
+            org_id,
+            action_type,
+            area,
+            new_supporter,
+            count,
+            action_id,
+            txid,
+            at,
+            page,
+            messages,
+        )
+        self._cast_one(Decrements((self._checked(inc),)))
+
+    def _checked(self, inc: Increment) -> Increment:
         error = check_increment(inc, self.max_string)
         if error is not None:
             raise error
+        return inc
+
+    def _cast_one(self, cast: Cast) -> None:
         self._check_running()
-        self._last_sequence = self.mailbox.put_nowait(Increments((inc,)))
+        self._producer.put_nowait(Tell(cast))
 
     async def send(
-        self, increments: Sequence[Increment], on_rejected: RejectedCallback | None = None
+        self,
+        items: Sequence[Increment],
+        on_rejected: RejectedCallback | None = None,
+        *,
+        decrement: bool = False,
     ) -> None:
-        """Queue a batch of already validated increments, waiting while the mailbox is full."""
+        """Queue a batch of increments (or, with ``decrement=True``, of decrements), waiting
+        while the mailbox is full. Each item is validated first: an invalid one raises and
+        nothing is queued. ``on_rejected`` hears of the items the state refused (index, reason).
+        """
+        for inc in items:
+            self._checked(inc)
         self._check_running()
-        self._last_sequence = await self.mailbox.put(Increments(increments, on_rejected))
+        cast: Cast = Decrements(items) if decrement else Increments(items)
+        await self._producer.put(Tell(cast, on_rejected))
 
     # -- calls ----------------------------------------------------------------------------------
 
     async def call(self, request: Request, timeout: float | None = None) -> Any:
         self._check_running()
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        ask = Ask(request, reply)
         async with asyncio.timeout(self.call_timeout if timeout is None else timeout):
-            ask = Ask(request, reply)
-            if isinstance(request, READS) and self.mailbox.taken_up_to(self._last_sequence):
-                try:
-                    self.mailbox.put_read_nowait(ask)
-                except Overloaded:
-                    self._last_sequence = await self.mailbox.put(ask)
-            else:
-                self._last_sequence = await self.mailbox.put(ask)  # waiting for room counts too
+            if not self._producer.read_lane(ask):
+                await self._producer.put(ask)  # waiting for room counts too
             return await reply
 
     async def stats(self, campaign_id: int) -> WireStats:
-        result: WireStats = await self.call(GetStats(campaign_id))
+        result: WireStats = await self.call(Stats(campaign_id))
         return result
 
     async def stats_many(self, campaign_ids: Sequence[int]) -> dict[int, WireStats]:
-        result: dict[int, WireStats] = await self.call(GetStatsMany(list(campaign_ids)))
+        result: dict[int, WireStats] = await self.call(StatsMany(list(campaign_ids)))
         return result
 
     async def flush(self) -> None:
@@ -202,13 +429,13 @@ class StatsService:
         await self.call(Flush())
 
     async def info(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self.call(GetInfo())
+        result: dict[str, Any] = await self.call(Info())
         return result
 
     async def resync(self, scope: str | Sequence[int] = "all") -> bool:
         """Start a calculation (``all``, ``live`` or ids); False when one is already running."""
         if scope == "all" or scope == "live":
-            result = await self.call(Resync(cast("Scope", scope)))
+            result = await self.call(Resync("all" if scope == "all" else "live"))
         elif isinstance(scope, str):
             raise Invalid("scope must be 'all', 'live' or a list of campaign ids")
         else:

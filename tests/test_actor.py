@@ -12,12 +12,13 @@ import pytest
 
 from campaignstats.actor.actor import ActorConfig
 from campaignstats.actor.mailbox import Mailbox
-from campaignstats.actor.messages import Ask, GetStats, Increments, Message
+from campaignstats.actor.messages import Ask, Message, Tell
 from campaignstats.actor.supervisor import SupervisorGaveUp
 from campaignstats.db.demo import fill_demo
 from campaignstats.db.source import PostgresSource
 from campaignstats.errors import ActorStopped, BadMessage, InternalError, Invalid, Overloaded
 from campaignstats.model import CampaignStats, Increment
+from campaignstats.requests import Increments, Stats
 from campaignstats.service import StatsService
 
 from .conftest import truncate_all
@@ -163,9 +164,9 @@ async def test_a_crash_is_restarted_and_loses_nothing_else_in_the_mailbox(
     world: World, service_factory: Callable[..., StatsService]
 ) -> None:
     def crash_on_campaign_666(msg: Message) -> None:
-        if isinstance(msg, Increments) and msg.items[0].campaign_id == 666:
+        if isinstance(msg, Tell) and msg.cast.items[0].campaign_id == 666:
             raise RuntimeError("injected crash")
-        if isinstance(msg, Ask) and msg.request == GetStats(666):
+        if isinstance(msg, Ask) and msg.request == Stats(666):
             raise RuntimeError("injected crash in a call")
 
     service = service_factory(ActorConfig(sync_interval=3600, fault_hook=crash_on_campaign_666))
@@ -176,7 +177,7 @@ async def test_a_crash_is_restarted_and_loses_nothing_else_in_the_mailbox(
     # All queued in one go, so they sit in the mailbox together when the crash happens.
     for inc in before:
         service.increment(*inc)
-    service.mailbox.put_nowait(Increments((Increment(666, 1, "boom"),)))
+    service.mailbox.put_nowait(Tell(Increments((Increment(666, 1, "boom"),))))
     for inc in after:
         service.increment(*inc)
     anonymous = Increment(2, 1, "share")  # no action id, not in the database: memory only
@@ -201,7 +202,7 @@ async def test_too_many_crashes_in_the_window_make_the_supervisor_give_up(
     world: World, service_factory: Callable[..., StatsService]
 ) -> None:
     def always(msg: Message) -> None:
-        if isinstance(msg, Increments):
+        if isinstance(msg, Tell):
             raise RuntimeError("injected crash")
 
     service = service_factory(ActorConfig(sync_interval=3600, fault_hook=always), max_restarts=2)
@@ -217,11 +218,11 @@ async def test_too_many_crashes_in_the_window_make_the_supervisor_give_up(
 
 async def test_a_full_mailbox_blocks_producers_until_there_is_room() -> None:
     mailbox = Mailbox(2)
-    mailbox.put_nowait(Increments(()))
-    await mailbox.put(Increments(()))
+    mailbox.put_nowait(Tell(Increments(())))
+    await mailbox.put(Tell(Increments(())))
     with pytest.raises(Overloaded):
-        mailbox.put_nowait(Increments(()))
-    producer = asyncio.create_task(mailbox.put(Increments(())))
+        mailbox.put_nowait(Tell(Increments(())))
+    producer = asyncio.create_task(mailbox.put(Tell(Increments(()))))
     await asyncio.sleep(0.05)
     assert not producer.done()
     assert mailbox.statistics().blocked_producers == 1
@@ -372,7 +373,7 @@ async def test_a_result_meant_for_a_previous_actor_is_ignored_after_a_restart(
     from campaignstats.model import CalculationResult
 
     def crash_on_campaign_666(msg: Message) -> None:
-        if isinstance(msg, Increments) and msg.items[0].campaign_id == 666:
+        if isinstance(msg, Tell) and msg.cast.items[0].campaign_id == 666:
             raise RuntimeError("injected crash")
 
     service = service_factory(ActorConfig(sync_interval=3600, fault_hook=crash_on_campaign_666))
@@ -380,7 +381,7 @@ async def test_a_result_meant_for_a_previous_actor_is_ignored_after_a_restart(
     await wait_for(lambda: loaded(service))
     await world.sign(1)
     stale = CalculationResult("all", {1: CampaignStats(supporters=100)}, max_action_id=1)
-    service.mailbox.put_nowait(Increments((Increment(666, 1, "boom"),)))
+    service.mailbox.put_nowait(Tell(Increments((Increment(666, 1, "boom"),))))
     service.mailbox.put_nowait(CalculationDone(1, stale))  # the first actor's generation
     await service.flush()
     assert (await service.info())["restarts"] == 1
@@ -391,9 +392,9 @@ async def test_a_result_meant_for_a_previous_actor_is_ignored_after_a_restart(
 
 async def test_reads_are_served_ahead_of_queued_increments_but_never_ahead_of_their_own() -> None:
     mailbox = Mailbox(10)
-    first = mailbox.put_nowait(Increments(()))
-    second = mailbox.put_nowait(Increments(()))
-    read = Ask(GetStats(1), asyncio.get_running_loop().create_future())
+    first = mailbox.put_nowait(Tell(Increments(())))
+    second = mailbox.put_nowait(Tell(Increments(())))
+    read = Ask(Stats(1), asyncio.get_running_loop().create_future())
     mailbox.put_read_nowait(read)
     assert mailbox.get_nowait() is read  # ahead of both increment batches
     assert not mailbox.taken_up_to(first)

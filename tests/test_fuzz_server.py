@@ -16,7 +16,7 @@ import pytest
 
 from campaignstats.errors import BadFrame
 from campaignstats.model import StatsState
-from campaignstats.protocol import Incs, ServerCodec
+from campaignstats.protocol import Batch, ServerCodec
 
 from .helpers import Raw, Running, Start
 
@@ -83,7 +83,7 @@ def applied_by(data: bytes) -> list[Any]:
     items: list[Any] = []
     with contextlib.suppress(BadFrame):
         for msg in codec.receive_data(data):
-            if type(msg) is Incs:
+            if type(msg) is Batch and not msg.decrement:
                 items.extend(msg.items)
         if codec.error is not None:
             raise codec.error

@@ -29,25 +29,20 @@ from campaignstats.errors import (
 from campaignstats.model import MAX_ID, Increment
 from campaignstats.protocol import (
     PROTOCOL_VERSION,
+    Batch,
+    Call,
     ClientCodec,
     ClientMessage,
     Err,
-    FlushReq,
     Hello,
-    Incs,
-    InfoReq,
     Limits,
     Ok,
     Ping,
     Pub,
     Rejected,
-    ResyncReq,
     ServerCodec,
-    StatsManyReq,
-    StatsReq,
-    SubReq,
-    UnsubReq,
 )
+from campaignstats.requests import Flush, Info, Resync, Stats, StatsMany, Subscribe, Unsubscribe
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -100,12 +95,12 @@ def decode_one(value: Any, limits: Limits | None = None) -> ClientMessage:
 
 def plain(message: Any) -> Any:
     """The codec's fast path gives msgspec items with Increment's fields: compare as Increments."""
-    if type(message) is Incs:
+    if type(message) is Batch:
         items = [
             i if type(i) is Increment else Increment(*msgspec.structs.astuple(i))
             for i in message.items
         ]
-        return Incs(items, message.rejected, message.single)
+        return message._replace(items=items)
     return message
 
 
@@ -179,7 +174,7 @@ def increment_fields(draw: st.DrawFn, n_fields: int | None = None) -> tuple[list
 
 def inc_case(n_fields: int) -> st.SearchStrategy[Case]:
     return increment_fields(n_fields).map(
-        lambda fi: Case(["inc", *fi[0]], Incs([fi[1]], [], True), ClientCodec().inc(fi[0]))
+        lambda fi: Case(["inc", *fi[0]], Batch([fi[1]], [], True), ClientCodec().inc(fi[0]))
     )
 
 
@@ -188,7 +183,7 @@ def incs_case(draw: st.DrawFn) -> Case:
     pairs = draw(st.lists(increment_fields(), max_size=30))
     items = [fields for fields, _ in pairs]
     return Case(
-        ["incs", items], Incs([inc for _, inc in pairs], [], False), ClientCodec().incs(items)
+        ["incs", items], Batch([inc for _, inc in pairs], [], False), ClientCodec().incs(items)
     )
 
 
@@ -207,20 +202,20 @@ def hello_case(draw: st.DrawFn) -> Case:
     opts = {k: opts[k] for k in keys}
     return Case(
         ["hello", rid, opts],
-        Hello(rid, PROTOCOL_VERSION, token, client),
+        Call(rid, Hello(PROTOCOL_VERSION, token, client)),
         ClientCodec().call("hello", rid, opts),
     )
 
 
-def no_arg_case(op: str, kind: Callable[[int], ClientMessage]) -> st.SearchStrategy[Case]:
-    return req_ids.map(lambda rid: Case([op, rid], kind(rid), ClientCodec().call(op, rid)))
+def no_arg_case(op: str, kind: Callable[[], Any]) -> st.SearchStrategy[Case]:
+    return req_ids.map(lambda rid: Case([op, rid], Call(rid, kind()), ClientCodec().call(op, rid)))
 
 
 def one_arg_case(
-    op: str, args: st.SearchStrategy[Any], kind: Callable[[int, Any], ClientMessage]
+    op: str, args: st.SearchStrategy[Any], kind: Callable[[Any], Any]
 ) -> st.SearchStrategy[Case]:
     return st.tuples(req_ids, args).map(
-        lambda ra: Case([op, *ra], kind(*ra), ClientCodec().call(op, *ra))
+        lambda ra: Case([op, *ra], Call(ra[0], kind(ra[1])), ClientCodec().call(op, *ra))
     )
 
 
@@ -231,15 +226,15 @@ VALID_CASES: dict[str, st.SearchStrategy[Case]] = {
     "incs": incs_case(),
     "hello": hello_case(),
     "ping": no_arg_case("ping", Ping),
-    "stats": one_arg_case("stats", ids, StatsReq),
-    "stats_many": one_arg_case("stats_many", campaign_id_lists, StatsManyReq),
-    "flush": no_arg_case("flush", FlushReq),
-    "info": no_arg_case("info", InfoReq),
-    "resync all": one_arg_case("resync", st.just("all"), ResyncReq),
-    "resync live": one_arg_case("resync", st.just("live"), ResyncReq),
-    "resync ids": one_arg_case("resync", st.lists(ids, min_size=1, max_size=20), ResyncReq),
-    "sub": one_arg_case("sub", ids, SubReq),
-    "unsub": one_arg_case("unsub", ids, UnsubReq),
+    "stats": one_arg_case("stats", ids, Stats),
+    "stats_many": one_arg_case("stats_many", campaign_id_lists, StatsMany),
+    "flush": no_arg_case("flush", Flush),
+    "info": no_arg_case("info", Info),
+    "resync all": one_arg_case("resync", st.just("all"), Resync),
+    "resync live": one_arg_case("resync", st.just("live"), Resync),
+    "resync ids": one_arg_case("resync", st.lists(ids, min_size=1, max_size=20), Resync),
+    "sub": one_arg_case("sub", ids, Subscribe),
+    "unsub": one_arg_case("unsub", ids, Unsubscribe),
 }
 valid_cases = st.one_of(*VALID_CASES.values())
 
@@ -285,9 +280,9 @@ def test_every_valid_client_message_decodes_to_a_typed_message_with_exactly_its_
 
 def test_an_inc_without_count_and_action_id_gets_count_1_and_no_action_id() -> None:
     [message] = decode(pack(["inc", 3, 4, "share", None, False]))
-    assert message == Incs([Increment(3, 4, "share", None, False, 1, None)], [], True)
+    assert message == Batch([Increment(3, 4, "share", None, False, 1, None)], [], True)
     [message] = decode(pack(["inc", 3, 4, "share", "DE", True, 5]))
-    assert message == Incs([Increment(3, 4, "share", "DE", True, 5, None)], [], True)
+    assert message == Batch([Increment(3, 4, "share", "DE", True, 5, None)], [], True)
 
 
 @examples(50)
@@ -512,7 +507,7 @@ def test_a_rejected_message_does_not_stop_the_stream() -> None:
     messages = decode(wire)
     assert_rejected(messages[0], 1, BadMessage)
     assert_rejected(messages[1], 2, Invalid)
-    assert messages[2] == Ping(3)
+    assert messages[2] == Call(3, Ping())
 
 
 GOOD = [1, 2, "sign", "DE", True, 1, 10]  # a valid 7-field increment
@@ -546,7 +541,7 @@ def test_an_increment_with_a_wrongly_typed_field_is_bad_message_with_no_req_id(
     item = [*GOOD[:field], bad, *GOOD[field + 1 :]]
     assert_rejected(decode_one(["inc", *item]), None, BadMessage)
     [batch] = decode(pack(["incs", [GOOD, item]]))
-    assert type(batch) is Incs
+    assert type(batch) is Batch
     assert batch.items == [Increment(*GOOD)]
     assert [i for i, _ in batch.rejected] == [1]
 
@@ -584,7 +579,7 @@ def test_action_type_and_area_are_limited_to_64_bytes_of_utf8_not_64_characters(
     for item in ([1, 2, text, None, False], [1, 2, "sign", text, True]):
         message = decode_one(["inc", *item])
         if valid:
-            assert message == Incs([Increment(*item)], [], True)
+            assert message == Batch([Increment(*item)], [], True)
         else:
             assert_rejected(message, None, Invalid)
 
@@ -600,22 +595,22 @@ def test_a_string_is_accepted_exactly_when_its_utf8_is_1_to_max_string_bytes(
 ) -> None:
     message = decode_one(["inc", 1, 2, text, None, False], Limits(max_string=max_string))
     if 1 <= len(text.encode()) <= max_string:
-        assert message == Incs([Increment(1, 2, text)], [], True)
+        assert message == Batch([Increment(1, 2, text)], [], True)
     else:
         assert_rejected(message, None, Invalid)
 
 
 def test_count_0_is_invalid_and_count_1_is_not() -> None:
     assert_rejected(decode_one(["inc", 1, 2, "a", None, True, 0]), None, Invalid)
-    assert decode_one(["inc", 1, 2, "a", None, True, 1]) == Incs(
+    assert decode_one(["inc", 1, 2, "a", None, True, 1]) == Batch(
         [Increment(1, 2, "a", None, True)], [], True
     )
 
 
 def test_ids_are_1_to_2_63_minus_1_inclusive() -> None:
-    assert decode_one(["stats", 9, MAX_ID]) == StatsReq(9, MAX_ID)
-    assert decode_one(["stats", 9, 1]) == StatsReq(9, 1)
-    assert decode_one(["inc", MAX_ID, MAX_ID, "a", None, True, MAX_ID, MAX_ID]) == Incs(
+    assert decode_one(["stats", 9, MAX_ID]) == Call(9, Stats(MAX_ID))
+    assert decode_one(["stats", 9, 1]) == Call(9, Stats(1))
+    assert decode_one(["inc", MAX_ID, MAX_ID, "a", None, True, MAX_ID, MAX_ID]) == Batch(
         [Increment(MAX_ID, MAX_ID, "a", None, True, MAX_ID, MAX_ID)], [], True
     )
 
@@ -655,7 +650,7 @@ def test_incs_keeps_the_valid_items_in_order_and_lists_the_index_of_each_bad_one
     items: list[tuple[Any, Increment | None]],
 ) -> None:
     [message] = decode(pack(["incs", [wire for wire, _ in items]]))
-    assert type(message) is Incs
+    assert type(message) is Batch
     assert not message.single
     assert_same(message.items, [inc for _, inc in items if inc is not None])
     bad = [i for i, (_, inc) in enumerate(items) if inc is None]
@@ -666,7 +661,7 @@ def test_incs_keeps_the_valid_items_in_order_and_lists_the_index_of_each_bad_one
 def test_incs_with_more_than_max_batch_items_is_invalid_as_a_whole() -> None:
     item = [1, 2, "a", None, True]
     small = Limits(max_batch=3)
-    assert decode_one(["incs", [item] * 3], small) == Incs([Increment(*item)] * 3, [], False)
+    assert decode_one(["incs", [item] * 3], small) == Batch([Increment(*item)] * 3, [], False)
     assert_rejected(decode_one(["incs", [item] * 4], small), None, Invalid)
     # The default limit of PROTOCOL.md: 10,000 items.
     assert len(decode_one(["incs", [item] * 10_000]).items) == 10_000  # type: ignore[union-attr]
@@ -675,9 +670,9 @@ def test_incs_with_more_than_max_batch_items_is_invalid_as_a_whole() -> None:
 
 def test_stats_many_and_resync_with_more_than_max_batch_ids_are_invalid() -> None:
     small = Limits(max_batch=3)
-    assert decode_one(["stats_many", 5, [1, 2, 3]], small) == StatsManyReq(5, [1, 2, 3])
+    assert decode_one(["stats_many", 5, [1, 2, 3]], small) == Call(5, StatsMany([1, 2, 3]))
     assert_rejected(decode_one(["stats_many", 5, [1, 2, 3, 4]], small), 5, Invalid)
-    assert decode_one(["resync", 6, [1, 2, 3]], small) == ResyncReq(6, [1, 2, 3])
+    assert decode_one(["resync", 6, [1, 2, 3]], small) == Call(6, Resync([1, 2, 3]))
     assert_rejected(decode_one(["resync", 6, [1, 2, 3, 4]], small), 6, Invalid)
     assert_rejected(decode_one(["stats_many", 7, list(range(1, 10_002))]), 7, Invalid)
 
@@ -699,7 +694,7 @@ def hello_of_size(size: int) -> bytes:
 
 def test_a_message_of_exactly_max_message_bytes_is_accepted_whole_and_byte_by_byte() -> None:
     wire = hello_of_size(100)
-    expected = [Hello(1, 1, None, msgpack.unpackb(wire)[2]["client"])]
+    expected = [Call(1, Hello(1, None, msgpack.unpackb(wire)[2]["client"]))]
     assert decode(wire, SMALL) == expected
     assert decode_bytewise(wire, SMALL) == expected
     codec = ServerCodec(SMALL)

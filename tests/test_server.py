@@ -18,8 +18,9 @@ import msgpack
 import pytest
 
 from campaignstats.actor.actor import ActorConfig
-from campaignstats.actor.messages import Ask, GetStats, Message
+from campaignstats.actor.messages import Ask, Message
 from campaignstats.protocol import Limits
+from campaignstats.requests import Stats
 from campaignstats.service import StatsService
 
 from .helpers import Raw, Running, Start, wait_for
@@ -31,7 +32,7 @@ async def connect(running: Running, transport: str) -> Raw:
     return await (Raw.tcp(running.port) if transport == "tcp" else Raw.unix(running.unix))
 
 
-STATS_KEYS = {"supporters", "action", "area", "org", "extra_supporters"}
+STATS_KEYS = {"supporters", "action", "area", "org", "extra_supporters", "messages"}
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
@@ -60,6 +61,7 @@ async def test_every_op_of_the_protocol_works_over_tcp_and_unix_sockets(
             "area": {"DE": 1, "FR": 1},
             "org": {7: 1, 8: 1},
             "extra_supporters": 0,
+            "messages": 0,
         }
         ok, _, many = await c.call("stats_many", 5, [900, 901, 999_999])
         assert ok == "ok"
@@ -67,6 +69,7 @@ async def test_every_op_of_the_protocol_works_over_tcp_and_unix_sockets(
         assert many[901]["action"] == {"register": 2}
         assert many[999_999] == {
             "supporters": 0, "action": {}, "area": {}, "org": {}, "extra_supporters": 0,
+            "messages": 0,
         }  # fmt: skip
         ok, _, info = await c.call("info", 6)
         assert ok == "ok"
@@ -123,7 +126,7 @@ async def test_every_error_code_is_sent_with_the_request_id_when_there_is_one(
     start: Start,
 ) -> None:
     def crash_on_666(msg: Message) -> None:
-        if isinstance(msg, Ask) and msg.request == GetStats(666):
+        if isinstance(msg, Ask) and msg.request == Stats(666):
             raise RuntimeError("injected")
 
     running = await start(ActorConfig(sync_interval=3600, fault_hook=crash_on_666))
@@ -215,7 +218,8 @@ async def test_a_message_over_the_size_limit_is_a_bad_frame_and_closes_the_conne
         assert reply[:3] == ["err", None, "bad_frame"]
         assert await c.is_closed()
         assert await other.call("stats", 1, 930) == [
-            "ok", 1, {"supporters": 0, "action": {}, "area": {}, "org": {}, "extra_supporters": 0},
+            "ok", 1, {"supporters": 0, "action": {}, "area": {}, "org": {}, "extra_supporters": 0,
+            "messages": 0},
         ]  # fmt: skip
     finally:
         await c.close()
@@ -413,6 +417,7 @@ async def test_a_nodejs_client_speaking_the_protocol_gets_the_same_counts(
         "area": {"PL": 1},
         "org": {"3": 2},
         "extra_supporters": 0,
+        "messages": 0,
     }
 
 

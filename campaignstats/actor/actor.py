@@ -11,6 +11,7 @@ publication) and waits on the mailbox at most until the nearest one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -30,23 +31,20 @@ from campaignstats.model import (
     WireStats,
     scope_name,
 )
-
-from .mailbox import Mailbox
-from .messages import (
-    Ask,
-    CalculationDone,
-    CalculationFailed,
+from campaignstats.requests import (
+    Decrements,
     Flush,
-    GetInfo,
-    GetStats,
-    GetStatsMany,
-    Increments,
-    Message,
+    Info,
+    Request,
     Resync,
-    Stop,
+    Stats,
+    StatsMany,
     Subscribe,
     Unsubscribe,
 )
+
+from .mailbox import Mailbox
+from .messages import Ask, CalculationDone, CalculationFailed, Message, Stop, Tell
 from .snapshot import load_snapshot, save_snapshot
 from .subscriptions import DEFAULT_PUBLISH_INTERVAL, Registry
 
@@ -224,36 +222,44 @@ class StatsActor:
         self.current = msg
         if self.config.fault_hook is not None:
             self.config.fault_hook(msg)
-        kind = type(msg)
-        if kind is Increments:
-            self._apply(msg)  # type: ignore[arg-type]
-        elif kind is Ask:
-            self._answer(msg)  # type: ignore[arg-type]
-        elif kind is CalculationDone:
-            self._on_result(msg)  # type: ignore[arg-type]
-        elif kind is CalculationFailed:
-            self._on_failure(msg)  # type: ignore[arg-type]
-        elif kind is Stop:
-            self._drain_and_stop()
-            return True
-        else:
-            raise InternalError(f"unknown message type {kind.__name__}")
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            raise InternalError(f"unknown message type {type(msg).__name__}")
+        if handler(msg):
+            return True  # current stays Stop: a crash from here on is one while stopping
         self.current = None
         return False
 
-    def _apply(self, msg: Increments) -> None:
-        rejected = self.state.apply_many(msg.items)
+    @functools.cached_property
+    def _handlers(self) -> dict[type[Any], Callable[[Any], bool | None]]:
+        """What each kind of mailbox message is handed to; a true result means stop."""
+        return {
+            Tell: self._apply,
+            Ask: self._answer,
+            CalculationDone: self._on_result,
+            CalculationFailed: self._on_failure,
+            Stop: self._stop,
+        }
+
+    def _stop(self, _: Stop) -> bool:
+        self._drain_and_stop()
+        return True
+
+    def _apply(self, tell: Tell) -> None:
+        cast = tell.cast
+        items = cast.items
+        rejected = self.state.apply_many(items, decrement=type(cast) is Decrements)
         if rejected:
             self.rejected += len(rejected)
-            if msg.on_rejected is not None:
+            if tell.on_rejected is not None:
                 try:
-                    msg.on_rejected(rejected)
+                    tell.on_rejected(rejected)
                 except Exception:
                     log.exception("actor.on_rejected_failed")
         watchers = self.registry.watchers
         if watchers:
             dirty = self.registry.dirty
-            for inc in msg.items:
+            for inc in items:
                 if inc.campaign_id in watchers:
                     dirty.add(inc.campaign_id)
             if dirty and self._next_publish_at is None:
@@ -261,41 +267,42 @@ class StatsActor:
 
     def _answer(self, ask: Ask) -> None:
         reply = ask.reply
+        if reply.done():
+            # The caller gave up (timeout, closed connection) before the actor got here: doing
+            # the request now would act for nobody, and a ``sub`` would register a subscriber
+            # that no one will ever unregister.
+            return
         try:
             result = self._call(ask.request)
         except Exception as exc:  # the caller gets the error; the actor keeps running
-            if not reply.done():
-                reply.set_exception(exc)
+            reply.set_exception(exc)
             return
-        if not reply.done():  # the caller may have given up (timeout, cancelled)
-            reply.set_result(result)
+        reply.set_result(result)
 
-    def _call(self, request: Any) -> Any:
-        kind = type(request)
-        if kind is GetStats:
-            return self.state.stats(request.campaign_id)
-        if kind is GetStatsMany:
-            stats = self.state.stats
-            return {cid: stats(cid) for cid in request.campaign_ids}
-        if kind is Flush:
-            return None
-        if kind is GetInfo:
-            return self.info()
-        if kind is Resync:
-            return {"started": self._request_calculation(request.scope)}
-        if kind is Subscribe:
-            self.registry.add(request.campaign_id, request.subscriber)
-            return None
-        if kind is Unsubscribe:
-            self.registry.remove(request.campaign_id, request.subscriber)
-            return None
-        raise InternalError(f"unknown request {kind.__name__}")
+    def _call(self, request: Request) -> Any:
+        handler = self._requests.get(type(request))
+        if handler is None:
+            raise InternalError(f"unknown request {type(request).__name__}")
+        return handler(request)
+
+    @functools.cached_property
+    def _requests(self) -> dict[type[Any], Callable[[Any], Any]]:
+        """The answer to each request of campaignstats.requests, by its type."""
+        return {
+            Stats: lambda r: self.state.stats(r.campaign_id),
+            StatsMany: lambda r: {cid: self.state.stats(cid) for cid in r.campaign_ids},
+            Flush: lambda r: None,
+            Info: lambda r: self.info(),
+            Resync: lambda r: {"started": self._request_calculation(r.scope)},
+            Subscribe: lambda r: self.registry.add(r.campaign_id, r.subscriber),
+            Unsubscribe: lambda r: self.registry.remove(r.campaign_id, r.subscriber),
+        }
 
     def _drain_and_stop(self) -> None:
         """Apply what is already in the mailbox, write the snapshot."""
         drained = 0
         while (msg := self.mailbox.get_nowait()) is not None:
-            if type(msg) is Increments or type(msg) is Ask:
+            if type(msg) is Tell or type(msg) is Ask:
                 self._handle(msg)
                 drained += 1
         self.abandon()

@@ -65,9 +65,15 @@ class Mailbox:
             self._putters.append(putter)
             try:
                 await putter
-            finally:
+            except BaseException:
                 if putter in self._putters:
                     self._putters.remove(putter)
+                elif putter.done() and not putter.cancelled():
+                    # Woken for a free place, then cancelled before taking it: the place must
+                    # not be lost, so the next waiting producer gets the wake-up (as
+                    # asyncio.Queue does).
+                    self._wake_putter()
+                raise
         return self.put_nowait(message)
 
     def put_nowait(self, message: Message) -> int:
@@ -116,12 +122,16 @@ class Mailbox:
             return None
         message = self._normal.popleft()
         self._taken += 1
-        while self._putters:  # room for one more: wake the first producer still waiting
+        self._wake_putter()
+        return message
+
+    def _wake_putter(self) -> None:
+        """Room for one more: wake the first producer still waiting."""
+        while self._putters:
             putter = self._putters.popleft()
             if not putter.done():
                 putter.set_result(None)
                 break
-        return message
 
     def depth(self) -> int:
         return len(self._normal) + len(self._reads)

@@ -1,78 +1,44 @@
-"""What travels in the actor's mailbox: small public types, casts apart from calls.
+"""What travels in the actor's mailbox: envelopes around the requests of one vocabulary.
 
-A cast (:class:`Increments`) has no reply. A call is wrapped in an :class:`Ask` envelope that
-carries the reply future; the actor resolves it with the result or with the error raised while
-answering (and keeps running). Internal messages (:class:`CalculationDone`,
-:class:`CalculationFailed`) come back from the calculation task the same way as any other.
+The requests themselves are those of :mod:`campaignstats.requests`, the same objects the wire
+codec decodes and the embedding API builds (docs/design.md, "The house"). Here they only get an
+envelope, in the manner of pykka: a cast (:class:`~campaignstats.requests.Increments` or
+:class:`~campaignstats.requests.Decrements`) travels in a :class:`Tell`, which has no reply but
+may name who hears of rejected items; a call travels in an :class:`Ask`, which carries the reply
+future that the actor resolves with the result or with the error raised while answering (and keeps
+running). Internal messages (:class:`CalculationDone`, :class:`CalculationFailed`) come back from
+the calculation task the same way as any other.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
-from campaignstats.model import CalculationResult, IncrementLike
+from campaignstats.model import CalculationResult
+from campaignstats.requests import Cast, Request
 
-if TYPE_CHECKING:
-    from campaignstats.model import Scope
-
-    from .subscriptions import Subscriber
-
-#: called by the actor with the (index, reason) of each increment the state rejected
+#: called by the actor with the (index, reason) of each item the state rejected
 RejectedCallback = Callable[[list[tuple[int, str]]], None]
 
 
-class Increments(NamedTuple):
-    """A cast: a batch of increments (one mailbox message per socket read, not per increment)."""
+@dataclass(slots=True)
+class Tell:
+    """A cast in its envelope: one batch (one mailbox message per socket read, not per item)."""
 
-    items: Sequence[IncrementLike]
+    cast: Cast
     on_rejected: RejectedCallback | None = None
-
-
-# -- calls ----------------------------------------------------------------------------------------
-
-
-class GetStats(NamedTuple):
-    campaign_id: int
-
-
-class GetStatsMany(NamedTuple):
-    campaign_ids: Sequence[int]
-
-
-class Flush(NamedTuple):
-    """Answered once every message before it in the mailbox has been applied."""
-
-
-class GetInfo(NamedTuple):
-    pass
-
-
-class Resync(NamedTuple):
-    scope: Scope
-
-
-class Subscribe(NamedTuple):
-    campaign_id: int
-    subscriber: Subscriber
-
-
-class Unsubscribe(NamedTuple):
-    campaign_id: int | None  # None: every campaign of this subscriber
-    subscriber: Subscriber
-
-
-Request = GetStats | GetStatsMany | Flush | GetInfo | Resync | Subscribe | Unsubscribe
-
-#: read-only requests: they may take the mailbox's read lane, ahead of queued increments
-READS = (GetStats, GetStatsMany, GetInfo)
 
 
 @dataclass(slots=True)
 class Ask:
-    """A call in its envelope: the request and the future its answer goes to."""
+    """A call in its envelope: the request and the future its answer goes to.
+
+    A caller that gives up cancels the future; the actor then skips the request, so that a
+    ``sub`` from a connection that has closed registers nothing.
+    """
 
     request: Request
     reply: asyncio.Future[Any]
@@ -96,4 +62,4 @@ class Stop(NamedTuple):
     """Drain what is in the mailbox, write the snapshot, stop."""
 
 
-Message = Increments | Ask | CalculationDone | CalculationFailed | Stop
+Message = Tell | Ask | CalculationDone | CalculationFailed | Stop
