@@ -110,6 +110,10 @@ increments = st.builds(
     new_supporter=st.booleans(),
     count=st.integers(1, 5),
     action_id=st.none() | st.integers(1, 100),
+    txid=st.none(),
+    at=st.none(),
+    page=st.none(),
+    messages=st.integers(0, 3),
 )
 
 
@@ -123,6 +127,7 @@ def test_the_totals_are_the_sums_of_the_increments(incs: list[Increment]) -> Non
         assert stats["supporters"] == sum(i.new_supporter for i in mine)
         assert sum(stats["action"].values()) == sum(i.count for i in mine)
         assert sum(stats["org"].values()) == stats["supporters"]
+        assert stats["messages"] == sum(i.messages for i in mine)
         assert sum(stats["area"].values()) == sum(
             i.new_supporter and i.area is not None for i in mine
         )
