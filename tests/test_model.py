@@ -248,3 +248,27 @@ def test_a_journal_for_some_campaigns_records_only_those() -> None:
     state.apply_many([Increment(1, 1, "a"), Increment(2, 1, "a"), Increment(2, 1, "b")])
     assert state.journal == {2: [Increment(2, 1, "a"), Increment(2, 1, "b")]}
     assert state.journal_size == 2
+
+
+def test_a_decrement_is_the_exact_inverse_of_the_same_increment() -> None:
+    state = StatsState()
+    keep = Increment(1, 7, "register", "DE", True, messages=2)
+    gone = Increment(1, 8, "share", "FR", True, count=3, messages=1)
+    state.apply(keep)
+    state.apply(gone)
+    state.apply(gone, decrement=True)
+    after = StatsState()
+    after.apply(keep)
+    assert state.stats(1) == after.stats(1)  # keys at zero gone: FR, org 8, share
+    assert state.clamped == 0
+    assert state.decremented == 1
+
+
+def test_a_decrement_never_takes_a_count_below_zero_and_says_so() -> None:
+    state = StatsState()
+    state.apply(Increment(1, 7, "register", "DE", True))
+    state.apply(Increment(1, 7, "register", "DE", True, count=2), decrement=True)
+    state.apply(Increment(2, 7, "register"), decrement=True)  # an unknown campaign
+    assert state.stats(1) == empty_wire_stats()
+    assert 2 not in state.campaigns  # nothing created for it
+    assert state.clamped == 2
