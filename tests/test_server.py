@@ -506,3 +506,149 @@ async def test_a_client_that_disconnects_mid_message_changes_nothing_and_harms_n
         assert info["server"]["connections"] == 1
     finally:
         await other.close()
+
+
+# -- review findings ------------------------------------------------------------------------------
+
+
+class FakeTransport(asyncio.Transport):
+    """Just enough of a transport to drive a Connection by hand, callback by callback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.closing = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+
+async def test_a_sub_still_in_the_mailbox_when_its_connection_closes_registers_nothing(
+    server: Running,
+) -> None:
+    from campaignstats.server import Connection
+
+    conn = Connection(server.server)
+    conn.connection_made(FakeTransport())
+    # Read and closed in one go: the sub is still in the mailbox when the connection goes.
+    conn.data_received(msgpack.packb(["sub", 1, 4242]))
+    conn.connection_lost(None)
+    await server.service.flush()  # the actor has handled the sub by now
+    assert server.service.supervisor.registry.count() == 0
+    assert 4242 not in server.service.supervisor.registry.watchers
+
+
+async def test_replies_to_a_peer_that_went_away_are_not_written_and_nothing_floods_the_log(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    c = await Raw.unix(server.unix)
+    await c.send(*[["stats", i, 1] for i in range(300)])  # one read's worth of calls
+    await c.close()  # gone before the replies come
+    await wait_for(lambda: not server.server.connections)
+    await server.service.flush()
+    await asyncio.sleep(0.1)
+    flood = [r for r in caplog.records if "socket.send() raised exception" in r.getMessage()]
+    assert flood == []
+
+
+async def test_a_producer_woken_for_room_then_cancelled_passes_the_room_to_the_next() -> None:
+    from campaignstats.actor.mailbox import Mailbox
+    from campaignstats.actor.messages import Tell
+    from campaignstats.requests import Increments
+
+    mailbox = Mailbox(1)
+    mailbox.put_nowait(Tell(Increments(())))
+    first = asyncio.create_task(mailbox.put(Tell(Increments(()))))
+    second = asyncio.create_task(mailbox.put(Tell(Increments(()))))
+    await asyncio.sleep(0)  # both wait for room
+    assert mailbox.statistics().blocked_producers == 2
+    assert mailbox.get_nowait() is not None  # room for one: the first producer is woken...
+    first.cancel()  # ...and cancelled before it could take the room
+    await asyncio.wait_for(second, 1.0)  # the second one gets it instead of waiting for ever
+    assert first.cancelled()
+    assert mailbox.statistics().depth == 1
+
+
+# -- the second floor: maps, decrements, hello's ops and limits ------------------------------------
+
+
+async def test_hello_lists_the_ops_and_limits_and_dec_takes_back_what_inc_counted(
+    server: Running,
+) -> None:
+    c = await Raw.tcp(server.port)
+    try:
+        ok, _, hello = await c.call("hello", 1, {"protocol": 1})
+        assert ok == "ok"
+        assert {"inc", "incs", "dec", "decs", "stats", "sub"} <= set(hello["ops"])
+        assert hello["limits"] == {"max_message": 1 << 20, "max_batch": 10_000, "max_string": 64}
+        item = {"campaign": 950, "org": 3, "type": "register", "area": "IT", "new": True}
+        await c.send(
+            ["inc", item],
+            ["incs", [item, [950, 3, "share", None, False, 2], {**item, "messages": 4}]],
+            ["dec", {**item, "txid": 12}],
+            ["decs", [[950, 3, "share", None, False]]],
+        )
+        assert await c.call("flush", 2) == ["ok", 2, None]
+        ok, _, stats = await c.call("stats", 3, 950)
+        assert stats["supporters"] == 2
+        assert stats["action"] == {"register": 2, "share": 1}
+        assert stats["area"] == {"IT": 2}
+        # An item with an unknown key is refused (one invalid error names it), the rest applied.
+        await c.send(["incs", [item, {**item, "colour": "red"}]])
+        [error] = await c.recv()
+        assert error[:3] == ["err", None, "invalid"]
+        assert "[1] unknown increment key 'colour'" in error[3]
+        assert (await c.call("stats", 4, 950))[2]["supporters"] == 3
+        await c.send(["inc", {**item, "colour": "red"}])
+        [error] = await c.recv()
+        assert error[:3] == ["err", None, "bad_message"]
+    finally:
+        await c.close()
+
+
+async def test_the_embedding_api_increments_decrements_and_sends_batches_of_either(
+    server: Running,
+) -> None:
+    from campaignstats.errors import BadMessage, Invalid
+    from campaignstats.model import Increment
+
+    service = server.service
+    service.increment(960, 1, "register", "NL", True, txid=5, at=1_700_000_000, page=3)
+    service.increment(960, 1, "register", "NL", True, messages=2)
+    service.decrement(960, 1, "register", "NL", True, txid=6)
+    await service.send([Increment(960, 2, "share")] * 3)
+    await service.send([Increment(960, 2, "share")], decrement=True)
+    await service.flush()
+    stats = await service.stats(960)
+    assert stats["supporters"] == 1
+    assert stats["action"] == {"register": 1, "share": 2}
+    with pytest.raises(Invalid):
+        service.decrement(960, 1, "register", txid=0)
+    with pytest.raises(BadMessage):
+        service.increment(960, 1, "register", at="noon")  # type: ignore[arg-type]
+    with pytest.raises(Invalid):
+        await service.send([Increment(960, 1, "")])
