@@ -116,6 +116,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7400, help="TCP port (default: %(default)s)")
     p.add_argument("--no-tcp", action="store_true", help="listen on the Unix socket only")
     p.add_argument("--unix", type=Path, metavar="PATH", help="also listen on this Unix socket")
+    http = p.add_argument_group("HTTP (docs/http.md): JSON reads, event streams, widget, metrics")
+    http.add_argument(
+        "--http-port",
+        type=int,
+        default=7401,
+        metavar="PORT",
+        help="HTTP port, on --host (default: %(default)s)",
+    )
+    http.add_argument("--no-http", action="store_true", help="serve no HTTP")
+    http.add_argument(
+        "--http-max-age",
+        type=int,
+        default=1,
+        metavar="SECONDS",
+        help="Cache-Control max-age of the JSON reads (default: %(default)s)",
+    )
+    http.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="an origin allowed to read from a browser; repeat for several (default: any, *)",
+    )
     p.add_argument(
         "--sync-interval",
         type=_positive_seconds,
@@ -338,15 +360,16 @@ async def serve(args: argparse.Namespace) -> int:
     from campaignstats.service import StatsService
 
     host = None if args.no_tcp else args.host
-    if host is not None and not _is_loopback(host) and not args.token:
+    exposed = args.host if host is not None or not args.no_http else None  # TCP or HTTP
+    if exposed is not None and not _is_loopback(exposed) and not args.token:
         if not args.insecure:
             print(
-                f"refusing to listen on {host} without a token: set --token (or "
+                f"refusing to listen on {exposed} without a token: set --token (or "
                 "$CAMPAIGNSTATS_TOKEN), or pass --insecure if the network is trusted",
                 file=sys.stderr,
             )
             return 2
-        log.warning("serve.insecure", host=host, reason="non-loopback address without a token")
+        log.warning("serve.insecure", host=exposed, reason="non-loopback address without a token")
     dsn, embedded = await resolve_dsn(args.dsn, args.data_dir)
     try:
         if embedded is not None:
@@ -375,8 +398,11 @@ async def serve(args: argparse.Namespace) -> int:
                 idle_timeout=args.idle_timeout,
             ),
         )
+        http_server = None if args.no_http else _http_server(args, service, server)
         await service.start()
         await server.start()
+        if http_server is not None:
+            await http_server.start()
         where = []
         if host is not None:
             where.append(f"tcp://{host}:{server.port}")
@@ -384,6 +410,10 @@ async def serve(args: argparse.Namespace) -> int:
             where.append(f"unix://{args.unix.resolve()}")
         print(f"campaignstats {__version__} listening on {', '.join(where)}", flush=True)
         print(f"  query it:  campaignstats stats 1 --url {where[0]}", flush=True)
+        if http_server is not None:
+            base = f"http://{_url_host(http_server.config.host)}:{http_server.port}"
+            print(f"  HTTP:      {base}/v1/campaigns/1 (docs/http.md)", flush=True)
+            print(f"  demo page: {base}/", flush=True)
         print("  stop it:   Ctrl-C (or SIGTERM)", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -400,6 +430,8 @@ async def serve(args: argparse.Namespace) -> int:
         else:
             log.info("serve.stopping")
         waiter.cancel()
+        if http_server is not None:
+            await http_server.close()  # ends the event streams, lets requests in flight finish
         await server.close()  # stop accepting first, so nothing new arrives while we drain
         await service.stop()
         supervisor.cancel()
@@ -407,6 +439,29 @@ async def serve(args: argparse.Namespace) -> int:
     finally:
         if embedded is not None:
             embedded.close()
+
+
+def _http_server(args: argparse.Namespace, service: Any, server: Any) -> Any:
+    from campaignstats.http import HttpConfig, HttpServer, app
+
+    config = HttpConfig(
+        token=args.token,
+        max_age=args.http_max_age,
+        cors_origins=tuple(args.cors_origin or ["*"]),
+        max_message=args.max_message,
+        max_batch=args.max_batch,
+        max_string=args.max_string,
+        max_streams=args.max_connections,
+    )
+    return HttpServer(
+        app(service, config, info_hook=server.add_info),
+        host=args.host if args.host is not None else "127.0.0.1",
+        port=args.http_port,
+    )
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _is_loopback(host: str) -> bool:
