@@ -1,0 +1,38 @@
+"""Custom metrics of campaigns, beside Proca's fields (docs/metrics.md).
+
+* :mod:`.update`: the UPDATE, its limits and its one validator (pure);
+* :mod:`.uniques`: unique members, exact then a DataSketches CPC sketch (pure);
+* :mod:`.model`: the state, ``apply``, the ``metrics`` query, guards, reset, snapshot bytes (pure);
+* :mod:`.log`: the append-only log (files);
+* :mod:`.store`: the state behind its log and snapshot file (files);
+* :mod:`.archive`: the export to Parquet or CSV files (files).
+"""
+
+from campaignstats.metrics.log import FSYNC_POLICIES, FsyncPolicy, MetricsLog
+from campaignstats.metrics.model import Applied, GaugeReading, MetricsState
+from campaignstats.metrics.store import MetricsStore
+from campaignstats.metrics.uniques import UniqueSet, union
+from campaignstats.metrics.update import (
+    DEFAULT_LIMITS,
+    MetricLimits,
+    MetricUpdate,
+    make_update,
+    update_from_map,
+)
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "FSYNC_POLICIES",
+    "Applied",
+    "FsyncPolicy",
+    "GaugeReading",
+    "MetricLimits",
+    "MetricUpdate",
+    "MetricsLog",
+    "MetricsState",
+    "MetricsStore",
+    "UniqueSet",
+    "make_update",
+    "union",
+    "update_from_map",
+]

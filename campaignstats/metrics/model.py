@@ -1,0 +1,595 @@
+"""Custom metrics of campaigns: the state, ``apply``, the query, guards, reset, snapshot bytes.
+
+Pure Python with no I/O and no clock: every call that needs the time takes ``now`` (epoch
+seconds), so tests and the log's replay decide it. The log (:mod:`campaignstats.metrics.log`) and
+the files (:mod:`campaignstats.metrics.store`) are apart. A resync from Postgres never touches this
+state: the server is its only truth (docs/metrics.md).
+
+Per campaign, a metric name may hold a counter (``incr`` adds, ``set`` replaces), a gauge (the
+last value set in each 6-minute bucket), a unique set (:class:`~.uniques.UniqueSet`, all-time and
+per UTC day) and a last-seen stamp. Each lives in *scopes*: the campaign's total, and with
+``dims`` each dimension's total and each of its keys. An update is applied the same way to every
+scope it touches: its total, and for each of its dimensions that dimension's total and key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import msgpack
+
+from campaignstats.errors import Invalid, ProtocolError
+from campaignstats.metrics.uniques import UniqueSet, union
+from campaignstats.metrics.update import DEFAULT_LIMITS, MAX_ID, MIN_INT, MetricLimits, MetricUpdate
+
+#: seconds of a gauge bucket (statshub's 6-minute gauges)
+BUCKET = 360
+#: seconds of a unique set's day (UTC)
+DAY = 86_400
+SNAPSHOT_FORMAT = 1
+#: throttle entries kept per campaign before the expired ones are swept
+_THROTTLE_SWEEP = 4_096
+
+Number = int | float
+#: the ``metrics`` reply's VALUES map
+WireValues = dict[str, dict[str, Any]]
+
+
+class Unique:
+    """A unique metric in one scope: all its members, and the members of each UTC day."""
+
+    __slots__ = ("all", "days")
+
+    def __init__(self) -> None:
+        self.all = UniqueSet()
+        self.days: dict[int, UniqueSet] = {}  # day number (epoch seconds // DAY) -> members
+
+
+class Values:
+    """The metrics of one scope."""
+
+    __slots__ = ("counters", "gauges", "last_seen", "uniques")
+
+    def __init__(self) -> None:
+        self.counters: dict[str, int] = {}
+        self.gauges: dict[str, dict[int, Number]] = {}  # bucket start -> last value set in it
+        self.uniques: dict[str, Unique] = {}
+        self.last_seen: dict[str, float] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.counters or self.gauges or self.uniques or self.last_seen)
+
+    def names(self) -> set[str]:
+        return {*self.counters, *self.gauges, *self.uniques, *self.last_seen}
+
+    def discard(self, name: str) -> int:
+        """Drop every value of ``name``; returns the unique sets dropped (0 or 1)."""
+        self.counters.pop(name, None)
+        self.gauges.pop(name, None)
+        self.last_seen.pop(name, None)
+        return 0 if self.uniques.pop(name, None) is None else 1
+
+    def to_wire(self, now: float) -> WireValues:
+        current = _bucket(now)
+        gauges: dict[str, Number] = {}
+        for name, buckets in self.gauges.items():
+            past = [b for b in buckets if b <= current]
+            if past:  # a value set for a bucket still to come is not the gauge's value yet
+                gauges[name] = buckets[max(past)]
+        return {
+            "counters": dict(self.counters),
+            "gauges": gauges,
+            "uniques": {name: u.all.estimate() for name, u in self.uniques.items()},
+            "last_seen": dict(self.last_seen),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """stat_trek's guards on one metric name: no update after ``deadline`` (epoch seconds), and
+    none of one key (the name under the same dims) within ``min_period`` seconds of the last."""
+
+    deadline: float | None = None
+    min_period: float | None = None
+
+
+class CampaignMetrics:
+    """One campaign's metrics, guards and bookkeeping."""
+
+    __slots__ = ("dim_totals", "dims", "guards", "names", "throttle", "total", "unique_series")
+
+    def __init__(self) -> None:
+        self.total = Values()
+        self.dims: dict[str, dict[str, Values]] = {}
+        self.dim_totals: dict[str, Values] = {}
+        self.names: set[str] = set()
+        self.unique_series = 0
+        self.guards: dict[str, Guard] = {}
+        #: (name, dims) -> when an update of it was last applied; only for throttled names
+        self.throttle: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+    def scopes(self) -> Iterator[tuple[str | None, str | None, Values]]:
+        """``(dim, key, values)`` of every scope: ``(None, None, total)``, ``(dim, None,
+        dimension total)`` and ``(dim, key, key's values)``."""
+        yield None, None, self.total
+        for dim, total in self.dim_totals.items():
+            yield dim, None, total
+            for key, values in self.dims.get(dim, {}).items():
+                yield dim, key, values
+
+    def is_empty(self) -> bool:
+        return not self.total and not self.dims and not self.guards
+
+
+class GaugeReading(NamedTuple):
+    """A gauge as 6-minute buckets: ``(bucket start, value)`` of the last complete bucket that
+    holds a value, and of the current bucket (None when nothing was set in it yet)."""
+
+    previous: tuple[int, Number] | None
+    current: tuple[int, Number] | None
+
+
+class Applied(NamedTuple):
+    """What :meth:`MetricsState.apply` did.
+
+    ``update`` is what was applied, to be logged: the names refused by a guard left out, ``at``
+    set to the time used. It is None when nothing was applied: every name refused by a guard, or
+    the whole update refused for a limit (``error``, an :class:`Invalid`).
+    """
+
+    update: MetricUpdate | None
+    refused: dict[str, str]  # name -> "deadline" or "throttle"
+    error: ProtocolError | None = None
+
+
+def _bucket(at: float) -> int:
+    return int(at // BUCKET) * BUCKET
+
+
+class MetricsState:
+    """Every campaign's metrics. Only its owner (the actor) mutates a live one."""
+
+    def __init__(self, limits: MetricLimits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self.campaigns: dict[int, CampaignMetrics] = {}
+        #: what ``info`` shows: updates applied, refused by a guard, rejected for a limit
+        self.applied = 0
+        self.refused: dict[str, int] = {"deadline": 0, "throttle": 0}
+        self.rejected: dict[str, int] = {}
+
+    # -- updates ---------------------------------------------------------------------------------
+
+    def apply(self, update: MetricUpdate, now: float) -> Applied:
+        """Apply a checked update at time ``now``, its guards first, then its limits.
+
+        A name refused by a guard is left out and counted (the rest applies); a limit refuses
+        the whole update, which then changes nothing.
+        """
+        c = self.campaigns.get(update.campaign_id)
+        refused: dict[str, str] = {}
+        names = update.names()
+        if c is not None and c.guards:
+            dims_key = tuple(sorted(update.dims.items()))
+            for name in names:
+                guard = c.guards.get(name)
+                if guard is None:
+                    continue
+                if guard.deadline is not None and now > guard.deadline:
+                    refused[name] = "deadline"
+                elif guard.min_period is not None:
+                    last = c.throttle.get((name, dims_key))
+                    if last is not None and now - last < guard.min_period:
+                        refused[name] = "throttle"
+            for reason in refused.values():
+                self.refused[reason] += 1
+            if refused:
+                names = names - refused.keys()
+                if not names:
+                    return Applied(None, refused)
+        at = now if update.at is None else update.at
+        effective = update.only(names, at) if refused or update.at is None else update
+        error = self._apply(effective)
+        if error is not None:
+            return Applied(None, refused, error)
+        c = self.campaigns[update.campaign_id]
+        if c.guards:
+            dims_key = tuple(sorted(update.dims.items()))
+            for name in names:
+                guard = c.guards.get(name)
+                if guard is not None and guard.min_period is not None:
+                    c.throttle[(name, dims_key)] = now
+            if len(c.throttle) > _THROTTLE_SWEEP:
+                self._sweep_throttle(c, now)
+        return Applied(effective, refused)
+
+    def replay(self, update: MetricUpdate) -> ProtocolError | None:
+        """Apply an update the log recorded (``at`` set, guards already passed)."""
+        return self._apply(update)
+
+    def _apply(self, update: MetricUpdate) -> ProtocolError | None:
+        error = self._check_limits(update)
+        if error is not None:
+            return error
+        assert update.at is not None
+        at = update.at
+        c = self.campaigns.get(update.campaign_id)
+        if c is None:
+            c = self.campaigns[update.campaign_id] = CampaignMetrics()
+        scopes = [c.total]
+        for dim, key in update.dims.items():
+            total = c.dim_totals.get(dim)
+            if total is None:
+                total = c.dim_totals[dim] = Values()
+                c.dims[dim] = {}
+            keys = c.dims[dim]
+            values = keys.get(key)
+            if values is None:
+                values = keys[key] = Values()
+            scopes += (total, values)
+        limits = self.limits
+        bucket = _bucket(at)
+        day = int(at // DAY)
+        for values in scopes:
+            counters = values.counters
+            for name, n in update.incr.items():
+                counters[name] = counters.get(name, 0) + n
+            counters.update(update.set)
+            for name, value in update.gauge.items():
+                buckets = values.gauges.get(name)
+                if buckets is None:
+                    buckets = values.gauges[name] = {}
+                _keep(buckets, bucket, value, limits.gauge_buckets)
+            for name, members in update.member.items():
+                unique = values.uniques.get(name)
+                if unique is None:
+                    unique = values.uniques[name] = Unique()
+                    c.unique_series += 1
+                unique.all.add(members)
+                daily = unique.days.get(day)
+                if daily is None:
+                    daily = UniqueSet()
+                    if not _keep(unique.days, day, daily, limits.unique_days):
+                        daily = None
+                if daily is not None:
+                    daily.add(members)
+            last_seen = values.last_seen
+            for name in update.seen:
+                if last_seen.get(name, -1.0) < at:
+                    last_seen[name] = at
+        c.names.update(update.names())
+        self.applied += 1
+        return None
+
+    def _check_limits(self, update: MetricUpdate) -> ProtocolError | None:
+        """Why ``update`` would pass a per-campaign limit, or None; counted when it would."""
+        limits = self.limits
+        cid = update.campaign_id
+        c = self.campaigns.get(cid)
+        reason: str | None = None
+        message = ""
+        if c is None:
+            if limits.max_campaigns is not None and len(self.campaigns) >= limits.max_campaigns:
+                reason = "campaigns"
+                message = f"over the limit of {limits.max_campaigns} campaigns with metrics"
+            c = _EMPTY
+        if reason is None:
+            names = update.names()
+            if len(c.names | names) > limits.max_names:
+                reason, message = "names", f"over {limits.max_names} metric names"
+        if reason is None:
+            new_dims = update.dims.keys() - c.dims.keys()
+            if len(c.dims) + len(new_dims) > limits.max_dims:
+                reason, message = "dims", f"over {limits.max_dims} dimensions"
+        if reason is None:
+            for dim, key in update.dims.items():
+                keys = c.dims.get(dim, {})
+                if key not in keys and len(keys) >= limits.max_keys:
+                    reason, message = "keys", f"over {limits.max_keys} keys of dimension {dim!r}"
+                    break
+        if reason is None and update.member:
+            scopes = [c.total]
+            for dim, key in update.dims.items():
+                scopes += (
+                    c.dim_totals.get(dim, _NO_VALUES),
+                    c.dims.get(dim, {}).get(key, _NO_VALUES),
+                )
+            new = sum(name not in s.uniques for s in scopes for name in update.member)
+            if c.unique_series + new > limits.max_unique_series:
+                reason = "unique_series"
+                message = f"over {limits.max_unique_series} unique sets"
+        if reason is None and update.incr:
+            group = [c.total]
+            for dim, key in update.dims.items():
+                group += (
+                    c.dim_totals.get(dim, _NO_VALUES),
+                    c.dims.get(dim, {}).get(key, _NO_VALUES),
+                )
+            for values in group:
+                for name, n in update.incr.items():
+                    if not MIN_INT <= values.counters.get(name, 0) + n <= MAX_ID:
+                        reason, message = "overflow", f"counter {name!r} would overflow"
+        if reason is None:
+            return None
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        return Invalid(f"campaign {cid}: {message}")
+
+    def _sweep_throttle(self, c: CampaignMetrics, now: float) -> None:
+        for key, last in list(c.throttle.items()):
+            guard = c.guards.get(key[0])
+            if guard is None or guard.min_period is None or now - last >= guard.min_period:
+                del c.throttle[key]
+
+    # -- guards and reset --------------------------------------------------------------------------
+
+    def set_guard(
+        self,
+        campaign_id: int,
+        name: str,
+        deadline: float | None = None,
+        min_period: float | None = None,
+    ) -> None:
+        """Guard metric ``name`` of a campaign; both None removes its guard."""
+        if min_period is not None and not min_period > 0:
+            raise Invalid("min_period must be a positive number of seconds")
+        c = self.campaigns.get(campaign_id)
+        if deadline is None and min_period is None:
+            if c is not None:
+                c.guards.pop(name, None)
+                for key in [k for k in c.throttle if k[0] == name]:
+                    del c.throttle[key]
+                if c.is_empty():
+                    del self.campaigns[campaign_id]
+            return
+        if c is None:
+            c = self.campaigns[campaign_id] = CampaignMetrics()
+        c.guards[name] = Guard(deadline, min_period)
+
+    def reset(self, campaign_id: int, name: str | None = None) -> bool:
+        """Drop the values of one metric name, or all of a campaign's (Counter's reset).
+
+        Guards stay. Returns whether there was something to drop.
+        """
+        c = self.campaigns.get(campaign_id)
+        if c is None:
+            return False
+        if name is None:
+            found = bool(c.total or c.dims)
+            c.total, c.dims, c.dim_totals = Values(), {}, {}
+            c.names.clear()
+            c.unique_series = 0
+        else:
+            found = name in c.names
+            c.names.discard(name)
+            for _, _, values in list(c.scopes()):
+                c.unique_series -= values.discard(name)
+            for dim in list(c.dims):
+                keys = c.dims[dim]
+                for key in [k for k, v in keys.items() if not v]:
+                    del keys[key]
+                if not keys and not c.dim_totals[dim]:
+                    del c.dims[dim], c.dim_totals[dim]
+        if c.is_empty():
+            del self.campaigns[campaign_id]
+        return found
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    def metrics(self, campaign_id: int, now: float) -> dict[str, Any]:
+        """The ``metrics`` reply: ``{"total": VALUES, "dims": {dim: {key: VALUES, "total":
+        VALUES}}}`` (docs/protocol.md, "Calls"). Copies: the caller may keep it."""
+        c = self.campaigns.get(campaign_id)
+        if c is None:
+            return {"total": Values().to_wire(now), "dims": {}}
+        dims: dict[str, dict[str, WireValues]] = {}
+        for dim, keys in c.dims.items():
+            out = {key: values.to_wire(now) for key, values in keys.items()}
+            out["total"] = c.dim_totals[dim].to_wire(now)
+            dims[dim] = out
+        return {"total": c.total.to_wire(now), "dims": dims}
+
+    def _values(self, campaign_id: int, dim: str | None, key: str | None) -> Values | None:
+        c = self.campaigns.get(campaign_id)
+        if c is None:
+            return None
+        if dim is None:
+            return c.total
+        if key is None:
+            return c.dim_totals.get(dim)
+        return c.dims.get(dim, {}).get(key)
+
+    def gauge(
+        self,
+        campaign_id: int,
+        name: str,
+        now: float,
+        dim: str | None = None,
+        key: str | None = None,
+    ) -> GaugeReading:
+        """A gauge's last complete bucket and current bucket (``key`` None: the dim's total)."""
+        values = self._values(campaign_id, dim, key)
+        buckets = {} if values is None else values.gauges.get(name, {})
+        current = _bucket(now)
+        earlier = [b for b in buckets if b < current]
+        previous = max(earlier) if earlier else None
+        return GaugeReading(
+            None if previous is None else (previous, buckets[previous]),
+            (current, buckets[current]) if current in buckets else None,
+        )
+
+    def uniques_between(
+        self,
+        campaign_id: int,
+        name: str,
+        start: float,
+        end: float,
+        dim: str | None = None,
+        key: str | None = None,
+    ) -> UniqueSet:
+        """The union of the daily sets of the UTC days starting in ``[start, end)``: a week's
+        or a month's distinct members from the days' sets. Days older than the last
+        ``unique_days`` are no longer kept."""
+        values = self._values(campaign_id, dim, key)
+        unique = None if values is None else values.uniques.get(name)
+        if unique is None:
+            return UniqueSet()
+        return union(s for day, s in unique.days.items() if start <= day * DAY < end)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "campaigns": len(self.campaigns),
+            "applied": self.applied,
+            "refused": dict(self.refused),
+            "rejected": dict(self.rejected),
+        }
+
+    # -- snapshot ---------------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """Every campaign's metrics and guards, and the counts of ``info``, as bytes."""
+        campaigns = [
+            [
+                cid,
+                _values_state(c.total),
+                {
+                    dim: {k: _values_state(v) for k, v in keys.items()}
+                    for dim, keys in c.dims.items()
+                },
+                {dim: _values_state(v) for dim, v in c.dim_totals.items()},
+                {name: [g.deadline, g.min_period] for name, g in c.guards.items()},
+            ]
+            for cid, c in self.campaigns.items()
+        ]
+        data = {
+            "format": SNAPSHOT_FORMAT,
+            "campaigns": campaigns,
+            "applied": self.applied,
+            "refused": self.refused,
+            "rejected": self.rejected,
+        }
+        return msgpack.packb(data)  # type: ignore[no-any-return]
+
+    @classmethod
+    def restore(cls, data: bytes, limits: MetricLimits = DEFAULT_LIMITS) -> MetricsState:
+        """The state :meth:`snapshot` wrote; ValueError when ``data`` is not one.
+
+        Checked value by value: a wrong type loaded into the state would fail at the first
+        update of that campaign instead of here.
+        """
+        try:
+            raw = msgpack.unpackb(data, strict_map_key=False)
+        except Exception as exc:
+            raise ValueError(f"not MessagePack: {exc}") from exc
+        if type(raw) is not dict or raw.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError("not a metrics snapshot, or an unknown format")
+        state = cls(limits)
+        for row in _list(raw.get("campaigns")):
+            cid, total, dims, dim_totals, guards = _list(row, 5)
+            if type(cid) is not int or not 0 < cid <= MAX_ID:
+                raise ValueError(f"a campaign id must be a positive integer, not {cid!r}")
+            c = CampaignMetrics()
+            c.total = _values_from(total)
+            for dim, keys in _dict(dims).items():
+                c.dims[_str(dim)] = {_str(k): _values_from(v) for k, v in _dict(keys).items()}
+            for dim, values in _dict(dim_totals).items():
+                c.dim_totals[_str(dim)] = _values_from(values)
+            if c.dims.keys() != c.dim_totals.keys():
+                raise ValueError("every dimension needs its total")
+            for name, guard in _dict(guards).items():
+                deadline, min_period = _list(guard, 2)
+                c.guards[_str(name)] = Guard(_opt_number(deadline), _opt_number(min_period))
+            for _, _, values in c.scopes():
+                c.names |= values.names()
+                c.unique_series += len(values.uniques)
+            state.campaigns[cid] = c
+        state.applied = _int(raw.get("applied", 0))
+        state.refused.update({_str(k): _int(v) for k, v in _dict(raw.get("refused", {})).items()})
+        state.rejected = {_str(k): _int(v) for k, v in _dict(raw.get("rejected", {})).items()}
+        return state
+
+    def iter_values(self) -> Iterator[tuple[int, str | None, str | None, Values]]:
+        """``(campaign_id, dim, key, values)`` of every scope (the archive reads it)."""
+        for cid, c in self.campaigns.items():
+            for dim, key, values in c.scopes():
+                yield cid, dim, key, values
+
+
+_EMPTY = CampaignMetrics()
+_NO_VALUES = Values()
+
+
+def _keep(buckets: dict[int, Any], slot: int, value: Any, size: int) -> bool:
+    """Set ``buckets[slot]``, keeping the ``size`` newest slots; False when ``slot`` is older than
+    every slot of a full map (then nothing changes)."""
+    if slot not in buckets and len(buckets) >= size:
+        oldest = min(buckets)
+        if slot < oldest:
+            return False
+        del buckets[oldest]
+    buckets[slot] = value
+    return True
+
+
+def _values_state(v: Values) -> list[Any]:
+    return [
+        v.counters,
+        {name: sorted(b.items()) for name, b in v.gauges.items()},
+        {
+            name: [u.all.to_state(), [[day, s.to_state()] for day, s in sorted(u.days.items())]]
+            for name, u in v.uniques.items()
+        },
+        v.last_seen,
+    ]
+
+
+def _values_from(state: object) -> Values:
+    counters, gauges, uniques, last_seen = _list(state, 4)
+    v = Values()
+    v.counters = {_str(k): _int(n) for k, n in _dict(counters).items()}
+    for name, buckets in _dict(gauges).items():
+        v.gauges[_str(name)] = {
+            _int(b): _number(x) for b, x in (_list(p, 2) for p in _list(buckets))
+        }
+    for name, unique in _dict(uniques).items():
+        all_state, days = _list(unique, 2)
+        u = Unique()
+        u.all = UniqueSet.from_state(all_state)
+        u.days = {_int(d): UniqueSet.from_state(s) for d, s in (_list(p, 2) for p in _list(days))}
+        v.uniques[_str(name)] = u
+    v.last_seen = {_str(k): float(_number(t)) for k, t in _dict(last_seen).items()}
+    return v
+
+
+def _list(value: object, size: int | None = None) -> list[Any]:
+    if not isinstance(value, list | tuple) or (size is not None and len(value) != size):
+        raise ValueError(f"expected an array{'' if size is None else f' of {size}'}")
+    return list(value)
+
+
+def _dict(value: object) -> dict[Any, Any]:
+    if type(value) is not dict:
+        raise ValueError(f"expected a map, not {type(value).__name__}")
+    return value
+
+
+def _str(value: object) -> str:
+    if type(value) is not str:
+        raise ValueError(f"expected a string, not {value!r}")
+    return value
+
+
+def _int(value: object) -> int:
+    if type(value) is not int:
+        raise ValueError(f"expected an integer, not {value!r}")
+    return value
+
+
+def _number(value: object) -> Number:
+    if type(value) is not int and type(value) is not float:
+        raise ValueError(f"expected a number, not {value!r}")
+    return value
+
+
+def _opt_number(value: object) -> float | None:
+    return None if value is None else float(_number(value))

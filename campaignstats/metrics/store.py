@@ -1,0 +1,303 @@
+"""The durable metrics: the pure state (:class:`~.model.MetricsState`) behind its log and
+snapshot file (docs/metrics.md, "Durability"), Redis-style.
+
+* :meth:`MetricsStore.open` loads the snapshot file (if any), then replays the log's records
+  written after it.
+* :meth:`MetricsStore.apply` (and ``reset``, ``set_guard``) changes the state and appends what
+  was accepted to the log; :meth:`MetricsStore.commit` writes the log (and fsyncs by the
+  policy): **a change is acknowledged when the commit that covers it returns**. The owner commits
+  once per batch of changes, before any reply that promises them.
+* :meth:`MetricsStore.tick`, about every second: the ``everysec`` fsync of a quiet log.
+* :meth:`MetricsStore.compact` writes the state to the snapshot file atomically and rewrites the
+  log without what the snapshot holds (Redis's AOF rewrite). In three steps for an owner that
+  writes the file in a worker thread: :meth:`begin_compaction` (on the owner's thread: the state
+  as bytes), :func:`write_snapshot` (anywhere), :meth:`finish_compaction` (on the owner's thread).
+
+Nothing here runs a thread or reads a clock but through the ``clock`` and ``monotonic`` given.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import msgpack
+import structlog
+
+from campaignstats.errors import ProtocolError
+from campaignstats.metrics.files import atomic_write
+from campaignstats.metrics.log import FsyncPolicy, Mark, MetricsLog, Record
+from campaignstats.metrics.model import Applied, MetricsState
+from campaignstats.metrics.update import (
+    DEFAULT_LIMITS,
+    MetricLimits,
+    MetricUpdate,
+    update_from_map,
+)
+
+log = structlog.get_logger(__name__)
+
+SNAPSHOT_FORMAT = 1
+#: Redis's auto-aof-rewrite-min-size and -percentage: rewrite once the log is this large and has
+#: doubled since the last rewrite
+REWRITE_MIN_SIZE = 64 * 1024 * 1024
+REWRITE_GROWTH = 1.0
+
+
+class Compaction(NamedTuple):
+    mark: Mark
+    data: bytes  # the snapshot file's content
+
+
+def snapshot_path_for(log_path: Path) -> Path:
+    return log_path.with_name(log_path.name + ".snapshot")
+
+
+def write_snapshot(path: Path, compaction: Compaction) -> None:
+    """Write the snapshot file atomically (temporary file, fsync, rename, fsync of the dir)."""
+    atomic_write(path, compaction.data)
+
+
+def load_snapshot(path: Path, limits: MetricLimits) -> tuple[MetricsState, int]:
+    """The state in the snapshot file and the last log seq it holds; empty when missing.
+
+    A damaged file is moved aside (``<path>.bad-<time>``) with an error and the state starts
+    empty: the log's records after it are still replayed, and none is applied twice.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return MetricsState(limits), 0
+    try:
+        data = msgpack.unpackb(raw)
+        if type(data) is not dict or data.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError("not a metrics snapshot, or an unknown format")
+        seq = data["seq"]
+        if type(seq) is not int or seq < 0 or type(data["state"]) is not bytes:
+            raise ValueError("bad seq or state")
+        return MetricsState.restore(data["state"], limits), seq
+    except Exception as exc:
+        aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(path, aside)
+        log.error(
+            "metrics.snapshot.unreadable", path=str(path), error=repr(exc), moved_to=str(aside)
+        )
+        return MetricsState(limits), 0
+
+
+class MetricsStore:
+    """The metrics state with its log and snapshot file. One owner calls it (the actor)."""
+
+    def __init__(
+        self,
+        state: MetricsState,
+        metrics_log: MetricsLog,
+        snapshot_path: Path,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        rewrite_min_size: int = REWRITE_MIN_SIZE,
+        rewrite_growth: float = REWRITE_GROWTH,
+    ) -> None:
+        self.state = state
+        self.log = metrics_log
+        self.snapshot_path = snapshot_path
+        self._clock = clock
+        self._monotonic = monotonic
+        self.rewrite_min_size = rewrite_min_size
+        self.rewrite_growth = rewrite_growth
+        self._size_after_rewrite = metrics_log.size
+        self.compactions = 0
+        self.replay_rejected = 0
+
+    @classmethod
+    def open(
+        cls,
+        log_path: Path,
+        *,
+        snapshot_path: Path | None = None,
+        fsync: FsyncPolicy = "everysec",
+        limits: MetricLimits = DEFAULT_LIMITS,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        rewrite_min_size: int = REWRITE_MIN_SIZE,
+        rewrite_growth: float = REWRITE_GROWTH,
+    ) -> MetricsStore:
+        """Load the snapshot file, replay the log after it, and open the log for appending."""
+        started = time.perf_counter()
+        snapshot_path = snapshot_path or snapshot_path_for(log_path)
+        state, snapshot_seq = load_snapshot(snapshot_path, limits)
+        metrics_log, records = MetricsLog.open(log_path, fsync, monotonic)
+        store = cls(
+            state,
+            metrics_log,
+            snapshot_path,
+            clock,
+            monotonic,
+            rewrite_min_size,
+            rewrite_growth,
+        )
+        replayed = store._replay(r for r in records if r.seq > snapshot_seq)
+        metrics_log.next_seq = max(metrics_log.next_seq, snapshot_seq + 1)
+        metrics_log.written_seq = metrics_log.synced_seq = metrics_log.next_seq - 1
+        log.info(
+            "metrics.loaded",
+            log=str(log_path),
+            snapshot_seq=snapshot_seq,
+            replayed=replayed,
+            replay_rejected=store.replay_rejected,
+            campaigns=len(state.campaigns),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return store
+
+    def _replay(self, records: Iterable[Record]) -> int:
+        state = self.state
+        n = 0
+        for seq, kind, body in records:
+            n += 1
+            error: Exception | None
+            try:
+                if kind == "u":
+                    update = update_from_map(body, state.limits)
+                    error = update if isinstance(update, ProtocolError) else state.replay(update)
+                elif kind == "r":
+                    state.reset(*body)
+                    error = None
+                elif kind == "g":
+                    state.set_guard(*body)
+                    error = None
+                else:
+                    raise ValueError(f"unknown record kind {kind!r}")
+            except (TypeError, ValueError, ProtocolError) as exc:
+                error = exc
+            if error is not None:
+                # Only after a change of limits (or a bug): the record stays in the log.
+                self.replay_rejected += 1
+                log.warning("metrics.replay.rejected", seq=seq, kind=kind, error=str(error))
+        return n
+
+    # -- changes ----------------------------------------------------------------------------------
+
+    def apply(self, update: MetricUpdate) -> Applied:
+        """Apply a checked update now; what was applied is logged (not acknowledged yet)."""
+        result = self.state.apply(update, self._clock())
+        if result.update is not None:
+            self.log.append("u", result.update.to_map())
+        return result
+
+    def apply_map(self, item: Mapping[str, Any] | object) -> Applied:
+        """Check an UPDATE map and apply it; a bad one changes nothing (``error`` says why)."""
+        update = update_from_map(item, self.state.limits)
+        if isinstance(update, ProtocolError):
+            return Applied(None, {}, update)
+        return self.apply(update)
+
+    def apply_many(self, updates: Iterable[MetricUpdate]) -> list[Applied]:
+        now = self._clock()
+        apply = self.state.apply
+        append = self.log.append
+        results = []
+        for update in updates:
+            result = apply(update, now)
+            if result.update is not None:
+                append("u", result.update.to_map())
+            results.append(result)
+        return results
+
+    def reset(self, campaign_id: int, name: str | None = None) -> bool:
+        found = self.state.reset(campaign_id, name)
+        if found:
+            self.log.append("r", [campaign_id, name])
+        return found
+
+    def set_guard(
+        self,
+        campaign_id: int,
+        name: str,
+        deadline: float | None = None,
+        min_period: float | None = None,
+    ) -> None:
+        self.state.set_guard(campaign_id, name, deadline, min_period)
+        self.log.append("g", [campaign_id, name, deadline, min_period])
+
+    def commit(self) -> int:
+        """Write the log (fsync by the policy): every change before this call is acknowledged
+        when it returns. Returns the last log seq written."""
+        return self.log.commit(self._monotonic())
+
+    def tick(self) -> bool:
+        """About every second: the ``everysec`` fsync when one is due. True if it fsynced."""
+        return self.log.tick(self._monotonic())
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    def metrics(self, campaign_id: int) -> dict[str, Any]:
+        return self.state.metrics(campaign_id, self._clock())
+
+    def info(self) -> dict[str, Any]:
+        return {
+            **self.state.info(),
+            "log": {
+                "path": str(self.log.path),
+                "fsync": self.log.policy,
+                "bytes": self.log.size,
+                "written_seq": self.log.written_seq,
+                "synced_seq": self.log.synced_seq,
+                "fsyncs": self.log.fsyncs,
+            },
+            "compactions": self.compactions,
+            "replay_rejected": self.replay_rejected,
+        }
+
+    # -- compaction -------------------------------------------------------------------------------
+
+    def compaction_due(self) -> bool:
+        """Redis's rule: the log is over ``rewrite_min_size`` and has grown by
+        ``rewrite_growth`` (1.0: doubled) since the last rewrite."""
+        size = self.log.size
+        return size >= self.rewrite_min_size and size >= self._size_after_rewrite * (
+            1 + self.rewrite_growth
+        )
+
+    def begin_compaction(self) -> Compaction:
+        """On the owner's thread: commit, and the snapshot file's content as of now."""
+        self.commit()
+        mark = self.log.mark()
+        data: bytes = msgpack.packb(
+            {
+                "format": SNAPSHOT_FORMAT,
+                "seq": mark.seq,
+                "saved_at": self._clock(),
+                "state": self.state.snapshot(),
+            }
+        )
+        return Compaction(mark, data)
+
+    def finish_compaction(self, compaction: Compaction) -> None:
+        """On the owner's thread, once the snapshot file is written: drop what it holds from
+        the log."""
+        self.log.drop_through(compaction.mark)
+        self._size_after_rewrite = self.log.size
+        self.compactions += 1
+        log.info(
+            "metrics.compacted",
+            snapshot=str(self.snapshot_path),
+            seq=compaction.mark.seq,
+            snapshot_bytes=len(compaction.data),
+            log_bytes=self.log.size,
+        )
+
+    def compact(self) -> None:
+        """The three steps at once (periodic snapshots and the log rewrite)."""
+        compaction = self.begin_compaction()
+        write_snapshot(self.snapshot_path, compaction)
+        self.finish_compaction(compaction)
+
+    def close(self, snapshot: bool = True) -> None:
+        """Commit and fsync the log, compact when asked (at a graceful stop), close."""
+        if snapshot:
+            self.compact()
+        self.log.close()
