@@ -139,8 +139,8 @@ class Archiver:
     """
 
     def __init__(self, directory: Path, period: int = 600, fmt: Format = "auto") -> None:
-        if period <= 0 or (period % BUCKET and BUCKET % period):
-            raise ValueError("period must be positive and a multiple or a divisor of 360 s")
+        if period <= 0:
+            raise ValueError("period must be a positive number of seconds")
         self.directory = directory
         self.period = period
         self.fmt: Format = fmt
