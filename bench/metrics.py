@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import random
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -83,6 +86,19 @@ def run_store(updates: list[MetricUpdate], batch: int, policy: str | None) -> fl
 
 
 def unique_bytes(members: int, sets: int) -> dict[str, float]:
+    """Measured in a fresh interpreter: memory freed by earlier work would hide the growth."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.metrics", "--unique-child", str(members), str(sets)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    ).stdout
+    result: dict[str, float] = json.loads(out.splitlines()[-1])
+    return result
+
+
+def unique_bytes_here(members: int, sets: int) -> dict[str, float]:
     gc.collect()
     before = rss_bytes()
     kept = []
@@ -103,7 +119,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--updates", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=1_000)
+    parser.add_argument("--unique-child", type=int, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.unique_child:
+        print(json.dumps(unique_bytes_here(*args.unique_child)))
+        return
     items = workload(args.updates)
     rates: dict[str, list[float]] = {"validate": []}
     for _ in range(args.runs):

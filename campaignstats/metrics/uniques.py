@@ -14,8 +14,8 @@ from typing import Any
 
 import datasketches
 
-#: members kept exactly; past it, the sketch (a few hundred bytes of strings cost about what the
-#: sketch does)
+#: members kept exactly (so small counts are exact); past it, the sketch, whose size no longer
+#: grows with the members (bench/metrics.py measures both)
 EXACT_LIMIT = 128
 #: log2 of the CPC sketch's size parameter k
 LG_K = 14
