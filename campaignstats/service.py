@@ -168,7 +168,14 @@ class Producer:
 
     def cast(self, cast: Cast, on_rejected: RejectedCallback | None = None) -> None:
         """Queue a batch; raises only ActorStopped."""
-        self._submit(Tell(cast, on_rejected))
+        message = Tell(cast, on_rejected)
+        if self._backlog:
+            self._backlog.append(message)
+            return
+        try:  # inline: this is the hot path of the socket server, once per read
+            self._last = self._mailbox.put_nowait(message)
+        except Overloaded:
+            self._backlog.append(message)
 
     def call(self, request: Request) -> asyncio.Future[Any]:
         """Queue a call; its answer (or error) goes to the returned future. Cancel the future

@@ -32,7 +32,7 @@ import hmac
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from campaignstats._version import __version__
 from campaignstats.errors import (
@@ -103,41 +103,31 @@ class Slot:
         self.data = data  # the encoded reply, once known
 
 
-class _Segment:
-    """One message's share of a cast: items ``start`` to ``end`` of the batch."""
-
-    __slots__ = ("end", "op", "positions", "single", "start")
-
-    def __init__(self, start: int, message: Batch) -> None:
-        self.start = start
-        self.end = start + len(message.items)
-        self.positions = message.positions  # batch item -> index in the message (None: same)
-        self.single = message.single
-        self.op = ("dec" if message.decrement else "inc") + ("" if message.single else "s")
-
-
 class CastOrigin:
-    """Where a cast's items came from: hand it back with :meth:`ServerSession.cast_rejected`."""
+    """Where a cast's items came from: the messages of one read, in order. Hand it back with
+    :meth:`ServerSession.cast_rejected` (nothing is computed unless items are refused)."""
 
-    __slots__ = ("segments",)
+    __slots__ = ("messages",)
 
-    def __init__(self, segments: list[_Segment]) -> None:
-        self.segments = segments
+    def __init__(self, messages: list[Batch]) -> None:
+        self.messages = messages
+
+
+def _op(message: Batch) -> str:
+    return ("dec" if message.decrement else "inc") + ("" if message.single else "s")
 
 
 # -- events ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class CallReceived:
+class CallReceived(NamedTuple):
     """A call for the actor: answer ``slot`` with its result or error (in any order)."""
 
     slot: Slot
     request: Request
 
 
-@dataclass(frozen=True, slots=True)
-class CastReceived:
+class CastReceived(NamedTuple):
     """Increments or decrements to apply; report the items the actor refuses with ``origin``."""
 
     cast: Cast
@@ -194,6 +184,8 @@ class ServerSession:
         self.counters = counters or SessionCounters()
         self.server_name = server_name
         self.state = SessionState.GREETING if token is not None else SessionState.OPEN
+        #: a fatal error was answered, or the connection is gone: no more input is read
+        self.closing = False
         self.subscribed = False
         self._pending: deque[Slot] = deque()
         self._out: list[bytes] = []
@@ -204,11 +196,6 @@ class ServerSession:
             Subscribe: self._subscribe,
             Unsubscribe: self._unsubscribe,
         }
-
-    @property
-    def closing(self) -> bool:
-        """A fatal error was answered, or the connection is gone: no more input is read."""
-        return self.state is SessionState.CLOSING or self.state is SessionState.CLOSED
 
     # -- bytes in -------------------------------------------------------------------------------
 
@@ -256,16 +243,15 @@ class ServerSession:
             return
         if len(run) == 1:
             items: Sequence[IncrementLike] = run[0].items  # the hot path: no copy
-            segments = [_Segment(0, run[0])]
+            origin = CastOrigin([run[0]])
         else:
             merged: list[IncrementLike] = []
-            segments = []
             for message in run:
-                segments.append(_Segment(len(merged), message))
                 merged.extend(message.items)
             items = merged
+            origin = CastOrigin(run.copy())
         cast: Cast = Decrements(items) if run[0].decrement else Increments(items)
-        events.append(CastReceived(cast, CastOrigin(segments)))
+        events.append(CastReceived(cast, origin))
         run.clear()
 
     def _call(self, events: list[Event], msg: Call) -> None:
@@ -326,7 +312,7 @@ class ServerSession:
 
     def _items_refused(self, events: list[Event], msg: Batch) -> None:
         self.counters.rejected_messages += 1
-        op = ("dec" if msg.decrement else "inc") + ("" if msg.single else "s")
+        op = _op(msg)
         events.append(MessageRejected("invalid", f"{len(msg.rejected)} {op} items"))
         error = _items_error(msg.rejected, single=msg.single, op=op)
         self._best_effort(self.codec.err(None, error), errors=True)
@@ -350,6 +336,7 @@ class ServerSession:
         self._pending.clear()
         self._write(self.codec.err(req_id, error))
         self.state = SessionState.CLOSING
+        self.closing = True
 
     # -- answers in -----------------------------------------------------------------------------
 
@@ -379,20 +366,22 @@ class ServerSession:
         one ``invalid`` error per message, naming each item in that message's numbering."""
         if self.state is not SessionState.OPEN:
             return
-        segments = iter(origin.segments)
-        segment = next(segments)
-        per_message: list[tuple[_Segment, list[tuple[int, str]]]] = []
+        messages = iter(origin.messages)
+        message = next(messages)
+        start, end = 0, len(message.items)
+        per_message: list[tuple[Batch, list[tuple[int, str]]]] = []
         for index, reason in sorted(rejected):
-            while index >= segment.end:
-                segment = next(segments)
-            position = index - segment.start
-            if segment.positions is not None:
-                position = segment.positions[position]
-            if not per_message or per_message[-1][0] is not segment:
-                per_message.append((segment, []))
+            while index >= end:
+                message = next(messages)
+                start, end = end, end + len(message.items)
+            position = index - start
+            if message.positions is not None:  # the codec refused some: its own numbering
+                position = message.positions[position]
+            if not per_message or per_message[-1][0] is not message:
+                per_message.append((message, []))
             per_message[-1][1].append((position, reason))
-        for segment, items in per_message:
-            error = _items_error(items, single=segment.single, op=segment.op)
+        for message, items in per_message:
+            error = _items_error(items, single=message.single, op=_op(message))
             self._best_effort(self.codec.err(None, error), errors=True)
 
     def pub(self, campaign_id: int, stats: WireStats) -> None:
@@ -403,6 +392,7 @@ class ServerSession:
     def connection_lost(self) -> None:
         """The connection is gone: pending calls will never be answered here."""
         self.state = SessionState.CLOSED
+        self.closing = True
         self._pending.clear()
         self._out.clear()
         self._out_size = 0
@@ -417,6 +407,11 @@ class ServerSession:
         self._out.clear()
         self._out_size = 0
         return data
+
+    @property
+    def has_output(self) -> bool:
+        """Bytes are waiting in :meth:`data_to_send`."""
+        return bool(self._out)
 
     @property
     def pending_calls(self) -> int:
