@@ -32,7 +32,13 @@ from campaignstats.actor.messages import Ask, Message, RejectedCallback, Stop, T
 from campaignstats.actor.subscriptions import Subscriber, Subscription
 from campaignstats.actor.supervisor import Supervisor
 from campaignstats.errors import ActorStopped, Invalid, Overloaded
-from campaignstats.model import DEFAULT_MAX_STRING, Increment, WireStats, check_increment
+from campaignstats.model import (
+    DEFAULT_MAX_STRING,
+    Increment,
+    IncrementLike,
+    WireStats,
+    check_increment,
+)
 from campaignstats.requests import (
     READS,
     Cast,
@@ -397,19 +403,24 @@ class StatsService:
 
     async def send(
         self,
-        items: Sequence[Increment],
+        items: Sequence[Increment] | Cast,
         on_rejected: RejectedCallback | None = None,
         *,
         decrement: bool = False,
     ) -> None:
-        """Queue a batch of increments (or, with ``decrement=True``, of decrements), waiting
-        while the mailbox is full. Each item is validated first: an invalid one raises and
-        nothing is queued. ``on_rejected`` hears of the items the state refused (index, reason).
+        """Queue a batch, waiting while the mailbox is full: increments, or decrements with
+        ``decrement=True`` (or pass an :class:`~campaignstats.requests.Increments` or
+        :class:`~campaignstats.requests.Decrements` as it is). Each item is validated first: an
+        invalid one raises and nothing is queued. ``on_rejected`` hears of the items the state
+        refused, as ``(index, reason)``.
         """
-        for inc in items:
-            self._checked(inc)
+        if isinstance(items, Increments | Decrements):
+            cast: Cast = items
+        else:
+            cast = Decrements(items) if decrement else Increments(items)
+        for inc in cast.items:
+            self._checked(inc if isinstance(inc, Increment) else _increment_of(inc))
         self._check_running()
-        cast: Cast = Decrements(items) if decrement else Increments(items)
         await self._producer.put(Tell(cast, on_rejected))
 
     # -- calls ----------------------------------------------------------------------------------
@@ -473,6 +484,23 @@ class StatsService:
     def _check_running(self) -> None:
         if not self.running:
             raise ActorStopped("the stats service is not running")
+
+
+def _increment_of(inc: IncrementLike) -> Increment:
+    """Any item with an increment's fields, as an Increment (for the one validator)."""
+    return Increment(
+        inc.campaign_id,
+        inc.org_id,
+        inc.action_type,
+        inc.area,
+        inc.new_supporter,
+        inc.count,
+        inc.action_id,
+        inc.txid,
+        inc.at,
+        inc.page,
+        inc.messages,
+    )
 
 
 @contextlib.asynccontextmanager

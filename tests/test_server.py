@@ -635,6 +635,7 @@ async def test_the_embedding_api_increments_decrements_and_sends_batches_of_eith
 ) -> None:
     from campaignstats.errors import BadMessage, Invalid
     from campaignstats.model import Increment
+    from campaignstats.requests import Decrements, Increments
 
     service = server.service
     service.increment(960, 1, "register", "NL", True, txid=5, at=1_700_000_000, page=3)
@@ -642,6 +643,8 @@ async def test_the_embedding_api_increments_decrements_and_sends_batches_of_eith
     service.decrement(960, 1, "register", "NL", True, txid=6)
     await service.send([Increment(960, 2, "share")] * 3)
     await service.send([Increment(960, 2, "share")], decrement=True)
+    await service.send(Decrements([Increment(960, 2, "share")]))
+    await service.send(Increments([Increment(960, 2, "share")]))
     await service.flush()
     stats = await service.stats(960)
     assert stats["supporters"] == 1
