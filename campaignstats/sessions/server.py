@@ -47,7 +47,6 @@ from campaignstats.protocol import (
     PROTOCOL_VERSION,
     Batch,
     Call,
-    CallRequest,
     Hello,
     Limits,
     Ping,
@@ -255,15 +254,13 @@ class ServerSession:
         run.clear()
 
     def _call(self, events: list[Event], msg: Call) -> None:
-        request: CallRequest | None = msg.request
-        here = self._answer_here.get(type(request))
-        if here is not None:
-            request = here(events, msg.req_id, request)
-            if request is None:  # answered here
-                return
+        here = self._answer_here.get(type(msg.request), _forward)
+        request = here(events, msg.req_id, msg.request)
+        if request is None:  # answered here
+            return
         slot = Slot(msg.req_id)
         self._pending.append(slot)
-        events.append(CallReceived(slot, request))  # type: ignore[arg-type]
+        events.append(CallReceived(slot, request))
 
     # The calls the session answers itself, or completes: each returns the request for the
     # actor, or None when it is answered already.
@@ -420,8 +417,12 @@ class ServerSession:
 
     def _flush_replies(self) -> None:
         pending = self._pending
-        while pending and pending[0].data is not None:
-            self._write(pending.popleft().data)  # type: ignore[arg-type]
+        while pending:
+            data = pending[0].data
+            if data is None:
+                return
+            pending.popleft()
+            self._write(data)
 
     def _write(self, data: bytes) -> None:
         self._out.append(data)
@@ -435,6 +436,11 @@ class ServerSession:
                 self.counters.dropped_pubs += 1
             return
         self._write(data)
+
+
+def _forward(events: list[Event], req_id: int, request: Request) -> Request:
+    """A request for the actor, as it is."""
+    return request
 
 
 def _items_error(items: list[tuple[int, str]], *, single: bool, op: str) -> Invalid:
