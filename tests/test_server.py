@@ -655,3 +655,20 @@ async def test_the_embedding_api_increments_decrements_and_sends_batches_of_eith
         service.increment(960, 1, "register", at="noon")  # type: ignore[arg-type]
     with pytest.raises(Invalid):
         await service.send([Increment(960, 1, "")])
+
+
+async def test_closing_the_server_and_stopping_the_service_leave_no_task_behind(
+    start: Start,
+) -> None:
+    before = asyncio.all_tasks()
+    running = await start(idle_timeout=5)
+    c = await Raw.tcp(running.port)
+    try:
+        assert await c.call("ping", 1) == ["ok", 1, "pong"]
+        assert len(asyncio.all_tasks() - before) >= 3  # supervisor, sweeper, the task groups
+        await running.server.close(timeout=5)
+        await running.service.stop(timeout=5)
+        await asyncio.sleep(0)
+        assert {t for t in asyncio.all_tasks() - before if not t.done()} == set()
+    finally:
+        await c.close()
