@@ -924,3 +924,147 @@ def test_garbage_from_the_server_is_bad_frame_for_the_client() -> None:
 def test_a_deeply_nested_value_from_the_server_is_bad_frame_for_the_client() -> None:
     with pytest.raises(BadFrame):
         ClientCodec().receive_data(DEEP)
+
+
+# -- 6. the additions: map items, decrements, hello's ops -----------------------------------------
+
+MAP_KEYS_OPTIONAL = ("area", "new", "count", "action", "txid", "at", "page", "messages")
+
+
+@st.composite
+def map_items(draw: st.DrawFn) -> tuple[dict[str, Any], Increment]:
+    fields: dict[str, Any] = {"campaign": draw(ids), "org": draw(ids), "type": draw(wire_strings)}
+    values: dict[str, st.SearchStrategy[Any]] = {
+        "area": st.none() | wire_strings,
+        "new": st.booleans(),
+        "count": counts,
+        "action": st.none() | ids,
+        "txid": st.none() | ids,
+        "at": st.none() | st.integers(0, 2**33) | st.floats(0, 253_402_300_800.0),
+        "page": st.none() | ids,
+        "messages": st.integers(0, MAX_ID),
+    }
+    for key in draw(st.lists(st.sampled_from(MAP_KEYS_OPTIONAL), unique=True)):
+        fields[key] = draw(values[key])
+    keys = draw(st.permutations(list(fields)))
+    item = {k: fields[k] for k in keys}
+    inc = Increment(
+        item["campaign"],
+        item["org"],
+        item["type"],
+        item.get("area"),
+        item.get("new", False),
+        item.get("count", 1),
+        item.get("action"),
+        item.get("txid"),
+        item.get("at"),
+        item.get("page"),
+        item.get("messages", 0),
+    )
+    return item, inc
+
+
+def same_increment(actual: Any, expected: Increment) -> None:
+    got = actual if type(actual) is Increment else Increment(*msgspec.structs.astuple(actual))
+    assert got._replace(at=None) == expected._replace(at=None)
+    assert (got.at is None) == (expected.at is None)
+    if got.at is not None:
+        assert float(got.at) == float(expected.at)  # type: ignore[arg-type]
+
+
+@examples(100)
+@given(pairs=st.lists(map_items(), min_size=1, max_size=20), decrement=st.booleans())
+def test_map_items_decode_alike_in_a_batch_the_fast_path_and_alone_the_slow_path(
+    pairs: list[tuple[dict[str, Any], Increment]], decrement: bool
+) -> None:
+    op = "decs" if decrement else "incs"
+    [batch] = decode(pack([op, [item for item, _ in pairs]]))
+    assert type(batch) is Batch
+    assert (batch.decrement, batch.single, batch.rejected) == (decrement, False, [])
+    for got, (_, expected) in zip(batch.items, pairs, strict=True):
+        same_increment(got, expected)
+    for item, expected in pairs:
+        [single] = decode(pack(["dec" if decrement else "inc", item]))
+        assert type(single) is Batch
+        assert single.single
+        assert single.decrement == decrement
+        same_increment(single.items[0], expected)
+
+
+@examples(50)
+@given(
+    pairs=st.lists(
+        st.one_of(
+            map_items(),
+            increment_fields().map(lambda fi: (fi[0], fi[1])),
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_a_batch_mixing_arrays_and_maps_decodes_every_item(
+    pairs: list[tuple[Any, Increment]],
+) -> None:
+    [batch] = decode(pack(["incs", [item for item, _ in pairs]]))
+    assert type(batch) is Batch
+    assert batch.rejected == []
+    for got, (_, expected) in zip(batch.items, pairs, strict=True):
+        same_increment(got, expected)
+
+
+GOOD_MAP = {"campaign": 1, "org": 2, "type": "sign"}
+BAD_MAPS: list[Any] = [
+    pytest.param({**GOOD_MAP, "colour": "red"}, BadMessage, id="unknown key"),
+    pytest.param({1: 1, **GOOD_MAP}, BadMessage, id="integer key"),
+    pytest.param({"org": 2, "type": "sign"}, BadMessage, id="no campaign"),
+    pytest.param({"campaign": 1, "type": "sign"}, BadMessage, id="no org"),
+    pytest.param({"campaign": 1, "org": 2}, BadMessage, id="no type"),
+    pytest.param({**GOOD_MAP, "campaign": 0}, Invalid, id="campaign 0"),
+    pytest.param({**GOOD_MAP, "type": ""}, Invalid, id="empty type"),
+    pytest.param({**GOOD_MAP, "new": 1}, BadMessage, id="new as int"),
+    pytest.param({**GOOD_MAP, "count": 0}, Invalid, id="count 0"),
+    pytest.param({**GOOD_MAP, "txid": 0}, Invalid, id="txid 0"),
+    pytest.param({**GOOD_MAP, "txid": "7"}, BadMessage, id="txid as str"),
+    pytest.param({**GOOD_MAP, "page": E4}, Invalid, id="page 2**63"),
+    pytest.param({**GOOD_MAP, "at": -1}, Invalid, id="at before 1970"),
+    pytest.param({**GOOD_MAP, "at": float("nan")}, Invalid, id="at NaN"),
+    pytest.param({**GOOD_MAP, "at": 1e15}, Invalid, id="at in milliseconds"),
+    pytest.param({**GOOD_MAP, "at": "noon"}, BadMessage, id="at as str"),
+    pytest.param({**GOOD_MAP, "messages": -1}, Invalid, id="messages -1"),
+    pytest.param({**GOOD_MAP, "messages": 1.5}, BadMessage, id="messages as float"),
+]
+
+
+@pytest.mark.parametrize(("item", "error"), BAD_MAPS)
+def test_a_wrong_map_item_is_refused_alone_and_named_by_its_index_in_a_batch(
+    item: dict[Any, Any], error: type[ProtocolError]
+) -> None:
+    assert_rejected(decode_one(["inc", item]), None, error)
+    assert_rejected(decode_one(["dec", item]), None, error)
+    for op in ("incs", "decs"):
+        [batch] = decode(pack([op, [GOOD_MAP, item, GOOD_MAP]]))
+        assert type(batch) is Batch
+        assert [i for i, _ in batch.rejected] == [1]
+        assert batch.positions == [0, 2]
+        assert len(batch.items) == 2
+
+
+def test_nil_in_an_optional_map_key_is_its_default() -> None:
+    item = {**GOOD_MAP, "count": None, "new": None, "messages": None, "area": None}
+    [batch] = decode(pack(["incs", [item]]))
+    assert batch.items == [Increment(1, 2, "sign")]  # type: ignore[union-attr]
+
+
+def test_inc_and_dec_take_five_to_seven_fields_or_exactly_one_map() -> None:
+    assert_rejected(decode_one(["dec", 1, 1, "a", None]), None, BadMessage)
+    assert_rejected(decode_one(["inc", GOOD_MAP, GOOD_MAP]), None, BadMessage)
+    assert_rejected(decode_one(["decs", 5]), None, BadMessage)
+    [message] = decode(pack(["dec", 1, 2, "sign", None, True, 3]))
+    assert message == Batch([Increment(1, 2, "sign", None, True, 3)], [], True, True)
+
+
+def test_the_codec_lists_every_op_it_understands() -> None:
+    assert set(ServerCodec().ops) == {
+        "hello", "ping", "stats", "stats_many", "flush", "info", "resync", "sub", "unsub",
+        "inc", "incs", "dec", "decs",
+    }  # fmt: skip
