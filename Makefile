@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml campaignstats/_version.py
 	$(VENV)/bin/python -m pip install --quiet -e '.[server,dev]'
 	touch $(STAMP)
 
+# Serves the socket protocol and HTTP (docs/http.md); the server prints the demo page's URL once
+# it listens (http://127.0.0.1:7401/ by default).
 run: $(STAMP)
+	@echo "make run: socket on tcp://127.0.0.1:7400, HTTP on http://127.0.0.1:7401," \
+	      "demo page (the busiest campaigns, live): http://127.0.0.1:7401/"
 	$(VENV)/bin/python run.py $(ARGS)
 
 # pytest exits with 5 when it collected no tests: make stops on it like on any other failure,

@@ -660,3 +660,32 @@ async def _ready(client: httpx.AsyncClient) -> bool:
     with contextlib.suppress(httpx.HTTPError):
         return (await client.get("/readyz")).status_code == 200
     return False
+
+
+async def test_the_app_mounts_under_a_prefix_in_a_starlette_application(http: Http) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    assert http.running is not None
+    stats_app = app(http.running.service, HttpConfig())
+    outer = Starlette(routes=[Mount("/stats", app=stats_app)])
+    server = HttpServer(stats_app, "127.0.0.1", 0)
+    server.config.app = outer  # the embedding application serves it, under /stats
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+            direct = await http.client.get("/v1/campaigns/1")
+            for path in ("/stats/v1/campaigns/1", "/stats/v1/campaigns/1?exclude_org=2"):
+                r = await client.get(path)
+                assert r.status_code == 200, path
+                assert r.json()["campaign_id"] == 1
+            assert (await client.get("/stats/v1/campaigns/1")).content == direct.content
+            assert (await client.get("/stats/v1/campaigns/1/count")).status_code == 200
+            page = await client.get("/stats/")
+            assert '<script src="/stats/widget.js"' in page.text
+            assert (await client.get("/stats/widget.js")).status_code == 200
+            async with client.stream("GET", "/stats/v1/campaigns/1/events") as events:
+                assert (await Events(events).next())[0] == "stats"
+            assert (await client.get("/stats/v1/campaigns/top")).status_code == 404
+    finally:
+        await server.close()
