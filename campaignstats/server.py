@@ -182,7 +182,10 @@ class Connection(asyncio.Protocol):
 
     def _cast(self, event: CastReceived) -> None:
         try:
-            self.producer.cast(event.cast, functools.partial(self._cast_rejected, event.origin))
+            origin = event.origin
+            self.producer.cast(
+                event.cast, functools.partial(self._cast_rejected, origin), origin.held
+            )
         except StatsError as exc:  # the actor has stopped: nothing will apply it
             log.warning("connection.cast_dropped", peer=self.peer, error=str(exc))
 

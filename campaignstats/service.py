@@ -172,9 +172,15 @@ class Producer:
 
     # -- the socket server's way: never wait, keep a backlog ---------------------------------------
 
-    def cast(self, cast: Cast, on_rejected: RejectedCallback | None = None) -> None:
-        """Queue a batch; raises only ActorStopped."""
-        message = Tell(cast, on_rejected)
+    def cast(
+        self,
+        cast: Cast,
+        on_rejected: RejectedCallback | None = None,
+        report_empty: bool = False,
+    ) -> None:
+        """Queue a batch; raises only ActorStopped. ``on_rejected`` is called with the items
+        the actor refuses, if any (always, with ``report_empty``)."""
+        message = Tell(cast, on_rejected, report_empty)
         if self._backlog:
             self._backlog.append(message)
             return

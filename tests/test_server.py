@@ -190,12 +190,15 @@ async def test_an_incs_batch_applies_its_valid_items_and_names_each_rejected_ind
                 [920, 1, "a", "DE", True, 2],
             ]]
         )  # fmt: skip
-        errors = await c.recv(2)
-        assert all(e[:3] == ["err", None, "invalid"] for e in errors)
-        text = " ".join(e[3] for e in errors)
+        # One error for the message, whoever refused which item (the codec [1], the state [4]).
+        [error] = await c.recv(1)
+        assert error[:3] == ["err", None, "invalid"]
+        text = error[3]
+        assert text.startswith("incs items rejected (2): [1] ")
         assert ("[1]" in text, "[4]" in text) == (True, True)
         assert ("[0]" in text, "[2]" in text) == (False, False)
         assert await c.call("flush", 1) == ["ok", 1, None]
+        assert c.pending == []  # and no second error
         stats = (await c.call("stats", 2, 920))[2]
         assert stats["action"] == {"a": 3, "b": 1, "c": 1}
         assert stats["supporters"] == 3
@@ -670,5 +673,22 @@ async def test_closing_the_server_and_stopping_the_service_leave_no_task_behind(
         await running.service.stop(timeout=5)
         await asyncio.sleep(0)
         assert {t for t in asyncio.all_tasks() - before if not t.done()} == set()
+    finally:
+        await c.close()
+
+
+async def test_a_campaign_whose_items_were_all_refused_publishes_nothing(start: Start) -> None:
+    running = await start(ActorConfig(sync_interval=3600, publish_interval=0.05, max_keys=1))
+    c = await Raw.tcp(running.port)
+    try:
+        assert await c.call("sub", 1, 940) == ["ok", 1, None]
+        await c.send(["inc", 940, 1, "a", None, False])
+        [pub] = await c.recv(1)
+        assert pub[:2] == ["pub", 940]
+        await c.send(["inc", 940, 1, "b", None, False])  # over max_keys: refused
+        [error] = await c.recv(1)
+        assert error[:3] == ["err", None, "invalid"]
+        with pytest.raises(TimeoutError):
+            await c.recv(1, within=0.5)  # no pub: nothing changed
     finally:
         await c.close()

@@ -186,18 +186,37 @@ def test_items_refused_by_the_actor_are_named_in_each_messages_own_numbering() -
     )
     [rejected] = of(events, MessageRejected)
     assert rejected.code == "invalid"
-    [codec_error] = replies(session.data_to_send())
-    assert codec_error[:3] == ["err", None, "invalid"]
-    assert "[1]" in codec_error[3]
     [cast] = of(events, CastReceived)
+    assert cast.origin.held  # the codec's error waits for the actor's verdict on the rest
+    assert session.data_to_send() == b""
     assert len(cast.cast.items) == 3 + 1 + 2
     # The actor refuses batch items 1 (message 0, item 2), 3 (the inc) and 5 (message 2, item 1).
     session.cast_rejected(cast.origin, [(1, "over"), (3, "full"), (5, "later")])
     errors = replies(session.data_to_send())
     assert [e[:3] for e in errors] == [["err", None, "invalid"]] * 3
-    assert errors[0][3] == "incs items rejected (1): [2] over"
+    assert errors[0][3].startswith("incs items rejected (2): [1] ")  # one error per message
+    assert errors[0][3].endswith("; [2] over")
     assert errors[1][3] == "full"  # an inc names no index
     assert errors[2][3] == "incs items rejected (1): [1] later"
+
+
+def test_items_refused_by_the_codec_are_answered_once_the_actor_refused_none() -> None:
+    session = ServerSession()
+    events = session.receive_data(pack(["incs", [[1, 1, "a", None, True], [1, 1, "", None, 1]]]))
+    [cast] = of(events, CastReceived)
+    assert session.data_to_send() == b""
+    session.cast_rejected(cast.origin, [])
+    [error] = replies(session.data_to_send())
+    assert error[:3] == ["err", None, "invalid"]
+    assert error[3].startswith("incs items rejected (1): [1] ")
+
+
+def test_a_message_whose_items_were_all_refused_by_the_codec_is_answered_at_once() -> None:
+    session = ServerSession()
+    events = session.receive_data(pack(["incs", [[0, 1, "a", None, True]]]))
+    assert of(events, CastReceived) == []
+    [error] = replies(session.data_to_send())
+    assert error[3].startswith("incs items rejected (1): [0] ")
 
 
 def test_decrements_refused_by_the_actor_are_reported_as_decs() -> None:
@@ -283,7 +302,7 @@ class Actor:
                 rejected = self.state.apply_many(
                     event.cast.items, decrement=type(event.cast) is Decrements
                 )
-                if rejected:
+                if rejected or event.origin.held:
                     session.cast_rejected(event.origin, rejected)
             elif type(event) is CallReceived:
                 if hold:

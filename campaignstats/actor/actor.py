@@ -251,17 +251,23 @@ class StatsActor:
         rejected = self.state.apply_many(items, decrement=type(cast) is Decrements)
         if rejected:
             self.rejected += len(rejected)
-            if tell.on_rejected is not None:
-                try:
-                    tell.on_rejected(rejected)
-                except Exception:
-                    log.exception("actor.on_rejected_failed")
+        if tell.on_rejected is not None and (rejected or tell.report_empty):
+            try:
+                tell.on_rejected(rejected)
+            except Exception:
+                log.exception("actor.on_rejected_failed")
         watchers = self.registry.watchers
         if watchers:
             dirty = self.registry.dirty
-            for inc in items:
-                if inc.campaign_id in watchers:
-                    dirty.add(inc.campaign_id)
+            if rejected:  # a campaign whose items were all refused has not changed
+                refused = {i for i, _ in rejected}
+                for i, inc in enumerate(items):
+                    if i not in refused and inc.campaign_id in watchers:
+                        dirty.add(inc.campaign_id)
+            else:
+                for inc in items:
+                    if inc.campaign_id in watchers:
+                        dirty.add(inc.campaign_id)
             if dirty and self._next_publish_at is None:
                 self._next_publish_at = time.monotonic() + self.config.publish_interval
 

@@ -30,6 +30,8 @@ class Tell:
 
     cast: Cast
     on_rejected: RejectedCallback | None = None
+    #: call ``on_rejected`` even when nothing is rejected (its sender holds errors until then)
+    report_empty: bool = False
 
 
 @dataclass(slots=True)

@@ -104,12 +104,18 @@ class Slot:
 
 class CastOrigin:
     """Where a cast's items came from: the messages of one read, in order. Hand it back with
-    :meth:`ServerSession.cast_rejected` (nothing is computed unless items are refused)."""
+    :meth:`ServerSession.cast_rejected` (nothing is computed unless items are refused).
 
-    __slots__ = ("messages",)
+    ``held``: some of these messages had items the codec refused; their error waits for the
+    actor's verdict on the rest, so that each message gets one error naming all its refused
+    items. Ask the actor to report even when it refuses nothing.
+    """
 
-    def __init__(self, messages: list[Batch]) -> None:
+    __slots__ = ("held", "messages")
+
+    def __init__(self, messages: list[Batch], held: bool) -> None:
         self.messages = messages
+        self.held = held
 
 
 def _op(message: Batch) -> str:
@@ -241,14 +247,17 @@ class ServerSession:
         if not run:
             return
         if len(run) == 1:
-            items: Sequence[IncrementLike] = run[0].items  # the hot path: no copy
-            origin = CastOrigin([run[0]])
+            message = run[0]
+            items: Sequence[IncrementLike] = message.items  # the hot path: no copy
+            origin = CastOrigin([message], bool(message.rejected))
         else:
             merged: list[IncrementLike] = []
+            held = False
             for message in run:
                 merged.extend(message.items)
+                held = held or bool(message.rejected)
             items = merged
-            origin = CastOrigin(run.copy())
+            origin = CastOrigin(run.copy(), held)
         cast: Cast = Decrements(items) if run[0].decrement else Increments(items)
         events.append(CastReceived(cast, origin))
         run.clear()
@@ -311,8 +320,10 @@ class ServerSession:
         self.counters.rejected_messages += 1
         op = _op(msg)
         events.append(MessageRejected("invalid", f"{len(msg.rejected)} {op} items"))
-        error = _items_error(msg.rejected, single=msg.single, op=op)
-        self._best_effort(self.codec.err(None, error), errors=True)
+        if not msg.items:  # nothing of it goes to the actor: answer now
+            error = _items_error(msg.rejected, single=msg.single, op=op)
+            self._best_effort(self.codec.err(None, error), errors=True)
+        # else the error is held until the actor has judged the rest (cast_rejected)
 
     def _refuse(self, events: list[Event], req_id: int | None) -> None:
         self.counters.unauthorized += 1
@@ -359,27 +370,35 @@ class ServerSession:
         self._flush_replies()
 
     def cast_rejected(self, origin: CastOrigin, rejected: list[tuple[int, str]]) -> None:
-        """Items of a cast the actor refused, by their index in :attr:`CastReceived.cast`:
-        one ``invalid`` error per message, naming each item in that message's numbering."""
+        """Items of a cast the actor refused, by their index in :attr:`CastReceived.cast`
+        (an empty list when the origin is ``held`` and the actor refused nothing): one
+        ``invalid`` error per message, naming each refused item, by the codec or the actor, in
+        that message's own numbering."""
         if self.state is not SessionState.OPEN:
             return
-        messages = iter(origin.messages)
-        message = next(messages)
-        start, end = 0, len(message.items)
-        per_message: list[tuple[Batch, list[tuple[int, str]]]] = []
+        messages = origin.messages
+        refused: list[list[tuple[int, str]] | None] = [
+            list(m.rejected) if m.rejected else None for m in messages
+        ]
+        k = 0
+        start, end = 0, len(messages[0].items)
         for index, reason in sorted(rejected):
             while index >= end:
-                message = next(messages)
-                start, end = end, end + len(message.items)
+                k += 1
+                start, end = end, end + len(messages[k].items)
+            message = messages[k]
             position = index - start
             if message.positions is not None:  # the codec refused some: its own numbering
                 position = message.positions[position]
-            if not per_message or per_message[-1][0] is not message:
-                per_message.append((message, []))
-            per_message[-1][1].append((position, reason))
-        for message, items in per_message:
-            error = _items_error(items, single=message.single, op=_op(message))
-            self._best_effort(self.codec.err(None, error), errors=True)
+            mine = refused[k]
+            if mine is None:
+                mine = refused[k] = []
+            mine.append((position, reason))
+        for message, items in zip(messages, refused, strict=True):
+            if items:
+                items.sort()
+                error = _items_error(items, single=message.single, op=_op(message))
+                self._best_effort(self.codec.err(None, error), errors=True)
 
     def pub(self, campaign_id: int, stats: WireStats) -> None:
         """A subscribed campaign changed: a ``pub``, best effort."""
