@@ -1,4 +1,4 @@
-"""The wire codec of shared/PROTOCOL.md, in memory: no sockets, no event loop.
+"""The wire codec of docs/protocol.md, in memory: no sockets, no event loop.
 
 Bytes go into :class:`ServerCodec` (and :class:`ClientCodec`) whole, in random chunks and one byte
 at a time; Hypothesis writes the messages, the cut points and the garbage. A decoded message is

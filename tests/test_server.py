@@ -1,7 +1,7 @@
 """The socket server from the outside: raw MessagePack over real TCP and Unix sockets.
 
 Nothing here uses our clients: each test writes the bytes a client in any language would write
-(shared/PROTOCOL.md) and reads what comes back.
+(docs/protocol.md) and reads what comes back.
 """
 
 from __future__ import annotations
