@@ -4,16 +4,16 @@
 
 Plays a Proca deployment at random against the real model (``campaignstats.model.StatsState``)
 and a model of Postgres visibility, as ``tests/test_merge_visibility.py`` does: actions accepted
-(increments), some rejected later (decrements), transactions interleaved, announcements after
-commit with any delay, calculations journaling, snapshotting and merging at any point. After
-everything is committed and announced, and before any further calculation, memory is compared
-with the database. Each mode announces changes with different fields:
+(increments), some rejected later (decrements) and accepted again, transactions interleaved,
+announcements after commit with any delay, calculations journaling, snapshotting and merging
+at any point. After everything is committed and announced, and before any further calculation,
+memory is compared with the database. Each mode announces changes with different fields:
 
 * ``txid``: the transaction id (exact by construction: the test proves it at every step);
 * ``action_id``: only the action id, inside the calculation's window;
 * ``action_id, below window``: only the action id, with a window smaller than the ids in play;
-* ``action_id, any order``: only the action id, a rejection possibly announced before its
-  acceptance;
+* ``action_id, any order``: only the action id, an action's changes announced in any order (a
+  rejection before the acceptance it takes back);
 * ``at``: only the time of the change (clock of the backend = clock of the database here);
 * ``none``: no id at all.
 
@@ -79,8 +79,10 @@ def play(rng: random.Random, mode: Mode, actions: int, p_reject: float) -> int:
     calc: tuple[str, CalculationResult | None] = ("idle", None)
 
     def counted(include: list[Change]) -> set[int]:
-        accepted = {c.action for c in include if not c.decrement}
-        return accepted - {c.action for c in include if c.decrement}
+        last: dict[int, bool] = {}
+        for c in include:  # an action's changes commit in list order
+            last[c.action] = not c.decrement
+        return {action for action, yes in last.items() if yes}
 
     def announce(c: Change) -> None:
         c.announced = True
@@ -99,22 +101,24 @@ def play(rng: random.Random, mode: Mode, actions: int, p_reject: float) -> int:
     for _ in range(6 * actions):
         clock += 10.0  # every step is 10 s: clocks are far apart, as the AT_MARGIN assumes
         moves: list[tuple[str, Change | None]] = []
+        last: dict[int, Change] = {}
         for c in changes:
-            accept = changes[c.action - 1]
-            if c.txid is None and (not c.decrement or accept.committed_at is not None):
+            previous = last.get(c.action)
+            last[c.action] = c
+            if c.txid is None and (previous is None or previous.committed_at is not None):
                 moves.append(("begin", c))
             elif c.txid is not None and c.committed_at is None:
                 moves.append(("commit", c))
             elif (
                 c.committed_at is not None
                 and not c.announced
-                and (not c.decrement or accept.announced or mode.any_order)
+                and (previous is None or previous.announced or mode.any_order)
             ):
                 moves.append(("announce", c))
-        rejected = {c.action for c in changes if c.decrement}
-        for c in changes[:actions]:
-            if c.committed_at is not None and c.action not in rejected and rng.random() < p_reject:
-                moves.append(("reject", c))
+        for c in last.values():
+            flips = sum(1 for x in changes if x.action == c.action)
+            if c.committed_at is not None and flips < 4 and rng.random() < p_reject:
+                moves.append(("flip", c))  # reject it, or accept it again
         moves.append(("calc", None))
         move, picked = rng.choice(moves)
         c = picked if picked is not None else changes[0]
@@ -127,8 +131,8 @@ def play(rng: random.Random, mode: Mode, actions: int, p_reject: float) -> int:
             c.committed_at = clock
         elif move == "announce":
             announce(c)
-        elif move == "reject":
-            changes.append(Change(c.action, True))
+        elif move == "flip":
+            changes.append(Change(c.action, not c.decrement))
         elif calc[0] == "idle":
             state.start_journal()
             calc = ("journal", None)
@@ -162,10 +166,8 @@ def play(rng: random.Random, mode: Mode, actions: int, p_reject: float) -> int:
         if c.committed_at is None:
             clock += 10.0
             c.committed_at = clock
-    late = [c for c in changes if not c.announced]
-    if not mode.any_order:
-        late.sort(key=lambda c: c.decrement)
-    else:
+    late = [c for c in changes if not c.announced]  # in order: each action's changes in order
+    if mode.any_order:
         rng.shuffle(late)
     for c in late:
         announce(c)

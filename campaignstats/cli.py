@@ -518,6 +518,10 @@ def run_client_command(args: argparse.Namespace) -> int:
                 messages=args.messages,
             )
             client.flush()
+            # A cast gets no reply when it succeeds; its error, if any, came before the flush's.
+            if client.statistics().server_errors:
+                print("refused by the server (the warning above says why)", file=sys.stderr)
+                return 1
             print("applied")
         elif args.command == "info":
             print(json.dumps(client.info(), indent=2, default=str))

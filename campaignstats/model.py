@@ -259,7 +259,8 @@ class CampaignStats:
         """
         clamped = _take(self.action, inc.action_type, inc.count)
         if inc.new_supporter:
-            if self.supporters > 0:
+            # Offline supporters are in ``supporters`` too, and no change takes them back.
+            if self.supporters > self.extra_supporters:
                 self.supporters -= 1
             else:
                 clamped = True
@@ -358,41 +359,43 @@ class Horizon:
     snapshot: TxSnapshot | None = None
     taken_at: float | None = None
 
-    def reflects(self, inc: IncrementLike, decrement: bool, late: set[int] | None) -> bool:
-        """True when the counts of this snapshot already include the change ``inc``.
+    def knows(self, aid: int) -> bool:
+        """Whether the snapshot recorded, for action ``aid``, if it counted it."""
+        return self.window_low < aid <= self.max_action_id
 
-        ``late``: this campaign's action ids that the snapshot did not count but that were
-        counted on top of it since (replayed at the merge, or announced after it).
+    def reflects(
+        self, inc: IncrementLike, decrement: bool, counted_now: dict[int, bool] | None
+    ) -> bool:
+        """True when the counts already include the change ``inc``: the snapshot's counts, or
+        the changes of known actions counted on top of them since.
+
+        ``counted_now``: for this campaign, the action ids inside the window whose state
+        changed since the snapshot (True: counted now). An action is counted now per this map,
+        else per the snapshot; an increment of a counted action, or a decrement of one that is
+        not, is already in: a repeated announcement, or the second half of a rejection and
+        re-acceptance that the snapshot saw whole.
         """
         txid = inc.txid
-        if txid is not None and self.snapshot is not None:
-            return self.snapshot.sees(txid)
+        if txid is not None and self.snapshot is not None and self.snapshot.sees(txid):
+            return True
         aid = inc.action_id
         if aid is not None:
-            if aid > self.max_action_id or aid <= self.window_low:
-                return False  # after the snapshot, or unknown: apply, the next one confirms
-            counted_by_snapshot = aid not in self.uncounted
-            if late is not None and aid in late:
-                # Counted since the snapshot: a repeated increment is in already; a decrement
-                # takes that count back.
-                return not decrement
-            # An increment is in the counts iff the snapshot counted its action; a decrement
-            # is in them iff the snapshot did not count the action (its rejection was seen).
-            return counted_by_snapshot != decrement
+            if aid > self.max_action_id:
+                return False  # after the snapshot (a repeat counts again: no record kept)
+            if self.window_low < aid:
+                counted = aid not in self.uncounted
+                if counted_now is not None:
+                    counted = counted_now.get(aid, counted)
+                return counted != decrement
+            if txid is not None and self.snapshot is not None:
+                return False  # not seen by the snapshot, and the id tells nothing more
+            # below the window: unknown by the id; the time may still say
+        elif txid is not None and self.snapshot is not None:
+            return False
         at = inc.at
         if at is not None and self.taken_at is not None:
             return at < self.taken_at - AT_MARGIN
         return False
-
-    def needs_late_set(self, inc: IncrementLike) -> bool:
-        """An action-id-only change about an id this snapshot knows it did not count."""
-        aid = inc.action_id
-        return (
-            (inc.txid is None or self.snapshot is None)
-            and aid is not None
-            and self.window_low < aid <= self.max_action_id
-            and aid in self.uncounted
-        )
 
 
 #: the horizon of a campaign that memory holds from a snapshot file: nothing is known, so
@@ -421,6 +424,8 @@ class CalculationResult:
     snapshot: TxSnapshot | None = None
     #: the database's clock when the snapshot was taken (epoch seconds)
     taken_at: float | None = None
+    #: False when the database has no messages table: memory keeps its own count
+    messages_counted: bool = True
 
     @property
     def horizon(self) -> Horizon:
@@ -429,13 +434,19 @@ class CalculationResult:
         )
 
 
+class Decrement(NamedTuple):
+    """A decrement in the journal, which keeps increments and decrements in one ordered list."""
+
+    change: IncrementLike
+
+
 class StatsState:
     """All campaigns' counts, with the journal the exact merge needs.
 
     ``journal`` is ``None`` when no calculation is running. While one runs it maps a campaign id to
-    the changes applied to that campaign since the calculation started (``journal_decs`` the
-    decrements), so that each covered campaign can become "database value + the changes the
-    snapshot could not contain".
+    the changes applied to that campaign since the calculation started, in order (decrements
+    wrapped in :class:`Decrement`), so that each covered campaign can become "database value +
+    the changes the snapshot could not contain".
     """
 
     __slots__ = (
@@ -443,14 +454,13 @@ class StatsState:
         "applied",
         "campaigns",
         "clamped",
+        "counted_now",
         "decremented",
         "journal",
-        "journal_decs",
         "journal_limit",
         "journal_only",
         "journal_overflow",
         "journal_size",
-        "late",
         "max_campaigns",
         "max_keys",
         "seen",
@@ -460,8 +470,7 @@ class StatsState:
         self, *, max_keys: int = DEFAULT_MAX_KEYS, max_campaigns: int | None = None
     ) -> None:
         self.campaigns: dict[int, CampaignStats] = {}
-        self.journal: dict[int, list[IncrementLike]] | None = None
-        self.journal_decs: dict[int, list[IncrementLike]] = {}
+        self.journal: dict[int, list[IncrementLike | Decrement]] | None = None
         #: campaigns worth journaling (the calculation's scope when known), None: all
         self.journal_only: frozenset[int] | None = None
         #: the journal is bounded: past this many changes it is dropped, and the calculation
@@ -472,9 +481,10 @@ class StatsState:
         #: per campaign, what its last merged calculation saw: a change that calculation
         #: already counted is not applied again
         self.seen: dict[int, Horizon] = {}
-        #: per campaign, action ids its last merged snapshot did not count but memory counts
-        #: since (see :meth:`Horizon.reflects`); small: only actions accepted late
-        self.late: dict[int, set[int]] = {}
+        #: per campaign, the action ids inside its last merged snapshot's window whose state
+        #: changed since (True: counted now; see :meth:`Horizon.reflects`); small: only the
+        #: actions accepted or rejected since that snapshot with their id announced
+        self.counted_now: dict[int, dict[int, bool]] = {}
         self.max_keys = max_keys
         self.max_campaigns = max_campaigns
         self.applied = 0  # increments applied since start (each counts once, whatever its count)
@@ -516,9 +526,11 @@ class StatsState:
             # By attribute: the codec's msgspec items and Increment tuples both have them, so a
             # decoded batch is applied as it is, with no copy per increment.
             cid = inc.campaign_id
+            horizon = None
             if seen and (inc.action_id is not None or inc.txid is not None or inc.at is not None):
                 horizon = seen.get(cid)
-                if horizon is not None and self._already_counted(cid, horizon, inc, False):
+                if horizon is not None and horizon.reflects(inc, False, self.counted_now.get(cid)):
+                    self.already_counted += 1
                     continue
             org_id, action_type, area = inc.org_id, inc.action_type, inc.area
             new_supporter, count = inc.new_supporter, inc.count
@@ -565,6 +577,8 @@ class StatsState:
             if messages:
                 stats.messages += messages
             applied += 1
+            if horizon is not None:
+                self._record(cid, horizon, inc.action_id, True)
             if journal is not None and (only is None or cid in only):
                 entries = journal.get(cid)
                 if entries is None:
@@ -577,25 +591,16 @@ class StatsState:
             self._journaled(journaled)
         return rejected
 
-    def _already_counted(
-        self, cid: int, horizon: Horizon, inc: IncrementLike, decrement: bool
-    ) -> bool:
-        """Whether the campaign's last merged snapshot already holds this late change; keeps
-        the record of late-counted action ids (:attr:`late`) up to date."""
-        late = self.late.get(cid)
-        if horizon.reflects(inc, decrement, late):
-            self.already_counted += 1
-            return True
-        if horizon.needs_late_set(inc):
-            aid = inc.action_id
-            if decrement:
-                if late is not None:
-                    late.discard(aid)
-            elif late is None:
-                self.late[cid] = {aid}  # type: ignore[arg-type]
-            else:
-                late.add(aid)  # type: ignore[arg-type]
-        return False
+    def _record(self, cid: int, horizon: Horizon, aid: int | None, counted: bool) -> None:
+        """Remember that action ``aid`` of campaign ``cid`` is ``counted`` now, when the
+        campaign's snapshot knows the action (inside its window)."""
+        if aid is None or not horizon.knows(aid):
+            return
+        changed = self.counted_now.get(cid)
+        if changed is None:
+            self.counted_now[cid] = {aid: counted}
+        else:
+            changed[aid] = counted
 
     def _decrement_many(self, decs: Iterable[IncrementLike]) -> None:
         campaigns = self.campaigns
@@ -605,10 +610,14 @@ class StatsState:
         journaled = 0
         for dec in decs:
             cid = dec.campaign_id
+            horizon = None
             if seen and (dec.action_id is not None or dec.txid is not None or dec.at is not None):
                 horizon = seen.get(cid)
-                if horizon is not None and self._already_counted(cid, horizon, dec, True):
+                if horizon is not None and horizon.reflects(dec, True, self.counted_now.get(cid)):
+                    self.already_counted += 1
                     continue
+                if horizon is not None:
+                    self._record(cid, horizon, dec.action_id, False)
             stats = campaigns.get(cid)
             # A decrement of a campaign memory does not hold takes back what is not there:
             # clamped, and no campaign is created for it.
@@ -617,12 +626,13 @@ class StatsState:
             self.decremented += 1
             if journal is not None and (only is None or cid in only):
                 # Journaled even when clamped: the database value it will be replayed on may
-                # hold what memory did not.
-                entries = self.journal_decs.get(cid)
+                # hold what memory did not. In the same list as the increments, in order: a
+                # rejection and a re-acceptance replay in the order they happened.
+                entries = journal.get(cid)
                 if entries is None:
-                    self.journal_decs[cid] = [dec]
+                    journal[cid] = [Decrement(dec)]
                 else:
-                    entries.append(dec)
+                    entries.append(Decrement(dec))
                 journaled += 1
         if journaled:
             self._journaled(journaled)
@@ -631,7 +641,6 @@ class StatsState:
         self.journal_size += n
         if self.journal_size > self.journal_limit:
             self.journal = None
-            self.journal_decs = {}
             self.journal_overflow = True
 
     # -- queries --------------------------------------------------------------------------------
@@ -648,14 +657,12 @@ class StatsState:
         ``only``: the campaigns the calculation covers, when known in advance (a list of ids).
         """
         self.journal = {}
-        self.journal_decs = {}
         self.journal_only = None if only is None else frozenset(only)
         self.journal_size = 0
         self.journal_overflow = False
 
     def stop_journal(self) -> None:
         self.journal = None
-        self.journal_decs = {}
         self.journal_only = None
 
     def merge(
@@ -666,8 +673,9 @@ class StatsState:
         Unseen changes are the journaled ones the snapshot could not contain
         (:meth:`Horizon.reflects`): a ``txid`` the snapshot does not see; an ``action_id``
         above its highest, or one it did not count; an ``at`` after it; and every change with
-        none of these. Increments are replayed before decrements, so a decrement of an
-        increment replayed in the same merge is never clamped. From then on, a change of this
+        none of these; and, for actions the snapshot knows, a change that the earlier ones
+        already made (a repeat). The journal replays in the order the changes arrived. From
+        then on, a change of this
         campaign that the snapshot holds is skipped (see :meth:`apply_many`), so none counts
         twice. ``campaign_ids`` selects a part of the result, so that the actor can merge a
         large result in slices and keep serving between them; the journal keeps recording
@@ -675,28 +683,28 @@ class StatsState:
         between. Returns the non-zero drifts.
         """
         journal = self.journal or {}
-        journal_decs = self.journal_decs
         horizon = result.horizon
         ids = result.campaigns.keys() if campaign_ids is None else campaign_ids
         drifts: list[CampaignDrift] = []
         for cid in ids:
             truth = result.campaigns[cid].copy()
-            late: set[int] | None = None
-            for inc in journal.get(cid, ()):
-                if horizon.reflects(inc, False, late):
+            counted_now: dict[int, bool] = {}
+            for entry in journal.get(cid, ()):
+                change: IncrementLike
+                if isinstance(entry, Decrement):
+                    change, decrement = entry.change, True
+                else:
+                    change, decrement = entry, False
+                if horizon.reflects(change, decrement, counted_now):
                     continue
-                truth.add(inc)
-                if horizon.needs_late_set(inc):
-                    if late is None:
-                        late = set()
-                    late.add(inc.action_id)  # type: ignore[arg-type]
-            for dec in journal_decs.get(cid, ()):
-                if horizon.reflects(dec, True, late):
-                    continue
-                if truth.subtract(dec):
-                    self.clamped += 1
-                if late is not None and horizon.needs_late_set(dec):
-                    late.discard(dec.action_id)
+                if decrement:
+                    if truth.subtract(change):
+                        self.clamped += 1
+                else:
+                    truth.add(change)
+                aid = change.action_id
+                if aid is not None and horizon.knows(aid):
+                    counted_now[aid] = not decrement
             before = self.campaigns.get(cid)
             # Drift only means something for a campaign memory had loaded before (from a merge or
             # a snapshot); increments alone before the first load are not "drift".
@@ -708,12 +716,15 @@ class StatsState:
                 )
                 if not drift.is_zero:
                     drifts.append(drift)
+            if not result.messages_counted:
+                # The database has no messages table: memory is their only record.
+                truth.messages = before.messages if before is not None else 0
             self.campaigns[cid] = truth
             self.seen[cid] = horizon
-            if late:
-                self.late[cid] = late
+            if counted_now:
+                self.counted_now[cid] = counted_now
             else:
-                self.late.pop(cid, None)
+                self.counted_now.pop(cid, None)
         return drifts
 
     def check(self) -> str | None:
@@ -737,4 +748,4 @@ class StatsState:
         self.campaigns = {cid: stats.copy() for cid, stats in campaigns.items()}
         # Loaded, so drift is measured at the first merge; an empty horizon skips nothing.
         self.seen = dict.fromkeys(campaigns, NO_HORIZON)
-        self.late = {}
+        self.counted_now = {}

@@ -208,8 +208,8 @@ async def _messages_scenario(conn: asyncpg.Connection, service: StatsService) ->
     await conn.execute(
         "INSERT INTO messages (action_id) SELECT $1 FROM generate_series(1, 10)", aid
     )
-    await service.resync("all")
-    await wait_for(lambda: loaded(service))
+    await wait_for(lambda: loaded(service))  # the first calculation may predate the rows
+    await wait_for(lambda: service.resync("all"))  # started once none is running
     await wait_for(lambda: _messages(service, 10))
     service.increment(1, 1, "mail2target", None, False, messages=4)
     await service.flush()

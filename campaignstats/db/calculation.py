@@ -100,7 +100,8 @@ async def calculate(
             # (or rolled back) when the snapshot was taken, and actions not accepted yet.
             uncounted = frozenset(range(low + 1, max_action_id + 1)).difference(counted)
             message_rows: list[asyncpg.Record] = []
-            if ids != [] and await conn.fetchval(queries.messages_table):
+            has_messages = bool(await conn.fetchval(queries.messages_table))
+            if ids != [] and has_messages:
                 message_rows = await conn.fetch(queries.message_counts, ids)
             supporter_rows: list[asyncpg.Record] = []
             extra_rows: list[asyncpg.Record] = []
@@ -198,6 +199,7 @@ async def calculate(
         window_low=low,
         snapshot=TxSnapshot.parse(tx_snapshot_text),
         taken_at=float(taken_at),
+        messages_counted=has_messages,
     )
 
 
