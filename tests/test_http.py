@@ -26,9 +26,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from campaignstats.actor.actor import ActorConfig
+from campaignstats.actor.snapshot import save_snapshot
 from campaignstats.db.source import PostgresSource
 from campaignstats.http import HttpConfig, HttpServer, StatsHttpApp, app
-from campaignstats.model import CalculationResult, Scope
+from campaignstats.model import CalculationResult, CampaignStats, Scope
 from campaignstats.service import StatsService
 
 from .helpers import Raw, Running, Start, wait_for
@@ -383,6 +384,24 @@ async def test_readyz_is_503_until_the_first_full_calculation_then_200(
         assert after.status_code == 200
         assert after.json() == {"ready": True}
     finally:
+        await service.stop()
+
+
+async def test_readyz_is_200_at_once_with_a_snapshot_while_the_database_is_not_there(
+    module_dsn: str, make_http: MakeHttp, tmp_path: Path
+) -> None:
+    path = tmp_path / "snap"
+    save_snapshot(path, {1: CampaignStats(5, {"register": 5}, {}, {1: 5})})
+    source = GatedSource(module_dsn)  # the database "is not there" until the gate opens
+    service = StatsService(source, ActorConfig(sync_interval=3600, snapshot_path=path))
+    await service.start()
+    try:
+        h = await make_http(service=service)
+        ready = await h.client.get("/readyz")
+        assert ready.status_code == 200
+        assert (await h.client.get("/v1/campaigns/1/count")).json()["supporters"] == 5
+    finally:
+        source.gate.set()
         await service.stop()
 
 

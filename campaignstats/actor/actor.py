@@ -127,6 +127,9 @@ class StatsActor:
         #: a restarted actor inherits its predecessor's counts when they can be trusted
         #: (Supervisor), rather than going back to a snapshot file that may be days old
         self._inherited = state is not None
+        #: counts were there before the first calculation: a snapshot file, or kept across a
+        #: restart (so /readyz can answer ready before the database is reachable)
+        self._head_start = self._inherited
         self.state = state or StatsState(
             max_keys=config.max_keys, max_campaigns=config.max_campaigns
         )
@@ -159,6 +162,7 @@ class StatsActor:
             campaigns = load_snapshot(self.config.snapshot_path)
             if campaigns is not None:
                 self.state.replace_all(campaigns)
+                self._head_start = True
         self._start_calculation("all")
         self._next_calc_at = time.monotonic() + self.config.sync_interval
         try:
@@ -519,6 +523,7 @@ class StatsActor:
                 "skipped": self.skipped,
                 "last_error": self.last_error,
                 "loaded": self._loaded,
+                "snapshot_loaded": self._head_start,
             },
             "last_calculation": self.last_calculation,
             "subscriptions": self.registry.count(),
