@@ -75,6 +75,25 @@ class EmbeddedPostgres:
         self._server.ensure_postgres_running()
         marker.write_text("settings: " + repr(_TUNING) + "\n")
 
+    def enable_logical_replication(self) -> bool:
+        """Set ``wal_level = logical`` (for ``serve --follow``, docs/follow.md), restarting the
+        cluster if it was not set yet; True when a restart was needed. Call after :meth:`start`.
+        """
+        if self._server is None:
+            raise RuntimeError("the embedded Postgres is not started")
+        level = self._server.psql("SHOW wal_level;")
+        if "logical" in str(level):
+            return False
+        self._server.psql(
+            "ALTER SYSTEM SET wal_level = 'logical';"
+            "ALTER SYSTEM SET max_replication_slots = '16';"
+            "ALTER SYSTEM SET max_wal_senders = '16';"
+        )
+        log.info("embedded_postgres.wal_level_logical", pgdata=str(self.pgdata))
+        self.stop()
+        self._server.ensure_postgres_running()
+        return True
+
     def dsn(self, database: str = "postgres") -> str:
         if self._server is None:
             raise RuntimeError("the embedded Postgres is not started")

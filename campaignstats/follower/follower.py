@@ -1,0 +1,530 @@
+"""Following the database: counts made live from Postgres's logical replication (docs/follow.md).
+
+The follower owns a logical replication slot (``pgoutput``, one slot per server) and polls it
+from asyncio with ``pg_logical_slot_peek_binary_changes``; the slot is advanced
+(``pg_replication_slot_advance``) only once the changes are applied by the actor. Each round:
+
+1. one ``REPEATABLE READ`` snapshot ``Q`` and the WAL insert position ``X`` at that instant;
+2. the slot's transactions that committed before ``X``: every transaction ``Q`` sees is among
+   them; the few ``Q`` does not see yet (committing at that instant) wait for the next round;
+3. in ``Q``, the rows of every person those transactions touch, so that whether a supporter is
+   new to the campaign is decided by the database (campaignstats.follower.changes.plan);
+4. the increments and decrements, each with its transaction's txid, go to the service
+   (``send``, then ``flush``: applied), then the slot is advanced past them.
+
+Start-up order (docs/follow.md, "Start-up"): the slot first, then a full calculation whose
+snapshot is taken after it, then the stream from the slot's position. Transactions visible to a
+snapshot taken right after the slot (:attr:`Follower.start_snapshot`) are skipped: the calculation
+holds them; the others are journaled while it runs and the txid merge keeps or drops each one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+
+from campaignstats.model import Increment, TxSnapshot
+
+from .changes import (
+    FULL_IDENTITY_TABLES,
+    TABLES,
+    ActionRow,
+    Assembler,
+    IdentityError,
+    PageRow,
+    SupporterRow,
+    Transaction,
+    full_xid,
+    plan,
+)
+from .pgoutput import Decoder
+from .sql import FOLLOWER_QUERIES, FollowerQueries
+
+if TYPE_CHECKING:
+    import asyncpg
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_PUBLICATION = "campaignstats"
+DEFAULT_POLL_INTERVAL = 0.02  # seconds between rounds that found nothing
+DEFAULT_MAX_CHANGES = 50_000  # changes per round (memory bound; whole transactions)
+_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
+_MAX_PAGES_CACHED = 1_000_000
+
+
+class FollowError(RuntimeError):
+    """The database cannot be followed as it is; the message says which command fixes it."""
+
+
+class Service(Protocol):
+    """What the follower needs of campaignstats.service.StatsService (its public API)."""
+
+    async def send(
+        self, items: Sequence[Increment], on_rejected: Any = None, *, decrement: bool = False
+    ) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def resync(self, scope: str | Sequence[int] = "all") -> bool: ...
+
+
+def default_slot_name() -> str:
+    """``campaignstats_<host name>``: stable across restarts of this machine's server."""
+    host = re.sub(r"[^a-z0-9_]", "_", socket.gethostname().lower()) or "server"
+    return f"campaignstats_{host}"[:63]
+
+
+def check_name(name: str, what: str) -> str:
+    if not _NAME.match(name):
+        raise FollowError(f"{what} {name!r}: use 1 to 63 lowercase letters, digits or _")
+    return name
+
+
+@dataclass(slots=True)
+class FollowerStats:
+    """What ``status()`` reports (for ``info`` and the HTTP metrics)."""
+
+    rounds: int = 0
+    transactions: int = 0  # applied
+    increments: int = 0
+    decrements: int = 0
+    skipped_at_start: int = 0  # held by the start-up calculation
+    deferred: int = 0  # in the last round: committed, not yet visible
+    truncated_rounds: int = 0  # rounds that hit max_changes (catching up)
+    inexact: int = 0  # org/area splits left to the next calculation
+    unknown_pages: int = 0
+    truncations: int = 0  # TRUNCATE of a followed table: a full calculation was asked for
+    extra_supporters_changes: int = 0  # not followed yet (docs/follow.md)
+    errors: int = 0
+    last_error: str | None = None
+    lag_bytes: int | None = None
+    lag_seconds: float = 0.0
+    #: commit to applied, of the newest transaction of the last round that applied some
+    last_latency: float | None = None
+    last_round_seconds: float = 0.0
+    confirmed_lsn: int = 0
+
+
+@dataclass(slots=True)
+class Follower:
+    dsn: str
+    slot: str = field(default_factory=default_slot_name)
+    publication: str = DEFAULT_PUBLICATION
+    queries: FollowerQueries = FOLLOWER_QUERIES
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    max_changes: int = DEFAULT_MAX_CHANGES
+    connect_timeout: float = 10.0
+    #: set REPLICA IDENTITY FULL on the tables that need it, instead of failing (the embedded
+    #: database; a production database is the operator's to alter)
+    configure: bool = False
+    stats: FollowerStats = field(default_factory=FollowerStats)
+    #: a snapshot taken right after the slot: what the start-up calculation holds for sure
+    start_snapshot: TxSnapshot | None = None
+    _decoder: Decoder = field(default_factory=Decoder)
+    #: txids applied beyond the slot's position (a transaction before them was not visible
+    #: yet), with their end LSN: skipped when the slot returns them again
+    _applied: dict[int, int] = field(default_factory=dict)
+    _pages: dict[int, int] = field(default_factory=dict)
+    _prepared: bool = False
+
+    def __post_init__(self) -> None:
+        check_name(self.slot, "slot")
+        check_name(self.publication, "publication")
+
+    # -- start-up -------------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Check the database, create the publication and the slot if missing, and take the
+        start snapshot. Call it before the full calculation the stream is merged with starts.
+        Raises :class:`FollowError` naming the command that fixes what is missing."""
+        import asyncpg
+
+        conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
+        try:
+            await _check_server(conn, self.configure)
+            await self._ensure_publication(conn)
+            await self._ensure_slot(conn)
+            self.start_snapshot = TxSnapshot.parse(
+                await conn.fetchval("SELECT pg_current_snapshot()::text")
+            )
+            self.stats.confirmed_lsn = int(
+                await conn.fetchval(
+                    "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                    self.slot,
+                )
+            )
+        finally:
+            await conn.close()
+        self._prepared = True
+        log.info(
+            "follower.prepared",
+            slot=self.slot,
+            publication=self.publication,
+            confirmed_lsn=self.stats.confirmed_lsn,
+        )
+
+    async def _ensure_publication(self, conn: asyncpg.Connection) -> None:
+        import asyncpg
+
+        tables = list(TABLES)
+        if await conn.fetchval("SELECT to_regclass('messages') IS NOT NULL"):
+            tables.append("messages")
+        have = await conn.fetchval(
+            "SELECT count(*) FROM pg_publication WHERE pubname = $1", self.publication
+        )
+        if not have:
+            sql = f"CREATE PUBLICATION {self.publication} FOR TABLE {', '.join(tables)}"
+            try:
+                await conn.execute(sql)
+            except asyncpg.InsufficientPrivilegeError as exc:
+                raise FollowError(
+                    f"cannot create the publication ({exc}); as the tables' owner run: {sql};"
+                ) from exc
+            log.info("follower.publication_created", publication=self.publication, tables=tables)
+            return
+        published = {
+            r[0]
+            for r in await conn.fetch(
+                "SELECT tablename FROM pg_publication_tables WHERE pubname = $1", self.publication
+            )
+        }
+        missing = [t for t in ("actions", "supporters", "action_pages") if t not in published]
+        if missing:
+            raise FollowError(
+                f"publication {self.publication} lacks {', '.join(missing)}; run: "
+                f"ALTER PUBLICATION {self.publication} ADD TABLE {', '.join(missing)};"
+            )
+
+    async def _ensure_slot(self, conn: asyncpg.Connection) -> None:
+        import asyncpg
+
+        row = await conn.fetchrow(
+            "SELECT plugin, database FROM pg_replication_slots WHERE slot_name = $1", self.slot
+        )
+        if row is not None:
+            if row["plugin"] != "pgoutput" or row["database"] != await conn.fetchval(
+                "SELECT current_database()"
+            ):
+                raise FollowError(
+                    f"slot {self.slot} exists for {row['plugin']} on {row['database']}: choose "
+                    f"another --slot, or drop it: campaignstats slots --drop {self.slot}"
+                )
+            log.info("follower.slot_reused", slot=self.slot)
+            return
+        try:
+            await conn.execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')", self.slot
+            )
+        except asyncpg.InsufficientPrivilegeError as exc:
+            user = await conn.fetchval("SELECT current_user")
+            raise FollowError(
+                f"cannot create a replication slot ({exc}); as a superuser run: "
+                f"ALTER ROLE {user} WITH REPLICATION;"
+            ) from exc
+        log.info("follower.slot_created", slot=self.slot)
+
+    # -- the stream -----------------------------------------------------------------------------
+
+    async def run(self, service: Service, *, full_calculation_pending: bool) -> None:
+        """Follow until cancelled. ``full_calculation_pending``: a full calculation starts after
+        :meth:`prepare` without being asked (the service is started after it); otherwise one is
+        asked for (``resync("all")``, retried while another runs) before anything is applied."""
+        import asyncpg
+
+        if not self._prepared:
+            await self.prepare()
+        if not full_calculation_pending:
+            await _full_calculation(service)
+        delay = 0.5
+        while True:
+            conns: list[asyncpg.Connection] = []
+            try:
+                for _ in range(2):
+                    conns.append(await asyncpg.connect(self.dsn, timeout=self.connect_timeout))
+                delay = 0.5
+                while True:
+                    if not await self.round(service, conns[0], conns[1]):
+                        await asyncio.sleep(self.poll_interval)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                self.stats.errors += 1
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("follower.failed", error=self.stats.last_error, retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            finally:
+                for c in conns:
+                    c.terminate()
+
+    async def round(
+        self, service: Service, conn: asyncpg.Connection, slot_conn: asyncpg.Connection
+    ) -> int:
+        """One round; returns how many transactions it applied."""
+        q = self.queries
+        t0 = time.perf_counter()
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            snap_text, insert_lsn, lag = await conn.fetchrow(q.round_start, self.slot)
+            snapshot = TxSnapshot.parse(snap_text)
+            flush_lsn = await slot_conn.fetchval(q.flush_lsn)
+            rows = await slot_conn.fetch(
+                q.peek, self.slot, insert_lsn, self.max_changes, self.publication
+            )
+            truncated = len(rows) >= self.max_changes
+            txns = self._transactions(rows)
+            visible: list[Transaction] = []
+            pending: list[Transaction] = []  # not visible to the snapshot yet
+            skipped: list[Transaction] = []
+            for txn in txns:
+                txid = full_xid(txn.xid, snapshot.xmax)
+                if txid in self._applied:
+                    skipped.append(txn)
+                elif self.start_snapshot is not None and self.start_snapshot.sees(txid):
+                    skipped.append(txn)
+                    self.stats.skipped_at_start += 1
+                elif snapshot.sees(txid):
+                    visible.append(txn)
+                else:
+                    pending.append(txn)
+            result = None
+            if any(t.changes for t in visible):
+                result = await self._plan(conn, visible, snapshot)
+        incs, decs = (result.increments, result.decrements) if result else ([], [])
+        if incs:
+            await service.send(incs)
+        if decs:
+            await service.send(decs, decrement=True)
+        if incs or decs:
+            await service.flush()  # applied: only now may the slot move past them
+        now = time.time()
+        if visible:
+            self.stats.last_latency = now - visible[-1].commit_time
+        if any(t.truncated for t in visible):
+            self.stats.truncations += 1
+            log.warning("follower.truncate", tables=[t.truncated for t in visible if t.truncated])
+            await _full_calculation(service)
+        pending_ids = {id(t) for t in pending}
+        for txn in visible:
+            self._applied[full_xid(txn.xid, snapshot.xmax)] = txn.end_lsn
+        await self._advance(slot_conn, txns, pending_ids, truncated, insert_lsn, flush_lsn)
+        s = self.stats
+        s.rounds += 1
+        s.transactions += len(visible)
+        s.increments += len(incs)
+        s.decrements += len(decs)
+        s.deferred = len(pending)
+        s.truncated_rounds += truncated
+        if result is not None:
+            s.inexact += result.inexact
+            s.unknown_pages += result.unknown_pages
+        s.lag_bytes = None if lag is None else int(lag)
+        waiting = [t.commit_time for t in pending]
+        s.lag_seconds = round(max(0.0, now - min(waiting)), 3) if waiting else 0.0
+        if truncated and txns:
+            s.lag_seconds = round(max(s.lag_seconds, now - txns[-1].commit_time), 3)
+        s.last_round_seconds = round(time.perf_counter() - t0, 4)
+        return len(visible)
+
+    def _transactions(self, rows: Sequence[Any]) -> list[Transaction]:
+        assembler = Assembler()
+        decoder = self._decoder
+        out: list[Transaction] = []
+        for (data,) in rows:
+            txn = assembler.feed(decoder.decode(data))
+            if txn is not None:
+                out.append(txn)
+                for ch in txn.changes:
+                    if isinstance(ch.new, PageRow):
+                        self._pages[ch.new.id] = ch.new.org_id
+                        old = ch.old
+                        if isinstance(old, PageRow) and old.extra_supporters != (
+                            ch.new.extra_supporters
+                        ):
+                            self.stats.extra_supporters_changes += 1
+        return out
+
+    async def _plan(
+        self, conn: asyncpg.Connection, visible: list[Transaction], snapshot: TxSnapshot
+    ) -> Any:
+        q = self.queries
+        sids: set[int] = set()
+        fps: set[bytes] = set()
+        pages: set[int] = set()
+        for txn in visible:
+            for ch in txn.changes:
+                for row in (ch.old, ch.new):
+                    if isinstance(row, ActionRow):
+                        if row.supporter_id is not None:
+                            sids.add(row.supporter_id)
+                        pages.add(row.action_page_id)
+                    elif isinstance(row, SupporterRow):
+                        fps.add(row.fingerprint)
+        supporters = [
+            SupporterRow(r[0], bytes(r[1]), r[2], r[3], r[4])
+            for r in await conn.fetch(q.people, list(sids), list(fps))
+        ]
+        actions = [
+            ActionRow(*r) for r in await conn.fetch(q.people_actions, [s.id for s in supporters])
+        ]
+        pages.update(a.action_page_id for a in actions)
+        missing = [p for p in pages if p not in self._pages]
+        if missing:
+            if len(self._pages) > _MAX_PAGES_CACHED:
+                self._pages.clear()
+            for pid, org in await conn.fetch(q.page_orgs, missing):
+                self._pages[pid] = org
+        xmax = snapshot.xmax
+        return plan(visible, supporters, actions, self._pages.get, lambda xid: full_xid(xid, xmax))
+
+    async def _advance(
+        self,
+        slot_conn: asyncpg.Connection,
+        txns: list[Transaction],
+        pending: set[int],
+        truncated: bool,
+        insert_lsn: int,
+        flush_lsn: int,
+    ) -> None:
+        """Move the slot past every transaction applied or skipped, up to the first one still
+        waiting. With nothing waiting and everything up to the round's insert position read (it
+        was flushed before the peek), up to that position: the slot does not hold on to WAL of
+        transactions that touch no followed table."""
+        target = 0
+        blocked = False
+        for txn in txns:
+            if id(txn) in pending:
+                blocked = True
+                break
+            target = txn.end_lsn
+        if not blocked and not truncated and insert_lsn <= flush_lsn:
+            target = max(target, insert_lsn)
+        if target > self.stats.confirmed_lsn:
+            await slot_conn.fetchval(self.queries.advance, self.slot, target)
+            self.stats.confirmed_lsn = target
+            self._applied = {x: end for x, end in self._applied.items() if end > target}
+
+    def status(self) -> dict[str, Any]:
+        """The follower's figures: for ``info`` (``follower``) and the HTTP metrics."""
+        s = self.stats
+        return {
+            "slot": self.slot,
+            "publication": self.publication,
+            "lag_bytes": s.lag_bytes,
+            "lag_seconds": s.lag_seconds,
+            "last_latency": None if s.last_latency is None else round(s.last_latency, 4),
+            "rounds": s.rounds,
+            "transactions": s.transactions,
+            "increments": s.increments,
+            "decrements": s.decrements,
+            "skipped_at_start": s.skipped_at_start,
+            "deferred": s.deferred,
+            "truncated_rounds": s.truncated_rounds,
+            "inexact": s.inexact,
+            "unknown_pages": s.unknown_pages,
+            "truncations": s.truncations,
+            "extra_supporters_changes": s.extra_supporters_changes,
+            "errors": s.errors,
+            "last_error": s.last_error,
+            "last_round_seconds": s.last_round_seconds,
+            "confirmed_lsn": s.confirmed_lsn,
+        }
+
+
+async def _full_calculation(service: Service) -> None:
+    """Start a full calculation, waiting for a running one to end first (it may have taken
+    its snapshot too early)."""
+    while not await service.resync("all"):  # noqa: ASYNC110 (polls the actor, not a flag)
+        await asyncio.sleep(0.1)
+
+
+# -- checks, and slots for the command line ------------------------------------------------------
+
+
+async def _check_server(conn: asyncpg.Connection, configure: bool) -> None:
+    level = await conn.fetchval("SHOW wal_level")
+    if level != "logical":
+        raise FollowError(
+            f"wal_level is {level!r}, logical decoding needs 'logical'; run: "
+            "ALTER SYSTEM SET wal_level = logical; and restart Postgres"
+        )
+    allowed = await conn.fetchval(
+        "SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user"
+    )
+    if not allowed:
+        user = await conn.fetchval("SELECT current_user")
+        raise FollowError(
+            f"role {user} may not use replication slots; as a superuser run: "
+            f"ALTER ROLE {user} WITH REPLICATION;"
+        )
+    rows = await conn.fetch(
+        "SELECT c.relname, c.relreplident FROM pg_class c "
+        "WHERE c.oid = ANY(ARRAY[to_regclass('actions'), to_regclass('supporters'), "
+        "to_regclass('action_pages')]::oid[])"
+    )
+    found = {r[0]: r[1] for r in rows}
+    absent = [t for t in FULL_IDENTITY_TABLES if t not in found]
+    if absent:
+        raise FollowError(f"tables missing: {', '.join(absent)} (campaignstats init-db)")
+    not_full = [t for t in FULL_IDENTITY_TABLES if found[t] != "f"]
+    if not_full and configure:
+        for t in not_full:
+            await conn.execute(f"ALTER TABLE {t} REPLICA IDENTITY FULL")
+        log.info("follower.replica_identity_full", tables=not_full)
+    elif not_full:
+        fix = " ".join(f"ALTER TABLE {t} REPLICA IDENTITY FULL;" for t in not_full)
+        raise FollowError(
+            "updates and deletes must carry the old row (docs/follow.md, 'Old rows'); run: " + fix
+        )
+
+
+async def list_slots(dsn: str) -> list[dict[str, Any]]:
+    """Every logical replication slot of the server, with its lag in bytes."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        rows = await conn.fetch(
+            """
+            SELECT slot_name, plugin, database, active, confirmed_flush_lsn::text AS confirmed,
+                   (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint AS lag_bytes,
+                   (pg_current_wal_lsn() - restart_lsn)::bigint AS retained_bytes, wal_status
+            FROM pg_replication_slots WHERE slot_type = 'logical' ORDER BY slot_name
+            """
+        )
+        return [dict(r) for r in rows]
+    finally:
+        await conn.close()
+
+
+async def drop_slot(dsn: str, name: str) -> bool:
+    """Drop a logical replication slot; False if it did not exist."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        exists = await conn.fetchval(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", name
+        )
+        if not exists:
+            return False
+        await conn.execute("SELECT pg_drop_replication_slot($1)", name)
+        return True
+    finally:
+        await conn.close()
+
+
+__all__ = [
+    "DEFAULT_PUBLICATION",
+    "FollowError",
+    "Follower",
+    "FollowerStats",
+    "IdentityError",
+    "default_slot_name",
+    "drop_slot",
+    "list_slots",
+]

@@ -1,0 +1,59 @@
+"""The follower's SQL, in one place (the calculation's is campaignstats.db.queries).
+
+A deployment whose tables are named differently replaces :data:`FOLLOWER_QUERIES` with
+``dataclasses.replace(...)``, as it does for the calculation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FollowerQueries:
+    #: the first statement of a round's snapshot: (pg_current_snapshot() as text, the WAL insert
+    #: position, the slot's lag in bytes); $1 the slot
+    round_start: str
+    #: the changes of the slot up to an LSN, at most N (rounded up to whole transactions):
+    #: $1 slot, $2 upto_lsn, $3 upto_nchanges, $4 publication
+    peek: str
+    #: the WAL flush position (what logical decoding can read)
+    flush_lsn: str
+    advance: str  # $1 slot, $2 LSN
+    #: every supporter row with the fingerprint of a supporter named by id ($1) or a fingerprint
+    #: given ($2): (id, fingerprint, area, processing_status, dupe_rank)
+    people: str
+    #: the counted actions of these supporters ($1): (id, supporter_id, action_type,
+    #: campaign_id, action_page_id, processing_status, testing)
+    people_actions: str
+    #: (id, org_id) of these action pages ($1)
+    page_orgs: str
+
+
+FOLLOWER_QUERIES = FollowerQueries(
+    round_start="""
+    SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn(),
+           (SELECT pg_current_wal_lsn() - confirmed_flush_lsn
+            FROM pg_replication_slots WHERE slot_name = $1)::bigint
+    """,
+    peek="""
+    SELECT data FROM pg_logical_slot_peek_binary_changes(
+        $1, $2::pg_lsn, $3, 'proto_version', '1', 'publication_names', $4)
+    """,
+    flush_lsn="SELECT pg_current_wal_flush_lsn()",
+    advance="SELECT end_lsn FROM pg_replication_slot_advance($1, $2::pg_lsn)",
+    people="""
+    SELECT s.id, s.fingerprint, s.area, s.processing_status, s.dupe_rank
+    FROM supporters s
+    WHERE s.fingerprint IN (
+        SELECT fingerprint FROM supporters WHERE id = ANY($1::bigint[])
+        UNION SELECT unnest($2::bytea[]))
+    """,
+    people_actions="""
+    SELECT a.id, a.supporter_id, a.action_type, a.campaign_id, a.action_page_id,
+           a.processing_status, a.testing
+    FROM actions a
+    WHERE a.supporter_id = ANY($1::bigint[]) AND a.processing_status IN (3, 4)
+    """,
+    page_orgs="SELECT id, org_id FROM action_pages WHERE id = ANY($1::bigint[])",
+)

@@ -1,0 +1,411 @@
+"""Following the database, for real: a cluster of its own with wal_level=logical.
+
+The writer changes only Postgres (the way Proca does: inserted new and accepted later, rejected,
+deleted, inserted accepted at once, a second action of the same person, a supporter rejected);
+the counts must equal a brute-force recount within a second of each commit, with calculations
+merging all along, and never go backwards except by a real removal. The parser is tested on
+bytes captured from the same real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+
+from campaignstats.actor.actor import ActorConfig
+from campaignstats.db.embedded import EmbeddedPostgres, create_database, with_database
+from campaignstats.db.schema import init_db
+from campaignstats.db.source import PostgresSource
+from campaignstats.follower import Follower, FollowError, drop_slot, list_slots
+from campaignstats.follower.changes import Assembler, full_xid
+from campaignstats.follower.pgoutput import (
+    Begin,
+    Commit,
+    DecodeError,
+    Decoder,
+    Delete,
+    Insert,
+    Relation,
+    Truncate,
+    Update,
+)
+from campaignstats.service import StatsService
+
+from .helpers import loaded, memory_of, wait_for
+from .recount import recount
+
+CAMPAIGNS = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def logical_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    pg = EmbeddedPostgres(tmp_path_factory.mktemp("follow"), delete_on_close=True)
+    pg.start()
+    pg.enable_logical_replication()
+    yield pg
+    pg.close()
+
+
+@pytest.fixture
+async def dsn(logical_cluster: EmbeddedPostgres) -> AsyncIterator[str]:
+    admin = logical_cluster.dsn()
+    await create_database(admin, "follow", drop_existing=True)
+    dsn = with_database(admin, "follow")
+    conn = await asyncpg.connect(dsn)
+    try:
+        await init_db(conn)
+        await conn.execute(
+            "INSERT INTO orgs (id, name) VALUES (1, 'a'), (2, 'b');"
+            "INSERT INTO campaigns (id, name, status) VALUES (1, 'c1', 1), (2, 'c2', 1);"
+            "INSERT INTO action_pages (id, name, campaign_id, org_id) VALUES"
+            " (1, 'p1', 1, 1), (2, 'p2', 1, 2), (3, 'p3', 2, 1);"
+        )
+    finally:
+        await conn.close()
+    yield dsn
+    for slot in await list_slots(admin):
+        await drop_slot(admin, slot["slot_name"])
+
+
+async def _capture(dsn: str) -> list[bytes]:
+    """Changes of every kind, made on the real server, and the pgoutput bytes it sent."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("ALTER TABLE actions REPLICA IDENTITY FULL")
+        await conn.execute("CREATE PUBLICATION cap FOR TABLE actions, supporters")
+        await conn.execute("SELECT pg_create_logical_replication_slot('cap', 'pgoutput')")
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO supporters (id, campaign_id, action_page_id, fingerprint, area, "
+                "processing_status, dupe_rank) VALUES (100, 1, 1, '\\x00ff10', NULL, 3, 0)"
+            )
+            await conn.execute(
+                "INSERT INTO actions (id, supporter_id, action_type, campaign_id, "
+                "action_page_id, processing_status) VALUES (100, 100, 'régister', 1, 1, 0)"
+            )
+            xid = await conn.fetchval("SELECT pg_current_xact_id()::text::bigint")
+        await conn.execute("UPDATE actions SET processing_status = 3 WHERE id = 100")
+        await conn.execute("UPDATE supporters SET area = 'DE' WHERE id = 100")  # default identity
+        await conn.execute("DELETE FROM actions WHERE id = 100")
+        await conn.execute("TRUNCATE actions CASCADE")
+        rows = await conn.fetch(
+            "SELECT data FROM pg_logical_slot_peek_binary_changes('cap', NULL, NULL, "
+            "'proto_version', '1', 'publication_names', 'cap')"
+        )
+        await conn.execute("SELECT pg_drop_replication_slot('cap')")
+        await conn.execute("DROP PUBLICATION cap")
+        await conn.execute("TRUNCATE supporters CASCADE")
+        return [xid.to_bytes(8, "big"), *(bytes(r[0]) for r in rows)]
+    finally:
+        await conn.close()
+
+
+async def test_pgoutput_decodes_bytes_captured_from_a_real_server(dsn: str) -> None:
+    captured = await _capture(dsn)
+    xid = int.from_bytes(captured[0], "big")
+    decoder = Decoder()
+    msgs = [decoder.decode(data) for data in captured[1:]]
+    kinds = [type(m).__name__ for m in msgs]
+    assert kinds[:5] == ["Begin", "Relation", "Insert", "Relation", "Insert"]
+    begin = msgs[0]
+    assert isinstance(begin, Begin)
+    # 32 bits on the wire; pg_current_xact_id() is the xid8 (epoch << 32 | xid)
+    assert begin.xid == xid & 0xFFFF_FFFF
+    assert full_xid(begin.xid, xid + 5) == xid
+    sup = msgs[2]
+    assert isinstance(sup, Insert)
+    assert sup.relation.name == "supporters"
+    assert sup.new["fingerprint"] == "\\x00ff10"
+    assert sup.new["area"] is None
+    act = msgs[4]
+    assert isinstance(act, Insert)
+    assert act.new["action_type"] == "régister"
+    assert act.new["processing_status"] == "0"
+    commit = msgs[5]
+    assert isinstance(commit, Commit)
+    assert commit.commit_lsn == begin.final_lsn
+    assert commit.end_lsn > commit.commit_lsn
+    updates = [m for m in msgs if isinstance(m, Update)]
+    assert updates[0].old_kind == "O"  # REPLICA IDENTITY FULL: the whole old row
+    assert updates[0].old is not None
+    assert (updates[0].old["processing_status"], updates[0].new["processing_status"]) == (
+        "0",
+        "3",
+    )
+    assert updates[1].relation.name == "supporters"
+    assert updates[1].old is None  # default identity, key unchanged: no old row
+    deletes = [m for m in msgs if isinstance(m, Delete)]
+    assert deletes[0].old_kind == "O"
+    assert deletes[0].old["id"] == "100"
+    truncates = [m for m in msgs if isinstance(m, Truncate)]
+    assert "actions" in [r.name for r in truncates[0].relations]
+    assert truncates[0].cascade
+    assert all(
+        isinstance(m, Relation | Begin | Commit | Insert | Update | Delete | Truncate) for m in msgs
+    )
+    # Transactions: the Update of supporters without its old row is refused with the fix.
+    assembler = Assembler()
+    first_update = msgs.index(updates[1])
+    for m in msgs[:first_update]:
+        assembler.feed(m)
+    with pytest.raises(ValueError, match="REPLICA IDENTITY FULL"):
+        assembler.feed(updates[1])
+    # Damaged bytes are refused, never half-read.
+    with pytest.raises(DecodeError):
+        decoder.decode(captured[3][:-3])
+    with pytest.raises(DecodeError):
+        Decoder().decode(captured[3])  # an Insert before its Relation
+    with pytest.raises(DecodeError):
+        decoder.decode(b"Z")
+
+
+def test_full_xid_crosses_epochs() -> None:
+    epoch = 7 << 32
+    assert full_xid(10, epoch + 20) == epoch + 10
+    assert full_xid(0xFFFF_FFF0, epoch + 5) == epoch - 16  # from the previous epoch
+    assert full_xid(5, epoch - 16) == epoch + 5  # just after the reference
+    assert full_xid(123, 1000) == 123
+
+
+class Writer:
+    """Changes Postgres only, each change its own transaction, the way Proca does."""
+
+    def __init__(self, conn: asyncpg.Connection, rng: random.Random) -> None:
+        self.conn = conn
+        self.rng = rng
+        self.people: list[tuple[int, int]] = []  # (supporter id, campaign)
+        self.pending: list[int] = []
+        self.counted: list[int] = []
+        self.removals = 0  # committed or about to be: a sample may see it at once
+        self.person = 0
+
+    async def sign(self, status: int) -> None:
+        self.person += 1
+        cid = self.rng.choice(CAMPAIGNS)
+        page = self.rng.choice((1, 2)) if cid == 1 else 3
+        fp = (self.person % 40).to_bytes(4, "big")  # some people sign twice: dupes
+        async with self.conn.transaction():
+            rank = await self.conn.fetchval(
+                "SELECT count(*) FROM supporters WHERE campaign_id = $1 AND fingerprint = $2",
+                cid,
+                fp,
+            )
+            sid = await self.conn.fetchval(
+                "INSERT INTO supporters (campaign_id, action_page_id, fingerprint, area, "
+                "processing_status, dupe_rank) VALUES ($1, $2, $3, $4, 3, $5) RETURNING id",
+                cid,
+                page,
+                fp,
+                self.rng.choice(["DE", "FR", None]),
+                rank,
+            )
+            aid = await self.conn.fetchval(
+                "INSERT INTO actions (supporter_id, action_type, campaign_id, action_page_id, "
+                "processing_status) VALUES ($1, 'register', $2, $3, $4) RETURNING id",
+                sid,
+                cid,
+                page,
+                status,
+            )
+        self.people.append((sid, cid))
+        (self.counted if status == 3 else self.pending).append(aid)
+
+    async def share(self) -> None:
+        """A second action of someone already there: never a new supporter."""
+        sid, cid = self.rng.choice(self.people)
+        page = await self.conn.fetchval("SELECT action_page_id FROM supporters WHERE id = $1", sid)
+        aid = await self.conn.fetchval(
+            "INSERT INTO actions (supporter_id, action_type, campaign_id, action_page_id, "
+            "processing_status) VALUES ($1, 'share', $2, $3, 3) RETURNING id",
+            sid,
+            cid,
+            page,
+        )
+        self.counted.append(aid)
+
+    async def accept(self) -> None:
+        aid = self.pending.pop(self.rng.randrange(len(self.pending)))
+        await self.conn.execute("UPDATE actions SET processing_status = 3 WHERE id = $1", aid)
+        self.counted.append(aid)
+
+    async def deliver(self) -> None:
+        aid = self.rng.choice(self.counted)
+        await self.conn.execute("UPDATE actions SET processing_status = 4 WHERE id = $1", aid)
+
+    async def reject(self) -> None:
+        aid = self.counted.pop(self.rng.randrange(len(self.counted)))
+        self.removals += 1
+        await self.conn.execute("UPDATE actions SET processing_status = 2 WHERE id = $1", aid)
+
+    async def delete(self) -> None:
+        aid = self.counted.pop(self.rng.randrange(len(self.counted)))
+        self.removals += 1
+        await self.conn.execute("DELETE FROM actions WHERE id = $1", aid)
+
+    async def reject_supporter(self) -> None:
+        sid, _ = self.rng.choice(self.people)
+        self.removals += 1
+        await self.conn.execute("UPDATE supporters SET processing_status = 2 WHERE id = $1", sid)
+
+    async def step(self) -> None:
+        roll = self.rng.random()
+        if roll < 0.25 or not self.people:
+            await self.sign(0)
+        elif roll < 0.45:
+            await self.sign(3)
+        elif roll < 0.6 and self.pending:
+            await self.accept()
+        elif roll < 0.7:
+            await self.share()
+        elif roll < 0.76 and self.counted:
+            await self.deliver()
+        elif roll < 0.86 and self.counted:
+            await self.reject()
+        elif roll < 0.94 and self.counted:
+            await self.delete()
+        else:
+            await self.reject_supporter()
+
+
+async def _equal_soon(service: StatsService, conn: asyncpg.Connection) -> None:
+    """Memory equals the database within a second of the last commit (no resync asked)."""
+    truth = await recount(conn, CAMPAIGNS)
+    try:
+        await wait_for(lambda: _same(service, truth), timeout=1.0)
+    except TimeoutError:
+        assert await memory_of(service, list(CAMPAIGNS)) == truth
+
+
+async def _same(service: StatsService, truth: object) -> bool:
+    return await memory_of(service, list(CAMPAIGNS)) == truth
+
+
+@contextlib.asynccontextmanager
+async def following(
+    dsn: str, sync_interval: float, slot: str = "t_follow"
+) -> AsyncIterator[tuple[StatsService, Follower, asyncio.Task[None]]]:
+    follower = Follower(dsn, slot=slot, configure=True, poll_interval=0.01)
+    await follower.prepare()  # the slot first...
+    service = StatsService(PostgresSource(dsn), ActorConfig(sync_interval=sync_interval))
+    await service.start()  # ...then the calculation's snapshot
+    task = asyncio.create_task(follower.run(service, full_calculation_pending=True))
+    try:
+        await wait_for(lambda: loaded(service))
+        yield service, follower, task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await service.stop()
+
+
+@pytest.mark.parametrize("sync_interval", [3600.0, 0.2], ids=["stream_only", "calculating"])
+async def test_counts_follow_commits_within_a_second(dsn: str, sync_interval: float) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        writer = Writer(conn, random.Random(7))
+        for _ in range(20):  # before the server starts: the first calculation holds them
+            await writer.step()
+        async with following(dsn, sync_interval) as (service, follower, _):
+            samples: list[tuple[int, int]] = []
+            done = asyncio.Event()
+
+            async def watch() -> None:
+                while not done.is_set():
+                    removals = writer.removals
+                    stats = await service.stats_many(list(CAMPAIGNS))
+                    samples.append((sum(s["supporters"] for s in stats.values()), removals))
+                    await asyncio.sleep(0.003)
+
+            watcher = asyncio.create_task(watch())
+            for i in range(160):
+                await writer.step()
+                await asyncio.sleep(0.01)  # about 2 s of writes: calculations merge meanwhile
+                if i % 20 == 19:
+                    await _equal_soon(service, conn)
+            await _equal_soon(service, conn)
+            done.set()
+            await watcher
+            info = await service.info()
+            status = follower.status()
+        assert status["transactions"] >= 160
+        assert status["errors"] == 0
+        assert status["inexact"] == 0
+        if sync_interval < 1:
+            assert info["calculations"]["completed"] >= 3  # merged all along
+        # Never backwards but by a real removal (a rejection, a deletion, a supporter rejected).
+        lost = 0
+        for (before, _), (after, removals) in itertools.pairwise(samples):
+            lost += max(0, before - after)
+            assert lost <= removals, (before, after, lost, removals)
+    finally:
+        await conn.close()
+
+
+async def test_follower_stopped_and_restarted_loses_and_doubles_nothing(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        writer = Writer(conn, random.Random(3))
+        follower = Follower(dsn, slot="t_restart", configure=True, poll_interval=0.01)
+        await follower.prepare()
+        service = StatsService(PostgresSource(dsn), ActorConfig(sync_interval=3600))
+        await service.start()
+        try:
+            task = asyncio.create_task(follower.run(service, full_calculation_pending=True))
+            await wait_for(lambda: loaded(service))
+            for _ in range(40):
+                await writer.step()
+            await _equal_soon(service, conn)
+            task.cancel()  # the follower stops; the service keeps serving
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            for _ in range(40):  # written while nobody follows
+                await writer.step()
+            # A new follower on the same slot: what the slot still holds is either in the full
+            # calculation it asks for, or replayed on top of it, never both.
+            again = Follower(dsn, slot="t_restart", poll_interval=0.01, configure=True)
+            task = asyncio.create_task(again.run(service, full_calculation_pending=False))
+            for _ in range(40):
+                await writer.step()
+            await _equal_soon(service, conn)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            await service.stop()
+        # The whole server restarted, the slot kept: the same.
+        for _ in range(20):
+            await writer.step()
+        async with following(dsn, 3600, slot="t_restart") as (service, _, _):
+            for _ in range(20):
+                await writer.step()
+            await _equal_soon(service, conn)
+    finally:
+        await conn.close()
+
+
+async def test_follow_fails_at_start_with_the_command_that_fixes_it(
+    dsn: str, module_dsn: str
+) -> None:
+    # The session's cluster runs with wal_level = replica.
+    with pytest.raises(FollowError, match="ALTER SYSTEM SET wal_level = logical"):
+        await Follower(module_dsn, slot="t_nowal").prepare()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("ALTER TABLE actions REPLICA IDENTITY DEFAULT")
+        with pytest.raises(FollowError, match="ALTER TABLE actions REPLICA IDENTITY FULL;"):
+            await Follower(dsn, slot="t_noident").prepare()
+        await conn.execute("CREATE ROLE plain LOGIN")
+        plain = dsn.replace("postgres:@", "plain:@")
+        with pytest.raises(FollowError, match="ALTER ROLE plain WITH REPLICATION;"):
+            await Follower(plain, slot="t_norole", configure=True).prepare()
+    finally:
+        await conn.execute("DROP ROLE IF EXISTS plain")
+        await conn.close()
+    assert [s["slot_name"] for s in await list_slots(dsn)] == []
