@@ -302,12 +302,19 @@ def _first_item_byte(frame: bytes) -> int:
     return frame[offset] if 0 < offset < len(frame) else -1
 
 
+class _FastPath(NamedTuple):
+    arrays: msgspec.msgpack.Decoder[Any]  # every item a v1 array
+    maps: msgspec.msgpack.Decoder[Any]  # every item a map
+    mixed: msgspec.msgpack.Decoder[Any]  # arrays typed, maps as dicts (then converted)
+    map_item: type[Any]
+
+
 @functools.lru_cache(maxsize=8)  # one per set of limits, shared by every connection
-def _batch_decoders(
-    limits: Limits,
-) -> tuple[msgspec.msgpack.Decoder[Any], msgspec.msgpack.Decoder[Any]]:
+def _batch_decoders(limits: Limits) -> _FastPath:
     """Decoders of ``["incs", [item, ...]]`` whose items pass every type and range check:
-    one for the v1 arrays, one for maps (msgspec cannot mix untagged structs in a union).
+    one for the v1 arrays, one for maps, and one for a batch that mixes them (msgspec cannot
+    tell two untagged structs apart in a union, but it can tell an array struct from a map:
+    the maps come out as dicts, and ``msgspec.convert`` checks them against the map struct).
 
     Strings are limited in characters here (msgspec counts characters), and in bytes after.
     """
@@ -352,9 +359,13 @@ def _batch_decoders(
         forbid_unknown_fields=True,  # unknown keys are bad_message (docs/protocol.md)
         gc=False,
     )
-    return (
+    return _FastPath(
         msgspec.msgpack.Decoder(tuple[str, list[array_item]]),  # type: ignore[valid-type]
         msgspec.msgpack.Decoder(tuple[str, list[map_item]]),  # type: ignore[valid-type]
+        msgspec.msgpack.Decoder(
+            tuple[str, list[array_item | dict[str, Any]]]  # type: ignore[valid-type]
+        ),
+        map_item,
     )
 
 
@@ -382,7 +393,7 @@ class ServerCodec:
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self._decoder = _Decoder(self.limits.max_message, frames=True)
-        self._array_decoder, self._map_decoder = _batch_decoders(self.limits)
+        self._fast = _batch_decoders(self.limits)
         self._pack = msgpack.Packer().pack
         # One table per kind of message: the op names the parser, and a call's table entry says
         # how many fields follow its req_id (docs/protocol.md).
@@ -431,27 +442,36 @@ class ServerCodec:
         decrement = _BATCH_HEADS.get(frame[:6])
         if decrement is not None:
             # The hot path: msgspec decodes and validates a whole valid batch in C, several
-            # times faster than msgpack plus checks in Python. Any invalid item (or a batch that
-            # mixes arrays and maps) sends the whole message down the slow path below, which
-            # finds and names each bad one.
-            decoder = (
-                self._map_decoder
-                if _first_item_byte(frame) in _MAP_FIRST_BYTES
-                else self._array_decoder
-            )
-            try:
-                _, items = decoder.decode(frame)
-            except (msgspec.DecodeError, ValueError):  # invalid, or not UTF-8: the slow path says
-                pass
-            else:
-                if len(items) <= self.limits.max_batch and self._strings_fit(items):
-                    # msgspec's items have Increment's fields: no copy
-                    return Batch(items, [], False, decrement)
+            # times faster than msgpack plus checks in Python. Any invalid item sends the whole
+            # message down the slow path below, which finds and names each bad one.
+            items = self._fast_items(frame)
+            if (
+                items is not None
+                and len(items) <= self.limits.max_batch
+                and self._strings_fit(items)
+            ):
+                return Batch(items, [], False, decrement)  # Increment's fields: no copy
         try:
             value = msgpack.unpackb(frame, raw=False, strict_map_key=False)
         except (ValueError, TypeError, msgpack.UnpackException) as exc:  # e.g. invalid UTF-8
             raise BadFrame(f"not MessagePack: {type(exc).__name__} {exc}".strip()) from None
         return self.parse(value)
+
+    def _fast_items(self, frame: bytes) -> list[Any] | None:
+        """The items of a batch, decoded and checked by msgspec; None: ask the slow path."""
+        fast = self._fast
+        first_is_map = _first_item_byte(frame) in _MAP_FIRST_BYTES
+        try:
+            _, items = (fast.maps if first_is_map else fast.arrays).decode(frame)
+            return items  # type: ignore[no-any-return]
+        except (msgspec.DecodeError, ValueError):  # invalid, mixed, or not UTF-8
+            pass
+        try:
+            _, items = fast.mixed.decode(frame)
+            convert, map_item = msgspec.convert, fast.map_item
+            return [convert(it, map_item) if type(it) is dict else it for it in items]
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            return None
 
     def _strings_fit(self, items: list[Any]) -> bool:
         """False if a string msgspec accepted (it counts characters) is over in bytes."""

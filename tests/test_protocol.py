@@ -1041,8 +1041,8 @@ def test_a_wrong_map_item_is_refused_alone_and_named_by_its_index_in_a_batch(
 ) -> None:
     assert_rejected(decode_one(["inc", item]), None, error)
     assert_rejected(decode_one(["dec", item]), None, error)
-    for op in ("incs", "decs"):
-        [batch] = decode(pack([op, [GOOD_MAP, item, GOOD_MAP]]))
+    for op, first in (("incs", GOOD_MAP), ("decs", GOOD_MAP), ("incs", GOOD)):  # maps, mixed
+        [batch] = decode(pack([op, [first, item, GOOD_MAP]]))
         assert type(batch) is Batch
         assert [i for i, _ in batch.rejected] == [1]
         assert batch.positions == [0, 2]
