@@ -110,6 +110,10 @@ class FollowerStats:
     last_latency: float | None = None
     last_round_seconds: float = 0.0
     confirmed_lsn: int = 0
+    #: seconds spent, in total, per phase of a round (where a slow round's time goes)
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("peek", "people", "apply", "advance"), 0.0)
+    )
 
 
 @dataclass(slots=True)
@@ -133,6 +137,11 @@ class Follower:
     _applied: dict[int, int] = field(default_factory=dict)
     _pages: dict[int, int] = field(default_factory=dict)
     _prepared: bool = False
+    #: past this much WAL retained by the slot, write a running-transactions record so that its
+    #: restart point (where every peek starts decoding) catches up (docs/follow.md, "Cost")
+    retain_bytes: int = 256 * 1024
+    _restart_logged_at: float = 0.0
+    _can_log_snapshot: bool = True
 
     def __post_init__(self) -> None:
         check_name(self.slot, "slot")
@@ -247,7 +256,13 @@ class Follower:
             conns: list[asyncpg.Connection] = []
             try:
                 for _ in range(2):
-                    conns.append(await asyncpg.connect(self.dsn, timeout=self.connect_timeout))
+                    conns.append(
+                        await asyncpg.connect(
+                            self.dsn,
+                            timeout=self.connect_timeout,
+                            server_settings=dict(self.queries.settings),
+                        )
+                    )
                 delay = 0.5
                 while True:
                     if not await self.round(service, conns[0], conns[1]):
@@ -269,12 +284,14 @@ class Follower:
         q = self.queries
         t0 = time.perf_counter()
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            snap_text, insert_lsn, lag = await conn.fetchrow(q.round_start, self.slot)
+            snap_text, insert_lsn, lag, retained = await conn.fetchrow(q.round_start, self.slot)
             snapshot = TxSnapshot.parse(snap_text)
             flush_lsn = await slot_conn.fetchval(q.flush_lsn)
+            t1 = time.perf_counter()
             rows = await slot_conn.fetch(
                 q.peek, self.slot, insert_lsn, self.max_changes, self.publication
             )
+            t2 = time.perf_counter()
             truncated = len(rows) >= self.max_changes
             txns = self._transactions(rows)
             visible: list[Transaction] = []
@@ -294,6 +311,7 @@ class Follower:
             result = None
             if any(t.changes for t in visible):
                 result = await self._plan(conn, visible, snapshot)
+        t3 = time.perf_counter()
         incs, decs = (result.increments, result.decrements) if result else ([], [])
         if incs:
             await service.send(incs)
@@ -308,11 +326,19 @@ class Follower:
             self.stats.truncations += 1
             log.warning("follower.truncate", tables=[t.truncated for t in visible if t.truncated])
             await _full_calculation(service)
+        t4 = time.perf_counter()
         pending_ids = {id(t) for t in pending}
         for txn in visible:
             self._applied[full_xid(txn.xid, snapshot.xmax)] = txn.end_lsn
         await self._advance(slot_conn, txns, pending_ids, truncated, insert_lsn, flush_lsn)
+        if retained is not None and retained > self.retain_bytes:
+            await self._move_restart_point(slot_conn)
         s = self.stats
+        phases = s.seconds
+        phases["peek"] += t2 - t1
+        phases["people"] += t3 - t2
+        phases["apply"] += t4 - t3
+        phases["advance"] += time.perf_counter() - t4
         s.rounds += 1
         s.transactions += len(visible)
         s.increments += len(incs)
@@ -329,6 +355,24 @@ class Follower:
             s.lag_seconds = round(max(s.lag_seconds, now - txns[-1].commit_time), 3)
         s.last_round_seconds = round(time.perf_counter() - t0, 4)
         return len(visible)
+
+    async def _move_restart_point(self, slot_conn: asyncpg.Connection) -> None:
+        import asyncpg
+
+        now = time.monotonic()
+        if not self._can_log_snapshot or now - self._restart_logged_at < 0.1:
+            return
+        self._restart_logged_at = now
+        try:
+            await slot_conn.execute(self.queries.log_snapshot)
+        except asyncpg.InsufficientPrivilegeError:
+            self._can_log_snapshot = False
+            user = await slot_conn.fetchval("SELECT current_user")
+            log.warning(
+                "follower.cannot_log_snapshot",
+                hint="every round decodes up to 15 s of WAL again; as a superuser run: "
+                f"GRANT EXECUTE ON FUNCTION pg_log_standby_snapshot() TO {user};",
+            )
 
     def _transactions(self, rows: Sequence[Any]) -> list[Transaction]:
         assembler = Assembler()
@@ -432,6 +476,7 @@ class Follower:
             "last_error": s.last_error,
             "last_round_seconds": s.last_round_seconds,
             "confirmed_lsn": s.confirmed_lsn,
+            "seconds": {k: round(v, 3) for k, v in s.seconds.items()},
         }
 
 
@@ -501,17 +546,24 @@ async def list_slots(dsn: str) -> list[dict[str, Any]]:
         await conn.close()
 
 
-async def drop_slot(dsn: str, name: str) -> bool:
-    """Drop a logical replication slot; False if it did not exist."""
+async def drop_slot(dsn: str, name: str, *, wait: float = 10.0) -> bool:
+    """Drop a logical replication slot; False if it did not exist. A slot in use (a follower
+    that has just stopped may still be finishing its last read) is waited for up to ``wait``
+    seconds; a server still following holds it for good: stop it first."""
     import asyncpg
 
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        exists = await conn.fetchval(
-            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", name
-        )
-        if not exists:
-            return False
+        deadline = time.monotonic() + wait
+        while True:
+            active = await conn.fetchval(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1", name
+            )
+            if active is None:
+                return False
+            if not active or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.1)
         await conn.execute("SELECT pg_drop_replication_slot($1)", name)
         return True
     finally:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class FollowerQueries:
     #: the first statement of a round's snapshot: (pg_current_snapshot() as text, the WAL insert
-    #: position, the slot's lag in bytes); $1 the slot
+    #: position, the slot's lag in bytes, the WAL the slot retains in bytes); $1 the slot
     round_start: str
     #: the changes of the slot up to an LSN, at most N (rounded up to whole transactions):
     #: $1 slot, $2 upto_lsn, $3 upto_nchanges, $4 publication
@@ -20,20 +20,36 @@ class FollowerQueries:
     #: the WAL flush position (what logical decoding can read)
     flush_lsn: str
     advance: str  # $1 slot, $2 LSN
+    #: writes a running-transactions record, from which the slot's restart point can move on
+    #: (Postgres writes one every 15 s by itself)
+    log_snapshot: str
     #: every supporter row with the fingerprint of a supporter named by id ($1) or a fingerprint
-    #: given ($2): (id, fingerprint, area, processing_status, dupe_rank)
+    #: given ($2): (id, fingerprint, area, processing_status, dupe_rank). ``= ANY(ARRAY(...))``:
+    #: an index scan of supporters_fingerprint_index (``IN (subquery)`` gets a hash join over
+    #: the whole table)
     people: str
     #: the counted actions of these supporters ($1): (id, supporter_id, action_type,
     #: campaign_id, action_page_id, processing_status, testing)
     people_actions: str
     #: (id, org_id) of these action pages ($1)
     page_orgs: str
+    #: settings of the follower's connections. Its queries are lookups by arrays of keys, for
+    #: which an index scan is always right; statistics of a table that grew fast (or a generic
+    #: plan made while it was small) would otherwise pick a scan of the whole table every round.
+    settings: tuple[tuple[str, str], ...] = (
+        ("enable_seqscan", "off"),
+        ("enable_hashjoin", "off"),
+        ("plan_cache_mode", "force_custom_plan"),
+        ("jit", "off"),
+    )
 
 
 FOLLOWER_QUERIES = FollowerQueries(
     round_start="""
     SELECT pg_current_snapshot()::text, pg_current_wal_insert_lsn(),
            (SELECT pg_current_wal_lsn() - confirmed_flush_lsn
+            FROM pg_replication_slots WHERE slot_name = $1)::bigint,
+           (SELECT pg_current_wal_lsn() - restart_lsn
             FROM pg_replication_slots WHERE slot_name = $1)::bigint
     """,
     peek="""
@@ -42,12 +58,13 @@ FOLLOWER_QUERIES = FollowerQueries(
     """,
     flush_lsn="SELECT pg_current_wal_flush_lsn()",
     advance="SELECT end_lsn FROM pg_replication_slot_advance($1, $2::pg_lsn)",
+    log_snapshot="SELECT pg_log_standby_snapshot()",
     people="""
     SELECT s.id, s.fingerprint, s.area, s.processing_status, s.dupe_rank
     FROM supporters s
-    WHERE s.fingerprint IN (
+    WHERE s.fingerprint = ANY(ARRAY(
         SELECT fingerprint FROM supporters WHERE id = ANY($1::bigint[])
-        UNION SELECT unnest($2::bytea[]))
+        UNION SELECT unnest($2::bytea[])))
     """,
     people_actions="""
     SELECT a.id, a.supporter_id, a.action_type, a.campaign_id, a.action_page_id,
