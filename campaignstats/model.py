@@ -1,6 +1,6 @@
 """The counting model: per-campaign state, increments, calculation results and the exact merge.
 
-Plain Python with no I/O and no event loop (shared/DESIGN.md, "Per-campaign state"). Only the actor
+Plain Python with no I/O and no event loop (docs/design.md, "Per-campaign state"). Only the actor
 task mutates a live :class:`StatsState`; tests call :meth:`StatsState.apply` directly.
 
 Semantics follow Proca's ``Proca.Server.Stats.increment/5``, with two deliberate differences from
