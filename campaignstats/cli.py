@@ -19,6 +19,7 @@ import structlog
 
 from campaignstats._version import __version__
 from campaignstats.db.embedded import DEFAULT_DATA_DIR, resolve_dsn
+from campaignstats.follower import commands as follow_commands
 from campaignstats.logs import configure_logging
 from campaignstats.model import Scope
 
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="on an empty embedded database, create the schema and N demo actions first",
     )
+    follow_commands.add_follow_options(p)
+    follow_commands.add_slots_command(sub, _add_db_options)
 
     client_help = (
         "server URL: tcp://host:port or unix:///path (default: $CAMPAIGNSTATS_URL or %(default)s)"
@@ -398,8 +401,11 @@ async def serve(args: argparse.Namespace) -> int:
                 idle_timeout=args.idle_timeout,
             ),
         )
+        # the slot before the first calculation's snapshot (docs/follow.md, "Start-up")
+        follower = await follow_commands.prepare_follower(args, dsn, embedded, server)
         http_server = None if args.no_http else _http_server(args, service, server)
         await service.start()
+        following = follow_commands.start_following(follower, service)
         await server.start()
         if http_server is not None:
             await http_server.start()
@@ -433,6 +439,7 @@ async def serve(args: argparse.Namespace) -> int:
         if http_server is not None:
             await http_server.close()  # ends the event streams, lets requests in flight finish
         await server.close()  # stop accepting first, so nothing new arrives while we drain
+        await follow_commands.stop_following(following)
         await service.stop()
         supervisor.cancel()
         return code
@@ -535,6 +542,7 @@ COMMANDS = {
     "init-db": cmd_init_db,
     "demo": cmd_demo,
     "calculate": cmd_calculate,
+    "slots": follow_commands.cmd_slots,
 }
 
 

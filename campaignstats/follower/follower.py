@@ -21,10 +21,11 @@ holds them; the others are journaled while it runs and the txid merge keeps or d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -527,12 +528,24 @@ async def _check_server(conn: asyncpg.Connection, configure: bool) -> None:
         )
 
 
-async def list_slots(dsn: str) -> list[dict[str, Any]]:
-    """Every logical replication slot of the server, with its lag in bytes."""
+@contextlib.asynccontextmanager
+async def _connection(db: str | asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
     import asyncpg
 
-    conn = await asyncpg.connect(dsn, timeout=10)
+    if not isinstance(db, str):
+        yield db
+        return
+    conn = await asyncpg.connect(db, timeout=10)
     try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def list_slots(db: str | asyncpg.Connection) -> list[dict[str, Any]]:
+    """Every logical replication slot of the server, with its lag in bytes (``db``: a DSN or
+    a connection)."""
+    async with _connection(db) as conn:
         rows = await conn.fetch(
             """
             SELECT slot_name, plugin, database, active, confirmed_flush_lsn::text AS confirmed,
@@ -542,18 +555,13 @@ async def list_slots(dsn: str) -> list[dict[str, Any]]:
             """
         )
         return [dict(r) for r in rows]
-    finally:
-        await conn.close()
 
 
-async def drop_slot(dsn: str, name: str, *, wait: float = 10.0) -> bool:
+async def drop_slot(db: str | asyncpg.Connection, name: str, *, wait: float = 10.0) -> bool:
     """Drop a logical replication slot; False if it did not exist. A slot in use (a follower
     that has just stopped may still be finishing its last read) is waited for up to ``wait``
     seconds; a server still following holds it for good: stop it first."""
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn, timeout=10)
-    try:
+    async with _connection(db) as conn:
         deadline = time.monotonic() + wait
         while True:
             active = await conn.fetchval(
@@ -566,8 +574,6 @@ async def drop_slot(dsn: str, name: str, *, wait: float = 10.0) -> bool:
             await asyncio.sleep(0.1)
         await conn.execute("SELECT pg_drop_replication_slot($1)", name)
         return True
-    finally:
-        await conn.close()
 
 
 __all__ = [
