@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import random
+import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -198,11 +201,12 @@ class Writer:
             )
             sid = await self.conn.fetchval(
                 "INSERT INTO supporters (campaign_id, action_page_id, fingerprint, area, "
-                "processing_status, dupe_rank) VALUES ($1, $2, $3, $4, 3, $5) RETURNING id",
+                "processing_status, dupe_rank) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
                 cid,
                 page,
                 fp,
                 self.rng.choice(["DE", "FR", None]),
+                3 if self.rng.random() < 0.85 else 1,  # some confirm their email later
                 rank,
             )
             aid = await self.conn.fetchval(
@@ -253,6 +257,25 @@ class Writer:
         self.removals += 1
         await self.conn.execute("UPDATE supporters SET processing_status = 2 WHERE id = $1", sid)
 
+    async def accept_supporter(self) -> None:
+        sid, _ = self.rng.choice(self.people)
+        await self.conn.execute("UPDATE supporters SET processing_status = 3 WHERE id = $1", sid)
+
+    async def delete_supporter(self) -> None:
+        """The person and, by the foreign key's cascade, all their actions."""
+        i = self.rng.randrange(len(self.people))
+        sid, _ = self.people.pop(i)
+        self.removals += 1
+        gone = await self.conn.fetch(
+            "DELETE FROM supporters WHERE id = $1 RETURNING (SELECT array_agg(id) FROM actions "
+            "WHERE supporter_id = $1)",
+            sid,
+        )
+        for aid in gone[0][0] or []:
+            for pool in (self.pending, self.counted):
+                if aid in pool:
+                    pool.remove(aid)
+
     async def step(self) -> None:
         roll = self.rng.random()
         if roll < 0.25 or not self.people:
@@ -267,8 +290,12 @@ class Writer:
             await self.deliver()
         elif roll < 0.86 and self.counted:
             await self.reject()
-        elif roll < 0.94 and self.counted:
+        elif roll < 0.92 and self.counted:
             await self.delete()
+        elif roll < 0.95:
+            await self.accept_supporter()
+        elif roll < 0.97 and len(self.people) > 5:
+            await self.delete_supporter()
         else:
             await self.reject_supporter()
 
@@ -409,3 +436,46 @@ async def test_follow_fails_at_start_with_the_command_that_fixes_it(
         await conn.execute("DROP ROLE IF EXISTS plain")
         await conn.close()
     assert [s["slot_name"] for s in await list_slots(dsn)] == []
+
+
+async def _cli(*argv: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "campaignstats.cli",
+        "--log-format",
+        "json",
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_serve_follow_refuses_a_database_without_logical_wal(
+    module_dsn: str, tmp_path: Path
+) -> None:
+    code, _, err = await _cli(
+        "serve", "--dsn", module_dsn, "--follow", "--no-http", "--no-tcp",
+        "--unix", str(tmp_path / "s.sock"),
+    )  # fmt: skip
+    assert code == 2
+    assert "ALTER SYSTEM SET wal_level = logical;" in err
+
+
+async def test_slots_command_lists_and_drops(dsn: str) -> None:
+    await Follower(dsn, slot="t_cli", configure=True).prepare()
+    code, out, _ = await _cli("slots", "--dsn", dsn, "--json")
+    assert code == 0
+    [slot] = json.loads(out)
+    assert slot["slot_name"] == "t_cli"
+    assert slot["plugin"] == "pgoutput"
+    assert slot["lag_bytes"] >= 0
+    code, out, _ = await _cli("slots", "--dsn", dsn, "--drop", "t_cli")
+    assert (code, out.strip()) == (0, "dropped slot t_cli")
+    code, _, err = await _cli("slots", "--dsn", dsn, "--drop", "t_cli")
+    assert code == 1
+    assert "no slot named t_cli" in err
