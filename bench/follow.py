@@ -109,8 +109,10 @@ async def _prepare(data_dir: str, writers: int) -> tuple[EmbeddedPostgres, str]:
     return pg, dsn
 
 
-async def measure(dsn: str, rate: float, seconds: float, writers: int) -> dict[str, Any]:
-    follower = Follower(dsn, slot="bench_follow", configure=True)
+async def measure(
+    dsn: str, rate: float, seconds: float, writers: int, retain_bytes: int = 256 * 1024
+) -> dict[str, Any]:
+    follower = Follower(dsn, slot="bench_follow", configure=True, retain_bytes=retain_bytes)
     await follower.prepare()
     service = StatsService(PostgresSource(dsn), ActorConfig(sync_interval=60))
     await service.start()
@@ -156,6 +158,7 @@ async def measure(dsn: str, rate: float, seconds: float, writers: int) -> dict[s
     total = sum(len(c) for c in written["commits"])
     return {
         "rate_asked": rate,
+        "retain_bytes": retain_bytes,
         "rate_written": round(total / seconds, 1),
         "commits": total,
         "not_seen": missing,
@@ -187,7 +190,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     try:
         runs = []
         for rate in args.rates:
-            result = await measure(dsn, rate, args.seconds, args.writers)
+            result = await measure(dsn, rate, args.seconds, args.writers, args.retain_bytes)
             print(
                 f"{rate:>6} actions/s: written {result['rate_written']}/s, "
                 f"p50 {result['latency_s']['p50'] * 1000:.1f} ms, "
@@ -208,6 +211,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--data-dir", default="/tmp/followbench")
+    parser.add_argument(
+        "--retain-bytes",
+        type=int,
+        default=256 * 1024,
+        help="WAL retained by the slot before the follower logs a running-transactions record "
+        "(a huge value: Postgres's own record every 15 s only)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
