@@ -26,7 +26,16 @@ from campaignstats.db.embedded import EmbeddedPostgres, create_database, with_da
 from campaignstats.db.schema import init_db
 from campaignstats.db.source import PostgresSource
 from campaignstats.follower import Follower, FollowError, drop_slot, list_slots
-from campaignstats.follower.changes import Assembler, full_xid
+from campaignstats.follower.changes import (
+    ActionRow,
+    Assembler,
+    Plan,
+    RowChange,
+    SupporterRow,
+    Transaction,
+    full_xid,
+    plan,
+)
 from campaignstats.follower.pgoutput import (
     Begin,
     Commit,
@@ -38,6 +47,7 @@ from campaignstats.follower.pgoutput import (
     Truncate,
     Update,
 )
+from campaignstats.model import CampaignStats
 from campaignstats.service import StatsService
 
 from .helpers import loaded, memory_of, wait_for
@@ -479,3 +489,98 @@ async def test_slots_command_lists_and_drops(dsn: str) -> None:
     code, _, err = await _cli("slots", "--dsn", dsn, "--drop", "t_cli")
     assert code == 1
     assert "no slot named t_cli" in err
+
+
+# -- plan() on its own: the branches a Proca-shaped workload rarely takes ------------------------
+
+_ORGS = {1: 1, 2: 2}
+
+
+def _txn(xid: int, *changes: RowChange) -> Transaction:
+    return Transaction(xid, xid * 100, xid * 100 + 10, 0.0, list(changes))
+
+
+def _sup(sid: int, area: str | None = "DE", status: int = 3, fp: bytes = b"p") -> SupporterRow:
+    return SupporterRow(sid, fp, area, status, 0)
+
+
+def _act(aid: int, sid: int, page: int = 1, status: int = 3) -> ActionRow:
+    return ActionRow(aid, sid, "register", 1, page, status, False)
+
+
+def _apply_plan(p: Plan) -> CampaignStats:
+    stats = CampaignStats()
+    for inc in p.increments:
+        stats.add(inc)
+    for dec in p.decrements:
+        stats.subtract(dec)
+    return stats
+
+
+def test_plan_an_area_change_moves_the_person_between_areas_exactly() -> None:
+    # After the round: the supporter's area is FR; its action counted all along.
+    p = plan(
+        [_txn(5, RowChange("supporters", _sup(1, "DE"), _sup(1, "FR")))],
+        [_sup(1, "FR")],
+        [_act(1, 1)],
+        _ORGS.get,
+        lambda x: x,
+    )
+    assert p.inexact == 0
+    before = CampaignStats(1, {"register": 1}, {"DE": 1}, {1: 1})
+    for inc in p.increments:
+        before.add(inc)
+    for dec in p.decrements:
+        before.subtract(dec)
+    assert before == CampaignStats(1, {"register": 1}, {"FR": 1}, {1: 1})
+    assert {i.txid for i in [*p.increments, *p.decrements]} == {5}
+
+
+def test_plan_a_supporter_confirmed_later_counts_without_moving_actions() -> None:
+    p = plan(
+        [_txn(7, RowChange("supporters", _sup(1, status=1), _sup(1)))],
+        [_sup(1)],
+        [_act(1, 1)],
+        _ORGS.get,
+        lambda x: x,
+    )
+    stats = _apply_plan(p)
+    assert (stats.supporters, stats.area, stats.org, stats.action) == (1, {"DE": 1}, {1: 1}, {})
+
+
+def test_plan_a_second_org_without_a_new_supporter_is_counted_as_inexact() -> None:
+    p = plan(
+        [_txn(9, RowChange("actions", None, _act(2, 1, page=2)))],
+        [_sup(1)],
+        [_act(1, 1, page=1), _act(2, 1, page=2)],
+        _ORGS.get,
+        lambda x: x,
+    )
+    assert p.inexact == 1
+    assert [(i.org_id, i.new_supporter) for i in p.increments] == [(2, False)]
+    assert p.decrements == []
+
+
+def test_plan_two_transactions_of_one_person_in_one_round_each_carry_their_txid() -> None:
+    # Inserted new (not counted) then accepted, in one round: the supporter is new once, on
+    # the accepting transaction.
+    p = plan(
+        [
+            _txn(
+                1,
+                RowChange("supporters", None, _sup(1)),
+                RowChange("actions", None, _act(1, 1, status=0)),
+            ),
+            _txn(2, RowChange("actions", _act(1, 1, status=0), _act(1, 1))),
+            _txn(3, RowChange("actions", None, _act(2, 1))),
+        ],
+        [_sup(1)],
+        [_act(1, 1), _act(2, 1)],
+        _ORGS.get,
+        lambda x: x + 1000,
+    )
+    assert [(i.txid, i.new_supporter, i.area) for i in p.increments] == [
+        (1002, True, "DE"),
+        (1003, False, None),
+    ]
+    assert p.decrements == []
