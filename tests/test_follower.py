@@ -584,3 +584,23 @@ def test_plan_two_transactions_of_one_person_in_one_round_each_carry_their_txid(
         (1003, False, None),
     ]
     assert p.decrements == []
+
+
+async def test_two_servers_each_on_its_own_slot_reach_the_same_counts(dsn: str) -> None:
+    """Replicas: nothing coordinates them but Postgres; one going away costs the other nothing."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        writer = Writer(conn, random.Random(11))
+        async with following(dsn, 3600, slot="t_replica_a") as (a, _, _):
+            async with following(dsn, 0.3, slot="t_replica_b") as (b, _, _):
+                for _ in range(60):
+                    await writer.step()
+                await _equal_soon(a, conn)
+                await _equal_soon(b, conn)
+            for _ in range(30):
+                await writer.step()
+            await _equal_soon(a, conn)
+        slots = {s["slot_name"] for s in await list_slots(dsn)}
+        assert slots == {"t_replica_a", "t_replica_b"}  # kept for their next start
+    finally:
+        await conn.close()
