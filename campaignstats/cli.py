@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--no-http", action="store_true", help="serve no HTTP")
     http.add_argument(
         "--http-max-age",
-        type=int,
+        type=_non_negative_int,
         default=1,
         metavar="SECONDS",
         help="Cache-Control max-age of the JSON reads (default: %(default)s)",
@@ -259,6 +259,16 @@ def _positive_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
     return value
 
 

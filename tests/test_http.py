@@ -323,7 +323,7 @@ async def test_json_ingest_errors_are_json_400_401_and_413(make_http: MakeHttp) 
         assert r.status_code == 401
         assert r.json()["error"] == "unauthorized"
         assert r.headers["www-authenticate"] == "Bearer"
-    auth = {"authorization": "Bearer s3cret"}
+    auth = {"authorization": "Bearer s3cret", "content-type": "application/json"}
     cases: list[tuple[bytes, int, str]] = [
         (b"[{", 400, "bad_frame"),
         (b"not json", 400, "bad_frame"),

@@ -43,7 +43,13 @@ from campaignstats.errors import (
 )
 from campaignstats.http.events import RETRY_MS, EventHub, Stream, encode_event, stats_body
 from campaignstats.http.ops import Metrics, is_ready
-from campaignstats.model import MAX_ID, Increment, check_increment, increment_from_map
+from campaignstats.model import (
+    DEFAULT_MAX_STRING,
+    MAX_ID,
+    Increment,
+    check_increment,
+    increment_from_map,
+)
 from campaignstats.service import StatsService
 
 log = structlog.get_logger(__name__)
@@ -75,8 +81,8 @@ class HttpConfig:
     max_message: int = 1 << 20
     #: items of one ingest body, ids of one batch read
     max_batch: int = 10_000
-    #: bytes of UTF-8 of action types and areas
-    max_string: int = 64
+    #: bytes of UTF-8 of action types and areas; None: the service's own limit
+    max_string: int | None = None
     #: open event streams; more get 503
     max_streams: int = 10_000
     #: events waiting for a slow reader before it is dropped
@@ -88,6 +94,12 @@ class HttpConfig:
     #: the demo page (``GET /``) shows the busiest of campaigns 1..demo_scan
     demo_scan: int = 1_000
     demo_size: int = 10
+
+
+_STREAM_HEADERS = {
+    "cache-control": "no-cache",
+    "x-accel-buffering": "no",  # nginx in front: do not buffer events
+}
 
 
 def error_body(code: str, message: str) -> bytes:
@@ -148,6 +160,7 @@ class StatsHttpApp:
         self.config = config = config or HttpConfig()
         #: adds what the service does not know to ``info`` (the socket server's connections)
         self.info_hook = info_hook
+        self.rejected_items = 0  # refused by the JSON ingest before they reach the service
         self.hub = EventHub(
             service,
             max_pending=config.stream_queue,
@@ -403,6 +416,10 @@ class StatsHttpApp:
 
     async def events(self, request: Request) -> Response | None:
         campaign_id = parse_id(request.path_params["campaign_id"], "campaign id")
+        if request.method == "HEAD":
+            # Starlette answers HEAD on every GET route: the headers alone, never a stream
+            # that no body will ever end.
+            return Response(b"", 200, _STREAM_HEADERS, media_type="text/event-stream")
         stream = await self.hub.open(campaign_id)
         try:
             stats = await self._stats(campaign_id)
@@ -451,29 +468,45 @@ class StatsHttpApp:
 
     async def _ingest(self, request: Request, *, decrement: bool) -> Response:
         self._authorize(request)
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            # Also what keeps a web page elsewhere from posting here without a preflight: a
+            # browser sends text/plain or a form "simple" request cross-site without asking.
+            return error_response(
+                415, "bad_message", "the body must be application/json (Content-Type)"
+            )
         try:
             body = await self._body(request)
         except _TooLarge as exc:
             return error_response(413, "bad_frame", f"the body is over {exc.limit} bytes")
         try:
             items = _decode(body)
-        except msgspec.DecodeError as exc:
-            raise BadFrame(f"malformed JSON: {exc}") from None
+        except (msgspec.DecodeError, RecursionError) as exc:  # nesting too deep: RecursionError
+            raise BadFrame(f"malformed JSON: {type(exc).__name__}: {exc}"[:300]) from None
         if not isinstance(items, list):
             raise BadMessage("the body must be a JSON array of increment objects")
         if len(items) > self.config.max_batch:
             raise Invalid(f"at most {self.config.max_batch} items per request")
         valid, positions, rejected = self._validate(items)
+        answer: dict[str, Any] = {}
         if valid:
             refused: list[tuple[int, str]] = []
+            # Only waiting for room may time out into an error: once the batch is queued it
+            # will be applied, and an error would make a client retry it (counted twice).
             async with asyncio.timeout(self.config.timeout):
                 await self.service.send(valid, refused.extend, decrement=decrement)
+            try:
                 # Once applied, the actor has told us which items the state refused (a limit).
-                await self.service.flush()
+                async with asyncio.timeout(self.config.timeout):
+                    await self.service.flush()
+            except (TimeoutError, Overloaded):
+                answer["pending"] = True  # queued, not applied yet: refusals unknown
             rejected.extend((positions[i], reason) for i, reason in refused)
             rejected.sort()
+        self.rejected_items += len(rejected)
         accepted = len(items) - len(rejected)
-        body = _encode({"accepted": accepted, "rejected": [list(r) for r in rejected]})
+        answer = {"accepted": accepted, "rejected": [list(r) for r in rejected], **answer}
+        body = _encode(answer)
         return Response(body, 202, {"cache-control": "no-store"}, media_type="application/json")
 
     def _validate(
@@ -482,6 +515,9 @@ class StatsHttpApp:
         valid: list[Increment] = []
         positions: list[int] = []
         rejected: list[tuple[int, str]] = []
+        max_string = self.config.max_string
+        if max_string is None:
+            max_string = getattr(self.service, "max_string", DEFAULT_MAX_STRING)
         for index, item in enumerate(items):
             if not isinstance(item, dict):
                 rejected.append((index, "an increment must be a JSON object (the map form)"))
@@ -489,7 +525,7 @@ class StatsHttpApp:
             inc = increment_from_map(item)
             error: ProtocolError | None = inc if isinstance(inc, ProtocolError) else None
             if isinstance(inc, Increment):
-                error = check_increment(inc, self.config.max_string)
+                error = check_increment(inc, max_string)
             if error is not None:
                 rejected.append((index, str(error)))
                 continue
@@ -503,7 +539,10 @@ class StatsHttpApp:
     async def _info(self) -> dict[str, Any]:
         async with asyncio.timeout(self.config.timeout):
             info = await self.service.info()
-        return self.info_hook(info) if self.info_hook is not None else info
+        info = self.info_hook(info) if self.info_hook is not None else info
+        # Items the JSON ingest refused never reached the actor: count them with its own.
+        info["rejected"] = info.get("rejected", 0) + self.rejected_items
+        return info
 
     async def healthz(self, request: Request) -> Response:
         return Response(b'{"status":"ok"}', 200, {"cache-control": "no-store"}, "application/json")
@@ -555,8 +594,7 @@ class _EventStream:
                     "status": 200,
                     "headers": [
                         (b"content-type", b"text/event-stream; charset=utf-8"),
-                        (b"cache-control", b"no-cache"),
-                        (b"x-accel-buffering", b"no"),  # nginx in front: do not buffer events
+                        *((k.encode(), v.encode()) for k, v in _STREAM_HEADERS.items()),
                     ],
                 }
             )
