@@ -11,7 +11,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,13 @@ log = structlog.get_logger(__name__)
 
 EPILOG = """\
 database (serve, init-db, demo, calculate): --dsn URL, else $DATABASE_URL, else an embedded
-Postgres in --data-dir. Client commands (stats, inc, info, resync) take --url.
+Postgres in --data-dir. Client commands (stats, inc, metric, metrics, info, resync) take --url.
 examples:
-  campaignstats serve --snapshot stats.snapshot
+  campaignstats serve --snapshot stats.snapshot --appendonly metrics.aof
   campaignstats stats 1 2 3
   campaignstats inc 1 7 register --area DE --new-supporter --action-id 1234
+  campaignstats metric 1 --incr views=1 --member visitors=ab12 --dim source=newsletter
+  campaignstats metrics 1
   campaignstats resync live
   campaignstats demo --actions 1000000 --seed 1
   campaignstats calculate live        (offline: from the database, no server)
@@ -152,6 +154,43 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="snapshot file (read at start, written at stop)",
     )
+    metrics = p.add_argument_group("custom metrics (docs/metrics.md): durable on their own")
+    metrics.add_argument(
+        "--appendonly",
+        type=Path,
+        metavar="PATH",
+        help="the metrics' append-only log (its snapshot beside it, PATH.snapshot); "
+        "without it metrics live in memory only",
+    )
+    metrics.add_argument(
+        "--appendfsync",
+        choices=("always", "everysec", "no"),
+        default="everysec",
+        help="fsync of the log: always (every commit: nothing acknowledged is lost), everysec "
+        "(a power loss loses at most the last second), no (the kernel decides) "
+        "(default: %(default)s)",
+    )
+    metrics.add_argument(
+        "--snapshot-interval",
+        type=_seconds_or_zero,
+        default=300.0,
+        metavar="SECONDS",
+        help="seconds between metrics snapshots (the log compacted into them); 0: only at stop "
+        "and when the log has doubled (default: %(default)s)",
+    )
+    metrics.add_argument(
+        "--archive-dir",
+        type=Path,
+        metavar="DIR",
+        help="write the metrics as Parquet (the archive extra) or CSV files here",
+    )
+    metrics.add_argument(
+        "--archive-every",
+        type=int,
+        default=600,
+        metavar="SECONDS",
+        help="one archive file per period of this many seconds (default: %(default)s)",
+    )
     p.add_argument(
         "--token",
         default=os.environ.get("CAMPAIGNSTATS_TOKEN"),
@@ -216,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("stats", "print the stats of campaigns"),
         ("inc", "send one increment"),
         ("dec", "send one decrement (the exact inverse of the same increment)"),
+        ("metric", "send one custom metrics update (docs/metrics.md)"),
+        ("metrics", "print the custom metrics of campaigns"),
         ("info", "print what the server says about itself"),
         ("resync", "ask the server for a calculation now (all, live or campaign ids)"),
     ):
@@ -227,9 +268,23 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--token", default=os.environ.get("CAMPAIGNSTATS_TOKEN"))
         p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
-        if name == "stats":
+        if name in ("stats", "metrics"):
             p.add_argument("campaign_ids", type=int, nargs="+", metavar="ID")
             p.add_argument("--json", action="store_true", help="print JSON")
+        elif name == "metric":
+            p.add_argument("campaign_id", type=int)
+            for flag, what in (
+                ("--incr", "add N to counter NAME"),
+                ("--set", "set counter NAME to N"),
+                ("--gauge", "set gauge NAME to a number"),
+                ("--member", "add a member to the unique set NAME"),
+                ("--dim", "count under dimension DIM's KEY too (DIM=KEY)"),
+            ):
+                p.add_argument(
+                    flag, action="append", default=[], metavar="NAME=VALUE", help=f"{what}; repeat"
+                )
+            p.add_argument("--seen", action="append", default=[], metavar="NAME", help="stamp NAME")
+            p.add_argument("--at", type=float, help="the time of the update, epoch seconds")
         elif name in ("inc", "dec"):
             p.add_argument("campaign_id", type=int)
             p.add_argument("org_id", type=int)
@@ -270,6 +325,62 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError("must be >= 0")
     return value
+
+
+def _seconds_or_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError("must be 0 or a positive number of seconds")
+    return value
+
+
+def _pairs(
+    words: Sequence[str], flag: str, number: Callable[[str], Any] | None = None
+) -> dict[str, Any]:
+    """``NAME=VALUE`` options as a map (a number when ``number`` is given)."""
+    out: dict[str, Any] = {}
+    for word in words:
+        name, sep, value = word.partition("=")
+        if not sep:
+            raise SystemExit(f"{flag} takes NAME=VALUE, not {word!r}")
+        if flag == "--member":  # a name may take several members
+            out.setdefault(name, []).append(value)
+            continue
+        if number is None:
+            out[name] = value
+            continue
+        try:
+            out[name] = number(value)
+        except ValueError:
+            raise SystemExit(f"{flag} {name}: not a number: {value!r}") from None
+    return out
+
+
+def _gauge_value(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def print_metrics(campaign_id: int, reply: dict[str, Any]) -> None:
+    """A campaign's metrics as indented lines: the total, then each dimension and key."""
+
+    def values(label: str, v: dict[str, Any], indent: str) -> None:
+        parts = [f"{name}={n:,}" for name, n in sorted(v["counters"].items())]
+        parts += [f"{name}~{n:,} unique" for name, n in sorted(v["uniques"].items())]
+        parts += [f"{name}:{g} (gauge)" for name, g in sorted(v["gauges"].items())]
+        parts += [f"{name} seen {t:.0f}" for name, t in sorted(v["last_seen"].items())]
+        print(f"{indent}{label}: {', '.join(parts) or '-'}")
+
+    values(f"campaign {campaign_id}", reply["total"], "")
+    for dim, keys in sorted(reply["dims"].items()):
+        values(f"{dim} (total)", keys["total"], "  ")
+        for key, v in sorted((k, v) for k, v in keys.items() if k != "total"):
+            values(f"{dim}={key}", v, "    ")
 
 
 def _positive_int(text: str) -> int:
@@ -366,6 +477,7 @@ async def serve(args: argparse.Namespace) -> int:
     import signal
 
     from campaignstats.actor.actor import ActorConfig
+    from campaignstats.actor.metrics import MetricsConfig
     from campaignstats.actor.supervisor import SupervisorGaveUp
     from campaignstats.db.source import PostgresSource
     from campaignstats.protocol import Limits
@@ -383,6 +495,8 @@ async def serve(args: argparse.Namespace) -> int:
             )
             return 2
         log.warning("serve.insecure", host=exposed, reason="non-loopback address without a token")
+    if args.appendonly is None:
+        log.warning("serve.metrics_in_memory", hint="--appendonly PATH keeps custom metrics")
     dsn, embedded = await resolve_dsn(args.dsn, args.data_dir)
     try:
         if embedded is not None:
@@ -394,6 +508,13 @@ async def serve(args: argparse.Namespace) -> int:
                 snapshot_path=args.snapshot,
                 max_keys=args.max_keys,
                 max_campaigns=args.max_campaigns,
+                metrics=MetricsConfig(
+                    appendonly=args.appendonly,
+                    appendfsync=args.appendfsync,
+                    snapshot_interval=args.snapshot_interval or None,
+                    archive_dir=args.archive_dir,
+                    archive_every=args.archive_every,
+                ),
             ),
             mailbox_size=args.mailbox_size,
             max_string=args.max_string,
@@ -540,6 +661,29 @@ def run_client_command(args: argparse.Namespace) -> int:
                 print("refused by the server (the warning above says why)", file=sys.stderr)
                 return 1
             print("applied")
+        elif args.command == "metric":
+            client.metric(
+                args.campaign_id,
+                dims=_pairs(args.dim, "--dim") or None,
+                incr=_pairs(args.incr, "--incr", int) or None,
+                set=_pairs(args.set, "--set", int) or None,
+                gauge=_pairs(args.gauge, "--gauge", _gauge_value) or None,
+                member=_pairs(args.member, "--member") or None,
+                seen=args.seen or None,
+                at=args.at,
+            )
+            client.flush()
+            if client.statistics().server_errors:
+                print("refused by the server (the warning above says why)", file=sys.stderr)
+                return 1
+            print("applied")
+        elif args.command == "metrics":
+            replies = {cid: client.metrics(cid) for cid in args.campaign_ids}
+            if args.json:
+                print(json.dumps({str(k): v for k, v in replies.items()}, default=str))
+            else:
+                for cid, reply in replies.items():
+                    print_metrics(cid, reply)
         elif args.command == "info":
             print(json.dumps(client.info(), indent=2, default=str))
         elif args.command == "resync":
@@ -562,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from campaignstats.errors import StatsError
 
     try:
-        if args.command in ("stats", "inc", "dec", "info", "resync"):
+        if args.command in ("stats", "inc", "dec", "metric", "metrics", "info", "resync"):
             return run_client_command(args)
         if args.command == "serve":
             return asyncio.run(serve(args))

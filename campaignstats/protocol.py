@@ -10,10 +10,10 @@ time. The codec knows messages only: hello, request ids and reply order belong t
 Every field is validated here, once: a message that comes out of :class:`ServerCodec` is well
 typed and in range. A call comes out as a :class:`Call`: its ``req_id`` and the typed request of
 :mod:`campaignstats.requests` (or :class:`Hello` / :class:`Ping`, which the session answers
-itself). Increments and decrements come out as a :class:`Batch`. A message that is valid
-MessagePack but not a valid message comes out as a :class:`Rejected` carrying the error to send
-back (the connection goes on); bytes that are not MessagePack, or a value over the size limit,
-raise :class:`~campaignstats.errors.BadFrame`, after which the connection must be closed.
+itself). Increments, decrements and metrics updates come out as a :class:`Batch`. A message that
+is valid MessagePack but not a valid message comes out as a :class:`Rejected` carrying the error
+to send back (the connection goes on); bytes that are not MessagePack, or a value over the size
+limit, raise :class:`~campaignstats.errors.BadFrame`, after which the connection must be closed.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import msgpack
 import msgspec
 
 from campaignstats.errors import BadFrame, BadMessage, Invalid, ProtocolError
+from campaignstats.metrics.update import DEFAULT_LIMITS as DEFAULT_METRIC_LIMITS
+from campaignstats.metrics.update import MetricLimits, MetricUpdate, update_from_map
 from campaignstats.model import (
     DEFAULT_MAX_STRING,
     MAP_KEYS,
@@ -41,8 +43,10 @@ from campaignstats.model import (
 )
 from campaignstats.requests import (
     Flush,
+    GetMetrics,
     Info,
     Request,
+    ResetMetrics,
     Resync,
     Stats,
     StatsMany,
@@ -61,6 +65,8 @@ class Limits:
     max_message: int = DEFAULT_MAX_MESSAGE
     max_batch: int = DEFAULT_MAX_BATCH
     max_string: int = DEFAULT_MAX_STRING
+    #: what one metrics UPDATE may carry (docs/metrics.md, "The update"); not in ``hello``
+    metrics: MetricLimits = DEFAULT_METRIC_LIMITS
 
     def to_wire(self) -> dict[str, int]:
         """The ``limits`` of the ``hello`` reply (docs/protocol.md, "Additions")."""
@@ -115,7 +121,9 @@ class Call(NamedTuple):
 
 
 class Batch(NamedTuple):
-    """``inc``, ``incs``, ``dec`` or ``decs``: the valid items, and why the others were refused.
+    """``inc``, ``incs``, ``dec``, ``decs`` or ``metric``: the valid items, and why the others
+    were refused (a ``metric`` message holds one :class:`MetricUpdate`, ``single`` and
+    ``metric`` true).
 
     ``rejected`` holds ``(index in the message, reason)``. ``positions`` is None when every item
     passed (``items[i]`` is the message's item ``i``); otherwise it gives, for each valid item,
@@ -123,11 +131,13 @@ class Batch(NamedTuple):
     client's own numbering with one lookup.
     """
 
-    items: Sequence[IncrementLike]  # Increment, or the fast path's msgspec items (same fields)
+    # Increment, or the fast path's msgspec items (same fields); MetricUpdate for ``metric``
+    items: Sequence[IncrementLike] | Sequence[MetricUpdate]
     rejected: list[tuple[int, str]]
     single: bool  # an ``inc``/``dec`` (errors name no index) rather than ``incs``/``decs``
     decrement: bool = False
     positions: list[int] | None = None
+    metric: bool = False
 
 
 class Rejected(NamedTuple):
@@ -135,6 +145,9 @@ class Rejected(NamedTuple):
 
     req_id: int | None
     error: ProtocolError
+    #: the op, when the message was a call the codec knows (a session may answer a refused
+    #: ``hello`` differently from other messages)
+    op: str | None = None
 
 
 ClientMessage = Batch | Call | Rejected
@@ -402,6 +415,7 @@ class ServerCodec:
             "incs": functools.partial(self._batch, decrement=False),
             "dec": functools.partial(self._single, decrement=True),
             "decs": functools.partial(self._batch, decrement=True),
+            "metric": self._metric,
         }
         self._calls: dict[str, tuple[int, _CallParser]] = {
             "hello": (1, self._hello),
@@ -413,6 +427,8 @@ class ServerCodec:
             "resync": (1, self._resync),
             "sub": (1, self._sub),
             "unsub": (1, self._unsub),
+            "metrics": (1, self._metrics),
+            "reset_metrics": (2, self._reset_metrics),
         }
 
     @property
@@ -508,10 +524,10 @@ class ServerCodec:
             return Rejected(None, BadMessage(f"{op}: req_id must be an integer"))
         n_args, parser = call
         if len(msg) != 2 + n_args:
-            return Rejected(rid, BadMessage(f"{op} takes {n_args} field(s) after req_id"))
+            return Rejected(rid, BadMessage(f"{op} takes {n_args} field(s) after req_id"), op)
         request = parser(*msg[2:])
         if isinstance(request, ProtocolError):
-            return Rejected(rid, request)
+            return Rejected(rid, request, op)
         return Call(rid, request)
 
     # -- increments and decrements -------------------------------------------------------------
@@ -576,6 +592,34 @@ class ServerCodec:
             else:
                 rejected.append((i, str(result)))
         return Batch(good, rejected, False, decrement, positions if rejected else None)
+
+    # -- metrics -----------------------------------------------------------------------------------
+
+    def _metric(self, msg: list[Any]) -> ClientMessage:
+        """``["metric", UPDATE]``: checked by the one validator; its error is the reply's code."""
+        if len(msg) != 2:
+            return Rejected(None, BadMessage("metric takes one UPDATE map"))
+        update = update_from_map(msg[1], self.limits.metrics)
+        if isinstance(update, ProtocolError):
+            return Rejected(None, update)
+        return Batch([update], [], True, metric=True)
+
+    def _metrics(self, cid: Any) -> GetMetrics | ProtocolError:
+        checked = self._campaign_id(cid, "metrics")
+        return checked if isinstance(checked, ProtocolError) else GetMetrics(checked)
+
+    def _reset_metrics(self, cid: Any, name: Any) -> ResetMetrics | ProtocolError:
+        checked = self._campaign_id(cid, "reset_metrics")
+        if isinstance(checked, ProtocolError):
+            return checked
+        if name is None:
+            return ResetMetrics(checked)
+        if type(name) is not str:
+            return BadMessage("reset_metrics: name must be a string or nil")
+        max_string = self.limits.metrics.max_string
+        if not 0 < len(name.encode(errors="surrogatepass")) <= max_string:
+            return Invalid(f"reset_metrics: name must be 1 to {max_string} bytes of UTF-8")
+        return ResetMetrics(checked, name)
 
     # -- calls: each returns the typed request, or the error to answer ---------------------------
 
@@ -698,6 +742,10 @@ class ClientCodec:
     def incs(self, items: Sequence[Sequence[Any]]) -> bytes:
         """One ``incs`` message (the caller keeps batches within the server's limit)."""
         return self._pack(["incs", items])  # type: ignore[no-any-return]
+
+    def metric(self, update: dict[str, Any]) -> bytes:
+        """One ``["metric", UPDATE]`` message (a cast; docs/protocol.md, "Metrics")."""
+        return self._pack(["metric", update])  # type: ignore[no-any-return]
 
     def cast(self, op: str, items: Sequence[Any]) -> bytes:
         """One ``incs`` or ``decs`` message; each item is the v1 array or the map form."""

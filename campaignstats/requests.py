@@ -6,7 +6,8 @@ that same object in the actor's mailbox, and the actor finds its handler in a ta
 type. A client session encodes the same object back into the wire form with :meth:`wire_args`.
 Nothing here does I/O; nothing here knows about asyncio or sockets (docs/design.md, "The house").
 
-Casts (no reply) are :class:`Increments` and :class:`Decrements`; everything else is a call.
+Casts (no reply) are :class:`Increments`, :class:`Decrements` and :class:`MetricUpdates`;
+everything else is a call.
 ``READS`` lists the calls that only read: they may be served ahead of queued increments, but
 never ahead of the same producer's own earlier writes.
 """
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from campaignstats.metrics.update import MetricUpdate
 from campaignstats.model import IncrementLike, Scope
 
 
@@ -38,7 +40,18 @@ class Decrements:
     op: ClassVar[str] = "decs"
 
 
-Cast = Increments | Decrements
+@dataclass(frozen=True, slots=True)
+class MetricUpdates:
+    """A cast: custom metrics updates (docs/metrics.md), each checked by the one validator
+    (:func:`campaignstats.metrics.update.update_from_map`). On the wire each is one
+    ``["metric", UPDATE]``; the consecutive ones of a socket read travel as one batch."""
+
+    items: Sequence[MetricUpdate]
+
+    op: ClassVar[str] = "metric"
+
+
+Cast = Increments | Decrements | MetricUpdates
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,19 +129,50 @@ class Unsubscribe:
         return (self.campaign_id,)
 
 
-Request = Stats | StatsMany | Flush | Info | Resync | Subscribe | Unsubscribe
+@dataclass(frozen=True, slots=True)
+class GetMetrics:
+    """A campaign's custom metrics: ``{"total": VALUES, "dims": {...}}`` (docs/metrics.md)."""
+
+    campaign_id: int
+
+    op: ClassVar[str] = "metrics"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        return (self.campaign_id,)
+
+
+@dataclass(frozen=True, slots=True)
+class ResetMetrics:
+    """Drop one metric name's values (``name``), or all of a campaign's (None); guards stay.
+    Answered ``{"found": bool}``: whether there was something to drop."""
+
+    campaign_id: int
+    name: str | None = None
+
+    op: ClassVar[str] = "reset_metrics"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        return (self.campaign_id, self.name)
+
+
+Request = (
+    Stats | StatsMany | Flush | Info | Resync | Subscribe | Unsubscribe | GetMetrics | ResetMetrics
+)
 
 #: read-only requests: they may take the mailbox's read lane
-READS: tuple[type, ...] = (Stats, StatsMany, Info)
+READS: tuple[type, ...] = (Stats, StatsMany, Info, GetMetrics)
 
 __all__ = [
     "READS",
     "Cast",
     "Decrements",
     "Flush",
+    "GetMetrics",
     "Increments",
     "Info",
+    "MetricUpdates",
     "Request",
+    "ResetMetrics",
     "Resync",
     "Stats",
     "StatsMany",

@@ -5,8 +5,9 @@
         print(await stats.stats(1))
 
 :class:`StatsService` owns the mailbox and the supervisor; every method is a message to the actor.
-``increment`` and ``decrement`` never wait (they raise :class:`~campaignstats.errors.Overloaded`
-when the mailbox is full); ``send`` and the calls wait for room.
+``increment``, ``decrement`` and ``metric`` never wait (they raise
+:class:`~campaignstats.errors.Overloaded` when the mailbox is full); ``send`` and the calls wait
+for room.
 
 Everything that puts messages in the mailbox does it through a :class:`Producer`: the embedding
 process has one, and the socket server takes one per connection (:meth:`StatsService.producer`).
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from campaignstats.actor.mailbox import DEFAULT_MAILBOX_SIZE, Mailbox
 from campaignstats.actor.messages import Ask, Message, RejectedCallback, Stop, Tell
 from campaignstats.actor.subscriptions import Subscriber, Subscription
 from campaignstats.actor.supervisor import Supervisor
-from campaignstats.errors import ActorStopped, Invalid, Overloaded
+from campaignstats.errors import ActorStopped, Invalid, Overloaded, UsageError
+from campaignstats.metrics.update import MetricUpdate, make_update
 from campaignstats.model import (
     DEFAULT_MAX_STRING,
     Increment,
@@ -44,9 +46,12 @@ from campaignstats.requests import (
     Cast,
     Decrements,
     Flush,
+    GetMetrics,
     Increments,
     Info,
+    MetricUpdates,
     Request,
+    ResetMetrics,
     Resync,
     Stats,
     StatsMany,
@@ -421,13 +426,72 @@ class StatsService:
         refused, as ``(index, reason)``.
         """
         if isinstance(items, Increments | Decrements):
-            cast: Cast = items
+            changes: Increments | Decrements = items
+        elif isinstance(items, MetricUpdates):
+            await self.send_metrics(items.items, on_rejected)
+            return
         else:
-            cast = Decrements(items) if decrement else Increments(items)
-        for inc in cast.items:
+            changes = Decrements(items) if decrement else Increments(items)
+        for inc in changes.items:
             self._checked(inc if isinstance(inc, Increment) else _increment_of(inc))
         self._check_running()
-        await self._producer.put(Tell(cast, on_rejected))
+        await self._producer.put(Tell(changes, on_rejected))
+
+    # -- custom metrics (docs/metrics.md) -------------------------------------------------------
+
+    def metric(
+        self,
+        campaign_id: int,
+        *,
+        dims: Mapping[str, str] | None = None,
+        incr: Mapping[str, int] | None = None,
+        set: Mapping[str, int] | None = None,  # the wire's name
+        gauge: Mapping[str, int | float] | None = None,
+        member: Mapping[str, str | list[str] | tuple[str, ...]] | None = None,
+        seen: list[str] | tuple[str, ...] | None = None,
+        at: float | None = None,
+    ) -> None:
+        """One metrics update (the UPDATE of docs/protocol.md as keywords), without waiting.
+
+        Checked by the one validator first: raises Invalid or BadMessage (a bug in the caller),
+        Overloaded or ActorStopped. A limit or a guard that refuses it is counted in
+        ``info()["metrics"]``. Durable (by the fsync policy) once a later :meth:`flush` returns.
+        """
+        update = make_update(
+            campaign_id,
+            dims=dims,
+            incr=incr,
+            set=set,
+            gauge=gauge,
+            member=member,
+            seen=seen,
+            at=at,
+            limits=self.config.metrics.limits,
+        )
+        self._cast_one(MetricUpdates((update,)))
+
+    async def send_metrics(
+        self, updates: Sequence[MetricUpdate], on_rejected: RejectedCallback | None = None
+    ) -> None:
+        """Queue checked updates (:func:`~campaignstats.metrics.update.make_update`,
+        ``update_from_map``) as one message, waiting while the mailbox is full. ``on_rejected``
+        hears of the updates the state refused (a limit, a guard), as ``(index, reason)``."""
+        for i, update in enumerate(updates):
+            if not isinstance(update, MetricUpdate):
+                raise UsageError(f"item {i} is a {type(update).__name__}, not a MetricUpdate")
+        self._check_running()
+        await self._producer.put(Tell(MetricUpdates(list(updates)), on_rejected))
+
+    async def metrics(self, campaign_id: int) -> dict[str, Any]:
+        """``{"total": VALUES, "dims": {dim: {key: VALUES, "total": VALUES}}}``."""
+        result: dict[str, Any] = await self.call(GetMetrics(campaign_id))
+        return result
+
+    async def reset_metrics(self, campaign_id: int, name: str | None = None) -> bool:
+        """Drop one metric's values (``name``) or all of a campaign's; guards stay. Returns
+        whether there was something to drop; durable (by the fsync policy) when it returns."""
+        result = await self.call(ResetMetrics(campaign_id, name))
+        return bool(result["found"])
 
     # -- calls ----------------------------------------------------------------------------------
 

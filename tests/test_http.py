@@ -239,14 +239,12 @@ async def test_routes_of_later_issues_are_absent_not_stubs(http: Http) -> None:
         "/v1/campaigns/1/history?unit=hour",
         "/v1/campaigns/1/recent",
         "/v1/campaigns/1/goals",
-        "/v1/campaigns/1/metrics",
         "/v1/pages/1",
         "/v1/orgs/1",
     ):
         r = await http.client.get(path)
         assert r.status_code == 404, path
         assert r.json()["error"] == "bad_message"
-    assert (await http.client.post("/v1/metrics", json=[])).status_code == 404
     wrong_method = await http.client.post("/v1/campaigns/1")
     assert wrong_method.status_code == 405
     assert wrong_method.json()["error"] == "bad_message"

@@ -77,7 +77,7 @@ def test_the_hello_reply_lists_the_ops_and_the_limits() -> None:
     assert reply[2]["limits"] == {"max_message": 4096, "max_batch": 100, "max_string": 32}
     assert set(reply[2]["ops"]) == {
         "hello", "ping", "stats", "stats_many", "flush", "info", "resync", "sub", "unsub",
-        "inc", "incs", "dec", "decs",
+        "inc", "incs", "dec", "decs", "metric", "metrics", "reset_metrics",
     }  # fmt: skip
 
 

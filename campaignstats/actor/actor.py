@@ -2,7 +2,9 @@
 
 Everything reaches it through the :class:`~campaignstats.actor.mailbox.Mailbox`. It also owns the
 schedule of calculations (start, every ``sync_interval``, retries with backoff), the exact merge of
-their results, the drift measurement, and the throttled change notifications.
+their results, the drift measurement, and the throttled change notifications. It also owns the
+custom metrics (:class:`~campaignstats.actor.metrics.MetricsKeeper`, docs/metrics.md), which no
+calculation touches.
 
 Time is handled without timer tasks: the loop knows its next deadlines (next calculation, next
 publication) and waits on the mailbox at most until the nearest one.
@@ -34,8 +36,12 @@ from campaignstats.model import (
 from campaignstats.requests import (
     Decrements,
     Flush,
+    GetMetrics,
+    Increments,
     Info,
+    MetricUpdates,
     Request,
+    ResetMetrics,
     Resync,
     Stats,
     StatsMany,
@@ -45,6 +51,7 @@ from campaignstats.requests import (
 
 from .mailbox import Mailbox
 from .messages import Ask, CalculationDone, CalculationFailed, Message, Stop, Tell
+from .metrics import COMMIT_DELAY, TICK, MetricsConfig, MetricsKeeper
 from .snapshot import load_snapshot, save_snapshot
 from .subscriptions import DEFAULT_PUBLISH_INTERVAL, Registry
 
@@ -67,6 +74,8 @@ class ActorConfig:
     backoff_initial: float = 1.0
     backoff_max: float = 30.0
     merge_slice: int = 2_000  # campaigns merged per step; the loop serves messages in between
+    #: the custom metrics: log, fsync policy, snapshots, archive, limits (docs/metrics.md)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: test-only: called with every message before it is handled; raising crashes the actor
     fault_hook: Callable[[Message], None] | None = None
 
@@ -79,6 +88,9 @@ class ActorConfig:
                 raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
         if self.merge_slice < 1:
             raise UsageError(f"merge_slice must be at least 1, not {self.merge_slice!r}")
+        problem = self.metrics.check()
+        if problem is not None:
+            raise UsageError(problem)
 
 
 @dataclass(slots=True)
@@ -94,6 +106,8 @@ class Lifetime:
     generation: int = 0
     applied_before_restarts: int = 0
     rejected_before_restarts: int = 0
+    #: the custom metrics and their open log: kept across restarts (opened by the first actor)
+    metrics: MetricsKeeper | None = None
 
 
 @dataclass(slots=True)
@@ -149,6 +163,9 @@ class StatsActor:
         self.last_error: str | None = None
         # notifications
         self._next_publish_at: float | None = None
+        # custom metrics (opened in run(): a restarted actor keeps its predecessor's)
+        self.metrics: MetricsKeeper = lifetime.metrics  # type: ignore[assignment]
+        self._next_metrics_tick = 0.0
         #: the message being handled, for the crash report
         self.current: Message | None = None
 
@@ -156,6 +173,12 @@ class StatsActor:
 
     async def run(self) -> None:
         """Rebuild the state (snapshot, then a full calculation), then serve until :class:`Stop`."""
+        if self.lifetime.metrics is None:
+            self.lifetime.metrics = MetricsKeeper(self.config.metrics)
+        else:
+            self.lifetime.metrics.check()  # kept across the restart, once checked
+        self.metrics = self.lifetime.metrics
+        self._next_metrics_tick = time.monotonic() + TICK
         if self._inherited:
             log.info("actor.kept_counts", campaigns=len(self.state.campaigns))
         elif self.config.snapshot_path is not None:
@@ -196,6 +219,9 @@ class StatsActor:
                 continue
             msg = get_nowait()
             if msg is None:
+                # Idle: what was applied is written before the wait (Redis writes its AOF
+                # buffer before going back to its event loop).
+                self.metrics.commit_quietly()
                 now = time.monotonic()
                 self._check_timers(now)
                 try:
@@ -208,7 +234,7 @@ class StatsActor:
             self._check_timers(time.monotonic())
 
     def _until_next_deadline(self, now: float) -> float:
-        deadline = self._next_calc_at
+        deadline = min(self._next_calc_at, self._next_metrics_tick)
         if self._next_publish_at is not None:
             deadline = min(deadline, self._next_publish_at)
         return max(0.0, deadline - now)
@@ -218,6 +244,12 @@ class StatsActor:
             self._tick(now)
         if self._next_publish_at is not None and now >= self._next_publish_at:
             self._publish()
+        metrics = self.metrics
+        if metrics.dirty_since is not None and now - metrics.dirty_since >= COMMIT_DELAY:
+            metrics.commit_quietly()  # a steady load never empties the mailbox
+        if now >= self._next_metrics_tick:
+            self._next_metrics_tick = now + TICK
+            metrics.tick(now)
 
     # -- messages -------------------------------------------------------------------------------
 
@@ -250,7 +282,41 @@ class StatsActor:
         return True
 
     def _apply(self, tell: Tell) -> None:
+        self._casts[type(tell.cast)](tell)
+
+    @functools.cached_property
+    def _casts(self) -> dict[type[Any], Callable[[Any], None]]:
+        """What each cast of campaignstats.requests is handed to, by its type."""
+        return {
+            Increments: self._apply_changes,
+            Decrements: self._apply_changes,
+            MetricUpdates: self._apply_metrics,
+        }
+
+    def _apply_metrics(self, tell: Tell) -> None:
+        """Apply metrics updates; a refused one (a limit) or a refused name (a guard) is reported
+        like a refused increment item. Committed before the next ``flush`` is answered."""
+        results = self.metrics.apply_many(tell.cast.items)
+        rejected: list[tuple[int, str]] = []
+        for i, result in enumerate(results):
+            if result.error is not None:
+                rejected.append((i, str(result.error)))
+            elif result.refused:
+                names = ", ".join(f"{n!r} ({why})" for n, why in sorted(result.refused.items()))
+                rejected.append((i, f"refused by a guard: {names}"))
+        if tell.on_rejected is not None and (rejected or tell.report_empty):
+            try:
+                tell.on_rejected(rejected)
+            except Exception:
+                log.exception("actor.on_rejected_failed")
+
+    def _flush(self) -> None:
+        """Everything before the flush is applied; the metrics are committed (acknowledged)."""
+        self.metrics.commit()
+
+    def _apply_changes(self, tell: Tell) -> None:
         cast = tell.cast
+        assert not isinstance(cast, MetricUpdates)
         items = cast.items
         rejected = self.state.apply_many(items, decrement=type(cast) is Decrements)
         if rejected:
@@ -301,11 +367,13 @@ class StatsActor:
         return {
             Stats: lambda r: self.state.stats(r.campaign_id),
             StatsMany: lambda r: {cid: self.state.stats(cid) for cid in r.campaign_ids},
-            Flush: lambda r: None,
+            Flush: lambda r: self._flush(),
             Info: lambda r: self.info(),
             Resync: lambda r: {"started": self._request_calculation(r.scope)},
             Subscribe: lambda r: self.registry.add(r.campaign_id, r.subscriber),
             Unsubscribe: lambda r: self.registry.remove(r.campaign_id, r.subscriber),
+            GetMetrics: lambda r: self.metrics.metrics(r.campaign_id),
+            ResetMetrics: lambda r: {"found": self.metrics.reset(r.campaign_id, r.name)},
         }
 
     def _drain_and_stop(self) -> None:
@@ -321,6 +389,7 @@ class StatsActor:
             while self._merge is not None:
                 self._merge_step()
         self.save_snapshot()
+        self.metrics.close()
         log.info("actor.stopped", drained=drained, campaigns=len(self.state.campaigns))
 
     def save_snapshot(self) -> None:
@@ -531,6 +600,7 @@ class StatsActor:
             "already_counted": self.state.already_counted,
             "decrements_applied": self.state.decremented,
             "clamped": self.state.clamped,
+            "metrics": self.metrics.info(),
             "limits": {
                 "max_keys": self.config.max_keys,
                 "max_campaigns": self.config.max_campaigns,

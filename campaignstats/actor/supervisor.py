@@ -3,9 +3,11 @@
 The mailbox, the subscriptions and the client connections belong to the supervisor, so they
 survive a restart. The message that crashed the actor is logged and dropped (a call waiting on
 it gets :class:`~campaignstats.errors.InternalError`); the new actor rebuilds its state from the
-snapshot file, if any, and a full calculation. More than ``max_restarts`` crashes within
-``window`` seconds means something is badly wrong: :class:`SupervisorGaveUp` is raised, and the
-process exits non-zero so that systemd (or the like) restarts it whole.
+snapshot file, if any, and a full calculation. The custom metrics and their open log are kept
+(in the :class:`~campaignstats.actor.actor.Lifetime`) once their state passes its own check, else
+they are reloaded from their files. More than ``max_restarts`` crashes within ``window`` seconds
+means something is badly wrong: :class:`SupervisorGaveUp` is raised, and the process exits
+non-zero so that systemd (or the like) restarts it whole.
 """
 
 from __future__ import annotations
@@ -79,10 +81,15 @@ class Supervisor:
                         # Stopping is what was asked: do not start a new actor for it.
                         log.error("actor.crashed_while_stopping", error=repr(exc), exc_info=exc)
                         actor.save_snapshot()
+                        if self.lifetime.metrics is not None:
+                            self.lifetime.metrics.close()
                         return
                     gave_up = self._on_crash(actor, exc)
                     inherited = _trusted(actor)
                 incarnation += 1
+        if self.lifetime.metrics is not None:
+            # What was accepted is written and fsynced; no compaction of a suspect state.
+            self.lifetime.metrics.close(snapshot=False)
         raise gave_up
 
     def _on_crash(self, actor: StatsActor, exc: Exception) -> SupervisorGaveUp | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 from urllib.parse import unquote, urlsplit
@@ -22,9 +22,11 @@ from urllib.parse import unquote, urlsplit
 import structlog
 
 from campaignstats.errors import LocalProtocolError, UsageError
+from campaignstats.metrics.update import DEFAULT_LIMITS as METRIC_LIMITS
+from campaignstats.metrics.update import make_update
 from campaignstats.model import DEFAULT_MAX_STRING, MAX_ID, Increment, Scope, check_increment
 from campaignstats.protocol import DEFAULT_MAX_BATCH
-from campaignstats.sessions.client import ClientSession, Undo, WireItem, wire_item
+from campaignstats.sessions.client import ClientSession, Measure, Undo, WireItem, wire_item
 
 log = structlog.get_logger("campaignstats.client")
 
@@ -39,8 +41,12 @@ BACKOFF_MIN = 0.05
 BACKOFF_MAX = 5.0
 WARN_INTERVAL = 10.0  # seconds between two warnings of the same kind
 
-#: what a client's queue holds: an increment's wire item, or a decrement's (wrapped in Undo)
-Queued = WireItem | Undo
+#: what a client's queue holds: an increment's wire item, a decrement's (wrapped in Undo), or a
+#: metrics update's map (wrapped in Measure)
+Queued = WireItem | Undo | Measure
+
+#: the kinds of run :func:`take_runs` cuts the queue into
+INC, DEC, METRIC = "inc", "dec", "metric"
 
 
 # -- addresses ----------------------------------------------------------------------------------
@@ -202,8 +208,9 @@ class ClientStatistics:
 # -- the increment queue ------------------------------------------------------------------------
 
 
-def take_runs(queue: deque[Queued], size: int) -> list[tuple[bool, list[WireItem]]]:
-    """Pop up to ``size`` entries from the left, as runs of ``(decrement, items)`` in order.
+def take_runs(queue: deque[Queued], size: int) -> list[tuple[str, list[Any]]]:
+    """Pop up to ``size`` entries from the left, as runs of ``(kind, items)`` in order: kind
+    :data:`INC`, :data:`DEC` or :data:`METRIC`, items the wire forms.
 
     Pops one by one instead of swapping the deque: other threads may be appending to it at
     this very moment, and an append to a deque that was just swapped out would be lost.
@@ -212,16 +219,19 @@ def take_runs(queue: deque[Queued], size: int) -> list[tuple[bool, list[WireItem
     batch = [popleft() for _ in range(min(size, len(queue)))]
     if not batch:
         return []
-    if Undo not in {type(entry) for entry in batch}:
-        return [(False, batch)]  # type: ignore[list-item]  # no Undo: all wire items
-    runs: list[tuple[bool, list[WireItem]]] = []
+    types = {type(entry) for entry in batch}
+    if Undo not in types and Measure not in types:
+        return [(INC, batch)]  # no Undo, no Measure: all increments' wire items
+    runs: list[tuple[str, list[Any]]] = []
     for entry in batch:
-        dec = isinstance(entry, Undo)
-        item: WireItem = entry.item if isinstance(entry, Undo) else entry
-        if runs and runs[-1][0] == dec:
+        if isinstance(entry, Undo | Measure):
+            kind, item = (DEC if isinstance(entry, Undo) else METRIC), entry.item
+        else:
+            kind, item = INC, entry
+        if runs and runs[-1][0] == kind:
             runs[-1][1].append(item)
         else:
-            runs.append((dec, [item]))
+            runs.append((kind, [item]))
     return runs
 
 
@@ -378,6 +388,41 @@ class IncrementQueue:
         """:meth:`decrement` for many, as :meth:`increment_many` does for increments."""
         self._put([Undo(item) for item in self._checked_many(decrements)])
 
+    def metric(
+        self,
+        campaign_id: int,
+        *,
+        dims: Mapping[str, str] | None = None,
+        incr: Mapping[str, int] | None = None,
+        set: Mapping[str, int] | None = None,  # the wire's name
+        gauge: Mapping[str, int | float] | None = None,
+        member: Mapping[str, str | list[str] | tuple[str, ...]] | None = None,
+        seen: list[str] | tuple[str, ...] | None = None,
+        at: float | None = None,
+    ) -> None:
+        """One custom metrics update (docs/metrics.md, "The update"); returns at once.
+
+        ``incr`` adds to counters, ``set`` replaces them, ``gauge`` sets gauges, ``member`` adds
+        unique members, ``seen`` stamps last-seen times (``at``, default the server's now);
+        with ``dims`` it counts under each dimension's key and total too. Checked here by the
+        one validator (a bad argument raises :class:`~campaignstats.errors.Invalid` or
+        :class:`~campaignstats.errors.BadMessage`), then queued and sent in the background like
+        increments, in order with them. :meth:`flush` returns once the server has applied and
+        logged them (durable by its fsync policy).
+        """
+        update = make_update(
+            campaign_id,
+            dims=dims,
+            incr=incr,
+            set=set,
+            gauge=gauge,
+            member=member,
+            seen=seen,
+            at=at,
+            limits=METRIC_LIMITS,
+        )
+        self._put([Measure(update.to_map())])
+
     def _checked(self, inc: Increment) -> WireItem:
         error = check_increment(inc, self._max_string)
         if error is not None:
@@ -437,15 +482,19 @@ class IncrementQueue:
             self._wake()
 
     def _encode(
-        self, session: ClientSession, runs: list[tuple[bool, list[WireItem]]]
+        self, session: ClientSession, runs: list[tuple[str, list[Any]]]
     ) -> tuple[bytes, int]:
         """The bytes of runs taken from the queue, and how many items they hold; runs the
-        server cannot take (decrements to an older server) are dropped with a warning."""
+        server cannot take (decrements or metrics to an older server) are dropped with a
+        warning."""
         parts: list[bytes] = []
         n = 0
-        for decrement, items in runs:
+        for kind, items in runs:
             try:
-                parts.append(session.send_changes(items, decrement=decrement))
+                if kind == METRIC:
+                    parts.append(session.send_metrics(items))
+                else:
+                    parts.append(session.send_changes(items, decrement=kind == DEC))
             except LocalProtocolError as exc:
                 self._drop(len(items), "client.unsupported_by_server", error=str(exc))
             else:

@@ -54,7 +54,17 @@ from campaignstats.errors import (
 )
 from campaignstats.model import WireStats
 from campaignstats.protocol import CallRequest, Hello, Ping
-from campaignstats.requests import Flush, Info, Resync, Stats, StatsMany, Subscribe, Unsubscribe
+from campaignstats.requests import (
+    Flush,
+    GetMetrics,
+    Info,
+    ResetMetrics,
+    Resync,
+    Stats,
+    StatsMany,
+    Subscribe,
+    Unsubscribe,
+)
 from campaignstats.sessions.client import (
     ClientSession,
     Event,
@@ -620,6 +630,21 @@ class AsyncStatsClient(IncrementQueue):
         """
         started: bool = await self._call(Resync(check_scope(scope)), timeout)
         return started
+
+    async def metrics(self, campaign_id: int, *, timeout: float | None = None) -> dict[str, Any]:
+        """A campaign's custom metrics: ``{"total": VALUES, "dims": {dim: {key: VALUES,
+        "total": VALUES}}}`` (docs/metrics.md). Updates still queued here are not in it:
+        :meth:`flush` first to read your own."""
+        result: dict[str, Any] = await self._call(GetMetrics(campaign_id), timeout)
+        return result
+
+    async def reset_metrics(
+        self, campaign_id: int, name: str | None = None, *, timeout: float | None = None
+    ) -> bool:
+        """Drop one metric's values (``name``) or all of a campaign's (guards stay); returns
+        whether there was something to drop."""
+        found: bool = await self._call(ResetMetrics(campaign_id, name), timeout)
+        return found
 
     async def ping(self, *, timeout: float | None = None) -> float:
         """A round trip to the server; returns how long it took, in seconds."""

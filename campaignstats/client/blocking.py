@@ -67,7 +67,17 @@ from campaignstats.errors import (
 )
 from campaignstats.model import WireStats
 from campaignstats.protocol import CallRequest, Limits, Ping
-from campaignstats.requests import Flush, Info, Resync, Stats, StatsMany, Subscribe, Unsubscribe
+from campaignstats.requests import (
+    Flush,
+    GetMetrics,
+    Info,
+    ResetMetrics,
+    Resync,
+    Stats,
+    StatsMany,
+    Subscribe,
+    Unsubscribe,
+)
 from campaignstats.sessions.client import (
     ClientSession,
     Event,
@@ -266,6 +276,7 @@ class _Pool:
         self._open = open_connection
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     def get(self, timeout: float) -> _Connection:
         while True:
@@ -279,7 +290,10 @@ class _Pool:
     def put(self, conn: _Connection) -> None:
         if not conn.closed:
             with self._lock:
-                self._idle.append(conn)
+                if not self._closed:
+                    self._idle.append(conn)
+                    return
+            conn.close()  # a call that was in flight while the client closed
 
     def any_alive(self) -> bool:
         with self._lock:
@@ -287,13 +301,17 @@ class _Pool:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
 
     def reset_after_fork(self) -> None:
         self._lock = threading.Lock()
-        self.close()
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
 
 # -- fork and exit: one hook each for the module, over the live clients ---------------------------
@@ -548,23 +566,29 @@ class StatsClient(IncrementQueue):
         _live.discard(self)
         if timeout is None:
             timeout = self.options.close_timeout
+        # One deadline for the whole of it: the flush, the sender's end and its connection.
+        deadline = time.monotonic() + timeout
+
+        def remaining() -> float:
+            return max(deadline - time.monotonic(), 0.0)
+
         if self._queue:
             try:
-                self._flush(timeout)
+                self._flush(max(remaining(), 1e-3))
             except (StatsError, OSError) as exc:
                 log.warning("client.close_flush_failed", error=str(exc), queued=len(self._queue))
         self._stopping.set()
         self._wakeup.set()
         sender = self._sender
         if sender is not None and sender is not threading.current_thread():
-            sender.join(timeout)
+            sender.join(remaining())
         if self._queue:
             left = len(self._queue)
             self._queue.clear()
             self._drop(left, "client.closed")
         for subscription in list(self._subscriptions):
             subscription.close()
-        if self._cast_lock.acquire(timeout=timeout):
+        if self._cast_lock.acquire(timeout=remaining()):
             try:
                 if self._cast_conn is not None:
                     self._cast_conn.close()
@@ -775,6 +799,21 @@ class StatsClient(IncrementQueue):
         """
         started: bool = self._call(Resync(check_scope(scope)), timeout)
         return started
+
+    def metrics(self, campaign_id: int, *, timeout: float | None = None) -> dict[str, Any]:
+        """A campaign's custom metrics: ``{"total": VALUES, "dims": {dim: {key: VALUES,
+        "total": VALUES}}}`` (docs/metrics.md). Updates still queued here are not in it:
+        :meth:`flush` first to read your own."""
+        result: dict[str, Any] = self._call(GetMetrics(campaign_id), timeout)
+        return result
+
+    def reset_metrics(
+        self, campaign_id: int, name: str | None = None, *, timeout: float | None = None
+    ) -> bool:
+        """Drop one metric's values (``name``) or all of a campaign's (guards stay); returns
+        whether there was something to drop."""
+        found: bool = self._call(ResetMetrics(campaign_id, name), timeout)
+        return found
 
     def ping(self, *, timeout: float | None = None) -> float:
         """A round trip to the server; returns how long it took, in seconds."""

@@ -2,8 +2,9 @@
 the JSON ingest, health and metrics.
 
 It is an adapter, like the socket server: every answer comes from :class:`StatsService`, every
-increment goes through the one validator (``campaignstats.model``). Routes that belong to later
-work (history, recent, goals, metrics, pages, orgs, top) are absent: 404, not stubs.
+increment goes through the one validator (``campaignstats.model``), every metrics update through
+its own (``campaignstats.metrics.update``). Routes that belong to later work (history, recent,
+goals, pages, orgs, top) are absent: 404, not stubs.
 
 ``StatsHttpApp`` is a plain ASGI callable: ``campaignstats serve`` runs it with uvicorn in the
 actor's event loop (``campaignstats.http.server``), and an asyncio application that embeds the
@@ -43,6 +44,7 @@ from campaignstats.errors import (
 )
 from campaignstats.http.events import RETRY_MS, EventHub, Stream, encode_event, stats_body
 from campaignstats.http.ops import Metrics, is_ready
+from campaignstats.metrics.update import MetricUpdate, update_from_map
 from campaignstats.model import (
     DEFAULT_MAX_STRING,
     MAX_ID,
@@ -189,8 +191,10 @@ class StatsHttpApp:
                 Route("/v1/campaigns/{campaign_id}", self.campaign, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/count", self.count, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/events", self.events, methods=["GET"]),
+                Route("/v1/campaigns/{campaign_id}/metrics", self.metrics_read, methods=["GET"]),
                 Route("/v1/increments", self.increments, methods=["POST"]),
                 Route("/v1/decrements", self.decrements, methods=["POST"]),
+                Route("/v1/metrics", self.metrics_ingest, methods=["POST"]),
             ],
             exception_handlers={
                 HTTPException: self._http_error,
@@ -383,6 +387,13 @@ class StatsHttpApp:
             request, _encode({"campaign_id": campaign_id, "supporters": stats["supporters"]})
         )
 
+    async def metrics_read(self, request: Request) -> Response:
+        """The ``metrics`` call as JSON (docs/metrics.md); cacheable like the other reads."""
+        campaign_id = parse_id(request.path_params["campaign_id"], "campaign id")
+        async with asyncio.timeout(self.config.timeout):
+            result = await self.service.metrics(campaign_id)
+        return self._read(request, _encode(result))
+
     # -- the widget and its demo page ---------------------------------------------------------
 
     async def widget(self, request: Request) -> Response:
@@ -466,7 +477,9 @@ class StatsHttpApp:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _ingest(self, request: Request, *, decrement: bool) -> Response:
+    async def _ingest(
+        self, request: Request, *, decrement: bool, metrics: bool = False
+    ) -> Response:
         self._authorize(request)
         media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if media_type != "application/json":
@@ -484,19 +497,28 @@ class StatsHttpApp:
         except (msgspec.DecodeError, RecursionError) as exc:  # nesting too deep: RecursionError
             raise BadFrame(f"malformed JSON: {type(exc).__name__}: {exc}"[:300]) from None
         if not isinstance(items, list):
-            raise BadMessage("the body must be a JSON array of increment objects")
+            what = "metrics updates" if metrics else "increment objects"
+            raise BadMessage(f"the body must be a JSON array of {what}")
         if len(items) > self.config.max_batch:
             raise Invalid(f"at most {self.config.max_batch} items per request")
-        valid, positions, rejected = self._validate(items)
+        valid: Sequence[Increment] | Sequence[MetricUpdate]
+        if metrics:
+            valid, positions, rejected = self._validate_metrics(items)
+        else:
+            valid, positions, rejected = self._validate(items)
         answer: dict[str, Any] = {}
         if valid:
             refused: list[tuple[int, str]] = []
             # Only waiting for room may time out into an error: once the batch is queued it
             # will be applied, and an error would make a client retry it (counted twice).
             async with asyncio.timeout(self.config.timeout):
-                await self.service.send(valid, refused.extend, decrement=decrement)
+                if metrics:
+                    await self.service.send_metrics(valid, refused.extend)  # type: ignore[arg-type]
+                else:
+                    await self.service.send(valid, refused.extend, decrement=decrement)  # type: ignore[arg-type]
             try:
-                # Once applied, the actor has told us which items the state refused (a limit).
+                # Once applied, the actor has told us which items the state refused (a limit);
+                # metrics updates are committed to their log by then (acknowledged).
                 async with asyncio.timeout(self.config.timeout):
                     await self.service.flush()
             except (TimeoutError, Overloaded):
@@ -532,6 +554,28 @@ class StatsHttpApp:
             assert isinstance(inc, Increment)
             valid.append(inc)
             positions.append(index)
+        return valid, positions, rejected
+
+    async def metrics_ingest(self, request: Request) -> Response:
+        """``POST /v1/metrics``: a JSON array of UPDATEs, each checked by the one validator of
+        the socket's ``metric`` cast; the valid ones applied and logged (a flush: durable by the
+        server's fsync policy) before the ``202``, refusals named by index."""
+        return await self._ingest(request, decrement=False, metrics=True)
+
+    def _validate_metrics(
+        self, items: Sequence[Any]
+    ) -> tuple[list[MetricUpdate], list[int], list[tuple[int, str]]]:
+        limits = self.service.config.metrics.limits
+        valid: list[MetricUpdate] = []
+        positions: list[int] = []
+        rejected: list[tuple[int, str]] = []
+        for index, item in enumerate(items):
+            update = update_from_map(item, limits)
+            if isinstance(update, ProtocolError):
+                rejected.append((index, str(update)))
+            else:
+                valid.append(update)
+                positions.append(index)
         return valid, positions, rejected
 
     # -- operations -----------------------------------------------------------------------------

@@ -23,7 +23,8 @@ What it owns:
   the connection was down is not missed);
 * encoding increments and decrements: the v1 array form when an increment carries only the v1
   fields, else the map form; batches as ``incs``/``decs`` cut at the server's ``max_batch`` and
-  ``max_message``.
+  ``max_message``; metrics updates as one ``["metric", UPDATE]`` each (the wire has no batch
+  form: the server batches what one read brings).
 
 States: ``IDLE`` (no connection) -> :meth:`connect` -> ``GREETING`` (hello sent) -> the hello's
 answer -> ``READY``; a refused hello or a protocol violation -> ``BROKEN``; from any state,
@@ -59,7 +60,16 @@ from campaignstats.protocol import (
     Ok,
     Pub,
 )
-from campaignstats.requests import Info, Resync, Stats, StatsMany, Subscribe, Unsubscribe
+from campaignstats.requests import (
+    GetMetrics,
+    Info,
+    ResetMetrics,
+    Resync,
+    Stats,
+    StatsMany,
+    Subscribe,
+    Unsubscribe,
+)
 
 __all__ = [
     "CLIENT_NAME",
@@ -67,6 +77,7 @@ __all__ = [
     "ClientSession",
     "Event",
     "Failed",
+    "Measure",
     "Ready",
     "Reply",
     "ServerError",
@@ -159,6 +170,14 @@ class Undo:
     item: WireItem
 
 
+@dataclass(frozen=True, slots=True)
+class Measure:
+    """A metrics update waiting in a client's queue: its UPDATE map, already validated
+    (docs/metrics.md, "The update")."""
+
+    item: dict[str, Any]
+
+
 class SessionState(enum.Enum):
     IDLE = "idle"  # no connection
     GREETING = "greeting"  # hello sent, its answer not yet in
@@ -242,7 +261,11 @@ def _result(request: CallRequest, result: Any) -> Any:
         if type(result) is not dict or type(result.get("started")) is not bool:
             raise RemoteProtocolError(f"resync answered {result!r:.80}")
         return result["started"]
-    if isinstance(request, Stats | Info) and type(result) is not dict:
+    if isinstance(request, ResetMetrics):
+        if type(result) is not dict or type(result.get("found")) is not bool:
+            raise RemoteProtocolError(f"reset_metrics answered {result!r:.80}")
+        return result["found"]
+    if isinstance(request, Stats | Info | GetMetrics) and type(result) is not dict:
         raise RemoteProtocolError(f"{request.op} answered a {type(result).__name__}")
     if isinstance(request, StatsMany) and type(result) is not dict:
         raise RemoteProtocolError(f"stats_many answered a {type(result).__name__}")
@@ -386,6 +409,17 @@ class ClientSession:
             return data
         half = len(items) // 2  # long strings and maps: halve until each message fits
         return self._batch(op, items[:half]) + self._batch(op, items[half:])
+
+    def send_metrics(self, updates: Sequence[dict[str, Any]]) -> bytes:
+        """One ``["metric", UPDATE]`` message per update (validated maps). A server that does
+        not list ``metric`` raises :class:`~campaignstats.errors.LocalProtocolError`: the
+        adapter drops them."""
+        if self.state is not SessionState.READY:
+            raise LocalProtocolError(f"metrics in state {self.state.value}")
+        if "metric" not in self.ops:
+            raise LocalProtocolError(f"{self.server or 'the server'} takes no metrics")
+        metric = self._codec.metric
+        return b"".join([metric(update) for update in updates])
 
     def send_queued(self, runs: Iterable[tuple[bool, Sequence[WireItem]]]) -> bytes:
         """:meth:`send_changes` for runs of ``(decrement, items)`` taken from a client's queue."""

@@ -14,11 +14,11 @@ What it owns:
   :attr:`~SessionState.CLOSING`. The ``hello`` reply lists the ops and the limits.
 * request ids and reply order: each call gets a :class:`Slot` in a FIFO; replies leave in call
   order whatever order the answers come in (``ping`` is answered here, in its place).
-* casts: the increments (or decrements) of one :meth:`receive_data` travel as one batch (one
-  mailbox message per read, not per item), cut only where a call must keep its place between
-  them. Items the codec refused are answered at once; items the actor refuses later come back
-  through :meth:`cast_rejected` with indices into that batch, and are named in each message's
-  own numbering.
+* casts: the increments (or decrements, or metrics updates) of one :meth:`receive_data`
+  travel as one batch (one mailbox message per read, not per item), cut only where a call must
+  keep its place between them or the kind changes. Items the codec refused are answered at
+  once; items the actor refuses later come back through :meth:`cast_rejected` with indices into
+  that batch, and are named in each message's own numbering.
 * errors: a readable but wrong message is answered ``err`` and the stream goes on; bytes that
   are not MessagePack are answered ``bad_frame`` and the session is ``CLOSING``. Error replies to
   casts and ``pub`` updates are best effort: they are dropped (and counted) while the peer has
@@ -42,7 +42,7 @@ from campaignstats.errors import (
     ProtocolError,
     Unauthorized,
 )
-from campaignstats.model import IncrementLike, WireStats
+from campaignstats.model import WireStats
 from campaignstats.protocol import (
     PROTOCOL_VERSION,
     Batch,
@@ -53,7 +53,15 @@ from campaignstats.protocol import (
     Rejected,
     ServerCodec,
 )
-from campaignstats.requests import Cast, Decrements, Increments, Request, Subscribe, Unsubscribe
+from campaignstats.requests import (
+    Cast,
+    Decrements,
+    Increments,
+    MetricUpdates,
+    Request,
+    Subscribe,
+    Unsubscribe,
+)
 
 __all__ = [
     "CallReceived",
@@ -119,7 +127,14 @@ class CastOrigin:
 
 
 def _op(message: Batch) -> str:
+    if message.metric:
+        return "metric"
     return ("dec" if message.decrement else "inc") + ("" if message.single else "s")
+
+
+def _kind(message: Batch) -> tuple[bool, bool]:
+    """Casts of one kind travel together: increments, decrements, metrics updates."""
+    return message.metric, message.decrement
 
 
 # -- events ---------------------------------------------------------------------------------------
@@ -133,7 +148,8 @@ class CallReceived(NamedTuple):
 
 
 class CastReceived(NamedTuple):
-    """Increments or decrements to apply; report the items the actor refuses with ``origin``."""
+    """Increments, decrements or metrics updates to apply; report the items the actor refuses
+    with ``origin``."""
 
     cast: Cast
     origin: CastOrigin
@@ -221,13 +237,19 @@ class ServerSession:
                 isinstance(msg, Call) and type(msg.request) is Hello
             ):
                 self._cast_run(events, run)
+                if isinstance(msg, Rejected) and msg.op == "hello":
+                    # A hello that is malformed or of another protocol: its own error (not
+                    # "unauthorized", which would blame a right token), then close.
+                    self._close_with(msg.req_id, msg.error)
+                    events.append(Closing(msg.error))
+                    return events
                 self._refuse(events, None if isinstance(msg, Batch) else msg.req_id)
                 return events
             if isinstance(msg, Batch):
                 if msg.rejected:
                     self._items_refused(events, msg)
                 if msg.items:
-                    if run and run[0].decrement != msg.decrement:
+                    if run and _kind(run[0]) != _kind(msg):
                         self._cast_run(events, run)
                     run.append(msg)
                 continue
@@ -248,17 +270,21 @@ class ServerSession:
             return
         if len(run) == 1:
             message = run[0]
-            items: Sequence[IncrementLike] = message.items  # the hot path: no copy
+            items: Sequence[Any] = message.items  # the hot path: no copy
             origin = CastOrigin([message], bool(message.rejected))
         else:
-            merged: list[IncrementLike] = []
+            merged: list[Any] = []
             held = False
             for message in run:
                 merged.extend(message.items)
                 held = held or bool(message.rejected)
             items = merged
             origin = CastOrigin(run.copy(), held)
-        cast: Cast = Decrements(items) if run[0].decrement else Increments(items)
+        cast: Cast
+        if run[0].metric:
+            cast = MetricUpdates(items)
+        else:
+            cast = Decrements(items) if run[0].decrement else Increments(items)
         events.append(CastReceived(cast, origin))
         run.clear()
 
