@@ -700,6 +700,22 @@ COMMANDS = {
 }
 
 
+#: what ``campaignstats[server]`` adds to the plain (client) install
+_SERVER_MODULES = frozenset(
+    {
+        "anyio",
+        "asyncpg",
+        "datasketches",
+        "httptools",
+        "pgserver",
+        "prometheus_client",
+        "starlette",
+        "tqdm",
+        "uvicorn",
+    }
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_format, args.log_level)
@@ -711,6 +727,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return asyncio.run(serve(args))
         return int(asyncio.run(_with_db(args)))
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.partition(".")[0] not in _SERVER_MODULES:
+            raise
+        # The plain install is the client only (docs/design.md, "The house").
+        print(
+            f"campaignstats {args.command} needs the server's dependencies ({exc.name} is "
+            "missing): pip install 'campaignstats[server]'",
+            file=sys.stderr,
+        )
+        return 2
     except ConnectionError as exc:
         print(f"cannot reach the server: {exc}", file=sys.stderr)
         return 1
