@@ -647,3 +647,33 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr.decode()
+
+
+async def test_metric_updates_are_queued_like_increments_and_read_back_with_metrics(
+    service: StatsService, make_client: MakeClient
+) -> None:
+    """docs/metrics.md, "Integration": ``metric()`` checked here, sent in the background in
+    order with increments; ``flush()`` covers it; ``metrics()`` and ``reset_metrics()`` calls."""
+    async with asyncio.timeout(10), running_server(service) as server:
+        client = make_client(tcp_url(server))
+        cid = new_campaign()
+        client.increment(cid, 1, "register", None, True)
+        client.metric(cid, incr={"views": 2}, member={"visitors": ["a", "b"]})
+        client.metric(cid, dims={"source": "mail"}, incr={"views": 1}, member={"visitors": "a"})
+        client.metric(cid, set={"partner": 5000}, seen=["views"], at=1.7e9)
+        with pytest.raises(Invalid):
+            client.metric(cid, incr={"views": 1}, at=1.7e12)  # milliseconds: a caller's bug
+        with pytest.raises(BadMessage):
+            client.metric(cid, incr={"views": "1"})
+        await client.call("flush")
+        reply = await client.call("metrics", cid)
+        assert reply["total"]["counters"] == {"views": 3, "partner": 5000}
+        assert reply["total"]["uniques"] == {"visitors": 2}
+        assert reply["total"]["last_seen"] == {"views": 1.7e9}
+        assert reply["dims"]["source"]["mail"]["counters"] == {"views": 1}
+        assert (await client.call("stats", cid))["supporters"] == 1
+        assert await client.call("reset_metrics", cid, "partner") is True
+        assert await client.call("reset_metrics", cid, "nothing") is False
+        reply = await client.call("metrics", cid)
+        assert reply["total"]["counters"] == {"views": 3}
+        assert client.dropped == 0
