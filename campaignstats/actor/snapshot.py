@@ -1,14 +1,12 @@
 """The snapshot file: the counts written at shutdown, read at start so answers come at once.
 
-MessagePack, written atomically (temporary file, fsync, rename), so a crash while writing leaves
-the previous snapshot intact. A snapshot is only a head start: the full calculation that follows
-every start replaces what it covers.
+MessagePack, written atomically (:func:`campaignstats.files.atomic_write`: temporary file,
+fsync, rename), so a crash while writing leaves the previous snapshot intact. A snapshot is
+only a head start: the full calculation that follows every start replaces what it covers.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import msgpack
 import structlog
 
+from campaignstats.files import atomic_write
 from campaignstats.model import CampaignStats
 
 log = structlog.get_logger(__name__)
@@ -30,24 +29,7 @@ def save_snapshot(path: Path, campaigns: dict[int, CampaignStats]) -> None:
         for cid, s in campaigns.items()
     ]
     data = msgpack.packb({"format": FORMAT, "saved_at": time.time(), "campaigns": rows})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # A full disk (or any failure) must not leave a half-written temporary file behind.
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, data)
     log.info("snapshot.saved", path=str(path), campaigns=len(rows), bytes=len(data))
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from campaignstats.metrics.files import atomic_write
+from campaignstats.files import atomic_write
 from campaignstats.metrics.model import BUCKET, DAY, MetricsState
 
 Format = Literal["auto", "parquet", "csv"]

@@ -41,7 +41,7 @@ from typing import Any, Literal, NamedTuple
 import msgpack
 import structlog
 
-from campaignstats.metrics.files import fsync_dir
+from campaignstats.files import fsync_dir
 
 log = structlog.get_logger(__name__)
 

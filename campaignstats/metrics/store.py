@@ -28,7 +28,7 @@ import msgpack
 import structlog
 
 from campaignstats.errors import ProtocolError
-from campaignstats.metrics.files import atomic_write
+from campaignstats.files import atomic_write
 from campaignstats.metrics.log import FsyncPolicy, Mark, MetricsLog, Record
 from campaignstats.metrics.model import Applied, MetricsState
 from campaignstats.metrics.update import (
