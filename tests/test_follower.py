@@ -227,6 +227,12 @@ class Writer:
                 page,
                 status,
             )
+            if self.rng.random() < 0.3:  # mail to targets, sent with the action
+                await self.conn.execute(
+                    "INSERT INTO messages (action_id) SELECT $1 FROM generate_series(1, $2)",
+                    aid,
+                    self.rng.randint(1, 3),
+                )
         self.people.append((sid, cid))
         (self.counted if status == 3 else self.pending).append(aid)
 
@@ -267,6 +273,18 @@ class Writer:
         self.removals += 1
         await self.conn.execute("UPDATE supporters SET processing_status = 2 WHERE id = $1", sid)
 
+    async def mail(self) -> None:
+        """Messages sent later, for an action counted or not."""
+        aid = self.rng.choice(self.pending + self.counted)
+        await self.conn.execute("INSERT INTO messages (action_id) VALUES ($1), ($1)", aid)
+
+    async def unmail(self) -> None:
+        self.removals += 1
+        await self.conn.execute(
+            "DELETE FROM messages WHERE id = (SELECT min(id) FROM messages WHERE id % 3 = $1)",
+            self.rng.randrange(3),
+        )
+
     async def accept_supporter(self) -> None:
         sid, _ = self.rng.choice(self.people)
         await self.conn.execute("UPDATE supporters SET processing_status = 3 WHERE id = $1", sid)
@@ -306,8 +324,12 @@ class Writer:
             await self.accept_supporter()
         elif roll < 0.97 and len(self.people) > 5:
             await self.delete_supporter()
-        else:
+        elif roll < 0.98:
             await self.reject_supporter()
+        elif roll < 0.99 and (self.pending or self.counted):
+            await self.mail()
+        else:
+            await self.unmail()
 
 
 async def _equal_soon(service: StatsService, conn: asyncpg.Connection) -> None:
@@ -372,6 +394,8 @@ async def test_counts_follow_commits_within_a_second(dsn: str, sync_interval: fl
             info = await service.info()
             status = follower.status()
         assert status["transactions"] >= 160
+        truth = await recount(conn, CAMPAIGNS)
+        assert sum(t.messages for t in truth.values()) > 0  # messages were followed too
         assert status["errors"] == 0
         assert status["inexact"] == 0
         if sync_interval < 1:

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from campaignstats.model import Increment
@@ -36,8 +36,8 @@ ACTION_COUNTED = frozenset((3, 4))
 SUPPORTER_ACCEPTED = 3
 
 #: the tables whose changes move the counts; the follower's publication lists them
-TABLES = ("actions", "supporters", "action_pages", "campaigns")
-#: the tables whose Update and Delete must carry the whole old row
+TABLES = ("actions", "supporters", "action_pages", "campaigns", "messages")
+#: the tables whose Update and Delete must carry the whole old row (and messages, where present)
 FULL_IDENTITY_TABLES = ("actions", "supporters", "action_pages")
 
 
@@ -87,7 +87,15 @@ class PageRow:
     extra_supporters: int
 
 
-TypedRow = ActionRow | SupporterRow | PageRow
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    """A mail-to-target message (Proca #312): STATS ``messages`` counts those of counted actions."""
+
+    id: int
+    action_id: int
+
+
+TypedRow = ActionRow | SupporterRow | PageRow | MessageRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +161,8 @@ def typed_row(table: str, row: Row) -> TypedRow:
             int(_text(row, "processing_status")),
             _opt_int(row, "dupe_rank"),
         )
+    if table == "messages":
+        return MessageRow(int(_text(row, "id")), int(_text(row, "action_id")))
     if table == "action_pages":
         return PageRow(
             int(_text(row, "id")),
@@ -337,6 +347,9 @@ def plan(
     actions: Iterable[ActionRow],
     org_of: Callable[[int], int | None],
     txid_of: Callable[[int], int],
+    *,
+    message_counts: Mapping[int, int] | None = None,
+    message_actions: Iterable[ActionRow] = (),
 ) -> Plan:
     """Increments and decrements for ``transactions`` (visible, in commit order).
 
@@ -344,12 +357,19 @@ def plan(
     of ``transactions`` (and none after them): every supporter row with the fingerprint of a
     person the transactions touch, and those supporters' counted actions. ``org_of`` gives a
     page's org; ``txid_of`` turns a Begin's 32-bit xid into the txid the actor compares.
+
+    Messages (where the table exists): ``message_counts`` is, in the same snapshot, the number of
+    messages of each action the transactions touch (by an action change or a message change),
+    and ``message_actions`` those actions' rows; None: messages are not followed.
     """
     txns = list(transactions)
     people = _People(supporters, actions)
+    mail = None if message_counts is None else _Mail(message_counts, message_actions)
     # Take the round back: the state before its first transaction.
     for txn in reversed(txns):
         _take_back(people, txn)
+        if mail is not None:
+            mail.take_back(txn)
     out = Plan()
     for txn in txns:
         txid = txid_of(txn.xid)
@@ -367,9 +387,13 @@ def plan(
                 if row is not None:
                     pairs |= people.pairs_of(row)
         before = {p: people.membership(p[0], p[1], org_of) for p in pairs}
+        mailed = set() if mail is None else mail.touched(txn)
+        mail_before = {} if mail is None else {a: mail.contribution(a, org_of) for a in mailed}
         incs: list[Increment] = []
         decs: list[Increment] = []
         _apply(people, txn)
+        if mail is not None:
+            mail.apply(txn)
         for ch in txn.changes:
             if ch.table == "actions":
                 _action_level(ch, txid, org_of, incs, decs, out)
@@ -377,9 +401,94 @@ def plan(
             new = people.membership(p[0], p[1], org_of)
             if before[p] != new:
                 _supporter_units(p, before[p], new, txid, people, incs, decs, out)
+        for aid in sorted(mailed):
+            assert mail is not None
+            _messages(aid, mail_before[aid], mail.contribution(aid, org_of), txid, incs, decs)
         out.increments.extend(incs)
         out.decrements.extend(decs)
     return out
+
+
+#: (campaign, org, action type, messages) of a counted action with messages
+_Contribution = tuple[int, int, str, int] | None
+
+
+class _Mail:
+    """Messages per action, and the rows of those actions, for the actions a round touches."""
+
+    def __init__(self, counts: Mapping[int, int], rows: Iterable[ActionRow]) -> None:
+        self.n: dict[int, int] = dict(counts)
+        self.rows: dict[int, ActionRow] = {r.id: r for r in rows}
+
+    def take_back(self, txn: Transaction) -> None:
+        for ch in reversed(txn.changes):
+            self._change(ch.new, ch.old)
+
+    def apply(self, txn: Transaction) -> None:
+        for ch in txn.changes:
+            self._change(ch.old, ch.new)
+
+    def _change(self, gone: TypedRow | None, comes: TypedRow | None) -> None:
+        if isinstance(gone, ActionRow):
+            self.rows.pop(gone.id, None)
+        elif isinstance(gone, MessageRow):
+            self.n[gone.action_id] = self.n.get(gone.action_id, 0) - 1
+        if isinstance(comes, ActionRow):
+            self.rows[comes.id] = comes
+        elif isinstance(comes, MessageRow):
+            self.n[comes.action_id] = self.n.get(comes.action_id, 0) + 1
+
+    @staticmethod
+    def touched(txn: Transaction) -> set[int]:
+        ids: set[int] = set()
+        for ch in txn.changes:
+            for row in (ch.old, ch.new):
+                if isinstance(row, ActionRow):
+                    ids.add(row.id)
+                elif isinstance(row, MessageRow):
+                    ids.add(row.action_id)
+        return ids
+
+    def contribution(self, aid: int, org_of: Callable[[int], int | None]) -> _Contribution:
+        row = self.rows.get(aid)
+        n = self.n.get(aid, 0)
+        if row is None or not row.counted or n <= 0:
+            return None
+        org = org_of(row.action_page_id)
+        return None if org is None else (row.campaign_id, org, row.action_type, n)
+
+
+def _messages(
+    aid: int,
+    before: _Contribution,
+    after: _Contribution,
+    txid: int,
+    incs: list[Increment],
+    decs: list[Increment],
+) -> None:
+    """An action's messages in STATS: on its own increment or decrement when it starts or stops
+    counting in this transaction, else as an increment and a decrement whose action counts
+    cancel out (messages sent, or taken back, for an action counted all along)."""
+    if before == after:
+        return
+    moves: list[tuple[tuple[int, int, str], int]] = []
+    if before is not None and after is not None and before[:3] == after[:3]:
+        moves.append((after[:3], after[3] - before[3]))
+    else:
+        if before is not None:
+            moves.append((before[:3], -before[3]))
+        if after is not None:
+            moves.append((after[:3], after[3]))
+    for (cid, org, action_type), d in moves:
+        same, other = (incs, decs) if d > 0 else (decs, incs)
+        n = abs(d)
+        for i, item in enumerate(same):
+            if item.action_id == aid and item.campaign_id == cid and not item.messages:
+                same[i] = item._replace(messages=n)
+                break
+        else:
+            same.append(Increment(cid, org, action_type, messages=n, txid=txid))
+            other.append(Increment(cid, org, action_type, txid=txid))
 
 
 def _apply(people: _People, txn: Transaction) -> None:

@@ -39,7 +39,9 @@ from .changes import (
     ActionRow,
     Assembler,
     IdentityError,
+    MessageRow,
     PageRow,
+    RowChange,
     SupporterRow,
     Transaction,
     full_xid,
@@ -138,6 +140,8 @@ class Follower:
     _applied: dict[int, int] = field(default_factory=dict)
     _pages: dict[int, int] = field(default_factory=dict)
     _prepared: bool = False
+    #: the messages table exists and is published: STATS messages are followed
+    _with_messages: bool = False
     #: past this much WAL retained by the slot, write a running-transactions record so that its
     #: restart point (where every peek starts decoding) catches up (docs/follow.md, "Cost")
     retain_bytes: int = 256 * 1024
@@ -160,6 +164,13 @@ class Follower:
         try:
             await _check_server(conn, self.configure)
             await self._ensure_publication(conn)
+            self._with_messages = bool(
+                await conn.fetchval(
+                    "SELECT count(*) FROM pg_publication_tables "
+                    "WHERE pubname = $1 AND tablename = 'messages'",
+                    self.publication,
+                )
+            )
             await self._ensure_slot(conn)
             self.start_snapshot = TxSnapshot.parse(
                 await conn.fetchval("SELECT pg_current_snapshot()::text")
@@ -417,6 +428,11 @@ class Follower:
             ActionRow(*r) for r in await conn.fetch(q.people_actions, [s.id for s in supporters])
         ]
         pages.update(a.action_page_id for a in actions)
+        counts: dict[int, int] | None = None
+        mailed: list[ActionRow] = []
+        if self._with_messages:
+            counts, mailed = await self._mail(conn, visible)
+            pages.update(a.action_page_id for a in mailed)
         missing = [p for p in pages if p not in self._pages]
         if missing:
             if len(self._pages) > _MAX_PAGES_CACHED:
@@ -424,7 +440,48 @@ class Follower:
             for pid, org in await conn.fetch(q.page_orgs, missing):
                 self._pages[pid] = org
         xmax = snapshot.xmax
-        return plan(visible, supporters, actions, self._pages.get, lambda xid: full_xid(xid, xmax))
+        return plan(
+            visible,
+            supporters,
+            actions,
+            self._pages.get,
+            lambda xid: full_xid(xid, xmax),
+            message_counts=counts,
+            message_actions=mailed,
+        )
+
+    async def _mail(
+        self, conn: asyncpg.Connection, visible: list[Transaction]
+    ) -> tuple[dict[int, int], list[ActionRow]]:
+        """Messages and rows, as ``Q`` has them, of the actions the round touches. An action
+        inserted in the round needs no query: its state in ``Q`` is the round's own doing."""
+        first: dict[int, RowChange] = {}
+        last: dict[int, RowChange] = {}
+        net: dict[int, int] = {}
+        for txn in visible:
+            for ch in txn.changes:
+                row = ch.new or ch.old
+                if isinstance(row, ActionRow):
+                    first.setdefault(row.id, ch)
+                    last[row.id] = ch
+                elif isinstance(row, MessageRow):
+                    d = 1 if ch.old is None else -1 if ch.new is None else 0
+                    net[row.action_id] = net.get(row.action_id, 0) + d
+                    if ch.old is not None and isinstance(ch.new, MessageRow):
+                        old = ch.old
+                        assert isinstance(old, MessageRow)
+                        if old.action_id != ch.new.action_id:  # moved to another action
+                            net[old.action_id] = net.get(old.action_id, 0) - 1
+                            net[ch.new.action_id] = net.get(ch.new.action_id, 0) + 1
+        born = {aid for aid, ch in first.items() if ch.old is None}
+        counts = {aid: net.get(aid, 0) for aid in born}
+        rows = [r for aid in born if isinstance(r := last[aid].new, ActionRow)]
+        ask = sorted((set(first) | set(net)) - born)
+        if ask:
+            for r in await conn.fetch(self.queries.mailed_actions, ask):
+                rows.append(ActionRow(*r[:7]))
+                counts[r[0]] = r[7]
+        return counts, rows
 
     async def _advance(
         self,
@@ -510,13 +567,14 @@ async def _check_server(conn: asyncpg.Connection, configure: bool) -> None:
     rows = await conn.fetch(
         "SELECT c.relname, c.relreplident FROM pg_class c "
         "WHERE c.oid = ANY(ARRAY[to_regclass('actions'), to_regclass('supporters'), "
-        "to_regclass('action_pages')]::oid[])"
+        "to_regclass('action_pages'), to_regclass('messages')]::oid[])"
     )
     found = {r[0]: r[1] for r in rows}
     absent = [t for t in FULL_IDENTITY_TABLES if t not in found]
     if absent:
         raise FollowError(f"tables missing: {', '.join(absent)} (campaignstats init-db)")
-    not_full = [t for t in FULL_IDENTITY_TABLES if found[t] != "f"]
+    full_tables = [*FULL_IDENTITY_TABLES, *(["messages"] if "messages" in found else [])]
+    not_full = [t for t in full_tables if found[t] != "f"]
     if not_full and configure:
         for t in not_full:
             await conn.execute(f"ALTER TABLE {t} REPLICA IDENTITY FULL")

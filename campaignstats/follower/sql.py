@@ -33,6 +33,9 @@ class FollowerQueries:
     people_actions: str
     #: (id, org_id) of these action pages ($1)
     page_orgs: str
+    #: these actions ($1), whatever their status: the columns of people_actions, then their
+    #: messages (messages_action_id_index)
+    mailed_actions: str
     #: settings of the follower's connections. Its queries are lookups by arrays of keys, for
     #: which an index scan is always right; statistics of a table that grew fast (or a generic
     #: plan made while it was small) would otherwise pick a scan of the whole table every round.
@@ -73,4 +76,10 @@ FOLLOWER_QUERIES = FollowerQueries(
     WHERE a.supporter_id = ANY($1::bigint[]) AND a.processing_status IN (3, 4)
     """,
     page_orgs="SELECT id, org_id FROM action_pages WHERE id = ANY($1::bigint[])",
+    mailed_actions="""
+    SELECT a.id, a.supporter_id, a.action_type, a.campaign_id, a.action_page_id,
+           a.processing_status, a.testing,
+           (SELECT count(*) FROM messages m WHERE m.action_id = a.id)
+    FROM actions a WHERE a.id = ANY($1::bigint[])
+    """,
 )
