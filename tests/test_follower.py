@@ -29,6 +29,7 @@ from campaignstats.follower import Follower, FollowError, drop_slot, list_slots
 from campaignstats.follower.changes import (
     ActionRow,
     Assembler,
+    IdentityError,
     Plan,
     RowChange,
     SupporterRow,
@@ -359,7 +360,7 @@ async def following(
         yield service, follower, task
     finally:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, IdentityError):  # the last test's
             await task
         await service.stop()
 
@@ -626,5 +627,25 @@ async def test_two_servers_each_on_its_own_slot_reach_the_same_counts(dsn: str) 
             await _equal_soon(a, conn)
         slots = {s["slot_name"] for s in await list_slots(dsn)}
         assert slots == {"t_replica_a", "t_replica_b"}  # kept for their next start
+    finally:
+        await conn.close()
+
+
+async def test_an_update_without_its_old_row_stops_the_follower_with_the_fix(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        writer = Writer(conn, random.Random(5))
+        async with following(dsn, 3600, slot="t_identity") as (service, follower, task):
+            await writer.sign(3)
+            await _equal_soon(service, conn)
+            assert follower.status()["running"]
+            await conn.execute("ALTER TABLE actions REPLICA IDENTITY DEFAULT")
+            await conn.execute("UPDATE actions SET processing_status = 2")
+            async with asyncio.timeout(10):
+                with pytest.raises(IdentityError):
+                    await asyncio.shield(task)
+            status = follower.status()
+            assert not status["running"]
+            assert "ALTER TABLE public.actions REPLICA IDENTITY FULL;" in status["stopped_by"]
     finally:
         await conn.close()

@@ -113,6 +113,8 @@ class FollowerStats:
     last_latency: float | None = None
     last_round_seconds: float = 0.0
     confirmed_lsn: int = 0
+    running: bool = False
+    stopped_by: str | None = None
     #: seconds spent, in total, per phase of a round (where a slow round's time goes)
     seconds: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(("peek", "people", "apply", "advance"), 0.0)
@@ -256,7 +258,22 @@ class Follower:
     async def run(self, service: Service, *, full_calculation_pending: bool) -> None:
         """Follow until cancelled. ``full_calculation_pending``: a full calculation starts after
         :meth:`prepare` without being asked (the service is started after it); otherwise one is
-        asked for (``resync("all")``, retried while another runs) before anything is applied."""
+        asked for (``resync("all")``, retried while another runs) before anything is applied.
+        Database errors are retried with backoff; anything else (an update without its old row,
+        the service stopped) ends it, recorded in :meth:`status` (``running``, ``stopped_by``).
+        """
+        self.stats.running = True
+        try:
+            await self._run(service, full_calculation_pending)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.stats.stopped_by = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.stats.running = False
+
+    async def _run(self, service: Service, full_calculation_pending: bool) -> None:
         import asyncpg
 
         if not self._prepared:
@@ -515,6 +532,8 @@ class Follower:
         s = self.stats
         return {
             "slot": self.slot,
+            "running": s.running,
+            "stopped_by": s.stopped_by,
             "publication": self.publication,
             "lag_bytes": s.lag_bytes,
             "lag_seconds": s.lag_seconds,
