@@ -313,9 +313,9 @@ class Follower:
         q = self.queries
         t0 = time.perf_counter()
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            snap_text, insert_lsn, lag, retained = await conn.fetchrow(q.round_start, self.slot)
+            row = await conn.fetchrow(q.round_start, self.slot)
+            snap_text, insert_lsn, flush_lsn, lag, retained = row
             snapshot = TxSnapshot.parse(snap_text)
-            flush_lsn = await slot_conn.fetchval(q.flush_lsn)
             t1 = time.perf_counter()
             rows = await slot_conn.fetch(
                 q.peek, self.slot, insert_lsn, self.max_changes, self.publication
@@ -437,13 +437,13 @@ class Follower:
                         pages.add(row.action_page_id)
                     elif isinstance(row, SupporterRow):
                         fps.add(row.fingerprint)
-        supporters = [
-            SupporterRow(r[0], bytes(r[1]), r[2], r[3], r[4])
-            for r in await conn.fetch(q.people, list(sids), list(fps))
-        ]
-        actions = [
-            ActionRow(*r) for r in await conn.fetch(q.people_actions, [s.id for s in supporters])
-        ]
+        supporters: list[SupporterRow] = []
+        actions: list[ActionRow] = []
+        for r in await conn.fetch(q.people, list(sids), list(fps)):
+            if r[0] == 0:
+                supporters.append(SupporterRow(r[1], bytes(r[2]), r[3], r[4], r[5]))
+            else:
+                actions.append(ActionRow(r[1], r[6], r[7], r[8], r[9], r[4], r[10]))
         pages.update(a.action_page_id for a in actions)
         counts: dict[int, int] | None = None
         mailed: list[ActionRow] = []
