@@ -649,3 +649,21 @@ async def test_an_update_without_its_old_row_stops_the_follower_with_the_fix(dsn
             assert "ALTER TABLE public.actions REPLICA IDENTITY FULL;" in status["stopped_by"]
     finally:
         await conn.close()
+
+
+async def test_extra_supporters_changes_are_counted_as_not_followed(dsn: str) -> None:
+    """docs/follow.md, "Not followed yet": counted in status(), repaired by a calculation."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with following(dsn, 3600, slot="t_extra") as (service, follower, _):
+            await conn.execute("UPDATE action_pages SET extra_supporters = 5 WHERE id = 1")
+            await wait_for(lambda: follower.status()["extra_supporters_changes"] == 1, 5)
+            assert (await service.stats(1))["extra_supporters"] == 0
+            await service.resync("all")
+            await wait_for(lambda: _extra(service, 5), 5)
+    finally:
+        await conn.close()
+
+
+async def _extra(service: StatsService, n: int) -> bool:
+    return bool((await service.stats(1))["extra_supporters"] == n)

@@ -374,6 +374,14 @@ class Follower:
         s.decrements += len(decs)
         s.deferred = len(pending)
         s.truncated_rounds += truncated
+        s.extra_supporters_changes += sum(
+            1
+            for txn in visible
+            for ch in txn.changes
+            if isinstance(ch.old, PageRow)
+            and isinstance(ch.new, PageRow)
+            and ch.old.extra_supporters != ch.new.extra_supporters
+        )
         if result is not None:
             s.inexact += result.inexact
             s.unknown_pages += result.unknown_pages
@@ -414,11 +422,6 @@ class Follower:
                 for ch in txn.changes:
                     if isinstance(ch.new, PageRow):
                         self._pages[ch.new.id] = ch.new.org_id
-                        old = ch.old
-                        if isinstance(old, PageRow) and old.extra_supporters != (
-                            ch.new.extra_supporters
-                        ):
-                            self.stats.extra_supporters_changes += 1
         return out
 
     async def _plan(
