@@ -18,7 +18,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from campaignstats.metrics import MetricsStore, make_update
-from campaignstats.metrics.log import MAGIC
+from campaignstats.metrics.log import MAGIC, LogError
 from campaignstats.metrics.store import write_snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,12 +143,11 @@ def test_a_torn_tail_is_cut_with_a_warning_and_the_log_keeps_working(tmp_path: P
     assert store.log.next_seq == 6
 
 
-def test_a_corrupt_record_cuts_the_log_there_with_a_warning_and_keeps_the_bad_bytes(
+def test_a_corrupt_record_in_the_middle_is_stepped_over_with_a_warning_and_its_bytes_kept(
     tmp_path: Path,
 ) -> None:
     store = make_store(tmp_path)
     fill(store, 5)
-    size_after_2 = None
     store.log.close()
     path = tmp_path / "m.log"
     data = bytearray(path.read_bytes())
@@ -158,11 +157,49 @@ def test_a_corrupt_record_cuts_the_log_there_with_a_warning_and_keeps_the_bad_by
     path.write_bytes(bytes(data))
     with capture_logs() as logs:
         store = make_store(tmp_path)
+    (warning,) = [e for e in logs if e["event"] == "metrics.log.skipped_record"]
+    assert warning["problem"] == "checksum mismatch"
+    assert warning["offset"] == size_after_2
+    assert counters(store)[0] == 4  # one record lost, not the two after it
+    assert path.read_bytes() == bytes(data)  # the file is left as it is
+    aside = Path(warning["copied_to"]).read_bytes()
+    assert aside == bytes(data[size_after_2 : size_after_2 + record])
+    fill(store, 1)
+    store.log.close()
+    assert counters(make_store(tmp_path))[0] == 5
+
+
+def test_a_corrupt_last_record_is_a_damaged_tail_cut_with_a_warning(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    fill(store, 5)
+    store.log.close()
+    path = tmp_path / "m.log"
+    data = bytearray(path.read_bytes())
+    record = (len(data) - len(MAGIC)) // 5
+    data[len(MAGIC) + 4 * record + 12] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with capture_logs() as logs:
+        store = make_store(tmp_path)
     (warning,) = [e for e in logs if e["event"] == "metrics.log.damaged_tail"]
     assert warning["problem"] == "checksum mismatch"
-    assert counters(store)[0] == 2
-    assert path.stat().st_size == size_after_2
-    assert Path(warning["copied_to"]).read_bytes() == bytes(data[size_after_2:])
+    assert counters(store)[0] == 4
+    assert path.stat().st_size == len(MAGIC) + 4 * record
+    assert Path(warning["copied_to"]).read_bytes() == bytes(data[len(MAGIC) + 4 * record :])
+    store.log.close()
+
+
+def test_damage_in_the_middle_that_cannot_be_stepped_over_refuses_to_open(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    fill(store, 5)
+    store.log.close()
+    path = tmp_path / "m.log"
+    data = bytearray(path.read_bytes())
+    record = (len(data) - len(MAGIC)) // 5
+    data[len(MAGIC) + 2 * record] ^= 0x01  # the third record's length field: off by one
+    path.write_bytes(bytes(data))
+    with pytest.raises(LogError, match="cannot be stepped over"):
+        make_store(tmp_path)
+    assert path.read_bytes() == bytes(data)
 
 
 def test_a_file_that_is_not_a_log_starts_empty_with_a_warning(tmp_path: Path) -> None:

@@ -24,8 +24,12 @@ A reply that promises durability (the ``flush`` call) is sent after the ``commit
 it; :attr:`MetricsLog.written_seq` and :attr:`MetricsLog.synced_seq` say how far each point got.
 
 At open, a torn or corrupt tail (a record cut short by a crash, a checksum mismatch, bytes that do
-not decode) is cut off with a warning and copied aside (``<log>.bad-<time>``), as Redis's
-``aof-load-truncated``: never fatal.
+not decode, with no good record after them) is cut off with a warning and copied aside
+(``<log>.bad-<time>``), as Redis's ``aof-load-truncated``. A damaged record in the middle whose
+length is intact (the next record is good) is stepped over with a warning (its bytes copied
+aside, the file left as it is): one record lost, not all those after it. Damage in the middle
+that cannot be stepped over, and a log of another version (``CSMLOG2``...), make the open fail
+with :class:`LogError`, the file untouched (Redis also refuses a log damaged in the middle).
 """
 
 from __future__ import annotations
@@ -73,37 +77,100 @@ def encode_record(seq: int, kind: str, body: Any) -> bytes:
     return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def scan(data: bytes) -> tuple[list[Record], int, str | None]:
-    """The records of a log file's bytes, where the good part ends, and what is wrong past it."""
+class LogError(Exception):
+    """A log (or snapshot) that must not be repaired automatically: a later format, or damage
+    in the middle that cannot be stepped over. The open fails and the file is left as it is."""
+
+
+class Scan(NamedTuple):
+    """What :func:`scan` found in a log file's bytes."""
+
+    records: list[Record]
+    #: where the good part ends (the length to keep)
+    good: int
+    #: what is wrong past ``good`` (a damaged tail), or None
+    problem: str | None
+    #: damaged records in the middle that were stepped over: (offset, length, problem)
+    skipped: list[tuple[int, int, str]]
+
+
+def _check(data: bytes, pos: int, last_seq: int) -> tuple[Record | None, int, str | None]:
+    """The record at ``pos`` and where it ends, or None and what is wrong (the end is then
+    where the record would end if its length field is believable, else -1)."""
+    size = len(data)
+    if size - pos < _HEAD.size:
+        return None, -1, "torn record header"
+    length, crc = _HEAD.unpack_from(data, pos)
+    if length > MAX_RECORD:
+        return None, -1, f"record length {length} is not believable"
+    end = pos + _HEAD.size + length
+    if end > size:
+        return None, -1, "torn record"
+    payload = data[pos + _HEAD.size : end]
+    if zlib.crc32(payload) != crc:
+        return None, end, "checksum mismatch"
+    try:
+        seq, kind, body = msgpack.unpackb(payload, strict_map_key=False)
+    except Exception:
+        return None, end, "record does not decode"
+    if type(seq) is not int or seq <= last_seq or type(kind) is not str:
+        return None, end, "record out of sequence"
+    return Record(seq, kind, body), end, None
+
+
+def _later_record(data: bytes, pos: int, last_seq: int) -> int | None:
+    """The offset of a good record anywhere after ``pos``, or None (the damage is the tail)."""
+    start = pos + 1
+    while True:
+        # A payload is the MessagePack array [seq, kind, body]: its first byte is 0x93.
+        i = data.find(b"\x93", start + _HEAD.size)
+        if i < 0:
+            return None
+        candidate = i - _HEAD.size
+        if _check(data, candidate, last_seq)[0] is not None:
+            return candidate
+        start = candidate + 1
+
+
+def scan(data: bytes) -> Scan:
+    """The records of a log file's bytes, where the good part ends, and what is wrong past it.
+
+    A damaged record whose length is believable and whose next record is good is stepped over
+    (listed in ``skipped``): it is not the tail. Damage after which no good record can be
+    found is the tail (``problem``). Damage that cannot be stepped over while good records
+    follow it raises :class:`LogError`, as does a header of another version (docs/metrics.md,
+    "Durability").
+    """
     if not data.startswith(MAGIC):
-        return [], 0, "not a metrics log (bad header)"
+        if data.startswith(MAGIC[:6]):
+            header = data[: data.find(b"\n") + 1 or 16]
+            raise LogError(f"a metrics log of an unknown format (header {header!r})")
+        return Scan([], 0, "not a metrics log (bad header)", [])
     records: list[Record] = []
+    skipped: list[tuple[int, int, str]] = []
     pos = len(MAGIC)
     size = len(data)
     last_seq = 0
-    unpackb = msgpack.unpackb
     while pos < size:
-        if size - pos < _HEAD.size:
-            return records, pos, "torn record header"
-        length, crc = _HEAD.unpack_from(data, pos)
-        if length > MAX_RECORD:
-            return records, pos, f"record length {length} is not believable"
-        end = pos + _HEAD.size + length
-        if end > size:
-            return records, pos, "torn record"
-        payload = data[pos + _HEAD.size : end]
-        if zlib.crc32(payload) != crc:
-            return records, pos, "checksum mismatch"
-        try:
-            seq, kind, body = unpackb(payload, strict_map_key=False)
-        except Exception:
-            return records, pos, "record does not decode"
-        if type(seq) is not int or seq <= last_seq or type(kind) is not str:
-            return records, pos, "record out of sequence"
-        records.append(Record(seq, kind, body))
-        last_seq = seq
-        pos = end
-    return records, pos, None
+        record, end, problem = _check(data, pos, last_seq)
+        if record is not None:
+            records.append(record)
+            last_seq = record.seq
+            pos = end
+            continue
+        assert problem is not None
+        if 0 < end < size and _check(data, end, last_seq)[0] is not None:
+            skipped.append((pos, end - pos, problem))
+            pos = end
+            continue
+        later = _later_record(data, pos, last_seq)
+        if later is not None:
+            raise LogError(
+                f"{problem} at offset {pos}, with good records after it (from offset {later}): "
+                "damage in the middle of the log that cannot be stepped over"
+            )
+        return Scan(records, pos, problem, skipped)
+    return Scan(records, pos, None, skipped)
 
 
 class MetricsLog:
@@ -155,7 +222,20 @@ class MetricsLog:
             _write_new(path, MAGIC)
             size = len(MAGIC)
         else:
-            records, good, problem = scan(data)
+            try:
+                records, good, problem, skipped = scan(data)
+            except LogError as exc:
+                raise LogError(f"{path}: {exc}; the file is left as it is") from None
+            for offset, length, what in skipped:
+                aside = _save_aside(path, data[offset : offset + length], f"{offset}")
+                log.warning(
+                    "metrics.log.skipped_record",
+                    path=str(path),
+                    problem=what,
+                    offset=offset,
+                    bytes_skipped=length,
+                    copied_to=str(aside),
+                )
             if problem is not None:
                 aside = _save_aside(path, data[good:])
                 log.warning(
@@ -287,8 +367,9 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _save_aside(path: Path, data: bytes) -> Path:
-    aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+def _save_aside(path: Path, data: bytes, where: str = "") -> Path:
+    at = f"-at{where}" if where else ""
+    aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}{at}")
     with open(aside, "wb") as f:
         f.write(data)
     return aside
