@@ -29,7 +29,7 @@ import structlog
 
 from campaignstats.errors import ProtocolError
 from campaignstats.files import atomic_write
-from campaignstats.metrics.log import FsyncPolicy, Mark, MetricsLog, Record
+from campaignstats.metrics.log import FsyncPolicy, LogError, Mark, MetricsLog, Record
 from campaignstats.metrics.model import Applied, MetricsState
 from campaignstats.metrics.update import (
     DEFAULT_LIMITS,
@@ -65,7 +65,8 @@ def load_snapshot(path: Path, limits: MetricLimits) -> tuple[MetricsState, int]:
     """The state in the snapshot file and the last log seq it holds; empty when missing.
 
     A damaged file is moved aside (``<path>.bad-<time>``) with an error and the state starts
-    empty: the log's records after it are still replayed, and none is applied twice.
+    empty: the log's records after it are still replayed, and none is applied twice. A snapshot
+    of another ``format`` (a later release's) is not damage: :class:`LogError`, file untouched.
     """
     try:
         raw = path.read_bytes()
@@ -73,8 +74,17 @@ def load_snapshot(path: Path, limits: MetricLimits) -> tuple[MetricsState, int]:
         return MetricsState(limits), 0
     try:
         data = msgpack.unpackb(raw)
+    except Exception:
+        data = None
+    version = data.get("format") if type(data) is dict else None
+    if type(version) is int and version != SNAPSHOT_FORMAT:  # a later release's: not damage
+        raise LogError(
+            f"{path}: a metrics snapshot of an unknown format {version} (this release "
+            f"reads {SNAPSHOT_FORMAT}); the file is left as it is"
+        )
+    try:
         if type(data) is not dict or data.get("format") != SNAPSHOT_FORMAT:
-            raise ValueError("not a metrics snapshot, or an unknown format")
+            raise ValueError("not a metrics snapshot")
         seq = data["seq"]
         if type(seq) is not int or seq < 0 or type(data["state"]) is not bytes:
             raise ValueError("bad seq or state")
