@@ -91,6 +91,8 @@ class MetricsKeeper:
         #: the compaction whose snapshot file is being written, and that write
         self._compaction: tuple[Compaction, concurrent.futures.Future[None]] | None = None
         self._archive: concurrent.futures.Future[list[Path]] | None = None
+        #: wall-clock time before which a failed archive is not tried again
+        self._archive_retry_at = 0.0
         self._next_snapshot = time.monotonic() + (config.snapshot_interval or 0)
         #: monotonic time of the first uncommitted change; None: everything is committed
         self.dirty_since: float | None = None
@@ -208,10 +210,18 @@ class MetricsKeeper:
             error = self._archive.exception()
             self._archive = None
             if error is not None:
+                # Retried at the next period, not at every tick: each try copies the state on
+                # the actor (docs/metrics.md, "Integration").
                 self.archive_errors += 1
-                log.error("metrics.archive_failed", error=repr(error))
+                period = archiver.period
+                self._archive_retry_at = (time.time() // period + 1) * period
+                log.error(
+                    "metrics.archive_failed",
+                    error=repr(error),
+                    retry_at=self._archive_retry_at,
+                )
         now = time.time()
-        if not archiver.due(now):
+        if now < self._archive_retry_at or not archiver.due(now):
             return
         data = self.state.snapshot()  # a copy taken on the actor; the thread builds the rows
         limits = self.config.limits
