@@ -24,8 +24,9 @@ def main() -> int:
         print("campaignstats is not installed here: run `make run` (it sets everything up)")
         return 2
     os.chdir(HERE)
-    # Embedded Postgres in ./.campaignstats, schema created, demo data when empty, then serve.
-    return cli_main(["serve", "--demo-if-empty", "100000", *sys.argv[1:]])
+    # Embedded Postgres in ./.campaignstats, schema created, demo data when empty, then serve,
+    # following the database (docs/follow.md): rows written with psql move the counts live.
+    return cli_main(["serve", "--demo-if-empty", "100000", "--follow", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -667,3 +667,36 @@ async def test_extra_supporters_changes_are_counted_as_not_followed(dsn: str) ->
 
 async def _extra(service: StatsService, n: int) -> bool:
     return bool((await service.stats(1))["extra_supporters"] == n)
+
+
+async def test_the_http_metrics_show_the_followers_lag_and_progress(dsn: str) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from campaignstats.http import HttpConfig
+    from campaignstats.http import app as http_app
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        writer = Writer(conn, random.Random(11))
+        async with following(dsn, 3600.0, slot="t_follow_metrics") as (service, follower, _):
+            for _ in range(10):
+                await writer.step()
+            await _equal_soon(service, conn)
+
+            def with_follower(info: dict[str, object]) -> dict[str, object]:
+                info["follower"] = follower.status()  # as serve --follow adds it
+                return info
+
+            stats_app = http_app(service, HttpConfig(), info_hook=with_follower)
+            text = stats_app.metrics.render(await stats_app._info()).decode()
+    finally:
+        await conn.close()
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert values["campaignstats_follower_running"] == 1
+    assert values["campaignstats_follower_transactions_total"] >= 10
+    assert values["campaignstats_follower_errors_total"] == 0
+    assert "campaignstats_follower_lag_bytes" in values

@@ -196,7 +196,8 @@ class Follower:
     async def _ensure_publication(self, conn: asyncpg.Connection) -> None:
         import asyncpg
 
-        tables = list(TABLES)
+        # messages only where the database has the table (Proca's mail-to-target messages)
+        tables = [t for t in TABLES if t != "messages"]
         if await conn.fetchval("SELECT to_regclass('messages') IS NOT NULL"):
             tables.append("messages")
         have = await conn.fetchval(

@@ -151,6 +151,33 @@ class _InfoCollector(Collector):
             "campaigns followed by at least one event stream",
             self.hub.campaigns,
         )
+        follower = info.get("follower")
+        if follower:  # serve --follow (docs/follow.md)
+            yield gauge("follower_running", "1 while the follower runs", bool(follower["running"]))
+            yield gauge(
+                "follower_lag_bytes",
+                "WAL the replication slot retains behind the database",
+                follower.get("lag_bytes") or 0,
+            )
+            yield gauge(
+                "follower_lag_seconds",
+                "age of the oldest change not applied yet",
+                follower.get("lag_seconds") or 0,
+            )
+            yield gauge(
+                "follower_last_latency_seconds",
+                "commit to applied, the last round",
+                follower.get("last_latency") or 0,
+            )
+            yield counter(
+                "follower_transactions", "transactions followed", follower.get("transactions", 0)
+            )
+            yield counter(
+                "follower_inexact",
+                "changes left to the next calculation",
+                follower.get("inexact", 0),
+            )
+            yield counter("follower_errors", "rounds that failed", follower.get("errors", 0))
 
 
 class Metrics:
