@@ -263,6 +263,9 @@ class StatsService:
     async def start(self) -> None:
         if self._task is not None:
             raise RuntimeError("already started")
+        # Before any actor runs: a metrics log that cannot be opened (its path, a later format)
+        # is raised here once, with its path, not taken for actor crashes (docs/metrics.md).
+        self.supervisor.open_metrics()
         await self._tasks.start()
         self._task = self._tasks.spawn(self._supervise(), name="campaignstats-supervisor")
 

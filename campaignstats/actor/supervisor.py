@@ -22,6 +22,7 @@ from campaignstats.errors import InternalError, StatsError
 from campaignstats.model import StatsState
 
 from .actor import ActorConfig, Lifetime, Source, StatsActor
+from .metrics import MetricsKeeper
 from .mailbox import Mailbox
 from .messages import Ask, Stop
 from .subscriptions import Registry
@@ -52,6 +53,13 @@ class Supervisor:
         self.window = window
         self.actor: StatsActor | None = None
         self._crashes: deque[float] = deque()
+
+    def open_metrics(self) -> None:
+        """Open the custom metrics (their log and snapshot) unless open: a failure (an
+        ``OSError`` naming the path, a :class:`~campaignstats.metrics.log.LogError`) is raised
+        to the caller, once, before any actor runs."""
+        if self.lifetime.metrics is None:
+            self.lifetime.metrics = MetricsKeeper(self.config.metrics)
 
     async def run(self) -> None:
         """Run actors until one stops cleanly; raise :class:`SupervisorGaveUp` past the limit."""
