@@ -22,9 +22,9 @@ from campaignstats.errors import InternalError, StatsError
 from campaignstats.model import StatsState
 
 from .actor import ActorConfig, Lifetime, Source, StatsActor
-from .metrics import MetricsKeeper
 from .mailbox import Mailbox
 from .messages import Ask, Stop
+from .metrics import MetricsKeeper
 from .subscriptions import Registry
 
 log = structlog.get_logger(__name__)
