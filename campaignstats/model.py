@@ -11,11 +11,14 @@ the database compare equal key for key.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol
 
 from campaignstats.errors import BadMessage, Invalid, ProtocolError
+from campaignstats.ranking import TOUCHED_HOURS, SupporterRanking, leaders
+from campaignstats.timeline import DAY, HOUR, Timeline
 
 #: Wire STATS map: ``{"supporters", "action", "area", "org", "extra_supporters"}``.
 WireStats = dict[str, Any]
@@ -426,6 +429,8 @@ class CalculationResult:
     taken_at: float | None = None
     #: False when the database has no messages table: memory keeps its own count
     messages_counted: bool = True
+    #: per covered campaign with counted actions, its buckets (docs/design.md, "Time")
+    timelines: dict[int, Timeline] = field(default_factory=dict)
 
     @property
     def horizon(self) -> Horizon:
@@ -438,6 +443,16 @@ class Decrement(NamedTuple):
     """A decrement in the journal, which keeps increments and decrements in one ordered list."""
 
     change: IncrementLike
+    #: the time of its bucket (its ``at``, or its arrival when it had none)
+    t: float | None = None
+
+
+class Arrived(NamedTuple):
+    """An increment in the journal that carried no ``at`` (or one in the future): the time of
+    its bucket, its arrival, is kept beside it so that the replay files it where it was filed."""
+
+    change: IncrementLike
+    t: float
 
 
 class StatsState:
@@ -454,6 +469,7 @@ class StatsState:
         "applied",
         "campaigns",
         "clamped",
+        "clock",
         "counted_now",
         "decremented",
         "journal",
@@ -463,14 +479,27 @@ class StatsState:
         "journal_size",
         "max_campaigns",
         "max_keys",
+        "ranking",
         "seen",
+        "timelines",
+        "touched",
     )
 
     def __init__(
         self, *, max_keys: int = DEFAULT_MAX_KEYS, max_campaigns: int | None = None
     ) -> None:
         self.campaigns: dict[int, CampaignStats] = {}
-        self.journal: dict[int, list[IncrementLike | Decrement]] | None = None
+        #: per campaign, its counts in time (docs/design.md, "Time"); created with its first
+        #: counted action
+        self.timelines: dict[int, Timeline] = {}
+        #: the clock that files a change without ``at`` (epoch seconds); tests set their own
+        self.clock: Callable[[], float] = time.time
+        #: campaigns by total supporters, kept current for ``top`` (campaignstats.ranking)
+        self.ranking = SupporterRanking()
+        #: per UTC hour (epoch hours), the campaigns that got a supporter in it: the candidates
+        #: of ``top`` by the last hour and by today (the last TOUCHED_HOURS hours are kept)
+        self.touched: dict[int, set[int]] = {}
+        self.journal: dict[int, list[IncrementLike | Decrement | Arrived]] | None = None
         #: campaigns worth journaling (the calculation's scope when known), None: all
         self.journal_only: frozenset[int] | None = None
         #: the journal is bounded: past this many changes it is dropped, and the calculation
@@ -522,6 +551,13 @@ class StatsState:
         seen = self.seen
         rejected: list[tuple[int, str]] = []
         applied = 0
+        timelines = self.timelines
+        now = self.clock()
+        now_minute = int(now) // 60
+        ranked = self.ranking.dirty
+        touched_now = self._touched(now_minute // 60)
+        if touched_now is None:  # the clock went back more than a day: noted nowhere
+            touched_now = set()
         for i, inc in enumerate(incs):
             # By attribute: the codec's msgspec items and Increment tuples both have them, so a
             # decoded batch is applied as it is, with no copy per increment.
@@ -577,19 +613,59 @@ class StatsState:
             if messages:
                 stats.messages += messages
             applied += 1
+            # Its bucket: its own time, or its arrival; never ahead of the server's clock.
+            at = inc.at
+            if at is None or at >= now:
+                t, minute = now, now_minute
+            else:
+                t, minute = at, int(at) // 60
+            if new_supporter:
+                ranked.add(cid)
+                if minute == now_minute:
+                    touched_now.add(cid)
+                else:
+                    touched = self._touched(minute // 60)
+                    if touched is not None:
+                        touched.add(cid)
+            timeline = timelines.get(cid)
+            if timeline is not None and timeline.minute == minute:
+                # Timeline.add, inlined: most changes land in the minute of the one before.
+                if new_supporter:
+                    timeline.pending_s += 1
+                timeline.pending_a += count
+                if t > timeline.last_action_at:
+                    timeline.last_action_at = t
+            else:
+                if timeline is None:
+                    timeline = timelines[cid] = Timeline()
+                timeline.add(t, new_supporter, count)
             if horizon is not None:
                 self._record(cid, horizon, inc.action_id, True)
             if journal is not None and (only is None or cid in only):
+                entry: IncrementLike | Arrived = inc if t == at else Arrived(inc, t)
                 entries = journal.get(cid)
                 if entries is None:
-                    journal[cid] = [inc]
+                    journal[cid] = [entry]
                 else:
-                    entries.append(inc)
+                    entries.append(entry)
                 journaled += 1
         self.applied += applied
         if journaled:
             self._journaled(journaled)
         return rejected
+
+    def _touched(self, hour: int) -> set[int] | None:
+        """The campaigns that got a supporter in ``hour`` (allocated for a new hour), or None
+        when that hour is older than what is kept."""
+        touched = self.touched.get(hour)
+        if touched is None:
+            newest = max(self.touched, default=hour)
+            if hour <= newest - TOUCHED_HOURS:
+                return None
+            touched = self.touched[hour] = set()
+            for old in [h for h in self.touched if h <= hour - TOUCHED_HOURS]:
+                del self.touched[old]
+        return touched
 
     def _record(self, cid: int, horizon: Horizon, aid: int | None, counted: bool) -> None:
         """Remember that action ``aid`` of campaign ``cid`` is ``counted`` now, when the
@@ -604,6 +680,8 @@ class StatsState:
 
     def _decrement_many(self, decs: Iterable[IncrementLike]) -> None:
         campaigns = self.campaigns
+        timelines = self.timelines
+        now = self.clock()
         journal = self.journal
         only = self.journal_only
         seen = self.seen
@@ -623,6 +701,15 @@ class StatsState:
             # clamped, and no campaign is created for it.
             if stats is None or stats.subtract(dec):
                 self.clamped += 1
+            # Taken from the bucket of its ``at`` (the time of the action it takes back); with
+            # none, from the bucket of its arrival, clamped there like any count.
+            at = dec.at
+            t = now if at is None or at > now else at
+            timeline = timelines.get(cid)
+            if timeline is not None:
+                timeline.take(t, dec.new_supporter, dec.count)
+            if dec.new_supporter:
+                self.ranking.dirty.add(cid)
             self.decremented += 1
             if journal is not None and (only is None or cid in only):
                 # Journaled even when clamped: the database value it will be replayed on may
@@ -630,9 +717,9 @@ class StatsState:
                 # rejection and a re-acceptance replay in the order they happened.
                 entries = journal.get(cid)
                 if entries is None:
-                    journal[cid] = [Decrement(dec)]
+                    journal[cid] = [Decrement(dec, t)]
                 else:
-                    entries.append(Decrement(dec))
+                    entries.append(Decrement(dec, t))
                 journaled += 1
         if journaled:
             self._journaled(journaled)
@@ -648,6 +735,55 @@ class StatsState:
     def stats(self, campaign_id: int) -> WireStats:
         stats = self.campaigns.get(campaign_id)
         return empty_wire_stats() if stats is None else stats.to_wire()
+
+    def top(self, by: str, limit: int) -> list[list[int]]:
+        """``[[campaign_id, value], ...]``, highest first: the leading campaigns by total
+        supporters, or by new supporters in the last hour or today, UTC (docs/protocol.md,
+        "top"). Never a scan of every campaign (campaignstats.ranking)."""
+        if by == "supporters":
+            campaigns = self.campaigns
+
+            def supporters(cid: int) -> int:
+                stats = campaigns.get(cid)
+                return 0 if stats is None else stats.supporters
+
+            self.ranking.refresh(supporters)
+            return self.ranking.head(limit)
+        now = self.clock()
+        hour = int(now) // HOUR
+        if by == "last_hour":
+            first_hour, minute = hour - 1, int(now) // 60
+
+            def value(cid: int) -> int:
+                timeline = self.timelines.get(cid)
+                if timeline is None:
+                    return 0
+                return timeline.series_for(60).total(minute - 59, minute + 1)[0]
+
+        elif by == "today":
+            day = int(now) // DAY
+            first_hour = day * 24
+
+            def value(cid: int) -> int:
+                timeline = self.timelines.get(cid)
+                return 0 if timeline is None else timeline.series_for(DAY).total(day, day + 1)[0]
+
+        else:
+            raise ValueError(f"top by {by!r}: 'supporters', 'last_hour' or 'today'")
+        candidates: set[int] = set()
+        for h in range(first_hour, hour + 1):
+            candidates.update(self.touched.get(h, ()))
+        return leaders(candidates, value, limit)
+
+    def _touch_recent(self, cid: int, timeline: Timeline, now: float) -> None:
+        """After a merge: note the campaign in the hours of the last day where it has
+        supporters, so that ``top`` by the last hour or today finds it."""
+        hour = int(now) // HOUR
+        for h, supporters, _ in timeline.series_for(HOUR).buckets(hour - TOUCHED_HOURS, hour + 1):
+            if supporters:
+                touched = self._touched(h)
+                if touched is not None:
+                    touched.add(cid)
 
     # -- the exact merge (docs/design.md, "The actor" and "Exact by transaction id") -------------
 
@@ -686,22 +822,32 @@ class StatsState:
         horizon = result.horizon
         ids = result.campaigns.keys() if campaign_ids is None else campaign_ids
         drifts: list[CampaignDrift] = []
+        now = self.clock()
         for cid in ids:
             truth = result.campaigns[cid].copy()
+            db_timeline = result.timelines.get(cid)
+            timeline = Timeline() if db_timeline is None else db_timeline.copy()
             counted_now: dict[int, bool] = {}
             for entry in journal.get(cid, ()):
                 change: IncrementLike
+                t: float | None
                 if isinstance(entry, Decrement):
-                    change, decrement = entry.change, True
+                    change, decrement, t = entry.change, True, entry.t
+                elif isinstance(entry, Arrived):
+                    change, decrement, t = entry.change, False, entry.t
                 else:
-                    change, decrement = entry, False
+                    change, decrement, t = entry, False, entry.at
                 if horizon.reflects(change, decrement, counted_now):
                     continue
+                if t is None:  # journaled before buckets existed: filed as arriving now
+                    t = now
                 if decrement:
                     if truth.subtract(change):
                         self.clamped += 1
+                    timeline.take(t, change.new_supporter, change.count)
                 else:
                     truth.add(change)
+                    timeline.add(t, change.new_supporter, change.count)
                 aid = change.action_id
                 if aid is not None and horizon.knows(aid):
                     counted_now[aid] = not decrement
@@ -720,6 +866,12 @@ class StatsState:
                 # The database has no messages table: memory is their only record.
                 truth.messages = before.messages if before is not None else 0
             self.campaigns[cid] = truth
+            if timeline.last_action_at < 0 and not timeline.nbytes():
+                self.timelines.pop(cid, None)
+            else:
+                self.timelines[cid] = timeline
+                self._touch_recent(cid, timeline, now)
+            self.ranking.dirty.add(cid)
             self.seen[cid] = horizon
             if counted_now:
                 self.counted_now[cid] = counted_now
@@ -749,3 +901,5 @@ class StatsState:
         # Loaded, so drift is measured at the first merge; an empty horizon skips nothing.
         self.seen = dict.fromkeys(campaigns, NO_HORIZON)
         self.counted_now = {}
+        self.ranking = SupporterRanking()
+        self.ranking.dirty.update(self.campaigns)

@@ -8,6 +8,9 @@ order);
 calculations journal, take a snapshot and merge at any point. The model computes what Postgres
 would: which transactions each snapshot sees (``xmin:xmax:xip``) and the counts it reads.
 
+Each action happened at its own time (``at``, spread over minutes, hours and days), so the buckets
+(docs/design.md, "Time") are checked with the counts: the journal replays the same changes on them.
+
 The property: at every step, memory equals the effect of every change that is either visible to
 the last merged snapshot or already announced, so once everything is committed and announced,
 memory equals the database, with no repair by a later calculation.
@@ -27,8 +30,15 @@ from campaignstats.model import (
     StatsState,
     TxSnapshot,
 )
+from campaignstats.timeline import Timeline
 
 CAMPAIGN = 1
+NOW = 1_750_000_000.0
+
+
+def time_of(action: int) -> float:
+    """When action ``action`` happened: within the last hour, the last two days, or weeks ago."""
+    return NOW - (action * 7919) % (3 * 86400) - (86400 * 30 if action % 3 == 0 else 0)
 
 
 @dataclass
@@ -91,6 +101,18 @@ def _previous(changes: list[Change], i: int) -> Change | None:
     return None
 
 
+def timeline_of(actions: set[int]) -> Timeline:
+    timeline = Timeline()
+    for action in sorted(actions):
+        timeline.add(time_of(action), 1, 1)
+    return timeline
+
+
+def same_buckets(state: StatsState, actions: set[int]) -> bool:
+    mine = state.timelines.get(CAMPAIGN, Timeline())
+    return mine.views(NOW) == timeline_of(actions).views(NOW)
+
+
 def stats_of(actions: set[int]) -> CampaignStats:
     n = len(actions)
     return CampaignStats(supporters=n, action={"sign": n} if n else {}, org={1: n} if n else {})
@@ -106,6 +128,7 @@ def increment(change: Change, with_txid: bool) -> Increment:
         1,
         action_id=change.action,
         txid=change.txid if with_txid else None,
+        at=time_of(change.action),
     )
 
 
@@ -124,6 +147,7 @@ def result_for(
         uncounted_ids=uncounted,
         window_low=0,
         snapshot=snapshot,
+        timelines={CAMPAIGN: timeline_of(counted)} if counted else {},
     )
 
 
@@ -131,15 +155,16 @@ def play(data: st.DataObject, actions: int, rejections: bool, with_txid: bool) -
     world = World()
     changes = [Change(a, False) for a in range(1, actions + 1)]
     state = StatsState()
+    state.clock = lambda: NOW
     merged_snapshot: TxSnapshot | None = None
     calculation: tuple[str, TxSnapshot | None] | None = None  # ("journal" | "taken", snapshot)
     pending_result: CalculationResult | None = None
 
-    def expected() -> CampaignStats:
+    def expected() -> set[int]:
         included = {
             i for i, c in enumerate(changes) if c.announced or visible(c, merged_snapshot, world)
         }
-        return stats_of(counted_actions(changes, included))
+        return counted_actions(changes, included)
 
     for _ in range(80):
         moves: list[tuple[str, int]] = []
@@ -196,7 +221,9 @@ def play(data: st.DataObject, actions: int, rejections: bool, with_txid: bool) -
             merged_snapshot = calculation[1]
             calculation = None
         if with_txid:
-            assert state.campaigns.get(CAMPAIGN, CampaignStats()) == expected(), move
+            counted = expected()
+            assert state.campaigns.get(CAMPAIGN, CampaignStats()) == stats_of(counted), move
+            assert same_buckets(state, counted), move
     # Everything committed and announced: memory is the database, with no repair.
     for c in changes:
         if c.txid is None:
@@ -208,8 +235,9 @@ def play(data: st.DataObject, actions: int, rejections: bool, with_txid: bool) -
         if not c.announced:
             c.announced = True
             state.apply(increment(c, with_txid), decrement=c.decrement)
-    truth = stats_of(counted_actions(changes, set(range(len(changes)))))
-    assert state.campaigns.get(CAMPAIGN, CampaignStats()) == truth
+    counted = counted_actions(changes, set(range(len(changes))))
+    assert state.campaigns.get(CAMPAIGN, CampaignStats()) == stats_of(counted)
+    assert same_buckets(state, counted)
     assert state.clamped == 0
 
 

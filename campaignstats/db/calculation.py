@@ -14,12 +14,14 @@ import asyncio
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, cast
 
 import structlog
 
 from campaignstats.errors import CalculationError
 from campaignstats.model import CalculationResult, CampaignStats, Scope, TxSnapshot, scope_name
+from campaignstats.timeline import DAY, HOUR, MINUTE, MINUTES_KEPT, Timeline
 
 from .queries import PROCA_QUERIES, Queries
 
@@ -69,6 +71,11 @@ async def calculate(
         "plan_cache_mode = force_custom_plan",
         *queries.settings,
     )
+    # Buckets: by the minute from this hour's start back to what memory keeps by the minute,
+    # by the hour from today's start back 90 days, by the day before (docs/design.md, "Time").
+    minute_cutoff = (int(started_at) // HOUR + 1) * HOUR - MINUTES_KEPT
+    hour_cutoff = (int(started_at) // DAY - 90) * DAY
+    cutoffs = (_naive_utc(minute_cutoff), _naive_utc(hour_cutoff))
     supporter_sql = queries.supporter_counts if kind != "ids" else queries.supporter_counts_by_ids
     supporter_settings = queries.supporter_settings if kind != "ids" else ()
     try:
@@ -106,9 +113,15 @@ async def calculate(
             supporter_rows: list[asyncpg.Record] = []
             extra_rows: list[asyncpg.Record] = []
             action_rows: list[asyncpg.Record] = []
+            action_buckets: list[asyncpg.Record] = []
+            supporter_buckets: list[asyncpg.Record] = []
             if ids != [] and helper_conn is None:
                 extra_rows = await conn.fetch(queries.extra_supporters, ids)
                 action_rows = await conn.fetch(queries.action_counts, ids)
+                action_buckets = await conn.fetch(queries.action_buckets, ids, *cutoffs)
+                supporter_buckets = await conn.fetch(
+                    queries.supporter_buckets, ids, *cutoffs, None, None
+                )
                 await _set_local(conn, supporter_settings)
                 supporter_rows = await conn.fetch(supporter_sql, ids, None, None)
             elif ids != [] and helper_conn is not None:
@@ -121,23 +134,36 @@ async def calculate(
                 await _set_local(helper_conn, settings)
                 split = queries.fingerprint_split
 
-                async def main_part() -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
-                    actions = await conn.fetch(queries.action_counts, ids)
-                    await _set_local(conn, supporter_settings)
-                    return actions, await conn.fetch(supporter_sql, ids, None, split)
+                Rows = list[asyncpg.Record]
 
-                async def helper_part() -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+                async def main_part() -> tuple[Rows, Rows, Rows]:
+                    actions = await conn.fetch(queries.action_counts, ids)
+                    buckets = await conn.fetch(
+                        queries.supporter_buckets, ids, *cutoffs, None, split
+                    )
+                    await _set_local(conn, supporter_settings)
+                    return actions, buckets, await conn.fetch(supporter_sql, ids, None, split)
+
+                async def helper_part() -> tuple[Rows, Rows, Rows, Rows]:
                     extra = await helper_conn.fetch(queries.extra_supporters, ids)
+                    a_buckets = await helper_conn.fetch(queries.action_buckets, ids, *cutoffs)
+                    s_buckets = await helper_conn.fetch(
+                        queries.supporter_buckets, ids, *cutoffs, split, None
+                    )
                     await _set_local(helper_conn, supporter_settings)
-                    return extra, await helper_conn.fetch(supporter_sql, ids, split, None)
+                    rows = await helper_conn.fetch(supporter_sql, ids, split, None)
+                    return extra, a_buckets, s_buckets, rows
 
                 # Both finish before either transaction ends, even when one fails.
                 results = await asyncio.gather(main_part(), helper_part(), return_exceptions=True)
                 for r in results:
                     if isinstance(r, BaseException):
                         raise r
-                (action_rows, rows_lo), (extra_rows, rows_hi) = results  # type: ignore[misc]
+                main_rows, helper_rows = results
+                action_rows, buckets_lo, rows_lo = main_rows
+                extra_rows, action_buckets, buckets_hi, rows_hi = helper_rows
                 supporter_rows = [*rows_lo, *rows_hi]
+                supporter_buckets = [*buckets_lo, *buckets_hi]
     except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
         # A connection lost mid-query surfaces as the rollback's InterfaceError; the reason
         # worth logging (admin shutdown, terminated backend...) is the error it interrupted.
@@ -176,8 +202,11 @@ async def calculate(
         stats = campaigns.get(cid)
         if stats is not None:
             stats.messages = n
+    timelines = await _timelines(
+        campaigns, action_buckets, supporter_buckets, minute_cutoff, hour_cutoff
+    )
     rows = len(covered) + len(supporter_rows) + len(extra_rows) + len(action_rows)
-    rows += len(message_rows)
+    rows += len(message_rows) + len(action_buckets) + len(supporter_buckets)
     duration = time.perf_counter() - t0
     log.info(
         "calculation.done",
@@ -200,7 +229,51 @@ async def calculate(
         snapshot=TxSnapshot.parse(tx_snapshot_text),
         taken_at=float(taken_at),
         messages_counted=has_messages,
+        timelines=timelines,
     )
+
+
+async def _timelines(
+    campaigns: dict[int, CampaignStats],
+    action_buckets: Sequence[asyncpg.Record],
+    supporter_buckets: Sequence[asyncpg.Record],
+    minute_cutoff: int,
+    hour_cutoff: int,
+) -> dict[int, Timeline]:
+    """The covered campaigns' buckets from the rows of both bucket queries."""
+    timelines: dict[int, Timeline] = {}
+
+    def unit(start: int) -> int:
+        return MINUTE if start >= minute_cutoff else HOUR if start >= hour_cutoff else DAY
+
+    for i, (cid, start, n, last) in enumerate(action_buckets):
+        if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+            await asyncio.sleep(0)
+        if cid not in campaigns:
+            continue
+        timeline = timelines.get(cid)
+        if timeline is None:
+            timeline = timelines[cid] = Timeline()
+        timeline.add_bucket(unit(start), start, 0, n)
+        if last > timeline.last_action_at:
+            timeline.last_action_at = last
+    for i, (cid, start, n) in enumerate(supporter_buckets):
+        if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+            await asyncio.sleep(0)
+        if cid not in campaigns:
+            continue
+        timeline = timelines.get(cid)
+        if timeline is None:
+            timeline = timelines[cid] = Timeline()
+        timeline.add_bucket(unit(start), start, n, 0)
+    for timeline in timelines.values():
+        timeline.flush()
+    return timelines
+
+
+def _naive_utc(epoch: int) -> datetime:
+    """A ``timestamp without time zone`` parameter holding UTC, as Proca's columns do."""
+    return datetime.fromtimestamp(epoch, UTC).replace(tzinfo=None)
 
 
 async def _set_local(conn: asyncpg.Connection, settings: Sequence[str]) -> None:

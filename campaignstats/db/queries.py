@@ -113,6 +113,47 @@ GROUP BY campaign_id, area
 """
 
 
+# Buckets in time (docs/design.md, "Time"). `inserted_at` is `timestamp without time zone` holding
+# UTC: date_trunc and extract(epoch) on it read it as UTC whatever the session's TimeZone. $2 and
+# $3 are the cutoffs (timestamps, UTC, aligned on an hour and a day) above which a count is kept
+# by the minute and by the hour: each row is one bucket of the finest unit its time is kept in.
+_BUCKET = """
+CASE WHEN {t} >= $2::timestamp THEN date_trunc('minute', {t})
+     WHEN {t} >= $3::timestamp THEN date_trunc('hour', {t})
+     ELSE date_trunc('day', {t}) END
+"""
+
+# (campaign_id, bucket start in epoch seconds, actions, latest inserted_at in epoch seconds)
+_ACTION_BUCKETS = f"""
+SELECT campaign_id, extract(epoch FROM b)::bigint, count(*), extract(epoch FROM max(t))::float8
+FROM (
+    SELECT campaign_id, inserted_at AS t, {_BUCKET.format(t="inserted_at")} AS b
+    FROM actions
+    WHERE processing_status IN (3, 4) AND NOT testing
+      AND ($1::bigint[] IS NULL OR campaign_id = ANY($1::bigint[]))
+) x
+GROUP BY campaign_id, b
+"""
+
+# (campaign_id, bucket start in epoch seconds, supporters): each person counted in the campaign
+# (the rules of the supporter counts) in the bucket of their first counted action there.
+# $4/$5: a half-open range of fingerprints, as for the supporter counts.
+_SUPPORTER_BUCKETS = f"""
+SELECT c, extract(epoch FROM b)::bigint, count(*)
+FROM (
+    SELECT c, {_BUCKET.format(t="first")} AS b
+    FROM (
+        SELECT a.campaign_id AS c, min(a.inserted_at) AS first
+        FROM actions a
+        JOIN supporters s ON s.id = a.supporter_id
+        WHERE {_ACTION_FILTER} AND {_SUPPORTER_FILTER.replace("$2", "$4").replace("$3", "$5")}
+        GROUP BY a.campaign_id, s.fingerprint
+    ) p
+) x
+GROUP BY c, b
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Queries:
     """The SQL of one calculation. Every statement runs in the same snapshot."""
@@ -144,6 +185,11 @@ class Queries:
     extra_supporters: str
     #: (campaign_id, action_type, count)
     action_counts: str
+    #: (campaign_id, bucket start, actions, latest action time): $1 ids, $2/$3 the cutoffs of
+    #: minutes and hours (see _BUCKET)
+    action_buckets: str = _ACTION_BUCKETS
+    #: (campaign_id, bucket start, supporters): $1 ids, $2/$3 cutoffs, [$4, $5) fingerprints
+    supporter_buckets: str = _SUPPORTER_BUCKETS
     #: settings (SET LOCAL) for the whole calculation transaction
     settings: tuple[str, ...] = ("jit = off",)
     #: settings (SET LOCAL) just before ``supporter_counts``: the streaming plan needs the merge

@@ -1,0 +1,314 @@
+"""Counts in time: per-campaign buckets of supporters and actions (docs/design.md, "Time").
+
+Plain Python with no I/O, like :mod:`campaignstats.model`. Three series of UTC buckets:
+
+* minutes, kept for at least the last 48 hours (200 chunks of 15 minutes: 50 hours, so that
+  "yesterday" in any time zone is still held minute by minute);
+* hours, kept for at least the last 90 days (91 day-long chunks);
+* days, for the campaign's whole life (32-day chunks).
+
+Storage is compact and lazy: a series is a small dict of *chunks*, each one ``array('q')`` of
+``2 * chunk`` integers (supporters and actions of consecutive buckets, interleaved). A chunk is
+allocated when a count first lands in it, so a campaign pays for the hours and days where it
+was active and nothing else; a campaign with no activity in the last two days holds no minute
+chunk at all once its old ones are pruned. A bucketed series drops the chunks that fall out of
+its retention when a newer one is allocated.
+
+Times are epoch seconds (UTC); a bucket is named by its start. Counts never go below zero in
+a bucket: a decrement that finds less there than it takes back is clamped, as the totals are.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections.abc import Iterator
+from datetime import date, datetime, time, timedelta
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+MINUTE = 60
+HOUR = 3600
+DAY = 86400
+
+Unit = Literal["minute", "hour", "day"]
+UNIT_SECONDS: dict[str, int] = {"minute": MINUTE, "hour": HOUR, "day": DAY}
+
+#: minute buckets are kept for this long at least (chunks of 15 minutes: 50 hours)
+MINUTES_KEPT = 50 * HOUR
+#: hour buckets are kept for this long at least (whole day chunks: 91 days)
+HOURS_KEPT = 91 * DAY
+
+
+class Series:
+    """Buckets of one unit, stored as chunks of consecutive buckets (see the module doc)."""
+
+    __slots__ = ("chunk", "chunks", "keep", "newest", "unit")
+
+    def __init__(self, unit: int, chunk: int, keep: int | None) -> None:
+        self.unit = unit  # seconds per bucket
+        self.chunk = chunk  # buckets per chunk
+        self.keep = keep  # chunks kept behind the newest (None: all)
+        self.chunks: dict[int, array[int]] = {}
+        self.newest = -(2**62)  # index of the newest chunk allocated
+
+    def _chunk_for(self, k: int) -> array[int] | None:
+        """The chunk ``k``, allocated if needed; None when it is out of the retention."""
+        chunks = self.chunks
+        arr = chunks.get(k)
+        if arr is not None:
+            return arr
+        keep = self.keep
+        if keep is not None and k <= self.newest - keep:
+            return None  # older than what this series keeps
+        arr = chunks[k] = array("q", bytes(16 * self.chunk))
+        if k > self.newest:
+            self.newest = k
+            if keep is not None and len(chunks) > keep:
+                for old in [c for c in chunks if c <= k - keep]:
+                    del chunks[old]
+        return arr
+
+    def add(self, index: int, supporters: int, actions: int) -> None:
+        """Add to the bucket of ``index`` (bucket start // unit)."""
+        k, o = divmod(index, self.chunk)
+        arr = self._chunk_for(k)
+        if arr is not None:
+            arr[2 * o] += supporters
+            arr[2 * o + 1] += actions
+
+    def keeps(self, index: int) -> bool:
+        """Whether the bucket of ``index`` is within what this series keeps."""
+        return self.keep is None or index // self.chunk > self.newest - self.keep
+
+    def get(self, index: int) -> tuple[int, int]:
+        k, o = divmod(index, self.chunk)
+        arr = self.chunks.get(k)
+        return (0, 0) if arr is None else (arr[2 * o], arr[2 * o + 1])
+
+    def take(self, index: int, supporters: int, actions: int) -> None:
+        """Subtract from the bucket of ``index``; the caller has checked that it holds that
+        much (Timeline.take), or the bucket is out of the retention."""
+        k, o = divmod(index, self.chunk)
+        arr = self.chunks.get(k)
+        if arr is not None:
+            arr[2 * o] = max(0, arr[2 * o] - supporters)
+            arr[2 * o + 1] = max(0, arr[2 * o + 1] - actions)
+
+    def first_kept(self) -> int | None:
+        """The first bucket index this series is sure to hold (None: all of them)."""
+        if self.keep is None:
+            return None
+        return (self.newest - self.keep + 1) * self.chunk
+
+    def buckets(self, lo: int, hi: int) -> Iterator[tuple[int, int, int]]:
+        """``(index, supporters, actions)`` of non-zero buckets with ``lo <= index < hi``,
+        ascending."""
+        chunk = self.chunk
+        for k in sorted(self.chunks):
+            base = k * chunk
+            if base + chunk <= lo or base >= hi:
+                continue
+            arr = self.chunks[k]
+            for o in range(max(0, lo - base), min(chunk, hi - base)):
+                s, a = arr[2 * o], arr[2 * o + 1]
+                if s or a:
+                    yield base + o, s, a
+
+    def total(self, lo: int, hi: int) -> tuple[int, int]:
+        s = a = 0
+        for _, bs, ba in self.buckets(lo, hi):
+            s += bs
+            a += ba
+        return s, a
+
+    def copy(self) -> Series:
+        new = Series(self.unit, self.chunk, self.keep)
+        new.chunks = {k: array("q", v) for k, v in self.chunks.items()}
+        new.newest = self.newest
+        return new
+
+    def nbytes(self) -> int:
+        """Bytes of the chunks' counts (the arrays' payload)."""
+        return sum(len(v) * v.itemsize for v in self.chunks.values())
+
+    def rows(self) -> list[tuple[int, int, int]]:
+        """Every non-zero bucket, for the snapshot file and for comparisons."""
+        return list(self.buckets(-(2**62), 2**62))
+
+
+class Timeline:
+    """One campaign's (or page's) counts in time: minutes, hours and days, and the last action.
+
+    ``add``/``take`` move all three series together, so that a sum over the days of a range
+    equals the sum over its hours and minutes wherever they are kept.
+    """
+
+    __slots__ = ("days", "hours", "last_action_at", "minute", "minutes", "pending_a", "pending_s")
+
+    def __init__(self) -> None:
+        self.minutes = Series(MINUTE, 15, MINUTES_KEPT // (15 * MINUTE))
+        self.hours = Series(HOUR, 24, HOURS_KEPT // DAY)
+        self.days = Series(DAY, 32, None)
+        self.last_action_at: float = -1.0  # -1: none (see last_action)
+        # The hot path: counts of the current minute are summed here, in two ints, and filed
+        # into the three series when another minute comes or anything reads them (flush).
+        self.minute = -1
+        self.pending_s = 0
+        self.pending_a = 0
+
+    @property
+    def last_action(self) -> float | None:
+        """When the last counted action happened (epoch seconds), None before any."""
+        return None if self.last_action_at < 0 else self.last_action_at
+
+    def add(self, t: float, supporters: int, actions: int) -> None:
+        """Count ``supporters`` and ``actions`` at time ``t`` (epoch seconds, >= 0)."""
+        m = int(t) // MINUTE
+        if m != self.minute:
+            self.flush()
+            self.minute = m
+        self.pending_s += supporters
+        self.pending_a += actions
+        if actions and t > self.last_action_at:
+            self.last_action_at = t
+
+    def flush(self) -> None:
+        """File the pending minute's counts into the series."""
+        s, a = self.pending_s, self.pending_a
+        if s or a:
+            m = self.minute
+            self.minutes.add(m, s, a)
+            self.hours.add(m // 60, s, a)
+            self.days.add(m // 1440, s, a)
+            self.pending_s = self.pending_a = 0
+
+    def take(self, t: float, supporters: int, actions: int) -> bool:
+        """Take back what ``add(t, ...)`` counted; True when clamped.
+
+        At most what the finest series that keeps ``t`` holds in its bucket is taken, and the
+        same from the coarser ones, so that an hour stays the sum of its minutes and a day the
+        sum of its hours.
+        """
+        self.flush()
+        m = int(t) // MINUTE
+        levels = ((self.minutes, m), (self.hours, m // 60), (self.days, m // 1440))
+        have_s = have_a = 0
+        for series, index in levels:
+            if series.keeps(index):
+                have_s, have_a = series.get(index)
+                break
+        s, a = min(supporters, have_s), min(actions, have_a)
+        if s or a:
+            for series, index in levels:
+                series.take(index, s, a)
+        return s < supporters or a < actions
+
+    def add_bucket(self, unit: int, start: int, supporters: int, actions: int) -> None:
+        """Count a whole bucket read from the database: a minute bucket goes into all three
+        series, an hour bucket into hours and days, a day bucket into days only (the
+        calculation sends the finest unit each range is kept in)."""
+        if unit == MINUTE:
+            self.add(start, supporters, actions)
+            return
+        if unit == HOUR:
+            self.hours.add(start // HOUR, supporters, actions)
+        self.days.add(start // DAY, supporters, actions)
+
+    def copy(self) -> Timeline:
+        self.flush()
+        new = Timeline()
+        new.minutes = self.minutes.copy()
+        new.hours = self.hours.copy()
+        new.days = self.days.copy()
+        new.last_action_at = self.last_action_at
+        return new
+
+    def nbytes(self) -> int:
+        self.flush()
+        return self.minutes.nbytes() + self.hours.nbytes() + self.days.nbytes()
+
+    def views(self, now: float) -> dict[str, list[list[int]]]:
+        """Every bucket a query can see at ``now``, by unit: what two timelines must agree on
+        to be the same (what they hold beyond their retention may differ)."""
+        return {unit: self.history(unit, None, None, now) for unit in ("minute", "hour", "day")}
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def series_for(self, unit: int) -> Series:
+        self.flush()
+        return self.minutes if unit == MINUTE else self.hours if unit == HOUR else self.days
+
+    def history(
+        self, unit: Unit, start: float | None, end: float | None, now: float
+    ) -> list[list[int]]:
+        """``[[bucket start, supporters, actions], ...]``: non-zero buckets of ``unit`` whose
+        start is in ``[start, end)``, ascending (docs/protocol.md, "history").
+
+        Minutes are answered for the last 48 hours only and hours for the last 90 days (what
+        every server keeps, whatever its own history), so an answer does not depend on when the
+        server last recalculated.
+        """
+        seconds = UNIT_SECONDS[unit]
+        lo = -(2**62) if start is None else math.ceil(start / seconds)
+        hi = 2**62 if end is None else math.ceil(end / seconds)
+        if unit == "minute":
+            lo = max(lo, (math.floor(now) - 48 * HOUR) // MINUTE)
+        elif unit == "hour":
+            lo = max(lo, (math.floor(now) - 90 * DAY) // HOUR)
+        series = self.series_for(seconds)
+        return [[i * seconds, s, a] for i, s, a in series.buckets(lo, hi)]
+
+    def total(self, start: float, end: float, now: float) -> tuple[int, int]:
+        """Supporters and actions in buckets starting in ``[start, end)``, read from the finest
+        series that holds ``start`` (minutes within the last 48 hours, hours within 90 days)."""
+        if start >= now - 48 * HOUR:
+            unit = MINUTE
+        elif start >= now - 90 * DAY:
+            unit = HOUR
+        else:
+            unit = DAY
+        return self.series_for(unit).total(math.ceil(start / unit), math.ceil(end / unit))
+
+
+def day_starts(now: float, tz: ZoneInfo) -> tuple[float, float]:
+    """Epoch seconds of the start of today and of yesterday in ``tz``, at ``now``.
+
+    Midnight is the first instant of the local date: where a DST change skips midnight, the
+    day starts at the change.
+    """
+    local = datetime.fromtimestamp(now, tz)
+    return _start_of(local.date(), tz), _start_of(local.date() - timedelta(days=1), tz)
+
+
+def _start_of(day: date, tz: ZoneInfo) -> float:
+    # fold=0: an ambiguous midnight is its first occurrence; a midnight skipped by DST is read
+    # with the offset before the change, which is the instant of the change itself.
+    return datetime.combine(day, time(), tzinfo=tz).timestamp()
+
+
+def recent(timeline: Timeline | None, now: float, tz: ZoneInfo) -> dict[str, object]:
+    """The derived figures of docs/protocol.md, "recent": ``[supporters, actions]`` for the
+    last hour (the 60 minute buckets ending with the current one), today and yesterday in
+    ``tz``, the last 7 days (the 168 hour buckets ending with the current one), and
+    ``last_action_at``."""
+    if timeline is None:
+        zero = [0, 0]
+        return {
+            "last_hour": zero,
+            "today": list(zero),
+            "yesterday": list(zero),
+            "last_7_days": list(zero),
+            "last_action_at": None,
+        }
+    timeline.flush()
+    minute_now = math.floor(now) // MINUTE
+    hour_now = minute_now // 60
+    today, yesterday = day_starts(now, tz)
+    return {
+        "last_hour": list(timeline.minutes.total(minute_now - 59, minute_now + 1)),
+        "today": list(timeline.total(today, now + 1, now)),
+        "yesterday": list(timeline.total(yesterday, today, now)),
+        "last_7_days": list(timeline.hours.total(hour_now - 167, hour_now + 1)),
+        "last_action_at": timeline.last_action,
+    }
