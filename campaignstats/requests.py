@@ -78,6 +78,11 @@ class StatsMany:
 class Flush:
     """Answered once every message before it, from the same producer, has been applied."""
 
+    #: when the metrics log cannot be written: keep the changes not written (buffered, the
+    #: next commit retries) and raise ``MetricsPending`` (HTTP answers 202 ``pending``), rather
+    #: than drop them (the socket's ``flush``: not acknowledged, not kept; docs/metrics.md)
+    keep_metrics: bool = False
+
     op: ClassVar[str] = "flush"
 
     def wire_args(self) -> tuple[Any, ...]:

@@ -515,9 +515,10 @@ class StatsService:
         result: dict[int, WireStats] = await self.call(StatsMany(list(campaign_ids)))
         return result
 
-    async def flush(self) -> None:
-        """Return once everything queued before this call has been applied."""
-        await self.call(Flush())
+    async def flush(self, *, keep_metrics: bool = False) -> None:
+        """Return once everything queued before this call has been applied (and the metrics
+        committed; when their log cannot be written see :class:`~campaignstats.requests.Flush`)."""
+        await self.call(Flush(keep_metrics))
 
     async def info(self) -> dict[str, Any]:
         result: dict[str, Any] = await self.call(Info())

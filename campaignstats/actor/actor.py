@@ -310,9 +310,10 @@ class StatsActor:
             except Exception:
                 log.exception("actor.on_rejected_failed")
 
-    def _flush(self) -> None:
-        """Everything before the flush is applied; the metrics are committed (acknowledged)."""
-        self.metrics.commit()
+    def _flush(self, keep_metrics: bool = False) -> None:
+        """Everything before the flush is applied; the metrics are committed (acknowledged), or
+        raise (dropped unless ``keep_metrics``: docs/metrics.md, "A failed commit")."""
+        self.metrics.commit(drop_on_error=not keep_metrics)
 
     def _apply_changes(self, tell: Tell) -> None:
         cast = tell.cast
@@ -367,7 +368,7 @@ class StatsActor:
         return {
             Stats: lambda r: self.state.stats(r.campaign_id),
             StatsMany: lambda r: {cid: self.state.stats(cid) for cid in r.campaign_ids},
-            Flush: lambda r: self._flush(),
+            Flush: lambda r: self._flush(r.keep_metrics),
             Info: lambda r: self.info(),
             Resync: lambda r: {"started": self._request_calculation(r.scope)},
             Subscribe: lambda r: self.registry.add(r.campaign_id, r.subscriber),

@@ -22,6 +22,7 @@ so a crash-restart keeps the metrics and their open log, after a check of the st
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 
 import structlog
 
+from campaignstats.errors import InternalError, StatsError
 from campaignstats.metrics.archive import Archiver
 from campaignstats.metrics.log import FSYNC_POLICIES, FsyncPolicy
 from campaignstats.metrics.model import Applied, MetricsState
@@ -36,6 +38,17 @@ from campaignstats.metrics.store import Compaction, MetricsStore, write_snapshot
 from campaignstats.metrics.update import DEFAULT_LIMITS, MetricLimits, MetricUpdate
 
 log = structlog.get_logger(__name__)
+
+
+class MetricsNotKept(InternalError):
+    """A ``flush`` (or ``reset_metrics``) whose commit failed: the changes not written were
+    dropped from the state and the log's buffer. Not acknowledged, not kept: send them again."""
+
+
+class MetricsPending(StatsError):
+    """A commit failed and its changes are kept, buffered (the next commit retries): accepted,
+    not durable yet (HTTP's ``202`` with ``"pending": true``)."""
+
 
 #: seconds an update may stay uncommitted while the mailbox never empties
 COMMIT_DELAY = 0.05
@@ -118,20 +131,38 @@ class MetricsKeeper:
         if self.store is None:
             return self.state.reset(campaign_id, name)
         found = self.store.reset(campaign_id, name)
-        self.commit()  # a call: answered once durable by the policy
+        self.commit(drop_on_error=True)  # a call: answered once durable by the policy
         return found
 
-    def commit(self) -> None:
-        """Write what is buffered; raises when the log cannot be written (nothing is then
-        acknowledged: the records stay buffered and the next commit tries again)."""
+    def commit(self, *, drop_on_error: bool = False) -> None:
+        """Write what is buffered. When the log cannot be written nothing is acknowledged and
+        this raises: with ``drop_on_error`` :class:`MetricsNotKept` after dropping every change
+        not written from the state and the buffer (a retry then counts once); without,
+        :class:`MetricsPending`, the records kept buffered for the next commit
+        (docs/metrics.md, "A failed commit")."""
         store = self.store
         if store is None or self.closed:
             return
         try:
             store.commit()
-        except OSError:
+        except OSError as exc:
             self.commit_errors += 1
-            raise
+            if not drop_on_error:
+                raise MetricsPending(
+                    f"the metrics log cannot be written ({exc}): the updates are kept, not "
+                    "durable yet (the next commit retries)"
+                ) from exc
+            pending, self._compaction = self._compaction, None
+            if pending is not None:  # a snapshot being written holds only committed changes
+                with contextlib.suppress(Exception):
+                    pending[1].result()
+            dropped = store.rollback()
+            self.state = store.state
+            self.dirty_since = None
+            raise MetricsNotKept(
+                f"the metrics log cannot be written ({exc}): the {dropped} changes not written "
+                "were dropped, not kept (send them again)"
+            ) from exc
         self.dirty_since = None
 
     def commit_quietly(self) -> None:
@@ -140,8 +171,8 @@ class MetricsKeeper:
             return
         try:
             self.commit()
-        except OSError as exc:
-            log.error("metrics.commit_failed", error=repr(exc))
+        except MetricsPending as exc:
+            log.error("metrics.commit_failed", error=repr(exc.__cause__))
 
     # -- queries --------------------------------------------------------------------------------
 
@@ -302,4 +333,11 @@ class MetricsKeeper:
                 self._executor = None
 
 
-__all__ = ["COMMIT_DELAY", "TICK", "MetricsConfig", "MetricsKeeper"]
+__all__ = [
+    "COMMIT_DELAY",
+    "TICK",
+    "MetricsConfig",
+    "MetricsKeeper",
+    "MetricsNotKept",
+    "MetricsPending",
+]

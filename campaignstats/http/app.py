@@ -32,6 +32,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+from campaignstats.actor.metrics import MetricsPending
 from campaignstats.errors import (
     ActorStopped,
     BadFrame,
@@ -520,9 +521,14 @@ class StatsHttpApp:
                 # Once applied, the actor has told us which items the state refused (a limit);
                 # metrics updates are committed to their log by then (acknowledged).
                 async with asyncio.timeout(self.config.timeout):
-                    await self.service.flush()
+                    if metrics:  # kept when its log cannot be written: see below
+                        await self.service.flush(keep_metrics=True)
+                    else:
+                        await self.service.flush()
             except (TimeoutError, Overloaded):
                 answer["pending"] = True  # queued, not applied yet: refusals unknown
+            except MetricsPending:
+                answer["pending"] = True  # applied and kept, its log not written yet
             rejected.extend((positions[i], reason) for i, reason in refused)
             rejected.sort()
         self.rejected_items += len(rejected)

@@ -267,6 +267,14 @@ class MetricsLog:
         self.next_seq = seq + 1
         return seq
 
+    def discard(self) -> int:
+        """Forget the records appended and not written (a failed commit that is not retried);
+        returns how many."""
+        n = len(self._buffer)
+        self._buffer.clear()
+        self.next_seq = self.written_seq + 1
+        return n
+
     @property
     def pending(self) -> int:
         """Records appended and not written yet."""

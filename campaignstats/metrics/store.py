@@ -29,7 +29,7 @@ import structlog
 
 from campaignstats.errors import ProtocolError
 from campaignstats.files import atomic_write
-from campaignstats.metrics.log import FsyncPolicy, LogError, Mark, MetricsLog, Record
+from campaignstats.metrics.log import FsyncPolicy, LogError, Mark, MetricsLog, Record, scan
 from campaignstats.metrics.model import Applied, MetricsState
 from campaignstats.metrics.update import (
     DEFAULT_LIMITS,
@@ -237,6 +237,19 @@ class MetricsStore:
         """Write the log (fsync by the policy): every change before this call is acknowledged
         when it returns. Returns the last log seq written."""
         return self.log.commit(self._monotonic())
+
+    def rollback(self) -> int:
+        """Drop the changes not written (after a failed :meth:`commit`): the buffered records
+        are forgotten and the state is rebuilt from the files (the snapshot, then the log's
+        records after it), i.e. as of the last commit that succeeded. Returns the records
+        dropped. Costs a reload: for a failure, not a habit."""
+        dropped = self.log.discard()
+        state, snapshot_seq = load_snapshot(self.snapshot_path, self.state.limits)
+        records = scan(self.log.path.read_bytes()).records
+        self.state = state
+        self._replay(r for r in records if r.seq > snapshot_seq)
+        log.warning("metrics.rolled_back", records_dropped=dropped, seq=self.log.written_seq)
+        return dropped
 
     def tick(self) -> bool:
         """About every second: the ``everysec`` fsync when one is due. True if it fsynced."""
