@@ -536,8 +536,8 @@ async def serve(args: argparse.Namespace) -> int:
         follower = await follow_commands.prepare_follower(args, dsn, embedded, server)
         http_server = None if args.no_http else _http_server(args, service, server)
         await service.start()
-        following = follow_commands.start_following(follower, service)
         await server.start()
+        following = follow_commands.start_following(follower, service, server.tasks)
         if http_server is not None:
             await http_server.start()
         where = []

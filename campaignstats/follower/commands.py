@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import asyncpg
 
     from campaignstats.db.embedded import EmbeddedPostgres
-    from campaignstats.service import StatsService
+    from campaignstats.service import StatsService, TaskHost
 
 log = structlog.get_logger(__name__)
 
@@ -119,20 +119,22 @@ async def prepare_follower(
     return follower
 
 
-def start_following(follower: Follower | None, service: StatsService) -> asyncio.Task[None] | None:
-    """Run the follower; call right after ``service.start()`` (its first calculation's
-    snapshot comes after the slot)."""
+def start_following(
+    follower: Follower | None, service: StatsService, tasks: TaskHost
+) -> asyncio.Task[None] | None:
+    """Run the follower in ``tasks`` (the socket server's task group); call once the service
+    has started (its first calculation's snapshot comes after the slot)."""
     if follower is None:
         return None
-    task = asyncio.create_task(
-        follower.run(service, full_calculation_pending=True), name="campaignstats-follower"
-    )
-    task.add_done_callback(_report)
-    return task
+    return tasks.spawn(_follow(follower, service), name="campaignstats-follower")
 
 
-def _report(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and (error := task.exception()) is not None:
+async def _follow(follower: Follower, service: StatsService) -> None:
+    # Its error is logged here rather than raised: in a task group it would cancel the
+    # server's other tasks with it.
+    try:
+        await follower.run(service, full_calculation_pending=True)
+    except Exception as error:
         log.critical("follower.stopped", error=f"{type(error).__name__}: {error}")
 
 

@@ -27,7 +27,7 @@ import structlog
 from campaignstats.actor.subscriptions import Subscription
 from campaignstats.errors import Overloaded
 from campaignstats.model import WireStats
-from campaignstats.service import StatsService
+from campaignstats.service import StatsService, TaskHost
 
 log = structlog.get_logger(__name__)
 
@@ -129,6 +129,9 @@ class EventHub:
         self._channels: dict[int, _Channel] = {}
         self._streams = 0
         self._ticker: asyncio.Task[None] | None = None
+        #: the keep-alive ticker and one pump per followed campaign live in this task group
+        self._tasks = TaskHost("http-event-streams")
+        self._starting = asyncio.Lock()
         self._closed = False
         #: called with the stream that was dropped, so the endpoint can stop its writer
         self.on_drop: Callable[[Stream], None] = lambda stream: None
@@ -146,6 +149,10 @@ class EventHub:
         the current stats and miss no change after it). Raises Overloaded past ``max_streams``."""
         if self._closed:
             raise Overloaded("the HTTP server is stopping")
+        if not self._tasks.open:
+            async with self._starting:  # many streams may open at once
+                if not self._tasks.open:
+                    await self._tasks.start()
         if self._streams >= self.max_streams:
             self.counters.refused += 1
             raise Overloaded(f"too many event streams (at most {self.max_streams})")
@@ -166,7 +173,7 @@ class EventHub:
             raise
         self.counters.opened += 1
         if self._ticker is None:
-            self._ticker = asyncio.create_task(self._keep_alive(), name="http-sse-keepalive")
+            self._ticker = self._tasks.spawn(self._keep_alive(), name="http-sse-keepalive")
         return stream
 
     async def _subscribe(self, channel: _Channel) -> None:
@@ -181,16 +188,20 @@ class EventHub:
             channel.ready.exception()  # retrieved: each waiter re-raises through shield()
             raise
         channel.ready.set_result(None)
-        channel.pump = asyncio.create_task(
+        channel.pump = self._tasks.spawn(
             self._pump(channel, channel.subscription), name=f"http-sse-{channel.campaign_id}"
         )
 
     async def _pump(self, channel: _Channel, subscription: Subscription) -> None:
-        async for campaign_id, stats in subscription:
-            chunk = encode_event("stats", stats_body(campaign_id, stats))
-            self.counters.events += 1
-            for stream in list(channel.streams):
-                stream.offer(chunk)
+        # An error is logged, not raised: in the task group it would end every other stream.
+        try:
+            async for campaign_id, stats in subscription:
+                chunk = encode_event("stats", stats_body(campaign_id, stats))
+                self.counters.events += 1
+                for stream in list(channel.streams):
+                    stream.offer(chunk)
+        except Exception:
+            log.exception("http.event_pump_failed", campaign_id=channel.campaign_id)
 
     async def _keep_alive(self) -> None:
         while True:
@@ -250,3 +261,4 @@ class EventHub:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._tasks.close(1.0)

@@ -17,6 +17,7 @@ import structlog
 import uvicorn
 
 from campaignstats.http.app import StatsHttpApp
+from campaignstats.service import TaskHost
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +56,7 @@ class HttpServer:
         )
         self._server: uvicorn.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._tasks = TaskHost("http-server")  # uvicorn's main loop runs in it
         self._filter = _DroppedReaders()
 
     @property
@@ -79,7 +81,8 @@ class HttpServer:
             raise OSError(f"cannot listen on {config.host}:{config.port}") from None
         logging.getLogger("uvicorn.error").addFilter(self._filter)
         self._server = server
-        self._ticker = asyncio.create_task(server.main_loop(), name="http-server-ticks")
+        await self._tasks.start()
+        self._ticker = self._tasks.spawn(server.main_loop(), name="http-server-ticks")
         log.info("http.listening", host=config.host, port=self.port)
 
     async def close(self) -> None:
@@ -95,5 +98,6 @@ class HttpServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
         await server.shutdown()
+        await self._tasks.close(1.0)
         logging.getLogger("uvicorn.error").removeFilter(self._filter)
         log.info("http.closed")
