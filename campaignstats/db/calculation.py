@@ -112,12 +112,10 @@ async def calculate(
                 message_rows = await conn.fetch(queries.message_counts, ids)
             supporter_rows: list[asyncpg.Record] = []
             extra_rows: list[asyncpg.Record] = []
-            action_rows: list[asyncpg.Record] = []
             action_buckets: list[asyncpg.Record] = []
             supporter_buckets: list[asyncpg.Record] = []
             if ids != [] and helper_conn is None:
                 extra_rows = await conn.fetch(queries.extra_supporters, ids)
-                action_rows = await conn.fetch(queries.action_counts, ids)
                 action_buckets = await conn.fetch(queries.action_buckets, ids, *cutoffs)
                 supporter_buckets = await conn.fetch(
                     queries.supporter_buckets, ids, *cutoffs, None, None
@@ -136,23 +134,19 @@ async def calculate(
 
                 Rows = list[asyncpg.Record]
 
-                async def main_part() -> tuple[Rows, Rows, Rows]:
-                    actions = await conn.fetch(queries.action_counts, ids)
-                    buckets = await conn.fetch(
-                        queries.supporter_buckets, ids, *cutoffs, None, split
-                    )
+                async def main_part() -> tuple[Rows, Rows]:
+                    buckets = await conn.fetch(queries.action_buckets, ids, *cutoffs)
                     await _set_local(conn, supporter_settings)
-                    return actions, buckets, await conn.fetch(supporter_sql, ids, None, split)
+                    return buckets, await conn.fetch(supporter_sql, ids, None, split)
 
-                async def helper_part() -> tuple[Rows, Rows, Rows, Rows]:
+                async def helper_part() -> tuple[Rows, Rows, Rows]:
                     extra = await helper_conn.fetch(queries.extra_supporters, ids)
-                    a_buckets = await helper_conn.fetch(queries.action_buckets, ids, *cutoffs)
-                    s_buckets = await helper_conn.fetch(
-                        queries.supporter_buckets, ids, *cutoffs, split, None
+                    buckets = await helper_conn.fetch(
+                        queries.supporter_buckets, ids, *cutoffs, None, None
                     )
                     await _set_local(helper_conn, supporter_settings)
                     rows = await helper_conn.fetch(supporter_sql, ids, split, None)
-                    return extra, a_buckets, s_buckets, rows
+                    return extra, buckets, rows
 
                 # Both finish before either transaction ends, even when one fails.
                 results = await asyncio.gather(main_part(), helper_part(), return_exceptions=True)
@@ -160,10 +154,9 @@ async def calculate(
                     if isinstance(r, BaseException):
                         raise r
                 main_rows, helper_rows = results
-                action_rows, buckets_lo, rows_lo = main_rows
-                extra_rows, action_buckets, buckets_hi, rows_hi = helper_rows
+                action_buckets, rows_lo = main_rows
+                extra_rows, supporter_buckets, rows_hi = helper_rows
                 supporter_rows = [*rows_lo, *rows_hi]
-                supporter_buckets = [*buckets_lo, *buckets_hi]
     except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
         # A connection lost mid-query surfaces as the rollback's InterfaceError; the reason
         # worth logging (admin shutdown, terminated backend...) is the error it interrupted.
@@ -194,10 +187,10 @@ async def calculate(
         stats.extra_supporters += extra
         stats.supporters += extra
         stats.org[org_id] = stats.org.get(org_id, 0) + extra
-    for cid, action_type, n in action_rows:
+    for cid, action_type, _, n, _ in action_buckets:
         stats = campaigns.get(cid)
         if stats is not None:
-            stats.action[action_type] = n
+            stats.action[action_type] = stats.action.get(action_type, 0) + n
     for cid, n in message_rows:
         stats = campaigns.get(cid)
         if stats is not None:
@@ -205,7 +198,7 @@ async def calculate(
     timelines = await _timelines(
         campaigns, action_buckets, supporter_buckets, minute_cutoff, hour_cutoff
     )
-    rows = len(covered) + len(supporter_rows) + len(extra_rows) + len(action_rows)
+    rows = len(covered) + len(supporter_rows) + len(extra_rows)
     rows += len(message_rows) + len(action_buckets) + len(supporter_buckets)
     duration = time.perf_counter() - t0
     log.info(
@@ -246,7 +239,7 @@ async def _timelines(
     def unit(start: int) -> int:
         return MINUTE if start >= minute_cutoff else HOUR if start >= hour_cutoff else DAY
 
-    for i, (cid, start, n, last) in enumerate(action_buckets):
+    for i, (cid, _, start, n, last) in enumerate(action_buckets):
         if i % _YIELD_EVERY == _YIELD_EVERY - 1:
             await asyncio.sleep(0)
         if cid not in campaigns:
