@@ -15,10 +15,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol
+from zoneinfo import ZoneInfo
 
 from campaignstats.errors import BadMessage, Invalid, ProtocolError
 from campaignstats.ranking import TOUCHED_HOURS, SupporterRanking, leaders
-from campaignstats.timeline import DAY, HOUR, Timeline
+from campaignstats.timeline import DAY, HOUR, Timeline, recent
 
 #: Wire STATS map: ``{"supporters", "action", "area", "org", "extra_supporters"}``.
 WireStats = dict[str, Any]
@@ -735,6 +736,19 @@ class StatsState:
     def stats(self, campaign_id: int) -> WireStats:
         stats = self.campaigns.get(campaign_id)
         return empty_wire_stats() if stats is None else stats.to_wire()
+
+    def history(
+        self, campaign_id: int, unit: str, start: float | None, end: float | None
+    ) -> dict[str, Any]:
+        """``{"unit", "buckets": [[start, supporters, actions], ...]}`` (docs/protocol.md,
+        "history"): an unknown campaign, or one with no action, has no bucket."""
+        timeline = self.timelines.get(campaign_id)
+        buckets = [] if timeline is None else timeline.history(unit, start, end, self.clock())
+        return {"unit": unit, "buckets": buckets}
+
+    def recent(self, campaign_id: int, tz: str) -> dict[str, object]:
+        """docs/protocol.md, "recent": ``tz`` an IANA name (checked by the caller)."""
+        return recent(self.timelines.get(campaign_id), self.clock(), ZoneInfo(tz))
 
     def top(self, by: str, limit: int) -> list[list[int]]:
         """``[[campaign_id, value], ...]``, highest first: the leading campaigns by total

@@ -44,7 +44,9 @@ from campaignstats.model import (
 from campaignstats.requests import (
     Flush,
     GetMetrics,
+    History,
     Info,
+    Recent,
     Request,
     ResetMetrics,
     Resync,
@@ -52,6 +54,9 @@ from campaignstats.requests import (
     StatsMany,
     Subscribe,
     Unsubscribe,
+    history_request,
+    recent_request,
+    top_request,
 )
 
 PROTOCOL_VERSION = 1
@@ -452,6 +457,9 @@ class ServerCodec:
             "unsub": (1, self._unsub),
             "metrics": (1, self._metrics),
             "reset_metrics": (2, self._reset_metrics),
+            "history": (2, self._history),
+            "recent": (2, self._recent),
+            "top": (1, top_request),
         }
 
     @property
@@ -678,6 +686,14 @@ class ServerCodec:
         if not _is_id(cid):
             return Invalid(f"{op}: campaign_id must be between 1 and 2**63-1")
         return cid
+
+    def _history(self, cid: Any, opts: Any) -> History | ProtocolError:
+        checked = self._campaign_id(cid, "history")
+        return checked if isinstance(checked, ProtocolError) else history_request(checked, opts)
+
+    def _recent(self, cid: Any, opts: Any) -> Recent | ProtocolError:
+        checked = self._campaign_id(cid, "recent")
+        return checked if isinstance(checked, ProtocolError) else recent_request(checked, opts)
 
     def _stats(self, cid: Any) -> Stats | ProtocolError:
         checked = self._campaign_id(cid, "stats")

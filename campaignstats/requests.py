@@ -14,12 +14,14 @@ never ahead of the same producer's own earlier writes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from campaignstats.errors import BadMessage, Invalid, ProtocolError
 from campaignstats.metrics.update import MetricUpdate
-from campaignstats.model import IncrementLike, Scope
+from campaignstats.model import MAX_AT, IncrementLike, Scope
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,12 +162,167 @@ class ResetMetrics:
         return (self.campaign_id, self.name)
 
 
+@dataclass(frozen=True, slots=True)
+class History:
+    """Non-zero buckets of one unit in ``[start, end)`` (docs/protocol.md, "history"); on the
+    wire ``{"unit", "from", "to"}``. Build it with :func:`history_request` to have it checked."""
+
+    campaign_id: int
+    unit: str = "hour"
+    start: float | None = None
+    end: float | None = None
+
+    op: ClassVar[str] = "history"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        opts: dict[str, Any] = {"unit": self.unit}
+        if self.start is not None:
+            opts["from"] = self.start
+        if self.end is not None:
+            opts["to"] = self.end
+        return (self.campaign_id, opts)
+
+
+@dataclass(frozen=True, slots=True)
+class Recent:
+    """Last hour, today and yesterday in ``tz``, last 7 days, last action (docs/protocol.md,
+    "recent")."""
+
+    campaign_id: int
+    tz: str = "UTC"
+
+    op: ClassVar[str] = "recent"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        return (self.campaign_id, {"tz": self.tz})
+
+
+@dataclass(frozen=True, slots=True)
+class Top:
+    """The leading campaigns by ``supporters``, ``last_hour`` or ``today`` (docs/protocol.md,
+    "top")."""
+
+    by: str = "supporters"
+    limit: int = 10
+
+    op: ClassVar[str] = "top"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        return ({"by": self.by, "limit": self.limit},)
+
+
+UNITS = ("minute", "hour", "day")
+TOP_BY = ("supporters", "last_hour", "today")
+MAX_TOP = 1000
+
+
+def _opts(op: str, opts: Any, keys: tuple[str, ...]) -> Mapping[str, Any] | ProtocolError:
+    if opts is None:
+        return {}
+    if type(opts) is not dict:
+        return BadMessage(f"{op}: options must be a map")
+    for key in opts:
+        if key not in keys:
+            return BadMessage(f"{op}: unknown option {str(key)[:40]!r}")
+    return opts
+
+
+def _time(op: str, name: str, value: Any) -> float | ProtocolError | None:
+    if value is None:
+        return None
+    if type(value) is not int and type(value) is not float:
+        return BadMessage(f"{op}: {name} must be epoch seconds or nil")
+    if not 0 <= value <= MAX_AT:  # also refuses NaN
+        return Invalid(f"{op}: {name} must be epoch seconds between 0 and the year 9999")
+    return value
+
+
+def history_request(campaign_id: int, opts: Any) -> History | ProtocolError:
+    """``history``'s options checked: ``unit`` minute|hour|day (default hour), ``from`` and
+    ``to`` epoch seconds or nil. ``page`` is refused: pages are not counted yet."""
+    checked = _opts("history", opts, ("unit", "from", "to", "page"))
+    if isinstance(checked, ProtocolError):
+        return checked
+    unit = checked.get("unit", "hour")
+    if unit is None:
+        unit = "hour"
+    if type(unit) is not str:
+        return BadMessage("history: unit must be a string")
+    if unit not in UNITS:
+        return Invalid("history: unit must be minute, hour or day")
+    if checked.get("page") is not None:
+        return Invalid("history: page is not supported by this server yet")
+    start = _time("history", "from", checked.get("from"))
+    if isinstance(start, ProtocolError):
+        return start
+    end = _time("history", "to", checked.get("to"))
+    if isinstance(end, ProtocolError):
+        return end
+    return History(campaign_id, unit, start, end)
+
+
+def recent_request(campaign_id: int, opts: Any) -> Recent | ProtocolError:
+    """``recent``'s options checked: ``tz`` an IANA time zone name (default UTC)."""
+    checked = _opts("recent", opts, ("tz",))
+    if isinstance(checked, ProtocolError):
+        return checked
+    tz = checked.get("tz", "UTC")
+    if tz is None:
+        tz = "UTC"
+    if type(tz) is not str:
+        return BadMessage("recent: tz must be a string")
+    if not valid_tz(tz):
+        return Invalid(f"recent: unknown time zone {tz[:64]!r}")
+    return Recent(campaign_id, tz)
+
+
+def valid_tz(name: str) -> bool:
+    if not 0 < len(name) <= 64 or name.startswith(("/", ".")) or ".." in name:
+        return False
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return False
+    return True
+
+
+def top_request(opts: Any) -> Top | ProtocolError:
+    """``top``'s options checked: ``by`` supporters|last_hour|today, ``limit`` 1 to 1,000."""
+    checked = _opts("top", opts, ("by", "limit"))
+    if isinstance(checked, ProtocolError):
+        return checked
+    by = checked.get("by", "supporters")
+    limit = checked.get("limit", 10)
+    by = "supporters" if by is None else by
+    limit = 10 if limit is None else limit
+    if type(by) is not str:
+        return BadMessage("top: by must be a string")
+    if by not in TOP_BY:
+        return Invalid("top: by must be supporters, last_hour or today")
+    if type(limit) is not int:
+        return BadMessage("top: limit must be an integer")
+    if not 0 < limit <= MAX_TOP:
+        return Invalid(f"top: limit must be 1 to {MAX_TOP}")
+    return Top(by, limit)
+
+
 Request = (
-    Stats | StatsMany | Flush | Info | Resync | Subscribe | Unsubscribe | GetMetrics | ResetMetrics
+    Stats
+    | StatsMany
+    | Flush
+    | Info
+    | Resync
+    | Subscribe
+    | Unsubscribe
+    | GetMetrics
+    | ResetMetrics
+    | History
+    | Recent
+    | Top
 )
 
 #: read-only requests: they may take the mailbox's read lane
-READS: tuple[type, ...] = (Stats, StatsMany, Info, GetMetrics)
+READS: tuple[type, ...] = (Stats, StatsMany, Info, GetMetrics, History, Recent, Top)
 
 __all__ = [
     "READS",
@@ -173,14 +330,17 @@ __all__ = [
     "Decrements",
     "Flush",
     "GetMetrics",
+    "History",
     "Increments",
     "Info",
     "MetricUpdates",
+    "Recent",
     "Request",
     "ResetMetrics",
     "Resync",
     "Stats",
     "StatsMany",
     "Subscribe",
+    "Top",
     "Unsubscribe",
 ]

@@ -57,6 +57,9 @@ from campaignstats.requests import (
     StatsMany,
     Subscribe,
     Unsubscribe,
+    history_request,
+    recent_request,
+    top_request,
 )
 
 log = structlog.get_logger(__name__)
@@ -513,6 +516,39 @@ class StatsService:
 
     async def stats_many(self, campaign_ids: Sequence[int]) -> dict[int, WireStats]:
         result: dict[int, WireStats] = await self.call(StatsMany(list(campaign_ids)))
+        return result
+
+    async def history(
+        self,
+        campaign_id: int,
+        unit: str = "hour",
+        start: float | None = None,
+        end: float | None = None,
+    ) -> dict[str, Any]:
+        """``{"unit", "buckets": [[start, supporters, actions], ...]}``: the non-zero buckets
+        of ``unit`` (minute, hour, day) starting in ``[start, end)`` (docs/protocol.md,
+        "history"). Raises :class:`~campaignstats.errors.Invalid` for a bad unit or time."""
+        request = history_request(campaign_id, {"unit": unit, "from": start, "to": end})
+        if isinstance(request, Exception):
+            raise request
+        result: dict[str, Any] = await self.call(request)
+        return result
+
+    async def recent(self, campaign_id: int, tz: str = "UTC") -> dict[str, Any]:
+        """Last hour, today and yesterday in ``tz`` (IANA), last 7 days, ``last_action_at``."""
+        request = recent_request(campaign_id, {"tz": tz})
+        if isinstance(request, Exception):
+            raise request
+        result: dict[str, Any] = await self.call(request)
+        return result
+
+    async def top(self, by: str = "supporters", limit: int = 10) -> list[list[int]]:
+        """``[[campaign_id, value], ...]``, highest first, by ``supporters``, ``last_hour`` or
+        ``today`` (UTC)."""
+        request = top_request({"by": by, "limit": limit})
+        if isinstance(request, Exception):
+            raise request
+        result: list[list[int]] = await self.call(request)
         return result
 
     async def flush(self, *, keep_metrics: bool = False) -> None:

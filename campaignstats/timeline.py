@@ -240,7 +240,7 @@ class Timeline:
         return self.minutes if unit == MINUTE else self.hours if unit == HOUR else self.days
 
     def history(
-        self, unit: Unit, start: float | None, end: float | None, now: float
+        self, unit: str, start: float | None, end: float | None, now: float
     ) -> list[list[int]]:
         """``[[bucket start, supporters, actions], ...]``: non-zero buckets of ``unit`` whose
         start is in ``[start, end)``, ascending (docs/protocol.md, "history").

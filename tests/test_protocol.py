@@ -1070,4 +1070,5 @@ def test_the_codec_lists_every_op_it_understands() -> None:
     assert set(ServerCodec().ops) == {
         "hello", "ping", "stats", "stats_many", "flush", "info", "resync", "sub", "unsub",
         "inc", "incs", "dec", "decs", "metric", "metrics", "reset_metrics",
+        "history", "recent", "top",
     }  # fmt: skip

@@ -37,15 +37,18 @@ from campaignstats.requests import (
     Decrements,
     Flush,
     GetMetrics,
+    History,
     Increments,
     Info,
     MetricUpdates,
+    Recent,
     Request,
     ResetMetrics,
     Resync,
     Stats,
     StatsMany,
     Subscribe,
+    Top,
     Unsubscribe,
 )
 
@@ -375,6 +378,9 @@ class StatsActor:
             Unsubscribe: lambda r: self.registry.remove(r.campaign_id, r.subscriber),
             GetMetrics: lambda r: self.metrics.metrics(r.campaign_id),
             ResetMetrics: lambda r: {"found": self.metrics.reset(r.campaign_id, r.name)},
+            History: lambda r: self.state.history(r.campaign_id, r.unit, r.start, r.end),
+            Recent: lambda r: self.state.recent(r.campaign_id, r.tz),
+            Top: lambda r: self.state.top(r.by, r.limit),
         }
 
     def _drain_and_stop(self) -> None:

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from campaignstats.client._common import (
     BACKOFF_MAX,
@@ -48,6 +48,7 @@ from campaignstats.errors import (
     CallTimeout,
     ClientClosed,
     ConnectTimeout,
+    ProtocolError,
     RemoteProtocolError,
     ServerUnavailable,
     StatsError,
@@ -64,6 +65,9 @@ from campaignstats.requests import (
     StatsMany,
     Subscribe,
     Unsubscribe,
+    history_request,
+    recent_request,
+    top_request,
 )
 from campaignstats.sessions.client import (
     ClientSession,
@@ -638,6 +642,42 @@ class AsyncStatsClient(IncrementQueue):
         result: dict[str, Any] = await self._call(GetMetrics(campaign_id), timeout)
         return result
 
+    async def history(
+        self,
+        campaign_id: int,
+        unit: str = "hour",
+        start: float | None = None,
+        end: float | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """The non-zero buckets of ``unit`` (minute, hour, day) starting in ``[start, end)``
+        (epoch seconds): ``{"unit": unit, "buckets": [[start, supporters, actions], ...]}``,
+        ascending (docs/protocol.md, "history")."""
+        request = _checked(history_request(campaign_id, {"unit": unit, "from": start, "to": end}))
+        result: dict[str, Any] = await self._call(request, timeout)
+        return result
+
+    async def recent(
+        self, campaign_id: int, tz: str = "UTC", *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """``{"last_hour", "today", "yesterday", "last_7_days"}`` as ``[supporters, actions]``
+        (today and yesterday in ``tz``, an IANA name) and ``"last_action_at"``."""
+        result: dict[str, Any] = await self._call(
+            _checked(recent_request(campaign_id, {"tz": tz})), timeout
+        )
+        return result
+
+    async def top(
+        self, by: str = "supporters", limit: int = 10, *, timeout: float | None = None
+    ) -> list[list[int]]:
+        """``[[campaign_id, value], ...]``, highest first, by ``supporters``, ``last_hour``
+        or ``today`` (UTC); ``limit`` 1 to 1,000."""
+        result: list[list[int]] = await self._call(
+            _checked(top_request({"by": by, "limit": limit})), timeout
+        )
+        return result
+
     async def reset_metrics(
         self, campaign_id: int, name: str | None = None, *, timeout: float | None = None
     ) -> bool:
@@ -691,3 +731,13 @@ class AsyncStatsClient(IncrementQueue):
             conn.write(data)
         else:
             self._session.forget_subscription(cid)
+
+
+_R = TypeVar("_R")
+
+
+def _checked(request: _R | ProtocolError) -> _R:
+    """A request built by a checker of campaignstats.requests, or its error raised here."""
+    if isinstance(request, ProtocolError):
+        raise request
+    return request

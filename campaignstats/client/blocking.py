@@ -33,7 +33,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from campaignstats.client._common import (
     BACKOFF_MAX,
@@ -61,6 +61,7 @@ from campaignstats.errors import (
     CallTimeout,
     ClientClosed,
     ConnectTimeout,
+    ProtocolError,
     RemoteProtocolError,
     ServerUnavailable,
     StatsError,
@@ -77,6 +78,9 @@ from campaignstats.requests import (
     StatsMany,
     Subscribe,
     Unsubscribe,
+    history_request,
+    recent_request,
+    top_request,
 )
 from campaignstats.sessions.client import (
     ClientSession,
@@ -807,6 +811,42 @@ class StatsClient(IncrementQueue):
         result: dict[str, Any] = self._call(GetMetrics(campaign_id), timeout)
         return result
 
+    def history(
+        self,
+        campaign_id: int,
+        unit: str = "hour",
+        start: float | None = None,
+        end: float | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """The non-zero buckets of ``unit`` (minute, hour, day) starting in ``[start, end)``
+        (epoch seconds): ``{"unit": unit, "buckets": [[start, supporters, actions], ...]}``,
+        ascending (docs/protocol.md, "history")."""
+        request = _checked(history_request(campaign_id, {"unit": unit, "from": start, "to": end}))
+        result: dict[str, Any] = self._call(request, timeout)
+        return result
+
+    def recent(
+        self, campaign_id: int, tz: str = "UTC", *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """``{"last_hour", "today", "yesterday", "last_7_days"}`` as ``[supporters, actions]``
+        (today and yesterday in ``tz``, an IANA name) and ``"last_action_at"``."""
+        result: dict[str, Any] = self._call(
+            _checked(recent_request(campaign_id, {"tz": tz})), timeout
+        )
+        return result
+
+    def top(
+        self, by: str = "supporters", limit: int = 10, *, timeout: float | None = None
+    ) -> list[list[int]]:
+        """``[[campaign_id, value], ...]``, highest first, by ``supporters``, ``last_hour``
+        or ``today`` (UTC); ``limit`` 1 to 1,000."""
+        result: list[list[int]] = self._call(
+            _checked(top_request({"by": by, "limit": limit})), timeout
+        )
+        return result
+
     def reset_metrics(
         self, campaign_id: int, name: str | None = None, *, timeout: float | None = None
     ) -> bool:
@@ -828,3 +868,13 @@ class StatsClient(IncrementQueue):
         if self._closed:
             raise ClientClosed("the client is closed")
         return Subscription(self, campaign_id)
+
+
+_R = TypeVar("_R")
+
+
+def _checked(request: _R | ProtocolError) -> _R:
+    """A request built by a checker of campaignstats.requests, or its error raised here."""
+    if isinstance(request, ProtocolError):
+        raise request
+    return request

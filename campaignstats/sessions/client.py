@@ -62,12 +62,15 @@ from campaignstats.protocol import (
 )
 from campaignstats.requests import (
     GetMetrics,
+    History,
     Info,
+    Recent,
     ResetMetrics,
     Resync,
     Stats,
     StatsMany,
     Subscribe,
+    Top,
     Unsubscribe,
 )
 
@@ -265,7 +268,12 @@ def _result(request: CallRequest, result: Any) -> Any:
         if type(result) is not dict or type(result.get("found")) is not bool:
             raise RemoteProtocolError(f"reset_metrics answered {result!r:.80}")
         return result["found"]
-    if isinstance(request, Stats | Info | GetMetrics) and type(result) is not dict:
+    if isinstance(request, Top) and type(result) is not list:
+        raise RemoteProtocolError(f"top answered a {type(result).__name__}")
+    if (
+        isinstance(request, Stats | Info | GetMetrics | History | Recent)
+        and type(result) is not dict
+    ):
         raise RemoteProtocolError(f"{request.op} answered a {type(result).__name__}")
     if isinstance(request, StatsMany) and type(result) is not dict:
         raise RemoteProtocolError(f"stats_many answered a {type(result).__name__}")
