@@ -234,10 +234,6 @@ async def test_malformed_ids_and_parameters_are_400_with_the_wire_error_codes(ht
 
 async def test_routes_of_later_issues_are_absent_not_stubs(http: Http) -> None:
     for path in (
-        "/v1/campaigns/top",
-        "/v1/campaigns/top?by=last_hour&limit=10",
-        "/v1/campaigns/1/history?unit=hour",
-        "/v1/campaigns/1/recent",
         "/v1/campaigns/1/goals",
         "/v1/pages/1",
         "/v1/orgs/1",
@@ -703,6 +699,42 @@ async def test_the_app_mounts_under_a_prefix_in_a_starlette_application(http: Ht
             assert (await client.get("/stats/widget.js")).status_code == 200
             async with client.stream("GET", "/stats/v1/campaigns/1/events") as events:
                 assert (await Events(events).next())[0] == "stats"
-            assert (await client.get("/stats/v1/campaigns/top")).status_code == 404
+            assert (await client.get("/stats/v1/campaigns/top")).status_code == 200
     finally:
         await server.close()
+
+
+async def test_history_recent_and_top_are_read_as_json(http: Http) -> None:
+    now = time.time()
+    cid = 7_000_001
+    items = [
+        {"campaign": cid, "org": 1, "type": "sign", "new": True, "at": now - 7200},
+        {"campaign": cid, "org": 1, "type": "sign", "new": True},
+    ]
+    r = await http.client.post("/v1/increments", json=items)
+    assert r.status_code == 202
+
+    async def counted() -> bool:
+        body = (await http.client.get(f"/v1/campaigns/{cid}/history?unit=day")).json()
+        return bool(sum(b[1] for b in body["buckets"]) == 2)
+
+    await wait_for(counted)
+    r = await http.client.get(f"/v1/campaigns/{cid}/history?unit=hour&from={int(now) - 3600}")
+    assert r.status_code == 200
+    assert r.headers["etag"]
+    assert r.json() == {"unit": "hour", "buckets": [[int(now) // 3600 * 3600, 1, 1]]}
+    r = await http.client.get(f"/v1/campaigns/{cid}/recent?tz=America/Los_Angeles")
+    assert r.json()["last_hour"] == [1, 1]
+    assert r.json()["last_7_days"] == [2, 2]
+    r = await http.client.get("/v1/campaigns/top?by=last_hour&limit=1000")
+    assert {"campaign_id": cid, "value": 1} in r.json()
+    for path, code in (
+        (f"/v1/campaigns/{cid}/history?unit=week", "invalid"),
+        (f"/v1/campaigns/{cid}/history?from=soon", "bad_message"),
+        (f"/v1/campaigns/{cid}/recent?tz=Nowhere/Land", "invalid"),
+        ("/v1/campaigns/top?by=yesterday", "invalid"),
+        ("/v1/campaigns/top?limit=5000", "invalid"),
+    ):
+        r = await http.client.get(path)
+        assert r.status_code == 400, path
+        assert r.json()["error"] == code, path

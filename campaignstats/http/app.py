@@ -3,8 +3,8 @@ the JSON ingest, health and metrics.
 
 It is an adapter, like the socket server: every answer comes from :class:`StatsService`, every
 increment goes through the one validator (``campaignstats.model``), every metrics update through
-its own (``campaignstats.metrics.update``). Routes that belong to later work (history, recent,
-goals, pages, orgs, top) are absent: 404, not stubs.
+its own (``campaignstats.metrics.update``). Routes that belong to later work (goals, pages,
+orgs) are absent: 404, not stubs.
 
 ``StatsHttpApp`` is a plain ASGI callable: ``campaignstats serve`` runs it with uvicorn in the
 actor's event loop (``campaignstats.http.server``), and an asyncio application that embeds the
@@ -118,6 +118,17 @@ def error_response(
     return Response(error_body(code, message), status, all_headers, media_type="application/json")
 
 
+def _number(text: str | None, name: str) -> float | None:
+    """Epoch seconds from a query parameter (empty or absent: None)."""
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadMessage(f"{name} must be a number (epoch seconds), not {text[:40]!r}") from None
+    return int(value) if value.is_integer() else value
+
+
 def parse_id(text: str, name: str) -> int:
     """An id from a path or a query: decimal digits, 1 to 2**63-1."""
     if not _DIGITS.fullmatch(text):
@@ -189,7 +200,10 @@ class StatsHttpApp:
                 Route("/readyz", self.readyz, methods=["GET"]),
                 Route("/metrics", self.prometheus, methods=["GET"]),
                 Route("/v1/campaigns", self.campaigns, methods=["GET"]),
+                Route("/v1/campaigns/top", self.top, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}", self.campaign, methods=["GET"]),
+                Route("/v1/campaigns/{campaign_id}/history", self.history, methods=["GET"]),
+                Route("/v1/campaigns/{campaign_id}/recent", self.recent, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/count", self.count, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/events", self.events, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/metrics", self.metrics_read, methods=["GET"]),
@@ -355,10 +369,7 @@ class StatsHttpApp:
         return await self.service.stats(campaign_id)
 
     async def campaign(self, request: Request) -> Response:
-        text = request.path_params["campaign_id"]
-        if text == "top":  # the `top` call comes with a later issue: absent, not malformed
-            raise HTTPException(404)
-        campaign_id = parse_id(text, "campaign id")
+        campaign_id = parse_id(request.path_params["campaign_id"], "campaign id")
         exclude = request.query_params.get("exclude_org")
         exclude_org = None if exclude is None else parse_id(exclude, "exclude_org")
         stats = await self._stats(campaign_id)
@@ -387,6 +398,35 @@ class StatsHttpApp:
         return self._read(
             request, _encode({"campaign_id": campaign_id, "supporters": stats["supporters"]})
         )
+
+    async def history(self, request: Request) -> Response:
+        """The ``history`` call (docs/protocol.md): ``?unit=hour&from=&to=`` (epoch seconds)."""
+        campaign_id = parse_id(request.path_params["campaign_id"], "campaign id")
+        query = request.query_params
+        unit = query.get("unit") or "hour"
+        start, end = _number(query.get("from"), "from"), _number(query.get("to"), "to")
+        async with asyncio.timeout(self.config.timeout):
+            result = await self.service.history(campaign_id, unit, start, end)
+        return self._read(request, _encode(result))
+
+    async def recent(self, request: Request) -> Response:
+        """The ``recent`` call: ``?tz=Europe/Berlin`` (default UTC)."""
+        campaign_id = parse_id(request.path_params["campaign_id"], "campaign id")
+        tz = request.query_params.get("tz") or "UTC"
+        async with asyncio.timeout(self.config.timeout):
+            result = await self.service.recent(campaign_id, tz)
+        return self._read(request, _encode(result))
+
+    async def top(self, request: Request) -> Response:
+        """The ``top`` call as a trending list: ``[{"campaign_id", "value"}, ...]``."""
+        query = request.query_params
+        by = query.get("by") or "supporters"
+        limit_text = query.get("limit")
+        limit = 10 if not limit_text else parse_id(limit_text, "limit")
+        async with asyncio.timeout(self.config.timeout):
+            leaders = await self.service.top(by, limit)
+        body = [{"campaign_id": cid, "value": value} for cid, value in leaders]
+        return self._read(request, _encode(body))
 
     async def metrics_read(self, request: Request) -> Response:
         """The ``metrics`` call as JSON (docs/metrics.md); cacheable like the other reads."""
