@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,17 @@ log = structlog.get_logger(__name__)
 
 EPILOG = """\
 database (serve, init-db, demo, calculate): --dsn URL, else $DATABASE_URL, else an embedded
-Postgres in --data-dir. Client commands (stats, inc, metric, metrics, info, resync) take --url.
+Postgres in --data-dir. Client commands (stats, inc, metric, metrics, history, recent, top,
+info, resync) take --url.
 examples:
   campaignstats serve --snapshot stats.snapshot --appendonly metrics.aof
   campaignstats stats 1 2 3
   campaignstats inc 1 7 register --area DE --new-supporter --action-id 1234
   campaignstats metric 1 --incr views=1 --member visitors=ab12 --dim source=newsletter
   campaignstats metrics 1
+  campaignstats history 1 --unit day
+  campaignstats recent 1 --tz Europe/Berlin
+  campaignstats top --by last_hour
   campaignstats resync live
   campaignstats demo --actions 1000000 --seed 1
   campaignstats calculate live        (offline: from the database, no server)
@@ -257,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("dec", "send one decrement (the exact inverse of the same increment)"),
         ("metric", "send one custom metrics update (docs/metrics.md)"),
         ("metrics", "print the custom metrics of campaigns"),
+        ("history", "print a campaign's supporters and actions by minute, hour or day"),
+        ("recent", "print a campaign's last hour, today, yesterday and last 7 days"),
+        ("top", "print the leading campaigns by supporters, last hour or today"),
         ("info", "print what the server says about itself"),
         ("resync", "ask the server for a calculation now (all, live or campaign ids)"),
     ):
@@ -303,6 +311,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--messages", type=int, default=0, help="mail-to-target messages")
         elif name == "resync":
             p.add_argument("scope", nargs="*", default=["all"], metavar="SCOPE")
+        elif name == "history":
+            p.add_argument("campaign_id", type=int)
+            p.add_argument("--unit", choices=("minute", "hour", "day"), default="day")
+            p.add_argument("--from", dest="start", type=float, help="epoch seconds, inclusive")
+            p.add_argument("--to", dest="end", type=float, help="epoch seconds, exclusive")
+            p.add_argument("--json", action="store_true", help="print JSON")
+        elif name == "recent":
+            p.add_argument("campaign_id", type=int)
+            p.add_argument("--tz", default="UTC", help="IANA time zone of today and yesterday")
+        elif name == "top":
+            p.add_argument(
+                "--by", choices=("supporters", "last_hour", "today"), default="supporters"
+            )
+            p.add_argument("--limit", type=int, default=10)
 
     return parser
 
@@ -364,6 +386,23 @@ def _gauge_value(text: str) -> int | float:
         return int(text)
     except ValueError:
         return float(text)
+
+
+def print_history(reply: dict[str, Any], width: int = 40) -> None:
+    """Non-zero buckets as lines of a text chart: UTC start, supporters, actions, and a bar of
+    supporters scaled to the largest bucket."""
+    buckets = reply["buckets"]
+    if not buckets:
+        print("no supporters or actions in that range")
+        return
+    shape = {"minute": "%Y-%m-%d %H:%M", "hour": "%Y-%m-%d %H:00", "day": "%Y-%m-%d"}
+    fmt = shape.get(reply["unit"], "%Y-%m-%d %H:%M")
+    top = max(max(s for _, s, _ in buckets), 1)
+    print(f"{'UTC':<16}  {'supporters':>10}  {'actions':>8}")
+    for start, supporters, actions in buckets:
+        when = datetime.fromtimestamp(start, UTC).strftime(fmt)
+        bar = "#" * round(width * supporters / top) if supporters else ""
+        print(f"{when:<16}  {supporters:>10,}  {actions:>8,}  {bar}")
 
 
 def print_metrics(campaign_id: int, reply: dict[str, Any]) -> None:
@@ -684,6 +723,17 @@ def run_client_command(args: argparse.Namespace) -> int:
             else:
                 for cid, reply in replies.items():
                     print_metrics(cid, reply)
+        elif args.command == "history":
+            history = client.history(args.campaign_id, args.unit, args.start, args.end)
+            if args.json:
+                print(json.dumps(history))
+            else:
+                print_history(history)
+        elif args.command == "recent":
+            print(json.dumps(client.recent(args.campaign_id, args.tz), indent=2))
+        elif args.command == "top":
+            for cid, value in client.top(args.by, args.limit):
+                print(f"{cid:>12}  {value:>12,}")
         elif args.command == "info":
             print(json.dumps(client.info(), indent=2, default=str))
         elif args.command == "resync":
@@ -722,7 +772,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from campaignstats.errors import StatsError
 
     try:
-        if args.command in ("stats", "inc", "dec", "metric", "metrics", "info", "resync"):
+        if args.command in (
+            "stats",
+            "inc",
+            "dec",
+            "metric",
+            "metrics",
+            "history",
+            "recent",
+            "top",
+            "info",
+            "resync",
+        ):
             return run_client_command(args)
         if args.command == "serve":
             return asyncio.run(serve(args))

@@ -4,6 +4,9 @@ the codec's checks (docs/protocol.md, "Additions")."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 
 import msgpack
@@ -93,3 +96,42 @@ def test_the_codec_reads_the_calls_and_refuses_bad_options() -> None:
         parsed = _parse(msg)
         assert isinstance(parsed, Rejected), msg
         assert isinstance(parsed.error, error), msg
+
+
+async def _cli(*args: str) -> str:
+    """``campaignstats ARGS`` in a process of its own (it configures logging); its stdout."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "campaignstats.cli",
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_the_cli_prints_history_as_a_text_chart_and_recent_and_top(server: Running) -> None:
+    now = time.time()
+    cid = 9002
+    aio = AsyncStatsClient(f"unix://{server.unix}")
+    try:
+        for back, n in ((0, 3), (86400, 1), (3 * 86400, 2)):
+            for _ in range(n):
+                aio.increment(cid, 1, "sign", None, True, at=now - back)
+        await aio.flush()
+    finally:
+        await aio.close()
+    url = f"unix://{server.unix}"
+    lines = (await _cli("history", str(cid), "--unit", "day", "--url", url)).splitlines()
+    assert lines[0].split() == ["UTC", "supporters", "actions"]
+    rows = [line.split() for line in lines[1:]]
+    assert [row[1:3] for row in rows] == [["2", "2"], ["1", "1"], ["3", "3"]]
+    assert [len(row[3]) for row in rows] == [27, 13, 40]  # bars scaled to the largest day
+    assert rows[-1][0] == time.strftime("%Y-%m-%d", time.gmtime(now))
+    recent = json.loads(await _cli("recent", str(cid), "--tz", "Asia/Kolkata", "--url", url))
+    assert recent["last_7_days"] == [6, 6]
+    out = await _cli("top", "--by", "supporters", "--limit", "1000", "--url", url)
+    assert [str(cid), "6"] in [line.split() for line in out.splitlines()]
