@@ -254,12 +254,12 @@ class Bench:
             p.limit,
         )
         self.say(
-            f"workload 2: {p.n_batch:,} increments as ClientCodec.incs batches of 1,000 "
-            "over a raw socket (the client has no batch API)"
+            f"workload 2: {p.n_batch:,} increments through StatsClient.increment_many() "
+            "in batches of 1,000, then flush()"
         )
         self.run_ours(
             "client.batches",
-            "client codec: incs of 1,000, raw socket",
+            "client: increment_many() of 1,000, flush",
             p.n_batch,
             _workers.client_batches,
             self.items[: p.n_batch],
@@ -287,7 +287,7 @@ class Bench:
         self._latency("lat.idle", "query stats(), idle", _workers.query_latency, None)
         self._latency(
             "lat.raw.idle",
-            "query, raw socket (no client threads), idle",
+            "query, one connection, no pool, idle",
             _workers.raw_query_latency,
             None,
         )
@@ -308,7 +308,7 @@ class Bench:
         )
         self._latency(
             "lat.raw.load",
-            "query, raw socket (no client threads), under load",
+            "query, one connection, no pool, under load",
             _workers.raw_query_latency,
             (_workers.paced_load, batches, 1000, rate),
         )
@@ -585,7 +585,7 @@ def targets(metrics: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | N
         )
 
     check(
-        "batched via client (codec batches of 1,000)",
+        "batched via client (increment_many of 1,000)",
         med("client.batches"),
         1_000_000,
         "inc/s",
