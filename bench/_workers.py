@@ -238,7 +238,7 @@ def ceiling(stream: bytes, n: int, mode: str) -> dict[str, Any]:
         apply_many = state.apply_many
         for chunk in chunks:
             for msg in codec.receive_data(chunk):
-                apply_many(msg.items)  # type: ignore[union-attr]
+                apply_many(msg.items)  # type: ignore[union-attr, arg-type]
     else:
         raise ValueError(mode)
     seconds = time.perf_counter() - t0
