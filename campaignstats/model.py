@@ -708,7 +708,7 @@ class StatsState:
             t = now if at is None or at > now else at
             timeline = timelines.get(cid)
             if timeline is not None:
-                timeline.take(t, dec.new_supporter, dec.count)
+                timeline.take(t, dec.new_supporter, dec.count, now)
             if dec.new_supporter:
                 self.ranking.dirty.add(cid)
             self.decremented += 1
@@ -858,7 +858,7 @@ class StatsState:
                 if decrement:
                     if truth.subtract(change):
                         self.clamped += 1
-                    timeline.take(t, change.new_supporter, change.count)
+                    timeline.take(t, change.new_supporter, change.count, now)
                 else:
                     truth.add(change)
                     timeline.add(t, change.new_supporter, change.count)

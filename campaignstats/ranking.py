@@ -3,10 +3,10 @@
 Plain Python, no I/O. A ``top`` call must not scan every campaign (a server holds hundreds of
 thousands), so:
 
-* by total supporters: a sorted list of ``(-supporters, campaign_id)`` and the set of campaigns
-  whose supporters moved since the last call (the hot path only adds to that set, for a new
-  supporter). A call re-files those few, by bisection, before it reads the head of the list;
-  when more than an eighth of the list moved (after a calculation) it is sorted again whole.
+* by total supporters: a heap of ``(-supporters, campaign_id)`` and the set of campaigns whose
+  supporters moved since the last call (the hot path only adds to that set, for a new
+  supporter). A call pushes those few again before it pops the head (see SupporterRanking);
+  when more than a quarter moved (after a calculation) the heap is rebuilt whole.
 * by the last hour or by today: the only campaigns that can have a non-zero figure are those
   that got a supporter in that time. The hot path notes each campaign that gets one in the set of
   its UTC hour (the last 26 hours are kept); a call computes the figure of those candidates only,
@@ -16,7 +16,6 @@ thousands), so:
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable
 
 #: hours of candidate sets kept: today (UTC) is at most 24 of them, the last hour 2
@@ -24,45 +23,50 @@ TOUCHED_HOURS = 26
 
 
 class SupporterRanking:
-    """Campaigns ordered by a figure that the caller reads on demand (total supporters)."""
+    """Campaigns ordered by a figure that the caller reads on demand (total supporters).
 
-    __slots__ = ("dirty", "order", "values")
+    A heap of ``(-value, campaign_id)`` with lazy deletion: a campaign whose value moved gets a
+    new entry and its old one stays behind, recognised as stale (it no longer matches
+    ``values``) when it reaches the top, and dropped then; the heap is rebuilt when stale
+    entries outnumber the live ones.
+    """
+
+    __slots__ = ("dirty", "heap", "values")
 
     def __init__(self) -> None:
-        self.order: list[tuple[int, int]] = []  # (-value, campaign_id), ascending
-        self.values: dict[int, int] = {}  # the value each campaign is filed under
+        self.heap: list[tuple[int, int]] = []
+        self.values: dict[int, int] = {}  # the live value of each campaign in the heap
         self.dirty: set[int] = set()  # campaigns whose value may have moved since
 
     def refresh(self, value_of: Callable[[int], int]) -> None:
         dirty, self.dirty = self.dirty, set()
-        if not dirty:
-            return
-        values, order = self.values, self.order
-        if len(dirty) * 8 > len(order):
-            for cid in dirty:
-                n = value_of(cid)
-                if n > 0:
-                    values[cid] = n
-                else:
-                    values.pop(cid, None)
-            self.order = sorted((-n, cid) for cid, n in values.items())
-            return
+        values, heap = self.values, self.heap
+        bulk = len(dirty) * 4 > len(values)
         for cid in dirty:
-            old = values.get(cid)
             new = value_of(cid)
-            if old == new or (old is None and new <= 0):
+            if new == values.get(cid, 0):
                 continue
-            if old is not None:
-                i = bisect_left(order, (-old, cid))
-                del order[i]
             if new > 0:
                 values[cid] = new
-                insort(order, (-new, cid))
+                if not bulk:
+                    heapq.heappush(heap, (-new, cid))
             else:
                 del values[cid]
+        if bulk or len(heap) > 2 * len(values) + 64:
+            self.heap = [(-n, cid) for cid, n in values.items()]
+            heapq.heapify(self.heap)
 
     def head(self, limit: int) -> list[list[int]]:
-        return [[cid, -negative] for negative, cid in self.order[:limit]]
+        heap, values = self.heap, self.values
+        best: list[tuple[int, int]] = []
+        while heap and len(best) < limit:
+            entry = heapq.heappop(heap)
+            negative, cid = entry
+            if values.get(cid) == -negative and (not best or best[-1] != entry):
+                best.append(entry)  # live (a stale or repeated entry is dropped for good)
+        for entry in best:
+            heapq.heappush(heap, entry)
+        return [[cid, -negative] for negative, cid in best]
 
 
 def leaders(

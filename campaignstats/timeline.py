@@ -2,17 +2,16 @@
 
 Plain Python with no I/O, like :mod:`campaignstats.model`. Three series of UTC buckets:
 
-* minutes, kept for at least the last 48 hours (200 chunks of 15 minutes: 50 hours, so that
-  "yesterday" in any time zone is still held minute by minute);
-* hours, kept for at least the last 90 days (91 day-long chunks);
-* days, for the campaign's whole life (32-day chunks).
+* minutes, kept for the last 50 hours (at least 48, and "yesterday" in any time zone);
+* hours, kept for the last 91 days (at least 90);
+* days, for the campaign's whole life.
 
-Storage is compact and lazy: a series is a small dict of *chunks*, each one ``array('q')`` of
-``2 * chunk`` integers (supporters and actions of consecutive buckets, interleaved). A chunk is
-allocated when a count first lands in it, so a campaign pays for the hours and days where it
-was active and nothing else; a campaign with no activity in the last two days holds no minute
-chunk at all once its old ones are pruned. A bucketed series drops the chunks that fall out of
-its retention when a newer one is allocated.
+Storage is compact and lazy: a series is two ``array('q')``, the indexes of its non-zero buckets
+in ascending order and their counts, so a campaign pays 24 bytes for each minute, hour or day
+in which it was active and nothing for the others (a campaign with one action holds three
+buckets, not 48 hours of minute slots). A series drops the buckets that fall out of its
+retention as newer ones are appended. The current minute's counts are summed in two plain
+ints first (:meth:`Timeline.add`), which keeps the hot path to a few attribute updates.
 
 Times are epoch seconds (UTC); a bucket is named by its start. Counts never go below zero in
 a bucket: a decrement that finds less there than it takes back is clamped, as the totals are.
@@ -22,6 +21,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from datetime import date, datetime, time, timedelta
 from typing import Literal
@@ -34,103 +34,110 @@ DAY = 86400
 Unit = Literal["minute", "hour", "day"]
 UNIT_SECONDS: dict[str, int] = {"minute": MINUTE, "hour": HOUR, "day": DAY}
 
-#: minute buckets are kept for this long at least (chunks of 15 minutes: 50 hours)
+#: minute buckets are kept for this long behind the newest
 MINUTES_KEPT = 50 * HOUR
-#: hour buckets are kept for this long at least (whole day chunks: 91 days)
+#: hour buckets are kept for this long behind the newest
 HOURS_KEPT = 91 * DAY
 
 
 class Series:
-    """Buckets of one unit, stored as chunks of consecutive buckets (see the module doc)."""
+    """The non-zero buckets of one unit, as two sorted arrays (see the module doc): ``keys``
+    holds bucket indexes (bucket start // unit) ascending, ``counts`` the supporters and actions
+    of each, interleaved. Appending the newest bucket, the common case, is O(1); an older one is
+    a bisection and an insertion."""
 
-    __slots__ = ("chunk", "chunks", "keep", "newest", "unit")
+    __slots__ = ("counts", "keep", "keys", "unit")
 
-    def __init__(self, unit: int, chunk: int, keep: int | None) -> None:
+    def __init__(self, unit: int, keep: int | None) -> None:
         self.unit = unit  # seconds per bucket
-        self.chunk = chunk  # buckets per chunk
-        self.keep = keep  # chunks kept behind the newest (None: all)
-        self.chunks: dict[int, array[int]] = {}
-        self.newest = -(2**62)  # index of the newest chunk allocated
+        self.keep = keep  # buckets kept behind the newest (None: all)
+        self.keys: array[int] = array("q")
+        self.counts: array[int] = array("q")
 
-    def _chunk_for(self, k: int) -> array[int] | None:
-        """The chunk ``k``, allocated if needed; None when it is out of the retention."""
-        chunks = self.chunks
-        arr = chunks.get(k)
-        if arr is not None:
-            return arr
-        keep = self.keep
-        if keep is not None and k <= self.newest - keep:
-            return None  # older than what this series keeps
-        arr = chunks[k] = array("q", bytes(16 * self.chunk))
-        if k > self.newest:
-            self.newest = k
-            if keep is not None and len(chunks) > keep:
-                for old in [c for c in chunks if c <= k - keep]:
-                    del chunks[old]
-        return arr
-
-    def add(self, index: int, supporters: int, actions: int) -> None:
-        """Add to the bucket of ``index`` (bucket start // unit)."""
-        k, o = divmod(index, self.chunk)
-        arr = self._chunk_for(k)
-        if arr is not None:
-            arr[2 * o] += supporters
-            arr[2 * o + 1] += actions
+    @property
+    def newest(self) -> int:
+        keys = self.keys
+        return keys[-1] if keys else -(2**62)
 
     def keeps(self, index: int) -> bool:
         """Whether the bucket of ``index`` is within what this series keeps."""
-        return self.keep is None or index // self.chunk > self.newest - self.keep
+        return self.keep is None or index > self.newest - self.keep
+
+    def add(self, index: int, supporters: int, actions: int) -> None:
+        """Add to the bucket of ``index``."""
+        keys, counts = self.keys, self.counts
+        if keys and keys[-1] == index:
+            counts[-2] += supporters
+            counts[-1] += actions
+            return
+        if not keys or index > keys[-1]:
+            keys.append(index)
+            counts.append(supporters)
+            counts.append(actions)
+            keep = self.keep
+            if keep is not None and keys[0] <= index - keep:
+                cut = bisect_right(keys, index - keep)
+                del keys[:cut]
+                del counts[: 2 * cut]
+            return
+        if not self.keeps(index):
+            return  # older than what this series keeps
+        i = bisect_left(keys, index)
+        if keys[i] == index:
+            counts[2 * i] += supporters
+            counts[2 * i + 1] += actions
+        else:
+            keys.insert(i, index)
+            counts.insert(2 * i, actions)
+            counts.insert(2 * i, supporters)
 
     def get(self, index: int) -> tuple[int, int]:
-        k, o = divmod(index, self.chunk)
-        arr = self.chunks.get(k)
-        return (0, 0) if arr is None else (arr[2 * o], arr[2 * o + 1])
+        keys = self.keys
+        i = bisect_left(keys, index)
+        if i < len(keys) and keys[i] == index:
+            return self.counts[2 * i], self.counts[2 * i + 1]
+        return 0, 0
 
     def take(self, index: int, supporters: int, actions: int) -> None:
-        """Subtract from the bucket of ``index``; the caller has checked that it holds that
-        much (Timeline.take), or the bucket is out of the retention."""
-        k, o = divmod(index, self.chunk)
-        arr = self.chunks.get(k)
-        if arr is not None:
-            arr[2 * o] = max(0, arr[2 * o] - supporters)
-            arr[2 * o + 1] = max(0, arr[2 * o + 1] - actions)
-
-    def first_kept(self) -> int | None:
-        """The first bucket index this series is sure to hold (None: all of them)."""
-        if self.keep is None:
-            return None
-        return (self.newest - self.keep + 1) * self.chunk
+        """Subtract from the bucket of ``index`` (clamped at zero; the caller has checked that
+        it holds that much, Timeline.take). A bucket that reaches zero is dropped."""
+        keys, counts = self.keys, self.counts
+        i = bisect_left(keys, index)
+        if i < len(keys) and keys[i] == index:
+            s = max(0, counts[2 * i] - supporters)
+            a = max(0, counts[2 * i + 1] - actions)
+            if s or a:
+                counts[2 * i], counts[2 * i + 1] = s, a
+            else:
+                del keys[i]
+                del counts[2 * i : 2 * i + 2]
 
     def buckets(self, lo: int, hi: int) -> Iterator[tuple[int, int, int]]:
         """``(index, supporters, actions)`` of non-zero buckets with ``lo <= index < hi``,
         ascending."""
-        chunk = self.chunk
-        for k in sorted(self.chunks):
-            base = k * chunk
-            if base + chunk <= lo or base >= hi:
-                continue
-            arr = self.chunks[k]
-            for o in range(max(0, lo - base), min(chunk, hi - base)):
-                s, a = arr[2 * o], arr[2 * o + 1]
-                if s or a:
-                    yield base + o, s, a
+        keys, counts = self.keys, self.counts
+        for i in range(bisect_left(keys, lo), bisect_left(keys, hi)):
+            s, a = counts[2 * i], counts[2 * i + 1]
+            if s or a:
+                yield keys[i], s, a
 
     def total(self, lo: int, hi: int) -> tuple[int, int]:
-        s = a = 0
-        for _, bs, ba in self.buckets(lo, hi):
-            s += bs
-            a += ba
-        return s, a
+        keys, counts = self.keys, self.counts
+        i, j = bisect_left(keys, lo), bisect_left(keys, hi)
+        if i == j:
+            return 0, 0
+        part = counts[2 * i : 2 * j]
+        return sum(part[0::2]), sum(part[1::2])
 
     def copy(self) -> Series:
-        new = Series(self.unit, self.chunk, self.keep)
-        new.chunks = {k: array("q", v) for k, v in self.chunks.items()}
-        new.newest = self.newest
+        new = Series(self.unit, self.keep)
+        new.keys = array("q", self.keys)
+        new.counts = array("q", self.counts)
         return new
 
     def nbytes(self) -> int:
-        """Bytes of the chunks' counts (the arrays' payload)."""
-        return sum(len(v) * v.itemsize for v in self.chunks.values())
+        """Bytes of the arrays' items (what they hold; allocation slack aside)."""
+        return (len(self.keys) + len(self.counts)) * 8
 
     def rows(self) -> list[tuple[int, int, int]]:
         """Every non-zero bucket, for the snapshot file and for comparisons."""
@@ -147,9 +154,9 @@ class Timeline:
     __slots__ = ("days", "hours", "last_action_at", "minute", "minutes", "pending_a", "pending_s")
 
     def __init__(self) -> None:
-        self.minutes = Series(MINUTE, 15, MINUTES_KEPT // (15 * MINUTE))
-        self.hours = Series(HOUR, 24, HOURS_KEPT // DAY)
-        self.days = Series(DAY, 32, None)
+        self.minutes = Series(MINUTE, MINUTES_KEPT // MINUTE)
+        self.hours = Series(HOUR, HOURS_KEPT // HOUR)
+        self.days = Series(DAY, None)
         self.last_action_at: float = -1.0  # -1: none (see last_action)
         # The hot path: counts of the current minute are summed here, in two ints, and filed
         # into the three series when another minute comes or anything reads them (flush).
@@ -183,21 +190,20 @@ class Timeline:
             self.days.add(m // 1440, s, a)
             self.pending_s = self.pending_a = 0
 
-    def take(self, t: float, supporters: int, actions: int) -> bool:
+    def take(self, t: float, supporters: int, actions: int, now: float) -> bool:
         """Take back what ``add(t, ...)`` counted; True when clamped.
 
-        At most what the finest series that keeps ``t`` holds in its bucket is taken, and the
-        same from the coarser ones, so that an hour stays the sum of its minutes and a day the
-        sum of its hours.
+        At most what the bucket of ``t`` holds in the finest series every server keeps for it
+        at ``now`` (minutes for the last 48 hours, hours for 90 days: what :meth:`history`
+        answers from, and what a calculation rebuilds) is taken, and the same from the coarser
+        ones, so that an hour stays the sum of its minutes and a day the sum of its hours.
         """
         self.flush()
         m = int(t) // MINUTE
         levels = ((self.minutes, m), (self.hours, m // 60), (self.days, m // 1440))
-        have_s = have_a = 0
-        for series, index in levels:
-            if series.keeps(index):
-                have_s, have_a = series.get(index)
-                break
+        finest = 0 if t >= now - 48 * HOUR else 1 if t >= now - 90 * DAY else 2
+        series, index = levels[finest]
+        have_s, have_a = series.get(index)
         s, a = min(supporters, have_s), min(actions, have_a)
         if s or a:
             for series, index in levels:

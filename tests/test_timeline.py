@@ -79,24 +79,25 @@ def test_minutes_are_kept_48_hours_hours_90_days_days_for_ever() -> None:
 
 
 def test_storage_is_compact_and_lazy() -> None:
-    """A campaign pays for the chunks where it was active, not for 48 hours of minutes."""
+    """A campaign pays for the buckets where it was active, not for 48 hours of minutes."""
     state = state_at(NOW)
-    for i in range(1000):
-        state.apply(Increment(1, 1, "sign", None, True, at=NOW - i * 0.5))
+    state.apply(Increment(1, 1, "sign", None, True, at=NOW - 5 * DAY))
     timeline = state.timelines[1]
     timeline.flush()
-    assert len(timeline.minutes.chunks) <= 2
-    assert len(timeline.hours.chunks) == 1
-    assert len(timeline.days.chunks) == 1
-    assert timeline.nbytes() <= 2 * 240 + 384 + 512
-    # Activity spread over every hour of 60 days keeps minutes for the last 50 hours only.
+    assert timeline.nbytes() == 3 * 24  # one minute, one hour, one day
+    for i in range(1000):
+        state.apply(Increment(1, 1, "sign", None, True, at=NOW - i * 0.5))
+    timeline.flush()
+    assert len(timeline.minutes.keys) == 10  # 500 seconds back: 9 or 10 minutes
+    # Activity in every hour of 60 days keeps minutes for the last 50 hours only.
     state = state_at(NOW)
     for h in range(60 * 24):
         state.apply(Increment(2, 1, "sign", None, True, at=NOW - h * HOUR))
     timeline = state.timelines[2]
     timeline.flush()
-    assert len(timeline.minutes.chunks) <= 201
-    assert len(timeline.hours.chunks) <= 61
+    assert len(timeline.minutes.keys) == 50
+    assert len(timeline.hours.keys) == 60 * 24
+    assert len(timeline.days.keys) == 61
 
 
 def test_recent_figures() -> None:
