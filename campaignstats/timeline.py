@@ -38,6 +38,9 @@ UNIT_SECONDS: dict[str, int] = {"minute": MINUTE, "hour": HOUR, "day": DAY}
 MINUTES_KEPT = 50 * HOUR
 #: hour buckets are kept for this long behind the newest
 HOURS_KEPT = 91 * DAY
+#: a bucket sums every action type, so two counts the totals accept can overflow an int64
+#: bucket: it saturates here instead (the wire's largest integer)
+BUCKET_MAX = 2**63 - 1
 
 
 class Series:
@@ -67,13 +70,13 @@ class Series:
         """Add to the bucket of ``index``."""
         keys, counts = self.keys, self.counts
         if keys and keys[-1] == index:
-            counts[-2] += supporters
-            counts[-1] += actions
+            counts[-2] = min(counts[-2] + supporters, BUCKET_MAX)
+            counts[-1] = min(counts[-1] + actions, BUCKET_MAX)
             return
         if not keys or index > keys[-1]:
             keys.append(index)
-            counts.append(supporters)
-            counts.append(actions)
+            counts.append(min(supporters, BUCKET_MAX))
+            counts.append(min(actions, BUCKET_MAX))
             keep = self.keep
             if keep is not None and keys[0] <= index - keep:
                 cut = bisect_right(keys, index - keep)
@@ -84,12 +87,12 @@ class Series:
             return  # older than what this series keeps
         i = bisect_left(keys, index)
         if keys[i] == index:
-            counts[2 * i] += supporters
-            counts[2 * i + 1] += actions
+            counts[2 * i] = min(counts[2 * i] + supporters, BUCKET_MAX)
+            counts[2 * i + 1] = min(counts[2 * i + 1] + actions, BUCKET_MAX)
         else:
             keys.insert(i, index)
-            counts.insert(2 * i, actions)
-            counts.insert(2 * i, supporters)
+            counts.insert(2 * i, min(actions, BUCKET_MAX))
+            counts.insert(2 * i, min(supporters, BUCKET_MAX))
 
     def get(self, index: int) -> tuple[int, int]:
         keys = self.keys
@@ -127,7 +130,7 @@ class Series:
         if i == j:
             return 0, 0
         part = counts[2 * i : 2 * j]
-        return sum(part[0::2]), sum(part[1::2])
+        return min(sum(part[0::2]), BUCKET_MAX), min(sum(part[1::2]), BUCKET_MAX)
 
     def copy(self) -> Series:
         new = Series(self.unit, self.keep)
@@ -267,8 +270,10 @@ class Timeline:
 
     def total(self, start: float, end: float, now: float) -> tuple[int, int]:
         """Supporters and actions in buckets starting in ``[start, end)``, read from the finest
-        series that holds ``start`` (minutes within the last 48 hours, hours within 90 days)."""
-        if start >= now - 48 * HOUR:
+        series that holds ``start`` (minutes within the last 49 hours, hours within 90 days)."""
+        # Minutes as long as every server holds them (the calculation files them from at most
+        # 49 hours back): "yesterday" can start 49 hours ago, at a half hour in some zones.
+        if start >= now - 49 * HOUR:
             unit = MINUTE
         elif start >= now - 90 * DAY:
             unit = HOUR
