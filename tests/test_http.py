@@ -738,3 +738,18 @@ async def test_history_recent_and_top_are_read_as_json(http: Http) -> None:
         r = await http.client.get(path)
         assert r.status_code == 400, path
         assert r.json()["error"] == code, path
+
+
+async def test_the_demo_page_shows_the_busiest_campaigns_whatever_their_ids(http: Http) -> None:
+    raw = await socket_peer(http)
+    try:
+        await send_and_flush(
+            raw,
+            ["incs", [[5_000_001, 7, "register", None, True]] * 3],
+            ["incs", [[42_424, 7, "register", None, True]] * 2],
+        )
+    finally:
+        await raw.close()
+    page = (await http.client.get("/")).text
+    first = page.index('campaign="5000001"')
+    assert first < page.index('campaign="42424"')  # the busier one first

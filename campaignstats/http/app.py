@@ -94,8 +94,7 @@ class HttpConfig:
     keepalive: float = 15.0
     #: seconds a request waits for the service
     timeout: float = 10.0
-    #: the demo page (``GET /``) shows the busiest of campaigns 1..demo_scan
-    demo_scan: int = 1_000
+    #: the demo page (``GET /``) shows this many of the busiest campaigns
     demo_size: int = 10
 
 
@@ -445,14 +444,10 @@ class StatsHttpApp:
         return Response(self._widget, 200, headers, media_type="text/javascript")
 
     async def demo_page(self, request: Request) -> Response:
-        # No `top` call yet: the busiest of the first `demo_scan` campaign ids, by supporters.
-        scan = range(1, self.config.demo_scan + 1)
+        # The busiest campaigns by supporters, whatever their ids (the `top` call).
         async with asyncio.timeout(self.config.timeout):
-            many = await self.service.stats_many(list(scan))
-        busiest = sorted(
-            (cid for cid, stats in many.items() if stats["supporters"] > 0),
-            key=lambda cid: (-many[cid]["supporters"], cid),
-        )[: self.config.demo_size]
+            top = await self.service.top("supporters", self.config.demo_size)
+        busiest = [cid for cid, supporters in top if supporters > 0]
         root = request.scope.get("root_path", "")
         rows = "\n".join(
             f'    <li><span class="name">Campaign {cid}</span>\n'
