@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 # Python sources that lint checks (ruff would also format the README's code blocks: not ours to).
 PY_PATHS := campaignstats tests bench examples run.py
 
-.PHONY: run test test-all lint bench clean
+.PHONY: run test test-fast lint bench clean
 
 $(STAMP): pyproject.toml campaignstats/_version.py
 	$(PYTHON) -m venv $(VENV)
@@ -32,13 +32,14 @@ define pytest
 	exit $$rc
 endef
 
-# The suite without the tests marked slow (pytest -m slow: more than ~20 s each).
+# The whole suite, the tests marked slow included (about 3 minutes): the README's test
+# command, and what CI runs (.ci/run).
 test: $(STAMP)
-	$(call pytest,-m "not slow")
-
-# Everything, the slow tests included: what CI runs.
-test-all: $(STAMP)
 	$(call pytest,)
+
+# The suite without the tests marked slow (pytest -m slow: more than ~20 s each).
+test-fast: $(STAMP)
+	$(call pytest,-m "not slow")
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(PY_PATHS)
