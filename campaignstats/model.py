@@ -432,12 +432,21 @@ class CalculationResult:
     messages_counted: bool = True
     #: per covered campaign with counted actions, its buckets (docs/design.md, "Time")
     timelines: dict[int, Timeline] = field(default_factory=dict)
+    _horizon: Horizon | None = field(default=None, repr=False, compare=False)
 
     @property
     def horizon(self) -> Horizon:
-        return Horizon(
-            self.max_action_id, self.window_low, self.uncounted_ids, self.snapshot, self.taken_at
-        )
+        """What this snapshot counted, built once: every slice of a merge, and every campaign
+        merged, shares it."""
+        if self._horizon is None:
+            self._horizon = Horizon(
+                self.max_action_id,
+                self.window_low,
+                self.uncounted_ids,
+                self.snapshot,
+                self.taken_at,
+            )
+        return self._horizon
 
 
 class Decrement(NamedTuple):
