@@ -22,6 +22,8 @@ from campaignstats._version import __version__
 from campaignstats.db.embedded import DEFAULT_DATA_DIR, resolve_dsn
 from campaignstats.follower import commands as follow_commands
 from campaignstats.logs import configure_logging
+from campaignstats.metrics.update import DEFAULT_LIMITS as DEFAULT_METRIC_LIMITS
+from campaignstats.metrics.update import MetricLimits
 from campaignstats.model import Scope
 
 log = structlog.get_logger(__name__)
@@ -196,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="one archive file per period of this many seconds (default: %(default)s)",
     )
+    metrics.add_argument(
+        "--metrics-max-campaigns",
+        type=_positive_int,
+        metavar="N",
+        help="campaigns that may hold metrics (default: no limit)",
+    )
+    for field, text in _METRIC_LIMIT_OPTIONS.items():
+        metrics.add_argument(
+            f"--metrics-{field.replace('_', '-')}",
+            dest=f"metrics_{field}",
+            type=_positive_int,
+            default=getattr(DEFAULT_METRIC_LIMITS, field),
+            metavar="N",
+            help=f"{text} (default: %(default)s)",
+        )
     p.add_argument(
         "--token",
         default=os.environ.get("CAMPAIGNSTATS_TOKEN"),
@@ -262,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("dec", "send one decrement (the exact inverse of the same increment)"),
         ("metric", "send one custom metrics update (docs/metrics.md)"),
         ("metrics", "print the custom metrics of campaigns"),
+        ("guard", "guard a custom metric: refuse its updates after a deadline or too often"),
         ("history", "print a campaign's supporters and actions by minute, hour or day"),
         ("recent", "print a campaign's last hour, today, yesterday and last 7 days"),
         ("top", "print the leading campaigns by supporters, last hour or today"),
@@ -293,6 +311,24 @@ def build_parser() -> argparse.ArgumentParser:
                 )
             p.add_argument("--seen", action="append", default=[], metavar="NAME", help="stamp NAME")
             p.add_argument("--at", type=float, help="the time of the update, epoch seconds")
+        elif name == "guard":
+            p.add_argument("campaign_id", type=int)
+            p.add_argument("name", help="the metric name to guard")
+            p.add_argument(
+                "--deadline",
+                type=float,
+                metavar="EPOCH",
+                help="refuse the metric's updates after this time (epoch seconds)",
+            )
+            p.add_argument(
+                "--min-period",
+                type=float,
+                metavar="SECONDS",
+                help="refuse an update of one key sooner than this after the last",
+            )
+            p.add_argument(
+                "--clear", action="store_true", help="remove the metric's guard (no options)"
+            )
         elif name in ("inc", "dec"):
             p.add_argument("campaign_id", type=int)
             p.add_argument("org_id", type=int)
@@ -422,6 +458,20 @@ def print_metrics(campaign_id: int, reply: dict[str, Any]) -> None:
             values(f"{dim}={key}", v, "    ")
 
 
+#: the ``serve --metrics-*`` options: the per-campaign bounds of custom metrics (docs/metrics.md,
+#: "Limits"); each is a field of MetricLimits
+_METRIC_LIMIT_OPTIONS = {
+    "max_string": "bytes of UTF-8 of a metric name, dimension, key or member",
+    "max_names": "metric names per campaign",
+    "max_dims": "dimensions per campaign",
+    "max_keys": "keys of one dimension per campaign",
+    "max_members": "members of one name in one update",
+    "max_unique_series": "unique sets per campaign",
+    "gauge_buckets": "6-minute buckets kept per gauge",
+    "unique_days": "daily unique sets kept per unique metric",
+}
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -536,6 +586,10 @@ async def serve(args: argparse.Namespace) -> int:
         log.warning("serve.insecure", host=exposed, reason="non-loopback address without a token")
     if args.appendonly is None:
         log.warning("serve.metrics_in_memory", hint="--appendonly PATH keeps custom metrics")
+    metric_limits = MetricLimits(
+        **{field: getattr(args, f"metrics_{field}") for field in _METRIC_LIMIT_OPTIONS},
+        max_campaigns=args.metrics_max_campaigns,
+    )
     dsn, embedded = await resolve_dsn(args.dsn, args.data_dir)
     try:
         if embedded is not None:
@@ -553,6 +607,7 @@ async def serve(args: argparse.Namespace) -> int:
                     snapshot_interval=args.snapshot_interval or None,
                     archive_dir=args.archive_dir,
                     archive_every=args.archive_every,
+                    limits=metric_limits,
                 ),
             ),
             mailbox_size=args.mailbox_size,
@@ -565,7 +620,7 @@ async def serve(args: argparse.Namespace) -> int:
                 port=args.port,
                 unix_path=args.unix,
                 token=args.token,
-                limits=Limits(args.max_message, args.max_batch, args.max_string),
+                limits=Limits(args.max_message, args.max_batch, args.max_string, metric_limits),
                 max_connections=args.max_connections,
                 max_output=args.max_output,
                 idle_timeout=args.idle_timeout,
@@ -723,6 +778,17 @@ def run_client_command(args: argparse.Namespace) -> int:
             else:
                 for cid, reply in replies.items():
                     print_metrics(cid, reply)
+        elif args.command == "guard":
+            if args.clear == (args.deadline is not None or args.min_period is not None):
+                print("guard: give --deadline and/or --min-period, or --clear", file=sys.stderr)
+                return 2
+            guard = client.set_guard(
+                args.campaign_id, args.name, deadline=args.deadline, min_period=args.min_period
+            )
+            if guard["deadline"] is None and guard["min_period"] is None:
+                print(f"campaign {args.campaign_id}: {args.name!r} is not guarded")
+            else:
+                print(f"campaign {args.campaign_id}: {args.name!r} guarded: {json.dumps(guard)}")
         elif args.command == "history":
             history = client.history(args.campaign_id, args.unit, args.start, args.end)
             if args.json:
@@ -778,6 +844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dec",
             "metric",
             "metrics",
+            "guard",
             "history",
             "recent",
             "top",

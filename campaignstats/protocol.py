@@ -50,10 +50,12 @@ from campaignstats.requests import (
     Request,
     ResetMetrics,
     Resync,
+    SetGuard,
     Stats,
     StatsMany,
     Subscribe,
     Unsubscribe,
+    guard_request,
     history_request,
     recent_request,
     top_request,
@@ -457,6 +459,7 @@ class ServerCodec:
             "unsub": (1, self._unsub),
             "metrics": (1, self._metrics),
             "reset_metrics": (2, self._reset_metrics),
+            "guard": (3, self._guard),
             "history": (2, self._history),
             "recent": (2, self._recent),
             "top": (1, top_request),
@@ -662,6 +665,12 @@ class ServerCodec:
         if not 0 < len(name.encode(errors="surrogatepass")) <= max_string:
             return Invalid(f"reset_metrics: name must be 1 to {max_string} bytes of UTF-8")
         return ResetMetrics(checked, name)
+
+    def _guard(self, cid: Any, name: Any, opts: Any) -> SetGuard | ProtocolError:
+        checked = self._campaign_id(cid, "guard")
+        if isinstance(checked, ProtocolError):
+            return checked
+        return guard_request(checked, name, opts, self.limits.metrics.max_string)
 
     # -- calls: each returns the typed request, or the error to answer ---------------------------
 

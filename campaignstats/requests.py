@@ -163,6 +163,28 @@ class ResetMetrics:
 
 
 @dataclass(frozen=True, slots=True)
+class SetGuard:
+    """Guard one metric name of a campaign (docs/metrics.md, "Guards and reset"): no update after
+    ``deadline`` (epoch seconds), none more often than ``min_period`` seconds per key; both None
+    removes the guard. Answered ``{"deadline": number|nil, "min_period": number|nil}``, the
+    guard now in force. On the wire ``{"deadline", "min_period"}``."""
+
+    campaign_id: int
+    name: str
+    deadline: float | None = None
+    min_period: float | None = None
+
+    op: ClassVar[str] = "guard"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        return (
+            self.campaign_id,
+            self.name,
+            {"deadline": self.deadline, "min_period": self.min_period},
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class History:
     """Non-zero buckets of one unit in ``[start, end)`` (docs/protocol.md, "history"); on the
     wire ``{"unit", "from", "to"}``. Build it with :func:`history_request` to have it checked."""
@@ -261,6 +283,35 @@ def history_request(campaign_id: int, opts: Any) -> History | ProtocolError:
     return History(campaign_id, unit, start, end)
 
 
+#: the longest throttle period a guard takes (a year): a larger one is surely a unit mistake
+MAX_GUARD_PERIOD = 366 * 86_400.0
+
+
+def guard_request(
+    campaign_id: int, name: Any, opts: Any, max_string: int
+) -> SetGuard | ProtocolError:
+    """``guard``'s name and options checked: ``name`` 1 to ``max_string`` bytes of UTF-8,
+    ``deadline`` epoch seconds or nil, ``min_period`` seconds (more than 0, at most a year) or
+    nil."""
+    if type(name) is not str:
+        return BadMessage("guard: name must be a string")
+    if not 0 < len(name.encode(errors="surrogatepass")) <= max_string:
+        return Invalid(f"guard: name must be 1 to {max_string} bytes of UTF-8")
+    checked = _opts("guard", opts, ("deadline", "min_period"))
+    if isinstance(checked, ProtocolError):
+        return checked
+    deadline = _time("guard", "deadline", checked.get("deadline"))
+    if isinstance(deadline, ProtocolError):
+        return deadline
+    period = checked.get("min_period")
+    if period is not None:
+        if type(period) is not int and type(period) is not float:
+            return BadMessage("guard: min_period must be seconds or nil")
+        if not 0 < period <= MAX_GUARD_PERIOD:  # also refuses NaN
+            return Invalid("guard: min_period must be more than 0 and at most a year of seconds")
+    return SetGuard(campaign_id, name, deadline, None if period is None else float(period))
+
+
 def recent_request(campaign_id: int, opts: Any) -> Recent | ProtocolError:
     """``recent``'s options checked: ``tz`` an IANA time zone name (default UTC)."""
     checked = _opts("recent", opts, ("tz",))
@@ -316,6 +367,7 @@ Request = (
     | Unsubscribe
     | GetMetrics
     | ResetMetrics
+    | SetGuard
     | History
     | Recent
     | Top
@@ -338,6 +390,7 @@ __all__ = [
     "Request",
     "ResetMetrics",
     "Resync",
+    "SetGuard",
     "Stats",
     "StatsMany",
     "Subscribe",

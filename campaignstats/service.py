@@ -57,6 +57,7 @@ from campaignstats.requests import (
     StatsMany,
     Subscribe,
     Unsubscribe,
+    guard_request,
     history_request,
     recent_request,
     top_request,
@@ -498,6 +499,24 @@ class StatsService:
         whether there was something to drop; durable (by the fsync policy) when it returns."""
         result = await self.call(ResetMetrics(campaign_id, name))
         return bool(result["found"])
+
+    async def set_guard(
+        self,
+        campaign_id: int,
+        name: str,
+        *,
+        deadline: float | None = None,
+        min_period: float | None = None,
+    ) -> dict[str, float | None]:
+        """Guard metric ``name`` (docs/metrics.md, "Guards and reset"): refuse its updates after
+        ``deadline`` (epoch seconds) or more often than ``min_period`` seconds per key; both
+        None removes the guard. Durable (by the fsync policy) when it returns."""
+        opts = {"deadline": deadline, "min_period": min_period}
+        request = guard_request(campaign_id, name, opts, self.config.metrics.limits.max_string)
+        if isinstance(request, Exception):
+            raise request
+        result: dict[str, float | None] = await self.call(request)
+        return result
 
     # -- calls ----------------------------------------------------------------------------------
 

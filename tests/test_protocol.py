@@ -1069,6 +1069,6 @@ def test_inc_and_dec_take_five_to_seven_fields_or_exactly_one_map() -> None:
 def test_the_codec_lists_every_op_it_understands() -> None:
     assert set(ServerCodec().ops) == {
         "hello", "ping", "stats", "stats_many", "flush", "info", "resync", "sub", "unsub",
-        "inc", "incs", "dec", "decs", "metric", "metrics", "reset_metrics",
+        "inc", "incs", "dec", "decs", "metric", "metrics", "reset_metrics", "guard",
         "history", "recent", "top",
     }  # fmt: skip

@@ -45,6 +45,7 @@ from campaignstats.requests import (
     Request,
     ResetMetrics,
     Resync,
+    SetGuard,
     Stats,
     StatsMany,
     Subscribe,
@@ -378,6 +379,9 @@ class StatsActor:
             Unsubscribe: lambda r: self.registry.remove(r.campaign_id, r.subscriber),
             GetMetrics: lambda r: self.metrics.metrics(r.campaign_id),
             ResetMetrics: lambda r: {"found": self.metrics.reset(r.campaign_id, r.name)},
+            SetGuard: lambda r: self.metrics.set_guard(
+                r.campaign_id, r.name, r.deadline, r.min_period
+            ),
             History: lambda r: self.state.history(r.campaign_id, r.unit, r.start, r.end),
             Recent: lambda r: self.state.recent(r.campaign_id, r.tz),
             Top: lambda r: self.state.top(r.by, r.limit),

@@ -134,6 +134,17 @@ class MetricsKeeper:
         self.commit(drop_on_error=True)  # a call: answered once durable by the policy
         return found
 
+    def set_guard(
+        self, campaign_id: int, name: str, deadline: float | None, min_period: float | None
+    ) -> dict[str, float | None]:
+        """Guard (or, both None, unguard) a metric; answered once durable, like a reset."""
+        if self.store is None:
+            self.state.set_guard(campaign_id, name, deadline, min_period)
+        else:
+            self.store.set_guard(campaign_id, name, deadline, min_period)
+            self.commit(drop_on_error=True)
+        return {"deadline": deadline, "min_period": min_period}
+
     def commit(self, *, drop_on_error: bool = False) -> None:
         """Write what is buffered. When the log cannot be written nothing is acknowledged and
         this raises: with ``drop_on_error`` :class:`MetricsNotKept` after dropping every change

@@ -65,6 +65,7 @@ from campaignstats.requests import (
     StatsMany,
     Subscribe,
     Unsubscribe,
+    guard_request,
     history_request,
     recent_request,
     top_request,
@@ -685,6 +686,25 @@ class AsyncStatsClient(IncrementQueue):
         whether there was something to drop."""
         found: bool = await self._call(ResetMetrics(campaign_id, name), timeout)
         return found
+
+    async def set_guard(
+        self,
+        campaign_id: int,
+        name: str,
+        *,
+        deadline: float | None = None,
+        min_period: float | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, float | None]:
+        """Guard metric ``name`` of a campaign (docs/metrics.md, "Guards and reset"): its
+        updates are refused after ``deadline`` (epoch seconds) and more often than
+        ``min_period`` seconds per key; both None removes the guard. Returns the guard now in
+        force; durable (by the server's fsync policy) when it returns."""
+        opts = {"deadline": deadline, "min_period": min_period}
+        guard: dict[str, float | None] = await self._call(
+            _checked(guard_request(campaign_id, name, opts, self._max_string)), timeout
+        )
+        return guard
 
     async def ping(self, *, timeout: float | None = None) -> float:
         """A round trip to the server; returns how long it took, in seconds."""

@@ -31,6 +31,9 @@ DAY = 86_400
 SNAPSHOT_FORMAT = 1
 #: throttle entries kept per campaign before the expired ones are swept
 _THROTTLE_SWEEP = 4_096
+#: how far ahead of the server's clock an update's ``at`` may be (clocks drift; a larger lead is
+#: a mistake that would push the kept gauge buckets and daily sets out for good)
+MAX_AHEAD = 300.0
 
 Number = int | float
 #: the ``metrics`` reply's VALUES map
@@ -189,6 +192,9 @@ class MetricsState:
                 if not names:
                     return Applied(None, refused)
         at = now if update.at is None else update.at
+        error = self._check_time(update, at, now)
+        if error is not None:
+            return Applied(None, refused, error)
         effective = update.only(names, at) if refused or update.at is None else update
         error = self._apply(effective)
         if error is not None:
@@ -261,6 +267,25 @@ class MetricsState:
         c.names.update(update.names())
         self.applied += 1
         return None
+
+    def _check_time(self, update: MetricUpdate, at: float, now: float) -> ProtocolError | None:
+        """Why ``at`` cannot be kept, or None: more than MAX_AHEAD seconds in the future, or a
+        gauge older than its kept buckets (it would be dropped at once). Counted when refused.
+        A member older than the kept days still joins the all-time set (docs/metrics.md)."""
+        reason = message = ""
+        if at > now + MAX_AHEAD:
+            reason = "future"
+            message = (
+                f"at is {at - now:.0f} s ahead of the server's clock (at most {MAX_AHEAD:.0f})"
+            )
+        elif update.gauge and at < _bucket(now) - (self.limits.gauge_buckets - 1) * BUCKET:
+            reason = "too_old"
+            kept = self.limits.gauge_buckets * BUCKET
+            message = f"a gauge at {at:.0f} is older than the {kept} s of gauge buckets kept"
+        if not reason:
+            return None
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        return Invalid(f"campaign {update.campaign_id}: {message}")
 
     def _check_limits(self, update: MetricUpdate) -> ProtocolError | None:
         """Why ``update`` would pass a per-campaign limit, or None; counted when it would."""
@@ -342,8 +367,14 @@ class MetricsState:
                 if c.is_empty():
                     del self.campaigns[campaign_id]
             return
+        limits = self.limits
         if c is None:
+            if limits.max_campaigns is not None and len(self.campaigns) >= limits.max_campaigns:
+                raise Invalid(f"over the limit of {limits.max_campaigns} campaigns with metrics")
             c = self.campaigns[campaign_id] = CampaignMetrics()
+        elif name not in c.guards and len(c.guards) >= limits.max_names:
+            # a guard names a metric: no more guards than metric names a campaign may hold
+            raise Invalid(f"campaign {campaign_id}: over {limits.max_names} guarded names")
         c.guards[name] = Guard(deadline, min_period)
 
     def reset(self, campaign_id: int, name: str | None = None) -> bool:

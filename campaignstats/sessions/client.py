@@ -67,6 +67,7 @@ from campaignstats.requests import (
     Recent,
     ResetMetrics,
     Resync,
+    SetGuard,
     Stats,
     StatsMany,
     Subscribe,
@@ -268,6 +269,10 @@ def _result(request: CallRequest, result: Any) -> Any:
         if type(result) is not dict or type(result.get("found")) is not bool:
             raise RemoteProtocolError(f"reset_metrics answered {result!r:.80}")
         return result["found"]
+    if isinstance(request, SetGuard):
+        if type(result) is not dict or not {"deadline", "min_period"} <= result.keys():
+            raise RemoteProtocolError(f"guard answered {result!r:.80}")
+        return result
     if isinstance(request, Top) and type(result) is not list:
         raise RemoteProtocolError(f"top answered a {type(result).__name__}")
     if (
