@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import replace
@@ -132,6 +133,10 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
+#: numbers the producers of :meth:`StatsService.producer` (the socket's connections)
+_ORIGINS = itertools.count(1)
+
+
 class Producer:
     """One ordered stream of messages into the mailbox: a connection, or the embedding process.
 
@@ -145,10 +150,13 @@ class Producer:
     stops reading its socket and awaits :meth:`drain`.
     """
 
-    __slots__ = ("_backlog", "_last", "_mailbox")
+    __slots__ = ("_backlog", "_last", "_mailbox", "origin")
 
-    def __init__(self, mailbox: Mailbox) -> None:
+    def __init__(self, mailbox: Mailbox, origin: int | None = None) -> None:
         self._mailbox = mailbox
+        #: names this producer in its messages (a socket connection's number: docs/metrics.md,
+        #: "A failed commit"); None: the embedding process
+        self.origin = origin
         self._last = 0  # sequence number of this producer's last message in the normal lane
         self._backlog: deque[Message] = deque()
 
@@ -189,7 +197,7 @@ class Producer:
     ) -> None:
         """Queue a batch; raises only ActorStopped. ``on_rejected`` is called with the items
         the actor refuses, if any (always, with ``report_empty``)."""
-        message = Tell(cast, on_rejected, report_empty)
+        message = Tell(cast, on_rejected, report_empty, self.origin)
         if self._backlog:
             self._backlog.append(message)
             return
@@ -202,7 +210,7 @@ class Producer:
         """Queue a call; its answer (or error) goes to the returned future. Cancel the future
         to give up: the actor then skips the request. Raises only ActorStopped."""
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        ask = Ask(request, reply)
+        ask = Ask(request, reply, self.origin)
         if not self.read_lane(ask):
             self._submit(ask)
         return reply
@@ -337,8 +345,9 @@ class StatsService:
     # -- the mailbox ----------------------------------------------------------------------------
 
     def producer(self) -> Producer:
-        """A stream of messages of its own (one per connection of the socket server)."""
-        return Producer(self._mailbox)
+        """A stream of messages of its own (one per connection of the socket server), named
+        by a number of its own."""
+        return Producer(self._mailbox, next(_ORIGINS))
 
     @property
     def mailbox(self) -> Mailbox:

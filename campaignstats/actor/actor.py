@@ -239,6 +239,8 @@ class StatsActor:
 
     def _until_next_deadline(self, now: float) -> float:
         deadline = min(self._next_calc_at, self._next_metrics_tick)
+        if self.metrics.copying:  # a compaction's copy, in slices (docs/metrics.md)
+            deadline = min(deadline, self.metrics.next_slice_at)
         if self._next_publish_at is not None:
             deadline = min(deadline, self._next_publish_at)
         return max(0.0, deadline - now)
@@ -254,6 +256,8 @@ class StatsActor:
         if now >= self._next_metrics_tick:
             self._next_metrics_tick = now + TICK
             metrics.tick(now)
+        if metrics.copying and now >= metrics.next_slice_at:
+            metrics.copy_step(now)
 
     # -- messages -------------------------------------------------------------------------------
 
@@ -300,7 +304,7 @@ class StatsActor:
     def _apply_metrics(self, tell: Tell) -> None:
         """Apply metrics updates; a refused one (a limit) or a refused name (a guard) is reported
         like a refused increment item. Committed before the next ``flush`` is answered."""
-        results = self.metrics.apply_many(tell.cast.items)
+        results = self.metrics.apply_many(tell.cast.items, tell.origin)
         rejected: list[tuple[int, str]] = []
         for i, result in enumerate(results):
             if result.error is not None:
@@ -316,8 +320,11 @@ class StatsActor:
 
     def _flush(self, keep_metrics: bool = False) -> None:
         """Everything before the flush is applied; the metrics are committed (acknowledged), or
-        raise (dropped unless ``keep_metrics``: docs/metrics.md, "A failed commit")."""
-        self.metrics.commit(drop_on_error=not keep_metrics)
+        raise (dropped unless ``keep_metrics``: docs/metrics.md, "A failed commit"); a
+        producer whose casts an earlier failure dropped is told so, once."""
+        ask = self.current
+        origin = ask.origin if type(ask) is Ask else None
+        self.metrics.flush(origin, keep=keep_metrics)
 
     def _apply_changes(self, tell: Tell) -> None:
         cast = tell.cast

@@ -32,6 +32,8 @@ class Tell:
     on_rejected: RejectedCallback | None = None
     #: call ``on_rejected`` even when nothing is rejected (its sender holds errors until then)
     report_empty: bool = False
+    #: the producer that sent it (a socket connection's number), or None
+    origin: int | None = None
 
 
 @dataclass(slots=True)
@@ -44,6 +46,8 @@ class Ask:
 
     request: Request
     reply: asyncio.Future[Any]
+    #: the producer that sent it (a socket connection's number), or None
+    origin: int | None = None
 
 
 # -- internal -------------------------------------------------------------------------------------

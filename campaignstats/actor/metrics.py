@@ -13,9 +13,15 @@ so a crash-restart keeps the metrics and their open log, after a check of the st
   means "acknowledged": durable by the policy), when its mailbox is empty, and at most
   ``COMMIT_DELAY`` after the first uncommitted update under a steady load.
 * :meth:`tick`, from the actor's one-second timer: the ``everysec`` fsync of a quiet log, the
-  periodic (or size-triggered) compaction and the archive. The snapshot file and the archive
-  files are written in one worker thread (files only; the state is copied to bytes on the actor
-  first), and the compaction is finished on the actor at a later tick.
+  periodic (or size-triggered) compaction and the archive. A compaction copies the state on the
+  actor in slices (:meth:`copy_step`, at most ``SLICE_BUDGET`` per actor turn, copy-on-write by
+  campaign in between), then the snapshot file is written in one worker thread, and the
+  compaction is finished on the actor at a later tick. The archive files are written in the
+  same thread (from a copy of the state taken at once on the actor).
+* Who sent what: a batch of metric casts names its producer (``origin``, a socket connection).
+  A failed commit whose changes are dropped (:class:`MetricsNotKept`) remembers the producers
+  whose casts it dropped; each one's next ``flush`` fails once, saying so, and its casts in
+  between are not applied (they are not kept either: docs/metrics.md, "A failed commit").
 * :meth:`close` at a graceful stop: waits for a write in flight, compacts, closes the log.
 """
 
@@ -24,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +61,10 @@ class MetricsPending(StatsError):
 COMMIT_DELAY = 0.05
 #: seconds between two calls of :meth:`MetricsKeeper.tick`
 TICK = 1.0
+#: seconds a compaction's copy may take of one actor turn (plus one campaign)
+SLICE_BUDGET = 0.004
+#: seconds the actor serves its mailbox (or waits) between two slices of a copy
+SLICE_GAP = 0.002
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +112,13 @@ class MetricsKeeper:
             else None
         )
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        #: the compaction whose state is being copied in slices (:meth:`copy_step`)
+        self._copying: Compaction | None = None
+        #: monotonic time of the next slice of that copy
+        self.next_slice_at = 0.0
+        #: the last compaction's timings, for ``info``; those of the copy under way
+        self.last_compaction: dict[str, Any] | None = None
+        self._timing: dict[str, Any] = {}
         #: the compaction whose snapshot file is being written, and that write
         self._compaction: tuple[Compaction, concurrent.futures.Future[None]] | None = None
         self._archive: concurrent.futures.Future[list[Path]] | None = None
@@ -111,17 +129,36 @@ class MetricsKeeper:
         self.dirty_since: float | None = None
         self.commit_errors = 0
         self.compaction_errors = 0
+        #: producers (``origin``) with casts applied and not written yet
+        self._unwritten: set[int] = set()
+        #: producers whose casts a failed commit dropped: their next flush fails, once
+        self._not_kept: set[int] = set()
+        #: cast batches not applied because their producer is owed that failure
+        self.casts_not_kept = 0
         self.archive_errors = 0
         self.closed = False
 
     # -- changes --------------------------------------------------------------------------------
 
-    def apply_many(self, updates: list[MetricUpdate] | Any) -> list[Applied]:
+    def apply_many(
+        self, updates: Sequence[MetricUpdate] | Any, origin: int | None = None
+    ) -> list[Applied]:
+        """Apply one batch of casts. ``origin``: the producer that sent it (a socket
+        connection), or None (the embedding API, the HTTP ingest). A producer owed a failed
+        flush (its casts were dropped) is not applied to until that flush: an empty result."""
         store = self.store
         if store is not None:
+            if origin is not None and origin in self._not_kept:
+                # Its flush will say "not kept since your last successful flush": keep none.
+                self.casts_not_kept += 1
+                return []
+            before = store.log.next_seq
             results = store.apply_many(updates)
-            if self.dirty_since is None and store.log.pending:
-                self.dirty_since = time.monotonic()
+            if store.log.next_seq != before:
+                if origin is not None:
+                    self._unwritten.add(origin)
+                if self.dirty_since is None:
+                    self.dirty_since = time.monotonic()
             return results
         now = time.time()
         apply = self.state.apply
@@ -145,10 +182,24 @@ class MetricsKeeper:
             self.commit(drop_on_error=True)
         return {"deadline": deadline, "min_period": min_period}
 
-    def commit(self, *, drop_on_error: bool = False) -> None:
+    def flush(self, origin: int | None = None, *, keep: bool = False) -> None:
+        """A ``flush`` from ``origin``: commit (:meth:`commit`, dropping on error unless
+        ``keep``). A producer whose casts an earlier failed commit dropped gets
+        :class:`MetricsNotKept` instead, once (docs/metrics.md, "A failed commit")."""
+        if origin is not None and origin in self._not_kept:
+            self._not_kept.discard(origin)
+            log.warning("metrics.flush_not_kept", origin=origin)
+            raise MetricsNotKept(
+                "the metrics log could not be written: this connection's metric updates since "
+                "its last successful flush were not kept (send them again)"
+            )
+        self.commit(drop_on_error=not keep, origin=origin)
+
+    def commit(self, *, drop_on_error: bool = False, origin: int | None = None) -> None:
         """Write what is buffered. When the log cannot be written nothing is acknowledged and
         this raises: with ``drop_on_error`` :class:`MetricsNotKept` after dropping every change
-        not written from the state and the buffer (a retry then counts once); without,
+        not written from the state and the buffer (a retry then counts once), the producers
+        whose casts were dropped (but ``origin``, told now) told at their next flush; without,
         :class:`MetricsPending`, the records kept buffered for the next commit
         (docs/metrics.md, "A failed commit")."""
         store = self.store
@@ -163,6 +214,7 @@ class MetricsKeeper:
                     f"the metrics log cannot be written ({exc}): the updates are kept, not "
                     "durable yet (the next commit retries)"
                 ) from exc
+            self._abandon_copy()  # a copy of a state about to be dropped
             pending, self._compaction = self._compaction, None
             if pending is not None:  # a snapshot being written holds only committed changes
                 with contextlib.suppress(Exception):
@@ -170,10 +222,16 @@ class MetricsKeeper:
             dropped = store.rollback()
             self.state = store.state
             self.dirty_since = None
+            told = self._unwritten - {origin} if origin is not None else set(self._unwritten)
+            self._unwritten.clear()
+            self._not_kept |= told
+            if told:
+                log.warning("metrics.casts_dropped", producers=len(told), origin=origin)
             raise MetricsNotKept(
                 f"the metrics log cannot be written ({exc}): the {dropped} changes not written "
                 "were dropped, not kept (send them again)"
             ) from exc
+        self._unwritten.clear()
         self.dirty_since = None
 
     def commit_quietly(self) -> None:
@@ -195,6 +253,9 @@ class MetricsKeeper:
         info = store.info() if store is not None else {**self.state.info(), "log": None}
         info["commit_errors"] = self.commit_errors
         info["compaction_errors"] = self.compaction_errors
+        info["casts_not_kept"] = self.casts_not_kept
+        info["producers_not_kept"] = len(self._not_kept)
+        info["last_compaction"] = self.last_compaction
         if self.archiver is not None:
             info["archive"] = {
                 "dir": str(self.archiver.directory),
@@ -221,6 +282,8 @@ class MetricsKeeper:
             self._archive_tick()
 
     def _compaction_tick(self, store: MetricsStore, now: float) -> None:
+        if self._copying is not None:
+            return  # copied in slices (copy_step)
         pending = self._compaction
         if pending is not None:
             compaction, written = pending
@@ -233,15 +296,64 @@ class MetricsKeeper:
                 log.error("metrics.snapshot_write_failed", error=repr(error))
             else:
                 store.finish_compaction(compaction)
+                timing = self._timing
+                timing["seconds"] = round(time.monotonic() - timing.pop("began"), 4)
+                self.last_compaction = timing
             return
         interval = self.config.snapshot_interval
         periodic = interval is not None and now >= self._next_snapshot
         if periodic or store.compaction_due():
             if interval is not None:
                 self._next_snapshot = now + interval
-            compaction = store.begin_compaction()
+            began = time.monotonic()
+            compaction = store.begin_compaction(sliced=True)
+            self._timing = {
+                "seq": compaction.mark.seq,
+                "campaigns": compaction.copy.remaining,
+                "began": began,
+                "slices": 0,
+                "longest_slice": 0.0,
+                "copy_seconds": 0.0,
+            }
+            self._copying = compaction
+            self.next_slice_at = began
+            self.copy_step(began)
+
+    @property
+    def copying(self) -> bool:
+        """A compaction's copy is under way: call :meth:`copy_step` at ``next_slice_at``."""
+        return self._copying is not None
+
+    def copy_step(self, now: float) -> None:
+        """One slice of a compaction's copy (``now`` monotonic): at most ``SLICE_BUDGET``
+        seconds (plus one campaign); the next one ``SLICE_GAP`` later. The last one hands the
+        copy to the worker thread, which writes the file. Never raises (logged)."""
+        compaction, store = self._copying, self.store
+        if compaction is None or store is None:
+            return
+        started = time.perf_counter()
+        try:
+            done = compaction.step(SLICE_BUDGET)
+        except Exception as exc:  # a state that cannot be serialized: logged, retried later
+            self._abandon_copy()
+            self.compaction_errors += 1
+            log.error("metrics.compaction_copy_failed", error=repr(exc))
+            return
+        spent = time.perf_counter() - started
+        timing = self._timing
+        timing["slices"] += 1
+        timing["copy_seconds"] = round(timing["copy_seconds"] + spent, 4)
+        timing["longest_slice"] = round(max(timing["longest_slice"], spent), 4)
+        self.next_slice_at = now + spent + SLICE_GAP
+        if done:
+            self._copying = None
             future = self._pool().submit(write_snapshot, store.snapshot_path, compaction)
             self._compaction = (compaction, future)
+
+    def _abandon_copy(self) -> None:
+        compaction, self._copying = self._copying, None
+        if compaction is not None:
+            compaction.copy.abandon()
 
     def _archive_tick(self) -> None:
         archiver = self.archiver
@@ -303,6 +415,7 @@ class MetricsKeeper:
         return False
 
     def _wait_for_writes(self) -> None:
+        self._abandon_copy()  # not written yet: the next compaction starts over
         pending, self._compaction = self._compaction, None
         if pending is not None:
             compaction, written = pending
@@ -346,6 +459,8 @@ class MetricsKeeper:
 
 __all__ = [
     "COMMIT_DELAY",
+    "SLICE_BUDGET",
+    "SLICE_GAP",
     "TICK",
     "MetricsConfig",
     "MetricsKeeper",

@@ -14,7 +14,7 @@ scope it touches: its total, and for each of its dimensions that dimension's tot
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -161,6 +161,8 @@ class MetricsState:
         self.applied = 0
         self.refused: dict[str, int] = {"deadline": 0, "throttle": 0}
         self.rejected: dict[str, int] = {}
+        #: a point-in-time copy being taken campaign by campaign (:meth:`begin_copy`)
+        self._copy: StateCopy | None = None
 
     # -- updates ---------------------------------------------------------------------------------
 
@@ -220,6 +222,9 @@ class MetricsState:
             return error
         assert update.at is not None
         at = update.at
+        copy = self._copy
+        if copy is not None:  # copy-on-write: the copy keeps the campaign as it was
+            copy.copy_one(update.campaign_id)
         c = self.campaigns.get(update.campaign_id)
         if c is None:
             c = self.campaigns[update.campaign_id] = CampaignMetrics()
@@ -358,6 +363,8 @@ class MetricsState:
         """Guard metric ``name`` of a campaign; both None removes its guard."""
         if min_period is not None and not min_period > 0:
             raise Invalid("min_period must be a positive number of seconds")
+        if self._copy is not None:
+            self._copy.copy_one(campaign_id)
         c = self.campaigns.get(campaign_id)
         if deadline is None and min_period is None:
             if c is not None:
@@ -385,6 +392,8 @@ class MetricsState:
         c = self.campaigns.get(campaign_id)
         if c is None:
             return False
+        if self._copy is not None:
+            self._copy.copy_one(campaign_id)
         if name is None:
             found = bool(c.total or c.dims)
             c.total, c.dims, c.dim_totals = Values(), {}, {}
@@ -478,28 +487,28 @@ class MetricsState:
     # -- snapshot ---------------------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        """Every campaign's metrics and guards, and the counts of ``info``, as bytes."""
-        campaigns = [
-            [
-                cid,
-                _values_state(c.total),
-                {
-                    dim: {k: _values_state(v) for k, v in keys.items()}
-                    for dim, keys in c.dims.items()
-                },
-                {dim: _values_state(v) for dim, v in c.dim_totals.items()},
-                {name: [g.deadline, g.min_period] for name, g in c.guards.items()},
-            ]
-            for cid, c in self.campaigns.items()
-        ]
-        data = {
-            "format": SNAPSHOT_FORMAT,
-            "campaigns": campaigns,
-            "applied": self.applied,
-            "refused": self.refused,
-            "rejected": self.rejected,
-        }
-        return msgpack.packb(data)  # type: ignore[no-any-return]
+        """Every campaign's metrics and guards, and the counts of ``info``, as bytes (at once:
+        :meth:`begin_copy` takes the same bytes in slices)."""
+        copy = StateCopy(self)
+        copy.step(float("inf"), lambda: 0.0)
+        return b"".join(copy.pieces())
+
+    def abandon_copy(self) -> None:
+        """Drop the copy under way, if any (it will not be used)."""
+        if self._copy is not None:
+            self._copy.abandon()
+
+    def begin_copy(self) -> StateCopy:
+        """Start a copy of the state as it is now, taken campaign by campaign: the owner calls
+        :meth:`StateCopy.step` on later turns, and a change of a campaign not copied yet copies
+        it first (copy-on-write). One copy at a time; it stops following the state once done
+        or abandoned."""
+        if self._copy is not None:
+            raise RuntimeError("a copy of the metrics state is already being taken")
+        copy = StateCopy(self)
+        if not copy.done:
+            self._copy = copy
+        return copy
 
     @classmethod
     def restore(cls, data: bytes, limits: MetricLimits = DEFAULT_LIMITS) -> MetricsState:
@@ -546,6 +555,100 @@ class MetricsState:
                 yield cid, dim, key, values
 
 
+class StateCopy:
+    """The bytes of :meth:`MetricsState.snapshot` as of one moment, taken campaign by campaign.
+
+    At the start the campaigns are listed (references, not copies) and the counts of ``info``
+    encoded; :meth:`step` serializes campaigns not copied yet until its budget is spent; the state
+    calls :meth:`copy_one` before it changes (or drops) a campaign not copied yet. So every row is
+    the campaign as it was at the start, whatever happened since, and no step costs more than its
+    budget plus one campaign (docs/metrics.md, "Compaction"). A campaign created later is not in
+    the copy.
+    """
+
+    __slots__ = ("_head", "_pending", "_tail", "rows", "state")
+
+    def __init__(self, state: MetricsState) -> None:
+        self.state: MetricsState | None = state
+        #: the campaigns not copied yet (C-speed copy of the dict: references only)
+        self._pending = state.campaigns.copy()
+        self.rows: list[bytes] = []
+        packer = msgpack.Packer()
+        packb = msgpack.packb
+        # The map of the whole snapshot, in the order ``snapshot`` always wrote it.
+        self._head: bytes = b"".join(
+            (
+                packer.pack_map_header(5),
+                packb("format"),
+                packb(SNAPSHOT_FORMAT),
+                packb("campaigns"),
+                packer.pack_array_header(len(self._pending)),
+            )
+        )
+        self._tail: bytes = b"".join(
+            (
+                packb("applied"),
+                packb(state.applied),
+                packb("refused"),
+                packb(state.refused),
+                packb("rejected"),
+                packb(state.rejected),
+            )
+        )
+
+    @property
+    def done(self) -> bool:
+        return not self._pending
+
+    @property
+    def remaining(self) -> int:
+        """Campaigns not copied yet."""
+        return len(self._pending)
+
+    def copy_one(self, campaign_id: int) -> None:
+        """Copy one campaign now if it is not copied yet (before the state changes it)."""
+        c = self._pending.pop(campaign_id, None)
+        if c is not None:
+            self.rows.append(_campaign_row(campaign_id, c))
+            if not self._pending:
+                self._detach()
+
+    def step(self, budget: float, clock: Callable[[], float]) -> bool:
+        """Copy campaigns until ``budget`` seconds of ``clock`` are spent (at least one);
+        True once every campaign is copied."""
+        pending = self._pending
+        rows = self.rows
+        deadline = clock() + budget
+        while pending:
+            cid, c = pending.popitem()  # from the end: O(1), whatever was popped before
+            rows.append(_campaign_row(cid, c))
+            if clock() >= deadline:
+                break
+        if pending:
+            return False
+        self._detach()
+        return True
+
+    def abandon(self) -> None:
+        """Stop following the state (a copy that will not be used)."""
+        self._pending = {}
+        self.rows = []
+        self._detach()
+
+    def _detach(self) -> None:
+        state = self.state
+        if state is not None and state._copy is self:
+            state._copy = None
+        self.state = None
+
+    def pieces(self) -> list[bytes]:
+        """The snapshot's bytes in pieces, once :attr:`done` (``b"".join`` them, or write them
+        one after the other)."""
+        if self._pending:
+            raise RuntimeError("the copy is not done")
+        return [self._head, *self.rows, self._tail]
+
+
 _EMPTY = CampaignMetrics()
 _NO_VALUES = Values()
 
@@ -560,6 +663,18 @@ def _keep(buckets: dict[int, Any], slot: int, value: Any, size: int) -> bool:
         del buckets[oldest]
     buckets[slot] = value
     return True
+
+
+def _campaign_row(cid: int, c: CampaignMetrics) -> bytes:
+    row = [
+        cid,
+        _values_state(c.total),
+        {dim: {k: _values_state(v) for k, v in keys.items()} for dim, keys in c.dims.items()},
+        {dim: _values_state(v) for dim, v in c.dim_totals.items()},
+        {name: [g.deadline, g.min_period] for name, g in c.guards.items()},
+    ]
+    data: bytes = msgpack.packb(row)
+    return data
 
 
 def _values_state(v: Values) -> list[Any]:

@@ -9,9 +9,11 @@ snapshot file (docs/metrics.md, "Durability"), Redis-style.
   once per batch of changes, before any reply that promises them.
 * :meth:`MetricsStore.tick`, about every second: the ``everysec`` fsync of a quiet log.
 * :meth:`MetricsStore.compact` writes the state to the snapshot file atomically and rewrites the
-  log without what the snapshot holds (Redis's AOF rewrite). In three steps for an owner that
-  writes the file in a worker thread: :meth:`begin_compaction` (on the owner's thread: the state
-  as bytes), :func:`write_snapshot` (anywhere), :meth:`finish_compaction` (on the owner's thread).
+  log without what the snapshot holds (Redis's AOF rewrite). In steps for an owner that must not
+  stall: :meth:`begin_compaction` (on the owner's thread), with ``sliced=True`` then
+  :meth:`Compaction.step` on later turns of the owner until it is done (copy-on-write by
+  campaign: :class:`~.model.StateCopy`), :func:`write_snapshot` (anywhere),
+  :meth:`finish_compaction` (on the owner's thread).
 
 Nothing here runs a thread or reads a clock but through the ``clock`` and ``monotonic`` given.
 """
@@ -22,7 +24,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgpack
 import structlog
@@ -30,7 +32,7 @@ import structlog
 from campaignstats.errors import ProtocolError
 from campaignstats.files import atomic_write
 from campaignstats.metrics.log import FsyncPolicy, LogError, Mark, MetricsLog, Record, scan
-from campaignstats.metrics.model import Applied, MetricsState
+from campaignstats.metrics.model import Applied, MetricsState, StateCopy
 from campaignstats.metrics.update import (
     DEFAULT_LIMITS,
     MetricLimits,
@@ -47,9 +49,58 @@ REWRITE_MIN_SIZE = 64 * 1024 * 1024
 REWRITE_GROWTH = 1.0
 
 
-class Compaction(NamedTuple):
-    mark: Mark
-    data: bytes  # the snapshot file's content
+class Compaction:
+    """A snapshot of the state at one log seq (``mark``), being copied or copied."""
+
+    __slots__ = ("copy", "mark", "saved_at")
+
+    def __init__(self, mark: Mark, copy: StateCopy, saved_at: float) -> None:
+        self.mark = mark
+        self.copy = copy
+        self.saved_at = saved_at
+
+    @property
+    def done(self) -> bool:
+        """Every campaign is copied: the file can be written (anywhere)."""
+        return self.copy.done
+
+    def step(self, budget: float, clock: Callable[[], float] = time.perf_counter) -> bool:
+        """On the owner's thread: copy campaigns for about ``budget`` seconds; True when done."""
+        return self.copy.step(budget, clock)
+
+    def pieces(self) -> list[bytes]:
+        """The snapshot file's content in pieces (once :attr:`done`)."""
+        state = self.copy.pieces()
+        size = sum(map(len, state))
+        packb = msgpack.packb
+        head = b"".join(
+            (
+                msgpack.Packer().pack_map_header(4),
+                packb("format"),
+                packb(SNAPSHOT_FORMAT),
+                packb("seq"),
+                packb(self.mark.seq),
+                packb("saved_at"),
+                packb(self.saved_at),
+                packb("state"),
+                _bin_header(size),
+            )
+        )
+        return [head, *state]
+
+    @property
+    def data(self) -> bytes:
+        """The snapshot file's content (once :attr:`done`)."""
+        return b"".join(self.pieces())
+
+
+def _bin_header(size: int) -> bytes:
+    """MessagePack's header of a ``bin`` of ``size`` bytes (what ``packb`` writes for one)."""
+    if size < 1 << 8:
+        return b"\xc4" + size.to_bytes(1, "big")
+    if size < 1 << 16:
+        return b"\xc5" + size.to_bytes(2, "big")
+    return b"\xc6" + size.to_bytes(4, "big")
 
 
 def snapshot_path_for(log_path: Path) -> Path:
@@ -57,8 +108,10 @@ def snapshot_path_for(log_path: Path) -> Path:
 
 
 def write_snapshot(path: Path, compaction: Compaction) -> None:
-    """Write the snapshot file atomically (temporary file, fsync, rename, fsync of the dir)."""
-    atomic_write(path, compaction.data)
+    """Write the snapshot file atomically (temporary file, fsync, rename, fsync of the dir),
+    piece by piece (no joined copy of the whole state)."""
+    pieces = compaction.pieces()
+    atomic_write(path, lambda f: f.writelines(pieces))
 
 
 def load_snapshot(path: Path, limits: MetricLimits) -> tuple[MetricsState, int]:
@@ -244,6 +297,7 @@ class MetricsStore:
         records after it), i.e. as of the last commit that succeeded. Returns the records
         dropped. Costs a reload: for a failure, not a habit."""
         dropped = self.log.discard()
+        self.state.abandon_copy()  # a compaction's copy of the state dropped here
         state, snapshot_seq = load_snapshot(self.snapshot_path, self.state.limits)
         records = scan(self.log.path.read_bytes()).records
         self.state = state
@@ -285,19 +339,17 @@ class MetricsStore:
             1 + self.rewrite_growth
         )
 
-    def begin_compaction(self) -> Compaction:
-        """On the owner's thread: commit, and the snapshot file's content as of now."""
+    def begin_compaction(self, *, sliced: bool = False) -> Compaction:
+        """On the owner's thread: commit, and the snapshot of the state as of now (the log's
+        last seq). At once, or with ``sliced`` copy-on-write by campaign: the owner then calls
+        :meth:`Compaction.step` on later turns until it is done, and may change the state
+        meanwhile (a campaign not copied yet is copied before it changes)."""
         self.commit()
         mark = self.log.mark()
-        data: bytes = msgpack.packb(
-            {
-                "format": SNAPSHOT_FORMAT,
-                "seq": mark.seq,
-                "saved_at": self._clock(),
-                "state": self.state.snapshot(),
-            }
-        )
-        return Compaction(mark, data)
+        compaction = Compaction(mark, self.state.begin_copy(), self._clock())
+        if not sliced:
+            compaction.step(float("inf"))
+        return compaction
 
     def finish_compaction(self, compaction: Compaction) -> None:
         """On the owner's thread, once the snapshot file is written: drop what it holds from
@@ -309,7 +361,7 @@ class MetricsStore:
             "metrics.compacted",
             snapshot=str(self.snapshot_path),
             seq=compaction.mark.seq,
-            snapshot_bytes=len(compaction.data),
+            snapshot_bytes=sum(map(len, compaction.pieces())),
             log_bytes=self.log.size,
         )
 
