@@ -605,6 +605,11 @@ class StateCopy:
         """Campaigns not copied yet."""
         return len(self._pending)
 
+    def waiting(self, campaign_id: int) -> bool:
+        """Whether the campaign is still to be copied (False once copied, or if it was created
+        after the start)."""
+        return campaign_id in self._pending
+
     def copy_one(self, campaign_id: int) -> None:
         """Copy one campaign now if it is not copied yet (before the state changes it)."""
         c = self._pending.pop(campaign_id, None)
