@@ -164,9 +164,9 @@ def store_compaction(path: Path) -> dict[str, float]:
     out["write"] = time.perf_counter() - started
     store.finish_compaction(compaction)
     try:
-        from campaignstats.actor.metrics import SLICE_BUDGET  # type: ignore[attr-defined]
+        from campaignstats.actor.metrics import SLICE_BUDGET
 
-        sliced = store.begin_compaction(sliced=True)  # type: ignore[call-arg]
+        sliced = store.begin_compaction(sliced=True)
     except (ImportError, TypeError):  # a release without slices
         store.log.close()
         return out
@@ -203,7 +203,7 @@ async def service_compaction(path: Path, campaigns: int) -> dict[str, Any]:
         sync_interval=3600,
         metrics=MetricsConfig(appendonly=path, appendfsync="no", snapshot_interval=2.0),
     )
-    service = StatsService(_NeverDone(), config)  # type: ignore[arg-type]
+    service = StatsService(_NeverDone(), config)
     await service.start()
     await service.flush()  # the log is loaded
     gaps: list[float] = []

@@ -129,8 +129,9 @@ class MetricsKeeper:
         self.dirty_since: float | None = None
         self.commit_errors = 0
         self.compaction_errors = 0
-        #: producers (``origin``) with casts applied and not written yet
-        self._unwritten: set[int] = set()
+        #: producer (``origin``) -> the log seq of its last cast applied since the last
+        #: successful commit (written if ``log.written_seq`` has reached it)
+        self._unwritten: dict[int, int] = {}
         #: producers whose casts a failed commit dropped: their next flush fails, once
         self._not_kept: set[int] = set()
         #: cast batches not applied because their producer is owed that failure
@@ -156,7 +157,7 @@ class MetricsKeeper:
             results = store.apply_many(updates)
             if store.log.next_seq != before:
                 if origin is not None:
-                    self._unwritten.add(origin)
+                    self._unwritten[origin] = store.log.next_seq - 1
                 if self.dirty_since is None:
                     self.dirty_since = time.monotonic()
             return results
@@ -215,6 +216,9 @@ class MetricsKeeper:
                     "durable yet (the next commit retries)"
                 ) from exc
             self._abandon_copy()  # a copy of a state about to be dropped
+            written = store.log.written_seq  # what is in the file stays
+            told = {o for o, seq in self._unwritten.items() if seq > written and o != origin}
+            self._unwritten.clear()
             pending, self._compaction = self._compaction, None
             if pending is not None:  # a snapshot being written holds only committed changes
                 with contextlib.suppress(Exception):
@@ -222,8 +226,6 @@ class MetricsKeeper:
             dropped = store.rollback()
             self.state = store.state
             self.dirty_since = None
-            told = self._unwritten - {origin} if origin is not None else set(self._unwritten)
-            self._unwritten.clear()
             self._not_kept |= told
             if told:
                 log.warning("metrics.casts_dropped", producers=len(told), origin=origin)
