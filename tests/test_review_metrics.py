@@ -233,17 +233,21 @@ def test_an_unwritable_archive_dir_is_not_retried_with_a_state_copy_every_second
     )
     keeper.apply_many([make_update(1, incr={"views": 1})])
     copies = 0
-    original = model.MetricsState.snapshot
+    original = model.MetricsState.begin_copy  # the archive's copy, taken in slices
 
-    def counting(self: model.MetricsState) -> bytes:
+    def counting(self: model.MetricsState) -> model.StateCopy:
         nonlocal copies
         copies += 1
         return original(self)
 
-    monkeypatch.setattr(model.MetricsState, "snapshot", counting)
+    monkeypatch.setattr(model.MetricsState, "begin_copy", counting)
     try:
         for _ in range(5):
             keeper.tick(time.monotonic())
+            for _ in range(1_000):  # what the actor does between ticks: the copy's slices
+                if not keeper.copying:
+                    break
+                keeper.copy_step(time.monotonic())
             if keeper._archive is not None:
                 with contextlib.suppress(Exception):
                     keeper._archive.result()

@@ -16,8 +16,9 @@ so a crash-restart keeps the metrics and their open log, after a check of the st
   periodic (or size-triggered) compaction and the archive. A compaction copies the state on the
   actor in slices (:meth:`copy_step`, at most ``SLICE_BUDGET`` per actor turn, copy-on-write by
   campaign in between), then the snapshot file is written in one worker thread, and the
-  compaction is finished on the actor at a later tick. The archive files are written in the
-  same thread (from a copy of the state taken at once on the actor).
+  compaction is finished on the actor at a later tick. The archive's copy of the state is
+  taken the same way (after the compaction's, one copy at a time), its files written in the
+  same thread.
 * Who sent what: a batch of metric casts names its producer (``origin``, a socket connection).
   A failed commit whose changes are dropped (:class:`MetricsNotKept`) remembers the producers
   whose casts it dropped; each one's next ``flush`` fails once, saying so, and its casts in
@@ -40,7 +41,7 @@ import structlog
 from campaignstats.errors import InternalError, StatsError
 from campaignstats.metrics.archive import Archiver
 from campaignstats.metrics.log import FSYNC_POLICIES, FsyncPolicy
-from campaignstats.metrics.model import Applied, MetricsState
+from campaignstats.metrics.model import Applied, MetricsState, StateCopy
 from campaignstats.metrics.store import Compaction, MetricsStore, write_snapshot
 from campaignstats.metrics.update import DEFAULT_LIMITS, MetricLimits, MetricUpdate
 
@@ -122,6 +123,8 @@ class MetricsKeeper:
         #: the compaction whose snapshot file is being written, and that write
         self._compaction: tuple[Compaction, concurrent.futures.Future[None]] | None = None
         self._archive: concurrent.futures.Future[list[Path]] | None = None
+        #: the archive's copy of the state being taken in slices, and its wall-clock time
+        self._archive_copy: tuple[StateCopy, float] | None = None
         #: wall-clock time before which a failed archive is not tried again
         self._archive_retry_at = 0.0
         self._next_snapshot = time.monotonic() + (config.snapshot_interval or 0)
@@ -284,8 +287,8 @@ class MetricsKeeper:
             self._archive_tick()
 
     def _compaction_tick(self, store: MetricsStore, now: float) -> None:
-        if self._copying is not None:
-            return  # copied in slices (copy_step)
+        if self._copying is not None or self._archive_copy is not None:
+            return  # copied in slices (copy_step); one copy of the state at a time
         pending = self._compaction
         if pending is not None:
             compaction, written = pending
@@ -325,8 +328,9 @@ class MetricsKeeper:
 
     @property
     def copying(self) -> bool:
-        """A compaction's copy is under way: call :meth:`copy_step` at ``next_slice_at``."""
-        return self._copying is not None
+        """A copy of the state (a compaction's, the archive's) is under way: call
+        :meth:`copy_step` at ``next_slice_at``."""
+        return self._copying is not None or self._archive_copy is not None
 
     def copy_step(self, now: float) -> None:
         """One slice of a compaction's copy (``now`` monotonic): at most ``SLICE_BUDGET``
@@ -334,6 +338,7 @@ class MetricsKeeper:
         copy to the worker thread, which writes the file. Never raises (logged)."""
         compaction, store = self._copying, self.store
         if compaction is None or store is None:
+            self._archive_step(now)
             return
         started = time.perf_counter()
         try:
@@ -358,34 +363,61 @@ class MetricsKeeper:
         compaction, self._copying = self._copying, None
         if compaction is not None:
             compaction.copy.abandon()
+        archive, self._archive_copy = self._archive_copy, None
+        if archive is not None:
+            archive[0].abandon()  # the archive is still due: copied again at a later tick
+
+    def _archive_step(self, now: float) -> None:
+        """One slice of the archive's copy; the last one hands it to the worker thread, which
+        restores it and writes the files."""
+        if self._archive_copy is None:
+            return
+        copy, at = self._archive_copy
+        started = time.perf_counter()
+        try:
+            done = copy.step(SLICE_BUDGET, time.perf_counter)
+        except Exception as exc:  # logged; tried again at the next period's start
+            self._abandon_copy()
+            self._archive_failed(exc)
+            return
+        self.next_slice_at = now + time.perf_counter() - started + SLICE_GAP
+        if not done:
+            return
+        self._archive_copy = None
+        archiver, pieces, limits = self.archiver, copy.pieces(), self.config.limits
+        assert archiver is not None
+        self._archive = self._pool().submit(
+            lambda: archiver.run(MetricsState.restore(b"".join(pieces), limits), at)
+        )
+
+    def _archive_failed(self, error: BaseException) -> None:
+        # Retried at the next period, not at every tick: each try copies the state on the actor
+        # (docs/metrics.md, "Integration").
+        assert self.archiver is not None
+        self.archive_errors += 1
+        period = self.archiver.period
+        self._archive_retry_at = (time.time() // period + 1) * period
+        log.error("metrics.archive_failed", error=repr(error), retry_at=self._archive_retry_at)
 
     def _archive_tick(self) -> None:
         archiver = self.archiver
         assert archiver is not None
+        if self._archive_copy is not None:
+            return  # copied in slices (copy_step)
         if self._archive is not None:
             if not self._archive.done():
                 return
             error = self._archive.exception()
             self._archive = None
             if error is not None:
-                # Retried at the next period, not at every tick: each try copies the state on
-                # the actor (docs/metrics.md, "Integration").
-                self.archive_errors += 1
-                period = archiver.period
-                self._archive_retry_at = (time.time() // period + 1) * period
-                log.error(
-                    "metrics.archive_failed",
-                    error=repr(error),
-                    retry_at=self._archive_retry_at,
-                )
+                self._archive_failed(error)
         now = time.time()
-        if now < self._archive_retry_at or not archiver.due(now):
-            return
-        data = self.state.snapshot()  # a copy taken on the actor; the thread builds the rows
-        limits = self.config.limits
-        self._archive = self._pool().submit(
-            lambda: archiver.run(MetricsState.restore(data, limits), now)
-        )
+        if now < self._archive_retry_at or not archiver.due(now) or self._copying is not None:
+            return  # (one copy of the state at a time: after the compaction's)
+        # The state as of now, copied on the actor in slices (copy-on-write, like a
+        # compaction's); the thread restores it and builds the rows.
+        self._archive_copy = (self.state.begin_copy(), now)
+        self.next_slice_at = time.monotonic()
 
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
