@@ -287,8 +287,8 @@ class MetricsKeeper:
             self._archive_tick()
 
     def _compaction_tick(self, store: MetricsStore, now: float) -> None:
-        if self._copying is not None or self._archive_copy is not None:
-            return  # copied in slices (copy_step); one copy of the state at a time
+        if self._copying is not None:
+            return  # copied in slices (copy_step)
         pending = self._compaction
         if pending is not None:
             compaction, written = pending
@@ -309,6 +309,8 @@ class MetricsKeeper:
             return
         interval = self.config.snapshot_interval
         periodic = interval is not None and now >= self._next_snapshot
+        if self._archive_copy is not None:
+            return  # one copy of the state at a time: after the archive's
         if periodic or store.compaction_due():
             if interval is not None:
                 self._next_snapshot = now + interval
