@@ -112,3 +112,36 @@ async def test_a_connection_whose_casts_were_written_before_the_failure_is_not_t
     finally:
         await a.close()
         await b.close()
+
+
+async def test_the_embedding_api_and_other_connections_are_not_refused_after_a_rollback(
+    start: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the connections whose casts were dropped are owed the error: the embedding
+    process's casts (and the HTTP ingest's, which share its producer) and a new connection's
+    are applied and flushed as usual while B has not flushed yet."""
+    running = await start(config(tmp_path))
+    disk = FullDisk()
+    monkeypatch.setattr(mlog, "os", disk)
+    a, b = await Raw.unix(running.unix), await Raw.unix(running.unix)
+    try:
+        disk.full = True
+        await b.send(incr(64, 1))
+        assert await views(b, 1, 64) == 1
+        await a.send(incr(65, 1))
+        assert (await a.call("flush", 1))[:3] == ["err", 1, "internal"]
+        disk.full = False
+        running.service.metric(66, incr={"views": 3})
+        await running.service.flush()
+        d = await Raw.unix(running.unix)
+        try:
+            await d.send(incr(66, 4))
+            assert await d.call("flush", 1) == ["ok", 1, None]
+            assert await views(d, 2, 66) == 7
+        finally:
+            await d.close()
+        assert (await running.service.info())["metrics"]["producers_not_kept"] == 1  # B
+        assert (await b.call("flush", 3))[:3] == ["err", 3, "internal"]
+    finally:
+        await a.close()
+        await b.close()
