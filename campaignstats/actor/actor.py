@@ -24,6 +24,7 @@ import structlog
 
 from campaignstats._version import __version__
 from campaignstats.errors import ActorStopped, CalculationError, InternalError, UsageError
+from campaignstats.goals import Event, GoalKeeper
 from campaignstats.model import (
     DEFAULT_MAX_KEYS,
     CalculationResult,
@@ -36,6 +37,7 @@ from campaignstats.model import (
 from campaignstats.requests import (
     Decrements,
     Flush,
+    GetGoals,
     GetMetrics,
     History,
     Increments,
@@ -45,17 +47,19 @@ from campaignstats.requests import (
     Request,
     ResetMetrics,
     Resync,
+    SetGoals,
     Stats,
     StatsMany,
     Subscribe,
     Top,
     Unsubscribe,
 )
+from campaignstats.webhooks import Outbox, WebhookConfig
 
 from .mailbox import Mailbox
 from .messages import Ask, CalculationDone, CalculationFailed, Message, Stop, Tell
 from .metrics import COMMIT_DELAY, TICK, MetricsConfig, MetricsKeeper
-from .snapshot import load_snapshot, save_snapshot
+from .snapshot import load_snapshot_with_goals, save_snapshot
 from .subscriptions import DEFAULT_PUBLISH_INTERVAL, Registry
 
 log = structlog.get_logger(__name__)
@@ -79,6 +83,11 @@ class ActorConfig:
     merge_slice: int = 2_000  # campaigns merged per step; the loop serves messages in between
     #: the custom metrics: log, fsync policy, snapshots, archive, limits (docs/metrics.md)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    #: the goals' durable log (events fired, goals set, deliveries; campaignstats.webhooks);
+    #: None: kept in memory and in the snapshot only
+    goals_log: Path | None = None
+    #: where milestone and quorum events are posted (docs/design.md, "Webhooks")
+    webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     #: test-only: called with every message before it is handled; raising crashes the actor
     fault_hook: Callable[[Message], None] | None = None
 
@@ -91,9 +100,14 @@ class ActorConfig:
                 raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
         if self.merge_slice < 1:
             raise UsageError(f"merge_slice must be at least 1, not {self.merge_slice!r}")
-        problem = self.metrics.check()
+        problem = self.metrics.check() or self.webhooks.check()
         if problem is not None:
             raise UsageError(problem)
+        if self.webhooks.urls and self.goals_log is None:
+            raise UsageError(
+                "webhooks need a durable outbox: give goals_log (serve: --snapshot, the outbox "
+                "is kept beside it)"
+            )
 
 
 @dataclass(slots=True)
@@ -111,6 +125,11 @@ class Lifetime:
     rejected_before_restarts: int = 0
     #: the custom metrics and their open log: kept across restarts (opened by the first actor)
     metrics: MetricsKeeper | None = None
+    #: goals and what was reached (campaignstats.goals), and their durable log
+    goals: GoalKeeper = field(default_factory=GoalKeeper)
+    outbox: Outbox | None = None
+    #: the snapshot's goals and the log have been read into ``goals`` (by the first actor)
+    goals_started: bool = False
 
 
 @dataclass(slots=True)
@@ -120,6 +139,12 @@ class _Merge:
     t0: float
     drifts: list[CampaignDrift] = field(default_factory=list)
     longest_step: float = 0.0
+
+
+def open_outbox(config: ActorConfig, lifetime: Lifetime) -> None:
+    """Open the goals' durable log unless open (an OSError or LogError names its path)."""
+    if lifetime.outbox is None and (config.goals_log is not None or config.webhooks.urls):
+        lifetime.outbox = Outbox(config.goals_log, config.webhooks.urls)
 
 
 class StatsActor:
@@ -181,20 +206,41 @@ class StatsActor:
         else:
             self.lifetime.metrics.check()  # kept across the restart, once checked
         self.metrics = self.lifetime.metrics
+        open_outbox(self.config, self.lifetime)
         self._next_metrics_tick = time.monotonic() + TICK
         if self._inherited:
             log.info("actor.kept_counts", campaigns=len(self.state.campaigns))
         elif self.config.snapshot_path is not None:
-            campaigns = load_snapshot(self.config.snapshot_path)
-            if campaigns is not None:
+            loaded = load_snapshot_with_goals(self.config.snapshot_path)
+            if loaded is not None:
+                campaigns, goals = loaded
                 self.state.replace_all(campaigns)
                 self._head_start = True
+                if not self.lifetime.goals_started:
+                    self._load_goals(campaigns, goals)
+        if not self.lifetime.goals_started:
+            self.lifetime.goals_started = True
+            if self.lifetime.outbox is not None:
+                self.lifetime.outbox.replay_into(self.lifetime.goals)
         self._start_calculation("all")
         self._next_calc_at = time.monotonic() + self.config.sync_interval
         try:
             await self._loop()
         finally:
             self.abandon()
+
+    def _load_goals(self, campaigns: dict[int, Any], goals: dict[str, Any] | None) -> None:
+        """The snapshot's goals part, then its counts as the baseline: what they pass is reached
+        (docs/design.md, "Goals and milestones": first sight)."""
+        keeper = self.lifetime.goals
+        if goals is not None:
+            try:
+                keeper.load_snapshot(goals)
+            except (ValueError, TypeError) as exc:
+                log.error("snapshot.goals_unreadable", error=repr(exc))
+                self.lifetime.goals = keeper = GoalKeeper()
+        for cid, stats in campaigns.items():
+            keeper.baseline(cid, stats)
 
     def abandon(self) -> None:
         """Cancel this incarnation's calculation (its result would go to a dead state)."""
@@ -322,9 +368,16 @@ class StatsActor:
         cast = tell.cast
         assert not isinstance(cast, MetricUpdates)
         items = cast.items
-        rejected = self.state.apply_many(items, decrement=type(cast) is Decrements)
+        decrement = type(cast) is Decrements
+        rejected = self.state.apply_many(items, decrement=decrement)
         if rejected:
             self.rejected += len(rejected)
+        if not decrement:  # a count that goes down reaches nothing
+            events = self.lifetime.goals.check(
+                {inc.campaign_id for inc in items}, self.state.campaigns, time.time()
+            )
+            if events:
+                self._fire(events)
         if tell.on_rejected is not None and (rejected or tell.report_empty):
             try:
                 tell.on_rejected(rejected)
@@ -381,7 +434,52 @@ class StatsActor:
             History: lambda r: self.state.history(r.campaign_id, r.unit, r.start, r.end),
             Recent: lambda r: self.state.recent(r.campaign_id, r.tz),
             Top: lambda r: self.state.top(r.by, r.limit),
+            SetGoals: self._set_goals,
+            GetGoals: lambda r: self.lifetime.goals.goals(r.campaign_id),
         }
+
+    def _set_goals(self, request: SetGoals) -> None:
+        keeper = self.lifetime.goals
+        cid = request.campaign_id
+        before = (keeper.custom.get(cid), keeper.quorums.get(cid))
+        keeper.set_goals(cid, request.spec, self.state.campaigns.get(cid))
+        if self.lifetime.outbox is not None:
+            try:
+                self.lifetime.outbox.record_goals(cid, request.spec, keeper)
+            except OSError as exc:
+                # Not durable: not set (the caller gets the error; what was reached stays).
+                custom, quorums = before
+                keeper.custom.pop(cid, None)
+                keeper.quorums.pop(cid, None)
+                if custom is not None:
+                    keeper.custom[cid] = custom
+                if quorums is not None:
+                    keeper.quorums[cid] = quorums
+                raise InternalError(f"set_goals: the goals log cannot be written: {exc}") from exc
+        log.info(
+            "goals.set",
+            campaign_id=cid,
+            supporters=request.spec.supporters,
+            area=None if request.spec.area is None else dict(request.spec.area),
+        )
+
+    def _fire(self, events: list[tuple[int, Event]]) -> None:
+        """Events first reached: made durable (the outbox), then pushed to the subscribers."""
+        outbox = self.lifetime.outbox
+        if outbox is not None:
+            outbox.fire(events)
+        watchers = self.registry.watchers
+        for cid, event in events:
+            log.info("goals.reached", campaign_id=cid, **event)
+            for subscriber in list(watchers.get(cid, ())):
+                push_event = getattr(subscriber, "push_event", None)
+                if push_event is None:
+                    continue
+                try:
+                    push_event(cid, event)
+                except Exception:
+                    log.exception("subscriber.push_failed", campaign_id=cid)
+                    self.registry.remove(None, subscriber)
 
     def _drain_and_stop(self) -> None:
         """Apply what is already in the mailbox, write the snapshot."""
@@ -404,9 +502,16 @@ class StatsActor:
         if self.config.snapshot_path is None:
             return
         try:
-            save_snapshot(self.config.snapshot_path, self.state.campaigns)
+            save_snapshot(
+                self.config.snapshot_path,
+                self.state.campaigns,
+                self.lifetime.goals.to_snapshot(),
+            )
         except Exception as exc:
             log.error("snapshot.save_failed", path=str(self.config.snapshot_path), error=repr(exc))
+            return
+        if self.lifetime.outbox is not None:
+            self.lifetime.outbox.compact()  # the snapshot holds the goals now
 
     # -- calculations ---------------------------------------------------------------------------
 
@@ -477,6 +582,9 @@ class StatsActor:
         ids = [cid for _, cid in zip(range(self.config.merge_slice), merge.ids, strict=False)]
         if ids:
             merge.drifts.extend(self.state.merge(merge.result, ids))
+            events = self.lifetime.goals.merged(ids, self.state.campaigns, time.time())
+            if events:
+                self._fire(events)
             watchers = self.registry.watchers
             if watchers:
                 self.registry.dirty.update(cid for cid in ids if cid in watchers)
@@ -498,6 +606,8 @@ class StatsActor:
         if result.kind == "all":
             self._loaded = True
             self.lifetime.loaded.set()
+            if not self.lifetime.goals.loaded:
+                self.lifetime.goals.mark_loaded()
         drifts = merge.drifts
         drift: dict[str, Any] = {
             "campaigns": len(drifts),
@@ -608,6 +718,10 @@ class StatsActor:
             "decrements_applied": self.state.decremented,
             "clamped": self.state.clamped,
             "metrics": self.metrics.info(),
+            "goals": {
+                **self.lifetime.goals.info(),
+                "webhooks": None if self.lifetime.outbox is None else self.lifetime.outbox.info(),
+            },
             "limits": {
                 "max_keys": self.config.max_keys,
                 "max_campaigns": self.config.max_campaigns,
