@@ -252,7 +252,8 @@ async def test_milestones_fire_once_through_increments_and_never_again_after_a_r
     await service.flush()
     assert (await service.info())["goals"]["fired"] == 1
     goals = await service.goals(1)
-    assert goals["reached"] == [100, 200] and goals["next"] == 500
+    assert goals["reached"] == [100, 200]
+    assert goals["next"] == 500
     watching.close()
 
 
@@ -345,9 +346,11 @@ async def test_socket_subscribers_get_event_messages_through_both_clients(
             await client.flush()
             first = await sub.next_event(timeout=10)
             second = await sub.next_event(timeout=10)
-            assert first is not None and second is not None
+            assert first is not None
+            assert second is not None
             assert (first["threshold"], second["threshold"]) == (3, 5)
-            assert first["type"] == "milestone" and first["metric"] == "supporters"
+            assert first["type"] == "milestone"
+            assert first["metric"] == "supporters"
             assert await in_thread == [3, 5]
 
 
@@ -372,5 +375,6 @@ async def test_goals_and_what_was_reached_are_kept_in_the_snapshot(
     await again.start()
     await wait_for(lambda: loaded(again))
     goals = await again.goals(1)
-    assert goals["supporters"] == [2, 4] and goals["reached"] == [2, 4]
+    assert goals["supporters"] == [2, 4]
+    assert goals["reached"] == [2, 4]
     assert (await again.info())["goals"]["fired"] == 0
