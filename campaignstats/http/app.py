@@ -43,6 +43,7 @@ from campaignstats.errors import (
     StatsError,
     Unauthorized,
 )
+from campaignstats.goals import DEFAULT_LADDER
 from campaignstats.http.events import RETRY_MS, EventHub, Stream, encode_event, stats_body
 from campaignstats.http.ops import Metrics, is_ready
 from campaignstats.metrics.update import MetricUpdate, update_from_map
@@ -63,9 +64,8 @@ _DIGITS = re.compile(r"[0-9]{1,19}")
 #: the counter reads, answered before the router (StatsHttpApp._hot_read)
 _HOT = re.compile(r"/v1/campaigns/([0-9]{1,19})(/count)?")
 
-#: Proca's default goal ladder, also the widget's (docs/design.md, "Goals and milestones")
-GOAL_LADDER = (100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000,
-               500_000, 1_000_000, 2_000_000, 5_000_000)  # fmt: skip
+#: Proca's default goal ladder (kept in campaignstats.goals; this name stays for importers)
+GOAL_LADDER = DEFAULT_LADDER
 
 InfoHook = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -203,6 +203,7 @@ class StatsHttpApp:
                 Route("/v1/campaigns/{campaign_id}", self.campaign, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/history", self.history, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/recent", self.recent, methods=["GET"]),
+                Route("/v1/campaigns/{campaign_id}/goals", self.goals, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/count", self.count, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/events", self.events, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/metrics", self.metrics_read, methods=["GET"]),
@@ -414,6 +415,13 @@ class StatsHttpApp:
         tz = request.query_params.get("tz") or "UTC"
         async with asyncio.timeout(self.config.timeout):
             result = await self.service.recent(campaign_id, tz)
+        return self._read(request, _encode(result))
+
+    async def goals(self, request: Request) -> Response:
+        """The ``get_goals`` call (docs/http.md): the widget's ``goal="auto"`` reads it."""
+        campaign_id = parse_id(request.path_params["campaign_id"], "campaign id")
+        async with asyncio.timeout(self.config.timeout):
+            result = await self.service.goals(campaign_id)
         return self._read(request, _encode(result))
 
     async def top(self, request: Request) -> Response:
