@@ -378,3 +378,14 @@ async def test_goals_and_what_was_reached_are_kept_in_the_snapshot(
     assert goals["supporters"] == [2, 4]
     assert goals["reached"] == [2, 4]
     assert (await again.info())["goals"]["fired"] == 0
+
+
+def test_top_stays_right_when_the_goals_take_the_moved_campaigns_first() -> None:
+    from campaignstats.model import StatsState
+
+    state = StatsState()
+    state.apply_many([Increment(c, 1, "sign", None, True) for c in (1, 2, 2, 3, 3, 3)])
+    assert state.ranking.take_moved() == {1, 2, 3}
+    assert state.ranking.take_moved() == set()  # taken once
+    state.apply_many([Increment(1, 1, "sign", None, True)] * 3)
+    assert state.top("supporters", 2) == [[1, 4], [3, 3]]

@@ -3,7 +3,15 @@ the events stream carries ``event: milestone`` and ``event: quorum`` with the EV
 
 from __future__ import annotations
 
-from .test_http import Events, Http, http, make_http, send_and_flush, socket_peer
+from .test_http import (
+    Events,
+    Http,
+    http,
+    make_http,
+    metric_values,
+    send_and_flush,
+    socket_peer,
+)
 
 __all__ = ["http", "make_http"]  # the fixtures, used by name
 
@@ -58,5 +66,9 @@ async def test_the_event_stream_carries_milestones_and_quorums_once(http: Http) 
             assert quorum["area"] == "FR"
             assert quorum["threshold"] == 2
             assert set(quorum) == {"type", "area", "threshold", "value", "at"}
+        metrics = metric_values((await http.client.get("/metrics")).text)
+        assert metrics[("campaignstats_goal_events_total", ())] == 2
+        # no webhooks configured: nothing delivered, nothing owed
+        assert metrics[("campaignstats_webhook_pending", ())] == 0
     finally:
         await raw.close()

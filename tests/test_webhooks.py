@@ -299,3 +299,63 @@ async def test_an_event_fired_before_a_kill_9_is_delivered_after_the_restart_exa
     _check_signed(receiver.delivered()[0])
     await raw.close()
     await server.stop()
+
+
+# -- the outbox file ----------------------------------------------------------------------------
+
+HOOK = "http://127.0.0.1:9/h"
+
+
+def _milestone(threshold: int) -> dict[str, Any]:
+    return {
+        "type": "milestone",
+        "metric": "supporters",
+        "threshold": threshold,
+        "value": 7,
+        "at": 1.0,
+    }
+
+
+def test_a_torn_tail_of_the_outbox_is_cut_off_with_a_warning_and_the_rest_is_kept(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "goals.events"
+    outbox = Outbox(path, (HOOK,))
+    outbox.fire([(1, _milestone(100)), (1, _milestone(200))])
+    outbox.close()
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-5])  # kill -9 in the middle of the second record
+    again = Outbox(path, (HOOK,))
+    assert [o.event["threshold"] for o in again.owed.values()] == [100]
+    assert list(tmp_path.glob("goals.events.bad-*")), "the torn bytes are copied aside"
+    again.fire([(1, _milestone(200))])  # appended after the cut: a sound file again
+    again.close()
+    third = Outbox(path, (HOOK,))
+    assert [o.event["threshold"] for o in third.owed.values()] == [100, 200]
+    third.close()
+
+
+def test_compaction_keeps_only_what_is_still_owed_and_a_delivery_is_remembered(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "goals.events"
+    other = "http://127.0.0.1:10/h"
+    outbox = Outbox(path, (HOOK, other))
+    outbox.fire([(1, _milestone(100)), (2, _milestone(100))])
+    first = outbox.next_for(HOOK)
+    assert first is not None
+    assert first.campaign_id == 1
+    outbox.delivered(first, HOOK)
+    outbox.delivered(first, other)
+    outbox.close()
+    reopened = Outbox(path, (HOOK, other))
+    assert [o.campaign_id for o in reopened.owed.values()] == [2]
+    size = path.stat().st_size
+    reopened.compact()
+    assert path.stat().st_size < size
+    reopened.close()
+    # a webhook no longer configured is owed nothing after a restart
+    last = Outbox(path, (HOOK,))
+    assert [(o.campaign_id, o.targets) for o in last.owed.values()] == [(2, {HOOK})]
+    assert last.info()["pending"] == 1
+    last.close()

@@ -62,6 +62,11 @@ from .metrics import COMMIT_DELAY, TICK, MetricsConfig, MetricsKeeper
 from .snapshot import load_snapshot_with_goals, save_snapshot
 from .subscriptions import DEFAULT_PUBLISH_INTERVAL, Registry
 
+#: seconds between two looks at the campaigns that grew (docs/design.md, "Goals and milestones")
+GOALS_TICK = 0.1
+#: campaigns looked at in one step (a few milliseconds)
+GOALS_SLICE = 5_000
+
 log = structlog.get_logger(__name__)
 
 
@@ -191,6 +196,8 @@ class StatsActor:
         self.last_error: str | None = None
         # notifications
         self._next_publish_at: float | None = None
+        self._next_goals_at: float | None = None
+        self._goals_backlog: list[int] = []
         # custom metrics (opened in run(): a restarted actor keeps its predecessor's)
         self.metrics: MetricsKeeper = lifetime.metrics  # type: ignore[assignment]
         self._next_metrics_tick = 0.0
@@ -222,6 +229,8 @@ class StatsActor:
             self.lifetime.goals_started = True
             if self.lifetime.outbox is not None:
                 self.lifetime.outbox.replay_into(self.lifetime.goals)
+        if self.state.ranking.dirty:  # kept across a restart: looked at soon
+            self._next_goals_at = time.monotonic() + GOALS_TICK
         self._start_calculation("all")
         self._next_calc_at = time.monotonic() + self.config.sync_interval
         try:
@@ -286,6 +295,8 @@ class StatsActor:
         deadline = min(self._next_calc_at, self._next_metrics_tick)
         if self._next_publish_at is not None:
             deadline = min(deadline, self._next_publish_at)
+        if self._next_goals_at is not None:
+            deadline = min(deadline, self._next_goals_at)
         return max(0.0, deadline - now)
 
     def _check_timers(self, now: float) -> None:
@@ -293,6 +304,8 @@ class StatsActor:
             self._tick(now)
         if self._next_publish_at is not None and now >= self._next_publish_at:
             self._publish()
+        if self._next_goals_at is not None and now >= self._next_goals_at:
+            self._check_goals()
         metrics = self.metrics
         if metrics.dirty_since is not None and now - metrics.dirty_since >= COMMIT_DELAY:
             metrics.commit_quietly()  # a steady load never empties the mailbox
@@ -362,6 +375,7 @@ class StatsActor:
     def _flush(self, keep_metrics: bool = False) -> None:
         """Everything before the flush is applied; the metrics are committed (acknowledged), or
         raise (dropped unless ``keep_metrics``: docs/metrics.md, "A failed commit")."""
+        self._check_goals(whole=True)  # and the goals it reached have fired
         self.metrics.commit(drop_on_error=not keep_metrics)
 
     def _apply_changes(self, tell: Tell) -> None:
@@ -372,12 +386,8 @@ class StatsActor:
         rejected = self.state.apply_many(items, decrement=decrement)
         if rejected:
             self.rejected += len(rejected)
-        if not decrement:  # a count that goes down reaches nothing
-            events = self.lifetime.goals.check(
-                {inc.campaign_id for inc in items}, self.state.campaigns, time.time()
-            )
-            if events:
-                self._fire(events)
+        if self._next_goals_at is None and self.state.ranking.dirty:
+            self._next_goals_at = time.monotonic() + GOALS_TICK
         if tell.on_rejected is not None and (rejected or tell.report_empty):
             try:
                 tell.on_rejected(rejected)
@@ -435,10 +445,15 @@ class StatsActor:
             Recent: lambda r: self.state.recent(r.campaign_id, r.tz),
             Top: lambda r: self.state.top(r.by, r.limit),
             SetGoals: self._set_goals,
-            GetGoals: lambda r: self.lifetime.goals.goals(r.campaign_id),
+            GetGoals: self._get_goals,
         }
 
+    def _get_goals(self, request: GetGoals) -> dict[str, Any]:
+        self._check_goals(whole=True)  # what the counts reached so far is in the answer
+        return self.lifetime.goals.goals(request.campaign_id)
+
     def _set_goals(self, request: SetGoals) -> None:
+        self._check_goals(whole=True)  # what the counts reached under the old goals fires first
         keeper = self.lifetime.goals
         cid = request.campaign_id
         before = (keeper.custom.get(cid), keeper.quorums.get(cid))
@@ -462,6 +477,29 @@ class StatsActor:
             supporters=request.spec.supporters,
             area=None if request.spec.area is None else dict(request.spec.area),
         )
+
+    def _check_goals(self, whole: bool = False) -> None:
+        """The campaigns whose supporters moved since the last look: which goals they reached.
+        A few times a second, not per batch: the hot path already notes the campaigns that move
+        (for ``top``), so the goals cost it nothing per increment."""
+        self._next_goals_at = None
+        state = self.state
+        backlog = self._goals_backlog
+        moved = state.ranking.take_moved()
+        if moved:
+            backlog.extend(moved)
+        if not backlog:
+            return
+        if whole or len(backlog) <= GOALS_SLICE:
+            ids, self._goals_backlog = backlog, []
+        else:
+            # After a calculation every merged campaign has moved: look at them a slice at a
+            # time, serving messages in between (no long stall).
+            ids, self._goals_backlog = backlog[:GOALS_SLICE], backlog[GOALS_SLICE:]
+            self._next_goals_at = time.monotonic()
+        events = self.lifetime.goals.check(ids, state.campaigns, time.time())
+        if events:
+            self._fire(events)
 
     def _fire(self, events: list[tuple[int, Event]]) -> None:
         """Events first reached: made durable (the outbox), then pushed to the subscribers."""
@@ -493,6 +531,9 @@ class StatsActor:
             # A half-merged result is still exact per campaign; finish it before saving.
             while self._merge is not None:
                 self._merge_step()
+        # Goals reached by the last changes fire now: the snapshot's counts are the next
+        # start's baseline, which would record them silently.
+        self._check_goals(whole=True)
         self.save_snapshot()
         self.metrics.close()
         log.info("actor.stopped", drained=drained, campaigns=len(self.state.campaigns))
