@@ -389,3 +389,43 @@ def test_top_stays_right_when_the_goals_take_the_moved_campaigns_first() -> None
     assert state.ranking.take_moved() == set()  # taken once
     state.apply_many([Increment(1, 1, "sign", None, True)] * 3)
     assert state.top("supporters", 2) == [[1, 4], [3, 3]]
+
+
+class NinetyNine:
+    """A database where campaigns 1..n each have 99 supporters."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    async def calculate(self, scope: Any) -> Any:
+        import time
+
+        from campaignstats.model import CalculationResult, scope_name
+
+        campaigns = {cid: _stats(99) for cid in range(1, self.n + 1)}
+        return CalculationResult(scope_name(scope), campaigns, 0, started_at=time.time())
+
+
+async def test_more_campaigns_than_one_step_reach_a_goal_at_once_and_each_fires_once() -> None:
+    from campaignstats.actor.actor import GOALS_SLICE
+
+    n = GOALS_SLICE + 1_500
+    service = StatsService(NinetyNine(n), ActorConfig(sync_interval=3600))
+    await service.start()
+    try:
+        await wait_for(lambda: loaded(service))
+        assert (await service.info())["goals"]["fired"] == 0  # old news, recorded silently
+        await service.send([Increment(cid, 1, "sign", None, True) for cid in range(1, n + 1)])
+
+        async def fired() -> int:
+            return int((await service.info())["goals"]["fired"])
+
+        await wait_for(lambda: _equals(fired(), n))
+        assert (await service.goals(n))["reached"] == [100]
+        assert await fired() == n
+    finally:
+        await service.stop()
+
+
+async def _equals(value: Any, expected: int) -> bool:
+    return bool(await value == expected)
