@@ -883,6 +883,7 @@ _SERVER_MODULES = frozenset(
         "asyncpg",
         "datasketches",
         "httptools",
+        "httpx",
         "pgserver",
         "prometheus_client",
         "starlette",
