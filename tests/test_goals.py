@@ -429,3 +429,46 @@ async def test_more_campaigns_than_one_step_reach_a_goal_at_once_and_each_fires_
 
 async def _equals(value: Any, expected: int) -> bool:
     return bool(await value == expected)
+
+
+async def _cli(*args: str) -> tuple[int, str]:
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "campaignstats.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        out, _ = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_the_goals_command_sets_and_prints_and_refuses_bad_thresholds(
+    start: Start,
+) -> None:
+    import json
+
+    running: Running = await start()
+    url = f"unix://{running.unix}"
+    code, out = await _cli("goals", "5", "--set", "10,20", "--area", "DE=3,FR=4", "--url", url)
+    assert code == 0
+    assert "supporters goals: 10, 20" in out
+    assert "DE=3, FR=4" in out
+    assert (await _cli("goals", "5", "--set", "20,10", "--url", url))[0] == 1
+    assert (await _cli("goals", "5", "--area", "DE", "--url", url))[0] == 2
+    code, out = await _cli("goals", "5", "--json", "--url", url)
+    assert code == 0
+    assert json.loads(out) == {
+        "supporters": [10, 20],
+        "reached": [],
+        "next": 10,
+        "area": {"DE": 3, "FR": 4},
+        "areas_reached": [],
+    }
+    assert (await _cli("goals", "5", "--ladder", "--url", url))[0] == 0
+    assert (await running.service.goals(5))["supporters"] == list(DEFAULT_LADDER)

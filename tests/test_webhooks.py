@@ -248,6 +248,7 @@ async def test_deliveries_are_signed_retried_after_a_500_and_never_repeated_afte
     await _sign(server, signatures, 1, 2)
     await wait_for(lambda: receiver.thresholds()[-1:] == [8], timeout=30)
     assert receiver.thresholds() == [3, 5, 4, 8]
+    assert (await raw.call("info", 8))[2]["goals"]["fired"] == 1  # only 8 since the restart
     ids = [d.event["id"] for d in receiver.delivered()]
     assert len(set(ids)) == len(ids)
     await raw.close()
