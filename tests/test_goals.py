@@ -472,3 +472,24 @@ async def test_the_goals_command_sets_and_prints_and_refuses_bad_thresholds(
     }
     assert (await _cli("goals", "5", "--ladder", "--url", url))[0] == 0
     assert (await running.service.goals(5))["supporters"] == list(DEFAULT_LADDER)
+
+
+def test_the_client_session_turns_event_messages_into_goal_events_for_its_subscriptions() -> None:
+    from campaignstats.errors import RemoteProtocolError
+    from campaignstats.requests import Subscribe
+    from campaignstats.sessions.client import GoalEvent
+
+    from .test_client_session import feed, pack, ready
+
+    session = ready()
+    req_id, _ = session.send(Subscribe(7))
+    event = {"type": "milestone", "metric": "supporters", "threshold": 100, "value": 101, "at": 1.0}
+    got = feed(
+        session,
+        pack(["ok", req_id, None], ["event", 7, event], ["event", 8, event]),
+        bytewise=True,
+    )
+    assert got[1:] == [GoalEvent(7, event)]  # campaign 8 is not subscribed: dropped
+    session.receive_data(pack(["event", 7, "not a map"]))
+    with pytest.raises(RemoteProtocolError, match="malformed event"):
+        session.next_event()
