@@ -1,12 +1,14 @@
 """The goals' durable log (the outbox) and the webhook deliveries (docs/design.md, "Webhooks").
 
 :class:`Outbox` is an append-only file in the format of the metrics log
-(:class:`campaignstats.metrics.log.MetricsLog`, every record fsynced: policy ``always``). It holds:
+(:class:`campaignstats.metrics.log.MetricsLog`). It holds:
 
 * ``e`` ``[id, campaign_id, EVENT, [url, ...]]``: an event fired, and the webhooks it is owed to.
   The actor appends it (and fsyncs) before the event counts as fired: before it is pushed to a
   subscriber and before the keeper's memory of it could be lost with the process;
-* ``d`` ``[id, url]``: the event was delivered to that webhook;
+* ``d`` ``[id, url]``: the event was delivered to that webhook. Written at once but not
+  fsynced (the sender must not stall the event loop the actor shares): a power loss may forget
+  a delivery, which is then made again, with the same id;
 * ``g`` ``[campaign_id, supporters, area, reached, area_reached]``: goals set with ``set_goals``,
   with what they recorded as reached at once.
 
@@ -113,7 +115,8 @@ class Outbox:
         self._replay: list[Record] = []
         self._wake: dict[str, asyncio.Event] = {}
         if path is not None:
-            self._log, self._replay = MetricsLog.open(path, policy="always")
+            # fsynced where durability is promised (events, goals), by hand: see _commit
+            self._log, self._replay = MetricsLog.open(path, policy="no")
             self._load(self._replay)
 
     def _load(self, records: list[Record]) -> None:
@@ -180,7 +183,7 @@ class Outbox:
         area = None if spec.area is None else dict(spec.area)
         supporters = None if spec.supporters is None else list(spec.supporters)
         self._log.append("g", [campaign_id, supporters, area, reached, areas])
-        self._commit()
+        self._commit(sync=True)
 
     def fire(self, events: list[tuple[int, Event]]) -> None:
         """Record fired events (written and fsynced before this returns) and owe them to every
@@ -194,17 +197,21 @@ class Outbox:
                 self.owed[eid] = Owed(eid, cid, event, set(targets))
         if self._log is not None:
             try:
-                self._commit()
+                self._commit(sync=True)
             except OSError as exc:
                 self.counters.write_errors += 1
                 log.error("goals.log.write_failed", path=str(self.path), error=repr(exc))
         for url in targets:
             self._waker(url).set()
 
-    def _commit(self) -> None:
+    def _commit(self, *, sync: bool = False) -> None:
+        """Write what is appended (it then survives ``kill -9``); with ``sync``, fsync it too
+        (it then survives a power loss)."""
         assert self._log is not None
         try:
             self._log.commit()
+            if sync:
+                self._log.sync()
         except OSError:
             self._log.discard()
             raise
@@ -253,7 +260,7 @@ class Outbox:
             mark = self._log.mark()
             for owed in self.owed.values():
                 self._log.append("e", [owed.id, owed.campaign_id, owed.event, sorted(owed.targets)])
-            self._commit()
+            self._commit(sync=True)
             self._log.drop_through(mark)
         except OSError as exc:
             log.error("goals.log.compact_failed", path=str(self.path), error=repr(exc))
