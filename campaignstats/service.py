@@ -586,7 +586,7 @@ class StatsService:
             raise request
         await self.call(request)
 
-    async def goals(self, campaign_id: int) -> dict[str, Any]:
+    async def get_goals(self, campaign_id: int) -> dict[str, Any]:
         """``{"supporters", "reached", "next", "area", "areas_reached"}`` (docs/protocol.md,
         "get_goals")."""
         result: dict[str, Any] = await self.call(GetGoals(campaign_id))

@@ -235,7 +235,7 @@ async def test_milestones_fire_once_through_increments_and_never_again_after_a_r
     service = services()
     await service.start()
     await wait_for(lambda: loaded(service))
-    assert (await service.goals(1))["reached"] == [100]  # recorded, no event
+    assert (await service.get_goals(1))["reached"] == [100]  # recorded, no event
     watching = await service.subscribe(1)
     incs = await signatures.add(1, 60)
     for inc in incs:
@@ -251,7 +251,7 @@ async def test_milestones_fire_once_through_increments_and_never_again_after_a_r
     service.increment(*incs[-1])
     await service.flush()
     assert (await service.info())["goals"]["fired"] == 1
-    goals = await service.goals(1)
+    goals = await service.get_goals(1)
     assert goals["reached"] == [100, 200]
     assert goals["next"] == 500
     watching.close()
@@ -282,7 +282,7 @@ async def test_a_calculation_that_finds_a_campaign_past_thresholds_fires_them_in
     ]
     assert [e.get("area") for e in events[3:]] == ["FR", "DE"]
     assert all(e["value"] == 33 for e in events[:3])
-    goals = await service.goals(2)
+    goals = await service.get_goals(2)
     assert goals["areas_reached"] == ["DE", "FR"]
     assert goals["next"] is None
     watching.close()
@@ -365,7 +365,7 @@ async def test_goals_and_what_was_reached_are_kept_in_the_snapshot(
     for inc in await signatures.add(1, 4):
         service.increment(*inc)
     await service.flush()
-    assert (await service.goals(1))["reached"] == [2, 4]
+    assert (await service.get_goals(1))["reached"] == [2, 4]
     await service.stop()
     # the count dips in the database while the server is down, then recovers
     await signatures.conn.execute(
@@ -374,7 +374,7 @@ async def test_goals_and_what_was_reached_are_kept_in_the_snapshot(
     again = services(snapshot_path=snapshot)
     await again.start()
     await wait_for(lambda: loaded(again))
-    goals = await again.goals(1)
+    goals = await again.get_goals(1)
     assert goals["supporters"] == [2, 4]
     assert goals["reached"] == [2, 4]
     assert (await again.info())["goals"]["fired"] == 0
@@ -421,7 +421,7 @@ async def test_more_campaigns_than_one_step_reach_a_goal_at_once_and_each_fires_
             return int((await service.info())["goals"]["fired"])
 
         await wait_for(lambda: _equals(fired(), n))
-        assert (await service.goals(n))["reached"] == [100]
+        assert (await service.get_goals(n))["reached"] == [100]
         assert await fired() == n
     finally:
         await service.stop()
@@ -471,7 +471,7 @@ async def test_the_goals_command_sets_and_prints_and_refuses_bad_thresholds(
         "areas_reached": [],
     }
     assert (await _cli("goals", "5", "--ladder", "--url", url))[0] == 0
-    assert (await running.service.goals(5))["supporters"] == list(DEFAULT_LADDER)
+    assert (await running.service.get_goals(5))["supporters"] == list(DEFAULT_LADDER)
 
 
 def test_the_client_session_turns_event_messages_into_goal_events_for_its_subscriptions() -> None:

@@ -39,7 +39,7 @@ async def test_a_goal_reached_through_the_follower_fires_once(dsn: str) -> None:
                         fired.append(int(data["threshold"]))
                     if fired == [3, 6]:
                         break
-            goals = await service.goals(2)
+            goals = await service.get_goals(2)
             assert goals["reached"] == [3, 6]
             assert (await service.stats(2))["supporters"] == 7
             assert (await service.info())["goals"]["fired"] == 2

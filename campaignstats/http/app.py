@@ -421,7 +421,7 @@ class StatsHttpApp:
         """The ``get_goals`` call (docs/http.md): the widget's ``goal="auto"`` reads it."""
         campaign_id = parse_id(request.path_params["campaign_id"], "campaign id")
         async with asyncio.timeout(self.config.timeout):
-            result = await self.service.goals(campaign_id)
+            result = await self.service.get_goals(campaign_id)
         return self._read(request, _encode(result))
 
     async def top(self, request: Request) -> Response:
