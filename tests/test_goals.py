@@ -493,3 +493,47 @@ def test_the_client_session_turns_event_messages_into_goal_events_for_its_subscr
     session.receive_data(pack(["event", 7, "not a map"]))
     with pytest.raises(RemoteProtocolError, match="malformed event"):
         session.next_event()
+
+
+class Counts:
+    """A database whose campaign 1 has ``supporters`` (changed by the test between calls)."""
+
+    def __init__(self, supporters: int) -> None:
+        self.supporters = supporters
+
+    async def calculate(self, scope: Any) -> Any:
+        import time
+
+        from campaignstats.model import CalculationResult, scope_name
+
+        return CalculationResult(
+            scope_name(scope), {1: _stats(self.supporters)}, 0, started_at=time.time()
+        )
+
+
+async def test_an_old_format_snapshot_is_the_baseline_so_an_upgrade_fires_nothing_old(
+    tmp_path: Path,
+) -> None:
+    import msgpack
+
+    path = tmp_path / "stats.snapshot"
+    row = [1, 5_500, {"sign": 5_500}, {}, {1: 5_500}, 0, 0]  # format 2: no goals in it
+    path.write_bytes(msgpack.packb({"format": 2, "saved_at": 0, "campaigns": [row]}))
+    source = Counts(5_600)
+    service = StatsService(source, ActorConfig(sync_interval=3600, snapshot_path=path))
+    await service.start()
+    try:
+        await wait_for(lambda: loaded(service))
+        assert (await service.info())["goals"]["fired"] == 0
+        assert (await service.get_goals(1))["next"] == 10_000
+        source.supporters = 10_100  # crossed while the server was down, say
+        assert await service.resync("all")
+        await wait_for(lambda: _completed(service, 2))
+        await service.flush()
+        assert (await service.info())["goals"]["fired"] == 1
+        assert (await service.get_goals(1))["reached"][-1] == 10_000
+    finally:
+        await service.stop()
+    data = msgpack.unpackb(path.read_bytes(), strict_map_key=False)
+    assert data["format"] == 3
+    assert [1, [100, 200, 500, 1_000, 2_000, 5_000, 10_000]] in data["goals"]["reached"]
