@@ -40,7 +40,7 @@ from typing import Any
 import structlog
 
 from campaignstats._version import __version__
-from campaignstats.goals import Event, GoalKeeper, GoalsSpec, event_id
+from campaignstats.goals import Event, GoalKeeper, GoalsSpec, check_goals, event_id
 from campaignstats.metrics.log import MetricsLog, Record
 
 log = structlog.get_logger(__name__)
@@ -160,9 +160,9 @@ class Outbox:
                     keeper.remember(int(cid), event)
                 elif record.kind == "g":
                     cid, supporters, area, reached, area_reached = record.body
-                    spec = GoalsSpec(
-                        None if supporters is None else tuple(supporters), area or None
-                    )
+                    spec = check_goals({"supporters": supporters, "area": area})
+                    if isinstance(spec, Exception):
+                        raise ValueError(str(spec))
                     keeper.set_goals(int(cid), spec, None)
                     keeper.load_snapshot(
                         {"reached": [[cid, reached]], "area_reached": [[cid, area_reached]]}

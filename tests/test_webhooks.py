@@ -292,6 +292,10 @@ async def test_an_event_fired_before_a_kill_9_is_delivered_after_the_restart_exa
     raw = await server.client()
     await wait_for(lambda: receiver.thresholds() == [2], timeout=30)
     await server.wait_loaded(raw)
+    # the goals set before the kill came back from the outbox (no snapshot was written)
+    goals = (await raw.call("get_goals", 4, 1))[2]
+    assert goals["supporters"] == [2]
+    assert goals["reached"] == [2]
     # Reached stays reached after the restart's calculation: a later goal is the next delivery.
     assert (await raw.call("set_goals", 5, 1, {"supporters": [2, 3]}))[0] == "ok"
     await _sign(server, signatures, 1, 1)
