@@ -3,7 +3,7 @@ the JSON ingest, health and metrics.
 
 It is an adapter, like the socket server: every answer comes from :class:`StatsService`, every
 increment goes through the one validator (``campaignstats.model``), every metrics update through
-its own (``campaignstats.metrics.update``). Routes that belong to later work (goals, pages,
+its own (``campaignstats.metrics.update``). Routes that belong to later work (pages,
 orgs) are absent: 404, not stubs.
 
 ``StatsHttpApp`` is a plain ASGI callable: ``campaignstats serve`` runs it with uvicorn in the
@@ -43,7 +43,6 @@ from campaignstats.errors import (
     StatsError,
     Unauthorized,
 )
-from campaignstats.goals import DEFAULT_LADDER
 from campaignstats.http.events import RETRY_MS, EventHub, Stream, encode_event, stats_body
 from campaignstats.http.ops import Metrics, is_ready
 from campaignstats.metrics.update import MetricUpdate, update_from_map
@@ -63,9 +62,6 @@ _decode = msgspec.json.Decoder().decode
 _DIGITS = re.compile(r"[0-9]{1,19}")
 #: the counter reads, answered before the router (StatsHttpApp._hot_read)
 _HOT = re.compile(r"/v1/campaigns/([0-9]{1,19})(/count)?")
-
-#: Proca's default goal ladder (kept in campaignstats.goals; this name stays for importers)
-GOAL_LADDER = DEFAULT_LADDER
 
 InfoHook = Callable[[dict[str, Any]], dict[str, Any]]
 
