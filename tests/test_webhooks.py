@@ -364,3 +364,27 @@ def test_compaction_keeps_only_what_is_still_owed_and_a_delivery_is_remembered(
     assert [(o.campaign_id, o.targets) for o in last.owed.values()] == [(2, {HOOK})]
     assert last.info()["pending"] == 1
     last.close()
+
+
+async def _serve_exit(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "campaignstats.cli", "serve", "--no-http", "--no-tcp", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, (out + err).decode()
+
+
+async def test_serve_refuses_a_webhook_without_a_snapshot_or_with_a_bad_url(tmp_path: Path) -> None:
+    code, text = await _serve_exit("--webhook", HOOK)
+    assert code == 2
+    assert "--webhook needs --snapshot" in text
+    code, text = await _serve_exit(
+        "--webhook", "ftp://example.org/h", "--snapshot", str(tmp_path / "s"),
+        "--dsn", "postgresql://nobody@127.0.0.1:1/none",
+    )  # fmt: skip
+    assert code == 1
+    assert "a webhook must be an http:// or https:// URL" in text
+    assert not (tmp_path / "s.events").exists()  # refused before anything was opened
