@@ -306,6 +306,36 @@ async def test_an_event_fired_before_a_kill_9_is_delivered_after_the_restart_exa
     await server.stop()
 
 
+async def test_a_receiver_that_is_down_gets_the_event_once_it_comes_up(
+    module_dsn: str,
+    tmp_path: Path,
+    receiver: Receiver,
+    signatures: Signatures,
+    servers: list[Server],
+) -> None:
+    server = Server(module_dsn, tmp_path / "stats.snapshot", f"http://127.0.0.1:{receiver.port}/h")
+    servers.append(server)
+    await server.start()
+    raw = await server.client()
+    await server.wait_loaded(raw)
+    assert (await raw.call("set_goals", 3, 1, {"supporters": [2]}))[0] == "ok"
+    await _sign(server, signatures, 1, 2)
+
+    async def failed_twice() -> bool:
+        hooks = (await raw.call("info", 4))[2]["goals"]["webhooks"]
+        return bool(hooks["failed"] >= 2 and hooks["pending"] == 1)
+
+    await wait_for(failed_twice, timeout=30)  # refused, retried, refused again
+    await receiver.start()
+    await wait_for(lambda: receiver.thresholds() == [2], timeout=30)
+    _check_signed(receiver.delivered()[0])
+    hooks = (await raw.call("info", 5))[2]["goals"]["webhooks"]
+    assert hooks["delivered"] == 1
+    assert hooks["pending"] == 0
+    await raw.close()
+    await server.stop()
+
+
 # -- the outbox file ----------------------------------------------------------------------------
 
 HOOK = "http://127.0.0.1:9/h"
