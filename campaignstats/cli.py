@@ -828,8 +828,11 @@ def _goals_command(client: Any, args: argparse.Namespace) -> int:
                 supporters = [int(t) for t in args.thresholds.split(",") if t.strip()]
             elif args.ladder:
                 supporters = None
-            else:  # --area alone keeps the thresholds
-                supporters = current["supporters"]
+            else:  # --area alone keeps the thresholds (the default ladder stays the default)
+                from campaignstats.goals import DEFAULT_LADDER
+
+                kept = current["supporters"]
+                supporters = None if tuple(kept) == DEFAULT_LADDER else kept
             area = current["area"] if args.area is None else _quorums(args.area)
         except ValueError as exc:
             print(f"not a list of numbers: {exc}", file=sys.stderr)
