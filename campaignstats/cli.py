@@ -213,6 +213,32 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="N",
             help=f"{text} (default: %(default)s)",
         )
+    hooks = p.add_argument_group(
+        'webhooks (docs/design.md, "Webhooks"): milestone and quorum events, POSTed as JSON'
+    )
+    hooks.add_argument(
+        "--webhook",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="POST every milestone and quorum event here; repeat for several. Needs --snapshot: "
+        "the outbox (PATH.events) is kept beside it, so no event is lost across a restart",
+    )
+    hooks.add_argument(
+        "--webhook-secret",
+        default=os.environ.get("CAMPAIGNSTATS_WEBHOOK_SECRET"),
+        metavar="SECRET",
+        help="sign each POST: X-Campaignstats-Signature: sha256=<hex HMAC-SHA256 of the body> "
+        "(default: $CAMPAIGNSTATS_WEBHOOK_SECRET)",
+    )
+    hooks.add_argument(
+        "--webhook-retry-max",
+        type=_positive_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="longest wait between two attempts of a failing delivery; retries start at 1 s "
+        "and double, with jitter (default: %(default)s)",
+    )
     p.add_argument(
         "--token",
         default=os.environ.get("CAMPAIGNSTATS_TOKEN"),
@@ -284,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("recent", "print a campaign's last hour, today, yesterday and last 7 days"),
         ("top", "print the leading campaigns by supporters, last hour or today"),
         ("info", "print what the server says about itself"),
+        (
+            "goals",
+            "print a campaign's goals and what it reached, or set them (--set, --area, --ladder)",
+        ),
         ("resync", "ask the server for a calculation now (all, live or campaign ids)"),
     ):
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
@@ -361,8 +391,32 @@ def build_parser() -> argparse.ArgumentParser:
                 "--by", choices=("supporters", "last_hour", "today"), default="supporters"
             )
             p.add_argument("--limit", type=int, default=10)
+        elif name == "goals":
+            p.add_argument("campaign_id", type=int)
+            p.add_argument(
+                "--set",
+                dest="thresholds",
+                metavar="N,N,...",
+                help="supporters thresholds, ascending (e.g. 1000,5000,10000); replaces the goals",
+            )
+            p.add_argument(
+                "--ladder",
+                action="store_true",
+                help="back to the default ladder (100, 200, 500, 1,000 ... 5,000,000)",
+            )
+            p.add_argument(
+                "--area",
+                metavar="AREA=N,...",
+                help="area quorums (e.g. DE=72000,FR=55000); with --set or --ladder, or alone",
+            )
+            p.add_argument("--json", action="store_true", help="print JSON")
 
     return parser
+
+
+def _goals_log(snapshot: Path | None) -> Path | None:
+    """The goals' durable log, beside the snapshot (docs/design.md, "Webhooks")."""
+    return None if snapshot is None else snapshot.with_name(snapshot.name + ".events")
 
 
 def _positive_seconds(text: str) -> float:
@@ -572,6 +626,7 @@ async def serve(args: argparse.Namespace) -> int:
     from campaignstats.protocol import Limits
     from campaignstats.server import ServerConfig, StatsServer
     from campaignstats.service import StatsService
+    from campaignstats.webhooks import WebhookConfig
 
     host = None if args.no_tcp else args.host
     exposed = args.host if host is not None or not args.no_http else None  # TCP or HTTP
@@ -590,6 +645,15 @@ async def serve(args: argparse.Namespace) -> int:
         **{field: getattr(args, f"metrics_{field}") for field in _METRIC_LIMIT_OPTIONS},
         max_campaigns=args.metrics_max_campaigns,
     )
+    if args.webhook and args.snapshot is None:
+        print(
+            "--webhook needs --snapshot: the webhooks' outbox is kept beside it (PATH.events), "
+            "so that no event is lost across a restart",
+            file=sys.stderr,
+        )
+        return 2
+    if args.webhook and not args.webhook_secret:
+        log.warning("serve.webhooks_unsigned", hint="--webhook-secret signs each delivery")
     dsn, embedded = await resolve_dsn(args.dsn, args.data_dir)
     try:
         if embedded is not None:
@@ -608,6 +672,12 @@ async def serve(args: argparse.Namespace) -> int:
                     archive_dir=args.archive_dir,
                     archive_every=args.archive_every,
                     limits=metric_limits,
+                ),
+                goals_log=_goals_log(args.snapshot),
+                webhooks=WebhookConfig(
+                    tuple(args.webhook),
+                    args.webhook_secret.encode() if args.webhook_secret else None,
+                    backoff_max=args.webhook_retry_max,
                 ),
             ),
             mailbox_size=args.mailbox_size,
@@ -802,10 +872,69 @@ def run_client_command(args: argparse.Namespace) -> int:
                 print(f"{cid:>12}  {value:>12,}")
         elif args.command == "info":
             print(json.dumps(client.info(), indent=2, default=str))
+        elif args.command == "goals":
+            return _goals_command(client, args)
         elif args.command == "resync":
             started = client.resync(parse_scope(args.scope))
             print("calculation started" if started else "a calculation is already running")
     return 0
+
+
+def _goals_command(client: Any, args: argparse.Namespace) -> int:
+    """``campaignstats goals ID [--set N,N | --ladder] [--area AREA=N,...]``."""
+    cid = args.campaign_id
+    if args.thresholds is not None or args.ladder or args.area is not None:
+        if args.thresholds is not None and args.ladder:
+            print("give --set or --ladder, not both", file=sys.stderr)
+            return 2
+        try:
+            current = client.get_goals(cid)
+            supporters: list[int] | None
+            if args.thresholds is not None:
+                supporters = [int(t) for t in args.thresholds.split(",") if t.strip()]
+            elif args.ladder:
+                supporters = None
+            else:  # --area alone keeps the thresholds (the default ladder stays the default)
+                from campaignstats.goals import DEFAULT_LADDER
+
+                kept = current["supporters"]
+                supporters = None if tuple(kept) == DEFAULT_LADDER else kept
+            area = current["area"] if args.area is None else _quorums(args.area)
+        except ValueError as exc:
+            print(f"not a list of numbers: {exc}", file=sys.stderr)
+            return 2
+        client.set_goals(cid, supporters, area or None)
+    goals = client.get_goals(cid)
+    if args.json:
+        print(json.dumps(goals))
+        return 0
+    reached = set(goals["reached"])
+    marks = ", ".join(f"{t:,}{' (reached)' if t in reached else ''}" for t in goals["supporters"])
+    nxt = goals["next"]
+    print(f"campaign {cid}")
+    print(f"  supporters goals: {marks or 'none'}")
+    print(f"  next:             {'none' if nxt is None else f'{nxt:,}'}")
+    if goals["area"]:
+        areas = set(goals["areas_reached"])
+        quorums = ", ".join(
+            f"{a}={t:,}{' (reached)' if a in areas else ''}"
+            for a, t in sorted(goals["area"].items())
+        )
+        print(f"  area quorums:     {quorums}")
+        print(f"  areas reached:    {len(areas)} of {len(goals['area'])}")
+    return 0
+
+
+def _quorums(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        area, sep, n = part.partition("=")
+        if not sep:
+            raise ValueError(f"{part!r} is not AREA=N")
+        out[area.strip()] = int(n)
+    return out
 
 
 COMMANDS = {
@@ -823,6 +952,7 @@ _SERVER_MODULES = frozenset(
         "asyncpg",
         "datasketches",
         "httptools",
+        "httpx",
         "pgserver",
         "prometheus_client",
         "starlette",
@@ -850,6 +980,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "top",
             "info",
             "resync",
+            "goals",
         ):
             return run_client_command(args)
         if args.command == "serve":

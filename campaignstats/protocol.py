@@ -43,6 +43,7 @@ from campaignstats.model import (
 )
 from campaignstats.requests import (
     Flush,
+    GetGoals,
     GetMetrics,
     History,
     Info,
@@ -50,6 +51,7 @@ from campaignstats.requests import (
     Request,
     ResetMetrics,
     Resync,
+    SetGoals,
     SetGuard,
     Stats,
     StatsMany,
@@ -58,6 +60,7 @@ from campaignstats.requests import (
     guard_request,
     history_request,
     recent_request,
+    set_goals_request,
     top_request,
 )
 
@@ -182,7 +185,14 @@ class Pub(NamedTuple):
     stats: WireStats
 
 
-ServerMessage = Ok | Err | Pub
+class EventMessage(NamedTuple):
+    """``["event", campaign_id, EVENT]``: a milestone or a quorum (docs/protocol.md, "Events")."""
+
+    campaign_id: int
+    event: dict[str, Any]
+
+
+ServerMessage = Ok | Err | Pub | EventMessage
 
 # -- decoding -------------------------------------------------------------------------------------
 
@@ -463,6 +473,8 @@ class ServerCodec:
             "history": (2, self._history),
             "recent": (2, self._recent),
             "top": (1, top_request),
+            "set_goals": (2, self._set_goals),
+            "get_goals": (1, self._get_goals),
         }
 
     @property
@@ -704,6 +716,14 @@ class ServerCodec:
         checked = self._campaign_id(cid, "recent")
         return checked if isinstance(checked, ProtocolError) else recent_request(checked, opts)
 
+    def _set_goals(self, cid: Any, goals: Any) -> SetGoals | ProtocolError:
+        checked = self._campaign_id(cid, "set_goals")
+        return checked if isinstance(checked, ProtocolError) else set_goals_request(checked, goals)
+
+    def _get_goals(self, cid: Any) -> GetGoals | ProtocolError:
+        checked = self._campaign_id(cid, "get_goals")
+        return checked if isinstance(checked, ProtocolError) else GetGoals(checked)
+
     def _stats(self, cid: Any) -> Stats | ProtocolError:
         checked = self._campaign_id(cid, "stats")
         return checked if isinstance(checked, ProtocolError) else Stats(checked)
@@ -752,6 +772,10 @@ class ServerCodec:
     def pub(self, campaign_id: int, stats: WireStats) -> bytes:
         return self._pack(["pub", campaign_id, stats])  # type: ignore[no-any-return]
 
+    def event(self, campaign_id: int, event: dict[str, Any]) -> bytes:
+        """A goal event of a subscribed campaign (docs/protocol.md, "Events")."""
+        return self._pack(["event", campaign_id, event])  # type: ignore[no-any-return]
+
 
 class ClientCodec:
     """The client's half: requests to bytes, server bytes to :data:`ServerMessage`."""
@@ -777,6 +801,8 @@ class ClientCodec:
                 out.append(Err(value[1], value[2], value[3]))
             elif op == "pub" and len(value) == 3:
                 out.append(Pub(value[1], value[2]))
+            elif op == "event" and len(value) == 3:
+                out.append(EventMessage(value[1], value[2]))
             else:
                 error = BadFrame(f"unexpected message from the server: {_short(value)}")
                 if not out:

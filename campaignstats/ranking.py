@@ -31,15 +31,27 @@ class SupporterRanking:
     entries outnumber the live ones.
     """
 
-    __slots__ = ("dirty", "heap", "values")
+    __slots__ = ("dirty", "heap", "taken", "values")
 
     def __init__(self) -> None:
         self.heap: list[tuple[int, int]] = []
         self.values: dict[int, int] = {}  # the live value of each campaign in the heap
         self.dirty: set[int] = set()  # campaigns whose value may have moved since
+        #: moved campaigns handed to the goals (take_moved) and not refreshed yet
+        self.taken: set[int] = set()
+
+    def take_moved(self) -> set[int]:
+        """The campaigns that may have moved since the last call, for a second reader (the
+        goals: campaignstats.goals), at no cost to the hot path; still owed to :meth:`refresh`."""
+        moved, self.dirty = self.dirty, set()
+        self.taken |= moved
+        return moved
 
     def refresh(self, value_of: Callable[[int], int]) -> None:
         dirty, self.dirty = self.dirty, set()
+        if self.taken:
+            dirty |= self.taken
+            self.taken = set()
         values, heap = self.values, self.heap
         bulk = len(dirty) * 4 > len(values)
         for cid in dirty:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from campaignstats.errors import BadMessage, Invalid, ProtocolError
+from campaignstats.goals import GoalsSpec, check_goals
 from campaignstats.metrics.update import MetricUpdate
 from campaignstats.model import MAX_AT, IncrementLike, Scope
 
@@ -233,6 +234,44 @@ class Top:
         return ({"by": self.by, "limit": self.limit},)
 
 
+@dataclass(frozen=True, slots=True)
+class SetGoals:
+    """Replace a campaign's goals (docs/protocol.md, "set_goals"); answered nil. Build it with
+    :func:`set_goals_request` to have it checked."""
+
+    campaign_id: int
+    spec: GoalsSpec
+    op: ClassVar[str] = "set_goals"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        supporters = self.spec.supporters
+        area = self.spec.area
+        return (
+            self.campaign_id,
+            {
+                "supporters": None if supporters is None else list(supporters),
+                "area": None if area is None else dict(area),
+            },
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GetGoals:
+    """A campaign's goals and what it reached (docs/protocol.md, "get_goals")."""
+
+    campaign_id: int
+    op: ClassVar[str] = "get_goals"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        return (self.campaign_id,)
+
+
+def set_goals_request(campaign_id: int, opts: Any) -> SetGoals | ProtocolError:
+    """``set_goals``'s map checked (:func:`campaignstats.goals.check_goals`)."""
+    spec = check_goals(opts)
+    return spec if isinstance(spec, ProtocolError) else SetGoals(campaign_id, spec)
+
+
 UNITS = ("minute", "hour", "day")
 TOP_BY = ("supporters", "last_hour", "today")
 MAX_TOP = 1000
@@ -371,16 +410,19 @@ Request = (
     | History
     | Recent
     | Top
+    | SetGoals
+    | GetGoals
 )
 
 #: read-only requests: they may take the mailbox's read lane
-READS: tuple[type, ...] = (Stats, StatsMany, Info, GetMetrics, History, Recent, Top)
+READS: tuple[type, ...] = (Stats, StatsMany, Info, GetMetrics, History, Recent, Top, GetGoals)
 
 __all__ = [
     "READS",
     "Cast",
     "Decrements",
     "Flush",
+    "GetGoals",
     "GetMetrics",
     "History",
     "Increments",
@@ -390,6 +432,7 @@ __all__ = [
     "Request",
     "ResetMetrics",
     "Resync",
+    "SetGoals",
     "SetGuard",
     "Stats",
     "StatsMany",

@@ -277,6 +277,12 @@ class Connection(asyncio.Protocol):
             self.session.pub(campaign_id, stats)
             self._send()
 
+    def push_event(self, campaign_id: int, event: dict[str, Any]) -> None:
+        """A subscribed campaign reached a goal (called by the actor; docs/protocol.md)."""
+        if not self.closed:
+            self.session.event(campaign_id, event)
+            self._send()
+
     def _unsent(self) -> int:
         transport = self.transport
         return 0 if transport is None else transport.get_write_buffer_size()

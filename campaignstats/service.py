@@ -47,6 +47,7 @@ from campaignstats.requests import (
     Cast,
     Decrements,
     Flush,
+    GetGoals,
     GetMetrics,
     Increments,
     Info,
@@ -61,8 +62,10 @@ from campaignstats.requests import (
     guard_request,
     history_request,
     recent_request,
+    set_goals_request,
     top_request,
 )
+from campaignstats.webhooks import WebhookSender
 
 log = structlog.get_logger(__name__)
 
@@ -267,6 +270,8 @@ class StatsService:
         self.max_string = max_string
         self._tasks = TaskHost("campaignstats-service")
         self._task: asyncio.Task[None] | None = None
+        #: posts milestone and quorum events to the webhooks (campaignstats.webhooks)
+        self._webhooks: asyncio.Task[None] | None = None
         #: the embedding process's own stream: its reads never overtake its writes
         self._producer = Producer(self._mailbox)
 
@@ -280,6 +285,10 @@ class StatsService:
         self.supervisor.open_metrics()
         await self._tasks.start()
         self._task = self._tasks.spawn(self._supervise(), name="campaignstats-supervisor")
+        outbox = self.supervisor.lifetime.outbox
+        if outbox is not None and self.config.webhooks.urls:
+            sender = WebhookSender(outbox, self.config.webhooks)
+            self._webhooks = self._tasks.spawn(sender.run(), name="campaignstats-webhooks")
 
     async def _supervise(self) -> None:
         try:
@@ -312,7 +321,14 @@ class StatsService:
                 log.error("service.stop_timeout", timeout=timeout)
             except ActorStopped:
                 pass  # it stopped on its own meanwhile
+        if self._webhooks is not None:
+            # What is not delivered stays in the outbox, delivered after the next start.
+            self._webhooks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({self._webhooks}, timeout=max(0.0, deadline - loop.time()))
         await self._tasks.close(max(0.0, deadline - loop.time()))
+        if self.supervisor.lifetime.outbox is not None:
+            self.supervisor.lifetime.outbox.close()
 
     async def loaded(self) -> None:
         """Wait until a full calculation has been merged (memory then matches the database).
@@ -577,6 +593,31 @@ class StatsService:
         if isinstance(request, Exception):
             raise request
         result: list[list[int]] = await self.call(request)
+        return result
+
+    async def set_goals(
+        self,
+        campaign_id: int,
+        supporters: Sequence[int] | None = None,
+        area: Mapping[str, int] | None = None,
+    ) -> None:
+        """Replace a campaign's goals: ``supporters`` thresholds (None: the default ladder) and
+        ``area`` quorums (None: none); docs/protocol.md, "set_goals". Raises
+        :class:`~campaignstats.errors.Invalid` (or ``BadMessage``) and changes nothing when
+        they are not valid."""
+        opts = {
+            "supporters": None if supporters is None else list(supporters),
+            "area": None if area is None else dict(area),
+        }
+        request = set_goals_request(campaign_id, opts)
+        if isinstance(request, Exception):
+            raise request
+        await self.call(request)
+
+    async def get_goals(self, campaign_id: int) -> dict[str, Any]:
+        """``{"supporters", "reached", "next", "area", "areas_reached"}`` (docs/protocol.md,
+        "get_goals")."""
+        result: dict[str, Any] = await self.call(GetGoals(campaign_id))
         return result
 
     async def flush(self, *, keep_metrics: bool = False) -> None:

@@ -295,3 +295,20 @@ async def test_without_event_streams_the_widget_polls_the_count(
         assert await page.evaluate("typeof window.EventSource") == "undefined"
         await supporters(running, 45, 1)
         await page.wait_for(f"{counter}.value === 11", within=12.0)  # one poll: 10 s
+
+
+async def test_goal_auto_reads_the_campaigns_own_goals(
+    browser: Browser, site: tuple[Running, str]
+) -> None:
+    running, url = site
+    await running.service.set_goals(46, [50, 300, 1_000])
+    await supporters(running, 46, 120)
+    body = '<campaign-counter campaign="46" goal="auto"></campaign-counter>'
+    async with OtherOrigin(embedding_page(url, body)) as page_url, browser.page(page_url) as page:
+        counter = COUNTER.format(cid=46)
+        bar = counter + ".shadowRoot.querySelector('.bar')"
+        await page.wait_for(f"{counter} && {counter}.value === 120")
+        # the campaign's next goal above 120 is 300 (Proca's default ladder would say 200)
+        await page.wait_for(f"{bar}.getAttribute('aria-valuemax') === '300'")
+        await supporters(running, 46, 200)
+        await page.wait_for(f"{bar}.getAttribute('aria-valuemax') === '1000'", within=3.0)

@@ -24,6 +24,7 @@ import structlog
 
 from campaignstats._version import __version__
 from campaignstats.errors import ActorStopped, CalculationError, InternalError, UsageError
+from campaignstats.goals import Event, GoalKeeper
 from campaignstats.model import (
     DEFAULT_MAX_KEYS,
     CalculationResult,
@@ -36,6 +37,7 @@ from campaignstats.model import (
 from campaignstats.requests import (
     Decrements,
     Flush,
+    GetGoals,
     GetMetrics,
     History,
     Increments,
@@ -45,6 +47,7 @@ from campaignstats.requests import (
     Request,
     ResetMetrics,
     Resync,
+    SetGoals,
     SetGuard,
     Stats,
     StatsMany,
@@ -52,12 +55,18 @@ from campaignstats.requests import (
     Top,
     Unsubscribe,
 )
+from campaignstats.webhooks import Outbox, WebhookConfig
 
 from .mailbox import Mailbox
 from .messages import Ask, CalculationDone, CalculationFailed, Message, Stop, Tell
 from .metrics import COMMIT_DELAY, TICK, MetricsConfig, MetricsKeeper
-from .snapshot import load_snapshot, save_snapshot
+from .snapshot import load_snapshot_with_goals, save_snapshot
 from .subscriptions import DEFAULT_PUBLISH_INTERVAL, Registry
+
+#: seconds between two looks at the campaigns that grew (docs/design.md, "Goals and milestones")
+GOALS_TICK = 0.1
+#: campaigns looked at in one step (a few milliseconds)
+GOALS_SLICE = 5_000
 
 log = structlog.get_logger(__name__)
 
@@ -80,6 +89,11 @@ class ActorConfig:
     merge_slice: int = 2_000  # campaigns merged per step; the loop serves messages in between
     #: the custom metrics: log, fsync policy, snapshots, archive, limits (docs/metrics.md)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    #: the goals' durable log (events fired, goals set, deliveries; campaignstats.webhooks);
+    #: None: kept in memory and in the snapshot only
+    goals_log: Path | None = None
+    #: where milestone and quorum events are posted (docs/design.md, "Webhooks")
+    webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     #: test-only: called with every message before it is handled; raising crashes the actor
     fault_hook: Callable[[Message], None] | None = None
 
@@ -92,9 +106,14 @@ class ActorConfig:
                 raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
         if self.merge_slice < 1:
             raise UsageError(f"merge_slice must be at least 1, not {self.merge_slice!r}")
-        problem = self.metrics.check()
+        problem = self.metrics.check() or self.webhooks.check()
         if problem is not None:
             raise UsageError(problem)
+        if self.webhooks.urls and self.goals_log is None:
+            raise UsageError(
+                "webhooks need a durable outbox: give goals_log (serve: --snapshot, the outbox "
+                "is kept beside it)"
+            )
 
 
 @dataclass(slots=True)
@@ -112,6 +131,11 @@ class Lifetime:
     rejected_before_restarts: int = 0
     #: the custom metrics and their open log: kept across restarts (opened by the first actor)
     metrics: MetricsKeeper | None = None
+    #: goals and what was reached (campaignstats.goals), and their durable log
+    goals: GoalKeeper = field(default_factory=GoalKeeper)
+    outbox: Outbox | None = None
+    #: the snapshot's goals and the log have been read into ``goals`` (by the first actor)
+    goals_started: bool = False
 
 
 @dataclass(slots=True)
@@ -121,6 +145,12 @@ class _Merge:
     t0: float
     drifts: list[CampaignDrift] = field(default_factory=list)
     longest_step: float = 0.0
+
+
+def open_outbox(config: ActorConfig, lifetime: Lifetime) -> None:
+    """Open the goals' durable log unless open (an OSError or LogError names its path)."""
+    if lifetime.outbox is None and (config.goals_log is not None or config.webhooks.urls):
+        lifetime.outbox = Outbox(config.goals_log, config.webhooks.urls)
 
 
 class StatsActor:
@@ -167,6 +197,8 @@ class StatsActor:
         self.last_error: str | None = None
         # notifications
         self._next_publish_at: float | None = None
+        self._next_goals_at: float | None = None
+        self._goals_backlog: list[int] = []
         # custom metrics (opened in run(): a restarted actor keeps its predecessor's)
         self.metrics: MetricsKeeper = lifetime.metrics  # type: ignore[assignment]
         self._next_metrics_tick = 0.0
@@ -182,20 +214,43 @@ class StatsActor:
         else:
             self.lifetime.metrics.check()  # kept across the restart, once checked
         self.metrics = self.lifetime.metrics
+        open_outbox(self.config, self.lifetime)
         self._next_metrics_tick = time.monotonic() + TICK
         if self._inherited:
             log.info("actor.kept_counts", campaigns=len(self.state.campaigns))
         elif self.config.snapshot_path is not None:
-            campaigns = load_snapshot(self.config.snapshot_path)
-            if campaigns is not None:
+            loaded = load_snapshot_with_goals(self.config.snapshot_path)
+            if loaded is not None:
+                campaigns, goals = loaded
                 self.state.replace_all(campaigns)
                 self._head_start = True
+                if not self.lifetime.goals_started:
+                    self._load_goals(campaigns, goals)
+        if not self.lifetime.goals_started:
+            self.lifetime.goals_started = True
+            if self.lifetime.outbox is not None:
+                self.lifetime.outbox.replay_into(self.lifetime.goals)
+        if self.state.ranking.dirty:  # kept across a restart: looked at soon
+            self._next_goals_at = time.monotonic() + GOALS_TICK
         self._start_calculation("all")
         self._next_calc_at = time.monotonic() + self.config.sync_interval
         try:
             await self._loop()
         finally:
             self.abandon()
+
+    def _load_goals(self, campaigns: dict[int, Any], goals: dict[str, Any] | None) -> None:
+        """The snapshot's goals part, then its counts as the baseline: what they pass is reached
+        (docs/design.md, "Goals and milestones": first sight)."""
+        keeper = self.lifetime.goals
+        if goals is not None:
+            try:
+                keeper.load_snapshot(goals)
+            except (ValueError, TypeError) as exc:
+                log.error("snapshot.goals_unreadable", error=repr(exc))
+                self.lifetime.goals = keeper = GoalKeeper()
+        for cid, stats in campaigns.items():
+            keeper.baseline(cid, stats)
 
     def abandon(self) -> None:
         """Cancel this incarnation's calculation (its result would go to a dead state)."""
@@ -243,6 +298,8 @@ class StatsActor:
             deadline = min(deadline, self.metrics.next_slice_at)
         if self._next_publish_at is not None:
             deadline = min(deadline, self._next_publish_at)
+        if self._next_goals_at is not None:
+            deadline = min(deadline, self._next_goals_at)
         return max(0.0, deadline - now)
 
     def _check_timers(self, now: float) -> None:
@@ -250,6 +307,8 @@ class StatsActor:
             self._tick(now)
         if self._next_publish_at is not None and now >= self._next_publish_at:
             self._publish()
+        if self._next_goals_at is not None and now >= self._next_goals_at:
+            self._check_goals()
         metrics = self.metrics
         if metrics.dirty_since is not None and now - metrics.dirty_since >= COMMIT_DELAY:
             metrics.commit_quietly()  # a steady load never empties the mailbox
@@ -322,6 +381,7 @@ class StatsActor:
         """Everything before the flush is applied; the metrics are committed (acknowledged), or
         raise (dropped unless ``keep_metrics``: docs/metrics.md, "A failed commit"); a
         producer whose casts an earlier failure dropped is told so, once."""
+        self._check_goals(whole=True)  # and the goals it reached have fired
         ask = self.current
         origin = ask.origin if type(ask) is Ask else None
         self.metrics.flush(origin, keep=keep_metrics)
@@ -330,9 +390,12 @@ class StatsActor:
         cast = tell.cast
         assert not isinstance(cast, MetricUpdates)
         items = cast.items
-        rejected = self.state.apply_many(items, decrement=type(cast) is Decrements)
+        decrement = type(cast) is Decrements
+        rejected = self.state.apply_many(items, decrement=decrement)
         if rejected:
             self.rejected += len(rejected)
+        if self._next_goals_at is None and self.state.ranking.dirty:
+            self._next_goals_at = time.monotonic() + GOALS_TICK
         if tell.on_rejected is not None and (rejected or tell.report_empty):
             try:
                 tell.on_rejected(rejected)
@@ -392,7 +455,80 @@ class StatsActor:
             History: lambda r: self.state.history(r.campaign_id, r.unit, r.start, r.end),
             Recent: lambda r: self.state.recent(r.campaign_id, r.tz),
             Top: lambda r: self.state.top(r.by, r.limit),
+            SetGoals: self._set_goals,
+            GetGoals: self._get_goals,
         }
+
+    def _get_goals(self, request: GetGoals) -> dict[str, Any]:
+        self._check_goals(whole=True)  # what the counts reached so far is in the answer
+        return self.lifetime.goals.goals(request.campaign_id)
+
+    def _set_goals(self, request: SetGoals) -> None:
+        self._check_goals(whole=True)  # what the counts reached under the old goals fires first
+        keeper = self.lifetime.goals
+        cid = request.campaign_id
+        before = (keeper.custom.get(cid), keeper.quorums.get(cid))
+        keeper.set_goals(cid, request.spec, self.state.campaigns.get(cid))
+        if self.lifetime.outbox is not None:
+            try:
+                self.lifetime.outbox.record_goals(cid, request.spec, keeper)
+            except OSError as exc:
+                # Not durable: not set (the caller gets the error; what was reached stays).
+                custom, quorums = before
+                keeper.custom.pop(cid, None)
+                keeper.quorums.pop(cid, None)
+                if custom is not None:
+                    keeper.custom[cid] = custom
+                if quorums is not None:
+                    keeper.quorums[cid] = quorums
+                raise InternalError(f"set_goals: the goals log cannot be written: {exc}") from exc
+        log.info(
+            "goals.set",
+            campaign_id=cid,
+            supporters=request.spec.supporters,
+            area=None if request.spec.area is None else dict(request.spec.area),
+        )
+
+    def _check_goals(self, whole: bool = False) -> None:
+        """The campaigns whose supporters moved since the last look: which goals they reached.
+        A few times a second, not per batch: the hot path already notes the campaigns that move
+        (for ``top``), so the goals cost it nothing per increment."""
+        self._next_goals_at = None
+        state = self.state
+        backlog = self._goals_backlog
+        moved = state.ranking.take_moved()
+        if moved:
+            backlog.extend(moved)
+        if not backlog:
+            return
+        if whole or len(backlog) <= GOALS_SLICE:
+            ids, self._goals_backlog = backlog, []
+        else:
+            # After a calculation every merged campaign has moved: look at them a slice at a
+            # time, serving messages in between (no long stall).
+            ids, self._goals_backlog = backlog[:GOALS_SLICE], backlog[GOALS_SLICE:]
+            self._next_goals_at = time.monotonic()
+        events = self.lifetime.goals.check(ids, state.campaigns, time.time())
+        if events:
+            self._fire(events)
+
+    def _fire(self, events: list[tuple[int, Event]]) -> None:
+        """Events first reached: made durable (the outbox), then pushed to the subscribers."""
+        outbox = self.lifetime.outbox
+        if outbox is not None:
+            outbox.fire(events)
+        watchers = self.registry.watchers
+        for cid, event in events:
+            log.info("goals.reached", campaign_id=cid, **event)
+            for subscriber in list(watchers.get(cid, ())):
+                push_event = getattr(subscriber, "push_event", None)
+                if push_event is None:
+                    continue
+                try:
+                    push_event(cid, event)
+                except Exception:
+                    log.exception("subscriber.push_failed", campaign_id=cid)
+                    self.registry.remove(None, subscriber)
 
     def _drain_and_stop(self) -> None:
         """Apply what is already in the mailbox, write the snapshot."""
@@ -406,6 +542,9 @@ class StatsActor:
             # A half-merged result is still exact per campaign; finish it before saving.
             while self._merge is not None:
                 self._merge_step()
+        # Goals reached by the last changes fire now: the snapshot's counts are the next
+        # start's baseline, which would record them silently.
+        self._check_goals(whole=True)
         self.save_snapshot()
         self.metrics.close()
         log.info("actor.stopped", drained=drained, campaigns=len(self.state.campaigns))
@@ -415,9 +554,16 @@ class StatsActor:
         if self.config.snapshot_path is None:
             return
         try:
-            save_snapshot(self.config.snapshot_path, self.state.campaigns)
+            save_snapshot(
+                self.config.snapshot_path,
+                self.state.campaigns,
+                self.lifetime.goals.to_snapshot(),
+            )
         except Exception as exc:
             log.error("snapshot.save_failed", path=str(self.config.snapshot_path), error=repr(exc))
+            return
+        if self.lifetime.outbox is not None:
+            self.lifetime.outbox.compact()  # the snapshot holds the goals now
 
     # -- calculations ---------------------------------------------------------------------------
 
@@ -488,6 +634,9 @@ class StatsActor:
         ids = [cid for _, cid in zip(range(self.config.merge_slice), merge.ids, strict=False)]
         if ids:
             merge.drifts.extend(self.state.merge(merge.result, ids))
+            events = self.lifetime.goals.merged(ids, self.state.campaigns, time.time())
+            if events:
+                self._fire(events)
             watchers = self.registry.watchers
             if watchers:
                 self.registry.dirty.update(cid for cid in ids if cid in watchers)
@@ -509,6 +658,8 @@ class StatsActor:
         if result.kind == "all":
             self._loaded = True
             self.lifetime.loaded.set()
+            if not self.lifetime.goals.loaded:
+                self.lifetime.goals.mark_loaded()
         drifts = merge.drifts
         drift: dict[str, Any] = {
             "campaigns": len(drifts),
@@ -619,6 +770,10 @@ class StatsActor:
             "decrements_applied": self.state.decremented,
             "clamped": self.state.clamped,
             "metrics": self.metrics.info(),
+            "goals": {
+                **self.lifetime.goals.info(),
+                "webhooks": None if self.lifetime.outbox is None else self.lifetime.outbox.info(),
+            },
             "limits": {
                 "max_keys": self.config.max_keys,
                 "max_campaigns": self.config.max_campaigns,

@@ -19,22 +19,38 @@ from campaignstats.model import CampaignStats
 
 log = structlog.get_logger(__name__)
 
-FORMAT = 2  # 2: rows gain messages; format 1 files (without it) are still read
-_READABLE = (1, 2)
+#: 2: rows gain messages; 3: a "goals" part (campaignstats.goals: goals set, thresholds reached).
+#: Files of formats 1 and 2 are still read (with no goals part).
+FORMAT = 3
+_READABLE = (1, 2, 3)
 
 
-def save_snapshot(path: Path, campaigns: dict[int, CampaignStats]) -> None:
+def save_snapshot(
+    path: Path, campaigns: dict[int, CampaignStats], goals: dict[str, Any] | None = None
+) -> None:
     rows = [
         (cid, s.supporters, s.action, s.area, s.org, s.extra_supporters, s.messages)
         for cid, s in campaigns.items()
     ]
-    data = msgpack.packb({"format": FORMAT, "saved_at": time.time(), "campaigns": rows})
+    content: dict[str, Any] = {"format": FORMAT, "saved_at": time.time(), "campaigns": rows}
+    if goals is not None:
+        content["goals"] = goals
+    data = msgpack.packb(content)
     atomic_write(path, data)
     log.info("snapshot.saved", path=str(path), campaigns=len(rows), bytes=len(data))
 
 
 def load_snapshot(path: Path) -> dict[int, CampaignStats] | None:
     """The campaigns of a snapshot file; None (logged) when missing or unreadable."""
+    loaded = load_snapshot_with_goals(path)
+    return None if loaded is None else loaded[0]
+
+
+def load_snapshot_with_goals(
+    path: Path,
+) -> tuple[dict[int, CampaignStats], dict[str, Any] | None] | None:
+    """The campaigns of a snapshot file and its goals part (None before format 3); None
+    (logged) when missing or unreadable."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -59,6 +75,9 @@ def load_snapshot(path: Path) -> dict[int, CampaignStats] | None:
                 _count(extra),
                 _count(messages),
             )
+        goals = data.get("goals")
+        if goals is not None and type(goals) is not dict:
+            raise ValueError("the goals part is not a map")
     except Exception as exc:  # a damaged file must not keep the server from starting
         log.error("snapshot.unreadable", path=str(path), error=repr(exc))
         return None
@@ -68,7 +87,7 @@ def load_snapshot(path: Path) -> dict[int, CampaignStats] | None:
         campaigns=len(campaigns),
         age_seconds=round(time.time() - float(data.get("saved_at", 0)), 1),
     )
-    return campaigns
+    return campaigns, goals
 
 
 # A snapshot that decodes is still checked value by value: a wrong type loaded into the state

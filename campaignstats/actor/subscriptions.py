@@ -9,8 +9,9 @@ actor restart.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from campaignstats.model import WireStats
 
@@ -19,8 +20,15 @@ DEFAULT_PUBLISH_INTERVAL = 1.0  # seconds
 
 @runtime_checkable
 class Subscriber(Protocol):
+    """A subscriber may also have ``push_event(campaign_id, event)``: the actor then hands it
+    the campaign's milestone and quorum events (docs/protocol.md, "Events")."""
+
     def push(self, campaign_id: int, stats: WireStats) -> None:
         """Take an update without blocking (drop or coalesce if the consumer is slow)."""
+
+
+#: goal events a Subscription keeps unread before the oldest go
+MAX_PENDING_EVENTS = 1_000
 
 
 class Subscription:
@@ -32,6 +40,8 @@ class Subscription:
 
     def __init__(self, on_close: Callable[[Subscription], None] | None = None) -> None:
         self._pending: dict[int, WireStats] = {}
+        #: goal events, in order and never coalesced (bounded)
+        self._events: deque[tuple[int, dict[str, Any]]] = deque(maxlen=MAX_PENDING_EVENTS)
         self._event = asyncio.Event()
         self._on_close = on_close
         self._closed = False
@@ -39,6 +49,10 @@ class Subscription:
     def push(self, campaign_id: int, stats: WireStats) -> None:
         self._pending.pop(campaign_id, None)  # re-insert: keeps the order of the latest changes
         self._pending[campaign_id] = stats
+        self._event.set()
+
+    def push_event(self, campaign_id: int, event: dict[str, Any]) -> None:
+        self._events.append((campaign_id, event))
         self._event.set()
 
     def pending(self) -> int:
@@ -53,6 +67,22 @@ class Subscription:
 
     def __aiter__(self) -> AsyncIterator[tuple[int, WireStats]]:
         return self._iterate()
+
+    async def feed(self) -> AsyncIterator[tuple[str, int, dict[str, Any]]]:
+        """Updates and goal events together: ``("stats", campaign_id, STATS)`` and
+        ``("event", campaign_id, EVENT)``, events first. (Iterating the subscription itself
+        gives the stats only.)"""
+        while not self._closed:
+            if self._events:
+                campaign_id, event = self._events.popleft()
+                yield "event", campaign_id, event
+                continue
+            if not self._pending:
+                self._event.clear()
+                await self._event.wait()
+                continue
+            campaign_id = next(iter(self._pending))
+            yield "stats", campaign_id, dict(self._pending.pop(campaign_id))
 
     async def _iterate(self) -> AsyncIterator[tuple[int, WireStats]]:
         while not self._closed:

@@ -21,7 +21,7 @@ import structlog
 from campaignstats.errors import InternalError, StatsError
 from campaignstats.model import StatsState
 
-from .actor import ActorConfig, Lifetime, Source, StatsActor
+from .actor import ActorConfig, Lifetime, Source, StatsActor, open_outbox
 from .mailbox import Mailbox
 from .messages import Ask, Stop
 from .metrics import MetricsKeeper
@@ -60,6 +60,7 @@ class Supervisor:
         to the caller, once, before any actor runs."""
         if self.lifetime.metrics is None:
             self.lifetime.metrics = MetricsKeeper(self.config.metrics)
+        open_outbox(self.config, self.lifetime)
 
     async def run(self) -> None:
         """Run actors until one stops cleanly; raise :class:`SupervisorGaveUp` past the limit."""

@@ -21,11 +21,12 @@ from urllib.parse import unquote, urlsplit
 
 import structlog
 
-from campaignstats.errors import LocalProtocolError, UsageError
+from campaignstats.errors import LocalProtocolError, ProtocolError, UsageError
 from campaignstats.metrics.update import DEFAULT_LIMITS as METRIC_LIMITS
 from campaignstats.metrics.update import make_update
 from campaignstats.model import DEFAULT_MAX_STRING, MAX_ID, Increment, Scope, check_increment
 from campaignstats.protocol import DEFAULT_MAX_BATCH
+from campaignstats.requests import SetGoals, set_goals_request
 from campaignstats.sessions.client import ClientSession, Measure, Undo, WireItem, wire_item
 
 log = structlog.get_logger("campaignstats.client")
@@ -125,6 +126,21 @@ def call_timeout(timeout: float | None, default: float) -> float:
     if not timeout > 0:
         raise UsageError(f"timeout must be positive, not {timeout!r}")
     return timeout
+
+
+#: goal events a subscription keeps unread before the oldest go
+MAX_PENDING_EVENTS = 1_000
+
+
+def goals_request(
+    campaign_id: int, supporters: Iterable[int] | None, area: Mapping[str, int] | None
+) -> SetGoals | ProtocolError:
+    """A ``set_goals`` request, checked as the server checks it (docs/protocol.md)."""
+    opts = {
+        "supporters": None if supporters is None else list(supporters),
+        "area": None if area is None else dict(area),
+    }
+    return set_goals_request(campaign_id, opts)
 
 
 def check_scope(scope: str | Iterable[int]) -> Scope:

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -32,6 +32,7 @@ from campaignstats.client._common import (
     DEFAULT_QUEUE_SIZE,
     DEFAULT_TIMEOUT,
     DEFAULT_URL,
+    MAX_PENDING_EVENTS,
     Backoff,
     ClientOptions,
     ClientStatistics,
@@ -40,6 +41,7 @@ from campaignstats.client._common import (
     RateLimitedLog,
     call_timeout,
     check_scope,
+    goals_request,
     log,
     parse_url,
     take_runs,
@@ -57,6 +59,7 @@ from campaignstats.model import WireStats
 from campaignstats.protocol import CallRequest, Hello, Ping
 from campaignstats.requests import (
     Flush,
+    GetGoals,
     GetMetrics,
     Info,
     ResetMetrics,
@@ -74,6 +77,7 @@ from campaignstats.sessions.client import (
     ClientSession,
     Event,
     Failed,
+    GoalEvent,
     Ready,
     Reply,
     ServerError,
@@ -161,6 +165,9 @@ class Subscription:
         self.campaign_id = campaign_id
         self._client = client
         self._latest: WireStats | None = None
+        #: milestone and quorum events, in order (docs/protocol.md, "Events"); bounded: past
+        #: it the oldest unread ones go
+        self._events: deque[dict[str, Any]] = deque(maxlen=MAX_PENDING_EVENTS)
         self._event = asyncio.Event()
         self._started = False
         self._closed = False
@@ -177,9 +184,30 @@ class Subscription:
         self._latest = stats
         self._event.set()
 
+    def _push_event(self, event: dict[str, Any]) -> None:
+        self._events.append(event)
+        self._event.set()
+
     def _end(self) -> None:
         self._closed = True
         self._event.set()
+
+    async def next_event(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next milestone or quorum EVENT of this campaign (docs/protocol.md, "Events");
+        None when ``timeout`` passes first or the subscription ends. Events are kept apart
+        from the stats updates, none is skipped (up to a bounded backlog)."""
+        if not self._started and not self._closed:
+            await self.start()
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._events:
+                    if self._closed:
+                        return None
+                    self._event.clear()
+                    await self._event.wait()
+        except TimeoutError:
+            return None
+        return self._events.popleft()
 
     async def get(self, timeout: float | None = None) -> tuple[int, WireStats] | None:
         """The next update; None when ``timeout`` passes first or the subscription ends."""
@@ -501,6 +529,9 @@ class AsyncStatsClient(IncrementQueue):
         elif isinstance(event, Update):
             for subscription in self._subscriptions.get(event.campaign_id, ()):
                 subscription._push(event.stats)
+        elif isinstance(event, GoalEvent):
+            for subscription in self._subscriptions.get(event.campaign_id, ()):
+                subscription._push_event(event.event)
         elif isinstance(event, Ready):
             if self._hello is not None and not self._hello.done():
                 self._hello.set_result(event)
@@ -677,6 +708,24 @@ class AsyncStatsClient(IncrementQueue):
         result: list[list[int]] = await self._call(
             _checked(top_request({"by": by, "limit": limit})), timeout
         )
+        return result
+
+    async def set_goals(
+        self,
+        campaign_id: int,
+        supporters: Iterable[int] | None = None,
+        area: Mapping[str, int] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Replace a campaign's goals: ``supporters`` thresholds (None: the default ladder) and
+        ``area`` quorums (None: none); docs/protocol.md, "set_goals". Raises
+        :class:`~campaignstats.errors.Invalid` for bad thresholds, and nothing changes."""
+        await self._call(_checked(goals_request(campaign_id, supporters, area)), timeout)
+
+    async def get_goals(self, campaign_id: int, *, timeout: float | None = None) -> dict[str, Any]:
+        """``{"supporters", "reached", "next", "area", "areas_reached"}`` (docs/protocol.md)."""
+        result: dict[str, Any] = await self._call(GetGoals(campaign_id), timeout)
         return result
 
     async def reset_metrics(

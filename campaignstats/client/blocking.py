@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -44,6 +44,7 @@ from campaignstats.client._common import (
     DEFAULT_QUEUE_SIZE,
     DEFAULT_TIMEOUT,
     DEFAULT_URL,
+    MAX_PENDING_EVENTS,
     Address,
     Backoff,
     ClientOptions,
@@ -53,6 +54,7 @@ from campaignstats.client._common import (
     RateLimitedLog,
     call_timeout,
     check_scope,
+    goals_request,
     log,
     parse_url,
     take_runs,
@@ -70,6 +72,7 @@ from campaignstats.model import WireStats
 from campaignstats.protocol import CallRequest, Limits, Ping
 from campaignstats.requests import (
     Flush,
+    GetGoals,
     GetMetrics,
     Info,
     ResetMetrics,
@@ -87,6 +90,7 @@ from campaignstats.sessions.client import (
     ClientSession,
     Event,
     Failed,
+    GoalEvent,
     Ready,
     Reply,
     ServerError,
@@ -379,10 +383,16 @@ class Subscription:
             self._client._subscriptions.add(self)
 
     _pushed: WireStats | None = None
+    #: milestone and quorum events not read yet (created at the first one)
+    _events: deque[dict[str, Any]] | None = None
 
     def _keep(self, event: Event) -> None:
         if isinstance(event, Update) and event.campaign_id == self.campaign_id:
             self._pushed = event.stats
+        elif isinstance(event, GoalEvent) and event.campaign_id == self.campaign_id:
+            if self._events is None:
+                self._events = deque(maxlen=MAX_PENDING_EVENTS)
+            self._events.append(event.event)
         elif isinstance(event, ServerError):
             self._client._on_server_error(event)
 
@@ -396,6 +406,23 @@ class Subscription:
 
     def get(self, timeout: float | None = None) -> tuple[int, WireStats] | None:
         """The next update; None when ``timeout`` passes first or the subscription ends."""
+        if not self._wait(timeout, lambda: self._pushed is not None):
+            return None
+        stats, self._pushed = self._pushed, None
+        assert stats is not None
+        return self.campaign_id, stats
+
+    def next_event(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next milestone or quorum EVENT of this campaign (docs/protocol.md, "Events");
+        None when ``timeout`` passes first or the subscription ends. Stats updates that
+        arrive meanwhile are kept for :meth:`get`."""
+        if not self._wait(timeout, lambda: bool(self._events)):
+            return None
+        assert self._events is not None
+        return self._events.popleft()
+
+    def _wait(self, timeout: float | None, ready: Callable[[], bool]) -> bool:
+        """Read the connection until ``ready()``; False on timeout or when closed."""
         if not self._started:
             self.start()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -407,14 +434,14 @@ class Subscription:
                     if conn is None or conn.closed:
                         conn = self._connect(self._client.options.connect_timeout)
                         backoff.reset()
-                    if self._pushed is None:  # wait for one, then take the newest available
+                    if not ready():  # wait for one, then take the newest available
                         self._keep(conn._next(deadline, keep=True))
                     conn.poll(self._keep)
                 except CallTimeout:
                     if conn is not None and conn.closed:
                         self._conn = None
                     if deadline is not None and time.monotonic() >= deadline:
-                        return None
+                        return False
                 except (StatsError, OSError) as exc:
                     if self._closed:
                         break
@@ -423,13 +450,12 @@ class Subscription:
                     if deadline is not None:
                         delay = min(delay, deadline - time.monotonic())
                         if delay <= 0:
-                            return None
+                            return False
                     time.sleep(delay)
                     continue
-                if self._pushed is not None:
-                    stats, self._pushed = self._pushed, None
-                    return self.campaign_id, stats
-        return None
+                if ready():
+                    return True
+        return False
 
     def close(self) -> None:
         """Stop the updates: ``unsub`` (best effort), then the connection closes."""
@@ -846,6 +872,27 @@ class StatsClient(IncrementQueue):
         result: list[list[int]] = self._call(
             _checked(top_request({"by": by, "limit": limit})), timeout
         )
+        return result
+
+    def set_goals(
+        self,
+        campaign_id: int,
+        supporters: Iterable[int] | None = None,
+        area: Mapping[str, int] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Replace a campaign's goals: ``supporters`` thresholds (None: the default ladder) and
+        ``area`` quorums (None: none); docs/protocol.md, "set_goals". Raises
+        :class:`~campaignstats.errors.Invalid` for bad thresholds, and nothing changes."""
+        request = goals_request(campaign_id, supporters, area)
+        if isinstance(request, ProtocolError):
+            raise request
+        self._call(request, timeout)
+
+    def get_goals(self, campaign_id: int, *, timeout: float | None = None) -> dict[str, Any]:
+        """``{"supporters", "reached", "next", "area", "areas_reached"}`` (docs/protocol.md)."""
+        result: dict[str, Any] = self._call(GetGoals(campaign_id), timeout)
         return result
 
     def reset_metrics(

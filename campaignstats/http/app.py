@@ -3,7 +3,7 @@ the JSON ingest, health and metrics.
 
 It is an adapter, like the socket server: every answer comes from :class:`StatsService`, every
 increment goes through the one validator (``campaignstats.model``), every metrics update through
-its own (``campaignstats.metrics.update``). Routes that belong to later work (goals, pages,
+its own (``campaignstats.metrics.update``). Routes that belong to later work (pages,
 orgs) are absent: 404, not stubs.
 
 ``StatsHttpApp`` is a plain ASGI callable: ``campaignstats serve`` runs it with uvicorn in the
@@ -62,10 +62,6 @@ _decode = msgspec.json.Decoder().decode
 _DIGITS = re.compile(r"[0-9]{1,19}")
 #: the counter reads, answered before the router (StatsHttpApp._hot_read)
 _HOT = re.compile(r"/v1/campaigns/([0-9]{1,19})(/count)?")
-
-#: Proca's default goal ladder, also the widget's (docs/design.md, "Goals and milestones")
-GOAL_LADDER = (100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000,
-               500_000, 1_000_000, 2_000_000, 5_000_000)  # fmt: skip
 
 InfoHook = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -203,6 +199,7 @@ class StatsHttpApp:
                 Route("/v1/campaigns/{campaign_id}", self.campaign, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/history", self.history, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/recent", self.recent, methods=["GET"]),
+                Route("/v1/campaigns/{campaign_id}/goals", self.goals, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/count", self.count, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/events", self.events, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/metrics", self.metrics_read, methods=["GET"]),
@@ -414,6 +411,13 @@ class StatsHttpApp:
         tz = request.query_params.get("tz") or "UTC"
         async with asyncio.timeout(self.config.timeout):
             result = await self.service.recent(campaign_id, tz)
+        return self._read(request, _encode(result))
+
+    async def goals(self, request: Request) -> Response:
+        """The ``get_goals`` call (docs/http.md): the widget's ``goal="auto"`` reads it."""
+        campaign_id = parse_id(request.path_params["campaign_id"], "campaign id")
+        async with asyncio.timeout(self.config.timeout):
+            result = await self.service.get_goals(campaign_id)
         return self._read(request, _encode(result))
 
     async def top(self, request: Request) -> Response:

@@ -195,8 +195,11 @@ class EventHub:
     async def _pump(self, channel: _Channel, subscription: Subscription) -> None:
         # An error is logged, not raised: in the task group it would end every other stream.
         try:
-            async for campaign_id, stats in subscription:
-                chunk = encode_event("stats", stats_body(campaign_id, stats))
+            async for kind, campaign_id, data in subscription.feed():
+                if kind == "event":  # a milestone or a quorum: its EVENT map as it is
+                    chunk = encode_event(str(data["type"]), data)
+                else:
+                    chunk = encode_event("stats", stats_body(campaign_id, data))
                 self.counters.events += 1
                 for stream in list(channel.streams):
                     stream.offer(chunk)

@@ -114,6 +114,24 @@ class _InfoCollector(Collector):
         yield counter(
             "actor_restarts", "restarts of the actor by its supervisor", info.get("restarts", 0)
         )
+        goals = info.get("goals") or {}
+        yield counter(
+            "goal_events",
+            "milestone and quorum events fired (docs/design.md)",
+            goals.get("fired", 0),
+        )
+        hooks = goals.get("webhooks") or {}
+        deliveries = CounterMetricFamily(
+            PREFIX + "webhook_deliveries", "webhook POSTs by outcome", labels=["outcome"]
+        )
+        for outcome in ("delivered", "failed"):
+            deliveries.add_metric([outcome], hooks.get(outcome, 0))
+        yield deliveries
+        yield gauge(
+            "webhook_pending",
+            "deliveries owed to webhooks (in the outbox)",
+            hooks.get("pending", 0),
+        )
         yield gauge(
             "subscriptions", "subscriptions to campaign changes", info.get("subscriptions", 0)
         )

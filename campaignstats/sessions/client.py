@@ -55,12 +55,14 @@ from campaignstats.protocol import (
     CallRequest,
     ClientCodec,
     Err,
+    EventMessage,
     Hello,
     Limits,
     Ok,
     Pub,
 )
 from campaignstats.requests import (
+    GetGoals,
     GetMetrics,
     History,
     Info,
@@ -156,6 +158,15 @@ class Update:
 
 
 @dataclass(frozen=True, slots=True)
+class GoalEvent:
+    """A subscribed campaign reached a goal: ``event`` is the EVENT map of docs/protocol.md
+    ("Events"), a milestone or a quorum."""
+
+    campaign_id: int
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class ServerError:
     """An ``err`` no call waits for: a rejected cast (an ``incs`` item, say) or a re-subscription
     the server refused. Worth counting and logging; nobody is there to raise it to."""
@@ -163,7 +174,7 @@ class ServerError:
     error: ProtocolError
 
 
-Event = Ready | Reply | Failed | Update | ServerError
+Event = Ready | Reply | Failed | Update | GoalEvent | ServerError
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +287,7 @@ def _result(request: CallRequest, result: Any) -> Any:
     if isinstance(request, Top) and type(result) is not list:
         raise RemoteProtocolError(f"top answered a {type(result).__name__}")
     if (
-        isinstance(request, Stats | Info | GetMetrics | History | Recent)
+        isinstance(request, Stats | Info | GetMetrics | History | Recent | GetGoals)
         and type(result) is not dict
     ):
         raise RemoteProtocolError(f"{request.op} answered a {type(result).__name__}")
@@ -304,7 +315,7 @@ class ClientSession:
         self._req_ids = itertools.count(1)
         self._pending: deque[_Pending] = deque()
         self._codec = ClientCodec()
-        self._inbox: deque[Pub | Ok | Err | RemoteProtocolError] = deque()
+        self._inbox: deque[Pub | EventMessage | Ok | Err | RemoteProtocolError] = deque()
         self._outbox: deque[Event] = deque()
 
     # -- what the server takes ------------------------------------------------------------------
@@ -474,9 +485,17 @@ class ClientSession:
             if event is not None:
                 return event
 
-    def _handle(self, message: Pub | Ok | Err | RemoteProtocolError) -> Event | None:
+    def _handle(self, message: Pub | EventMessage | Ok | Err | RemoteProtocolError) -> Event | None:
         if isinstance(message, RemoteProtocolError):
             raise message
+        if isinstance(message, EventMessage):
+            if self.state is not SessionState.READY:
+                raise RemoteProtocolError("an event before the hello was answered")
+            if type(message.campaign_id) is not int or type(message.event) is not dict:
+                raise RemoteProtocolError(f"a malformed event: {message!r:.80}")
+            if message.campaign_id in self.subscriptions:
+                return GoalEvent(message.campaign_id, message.event)
+            return None
         if isinstance(message, Pub):
             if self.state is not SessionState.READY:
                 raise RemoteProtocolError("a pub before the hello was answered")

@@ -431,6 +431,11 @@ class ServerSession:
         if self.state is SessionState.OPEN:
             self._best_effort(self.codec.pub(campaign_id, stats), errors=False)
 
+    def event(self, campaign_id: int, event: dict[str, Any]) -> None:
+        """A subscribed campaign reached a goal: an ``event``, best effort like a ``pub``."""
+        if self.state is SessionState.OPEN:
+            self._best_effort(self.codec.event(campaign_id, event), errors=False)
+
     def connection_lost(self) -> None:
         """The connection is gone: pending calls will never be answered here."""
         self.state = SessionState.CLOSED

@@ -3,7 +3,8 @@
  *
  * No dependencies, no build step (docs/http.md, "The widget"). The element shows the campaign's
  * supporters formatted for the page's language, and with `goal` a progress bar toward the next
- * goal ("auto": Proca's default ladder; a number: that goal). It follows the campaign's event
+ * goal ("auto": the campaign's goals, read from GET /v1/campaigns/{id}/goals, by default Proca's
+ * ladder; a number: that goal). It follows the campaign's event
  * stream and polls `/count` every 10 s while the stream is not open (or where EventSource does
  * not exist). The number it shows is its `value` property and `data-value` attribute (a plain
  * integer), and each change fires `campaign-counter:update` with the value as `detail`.
@@ -20,7 +21,8 @@
   if (typeof window === "undefined" || !window.customElements) return;
   if (window.customElements.get("campaign-counter")) return;
 
-  // Proca's goal ladder: the next one above the count is the goal ("auto").
+  // Proca's goal ladder, until the campaign's own goals are read (GET .../goals): the next
+  // threshold above the count is the goal ("auto").
   var LADDER = [100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000, 500000,
     1000000, 2000000, 5000000];
   var POLL_MS = 10000;
@@ -40,9 +42,9 @@
     "transition:width .4s ease-out}" +
     "[hidden]{display:none}";
 
-  function nextGoal(value) {
-    for (var i = 0; i < LADDER.length; i++) if (LADDER[i] > value) return LADDER[i];
-    return LADDER[LADDER.length - 1];
+  function nextGoal(value, ladder) {
+    for (var i = 0; i < ladder.length; i++) if (ladder[i] > value) return ladder[i];
+    return ladder.length ? ladder[ladder.length - 1] : 0;
   }
 
   class CampaignCounter extends HTMLElement {
@@ -51,6 +53,7 @@
     constructor() {
       super();
       this._value = null;
+      this._ladder = LADDER;
       this._source = null;
       this._timer = null;
       var root = this.attachShadow({ mode: "open" });
@@ -73,6 +76,7 @@
     attributeChangedCallback(name, before, after) {
       if (before === after || !this.isConnected) return;
       if (name === "campaign" || name === "server") { this._stop(); this._start(); }
+      else if (name === "goal") { this._readGoals(); this._render(); }
       else this._render();
     }
 
@@ -85,12 +89,16 @@
       this._campaign = (this.getAttribute("campaign") || "").trim();
       if (!/^[0-9]+$/.test(this._campaign)) return;
       var self = this;
+      this._ladder = LADDER;
+      this._readGoals();
       if (typeof window.EventSource === "function") {
         var source = new EventSource(this._base() + "/events");
         this._source = source;
         source.addEventListener("stats", function (event) {
           try { self._set(JSON.parse(event.data).supporters); } catch (e) { /* ignore */ }
         });
+        // A goal reached: the campaign's goals may have moved on (set_goals), read them again.
+        source.addEventListener("milestone", function () { self._readGoals(); });
         source.onopen = function () { self._stopPolling(); };
         // While the stream is down (reconnecting, or closed for good), poll.
         source.onerror = function () { self._startPolling(); };
@@ -124,6 +132,20 @@
         .catch(function () { /* the next poll tries again */ });
     }
 
+    _readGoals() {
+      var self = this;
+      if ((this.getAttribute("goal") || "").trim() !== "auto" || typeof fetch !== "function") return;
+      fetch(this._base() + "/goals", { headers: { Accept: "application/json" } })
+        .then(function (r) { return r.ok ? r.json() : null; })
+        .then(function (body) {
+          if (body && Array.isArray(body.supporters)) {
+            self._ladder = body.supporters;
+            self._render();
+          }
+        })
+        .catch(function () { /* keep the default ladder */ });
+    }
+
     _set(supporters) {
       var value = Math.floor(Number(supporters));
       if (!isFinite(value) || value === this._value) return;
@@ -151,7 +173,7 @@
       var value = this._value;
       this._valueEl.textContent = this._format(value);
       var goalAttr = (this.getAttribute("goal") || "").trim();
-      var goal = goalAttr === "auto" ? nextGoal(value) : Math.floor(Number(goalAttr));
+      var goal = goalAttr === "auto" ? nextGoal(value, this._ladder) : Math.floor(Number(goalAttr));
       if (!goalAttr || !isFinite(goal) || goal <= 0) {
         this._goalEl.hidden = true;
         this._barEl.hidden = true;
