@@ -54,6 +54,7 @@ from campaignstats.sessions.server import (
     SessionCounters,
     Slot,
 )
+from campaignstats.shards import Shard
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +77,8 @@ class ServerConfig:
     #: seconds without a byte from a client before its connection is closed (0: never);
     #: connections with subscriptions wait for pubs and are exempt
     idle_timeout: float = 900.0
+    #: this server's shard, announced in the hello reply (docs/scale.md); None: not sharded
+    shard: Shard | None = None
 
 
 @dataclass(slots=True)
@@ -101,6 +104,7 @@ class Connection(asyncio.Protocol):
             max_output=config.max_output,
             unsent=self._unsent,
             counters=server.counters,
+            hello_extra=None if config.shard is None else {"shard": config.shard.to_wire()},
         )
         self.transport: asyncio.Transport | None = None
         self.peer = "?"

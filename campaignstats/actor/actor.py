@@ -51,6 +51,7 @@ from campaignstats.requests import (
     Top,
     Unsubscribe,
 )
+from campaignstats.shards import Shard, ShardFilter
 
 from .mailbox import Mailbox
 from .messages import Ask, CalculationDone, CalculationFailed, Message, Stop, Tell
@@ -79,6 +80,8 @@ class ActorConfig:
     merge_slice: int = 2_000  # campaigns merged per step; the loop serves messages in between
     #: the custom metrics: log, fsync policy, snapshots, archive, limits (docs/metrics.md)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    #: this server's part of the campaigns (``serve --shard K/N``, docs/scale.md); None: all
+    shard: Shard | None = None
     #: test-only: called with every message before it is handled; raising crashes the actor
     fault_hook: Callable[[Message], None] | None = None
 
@@ -151,6 +154,8 @@ class StatsActor:
             max_keys=config.max_keys, max_campaigns=config.max_campaigns
         )
         self.rejected = 0
+        #: refuses changes and calls of campaigns another shard owns (docs/scale.md)
+        self._shard = None if config.shard is None else ShardFilter(config.shard)
         # calculations
         self._generation = -1  # the generation this actor waits for
         self._calc_task: asyncio.Task[None] | None = None
@@ -299,7 +304,11 @@ class StatsActor:
     def _apply_metrics(self, tell: Tell) -> None:
         """Apply metrics updates; a refused one (a limit) or a refused name (a guard) is reported
         like a refused increment item. Committed before the next ``flush`` is answered."""
-        results = self.metrics.apply_many(tell.cast.items)
+        items = tell.cast.items
+        foreign = None
+        if self._shard is not None:  # another shard's campaigns: refused (docs/scale.md)
+            items, foreign = self._shard.split(items)
+        results = self.metrics.apply_many(items)
         rejected: list[tuple[int, str]] = []
         for i, result in enumerate(results):
             if result.error is not None:
@@ -307,6 +316,8 @@ class StatsActor:
             elif result.refused:
                 names = ", ".join(f"{n!r} ({why})" for n, why in sorted(result.refused.items()))
                 rejected.append((i, f"refused by a guard: {names}"))
+        if foreign is not None:
+            rejected = foreign.report(rejected)
         if tell.on_rejected is not None and (rejected or tell.report_empty):
             try:
                 tell.on_rejected(rejected)
@@ -322,12 +333,16 @@ class StatsActor:
         cast = tell.cast
         assert not isinstance(cast, MetricUpdates)
         items = cast.items
+        foreign = None
+        if self._shard is not None:  # items of other shards' campaigns: refused, not applied
+            items, foreign = self._shard.split(items)
         rejected = self.state.apply_many(items, decrement=type(cast) is Decrements)
-        if rejected:
-            self.rejected += len(rejected)
-        if tell.on_rejected is not None and (rejected or tell.report_empty):
+        reported = rejected if foreign is None else foreign.report(rejected)
+        if reported:
+            self.rejected += len(reported)
+        if tell.on_rejected is not None and (reported or tell.report_empty):
             try:
-                tell.on_rejected(rejected)
+                tell.on_rejected(reported)
             except Exception:
                 log.exception("actor.on_rejected_failed")
         watchers = self.registry.watchers
@@ -363,6 +378,8 @@ class StatsActor:
         handler = self._requests.get(type(request))
         if handler is None:
             raise InternalError(f"unknown request {type(request).__name__}")
+        if self._shard is not None:
+            self._shard.check_request(request)  # WrongShard: another shard owns it
         return handler(request)
 
     @functools.cached_property
@@ -608,6 +625,7 @@ class StatsActor:
             "decrements_applied": self.state.decremented,
             "clamped": self.state.clamped,
             "metrics": self.metrics.info(),
+            "shard": None if self.config.shard is None else self.config.shard.to_wire(),
             "limits": {
                 "max_keys": self.config.max_keys,
                 "max_campaigns": self.config.max_campaigns,
