@@ -592,7 +592,6 @@ async def serve(args: argparse.Namespace) -> int:
                 max_connections=args.max_connections,
                 max_output=args.max_output,
                 idle_timeout=args.idle_timeout,
-                shard=args.shard,
             ),
         )
         # the slot before the first calculation's snapshot (docs/follow.md, "Start-up")

@@ -54,7 +54,6 @@ from campaignstats.sessions.server import (
     SessionCounters,
     Slot,
 )
-from campaignstats.shards import Shard
 
 log = structlog.get_logger(__name__)
 
@@ -77,8 +76,6 @@ class ServerConfig:
     #: seconds without a byte from a client before its connection is closed (0: never);
     #: connections with subscriptions wait for pubs and are exempt
     idle_timeout: float = 900.0
-    #: this server's shard, announced in the hello reply (docs/scale.md); None: not sharded
-    shard: Shard | None = None
 
 
 @dataclass(slots=True)
@@ -87,6 +84,12 @@ class ServerCounters(SessionCounters):
     closed_slow: int = 0
     refused_connections: int = 0
     closed_idle: int = 0
+
+
+def _hello_extra(service: StatsService) -> dict[str, Any] | None:
+    """A shard announces itself in the hello reply (docs/scale.md)."""
+    shard = service.config.shard
+    return None if shard is None else {"shard": shard.to_wire()}
 
 
 class Connection(asyncio.Protocol):
@@ -104,7 +107,7 @@ class Connection(asyncio.Protocol):
             max_output=config.max_output,
             unsent=self._unsent,
             counters=server.counters,
-            hello_extra=None if config.shard is None else {"shard": config.shard.to_wire()},
+            hello_extra=_hello_extra(server.service),
         )
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
