@@ -383,7 +383,9 @@ class AsyncRoutingClient(_Routing[AsyncStatsClient]):
         """Acknowledge each shard's journal now and then; a replica found gone is failed over
         from by the flush itself. Waits with backoff while a shard has no replica at all."""
         backoff = Backoff(*self._backoff)
+        delay = self.ack_interval
         while True:
+            await asyncio.sleep(delay)  # first: what was just given has not arrived yet
             delay = self.ack_interval
             for shard in self._shards:
                 if not shard.journal:
@@ -398,7 +400,6 @@ class AsyncRoutingClient(_Routing[AsyncStatsClient]):
                     )
                 except Exception:
                     log.exception("client.acknowledge_failed", shard=shard.index)
-            await asyncio.sleep(delay)
 
     async def _on_shard(
         self, shard: _Shard[AsyncStatsClient], call: Callable[[AsyncStatsClient], Awaitable[_T]]
@@ -550,7 +551,8 @@ class RoutingClient(_Routing[StatsClient]):
 
     def _ack_loop(self) -> None:
         backoff = Backoff(*self._backoff)
-        while not self._stop.is_set():
+        delay = self.ack_interval
+        while not self._stop.wait(delay):
             delay = self.ack_interval
             for shard in self._shards:
                 if not shard.journal or self._stop.is_set():
@@ -567,7 +569,6 @@ class RoutingClient(_Routing[StatsClient]):
                     return
                 except Exception:
                     log.exception("client.acknowledge_failed", shard=shard.index)
-            self._stop.wait(delay)
 
     def _on_shard(self, shard: _Shard[StatsClient], call: Callable[[StatsClient], _T]) -> _T:
         if self._closed:
