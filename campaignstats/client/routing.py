@@ -60,6 +60,9 @@ from campaignstats.shards import group_by_shard, shard_of
 #: seconds between two acknowledging flushes of a shard's journal
 DEFAULT_ACK_INTERVAL = 0.25
 
+#: how many campaigns' owners a routing client remembers
+_OWNERS_KEPT = 1 << 16
+
 #: the errors that mean "this replica is not there": the next one is tried
 _GONE = (ServerUnavailable, CallTimeout, ConnectionError)
 
@@ -134,13 +137,26 @@ class _Shard(Generic[_C]):
     def put(self, decrement: bool, inc: Increment) -> None:
         """Journal one change and give it to the current replica's client."""
         with self.lock:
+            _give(self.client, decrement, inc)  # checked there first: an invalid one raises
             journal = self.journal
             if len(journal) >= self.max_unacked:
                 journal.popleft()
                 self.unprotected += 1
             self.numbered += 1
             journal.append((self.numbered, decrement, inc))
-            _give(self.client, decrement, inc)
+
+    def put_many(self, items: list[Increment]) -> None:
+        """Journal increments and give them to the current replica's client, in one go."""
+        with self.lock:
+            self.client.increment_many(items)  # checked there first: an invalid one raises
+            journal = self.journal
+            number = self.numbered
+            journal.extend((number + i, False, inc) for i, inc in enumerate(items, 1))
+            self.numbered = number + len(items)
+            excess = len(journal) - self.max_unacked
+            for _ in range(max(excess, 0)):
+                journal.popleft()
+            self.unprotected += max(excess, 0)
 
     def fail_over(self, failed: _C, error: BaseException) -> bool:
         """Move to the next replica, unless another caller did already (then False), and give
@@ -208,6 +224,8 @@ class _Routing(Generic[_C]):
     ) -> None:
         topology = parse_topology(shards)
         self._shards = [_Shard(k, urls, make, max_unacked) for k, urls in enumerate(topology)]
+        #: owners computed so far (each costs N hashes); cleared when it grows past a bound
+        self._owners: dict[int, int] = {}
         self._warn = RateLimitedLog().warning
 
     def _start(self) -> None:
@@ -219,7 +237,16 @@ class _Routing(Generic[_C]):
         return len(self._shards)
 
     def _owner(self, campaign_id: int) -> _Shard[_C]:
-        return self._shards[shard_of(campaign_id, len(self._shards))]
+        return self._shards[self._index(campaign_id)]
+
+    def _index(self, campaign_id: int) -> int:
+        owners = self._owners
+        k = owners.get(campaign_id)
+        if k is None:
+            if len(owners) >= _OWNERS_KEPT:
+                owners.clear()
+            k = owners[campaign_id] = shard_of(campaign_id, len(self._shards))
+        return k
 
     def increment(
         self,
@@ -287,10 +314,20 @@ class _Routing(Generic[_C]):
         self._owner(campaign_id).put(True, inc)
 
     def increment_many(self, increments: Iterable[Increment]) -> None:
-        """Many increments, each to its owner."""
+        """Many increments, each to its owner (one batch per shard). An invalid one raises,
+        and its shard's batch is not queued (those of other shards may be)."""
         self._start()
+        shards = self._shards
+        if len(shards) == 1:
+            shards[0].put_many(list(increments))
+            return
+        groups: list[list[Increment]] = [[] for _ in shards]
+        index = self._index
         for inc in increments:
-            self._owner(inc.campaign_id).put(False, inc)
+            groups[index(inc.campaign_id)].append(inc)
+        for shard, group in zip(shards, groups, strict=True):
+            if group:
+                shard.put_many(group)
 
     def metric(self, campaign_id: int, **update: Any) -> None:
         """A custom metrics update, to its campaign's shard (routed, not journaled)."""
