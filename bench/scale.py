@@ -171,23 +171,40 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
-def measure(dsn: str, layout: str, args: argparse.Namespace) -> dict[str, Any]:
-    ports = [free_port() for _ in range(1 if layout == "one" else 2)]
-    if layout == "one":
-        procs = [_serve(dsn, "bench_one", ports[0])]
-    else:
-        procs = [_serve(dsn, f"bench_s{k}", p, "--shard", f"{k}/2") for k, p in enumerate(ports)]
-    urls = [f"tcp://127.0.0.1:{p}" for p in ports]
+def measure(dsn: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Both layouts side by side (all three servers up all along, each following), their runs
+    interleaved, so that the load of the machine weighs on both alike."""
+    ports = [free_port() for _ in range(3)]
+    procs = [
+        _serve(dsn, "bench_one", ports[0]),
+        _serve(dsn, "bench_s0", ports[1], "--shard", "0/2"),
+        _serve(dsn, "bench_s1", ports[2], "--shard", "1/2"),
+    ]
+    layouts = {
+        "one": [f"tcp://127.0.0.1:{ports[0]}"],
+        "two_shards": [f"tcp://127.0.0.1:{p}" for p in ports[1:]],
+    }
+    runs: dict[str, dict[str, list[float]]] = {
+        layout: {"ingest": [], "query": []} for layout in layouts
+    }
     try:
-        for url in urls:
+        for url in (u for urls in layouts.values() for u in urls):
             _ready(url)
-        ingest_runs = [_parallel(ingest, urls, args.increments, 120) for _ in range(args.runs)]
-        query_runs = [_parallel(query, urls, args.queries, 120) for _ in range(args.runs)]
+        for _ in range(args.runs):
+            for layout, urls in layouts.items():
+                runs[layout]["ingest"].append(_parallel(ingest, urls, args.increments, 120))
+            for layout, urls in layouts.items():
+                runs[layout]["query"].append(_parallel(query, urls, args.queries, 120))
     finally:
         _stop(procs)
     return {
-        "ingest_per_s": summary(ingest_runs),
-        "query_per_s": summary(query_runs),
+        layout: {
+            "ingest_per_s": summary(r["ingest"]),
+            "query_per_s": summary(r["query"]),
+            "ingest_runs": r["ingest"],
+            "query_runs": r["query"],
+        }
+        for layout, r in runs.items()
     }
 
 
@@ -200,7 +217,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="scalebench") as tmp:
         pg, dsn = asyncio.run(_database(Path(tmp)))
         try:
-            results = {layout: measure(dsn, layout, args) for layout in ("one", "two_shards")}
+            results = measure(dsn, args)
         finally:
             pg.close()
     load = os.getloadavg()

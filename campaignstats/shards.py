@@ -23,10 +23,11 @@ import hashlib
 import re
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from campaignstats.errors import UsageError, WrongShard
+from campaignstats.model import CalculationResult
 
 _PACK = struct.Struct(">QQ").pack
 #: how many owners a :class:`Shard` remembers (a campaign's owner costs N hashes to find)
@@ -99,6 +100,18 @@ class ShardFilter:
                 self._cache.clear()  # a bound, not an LRU: recomputing costs N hashes
             self._cache[campaign_id] = mine
         return mine
+
+    def restrict(self, result: CalculationResult) -> CalculationResult:
+        """A calculation's result without the campaigns of other shards (a source given the
+        shard's filter, ``PostgresSource.owns``, never reads them in the first place)."""
+        owns = self.owns
+        if all(owns(cid) for cid in result.campaigns):
+            return result
+        return replace(
+            result,
+            campaigns={c: s for c, s in result.campaigns.items() if owns(c)},
+            timelines={c: t for c, t in result.timelines.items() if owns(c)},
+        )
 
     def refusal(self, campaign_id: int) -> str:
         owner = shard_of(campaign_id, self.shard.count)

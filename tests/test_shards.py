@@ -9,16 +9,17 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections import Counter
+from typing import Any
 
 import asyncpg
 import pytest
 
 from campaignstats.actor.actor import ActorConfig
 from campaignstats.client import AsyncStatsClient, StatsClient
-from campaignstats.client.routing import AsyncRoutingClient, parse_topology
+from campaignstats.client.routing import AsyncRoutingClient, RoutingClient, parse_topology
 from campaignstats.db.calculation import calculate
 from campaignstats.errors import UsageError, WrongShard
-from campaignstats.model import CampaignStats
+from campaignstats.model import CampaignStats, Increment
 from campaignstats.shards import Shard, ShardFilter, group_by_shard, shard_of, weight
 
 from .helpers import Raw, Start
@@ -225,3 +226,46 @@ async def test_the_calculation_of_a_shard_covers_its_own_campaigns_only(
                 assert all(part.campaigns[c] == whole.campaigns[c] for c in expected)
     finally:
         await conn.close()
+
+
+async def test_the_blocking_routing_client_sends_each_increment_to_its_owner_and_joins_reads(
+    start: Start,
+) -> None:
+    shard0 = await start(ActorConfig(sync_interval=3600, shard=Shard(0, 2)))
+    shard1 = await start(ActorConfig(sync_interval=3600, shard=Shard(1, 2)))
+    ids = list(range(101, 141))
+    increments = [
+        Increment(ids[i % len(ids)], 1 + i % 3, "register", "DE", i % 2 == 0) for i in range(400)
+    ]
+    expected: dict[int, CampaignStats] = {cid: CampaignStats() for cid in ids}
+    for inc in increments:
+        expected[inc.campaign_id].add(inc)
+
+    def route() -> tuple[dict[int, Any], list[list[int]], list[dict[str, Any]], Any]:
+        topology = f"unix://{shard0.unix};unix://{shard1.unix}"
+        with RoutingClient(topology) as routing:
+            routing.increment_many(increments[:200])
+            for inc in increments[200:]:
+                routing.increment(*inc[:5])
+            routing.flush()
+            return (
+                routing.stats_many(ids),
+                routing.top("supporters", 3),
+                routing.info(),
+                (routing.statistics()),
+            )
+
+    many, top, infos, stats = await asyncio.to_thread(route)
+    assert {cid: CampaignStats.from_wire(s) for cid, s in many.items()} == expected
+    assert [i["shard"] for i in infos] == [[0, 2], [1, 2]]
+    assert (stats.acknowledged, stats.unacked, stats.server_errors) == (400, 0, 0)
+    best = max(expected[c].supporters for c in ids)
+    assert top[0][1] == best
+    assert all(expected[cid].supporters == v for cid, v in top)
+    # each server holds its own campaigns only
+    for k, running in enumerate((shard0, shard1)):
+        mine = [c for c in ids if shard_of(c, 2) == k]
+        held = await running.service.stats_many(mine)
+        assert {c: CampaignStats.from_wire(s) for c, s in held.items()} == {
+            c: expected[c] for c in mine
+        }

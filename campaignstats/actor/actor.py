@@ -459,6 +459,8 @@ class StatsActor:
         """Runs in its own task: the actor keeps serving while Postgres works."""
         try:
             result = await self.source.calculate(scope)
+            if self._shard is not None:  # whatever the source covered: the shard's only
+                result = self._shard.restrict(result)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
