@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from campaignstats.actor.actor import ActorConfig
@@ -19,6 +20,7 @@ from campaignstats.client import AsyncStatsClient, StatsClient
 from campaignstats.client.routing import AsyncRoutingClient, RoutingClient, parse_topology
 from campaignstats.db.calculation import calculate
 from campaignstats.errors import UsageError, WrongShard
+from campaignstats.http import HttpConfig, HttpServer, app
 from campaignstats.model import CampaignStats, Increment
 from campaignstats.shards import Shard, ShardFilter, group_by_shard, shard_of, weight
 
@@ -269,3 +271,20 @@ async def test_the_blocking_routing_client_sends_each_increment_to_its_owner_and
         assert {c: CampaignStats.from_wire(s) for c, s in held.items()} == {
             c: expected[c] for c in mine
         }
+
+
+async def test_a_shard_answers_http_reads_of_another_shards_campaign_with_421(
+    start: Start,
+) -> None:
+    running = await start(ActorConfig(sync_interval=3600, shard=Shard(0, 2)))
+    server = HttpServer(app(running.service, HttpConfig()), "127.0.0.1", 0)
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+            other = await http.get(f"/v1/campaigns/{OTHER}")
+            assert other.status_code == 421
+            assert other.json()["error"] == "wrong_shard"
+            assert "belongs to shard 1/2" in other.json()["message"]
+            assert (await http.get(f"/v1/campaigns/{MINE}")).status_code == 200
+    finally:
+        await server.close()
