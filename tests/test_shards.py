@@ -198,6 +198,15 @@ async def test_a_shard_refuses_a_campaign_it_does_not_own_and_changes_nothing(
     async with AsyncRoutingClient([f"unix://{running.unix}"]) as routing:
         with pytest.raises(WrongShard):
             await routing.stats(OTHER)
+        # a subscription goes to the owner's replica too
+        subscription = routing.subscribe(MINE)
+        await subscription.start()
+        routing.increment(MINE, 2, "share")
+        update = await subscription.get(timeout=10)
+        assert update is not None
+        assert update[0] == MINE
+        assert update[1]["action"] == {"register": 1, "share": 1}
+        await subscription.aclose()
 
 
 async def test_the_calculation_of_a_shard_covers_its_own_campaigns_only(

@@ -329,6 +329,11 @@ class _Routing(Generic[_C]):
             if group:
                 shard.put_many(group)
 
+    def subscribe(self, campaign_id: int) -> Any:
+        """Updates of ``campaign_id``, from its owner's replica in use now (the subscription of
+        the single client: it follows that client's reconnections, not a failover)."""
+        return self._owner(campaign_id).client.subscribe(campaign_id)
+
     def metric(self, campaign_id: int, **update: Any) -> None:
         """A custom metrics update, to its campaign's shard (routed, not journaled)."""
         self._owner(campaign_id).client.metric(campaign_id, **update)
