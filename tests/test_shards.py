@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -297,3 +298,29 @@ async def test_a_shard_answers_http_reads_of_another_shards_campaign_with_421(
             assert (await http.get(f"/v1/campaigns/{MINE}")).status_code == 200
     finally:
         await server.close()
+
+
+async def test_a_replica_that_refuses_connections_is_skipped_by_both_fronts(
+    start: Start, tmp_path: Path
+) -> None:
+    running = await start()
+    dead = f"unix://{tmp_path / 'nobody-listens.sock'}"
+    live = f"unix://{running.unix}"
+    async with AsyncRoutingClient([dead, live], connect_timeout=1) as routing:
+        routing.increment(7, 1, "register", "DE", True)
+        await routing.flush()  # failed over to the live one, the journal given to it
+        assert (await routing.stats(7))["supporters"] == 1
+        stats = routing.statistics()
+        assert (stats.failovers, stats.replicas, stats.unacked) == (1, [live], 0)
+
+    def blocking() -> tuple[int, Any]:
+        with RoutingClient([dead, live], connect_timeout=1) as routing:
+            supporters = routing.stats(7)["supporters"]
+            routing.decrement(7, 1, "register", "DE", True)
+            routing.flush()
+            return supporters, routing.statistics()
+
+    supporters, stats = await asyncio.to_thread(blocking)
+    assert supporters == 1
+    assert (stats.failovers, stats.replicas) == (1, [live])
+    assert (await running.service.stats(7))["supporters"] == 0
