@@ -293,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="on an empty embedded database, create the schema and N demo actions first",
     )
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="K/N",
+        help="serve shard K of N (0 <= K < N): only the campaigns that rendezvous hashing gives "
+        "to K; the others are refused with wrong_shard (docs/scale.md)",
+    )
     follow_commands.add_follow_options(p)
     follow_commands.add_slots_command(sub, _add_db_options)
 
@@ -427,6 +434,16 @@ def _positive_seconds(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError("must be a positive number of seconds")
     return value
+
+
+def _shard(text: str) -> Any:
+    from campaignstats.errors import UsageError
+    from campaignstats.shards import Shard
+
+    try:
+        return Shard.parse(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _non_negative_int(text: str) -> int:
@@ -658,9 +675,15 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         if embedded is not None:
             await _prepare_embedded(dsn, args.demo_if_empty)
+        shard = _shard_filter(args.shard)
         service = StatsService(
-            PostgresSource(dsn, statement_timeout=args.statement_timeout),
+            PostgresSource(
+                dsn,
+                statement_timeout=args.statement_timeout,
+                owns=None if shard is None else shard.owns,
+            ),
             ActorConfig(
+                shard=args.shard,
                 sync_interval=args.sync_interval,
                 snapshot_path=args.snapshot,
                 max_keys=args.max_keys,
@@ -698,6 +721,8 @@ async def serve(args: argparse.Namespace) -> int:
         )
         # the slot before the first calculation's snapshot (docs/follow.md, "Start-up")
         follower = await follow_commands.prepare_follower(args, dsn, embedded, server)
+        if follower is not None and shard is not None:
+            follower.owns = shard.owns  # a shard follows its own campaigns only
         http_server = None if args.no_http else _http_server(args, service, server)
         await service.start()
         await server.start()
@@ -710,6 +735,8 @@ async def serve(args: argparse.Namespace) -> int:
         if args.unix is not None:
             where.append(f"unix://{args.unix.resolve()}")
         print(f"campaignstats {__version__} listening on {', '.join(where)}", flush=True)
+        if args.shard is not None:
+            print(f"  shard:     {args.shard} (docs/scale.md)", flush=True)
         print(f"  query it:  campaignstats stats 1 --url {where[0]}", flush=True)
         if http_server is not None:
             base = f"http://{_url_host(http_server.config.host)}:{http_server.port}"
@@ -741,6 +768,12 @@ async def serve(args: argparse.Namespace) -> int:
     finally:
         if embedded is not None:
             embedded.close()
+
+
+def _shard_filter(shard: Any) -> Any:
+    from campaignstats.shards import ShardFilter
+
+    return None if shard is None else ShardFilter(shard)
 
 
 def _http_server(args: argparse.Namespace, service: Any, server: Any) -> Any:

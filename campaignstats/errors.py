@@ -86,6 +86,13 @@ class Overloaded(ProtocolError):
     code = "overloaded"
 
 
+class WrongShard(ProtocolError):
+    """A call about a campaign that this server (one shard of several) does not own; nothing
+    was changed. Ask its owner (``campaignstats.shards.shard_of``, docs/scale.md)."""
+
+    code = "wrong_shard"
+
+
 class InternalError(ProtocolError):
     """A bug or an unexpected failure on the server side."""
 

@@ -86,6 +86,12 @@ class ServerCounters(SessionCounters):
     closed_idle: int = 0
 
 
+def _hello_extra(service: StatsService) -> dict[str, Any] | None:
+    """A shard announces itself in the hello reply (docs/scale.md)."""
+    shard = service.config.shard
+    return None if shard is None else {"shard": shard.to_wire()}
+
+
 class Connection(asyncio.Protocol):
     """One client. Also a subscriber: the actor pushes ``pub`` updates through :meth:`push`."""
 
@@ -101,6 +107,7 @@ class Connection(asyncio.Protocol):
             max_output=config.max_output,
             unsent=self._unsent,
             counters=server.counters,
+            hello_extra=_hello_extra(server.service),
         )
         self.transport: asyncio.Transport | None = None
         self.peer = "?"

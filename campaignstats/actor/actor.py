@@ -55,6 +55,7 @@ from campaignstats.requests import (
     Top,
     Unsubscribe,
 )
+from campaignstats.shards import Shard, ShardFilter
 from campaignstats.webhooks import Outbox, WebhookConfig
 
 from .mailbox import Mailbox
@@ -94,6 +95,8 @@ class ActorConfig:
     goals_log: Path | None = None
     #: where milestone and quorum events are posted (docs/design.md, "Webhooks")
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
+    #: this server's part of the campaigns (``serve --shard K/N``, docs/scale.md); None: all
+    shard: Shard | None = None
     #: test-only: called with every message before it is handled; raising crashes the actor
     fault_hook: Callable[[Message], None] | None = None
 
@@ -182,6 +185,8 @@ class StatsActor:
             max_keys=config.max_keys, max_campaigns=config.max_campaigns
         )
         self.rejected = 0
+        #: refuses changes and calls of campaigns another shard owns (docs/scale.md)
+        self._shard = None if config.shard is None else ShardFilter(config.shard)
         # calculations
         self._generation = -1  # the generation this actor waits for
         self._calc_task: asyncio.Task[None] | None = None
@@ -363,7 +368,11 @@ class StatsActor:
     def _apply_metrics(self, tell: Tell) -> None:
         """Apply metrics updates; a refused one (a limit) or a refused name (a guard) is reported
         like a refused increment item. Committed before the next ``flush`` is answered."""
-        results = self.metrics.apply_many(tell.cast.items, tell.origin)
+        items = tell.cast.items
+        foreign = None
+        if self._shard is not None:  # another shard's campaigns: refused (docs/scale.md)
+            items, foreign = self._shard.split(items)
+        results = self.metrics.apply_many(items, tell.origin)
         rejected: list[tuple[int, str]] = []
         for i, result in enumerate(results):
             if result.error is not None:
@@ -371,6 +380,8 @@ class StatsActor:
             elif result.refused:
                 names = ", ".join(f"{n!r} ({why})" for n, why in sorted(result.refused.items()))
                 rejected.append((i, f"refused by a guard: {names}"))
+        if foreign is not None:
+            rejected = foreign.report(rejected)
         if tell.on_rejected is not None and (rejected or tell.report_empty):
             try:
                 tell.on_rejected(rejected)
@@ -390,15 +401,18 @@ class StatsActor:
         cast = tell.cast
         assert not isinstance(cast, MetricUpdates)
         items = cast.items
-        decrement = type(cast) is Decrements
-        rejected = self.state.apply_many(items, decrement=decrement)
-        if rejected:
-            self.rejected += len(rejected)
+        foreign = None
+        if self._shard is not None:  # items of other shards' campaigns: refused, not applied
+            items, foreign = self._shard.split(items)
+        rejected = self.state.apply_many(items, decrement=type(cast) is Decrements)
+        reported = rejected if foreign is None else foreign.report(rejected)
+        if reported:
+            self.rejected += len(reported)
         if self._next_goals_at is None and self.state.ranking.dirty:
             self._next_goals_at = time.monotonic() + GOALS_TICK
-        if tell.on_rejected is not None and (rejected or tell.report_empty):
+        if tell.on_rejected is not None and (reported or tell.report_empty):
             try:
-                tell.on_rejected(rejected)
+                tell.on_rejected(reported)
             except Exception:
                 log.exception("actor.on_rejected_failed")
         watchers = self.registry.watchers
@@ -434,6 +448,8 @@ class StatsActor:
         handler = self._requests.get(type(request))
         if handler is None:
             raise InternalError(f"unknown request {type(request).__name__}")
+        if self._shard is not None:
+            self._shard.check_request(request)  # WrongShard: another shard owns it
         return handler(request)
 
     @functools.cached_property
@@ -599,6 +615,8 @@ class StatsActor:
         """Runs in its own task: the actor keeps serving while Postgres works."""
         try:
             result = await self.source.calculate(scope)
+            if self._shard is not None:  # whatever the source covered: the shard's only
+                result = self._shard.restrict(result)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -774,6 +792,7 @@ class StatsActor:
                 **self.lifetime.goals.info(),
                 "webhooks": None if self.lifetime.outbox is None else self.lifetime.outbox.info(),
             },
+            "shard": None if self.config.shard is None else self.config.shard.to_wire(),
             "limits": {
                 "max_keys": self.config.max_keys,
                 "max_campaigns": self.config.max_campaigns,

@@ -16,6 +16,7 @@ from campaignstats.client._common import DEFAULT_PORT, ClientStatistics
 from campaignstats.client.aio import AsyncStatsClient, Subscription
 from campaignstats.client.blocking import StatsClient
 from campaignstats.client.blocking import Subscription as BlockingSubscription
+from campaignstats.client.routing import AsyncRoutingClient, RoutingClient
 from campaignstats.errors import CallTimeout, ClientClosed, ConnectTimeout, ServerUnavailable
 from campaignstats.model import Increment
 from campaignstats.sessions.client import CLIENT_NAME
@@ -23,6 +24,7 @@ from campaignstats.sessions.client import CLIENT_NAME
 __all__ = [
     "CLIENT_NAME",
     "DEFAULT_PORT",
+    "AsyncRoutingClient",
     "AsyncStatsClient",
     "BlockingSubscription",
     "CallTimeout",
@@ -30,6 +32,7 @@ __all__ = [
     "ClientStatistics",
     "ConnectTimeout",
     "Increment",
+    "RoutingClient",
     "ServerUnavailable",
     "StatsClient",
     "Subscription",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, cast
@@ -46,6 +46,7 @@ async def calculate(
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
     work_mem: str = "256MB",
     helper_conn: asyncpg.Connection | None = None,
+    owns: Callable[[int], bool] | None = None,
 ) -> CalculationResult:
     """Recompute the covered campaigns' counts; raises :class:`CalculationError` on any failure.
 
@@ -56,6 +57,9 @@ async def calculate(
     split by fingerprint range over both connections, which run at the same time in the same
     snapshot: ``conn`` exports it (``pg_export_snapshot()``) and the helper's transaction adopts it
     (``SET TRANSACTION SNAPSHOT``), both ``REPEATABLE READ READ ONLY``.
+
+    ``owns`` (a shard's, docs/scale.md) keeps the covered campaigns it owns: the rest of the
+    statements get them as their list of ids, whatever the scope.
     """
     import asyncpg
 
@@ -99,6 +103,9 @@ async def calculate(
             else:
                 ids = sorted(set(cast("Sequence[int]", scope)))
                 covered = [r[0] for r in await conn.fetch(queries.existing_campaigns, ids)]
+                ids = covered
+            if owns is not None:
+                covered = [cid for cid in covered if owns(cid)]
                 ids = covered
             max_action_id = await conn.fetchval(queries.max_action_id)
             low = max(0, max_action_id - ACTION_WINDOW)

@@ -7,6 +7,7 @@ with backoff, and never a stale pooled connection.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,8 @@ class PostgresSource:
     #: split the supporter counts over two connections sharing one snapshot (about 1.6x faster
     #: on 2 cores); costs a second connection during calculations only
     parallel: bool = True
+    #: a shard's ownership test (docs/scale.md): calculations cover its campaigns only
+    owns: Callable[[int], bool] | None = None
 
     async def calculate(self, scope: Scope) -> CalculationResult:
         import asyncpg
@@ -62,6 +65,7 @@ class PostgresSource:
                 queries=self.queries,
                 statement_timeout=self.statement_timeout,
                 helper_conn=conns[1] if len(conns) > 1 else None,
+                owns=self.owns,
             )
         finally:
             await _close_all(conns)

@@ -25,7 +25,7 @@ import contextlib
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -147,6 +147,8 @@ class Follower:
     #: past this much WAL retained by the slot, write a running-transactions record so that its
     #: restart point (where every peek starts decoding) catches up (docs/follow.md, "Cost")
     retain_bytes: int = 256 * 1024
+    #: a shard's ownership test (docs/scale.md): changes of other campaigns are dropped
+    owns: Callable[[int], bool] | None = None
     _restart_logged_at: float = 0.0
     _can_log_snapshot: bool = True
 
@@ -343,6 +345,10 @@ class Follower:
                 result = await self._plan(conn, visible, snapshot)
         t3 = time.perf_counter()
         incs, decs = (result.increments, result.decrements) if result else ([], [])
+        if self.owns is not None:
+            owns = self.owns
+            incs = [i for i in incs if owns(i.campaign_id)]
+            decs = [d for d in decs if owns(d.campaign_id)]
         if incs:
             await service.send(incs)
         if decs:
@@ -597,7 +603,8 @@ async def _check_server(conn: asyncpg.Connection, configure: bool) -> None:
     if absent:
         raise FollowError(f"tables missing: {', '.join(absent)} (campaignstats init-db)")
     full_tables = [*FULL_IDENTITY_TABLES, *(["messages"] if "messages" in found else [])]
-    not_full = [t for t in full_tables if found[t] != "f"]
+    # relreplident is a "char": asyncpg gives it as bytes (b"f"), never as "f"
+    not_full = [t for t in full_tables if found[t] not in (b"f", "f")]
     if not_full and configure:
         for t in not_full:
             await conn.execute(f"ALTER TABLE {t} REPLICA IDENTITY FULL")

@@ -42,6 +42,7 @@ from campaignstats.errors import (
     ProtocolError,
     StatsError,
     Unauthorized,
+    WrongShard,
 )
 from campaignstats.http.events import RETRY_MS, EventHub, Stream, encode_event, stats_body
 from campaignstats.http.ops import Metrics, is_ready
@@ -152,6 +153,8 @@ def _status_of(exc: StatsError) -> int:
         return 400
     if isinstance(exc, Overloaded | ActorStopped):
         return 503
+    if isinstance(exc, WrongShard):
+        return 421  # Misdirected Request: another shard owns it (docs/scale.md)
     return 500
 
 

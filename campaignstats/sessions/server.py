@@ -193,6 +193,7 @@ class ServerSession:
         unsent: Callable[[], int] = lambda: 0,
         counters: SessionCounters | None = None,
         server_name: str = SERVER_NAME,
+        hello_extra: dict[str, Any] | None = None,
     ) -> None:
         self.codec = ServerCodec(limits)
         self.limits = self.codec.limits
@@ -204,6 +205,8 @@ class ServerSession:
         self.unsent = unsent
         self.counters = counters or SessionCounters()
         self.server_name = server_name
+        #: more keys for the hello reply (a shard's ``"shard": [K, N]``, docs/scale.md)
+        self.hello_extra = hello_extra
         self.state = SessionState.GREETING if token is not None else SessionState.OPEN
         #: a fatal error was answered, or the connection is gone: no more input is read
         self.closing = False
@@ -315,6 +318,7 @@ class ServerSession:
                 "server": self.server_name,
                 "ops": self.codec.ops,
                 "limits": self.limits.to_wire(),
+                **(self.hello_extra or {}),
             },
         )
         events.append(Greeted(hello.client))
