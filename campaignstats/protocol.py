@@ -509,9 +509,9 @@ class ServerCodec:
                 while end < n and frames[end].startswith(prefixes):
                     end += 1
                 if end - i > 1:
-                    batch = self._singles(frames[i:end], prefixes is _DEC_PREFIXES)
-                    if batch is not None:
-                        messages.append(batch)
+                    run = self._singles(frames[i:end], prefixes is _DEC_PREFIXES)
+                    if run is not None:
+                        messages.append(run)
                         i = end
                         continue
             try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -77,6 +77,9 @@ class ActorConfig:
     backoff_initial: float = 1.0
     backoff_max: float = 30.0
     merge_slice: int = 2_000  # campaigns merged per step; the loop serves messages in between
+    #: increments of one batch applied per step; queries are served between steps (a batch's
+    #: own producer's queries still wait for all of it: docs/design.md, "Queries first")
+    apply_slice: int = 1_000
     #: the custom metrics: log, fsync policy, snapshots, archive, limits (docs/metrics.md)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: test-only: called with every message before it is handled; raising crashes the actor
@@ -91,6 +94,8 @@ class ActorConfig:
                 raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
         if self.merge_slice < 1:
             raise UsageError(f"merge_slice must be at least 1, not {self.merge_slice!r}")
+        if self.apply_slice < 1:
+            raise UsageError(f"apply_slice must be at least 1, not {self.apply_slice!r}")
         problem = self.metrics.check()
         if problem is not None:
             raise UsageError(problem)
@@ -120,6 +125,17 @@ class _Merge:
     t0: float
     drifts: list[CampaignDrift] = field(default_factory=list)
     longest_step: float = 0.0
+
+
+@dataclass(slots=True)
+class _Slicing:
+    """A batch of increments (or decrements) being applied a slice at a time."""
+
+    tell: Tell
+    items: Sequence[Any]
+    decrement: bool
+    done: int = 0  # items applied so far
+    rejected: list[tuple[int, str]] = field(default_factory=list)
 
 
 class StatsActor:
@@ -156,6 +172,7 @@ class StatsActor:
         self._calc_task: asyncio.Task[None] | None = None
         self._running: tuple[str, float] | None = None  # (kind, wall-clock start)
         self._merge: _Merge | None = None
+        self._slicing: _Slicing | None = None
         self._loaded = False  # a full calculation has succeeded since this actor started
         self._next_calc_at = 0.0  # monotonic; 0 = now
         self._failures_in_row = 0
@@ -182,6 +199,7 @@ class StatsActor:
             self.lifetime.metrics.check()  # kept across the restart, once checked
         self.metrics = self.lifetime.metrics
         self._next_metrics_tick = time.monotonic() + TICK
+        self.mailbox.end_partial()  # a predecessor may have crashed in the middle of a batch
         if self._inherited:
             log.info("actor.kept_counts", campaigns=len(self.state.campaigns))
         elif self.config.snapshot_path is not None:
@@ -206,7 +224,17 @@ class StatsActor:
         mailbox = self.mailbox
         get_nowait = mailbox.get_nowait
         handle = self._handle
+        get_read_nowait = mailbox.get_read_nowait
         while True:
+            if self._slicing is not None:
+                # A large batch: one slice, then the queries that came meanwhile (only those:
+                # the normal lane waits for the rest of the batch), then the event loop.
+                self._apply_slice()
+                if self._slicing is not None:
+                    while (msg := get_read_nowait()) is not None:
+                        handle(msg)
+                    await asyncio.sleep(0)
+                continue
             if self._merge is not None:
                 # Merge one slice, then serve what arrived meanwhile: no long stall, and the
                 # journal keeps the not-yet-merged campaigns exact.
@@ -217,6 +245,8 @@ class StatsActor:
                         break
                     if handle(msg):
                         return
+                    if self._slicing is not None:
+                        break  # a large batch began: its slices come first
                 self._check_timers(time.monotonic())
                 await asyncio.sleep(0)
                 continue
@@ -322,7 +352,40 @@ class StatsActor:
         cast = tell.cast
         assert not isinstance(cast, MetricUpdates)
         items = cast.items
-        rejected = self.state.apply_many(items, decrement=type(cast) is Decrements)
+        decrement = type(cast) is Decrements
+        if len(items) > self.config.apply_slice:
+            # Applied a slice at a time by the loop, queries served in between; the batch
+            # counts as taken (for its producer's queries) once its last slice is applied.
+            self._slicing = _Slicing(tell, items, decrement)
+            self.mailbox.begin_partial()
+            self._apply_slice()
+            return
+        self._applied(tell, self.state.apply_many(items, decrement=decrement))
+
+    def _apply_slice(self) -> None:
+        slicing = self._slicing
+        assert slicing is not None
+        self.current = slicing.tell  # for the crash report
+        start = slicing.done
+        end = start + self.config.apply_slice
+        part = slicing.items[start:end]
+        rejected = self.state.apply_many(part, decrement=slicing.decrement)
+        if rejected:
+            slicing.rejected.extend((start + i, reason) for i, reason in rejected)
+        slicing.done = start + len(part)
+        if slicing.done < len(slicing.items):
+            self.current = None
+            return
+        self._slicing = None
+        self.mailbox.end_partial()
+        self._applied(slicing.tell, slicing.rejected)
+        self.current = None
+
+    def _applied(self, tell: Tell, rejected: list[tuple[int, str]]) -> None:
+        """After a whole batch: count and report what was refused, mark watched campaigns."""
+        cast = tell.cast
+        assert not isinstance(cast, MetricUpdates)
+        items = cast.items
         if rejected:
             self.rejected += len(rejected)
         if tell.on_rejected is not None and (rejected or tell.report_empty):
@@ -386,10 +449,14 @@ class StatsActor:
     def _drain_and_stop(self) -> None:
         """Apply what is already in the mailbox, write the snapshot."""
         drained = 0
+        while self._slicing is not None:
+            self._apply_slice()
         while (msg := self.mailbox.get_nowait()) is not None:
             if type(msg) is Tell or type(msg) is Ask:
                 self._handle(msg)
                 drained += 1
+                while self._slicing is not None:
+                    self._apply_slice()
         self.abandon()
         if self._merge is not None:
             # A half-merged result is still exact per campaign; finish it before saving.

@@ -6,7 +6,9 @@ lane takes queries that only read (``stats``, ``stats_many``, ``info``) and is s
 that a query waits for at most the message the actor is busy with, not for thousands of queued
 increment batches. A producer keeps its reads after its own writes: every message of the normal
 lane gets a sequence number, and a producer uses the read lane only once the actor has taken the
-last message it put in the normal lane (:meth:`taken_up_to`).
+last message it put in the normal lane (:meth:`taken_up_to`). A message the actor handles in
+slices (a large batch of increments, queries served between its slices) counts as taken only
+once its last slice is applied (:meth:`begin_partial`, :meth:`end_partial`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Mailbox:
         self.closed = False
         self._submitted = 0  # sequence number of the last message put in the normal lane
         self._taken = 0  # sequence number of the last one taken out
+        self._partial = 0  # 1 while the last one taken out is still being handled in slices
 
     def close(self) -> None:
         """No more messages: every later put raises :class:`ActorStopped`."""
@@ -89,7 +92,22 @@ class Mailbox:
 
     def taken_up_to(self, sequence: int) -> bool:
         """True once the actor has taken (and so handled) the message numbered ``sequence``."""
-        return self._taken >= sequence
+        return self._taken - self._partial >= sequence
+
+    def begin_partial(self) -> None:
+        """The actor handles the message it last took in slices, serving the read lane between
+        them: until :meth:`end_partial`, it does not count as taken (its producer's queries
+        wait in the normal lane, behind the rest of it)."""
+        self._partial = 1
+
+    def end_partial(self) -> None:
+        """The message taken last is fully handled (also what a new actor says at its start)."""
+        self._partial = 0
+
+    @property
+    def partial(self) -> bool:
+        """A message is being handled in slices."""
+        return bool(self._partial)
 
     def put_read_nowait(self, message: Message) -> None:
         """A read-only query, served ahead of the normal lane. Raises Overloaded when full."""
@@ -114,6 +132,10 @@ class Mailbox:
             finally:
                 self._getter = None
         return message
+
+    def get_read_nowait(self) -> Message | None:
+        """The next query of the read lane, or None (what the actor serves between slices)."""
+        return self._reads.popleft() if self._reads else None
 
     def get_nowait(self) -> Message | None:
         if self._reads:

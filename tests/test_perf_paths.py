@@ -1,0 +1,243 @@
+"""The mechanisms of the socket path's second performance round (no timing: speed is bench/'s).
+
+- A large batch is applied in slices, queries served between them, and never a query before the
+  increments its own connection sent before it.
+- Single ``inc`` frames that arrive together are decoded together, with the same counts and the
+  same per-frame errors as one at a time, however the stream is cut into reads.
+
+No Postgres: the service runs on a source that finds an empty database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgpack
+import pytest
+
+from campaignstats.actor.actor import ActorConfig
+from campaignstats.model import CalculationResult, Increment, scope_name
+from campaignstats.protocol import Batch, ServerCodec
+from campaignstats.requests import Increments, Stats
+from campaignstats.server import ServerConfig, StatsServer
+from campaignstats.service import StatsService
+from campaignstats.sessions.server import CastReceived, ServerSession
+
+from .helpers import Raw, loaded, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class EmptySource:
+    async def calculate(self, scope: Any) -> CalculationResult:
+        return CalculationResult(scope_name(scope), {}, 0, started_at=time.time())
+
+
+async def started(**config: Any) -> StatsService:
+    service = StatsService(EmptySource(), ActorConfig(sync_interval=3600, **config))
+    await service.start()
+    await wait_for(lambda: loaded(service))
+    return service
+
+
+@contextlib.asynccontextmanager
+async def serving(**config: Any) -> AsyncIterator[StatsServer]:
+    service = await started(**config)
+    srv = StatsServer(service, ServerConfig(host="127.0.0.1", port=0))
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.close(5)
+        await service.stop(5)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[StatsServer]:
+    async with serving(apply_slice=50, max_campaigns=20) as srv:
+        yield srv
+
+
+def inc(cid: int, new: bool = True) -> list[Any]:
+    return ["inc", cid, 1, "register", "DE", new]
+
+
+# -- applying in slices ---------------------------------------------------------------------------
+
+
+async def test_a_batch_applied_in_slices_is_seen_whole_by_its_sender_and_in_part_by_others() -> (
+    None
+):
+    service = await started(apply_slice=10)
+    try:
+        writer, other = service.producer(), service.producer()
+        writer.cast(Increments(tuple(Increment(1, 1, "register", None, True) for _ in range(100))))
+        for _ in range(1_000):  # until the actor is between two slices of it
+            if service.mailbox.partial:
+                break
+            await asyncio.sleep(0)
+        assert service.mailbox.partial
+        own, theirs = writer.call(Stats(1)), other.call(Stats(1))
+        seen_by_other = (await theirs)["supporters"]
+        assert 0 < seen_by_other < 100  # served between two slices
+        assert (await own)["supporters"] == 100  # never before its own increments
+        assert not service.mailbox.partial
+        assert (await service.stats(1))["supporters"] == 100
+    finally:
+        await service.stop(5)
+
+
+async def test_a_connection_s_query_after_its_large_batch_always_sees_all_of_it(
+    server: StatsServer,
+) -> None:
+    assert server.port is not None
+    writer, reader = await Raw.tcp(server.port), await Raw.tcp(server.port)
+    mailbox = server.service.mailbox
+    seen: list[int] = []
+    stop = asyncio.Event()
+
+    async def watch() -> None:  # another connection, querying while the batches are applied
+        rid = 0
+        while not stop.is_set() and rid < 10_000:
+            rid += 1
+            reply = await reader.call("stats", rid, 7)
+            seen.append(reply[2]["action"].get("register", 0))
+
+    watcher = asyncio.create_task(watch())
+    try:
+        for round_ in range(1, 11):
+            batch = [[7, 1, "register", None, False, 1]] * 2_000  # 40 slices of 50
+            if round_ % 2:  # the batch and the query in one write: the query right behind it
+                await writer.send(["incs", batch], ["stats", round_, 7])
+            else:  # the query once the actor is in the middle of the batch
+                await writer.send(["incs", batch])
+                for _ in range(10_000):
+                    if mailbox.partial:
+                        break
+                    await asyncio.sleep(0)
+                await writer.send(["stats", round_, 7])
+            [reply] = await writer.recv()
+            assert reply[:2] == ["ok", round_]
+            assert reply[2]["action"] == {"register": 2_000 * round_}
+    finally:
+        stop.set()
+        await watcher
+        await writer.close()
+        await reader.close()
+    assert seen == sorted(seen)  # other connections see counts only grow
+    assert seen[-1] <= 20_000
+
+
+# -- single inc frames, one read ------------------------------------------------------------------
+
+
+GOOD_AND_BAD = [
+    inc(1),
+    inc(2, new=False),
+    ["inc", 0, 1, "register", "DE", True],  # campaign 0: invalid
+    inc(1),
+    ["inc", 3, 1, "register", "DE", "yes"],  # new_supporter not a bool
+    inc(3, new=False),
+    ["inc", 3, 1, "x" * 80, None, False],  # action type over 64 bytes
+    inc(2),
+    ["dec", 2, 1, "register", "DE", True],
+    ["dec", 1, 1, "register", "DE", True],
+    inc(4),
+]
+
+
+def session_outcome(cuts: list[bytes]) -> tuple[list[Any], list[Any]]:
+    """The items the actor would get (flattened, in order) and the replies, for the reads."""
+    session = ServerSession()
+    items: list[Any] = []
+    for data in cuts:
+        for event in session.receive_data(data):
+            if type(event) is CastReceived:
+                kind = type(event.cast).__name__
+                items.extend((kind, i.campaign_id, i.new_supporter) for i in event.cast.items)
+    replies = list(msgpack.Unpacker(io.BytesIO(session.data_to_send()), strict_map_key=False))
+    return items, replies
+
+
+def test_single_frames_give_the_same_items_and_errors_whole_one_by_one_and_cut_anywhere() -> None:
+    frames = [msgpack.packb(m) for m in GOOD_AND_BAD]
+    stream = b"".join(frames)
+    whole = session_outcome([stream])
+    assert whole == session_outcome(frames)  # one frame per read
+    for cut in range(1, len(stream)):  # every byte boundary
+        assert session_outcome([stream[:cut], stream[cut:]]) == whole, cut
+    assert session_outcome([stream[i : i + 1] for i in range(len(stream))]) == whole
+    items, replies = whole
+    assert [i[1] for i in items] == [1, 2, 1, 3, 2, 2, 1, 4]
+    # each bad frame is refused alone, with the error it gets on its own
+    assert [(r[0], r[2]) for r in replies] == [
+        ("err", "invalid"),
+        ("err", "bad_message"),
+        ("err", "invalid"),
+    ]
+
+
+def test_a_long_run_of_single_frames_in_one_read_is_one_batch_for_the_actor() -> None:
+    stream = b"".join(msgpack.packb(inc(1 + i % 7)) for i in range(3_000))
+    session = ServerSession()
+    events = session.receive_data(stream)
+    assert len(events) == 1
+    assert type(events[0]) is CastReceived
+    assert len(events[0].cast.items) == 3_000
+    codec = ServerCodec()
+    head = codec.receive_data(stream[:-5])  # the last frame incomplete
+    tail = codec.receive_data(stream[-5:])
+    assert [len(m.items) for m in head if type(m) is Batch] == [2_999]
+    assert [len(m.items) for m in tail if type(m) is Batch] == [1]
+
+
+def test_an_inc_frame_whose_strings_look_like_an_op_is_decoded_like_any_other() -> None:
+    # "inc" as an action type, and as an area: the guess of where frames start is wrong, and
+    # the decode that checks it says so; the frames then go one by one.
+    messages = [["inc", 1, 1, "inc", "inc", True], inc(2), ["inc", 3, 1, "inc", None, False]] * 40
+    stream = b"".join(msgpack.packb(m) for m in messages)
+    items, replies = session_outcome([stream])
+    assert replies == []
+    assert [i[1] for i in items] == [1, 2, 3] * 40
+
+
+async def test_many_single_frames_in_one_write_count_and_fail_as_one_at_a_time() -> None:
+    """Over a socket: the same stream in one write, then a frame per write (each applied before
+    the next is sent), gives the same counts and the same errors. The server takes 20
+    campaigns: the actor refuses the frames of the 21st and later, each answered on its own."""
+    messages = [*GOOD_AND_BAD, *(inc(100 + i) for i in range(20))]  # 4 campaigns, then 20
+
+    async def play(one_by_one: bool) -> tuple[list[Any], list[Any]]:
+        async with serving(max_campaigns=20) as srv:
+            assert srv.port is not None
+            conn = await Raw.tcp(srv.port)
+            if one_by_one:
+                for m in messages:
+                    await conn.send(m, ["flush", 0])
+            else:
+                await conn.send(*messages, ["flush", 0])
+            errors: list[Any] = []
+            flushes = len(messages) if one_by_one else 1
+            while flushes:
+                [reply] = await conn.recv()
+                if reply[0] == "ok":
+                    flushes -= 1
+                else:
+                    errors.append(reply)
+            ids = [1, 2, 3, 4, *range(100, 120)]
+            many = await conn.call("stats_many", 1, ids)
+            await conn.close()
+            return errors, many
+
+    together, apart = await play(False), await play(True)
+    assert together == apart
+    errors, many = together
+    assert [e[2] for e in errors] == ["invalid", "bad_message", "invalid"] + ["invalid"] * 4
+    assert all("over the limit of 20 campaigns" in e[3] for e in errors[3:])  # the actor's
+    assert many[2][1]["supporters"] == 1  # two incs, one dec
+    assert many[2][116]["supporters"] == 0  # refused
