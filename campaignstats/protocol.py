@@ -219,6 +219,11 @@ class _Decoder:
         self._fed = 0  # bytes fed to this unpacker
         self._start = 0  # offset where the value being read starts
 
+    @property
+    def idle(self) -> bool:
+        """At a message boundary with nothing held (and no error): the next bytes start a value."""
+        return self._start == self._fed and self.error is None
+
     def pending(self) -> bytes:
         """Frames mode: the bytes of the value not yet complete (b"" at a message boundary)."""
         return bytes(self._buf)
@@ -849,7 +854,17 @@ class ClientCodec:
         session reports it as a :class:`~campaignstats.errors.RemoteProtocolError`).
         """
         out: list[ServerMessage] = []
-        for value in self._decoder.feed(data):
+        decoder = self._decoder
+        if decoder.idle and len(data) <= decoder.max_message:
+            # The common read: one whole reply, and nothing pending before it. One C call, no
+            # framing; anything else (several values, a part of one, bad bytes) is framed below.
+            try:
+                values: list[Any] = [msgpack.unpackb(data, raw=False, strict_map_key=False)]
+            except (ValueError, TypeError, msgpack.UnpackException):  # ExtraData is a ValueError
+                values = decoder.feed(data)
+        else:
+            values = decoder.feed(data)
+        for value in values:
             op = value[0] if type(value) is list and value else None
             if op == "ok" and len(value) == 3:
                 out.append(Ok(value[1], value[2]))

@@ -419,8 +419,13 @@ class StatsActor:
             result = self._call(ask.request)
         except Exception as exc:  # the caller gets the error; the actor keeps running
             reply.set_exception(exc)
-            return
-        reply.set_result(result)
+        else:
+            reply.set_result(result)
+        if ask.then is not None:
+            try:
+                ask.then(reply)
+            except Exception:  # the caller's, not the actor's: logged, never a crash
+                log.exception("actor.reply_callback_failed")
 
     def _call(self, request: Request) -> Any:
         handler = self._requests.get(type(request))
