@@ -79,7 +79,7 @@ class ActorConfig:
     merge_slice: int = 2_000  # campaigns merged per step; the loop serves messages in between
     #: increments of one batch applied per step; queries are served between steps (a batch's
     #: own producer's queries still wait for all of it: docs/design.md, "Queries first")
-    apply_slice: int = 1_000
+    apply_slice: int = 250
     #: the custom metrics: log, fsync policy, snapshots, archive, limits (docs/metrics.md)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: test-only: called with every message before it is handled; raising crashes the actor
