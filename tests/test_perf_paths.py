@@ -13,6 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,6 +24,8 @@ import msgpack
 import pytest
 
 from campaignstats.actor.actor import ActorConfig
+from campaignstats.errors import UsageError
+from campaignstats.loops import runner
 from campaignstats.model import CalculationResult, Increment, scope_name
 from campaignstats.protocol import Batch, ServerCodec
 from campaignstats.requests import Increments, Stats
@@ -31,6 +36,8 @@ from campaignstats.sessions.server import CastReceived, ServerSession
 from .helpers import Raw, loaded, wait_for
 
 pytestmark = pytest.mark.timeout(60)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class EmptySource:
@@ -241,3 +248,43 @@ async def test_many_single_frames_in_one_write_count_and_fail_as_one_at_a_time()
     assert all("over the limit of 20 campaigns" in e[3] for e in errors[3:])  # the actor's
     assert many[2][1]["supporters"] == 1  # two incs, one dec
     assert many[2][116]["supporters"] == 0  # refused
+
+
+# -- the event loop -------------------------------------------------------------------------------
+
+
+def test_the_asyncio_loop_is_asyncio_s_own_and_auto_takes_uvloop_only_when_installed() -> None:
+    name, run = runner("asyncio")
+    assert (name, run) == ("asyncio", asyncio.run)
+
+    async def loop_class() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    name, run = runner("auto")
+    try:
+        import uvloop  # noqa: F401
+    except ModuleNotFoundError:
+        assert name == "asyncio"
+    else:
+        assert name == "uvloop"
+        assert run(loop_class()).startswith("uvloop")
+    with pytest.raises(UsageError):
+        runner("trio")
+
+
+def test_serve_with_loop_uvloop_and_no_uvloop_says_what_to_install() -> None:
+    probe = (
+        "import sys; sys.modules['uvloop'] = None\n"
+        "from campaignstats.cli import main\n"
+        "sys.exit(main(['serve', '--loop', 'uvloop', '--no-http', '--port', '0']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PYTHONPATH")}
+    env["PYTHONPATH"] = REPO
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, env=env
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-600:]
+    assert "uvloop is not installed" in output, output[-600:]
+    assert "pip install uvloop" in output
+    assert "Traceback" not in output
