@@ -14,8 +14,10 @@ import asyncio
 import contextlib
 import io
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,16 +26,21 @@ import msgpack
 import pytest
 
 from campaignstats.actor.actor import ActorConfig
-from campaignstats.errors import UsageError
+from campaignstats.client import StatsClient
+from campaignstats.client._common import Address
+from campaignstats.client.blocking import _Connection
+from campaignstats.errors import BadFrame, CallTimeout, Invalid, UsageError
 from campaignstats.loops import runner
 from campaignstats.model import CalculationResult, Increment, scope_name
-from campaignstats.protocol import Batch, ServerCodec
+from campaignstats.protocol import Batch, ClientCodec, ServerCodec
 from campaignstats.requests import Increments, Stats
 from campaignstats.server import ServerConfig, StatsServer
 from campaignstats.service import StatsService
+from campaignstats.sessions.client import ClientSession
 from campaignstats.sessions.server import CastReceived, ServerSession
 
 from .helpers import Raw, loaded, wait_for
+from .test_review_house import ThreadServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -288,3 +295,82 @@ def test_serve_with_loop_uvloop_and_no_uvloop_says_what_to_install() -> None:
     assert "uvloop is not installed" in output, output[-600:]
     assert "pip install uvloop" in output
     assert "Traceback" not in output
+
+
+# -- the clients ----------------------------------------------------------------------------------
+
+SERVER_MESSAGES = [
+    ["ok", 1, {"supporters": 3, "action": {"register": 3}, "area": {}, "org": {1: 3}}],
+    ["err", 2, "invalid", "campaign_id must be between 1 and 2**63-1"],
+    ["pub", 7, {"supporters": 1}],
+    ["ok", 3, "pong"],
+]
+
+
+def client_messages(reads: list[bytes]) -> list[Any]:
+    codec = ClientCodec()
+    out: list[Any] = []
+    for data in reads:
+        out.extend(codec.receive_data(data))
+    return out
+
+
+def test_the_client_codec_reads_the_same_replies_whole_split_or_several_in_one_read() -> None:
+    frames = [msgpack.packb(m) for m in SERVER_MESSAGES]
+    stream = b"".join(frames)
+    one_per_read = client_messages(frames)  # the fast path: one whole reply per read
+    assert [type(m).__name__ for m in one_per_read] == ["Ok", "Err", "Pub", "Ok"]
+    assert client_messages([stream]) == one_per_read
+    for cut in range(1, len(stream)):
+        assert client_messages([stream[:cut], stream[cut:]]) == one_per_read, cut
+    # bad bytes, alone or after a good reply, are refused however they come
+    bad = b"\xc1"  # never used in MessagePack
+    for reads in ([bad], [frames[0] + bad], [frames[0], bad]):
+        with pytest.raises(BadFrame):
+            client_messages([*reads, b""])  # the end of the stream raises what was found
+    with pytest.raises(BadFrame):  # a value that is not a server message
+        ClientCodec().receive_data(msgpack.packb(["nope", 1]))
+
+
+def test_a_blocking_write_to_a_server_that_stops_reading_times_out_at_its_deadline() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:  # answers the hello, then never reads again
+        conn, _ = listener.accept()
+        accepted.append(conn)
+        conn.recv(1 << 16)
+        conn.sendall(msgpack.packb(["ok", 1, {"protocol": 1, "server": "fake"}]))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        conn = _Connection.open(Address("tcp", "127.0.0.1", port), ClientSession(), 5)
+        thread.join(5)
+        start = time.monotonic()
+        with pytest.raises(CallTimeout):
+            conn.write(b"\x00" * (64 << 20), start + 0.5)  # far more than the kernel buffers
+        assert 0.4 < time.monotonic() - start < 3.0
+        assert conn.closed  # a stream cut mid-write is never used again
+    finally:
+        for sock in accepted:
+            sock.close()
+        listener.close()
+
+
+def test_the_blocking_client_answers_and_fails_as_before_over_a_real_server() -> None:
+    """Same answers and same errors through the pool's non-blocking connections."""
+    server = ThreadServer()
+    try:
+        with StatsClient(f"tcp://127.0.0.1:{server.port}", timeout=5) as client:
+            client.increment(5, 1, "register", "DE", True)
+            client.flush()
+            assert client.stats(5)["supporters"] == 1
+            assert client.stats_many([5, 6])[6]["supporters"] == 0
+            with pytest.raises(Invalid):
+                client.stats(0)
+            assert client.stats(5)["action"] == {"register": 1}  # the connection goes on
+            assert client.ping() > 0
+    finally:
+        server.stop()
