@@ -26,10 +26,12 @@ import msgpack
 import pytest
 
 from campaignstats.actor.actor import ActorConfig
+from campaignstats.actor.mailbox import Mailbox
+from campaignstats.actor.messages import Ask, Tell
 from campaignstats.client import StatsClient
 from campaignstats.client._common import Address
 from campaignstats.client.blocking import _Connection
-from campaignstats.errors import BadFrame, CallTimeout, Invalid, UsageError
+from campaignstats.errors import BadFrame, CallTimeout, Invalid, Overloaded, UsageError
 from campaignstats.loops import runner
 from campaignstats.model import CalculationResult, Increment, scope_name
 from campaignstats.protocol import Batch, ClientCodec, ServerCodec
@@ -374,3 +376,26 @@ def test_the_blocking_client_answers_and_fails_as_before_over_a_real_server() ->
             assert client.ping() > 0
     finally:
         server.stop()
+
+
+def test_the_mailbox_bounds_the_increments_it_holds_not_only_its_messages() -> None:
+    """A read of single frames is one message of thousands of items, and the actor takes large
+    ones a slice at a time while connections keep reading: without a bound on items, 10,000
+    such messages could wait in memory."""
+    mailbox = Mailbox(capacity=10, items=100)
+    batch = Tell(Increments(tuple(Increment(1, 1, "register") for _ in range(80))))
+    mailbox.put_nowait(batch)
+    mailbox.put_nowait(batch)  # 80 < 100 before it: one large message still gets in
+    assert mailbox.statistics().items == 160
+    with pytest.raises(Overloaded):
+        mailbox.put_nowait(batch)
+    loop = asyncio.new_event_loop()
+    try:
+        mailbox.put_read_nowait(Ask(Stats(1), loop.create_future()))  # queries are not held back
+    finally:
+        loop.close()
+    assert mailbox.get_nowait() is not batch  # the read lane first
+    assert mailbox.get_nowait() is batch
+    assert mailbox.statistics().items == 80
+    mailbox.put_nowait(batch)  # room again
+    assert mailbox.statistics().depth == 2

@@ -19,9 +19,13 @@ from dataclasses import dataclass
 
 from campaignstats.errors import ActorStopped, Overloaded
 
-from .messages import Message
+from .messages import Message, Tell
 
 DEFAULT_MAILBOX_SIZE = 10_000
+#: increments (and decrements) waiting in the normal lane, whatever the messages carrying them:
+#: a socket read of single ``inc`` frames is one message of up to several thousand items, and
+#: the actor applies large ones in slices while connections keep reading
+DEFAULT_MAILBOX_ITEMS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,19 +34,23 @@ class MailboxStatistics:
     capacity: int
     blocked_producers: int  # producers waiting for room: backpressure in action
     reads: int = 0  # queries waiting in the read lane
+    items: int = 0  # increments (and decrements) waiting in the normal lane
 
 
 class Mailbox:
-    """At most ``capacity`` messages in each lane.
+    """At most ``capacity`` messages in each lane, and about ``items`` increments in the normal
+    lane (a message is refused once they are reached, so one large message still gets in).
 
     :meth:`put` waits while the normal lane is full (the socket server then stops reading its
     sockets, so memory stays flat); :meth:`put_nowait` raises :class:`Overloaded` instead.
     """
 
-    def __init__(self, capacity: int = DEFAULT_MAILBOX_SIZE) -> None:
-        if capacity < 1:
+    def __init__(self, capacity: int = DEFAULT_MAILBOX_SIZE, items: int = DEFAULT_MAILBOX_ITEMS):
+        if capacity < 1 or items < 1:
             raise ValueError("the mailbox needs room for at least one message")
         self.capacity = capacity
+        self.item_capacity = items
+        self._items = 0  # increments in the normal lane's messages
         self._normal: deque[Message] = deque()
         self._reads: deque[Message] = deque()
         self._getter: asyncio.Future[None] | None = None
@@ -61,7 +69,7 @@ class Mailbox:
 
     async def put(self, message: Message) -> int:
         """Queue ``message``, waiting for room; returns its sequence number."""
-        while len(self._normal) >= self.capacity:
+        while self._full():
             if self.closed:
                 raise ActorStopped("the stats actor has stopped")
             putter = asyncio.get_running_loop().create_future()
@@ -83,9 +91,12 @@ class Mailbox:
         """Queue ``message`` or raise Overloaded; returns its sequence number."""
         if self.closed:
             raise ActorStopped("the stats actor has stopped")
-        if len(self._normal) >= self.capacity:
-            raise Overloaded(f"the stats mailbox is full ({self.capacity} messages)")
+        if self._full():
+            raise Overloaded(
+                f"the stats mailbox is full ({len(self._normal)} messages, {self._items} items)"
+            )
         self._normal.append(message)
+        self._items += _size(message)
         self._submitted += 1
         self._wake_getter()
         return self._submitted
@@ -143,6 +154,7 @@ class Mailbox:
         if not self._normal:
             return None
         message = self._normal.popleft()
+        self._items -= _size(message)
         self._taken += 1
         self._wake_putter()
         return message
@@ -155,9 +167,19 @@ class Mailbox:
                 putter.set_result(None)
                 break
 
+    def _full(self) -> bool:
+        return len(self._normal) >= self.capacity or self._items >= self.item_capacity
+
     def depth(self) -> int:
         return len(self._normal) + len(self._reads)
 
     def statistics(self) -> MailboxStatistics:
         waiting = sum(1 for p in self._putters if not p.done())
-        return MailboxStatistics(len(self._normal), self.capacity, waiting, len(self._reads))
+        return MailboxStatistics(
+            len(self._normal), self.capacity, waiting, len(self._reads), self._items
+        )
+
+
+def _size(message: Message) -> int:
+    """The increments a message carries (0 for anything but a batch)."""
+    return len(message.cast.items) if type(message) is Tell else 0
