@@ -22,7 +22,7 @@ import functools
 import reprlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, NamedTuple
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 import msgpack
 import msgspec
@@ -357,8 +357,9 @@ class _FastPath(NamedTuple):
     map_item: type[Any]
     #: a whole ``["inc", campaign_id, ...]`` message as one item (its op as a first field)
     single: msgspec.msgpack.Decoder[Any]
-    #: several such messages of one read, framed as one array: one decode for all of them
-    singles: msgspec.msgpack.Decoder[Any]
+    #: several ``inc`` (or ``dec``) messages of one read, framed as one array: one decode
+    inc_run: msgspec.msgpack.Decoder[Any]
+    dec_run: msgspec.msgpack.Decoder[Any]
 
 
 @functools.lru_cache(maxsize=8)  # one per set of limits, shared by every connection
@@ -411,15 +412,22 @@ def _batch_decoders(limits: Limits) -> _FastPath:
         forbid_unknown_fields=True,  # unknown keys are bad_message (docs/protocol.md)
         gc=False,
     )
-    single_item = msgspec.defstruct(
-        "IncMessage",
-        # NODEFAULT marks a required field, as in the struct it is copied from
-        [("op", str), *((f.name, f.type, f.default) for f in msgspec.structs.fields(array_item))],
-        array_like=True,
-        forbid_unknown_fields=True,
-        gc=False,
-        namespace={"txid": None, "at": None, "page": None, "messages": 0},
-    )
+
+    def message_of(op: Any) -> Any:
+        return msgspec.defstruct(
+            "IncMessage",
+            # NODEFAULT marks a required field, as in the struct it is copied from
+            [
+                ("op", op),
+                *((f.name, f.type, f.default) for f in msgspec.structs.fields(array_item)),
+            ],
+            array_like=True,
+            forbid_unknown_fields=True,
+            gc=False,
+            namespace={"txid": None, "at": None, "page": None, "messages": 0},
+        )
+
+    single_item = message_of(str)  # its op was checked by the caller, from the frame's head
     return _FastPath(
         msgspec.msgpack.Decoder(tuple[str, list[array_item]]),  # type: ignore[valid-type]
         msgspec.msgpack.Decoder(tuple[str, list[map_item]]),  # type: ignore[valid-type]
@@ -428,7 +436,9 @@ def _batch_decoders(limits: Limits) -> _FastPath:
         ),
         map_item,
         msgspec.msgpack.Decoder(single_item),
-        msgspec.msgpack.Decoder(list[single_item]),  # type: ignore[valid-type]
+        # runs of frames: every op checked, as a run may hold a frame of another op
+        msgspec.msgpack.Decoder(list[message_of(Literal["inc"])]),  # type: ignore[misc]
+        msgspec.msgpack.Decoder(list[message_of(Literal["dec"])]),  # type: ignore[misc]
     )
 
 
@@ -557,7 +567,8 @@ class ServerCodec:
             return None
         head = b"\xdd" + count.to_bytes(4, "big")  # an array 32 of the frames, as they are
         try:
-            items = self._fast.singles.decode(b"".join((head, memoryview(stream)[:last])))
+            run = self._fast.dec_run if decrement else self._fast.inc_run
+            items = run.decode(b"".join((head, memoryview(stream)[:last])))
         except (msgspec.DecodeError, ValueError):
             return None
         if not self._strings_fit(items):
@@ -571,7 +582,8 @@ class ServerCodec:
         then takes them one at a time, and each gets its own verdict)."""
         head = b"\xdd" + len(run).to_bytes(4, "big")  # an array 32 of the frames, as they are
         try:
-            items = self._fast.singles.decode(b"".join([head, *run]))
+            decoder = self._fast.dec_run if decrement else self._fast.inc_run
+            items = decoder.decode(b"".join([head, *run]))
         except (msgspec.DecodeError, ValueError):
             return None
         # A string is never longer in bytes than its frame: look closer only past the limit.

@@ -216,10 +216,20 @@ def test_an_inc_frame_whose_strings_look_like_an_op_is_decoded_like_any_other() 
     # "inc" as an action type, and as an area: the guess of where frames start is wrong, and
     # the decode that checks it says so; the frames then go one by one.
     messages = [["inc", 1, 1, "inc", "inc", True], inc(2), ["inc", 3, 1, "inc", None, False]] * 40
+    # ... and a dec among them, whose place an "inc" in a string makes up for in the count
+    messages[5:5] = [["dec", 2, 1, "register", "DE", True]]
     stream = b"".join(msgpack.packb(m) for m in messages)
     items, replies = session_outcome([stream])
     assert replies == []
-    assert [i[1] for i in items] == [1, 2, 3] * 40
+    assert items == session_outcome([msgpack.packb(m) for m in messages])[0]  # one per read
+    assert [i[0] for i in items].count("Decrements") == 1
+    assert [i[1] for i in items if i[0] == "Increments"] == [1, 2, 3] * 40
+    # a dec between two incs, and as many "inc" strings as it takes for the count to match
+    sneaky = [["inc", 1, 1, "inc", None, True], ["dec", 1, 1, "register", "DE", True]]
+    sneaky += [inc(2)] * 20 + [inc(3)]  # over 256 bytes: the read is guessed at
+    frames = [msgpack.packb(m) for m in sneaky]
+    assert session_outcome([b"".join(frames)]) == session_outcome(frames)
+    assert session_outcome([b"".join(frames)])[0][1] == ("Decrements", 1, True)
 
 
 async def test_many_single_frames_in_one_write_count_and_fail_as_one_at_a_time() -> None:
