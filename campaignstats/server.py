@@ -129,6 +129,12 @@ class Connection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         server = self.server
         server.counters.connections_total += 1
+        if server.closing:
+            # Accepted as the server closed: after its last look at the connections, so no one
+            # else would ever close this one.
+            self.closed = True
+            self.transport.abort()
+            return
         if len(server.connections) >= server.config.max_connections:
             server.counters.refused_connections += 1
             log.warning("connection.refused", peer=self.peer, reason="too many connections")
