@@ -1,6 +1,6 @@
 """The server process of ``python -m bench.run``: StatsService + StatsServer on 127.0.0.1.
 
-    python -m bench._server [--port 0] [--uvloop] [--source empty|unreachable]
+    python -m bench._server [--port 0] [--loop asyncio|uvloop|auto] [--source empty|unreachable]
 
 Prints ``PORT <n>`` on stdout once it listens, then serves until SIGTERM or SIGINT.
 
@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from campaignstats.actor.actor import ActorConfig
+from campaignstats.loops import LOOPS, runner
 from campaignstats.model import CalculationResult
 from campaignstats.server import ServerConfig, StatsServer
 from campaignstats.service import StatsService
@@ -61,19 +62,16 @@ async def serve(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--uvloop", action="store_true")
+    parser.add_argument("--loop", choices=LOOPS, default="asyncio", help="as serve --loop")
+    parser.add_argument("--uvloop", action="store_const", const="uvloop", dest="loop")
     parser.add_argument("--source", choices=("empty", "unreachable"), default="empty")
     args = parser.parse_args()
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )
-    if args.uvloop:
-        import uvloop
-
-        uvloop.run(serve(args))
-    else:
-        asyncio.run(serve(args))
+    _, run = runner(args.loop)
+    run(serve(args))
 
 
 if __name__ == "__main__":

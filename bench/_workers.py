@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import random
+import socket
 import threading
 import time
 from typing import Any
@@ -206,6 +207,39 @@ def raw_query_latency(port: int, n: int, seed: int, limit: float) -> dict[str, A
 
     result = time_each(stats, cids, limit)
     conn.close()
+    return result
+
+
+def socket_query_latency(
+    port: int, n: int, seed: int, limit: float, op: str = "stats"
+) -> dict[str, Any]:
+    """The floor under :func:`raw_query_latency`: a bare blocking socket (TCP_NODELAY, no
+    timeout), pre-encoded ``stats`` requests, the reply read and decoded with one unpackb. With
+    ``op="ping"`` the session answers in the server's read callback, without the actor: the
+    differences between the figures are the hops (the actor's; our client's session; the pool).
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=limit)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(None)
+    sock.sendall(msgpack.packb(["hello", 1, {"protocol": 1}]))
+    unpacker = msgpack.Unpacker(strict_map_key=False)
+    while True:  # the hello's reply
+        unpacker.feed(sock.recv(_RECV))
+        if any(True for _ in unpacker):
+            break
+    rng = random.Random(seed)
+    requests = {
+        cid: msgpack.packb([op, 7, cid] if op == "stats" else [op, 7]) for cid in range(1, 1001)
+    }
+    cids = [rng.randint(1, 1000) for _ in range(n)]
+    send, recv, unpackb = sock.sendall, sock.recv, msgpack.unpackb
+
+    def call(cid: int) -> None:
+        send(requests[cid])
+        unpackb(recv(_RECV), strict_map_key=False)  # a stats reply is one small read
+
+    result = time_each(call, cids, limit)
+    sock.close()
     return result
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime as dt
+import functools
 import importlib.util
 import os
 import shutil
@@ -289,6 +290,18 @@ class Bench:
             "lat.raw.idle",
             "query, one connection, no pool, idle",
             _workers.raw_query_latency,
+            None,
+        )
+        self._latency(
+            "lat.socket.idle",
+            "query, bare socket + unpackb, idle",
+            _workers.socket_query_latency,
+            None,
+        )
+        self._latency(
+            "lat.ping.idle",
+            "ping (no actor), bare socket, idle",
+            functools.partial(_workers.socket_query_latency, op="ping"),
             None,
         )
         best = max(_med(self.metrics.get("raw.b1000.c1")), _med(self.metrics.get("client.batches")))
@@ -630,6 +643,10 @@ ROWS: list[tuple[str, str | None]] = [
     ("lat.raw.idle.p99", "redis.lat.idle.p99"),
     ("lat.raw.load.p50", "redis.lat.load.p50"),
     ("lat.raw.load.p99", "redis.lat.load.p99"),
+    ("lat.socket.idle.p50", "redis.lat.idle.p50"),
+    ("lat.socket.idle.p99", "redis.lat.idle.p99"),
+    ("lat.ping.idle.p50", "redis.lat.idle.p50"),
+    ("lat.ping.idle.p99", "redis.lat.idle.p99"),
     ("mem.10000", "redis.mem.10000"),
     ("mem.100000", "redis.mem.100000"),
     ("redis.bench.c1", None),

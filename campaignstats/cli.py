@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7400, help="TCP port (default: %(default)s)")
     p.add_argument("--no-tcp", action="store_true", help="listen on the Unix socket only")
     p.add_argument("--unix", type=Path, metavar="PATH", help="also listen on this Unix socket")
+    p.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop: uvloop when it is installed (auto), or asyncio's own; logged at start "
+        "(default: %(default)s)",
+    )
     http = p.add_argument_group("HTTP (docs/http.md): JSON reads, event streams, widget, metrics")
     http.add_argument(
         "--http-port",
@@ -633,6 +640,15 @@ def print_table(campaigns: dict[int, Any], limit: int = 20) -> None:
         print(f"{cid:>9} {s.supporters:>11,} {s.extra_supporters:>7,} {actions:>9,}  {areas}")
 
 
+def _serve_on_loop(args: argparse.Namespace) -> int:
+    """``serve`` on the event loop ``--loop`` names (campaignstats/loops.py)."""
+    from campaignstats.loops import runner
+
+    name, run = runner(args.loop)
+    log.info("serve.loop", loop=name, asked=args.loop)
+    return int(run(serve(args)))
+
+
 async def serve(args: argparse.Namespace) -> int:
     import signal
 
@@ -1017,7 +1033,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             return run_client_command(args)
         if args.command == "serve":
-            return asyncio.run(serve(args))
+            return _serve_on_loop(args)
         return int(asyncio.run(_with_db(args)))
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.partition(".")[0] not in _SERVER_MODULES:

@@ -22,7 +22,7 @@ import functools
 import reprlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, NamedTuple
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 import msgpack
 import msgspec
@@ -144,7 +144,9 @@ class Batch(NamedTuple):
     # Increment, or the fast path's msgspec items (same fields); MetricUpdate for ``metric``
     items: Sequence[IncrementLike] | Sequence[MetricUpdate]
     rejected: list[tuple[int, str]]
-    single: bool  # an ``inc``/``dec`` (errors name no index) rather than ``incs``/``decs``
+    #: ``inc``/``dec`` messages (errors name no index) rather than ``incs``/``decs``; several
+    #: items when single messages in a row were decoded together: each item is one message
+    single: bool
     decrement: bool = False
     positions: list[int] | None = None
     metric: bool = False
@@ -228,6 +230,19 @@ class _Decoder:
         )
         self._fed = 0  # bytes fed to this unpacker
         self._start = 0  # offset where the value being read starts
+
+    @property
+    def idle(self) -> bool:
+        """At a message boundary with nothing held (and no error): the next bytes start a value."""
+        return self._start == self._fed and self.error is None
+
+    def pending(self) -> bytes:
+        """Frames mode: the bytes of the value not yet complete (b"" at a message boundary)."""
+        return bytes(self._buf)
+
+    def restart(self) -> None:
+        """Frames mode: forget the pending bytes (the caller has taken them, at a boundary)."""
+        self._reset()
 
     def feed(self, data: bytes) -> list[Any]:
         """Every value completed by ``data``.
@@ -341,6 +356,10 @@ _SINGLE_HEADS = {
     (0x97, b"\xa3dec"): True,
     (0x98, b"\xa3dec"): True,
 }
+#: the same heads as prefixes, for bytes.startswith (one C call per frame)
+_INC_PREFIXES = (b"\x96\xa3inc", b"\x97\xa3inc", b"\x98\xa3inc")
+_DEC_PREFIXES = (b"\x96\xa3dec", b"\x97\xa3dec", b"\x98\xa3dec")
+_LEADING_MIN = 256  # bytes of a read below which single frames are framed one by one
 
 
 class _FastPath(NamedTuple):
@@ -350,6 +369,9 @@ class _FastPath(NamedTuple):
     map_item: type[Any]
     #: a whole ``["inc", campaign_id, ...]`` message as one item (its op as a first field)
     single: msgspec.msgpack.Decoder[Any]
+    #: several ``inc`` (or ``dec``) messages of one read, framed as one array: one decode
+    inc_run: msgspec.msgpack.Decoder[Any]
+    dec_run: msgspec.msgpack.Decoder[Any]
 
 
 @functools.lru_cache(maxsize=8)  # one per set of limits, shared by every connection
@@ -402,15 +424,22 @@ def _batch_decoders(limits: Limits) -> _FastPath:
         forbid_unknown_fields=True,  # unknown keys are bad_message (docs/protocol.md)
         gc=False,
     )
-    single_item = msgspec.defstruct(
-        "IncMessage",
-        # NODEFAULT marks a required field, as in the struct it is copied from
-        [("op", str), *((f.name, f.type, f.default) for f in msgspec.structs.fields(array_item))],
-        array_like=True,
-        forbid_unknown_fields=True,
-        gc=False,
-        namespace={"txid": None, "at": None, "page": None, "messages": 0},
-    )
+
+    def message_of(op: Any) -> Any:
+        return msgspec.defstruct(
+            "IncMessage",
+            # NODEFAULT marks a required field, as in the struct it is copied from
+            [
+                ("op", op),
+                *((f.name, f.type, f.default) for f in msgspec.structs.fields(array_item)),
+            ],
+            array_like=True,
+            forbid_unknown_fields=True,
+            gc=False,
+            namespace={"txid": None, "at": None, "page": None, "messages": 0},
+        )
+
+    single_item = message_of(str)  # its op was checked by the caller, from the frame's head
     return _FastPath(
         msgspec.msgpack.Decoder(tuple[str, list[array_item]]),  # type: ignore[valid-type]
         msgspec.msgpack.Decoder(tuple[str, list[map_item]]),  # type: ignore[valid-type]
@@ -419,6 +448,9 @@ def _batch_decoders(limits: Limits) -> _FastPath:
         ),
         map_item,
         msgspec.msgpack.Decoder(single_item),
+        # runs of frames: every op checked, as a run may hold a frame of another op
+        msgspec.msgpack.Decoder(list[message_of(Literal["inc"])]),  # type: ignore[misc]
+        msgspec.msgpack.Decoder(list[message_of(Literal["dec"])]),  # type: ignore[misc]
     )
 
 
@@ -489,7 +521,29 @@ class ServerCodec:
         holds the BadFrame to answer once they are handled.
         """
         messages: list[ClientMessage] = []
-        for frame in self._decoder.feed(data):
+        if len(data) > _LEADING_MIN and self._decoder.error is None:
+            leading = self._leading_singles(data)
+            if leading is not None:
+                batch, data = leading
+                messages.append(batch)
+        frames = self._decoder.feed(data)
+        i, n = 0, len(frames)
+        while i < n:
+            frame = frames[i]
+            if n - i > 1 and frame.startswith(_INC_PREFIXES + _DEC_PREFIXES):
+                # Single inc (or dec) frames in a row, as a web backend's sender writes them:
+                # decoded and checked as one array, in one call (docs/design.md, "One read,
+                # one batch"). A run with an invalid frame falls back to one frame at a time.
+                prefixes = _INC_PREFIXES if frame[2] == 0x69 else _DEC_PREFIXES  # "i" or "d"
+                end = i + 1
+                while end < n and frames[end].startswith(prefixes):
+                    end += 1
+                if end - i > 1:
+                    run = self._singles(frames[i:end], prefixes is _DEC_PREFIXES)
+                    if run is not None:
+                        messages.append(run)
+                        i = end
+                        continue
             try:
                 messages.append(self._frame(frame))
             except BadFrame as exc:
@@ -498,7 +552,59 @@ class ServerCodec:
                     raise
                 self._decoder.error = exc
                 break
+            i += 1
         return messages
+
+    def _leading_singles(self, data: bytes) -> tuple[Batch, bytes] | None:
+        """The single ``inc`` (or ``dec``) frames that the stream (what the decoder holds,
+        then ``data``) starts with, decoded in one call without framing each one, and the bytes
+        after them; None when the stream does not start so, or a guess fails.
+
+        The guess: each such frame holds its op as the bytes ``a3 "inc"``, so the stream holds
+        at most as many frames as occurrences, and the last occurrence starts the last frame
+        (which may be incomplete). The bytes before it are decoded as an array of that many
+        frames less one. MessagePack values delimit themselves, so that decode succeeds only if
+        the guess is right: an occurrence inside a string, a frame of another op or an invalid
+        frame make it fail, and the stream then goes the frame-by-frame way, unchanged.
+        """
+        decoder = self._decoder
+        pending = decoder.pending()
+        stream = pending + data if pending else data
+        if not stream.startswith(_INC_PREFIXES + _DEC_PREFIXES):
+            return None
+        decrement = stream[2] == 0x64  # "d"
+        mark = b"\xa3dec" if decrement else b"\xa3inc"
+        last = stream.rfind(mark) - 1
+        if last <= 0 or not 0x96 <= stream[last] <= 0x98:
+            return None
+        count = stream.count(mark, 0, last)
+        if count < 2:
+            return None
+        head = b"\xdd" + count.to_bytes(4, "big")  # an array 32 of the frames, as they are
+        try:
+            run = self._fast.dec_run if decrement else self._fast.inc_run
+            items = run.decode(b"".join((head, memoryview(stream)[:last])))
+        except (msgspec.DecodeError, ValueError):
+            return None
+        if not self._strings_fit(items):
+            return None
+        decoder.restart()  # what it held is in the batch
+        return Batch(items, [], True, decrement), stream[last:]
+
+    def _singles(self, run: list[bytes], decrement: bool) -> Batch | None:
+        """Single ``inc`` (or ``dec``) frames of one op as one :class:`Batch` marked ``single``
+        (each item answers for its own frame); None when one of them is not valid (the caller
+        then takes them one at a time, and each gets its own verdict)."""
+        head = b"\xdd" + len(run).to_bytes(4, "big")  # an array 32 of the frames, as they are
+        try:
+            decoder = self._fast.dec_run if decrement else self._fast.inc_run
+            items = decoder.decode(b"".join([head, *run]))
+        except (msgspec.DecodeError, ValueError):
+            return None
+        # A string is never longer in bytes than its frame: look closer only past the limit.
+        if max(map(len, run)) > self.limits.max_string and not self._strings_fit(items):
+            return None
+        return Batch(items, [], True, decrement)
 
     def _frame(self, frame: bytes) -> ClientMessage:
         single = _SINGLE_HEADS.get((frame[0], frame[1:5]))
@@ -793,7 +899,17 @@ class ClientCodec:
         session reports it as a :class:`~campaignstats.errors.RemoteProtocolError`).
         """
         out: list[ServerMessage] = []
-        for value in self._decoder.feed(data):
+        decoder = self._decoder
+        if decoder.idle and len(data) <= decoder.max_message:
+            # The common read: one whole reply, and nothing pending before it. One C call, no
+            # framing; anything else (several values, a part of one, bad bytes) is framed below.
+            try:
+                values: list[Any] = [msgpack.unpackb(data, raw=False, strict_map_key=False)]
+            except (ValueError, TypeError, msgpack.UnpackException):  # ExtraData is a ValueError
+                values = decoder.feed(data)
+        else:
+            values = decoder.feed(data)
+        for value in values:
             op = value[0] if type(value) is list and value else None
             if op == "ok" and len(value) == 3:
                 out.append(Ok(value[1], value[2]))

@@ -136,6 +136,12 @@ class Connection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         server = self.server
         server.counters.connections_total += 1
+        if server.closing:
+            # Accepted as the server closed: after its last look at the connections, so no one
+            # else would ever close this one.
+            self.closed = True
+            self.transport.abort()
+            return
         if len(server.connections) >= server.config.max_connections:
             server.counters.refused_connections += 1
             log.warning("connection.refused", peer=self.peer, reason="too many connections")
@@ -206,20 +212,24 @@ class Connection(asyncio.Protocol):
         if not self.service.running:
             self.session.fail(slot, InternalError("the stats actor is not running"))
             return
+        transform = self.server.add_info if type(request) is Info else None
+        answered = functools.partial(self._answered, slot, transform)
         try:
-            reply = self.producer.call(request)
+            # The actor calls ``answered`` as it answers (the reply goes out in its turn of the
+            # loop); the done callback covers the answers that do not come from it (a crash, a
+            # stop, a cancellation), and does nothing for a slot already answered.
+            reply = self.producer.call(request, answered)
         except StatsError as exc:
             self.session.fail(slot, InternalError(str(exc)))
             return
-        transform = self.server.add_info if type(request) is Info else None
         self._calls.add(reply)
-        reply.add_done_callback(functools.partial(self._answered, slot, transform))
+        reply.add_done_callback(answered)
 
     def _answered(
         self, slot: Slot, transform: Callable[[Any], Any] | None, reply: asyncio.Future[Any]
     ) -> None:
         self._calls.discard(reply)
-        if self.closed:
+        if self.closed or slot.data is not None:  # gone, or answered already
             return
         session = self.session
         if reply.cancelled():

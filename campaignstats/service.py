@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import itertools
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -209,11 +209,14 @@ class Producer:
         except Overloaded:
             self._backlog.append(message)
 
-    def call(self, request: Request) -> asyncio.Future[Any]:
+    def call(
+        self, request: Request, then: Callable[[asyncio.Future[Any]], None] | None = None
+    ) -> asyncio.Future[Any]:
         """Queue a call; its answer (or error) goes to the returned future. Cancel the future
-        to give up: the actor then skips the request. Raises only ActorStopped."""
+        to give up: the actor then skips the request. Raises only ActorStopped. ``then`` is
+        called by the actor with the future as soon as it has answered (see :class:`Ask`)."""
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        ask = Ask(request, reply, self.origin)
+        ask = Ask(request, reply, self.origin, then)
         if not self.read_lane(ask):
             self._submit(ask)
         return reply

@@ -324,3 +324,42 @@ async def test_a_replica_that_refuses_connections_is_skipped_by_both_fronts(
     assert supporters == 1
     assert (stats.failovers, stats.replicas) == (1, [live])
     assert (await running.service.stats(777))["supporters"] == 0
+
+
+async def test_a_batch_applied_in_slices_refuses_the_other_shards_items_by_their_index(
+    start: Start,
+) -> None:
+    """A batch longer than ``apply_slice`` is applied a slice at a time: the other shard's items
+    are still refused by their index in the batch as sent, and the rest all count."""
+    running = await start(ActorConfig(sync_interval=3600, shard=Shard(0, 2), apply_slice=7))
+    owners = [cid for cid in range(1, 200)]
+    mine = [cid for cid in owners if shard_of(cid, 2) == 0][:20]
+    other = [cid for cid in owners if shard_of(cid, 2) == 1][:20]
+    items: list[list[Any]] = []
+    expected_refused: list[int] = []
+    for i in range(60):
+        if i % 3 == 2:
+            expected_refused.append(i)
+            items.append([other[i % len(other)], 1, "register", None, True])
+        else:
+            items.append([mine[i % len(mine)], 1, "register", None, True])
+    raw = await Raw.unix(running.unix)
+    try:
+        before = 0  # what the calculation loaded from the suite's database
+        for cid in mine:
+            before += (await raw.call("stats", 3, cid))[2]["supporters"]
+        await raw.send(["incs", items])
+        [err] = await raw.recv()
+        assert err[:3] == ["err", None, "invalid"]
+        for i in expected_refused:
+            assert f"[{i}] campaign" in err[3]
+        assert (await raw.call("flush", 1))[0] == "ok"
+        counted = 0
+        for cid in mine:
+            reply = await raw.call("stats", 2, cid)
+            counted += reply[2]["supporters"]
+        assert counted - before == 60 - len(expected_refused)
+    finally:
+        await raw.close()
+    info = await running.service.info()
+    assert info["rejected"] == len(expected_refused)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,7 +55,7 @@ from campaignstats.requests import (
     Top,
     Unsubscribe,
 )
-from campaignstats.shards import Shard, ShardFilter
+from campaignstats.shards import Refused, Shard, ShardFilter
 from campaignstats.webhooks import Outbox, WebhookConfig
 
 from .mailbox import Mailbox
@@ -88,6 +88,9 @@ class ActorConfig:
     backoff_initial: float = 1.0
     backoff_max: float = 30.0
     merge_slice: int = 2_000  # campaigns merged per step; the loop serves messages in between
+    #: increments of one batch applied per step; queries are served between steps (a batch's
+    #: own producer's queries still wait for all of it: docs/design.md, "Queries first")
+    apply_slice: int = 250
     #: the custom metrics: log, fsync policy, snapshots, archive, limits (docs/metrics.md)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: the goals' durable log (events fired, goals set, deliveries; campaignstats.webhooks);
@@ -109,6 +112,8 @@ class ActorConfig:
                 raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
         if self.merge_slice < 1:
             raise UsageError(f"merge_slice must be at least 1, not {self.merge_slice!r}")
+        if self.apply_slice < 1:
+            raise UsageError(f"apply_slice must be at least 1, not {self.apply_slice!r}")
         problem = self.metrics.check() or self.webhooks.check()
         if problem is not None:
             raise UsageError(problem)
@@ -156,6 +161,18 @@ def open_outbox(config: ActorConfig, lifetime: Lifetime) -> None:
         lifetime.outbox = Outbox(config.goals_log, config.webhooks.urls)
 
 
+@dataclass(slots=True)
+class _Slicing:
+    """A batch of increments (or decrements) being applied a slice at a time."""
+
+    tell: Tell
+    items: Sequence[Any]  # this shard's items of the batch
+    decrement: bool
+    foreign: Refused | None  # the items of other shards' campaigns, refused
+    done: int = 0  # items applied so far
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+
+
 class StatsActor:
     def __init__(
         self,
@@ -192,6 +209,7 @@ class StatsActor:
         self._calc_task: asyncio.Task[None] | None = None
         self._running: tuple[str, float] | None = None  # (kind, wall-clock start)
         self._merge: _Merge | None = None
+        self._slicing: _Slicing | None = None
         self._loaded = False  # a full calculation has succeeded since this actor started
         self._next_calc_at = 0.0  # monotonic; 0 = now
         self._failures_in_row = 0
@@ -221,6 +239,7 @@ class StatsActor:
         self.metrics = self.lifetime.metrics
         open_outbox(self.config, self.lifetime)
         self._next_metrics_tick = time.monotonic() + TICK
+        self.mailbox.end_partial()  # a predecessor may have crashed in the middle of a batch
         if self._inherited:
             log.info("actor.kept_counts", campaigns=len(self.state.campaigns))
         elif self.config.snapshot_path is not None:
@@ -267,7 +286,17 @@ class StatsActor:
         mailbox = self.mailbox
         get_nowait = mailbox.get_nowait
         handle = self._handle
+        get_read_nowait = mailbox.get_read_nowait
         while True:
+            if self._slicing is not None:
+                # A large batch: one slice, then the queries that came meanwhile (only those:
+                # the normal lane waits for the rest of the batch), then the event loop.
+                self._apply_slice()
+                if self._slicing is not None:
+                    while (msg := get_read_nowait()) is not None:
+                        handle(msg)
+                    await asyncio.sleep(0)
+                continue
             if self._merge is not None:
                 # Merge one slice, then serve what arrived meanwhile: no long stall, and the
                 # journal keeps the not-yet-merged campaigns exact.
@@ -278,6 +307,8 @@ class StatsActor:
                         break
                     if handle(msg):
                         return
+                    if self._slicing is not None:
+                        break  # a large batch began: its slices come first
                 self._check_timers(time.monotonic())
                 await asyncio.sleep(0)
                 continue
@@ -401,10 +432,47 @@ class StatsActor:
         cast = tell.cast
         assert not isinstance(cast, MetricUpdates)
         items = cast.items
+        decrement = type(cast) is Decrements
         foreign = None
         if self._shard is not None:  # items of other shards' campaigns: refused, not applied
             items, foreign = self._shard.split(items)
-        rejected = self.state.apply_many(items, decrement=type(cast) is Decrements)
+        if len(items) > self.config.apply_slice:
+            # Applied a slice at a time by the loop, queries served in between; the batch
+            # counts as taken (for its producer's queries) once its last slice is applied.
+            self._slicing = _Slicing(tell, items, decrement, foreign)
+            self.mailbox.begin_partial()
+            self._apply_slice()
+            return
+        self._applied(tell, items, foreign, self.state.apply_many(items, decrement=decrement))
+
+    def _apply_slice(self) -> None:
+        slicing = self._slicing
+        assert slicing is not None
+        self.current = slicing.tell  # for the crash report
+        start = slicing.done
+        end = start + self.config.apply_slice
+        part = slicing.items[start:end]
+        rejected = self.state.apply_many(part, decrement=slicing.decrement)
+        if rejected:
+            slicing.rejected.extend((start + i, reason) for i, reason in rejected)
+        slicing.done = start + len(part)
+        if slicing.done < len(slicing.items):
+            self.current = None
+            return
+        self._slicing = None
+        self.mailbox.end_partial()
+        self._applied(slicing.tell, slicing.items, slicing.foreign, slicing.rejected)
+        self.current = None
+
+    def _applied(
+        self,
+        tell: Tell,
+        items: Sequence[Any],
+        foreign: Refused | None,
+        rejected: list[tuple[int, str]],
+    ) -> None:
+        """After a whole batch: count and report what was refused (``rejected`` numbered among
+        ``items``, this shard's), mark watched campaigns, wake the goals."""
         reported = rejected if foreign is None else foreign.report(rejected)
         if reported:
             self.rejected += len(reported)
@@ -441,8 +509,13 @@ class StatsActor:
             result = self._call(ask.request)
         except Exception as exc:  # the caller gets the error; the actor keeps running
             reply.set_exception(exc)
-            return
-        reply.set_result(result)
+        else:
+            reply.set_result(result)
+        if ask.then is not None:
+            try:
+                ask.then(reply)
+            except Exception:  # the caller's, not the actor's: logged, never a crash
+                log.exception("actor.reply_callback_failed")
 
     def _call(self, request: Request) -> Any:
         handler = self._requests.get(type(request))
@@ -549,10 +622,14 @@ class StatsActor:
     def _drain_and_stop(self) -> None:
         """Apply what is already in the mailbox, write the snapshot."""
         drained = 0
+        while self._slicing is not None:
+            self._apply_slice()
         while (msg := self.mailbox.get_nowait()) is not None:
             if type(msg) is Tell or type(msg) is Ask:
                 self._handle(msg)
                 drained += 1
+                while self._slicing is not None:
+                    self._apply_slice()
         self.abandon()
         if self._merge is not None:
             # A half-merged result is still exact per campaign; finish it before saving.

@@ -48,6 +48,10 @@ class Ask:
     reply: asyncio.Future[Any]
     #: the producer that sent it (a socket connection's number), or None
     origin: int | None = None
+    #: called by the actor with ``reply`` as soon as it has set it, in its own turn of the event
+    #: loop (the socket server writes the answer then: one turn sooner than a done callback,
+    #: which it keeps for the answers that do not come from the actor)
+    then: Callable[[asyncio.Future[Any]], None] | None = None
 
 
 # -- internal -------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import os
 import select
 import socket
@@ -113,6 +114,11 @@ class _Connection:
 
     Any failure on the socket (an error, a timeout mid-write or mid-read) leaves the stream in
     an unknown state, so the connection is closed and never used again.
+
+    The socket is non-blocking once connected, and waits are ``poll()`` calls with the time left
+    to the deadline: a call is one poll to see that the idle connection is still there, one send,
+    one poll for the reply and one recv. (A socket with a timeout costs a poll before every send
+    and recv, and changing the timeout costs a system call of its own.)
     """
 
     def __init__(self, sock: socket.socket, session: ClientSession, address: Address) -> None:
@@ -120,6 +126,10 @@ class _Connection:
         self.session = session
         self.address = address
         self.closed = False
+        sock.setblocking(False)
+        self._readable = select.poll()
+        self._readable.register(sock, select.POLLIN)
+        self._writable: select.poll | None = None  # made when a send first has to wait
 
     @classmethod
     def open(cls, address: Address, session: ClientSession, timeout: float) -> _Connection:
@@ -157,9 +167,18 @@ class _Connection:
             raise
 
     def _write(self, data: bytes, deadline: float) -> None:
+        sock = self.sock
         try:
-            self.sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-            self.sock.sendall(data)
+            sent = _send(sock, data)
+            if sent < len(data):  # the kernel's buffer is full: wait for room, until the deadline
+                view = memoryview(data)[sent:]
+                if self._writable is None:
+                    self._writable = select.poll()
+                    self._writable.register(sock, select.POLLOUT)
+                while view:
+                    if not self._writable.poll(_poll_ms(deadline)):
+                        raise TimeoutError
+                    view = view[_send(sock, view) :]
         except TimeoutError:
             self.close()
             raise CallTimeout(f"{self.address} did not take our bytes in time") from None
@@ -184,12 +203,12 @@ class _Connection:
                 return event
             if self.closed:
                 raise ServerUnavailable(f"connection to {self.address} closed")
-            timeout = None if deadline is None else deadline - time.monotonic()
             try:
-                if timeout is not None and timeout <= 0:
+                if not self._readable.poll(None if deadline is None else _poll_ms(deadline)):
                     raise TimeoutError
-                self.sock.settimeout(timeout)
                 data = self.sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                continue  # woken for nothing: wait again
             except TimeoutError:
                 if not keep:
                     self.close()
@@ -242,7 +261,7 @@ class _Connection:
         if self.closed:
             return False
         try:
-            return bool(select.select([self.sock], [], [], 0)[0])
+            return bool(self._readable.poll(0))
         except (OSError, ValueError):
             self.close()
             return False
@@ -275,6 +294,19 @@ class _Connection:
             self.closed = True
             with contextlib.suppress(OSError):
                 self.sock.close()
+
+
+def _send(sock: socket.socket, data: bytes | memoryview) -> int:
+    """Bytes taken by a non-blocking send (0 when the kernel's buffer is full)."""
+    try:
+        return sock.send(data)
+    except BlockingIOError:
+        return 0
+
+
+def _poll_ms(deadline: float) -> int:
+    """What is left until ``deadline``, in whole milliseconds for poll() (0: do not wait)."""
+    return max(math.ceil((deadline - time.monotonic()) * 1000), 0)
 
 
 class _Pool:

@@ -272,6 +272,10 @@ def _check_limits(value: Any) -> Limits:
 def _result(request: CallRequest, result: Any) -> Any:
     """A call's result in its Python shape; raises RemoteProtocolError on a shape no server
     sends."""
+    if type(request) is Stats:  # the commonest call first
+        if type(result) is not dict:
+            raise RemoteProtocolError(f"stats answered a {type(result).__name__}")
+        return result
     if isinstance(request, Resync):
         if type(result) is not dict or type(result.get("started")) is not bool:
             raise RemoteProtocolError(f"resync answered {result!r:.80}")

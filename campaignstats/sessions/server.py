@@ -425,7 +425,11 @@ class ServerSession:
                 mine = refused[k] = []
             mine.append((position, reason))
         for message, items in zip(messages, refused, strict=True):
-            if items:
+            if items and message.single and len(message.items) > 1:
+                # single messages decoded together: each refused item is a message of its own
+                for _, reason in sorted(items):
+                    self._best_effort(self.codec.err(None, Invalid(reason)), errors=True)
+            elif items:
                 items.sort()
                 error = _items_error(items, single=message.single, op=_op(message))
                 self._best_effort(self.codec.err(None, error), errors=True)
