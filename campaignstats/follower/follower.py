@@ -597,7 +597,8 @@ async def _check_server(conn: asyncpg.Connection, configure: bool) -> None:
     if absent:
         raise FollowError(f"tables missing: {', '.join(absent)} (campaignstats init-db)")
     full_tables = [*FULL_IDENTITY_TABLES, *(["messages"] if "messages" in found else [])]
-    not_full = [t for t in full_tables if found[t] != "f"]
+    # relreplident is a "char": asyncpg gives it as bytes (b"f"), never as "f"
+    not_full = [t for t in full_tables if found[t] not in (b"f", "f")]
     if not_full and configure:
         for t in not_full:
             await conn.execute(f"ALTER TABLE {t} REPLICA IDENTITY FULL")
