@@ -41,12 +41,14 @@ from .changes import (
     IdentityError,
     MessageRow,
     PageRow,
+    Plan,
     RowChange,
     SupporterRow,
     Transaction,
     full_xid,
     plan,
 )
+from .lock import holder, try_lock, unlock
 from .pgoutput import Decoder
 from .sql import FOLLOWER_QUERIES, FollowerQueries
 
@@ -64,6 +66,10 @@ _MAX_PAGES_CACHED = 1_000_000
 
 class FollowError(RuntimeError):
     """The database cannot be followed as it is; the message says which command fixes it."""
+
+
+class SlotBusy(FollowError):
+    """Another server follows this slot (it holds the slot's advisory lock, lock.py)."""
 
 
 class Service(Protocol):
@@ -149,6 +155,13 @@ class Follower:
     retain_bytes: int = 256 * 1024
     _restart_logged_at: float = 0.0
     _can_log_snapshot: bool = True
+    #: the connection that holds the slot's advisory lock while :meth:`run` runs (lock.py)
+    _lock: asyncpg.Connection | None = None
+    #: when the last round succeeded (epoch seconds): the lag grows from it while rounds fail
+    _last_ok: float = 0.0
+    _failing: bool = False
+    #: campaigns a page change moved supporters in or out of: calculated again (docs/follow.md)
+    _resync: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         check_name(self.slot, "slot")
@@ -164,6 +177,7 @@ class Follower:
 
         conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
         try:
+            await self._check_lock(conn)
             await _check_server(conn, self.configure)
             await self._ensure_publication(conn)
             self._with_messages = bool(
@@ -192,6 +206,56 @@ class Follower:
             publication=self.publication,
             confirmed_lsn=self.stats.confirmed_lsn,
         )
+
+    async def _check_lock(self, conn: asyncpg.Connection) -> None:
+        """Refuse a slot that another server follows (lock.py); the lock is held by :meth:`run`."""
+        if self._lock is not None and not self._lock.is_closed():
+            return  # ours
+        if not await try_lock(conn, self.slot):
+            raise SlotBusy(
+                f"slot {self.slot} is followed by another server ({await holder(conn, self.slot)}"
+                "): give this server its own --slot (docs/follow.md, 'One server per slot')"
+            )
+        await unlock(conn, self.slot)
+
+    async def _take_lock(self) -> None:
+        """Hold the slot's advisory lock on a connection of its own, or raise :class:`SlotBusy`."""
+        import asyncpg
+
+        if self._lock is not None and not self._lock.is_closed():
+            return
+        self._release_lock()
+        conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
+        try:
+            await self._check_lock(conn)
+            if not await try_lock(conn, self.slot):
+                raise SlotBusy(f"slot {self.slot} was taken by another server meanwhile")
+        except BaseException:
+            conn.terminate()
+            raise
+        self._lock = conn
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.terminate()  # the session ends: Postgres releases its locks
+            self._lock = None
+
+    async def _resume(self, slot_conn: asyncpg.Connection) -> None:
+        """After a reconnection: the slot may be behind what was applied (after a crash, an
+        advance not yet checkpointed is lost): move it to where this follower had moved it."""
+        at = await slot_conn.fetchval(
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1",
+            self.slot,
+        )
+        if at is not None and int(at) < self.stats.confirmed_lsn:
+            log.warning(
+                "follower.slot_behind",
+                slot=self.slot,
+                slot_lsn=int(at),
+                applied_lsn=self.stats.confirmed_lsn,
+                hint="Postgres restarted before a checkpoint; what it returns again is skipped",
+            )
+            await slot_conn.fetchval(self.queries.advance, self.slot, self.stats.confirmed_lsn)
 
     async def _ensure_publication(self, conn: asyncpg.Connection) -> None:
         import asyncpg
@@ -264,7 +328,9 @@ class Follower:
         the service stopped) ends it, recorded in :meth:`status` (``running``, ``stopped_by``).
         """
         self.stats.running = True
+        self._last_ok = time.time()
         try:
+            await self._take_lock()
             await self._run(service, full_calculation_pending)
         except asyncio.CancelledError:
             raise
@@ -273,6 +339,7 @@ class Follower:
             raise
         finally:
             self.stats.running = False
+            self._release_lock()
 
     async def _run(self, service: Service, full_calculation_pending: bool) -> None:
         import asyncpg
@@ -293,19 +360,42 @@ class Follower:
                             server_settings=dict(self.queries.settings),
                         )
                     )
-                delay = 0.5
+                await self._take_lock()  # again, if its connection was lost
+                await self._resume(conns[1])
                 while True:
-                    if not await self.round(service, conns[0], conns[1]):
+                    if self._lock is None or self._lock.is_closed():
+                        raise SlotBusy("the connection holding the slot's lock was lost")
+                    applied = await self.round(service, conns[0], conns[1])
+                    delay = 0.5  # only a round that succeeded resets the backoff
+                    self._failing = False
+                    self._last_ok = time.time()
+                    if not applied:
                         await asyncio.sleep(self.poll_interval)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except IdentityError:
+                raise  # the operator must alter the table: retrying cannot help
+            except (
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                TimeoutError,
+                SlotBusy,
+                ValueError,  # a row this follower could not decode: logged, retried
+            ) as exc:
                 self.stats.errors += 1
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("follower.failed", error=self.stats.last_error, retry_in=delay)
+                self._failing = True
+                self.stats.lag_seconds = self._lag_while_failing()
+                log.warning(
+                    "follower.failed",
+                    error=self.stats.last_error,
+                    retry_in=delay,
+                    lag_seconds=self.stats.lag_seconds,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
             finally:
                 for c in conns:
-                    c.terminate()
+                    await _close(c)
 
     async def round(
         self, service: Service, conn: asyncpg.Connection, slot_conn: asyncpg.Connection
@@ -329,8 +419,8 @@ class Follower:
             skipped: list[Transaction] = []
             for txn in txns:
                 txid = full_xid(txn.xid, snapshot.xmax)
-                if txid in self._applied:
-                    skipped.append(txn)
+                if txid in self._applied or txn.end_lsn <= self.stats.confirmed_lsn:
+                    skipped.append(txn)  # applied already (returned again after a crash)
                 elif self.start_snapshot is not None and self.start_snapshot.sees(txid):
                     skipped.append(txn)
                     self.stats.skipped_at_start += 1
@@ -343,15 +433,17 @@ class Follower:
                 result = await self._plan(conn, visible, snapshot)
         t3 = time.perf_counter()
         incs, decs = (result.increments, result.decrements) if result else ([], [])
-        if incs:
-            await service.send(incs)
-        if decs:
-            await service.send(decs, decrement=True)
+        for decrement, items in result.steps if result else ():
+            await service.send(items, decrement=decrement)  # in commit order
         if incs or decs:
             await service.flush()  # applied: only now may the slot move past them
         now = time.time()
         if visible:
             self.stats.last_latency = now - visible[-1].commit_time
+        self._resync.update(_moved_by_pages(visible))
+        if self._resync and await service.resync(sorted(self._resync)):
+            log.info("follower.page_changed", resync=sorted(self._resync))
+            self._resync.clear()
         if any(t.truncated for t in visible):
             self.stats.truncations += 1
             log.warning("follower.truncate", tables=[t.truncated for t in visible if t.truncated])
@@ -421,13 +513,15 @@ class Follower:
             if txn is not None:
                 out.append(txn)
                 for ch in txn.changes:
-                    if isinstance(ch.new, PageRow):
-                        self._pages[ch.new.id] = ch.new.org_id
+                    # a deleted page's old row too: its actions' decrements follow it
+                    for row in (ch.old, ch.new):
+                        if isinstance(row, PageRow):
+                            self._pages[row.id] = row.org_id
         return out
 
     async def _plan(
         self, conn: asyncpg.Connection, visible: list[Transaction], snapshot: TxSnapshot
-    ) -> Any:
+    ) -> Plan:
         q = self.queries
         sids: set[int] = set()
         fps: set[bytes] = set()
@@ -531,9 +625,15 @@ class Follower:
             self.stats.confirmed_lsn = target
             self._applied = {x: end for x, end in self._applied.items() if end > target}
 
+    def _lag_while_failing(self) -> float:
+        """While rounds fail, nothing newer than the last round that succeeded is applied."""
+        return round(max(self.stats.lag_seconds, time.time() - self._last_ok), 3)
+
     def status(self) -> dict[str, Any]:
         """The follower's figures: for ``info`` (``follower``) and the HTTP metrics."""
         s = self.stats
+        if self._failing and s.running:
+            s.lag_seconds = self._lag_while_failing()
         return {
             "slot": self.slot,
             "running": s.running,
@@ -559,6 +659,28 @@ class Follower:
             "confirmed_lsn": s.confirmed_lsn,
             "seconds": {k: round(v, 3) for k, v in s.seconds.items()},
         }
+
+
+async def _close(conn: asyncpg.Connection) -> None:
+    """Close gracefully: a peek cut short (the server stopping) is cancelled in Postgres too;
+    terminate() would leave it decoding, the slot active, for as long as the peek takes."""
+    try:
+        await conn.close(timeout=2)
+    except BaseException:
+        conn.terminate()
+        raise
+
+
+def _moved_by_pages(visible: list[Transaction]) -> set[int]:
+    """Campaigns whose counts a page change moved (its org, its campaign or its extra
+    supporters): the stream has no rows of the supporters it moves, a calculation has."""
+    out: set[int] = set()
+    for txn in visible:
+        for ch in txn.changes:
+            old, new = ch.old, ch.new
+            if isinstance(old, PageRow) and isinstance(new, PageRow) and old != new:
+                out.update((old.campaign_id, new.campaign_id))
+    return out
 
 
 async def _full_calculation(service: Service) -> None:
@@ -640,22 +762,50 @@ async def list_slots(db: str | asyncpg.Connection) -> list[dict[str, Any]]:
 
 
 async def drop_slot(db: str | asyncpg.Connection, name: str, *, wait: float = 10.0) -> bool:
-    """Drop a logical replication slot; False if it did not exist. A slot in use (a follower
-    that has just stopped may still be finishing its last read) is waited for up to ``wait``
-    seconds; a server still following holds it for good: stop it first."""
+    """Drop a logical replication slot of this database; False if it did not exist. A slot in
+    use (a follower that has just stopped may still be finishing its last read) is waited for up
+    to ``wait`` seconds. Raises :class:`FollowError` for a slot this command must not drop: a
+    running server follows it (it holds the slot's lock, lock.py; stop it first), or it is not a
+    logical slot of this database (a standby's physical slot, another database's)."""
+    import asyncpg
+
     async with _connection(db) as conn:
-        deadline = time.monotonic() + wait
-        while True:
-            active = await conn.fetchval(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = $1", name
+        row = await conn.fetchrow(
+            "SELECT slot_type, database, database = current_database() AS here "
+            "FROM pg_replication_slots WHERE slot_name = $1",
+            name,
+        )
+        if row is None:
+            return False
+        if row["slot_type"] != "logical" or not row["here"]:
+            where = row["database"] or "the whole server"
+            raise FollowError(
+                f"slot {name} is a {row['slot_type']} slot of {where}, not a logical slot of "
+                "this database: not dropped (campaignstats slots lists those it may drop)"
             )
-            if active is None:
-                return False
-            if not active or time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(0.1)
-        await conn.execute("SELECT pg_drop_replication_slot($1)", name)
-        return True
+        if not await try_lock(conn, name):
+            raise SlotBusy(
+                f"slot {name} is followed by a running server ({await holder(conn, name)}): "
+                "stop that server first; not dropped"
+            )
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                active = await conn.fetchval(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1", name
+                )
+                if active is None:
+                    return False
+                if not active or time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(0.1)
+            try:
+                await conn.execute("SELECT pg_drop_replication_slot($1)", name)
+            except asyncpg.ObjectInUseError as exc:
+                raise FollowError(f"slot {name} is in use ({exc}): not dropped") from exc
+            return True
+        finally:
+            await unlock(conn, name)
 
 
 __all__ = [
@@ -664,6 +814,7 @@ __all__ = [
     "Follower",
     "FollowerStats",
     "IdentityError",
+    "SlotBusy",
     "default_slot_name",
     "drop_slot",
     "list_slots",
