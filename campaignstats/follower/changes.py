@@ -375,12 +375,12 @@ class _Units:
         if inc.action_id is not None:
             self.by_action.setdefault((inc.action_id, inc.campaign_id), i)
 
-    def sent(self) -> list[Increment]:
-        """The changes as sent: without the action id. The txid says exactly whether a
-        calculation holds the change (docs/follow.md); an action id would make the actor judge
-        the change by the action's state instead, and drop a move or a re-acceptance as a
-        repeat."""
-        return [i._replace(action_id=None) if i.action_id is not None else i for i in self.items]
+    def sent(self, at: float | None) -> list[Increment]:
+        """The changes as sent: at their commit time (the buckets of a backlog applied late are
+        right), without the action id. The txid says exactly whether a calculation holds the
+        change (docs/follow.md); an action id would make the actor judge the change by the
+        action's state instead, and drop a move or a re-acceptance as a repeat."""
+        return [i._replace(action_id=None, at=at) for i in self.items]
 
 
 def plan(
@@ -446,8 +446,9 @@ def plan(
         for aid in sorted(mailed):
             assert mail is not None
             _messages(aid, mail_before[aid], mail.contribution(aid, org_of), txid, incs, decs)
-        out._add(incs.sent(), False)
-        out._add(decs.sent(), True)
+        at = txn.commit_time if txn.commit_time > 0 else None
+        out._add(incs.sent(at), False)
+        out._add(decs.sent(at), True)
     return out
 
 

@@ -694,21 +694,29 @@ async def _full_calculation(service: Service) -> None:
 
 
 async def _check_server(conn: asyncpg.Connection, configure: bool) -> None:
+    import asyncpg
+
     level = await conn.fetchval("SHOW wal_level")
     if level != "logical":
         raise FollowError(
             f"wal_level is {level!r}, logical decoding needs 'logical'; run: "
             "ALTER SYSTEM SET wal_level = logical; and restart Postgres"
         )
-    allowed = await conn.fetchval(
-        "SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user"
-    )
-    if not allowed:
+    # The right to use slots, asked of Postgres itself (managed services grant it in their own
+    # ways, e.g. through a role's membership, which pg_roles.rolreplication does not show): the
+    # function checks it before anything else, and this slot does not exist.
+    try:
+        await conn.fetchval(
+            "SELECT pg_replication_slot_advance('campaignstats_rights_check', '0/0'::pg_lsn)"
+        )
+    except asyncpg.InsufficientPrivilegeError as exc:
         user = await conn.fetchval("SELECT current_user")
         raise FollowError(
-            f"role {user} may not use replication slots; as a superuser run: "
+            f"role {user} may not use replication slots ({exc}); as a superuser run: "
             f"ALTER ROLE {user} WITH REPLICATION;"
-        )
+        ) from exc
+    except asyncpg.PostgresError:
+        pass  # allowed: the check went on to the (absent) slot
     rows = await conn.fetch(
         "SELECT c.relname, c.relreplident FROM pg_class c "
         "WHERE c.oid = ANY(ARRAY[to_regclass('actions'), to_regclass('supporters'), "
