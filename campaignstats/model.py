@@ -903,11 +903,13 @@ class StatsState:
         return drifts
 
     def forget_absent(self, result: CalculationResult) -> list[int]:
-        """After a merge of an ``all`` calculation: forget the campaigns it did not find (their
+        """After a merge of an ``all`` calculation of a database (one that says which
+        transactions it saw: ``result.snapshot``): forget the campaigns it did not find (their
         row is gone: a deleted campaign reads as empty, and the snapshot file forgets it), but
-        not one that got a change the snapshot does not hold (created since). Call it before
-        the journal stops; returns the campaigns forgotten."""
-        if result.kind != "all":
+        not one that got a change the snapshot does not hold (created since). A source without
+        a snapshot may list only the campaigns it has counts for: nothing is forgotten. Call it
+        before the journal stops; returns the campaigns forgotten."""
+        if result.kind != "all" or result.snapshot is None:
             return []
         journal = self.journal or {}
         horizon = result.horizon

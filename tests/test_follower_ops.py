@@ -135,6 +135,17 @@ async def test_slots_drop_on_the_command_line_refuses_a_running_servers_slot(dsn
     assert (code, out.strip()) == (0, "dropped slot o_running")
 
 
+async def test_slots_drop_from_another_database_refuses_a_running_servers_slot_too(
+    dsn: str, logical_cluster: EmbeddedPostgres
+) -> None:
+    admin = logical_cluster.dsn()  # the cluster's postgres database, not the slot's
+    async with following(dsn, "o_elsewhere"):
+        with pytest.raises(SlotBusy, match="followed by a running server"):
+            await drop_slot(admin, "o_elsewhere", wait=1)
+        assert "o_elsewhere" in {s["slot_name"] for s in await list_slots(admin)}
+    assert await drop_slot(admin, "o_elsewhere", wait=5)
+
+
 async def test_a_pages_extra_supporters_and_org_changes_are_counted_by_a_calculation(
     dsn: str,
 ) -> None:

@@ -527,7 +527,8 @@ def test_planning_one_transaction_of_many_signups_takes_time_in_proportion_to_it
     (1 s) is missed for everything behind it. Index the increments waiting for a rider by
     (campaign, org) so planning stays linear."""
     small = min(_plan_seconds(2_000) for _ in range(2))
-    large = _plan_seconds(8_000)
+    # the best of two each way: one run alone can take a garbage collection of a large heap
+    large = min(_plan_seconds(8_000) for _ in range(2))
     assert large / small < 8, (small, large)  # linear: about 4; quadratic: about 16
 
 

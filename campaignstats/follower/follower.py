@@ -213,8 +213,9 @@ class Follower:
             return  # ours
         if not await try_lock(conn, self.slot):
             raise SlotBusy(
-                f"slot {self.slot} is followed by another server ({await holder(conn, self.slot)}"
-                "): give this server its own --slot (docs/follow.md, 'One server per slot')"
+                f"slot {self.slot} is followed by another server "
+                f"({await holder(conn, self.slot) or 'another session'}): give this server its "
+                "own --slot (docs/follow.md, 'One server per slot')"
             )
         await unlock(conn, self.slot)
 
@@ -770,11 +771,11 @@ async def list_slots(db: str | asyncpg.Connection) -> list[dict[str, Any]]:
 
 
 async def drop_slot(db: str | asyncpg.Connection, name: str, *, wait: float = 10.0) -> bool:
-    """Drop a logical replication slot of this database; False if it did not exist. A slot in
-    use (a follower that has just stopped may still be finishing its last read) is waited for up
-    to ``wait`` seconds. Raises :class:`FollowError` for a slot this command must not drop: a
-    running server follows it (it holds the slot's lock, lock.py; stop it first), or it is not a
-    logical slot of this database (a standby's physical slot, another database's)."""
+    """Drop a logical replication slot; False if it did not exist. A slot in use (a follower
+    that has just stopped may still be finishing its last read) is waited for up to ``wait``
+    seconds. Raises :class:`FollowError` for a slot this command must not drop: a running
+    server follows it (it holds the slot's lock, lock.py; stop it first), or it is not a
+    logical slot (a standby's physical slot)."""
     import asyncpg
 
     async with _connection(db) as conn:
@@ -785,15 +786,17 @@ async def drop_slot(db: str | asyncpg.Connection, name: str, *, wait: float = 10
         )
         if row is None:
             return False
-        if row["slot_type"] != "logical" or not row["here"]:
-            where = row["database"] or "the whole server"
+        if row["slot_type"] != "logical":
             raise FollowError(
-                f"slot {name} is a {row['slot_type']} slot of {where}, not a logical slot of "
-                "this database: not dropped (campaignstats slots lists those it may drop)"
+                f"slot {name} is a {row['slot_type']} slot, not a logical one: not dropped "
+                "(campaignstats slots lists those it may drop)"
             )
-        if not await try_lock(conn, name):
+        # the lock lives in the slot's database: taken there, only read from another one
+        locked = row["here"] and await try_lock(conn, name)
+        who = None if locked else await holder(conn, name, row["database"])
+        if who is not None or (row["here"] and not locked):
             raise SlotBusy(
-                f"slot {name} is followed by a running server ({await holder(conn, name)}): "
+                f"slot {name} is followed by a running server ({who or 'another session'}): "
                 "stop that server first; not dropped"
             )
         try:
@@ -813,7 +816,8 @@ async def drop_slot(db: str | asyncpg.Connection, name: str, *, wait: float = 10
                 raise FollowError(f"slot {name} is in use ({exc}): not dropped") from exc
             return True
         finally:
-            await unlock(conn, name)
+            if locked:
+                await unlock(conn, name)
 
 
 __all__ = [

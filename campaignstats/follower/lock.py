@@ -25,7 +25,7 @@ _HOLDER = """
 SELECT l.pid, coalesce(host(a.client_addr), 'local'), a.application_name
 FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = coalesce($3, current_database()))
   AND l.classid = $1::int::oid AND l.objid = hashtext($2)::oid
 LIMIT 1
 """
@@ -40,10 +40,11 @@ async def unlock(conn: asyncpg.Connection, slot: str) -> None:
     await conn.fetchval(_UNLOCK, LOCK_CLASS, slot)
 
 
-async def holder(conn: asyncpg.Connection, slot: str) -> str:
-    """Who holds the slot's lock, for a message: ``pid 123 (10.0.0.5, campaignstats)``."""
-    row = await conn.fetchrow(_HOLDER, LOCK_CLASS, slot)
+async def holder(conn: asyncpg.Connection, slot: str, database: str | None = None) -> str | None:
+    """Who holds the slot's lock in ``database`` (default: this one), for a message:
+    ``pid 123 (10.0.0.5, campaignstats)``; None when nobody does."""
+    row = await conn.fetchrow(_HOLDER, LOCK_CLASS, slot, database)
     if row is None:
-        return "another session"
+        return None
     pid, host, app = row
     return f"pid {pid} ({host}{', ' + app if app else ''})"
