@@ -902,6 +902,38 @@ class StatsState:
                 self.counted_now.pop(cid, None)
         return drifts
 
+    def forget_absent(self, result: CalculationResult) -> list[int]:
+        """After a merge of an ``all`` calculation of a database (one that says which
+        transactions it saw: ``result.snapshot``): forget the campaigns it did not find (their
+        row is gone: a deleted campaign reads as empty, and the snapshot file forgets it), but
+        not one that got a change the snapshot does not hold (created since). A source without
+        a snapshot may list only the campaigns it has counts for: nothing is forgotten. Call it
+        before the journal stops; returns the campaigns forgotten."""
+        if result.kind != "all" or result.snapshot is None:
+            return []
+        journal = self.journal or {}
+        horizon = result.horizon
+        gone = []
+        for cid in self.campaigns.keys() - result.campaigns.keys():
+            entries = journal.get(cid, ())
+            if any(
+                not horizon.reflects(
+                    e.change if isinstance(e, Decrement | Arrived) else e,
+                    isinstance(e, Decrement),
+                    None,
+                )
+                for e in entries
+            ):
+                continue
+            gone.append(cid)
+        for cid in gone:
+            del self.campaigns[cid]
+            self.timelines.pop(cid, None)
+            self.seen.pop(cid, None)
+            self.counted_now.pop(cid, None)
+            self.ranking.dirty.add(cid)
+        return gone
+
     def check(self) -> str | None:
         """What is wrong with the counts, or None: every count a non-negative int, every
         key of the right type. Used before a restarted actor keeps its predecessor's state."""

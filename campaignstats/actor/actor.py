@@ -745,6 +745,9 @@ class StatsActor:
 
     def _finish_calculation(self, merge: _Merge) -> None:
         result = merge.result
+        gone = self.state.forget_absent(result)
+        if gone:
+            log.info("calculation.campaigns_gone", campaigns=gone[:20], count=len(gone))
         self.state.stop_journal()
         self._running = None
         self._calc_task = None

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -339,6 +340,47 @@ class Plan:
     inexact: int = 0
     #: actions whose page's org is unknown (page deleted): left to the next calculation
     unknown_pages: int = 0
+    #: what to send, in order: runs of (decrement?, changes). Transactions come in commit order,
+    #: each one's increments before its decrements (then no count of a transaction goes below
+    #: zero on the way, as the database's counts before and after it are not negative)
+    steps: list[tuple[bool, list[Increment]]] = field(default_factory=list)
+
+    def _add(self, items: list[Increment], decrement: bool) -> None:
+        if not items:
+            return
+        (self.decrements if decrement else self.increments).extend(items)
+        if self.steps and self.steps[-1][0] == decrement:
+            self.steps[-1][1].extend(items)
+        else:
+            self.steps.append((decrement, list(items)))
+
+
+class _Units:
+    """One transaction's increments (or its decrements), indexed so that planning stays linear
+    in the transaction's size: those a new supporter may ride on by (campaign, org), and those
+    of an action change by (action, campaign)."""
+
+    __slots__ = ("by_action", "items", "waiting")
+
+    def __init__(self) -> None:
+        self.items: list[Increment] = []
+        self.waiting: dict[tuple[int, int], deque[int]] = {}
+        self.by_action: dict[tuple[int, int], int] = {}
+
+    def add(self, inc: Increment) -> None:
+        i = len(self.items)
+        self.items.append(inc)
+        if not inc.new_supporter:
+            self.waiting.setdefault((inc.campaign_id, inc.org_id), deque()).append(i)
+        if inc.action_id is not None:
+            self.by_action.setdefault((inc.action_id, inc.campaign_id), i)
+
+    def sent(self, at: float | None) -> list[Increment]:
+        """The changes as sent: at their commit time (the buckets of a backlog applied late are
+        right), without the action id. The txid says exactly whether a calculation holds the
+        change (docs/follow.md); an action id would make the actor judge the change by the
+        action's state instead, and drop a move or a re-acceptance as a repeat."""
+        return [i._replace(action_id=None, at=at) for i in self.items]
 
 
 def plan(
@@ -389,8 +431,8 @@ def plan(
         before = {p: people.membership(p[0], p[1], org_of) for p in pairs}
         mailed = set() if mail is None else mail.touched(txn)
         mail_before = {} if mail is None else {a: mail.contribution(a, org_of) for a in mailed}
-        incs: list[Increment] = []
-        decs: list[Increment] = []
+        incs = _Units()
+        decs = _Units()
         _apply(people, txn)
         if mail is not None:
             mail.apply(txn)
@@ -404,8 +446,9 @@ def plan(
         for aid in sorted(mailed):
             assert mail is not None
             _messages(aid, mail_before[aid], mail.contribution(aid, org_of), txid, incs, decs)
-        out.increments.extend(incs)
-        out.decrements.extend(decs)
+        at = txn.commit_time if txn.commit_time > 0 else None
+        out._add(incs.sent(at), False)
+        out._add(decs.sent(at), True)
     return out
 
 
@@ -463,8 +506,8 @@ def _messages(
     before: _Contribution,
     after: _Contribution,
     txid: int,
-    incs: list[Increment],
-    decs: list[Increment],
+    incs: _Units,
+    decs: _Units,
 ) -> None:
     """An action's messages in STATS: on its own increment or decrement when it starts or stops
     counting in this transaction, else as an increment and a decrement whose action counts
@@ -482,13 +525,12 @@ def _messages(
     for (cid, org, action_type), d in moves:
         same, other = (incs, decs) if d > 0 else (decs, incs)
         n = abs(d)
-        for i, item in enumerate(same):
-            if item.action_id == aid and item.campaign_id == cid and not item.messages:
-                same[i] = item._replace(messages=n)
-                break
+        i = same.by_action.get((aid, cid))
+        if i is not None and not same.items[i].messages:
+            same.items[i] = same.items[i]._replace(messages=n)
         else:
-            same.append(Increment(cid, org, action_type, messages=n, txid=txid))
-            other.append(Increment(cid, org, action_type, txid=txid))
+            same.add(Increment(cid, org, action_type, messages=n, txid=txid))
+            other.add(Increment(cid, org, action_type, txid=txid))
 
 
 def _apply(people: _People, txn: Transaction) -> None:
@@ -511,8 +553,8 @@ def _action_level(
     ch: RowChange,
     txid: int,
     org_of: Callable[[int], int | None],
-    incs: list[Increment],
-    decs: list[Increment],
+    incs: _Units,
+    decs: _Units,
     out: Plan,
 ) -> None:
     old, new = ch.old, ch.new
@@ -535,18 +577,14 @@ def _action_level(
         if org is None:
             out.unknown_pages += 1
         else:
-            decs.append(
-                Increment(old.campaign_id, org, old.action_type, action_id=old.id, txid=txid)
-            )
+            decs.add(Increment(old.campaign_id, org, old.action_type, action_id=old.id, txid=txid))
     if now:
         assert new is not None
         org = org_of(new.action_page_id)
         if org is None:
             out.unknown_pages += 1
         else:
-            incs.append(
-                Increment(new.campaign_id, org, new.action_type, action_id=new.id, txid=txid)
-            )
+            incs.add(Increment(new.campaign_id, org, new.action_type, action_id=new.id, txid=txid))
 
 
 def _supporter_units(
@@ -555,8 +593,8 @@ def _supporter_units(
     new: tuple[frozenset[int], frozenset[str]],
     txid: int,
     people: _People,
-    incs: list[Increment],
-    decs: list[Increment],
+    incs: _Units,
+    decs: _Units,
     out: Plan,
 ) -> None:
     """Express one person's membership change as units of ±(supporters, org, area).
@@ -601,17 +639,18 @@ def _supporter_units(
 
 
 def _ride(
-    same: list[Increment],
-    other: list[Increment],
+    same: _Units,
+    other: _Units,
     cid: int,
     org: int,
     area: str | None,
     txid: int,
     action_type: str,
 ) -> None:
-    for i, item in enumerate(same):
-        if item.campaign_id == cid and item.org_id == org and not item.new_supporter:
-            same[i] = item._replace(new_supporter=True, area=area)
-            return
-    same.append(Increment(cid, org, action_type, area, True, txid=txid))
-    other.append(Increment(cid, org, action_type, None, False, txid=txid))
+    waiting = same.waiting.get((cid, org))
+    if waiting:
+        i = waiting.popleft()  # the first one, in the order of the transaction's changes
+        same.items[i] = same.items[i]._replace(new_supporter=True, area=area)
+        return
+    same.add(Increment(cid, org, action_type, area, True, txid=txid))
+    other.add(Increment(cid, org, action_type, None, False, txid=txid))

@@ -66,7 +66,12 @@ def add_slots_command(sub: Any, add_db_options: Callable[[argparse.ArgumentParse
 
 async def cmd_slots(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
     if args.drop:
-        if await _drop_slot(conn, args.drop):
+        try:
+            dropped = await _drop_slot(conn, args.drop)
+        except FollowError as exc:
+            print(f"cannot drop the slot: {exc}", file=sys.stderr)
+            return 1
+        if dropped:
             print(f"dropped slot {args.drop}")
             return 0
         print(f"no slot named {args.drop}", file=sys.stderr)
@@ -97,13 +102,20 @@ async def prepare_follower(
         return None
     if embedded is not None:
         embedded.enable_logical_replication()
-    follower = Follower(
-        dsn,
-        slot=args.slot or default_slot_name(),
-        publication=args.publication,
-        configure=embedded is not None,
-    )
     try:
+        follower = Follower(
+            dsn,
+            slot=args.slot or default_slot_name(),
+            publication=args.publication,
+            configure=embedded is not None,
+        )
+        if not args.slot:
+            log.warning(
+                "follower.default_slot",
+                slot=follower.slot,
+                hint="the default slot is named after the host name, which changes with each "
+                "new container: give --slot so that a restarted server finds its slot",
+            )
         await follower.prepare()
     except FollowError as exc:
         print(f"cannot follow the database: {exc}", file=sys.stderr)

@@ -41,12 +41,14 @@ from .changes import (
     IdentityError,
     MessageRow,
     PageRow,
+    Plan,
     RowChange,
     SupporterRow,
     Transaction,
     full_xid,
     plan,
 )
+from .lock import holder, try_lock, unlock
 from .pgoutput import Decoder
 from .sql import FOLLOWER_QUERIES, FollowerQueries
 
@@ -64,6 +66,10 @@ _MAX_PAGES_CACHED = 1_000_000
 
 class FollowError(RuntimeError):
     """The database cannot be followed as it is; the message says which command fixes it."""
+
+
+class SlotBusy(FollowError):
+    """Another server follows this slot (it holds the slot's advisory lock, lock.py)."""
 
 
 class Service(Protocol):
@@ -151,6 +157,13 @@ class Follower:
     owns: Callable[[int], bool] | None = None
     _restart_logged_at: float = 0.0
     _can_log_snapshot: bool = True
+    #: the connection that holds the slot's advisory lock while :meth:`run` runs (lock.py)
+    _lock: asyncpg.Connection | None = None
+    #: when the last round succeeded (epoch seconds): the lag grows from it while rounds fail
+    _last_ok: float = 0.0
+    _failing: bool = False
+    #: campaigns a page change moved supporters in or out of: calculated again (docs/follow.md)
+    _resync: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         check_name(self.slot, "slot")
@@ -166,6 +179,7 @@ class Follower:
 
         conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
         try:
+            await self._check_lock(conn)
             await _check_server(conn, self.configure)
             await self._ensure_publication(conn)
             self._with_messages = bool(
@@ -194,6 +208,57 @@ class Follower:
             publication=self.publication,
             confirmed_lsn=self.stats.confirmed_lsn,
         )
+
+    async def _check_lock(self, conn: asyncpg.Connection) -> None:
+        """Refuse a slot that another server follows (lock.py); the lock is held by :meth:`run`."""
+        if self._lock is not None and not self._lock.is_closed():
+            return  # ours
+        if not await try_lock(conn, self.slot):
+            raise SlotBusy(
+                f"slot {self.slot} is followed by another server "
+                f"({await holder(conn, self.slot) or 'another session'}): give this server its "
+                "own --slot (docs/follow.md, 'One server per slot')"
+            )
+        await unlock(conn, self.slot)
+
+    async def _take_lock(self) -> None:
+        """Hold the slot's advisory lock on a connection of its own, or raise :class:`SlotBusy`."""
+        import asyncpg
+
+        if self._lock is not None and not self._lock.is_closed():
+            return
+        self._release_lock()
+        conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
+        try:
+            await self._check_lock(conn)
+            if not await try_lock(conn, self.slot):
+                raise SlotBusy(f"slot {self.slot} was taken by another server meanwhile")
+        except BaseException:
+            conn.terminate()
+            raise
+        self._lock = conn
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.terminate()  # the session ends: Postgres releases its locks
+            self._lock = None
+
+    async def _resume(self, slot_conn: asyncpg.Connection) -> None:
+        """After a reconnection: the slot may be behind what was applied (after a crash, an
+        advance not yet checkpointed is lost): move it to where this follower had moved it."""
+        at = await slot_conn.fetchval(
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1",
+            self.slot,
+        )
+        if at is not None and int(at) < self.stats.confirmed_lsn:
+            log.warning(
+                "follower.slot_behind",
+                slot=self.slot,
+                slot_lsn=int(at),
+                applied_lsn=self.stats.confirmed_lsn,
+                hint="Postgres restarted before a checkpoint; what it returns again is skipped",
+            )
+            await slot_conn.fetchval(self.queries.advance, self.slot, self.stats.confirmed_lsn)
 
     async def _ensure_publication(self, conn: asyncpg.Connection) -> None:
         import asyncpg
@@ -266,7 +331,9 @@ class Follower:
         the service stopped) ends it, recorded in :meth:`status` (``running``, ``stopped_by``).
         """
         self.stats.running = True
+        self._last_ok = time.time()
         try:
+            await self._take_lock()
             await self._run(service, full_calculation_pending)
         except asyncio.CancelledError:
             raise
@@ -275,6 +342,7 @@ class Follower:
             raise
         finally:
             self.stats.running = False
+            self._release_lock()
 
     async def _run(self, service: Service, full_calculation_pending: bool) -> None:
         import asyncpg
@@ -295,19 +363,42 @@ class Follower:
                             server_settings=dict(self.queries.settings),
                         )
                     )
-                delay = 0.5
+                await self._take_lock()  # again, if its connection was lost
+                await self._resume(conns[1])
                 while True:
-                    if not await self.round(service, conns[0], conns[1]):
+                    if self._lock is None or self._lock.is_closed():
+                        raise SlotBusy("the connection holding the slot's lock was lost")
+                    applied = await self.round(service, conns[0], conns[1])
+                    delay = 0.5  # only a round that succeeded resets the backoff
+                    self._failing = False
+                    self._last_ok = time.time()
+                    if not applied:
                         await asyncio.sleep(self.poll_interval)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except IdentityError:
+                raise  # the operator must alter the table: retrying cannot help
+            except (
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                TimeoutError,
+                SlotBusy,
+                ValueError,  # a row this follower could not decode: logged, retried
+            ) as exc:
                 self.stats.errors += 1
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("follower.failed", error=self.stats.last_error, retry_in=delay)
+                self._failing = True
+                self.stats.lag_seconds = self._lag_while_failing()
+                log.warning(
+                    "follower.failed",
+                    error=self.stats.last_error,
+                    retry_in=delay,
+                    lag_seconds=self.stats.lag_seconds,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
             finally:
                 for c in conns:
-                    c.terminate()
+                    await _close(c)
 
     async def round(
         self, service: Service, conn: asyncpg.Connection, slot_conn: asyncpg.Connection
@@ -331,8 +422,8 @@ class Follower:
             skipped: list[Transaction] = []
             for txn in txns:
                 txid = full_xid(txn.xid, snapshot.xmax)
-                if txid in self._applied:
-                    skipped.append(txn)
+                if txid in self._applied or txn.end_lsn <= self.stats.confirmed_lsn:
+                    skipped.append(txn)  # applied already (returned again after a crash)
                 elif self.start_snapshot is not None and self.start_snapshot.sees(txid):
                     skipped.append(txn)
                     self.stats.skipped_at_start += 1
@@ -345,19 +436,21 @@ class Follower:
                 result = await self._plan(conn, visible, snapshot)
         t3 = time.perf_counter()
         incs, decs = (result.increments, result.decrements) if result else ([], [])
-        if self.owns is not None:
-            owns = self.owns
-            incs = [i for i in incs if owns(i.campaign_id)]
-            decs = [d for d in decs if owns(d.campaign_id)]
-        if incs:
-            await service.send(incs)
-        if decs:
-            await service.send(decs, decrement=True)
+        owns = self.owns
+        for decrement, items in result.steps if result else ():
+            if owns is not None:  # a shard: the changes of its own campaigns only
+                items = [item for item in items if owns(item.campaign_id)]
+            if items:
+                await service.send(items, decrement=decrement)  # in commit order
         if incs or decs:
             await service.flush()  # applied: only now may the slot move past them
         now = time.time()
         if visible:
             self.stats.last_latency = now - visible[-1].commit_time
+        self._resync.update(_moved_by_pages(visible))
+        if self._resync and await service.resync(sorted(self._resync)):
+            log.info("follower.page_changed", resync=sorted(self._resync))
+            self._resync.clear()
         if any(t.truncated for t in visible):
             self.stats.truncations += 1
             log.warning("follower.truncate", tables=[t.truncated for t in visible if t.truncated])
@@ -427,13 +520,15 @@ class Follower:
             if txn is not None:
                 out.append(txn)
                 for ch in txn.changes:
-                    if isinstance(ch.new, PageRow):
-                        self._pages[ch.new.id] = ch.new.org_id
+                    # a deleted page's old row too: its actions' decrements follow it
+                    for row in (ch.old, ch.new):
+                        if isinstance(row, PageRow):
+                            self._pages[row.id] = row.org_id
         return out
 
     async def _plan(
         self, conn: asyncpg.Connection, visible: list[Transaction], snapshot: TxSnapshot
-    ) -> Any:
+    ) -> Plan:
         q = self.queries
         sids: set[int] = set()
         fps: set[bytes] = set()
@@ -537,9 +632,15 @@ class Follower:
             self.stats.confirmed_lsn = target
             self._applied = {x: end for x, end in self._applied.items() if end > target}
 
+    def _lag_while_failing(self) -> float:
+        """While rounds fail, nothing newer than the last round that succeeded is applied."""
+        return round(max(self.stats.lag_seconds, time.time() - self._last_ok), 3)
+
     def status(self) -> dict[str, Any]:
         """The follower's figures: for ``info`` (``follower``) and the HTTP metrics."""
         s = self.stats
+        if self._failing and s.running:
+            s.lag_seconds = self._lag_while_failing()
         return {
             "slot": self.slot,
             "running": s.running,
@@ -567,6 +668,28 @@ class Follower:
         }
 
 
+async def _close(conn: asyncpg.Connection) -> None:
+    """Close gracefully: a peek cut short (the server stopping) is cancelled in Postgres too;
+    terminate() would leave it decoding, the slot active, for as long as the peek takes."""
+    try:
+        await conn.close(timeout=2)
+    except BaseException:
+        conn.terminate()
+        raise
+
+
+def _moved_by_pages(visible: list[Transaction]) -> set[int]:
+    """Campaigns whose counts a page change moved (its org, its campaign or its extra
+    supporters): the stream has no rows of the supporters it moves, a calculation has."""
+    out: set[int] = set()
+    for txn in visible:
+        for ch in txn.changes:
+            old, new = ch.old, ch.new
+            if isinstance(old, PageRow) and isinstance(new, PageRow) and old != new:
+                out.update((old.campaign_id, new.campaign_id))
+    return out
+
+
 async def _full_calculation(service: Service) -> None:
     """Start a full calculation, waiting for a running one to end first (it may have taken
     its snapshot too early)."""
@@ -578,21 +701,29 @@ async def _full_calculation(service: Service) -> None:
 
 
 async def _check_server(conn: asyncpg.Connection, configure: bool) -> None:
+    import asyncpg
+
     level = await conn.fetchval("SHOW wal_level")
     if level != "logical":
         raise FollowError(
             f"wal_level is {level!r}, logical decoding needs 'logical'; run: "
             "ALTER SYSTEM SET wal_level = logical; and restart Postgres"
         )
-    allowed = await conn.fetchval(
-        "SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user"
-    )
-    if not allowed:
+    # The right to use slots, asked of Postgres itself (managed services grant it in their own
+    # ways, e.g. through a role's membership, which pg_roles.rolreplication does not show): the
+    # function checks it before anything else, and this slot does not exist.
+    try:
+        await conn.fetchval(
+            "SELECT pg_replication_slot_advance('campaignstats_rights_check', '0/0'::pg_lsn)"
+        )
+    except asyncpg.InsufficientPrivilegeError as exc:
         user = await conn.fetchval("SELECT current_user")
         raise FollowError(
-            f"role {user} may not use replication slots; as a superuser run: "
+            f"role {user} may not use replication slots ({exc}); as a superuser run: "
             f"ALTER ROLE {user} WITH REPLICATION;"
-        )
+        ) from exc
+    except asyncpg.PostgresError:
+        pass  # allowed: the check went on to the (absent) slot
     rows = await conn.fetch(
         "SELECT c.relname, c.relreplident FROM pg_class c "
         "WHERE c.oid = ANY(ARRAY[to_regclass('actions'), to_regclass('supporters'), "
@@ -648,20 +779,51 @@ async def list_slots(db: str | asyncpg.Connection) -> list[dict[str, Any]]:
 async def drop_slot(db: str | asyncpg.Connection, name: str, *, wait: float = 10.0) -> bool:
     """Drop a logical replication slot; False if it did not exist. A slot in use (a follower
     that has just stopped may still be finishing its last read) is waited for up to ``wait``
-    seconds; a server still following holds it for good: stop it first."""
+    seconds. Raises :class:`FollowError` for a slot this command must not drop: a running
+    server follows it (it holds the slot's lock, lock.py; stop it first), or it is not a
+    logical slot (a standby's physical slot)."""
+    import asyncpg
+
     async with _connection(db) as conn:
-        deadline = time.monotonic() + wait
-        while True:
-            active = await conn.fetchval(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = $1", name
+        row = await conn.fetchrow(
+            "SELECT slot_type, database, database = current_database() AS here "
+            "FROM pg_replication_slots WHERE slot_name = $1",
+            name,
+        )
+        if row is None:
+            return False
+        if row["slot_type"] != "logical":
+            raise FollowError(
+                f"slot {name} is a {row['slot_type']} slot, not a logical one: not dropped "
+                "(campaignstats slots lists those it may drop)"
             )
-            if active is None:
-                return False
-            if not active or time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(0.1)
-        await conn.execute("SELECT pg_drop_replication_slot($1)", name)
-        return True
+        # the lock lives in the slot's database: taken there, only read from another one
+        locked = row["here"] and await try_lock(conn, name)
+        who = None if locked else await holder(conn, name, row["database"])
+        if who is not None or (row["here"] and not locked):
+            raise SlotBusy(
+                f"slot {name} is followed by a running server ({who or 'another session'}): "
+                "stop that server first; not dropped"
+            )
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                active = await conn.fetchval(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1", name
+                )
+                if active is None:
+                    return False
+                if not active or time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(0.1)
+            try:
+                await conn.execute("SELECT pg_drop_replication_slot($1)", name)
+            except asyncpg.ObjectInUseError as exc:
+                raise FollowError(f"slot {name} is in use ({exc}): not dropped") from exc
+            return True
+        finally:
+            if locked:
+                await unlock(conn, name)
 
 
 __all__ = [
@@ -670,6 +832,7 @@ __all__ = [
     "Follower",
     "FollowerStats",
     "IdentityError",
+    "SlotBusy",
     "default_slot_name",
     "drop_slot",
     "list_slots",

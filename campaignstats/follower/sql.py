@@ -43,6 +43,11 @@ class FollowerQueries:
         ("enable_hashjoin", "off"),
         ("plan_cache_mode", "force_custom_plan"),
         ("jit", "off"),
+        # A database's or role's own settings must not stop the follower: a peek decodes a big
+        # transaction whole (no statement_timeout can be right for it), and pgoutput writes
+        # bytea in the session's format, which changes.typed_row reads as hex.
+        ("statement_timeout", "0"),
+        ("bytea_output", "hex"),
     )
 
 
