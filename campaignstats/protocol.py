@@ -55,6 +55,8 @@ from campaignstats.requests import (
     Subscribe,
     Unsubscribe,
     history_request,
+    org_stats_request,
+    page_stats_request,
     recent_request,
     top_request,
 )
@@ -460,6 +462,8 @@ class ServerCodec:
             "history": (2, self._history),
             "recent": (2, self._recent),
             "top": (1, top_request),
+            "page_stats": (1, page_stats_request),
+            "org_stats": (1, org_stats_request),
         }
 
     @property

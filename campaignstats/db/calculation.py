@@ -318,6 +318,9 @@ class _Built:
                 ps.stats.messages += n
 
     def flush(self) -> None:
+        # Every page of a covered campaign, counted or not: its campaign is known to page_stats.
+        for page, (cid, _) in self.page_orgs.items():
+            self.page(cid, page)
         for timeline in self.timelines.values():
             timeline.flush()
         for timeline in self.page_timelines.values():

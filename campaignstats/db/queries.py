@@ -53,10 +53,10 @@ _SUPPORTER_BUCKET = _BUCKET.replace("$2", "$4").replace("$3", "$5")
 # * The join is a merge join of actions_partial_processing_status_index (supporter_id first, an
 #   index-only scan of exactly the counted actions) with supporters_pkey, so rows arrive ordered by
 #   supporter id: `x` is one row per (supporter, campaign, org, page) with the supporter's first
-#   counted action on that page (`tp`), grouped by a tiny per-supporter sort. In `y`, `first_c`
-#   marks the first row of each (supporter, campaign), which carries the supporter's area and its
-#   first counted action in the campaign (`tc`), and `first_o` the first of each (supporter,
-#   campaign, org): one sort serves every window.
+#   counted action on that page (`tp`), deduplicated by a tiny per-supporter sort. In `y` (one
+#   window, no further sort), `first_c` marks the first row of each (supporter, campaign), which
+#   carries the supporter's area, `tc` is their first counted action in the campaign, and
+#   `first_o` marks the first row of each (supporter, campaign, org).
 # * `g` groups the rows three ways in one pass (grouping sets), pk = the fingerprint for shared
 #   people and NULL for the rest: (campaign, org, page, area, pk) for the counts, (campaign, pk,
 #   bucket of tc) for the campaign's supporters in time, (campaign, page, pk, bucket of tp) for
@@ -80,22 +80,25 @@ WITH shared AS MATERIALIZED (
     ORDER BY s.fingerprint
 ),
 x AS (
-    SELECT s.id AS sid, a.campaign_id AS c, ap.org_id AS org, a.action_page_id AS page, s.area,
+    SELECT DISTINCT ON (s.id, a.campaign_id, ap.org_id, a.action_page_id)
+           s.id AS sid, a.campaign_id AS c, ap.org_id AS org, a.action_page_id AS page, s.area,
            CASE WHEN s.fingerprint IN (SELECT fingerprint FROM shared)
                 THEN s.fingerprint END AS pk,
-           min(a.inserted_at) AS tp
+           a.inserted_at AS tp
     FROM actions a
     JOIN supporters s ON s.id = a.supporter_id
     JOIN action_pages ap ON ap.id = a.action_page_id
     WHERE {_ACTION_FILTER} AND {_SUPPORTER_FILTER}
-    GROUP BY s.id, a.campaign_id, ap.org_id, a.action_page_id
+    ORDER BY s.id, a.campaign_id, ap.org_id, a.action_page_id, a.inserted_at
 ),
 y AS (
     SELECT c, org, page, area, pk, tp,
-           row_number() OVER (PARTITION BY sid, c ORDER BY org, page) = 1 AS first_c,
-           row_number() OVER (PARTITION BY sid, c, org ORDER BY page) = 1 AS first_o,
-           min(tp) OVER (PARTITION BY sid, c) AS tc
+           row_number() OVER w = 1 AS first_c,
+           org IS DISTINCT FROM lag(org) OVER w AS first_o,
+           min(tp) OVER w AS tc
     FROM x
+    WINDOW w AS (PARTITION BY sid, c ORDER BY org, page
+                 ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
 ),
 g AS MATERIALIZED (
     SELECT c, org, page, area, pk, bc, bp, GROUPING(org, area, bc, bp) AS gs,

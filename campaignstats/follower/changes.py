@@ -536,7 +536,14 @@ def _action_level(
             out.unknown_pages += 1
         else:
             decs.append(
-                Increment(old.campaign_id, org, old.action_type, action_id=old.id, txid=txid)
+                Increment(
+                    old.campaign_id,
+                    org,
+                    old.action_type,
+                    action_id=old.id,
+                    txid=txid,
+                    page=old.action_page_id,
+                )
             )
     if now:
         assert new is not None
@@ -545,7 +552,14 @@ def _action_level(
             out.unknown_pages += 1
         else:
             incs.append(
-                Increment(new.campaign_id, org, new.action_type, action_id=new.id, txid=txid)
+                Increment(
+                    new.campaign_id,
+                    org,
+                    new.action_type,
+                    action_id=new.id,
+                    txid=txid,
+                    page=new.action_page_id,
+                )
             )
 
 

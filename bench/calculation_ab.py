@@ -1,0 +1,104 @@
+"""A/B of the full calculation: this tree's ``calculate()`` against an earlier commit's.
+
+    python -m bench.calculation_ab --base 3fb2bf4 --actions 1000000 --runs 5
+
+The machine is shared and noisy, so both run in the same process on the same demo database (built
+once by bench/calculation.py's ``ensure_database``), alternately, with one untimed warm-up each,
+and the figures are medians. The base commit's ``db/calculation.py`` and ``db/queries.py`` are
+read with ``git show`` into a temporary package and run against this tree's model (their result
+type only gained fields since). 3fb2bf4 is the last commit before the time buckets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from bench._harness import summary
+from bench.calculation import ensure_database
+from campaignstats.db.calculation import calculate
+from campaignstats.db.embedded import EmbeddedPostgres
+
+
+def load_base(commit: str, into: Path) -> Any:
+    """The base commit's ``calculate``, as the module ``calc_base.calculation``."""
+    package = into / "calc_base"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name in ("calculation.py", "queries.py"):
+        text = subprocess.run(
+            ["git", "show", f"{commit}:campaignstats/db/{name}"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        (package / name).write_text(text)
+    sys.path.insert(0, str(into))
+    return importlib.import_module("calc_base.calculation").calculate
+
+
+async def run(args: argparse.Namespace, base_calculate: Any) -> dict[str, list[float]]:
+    import asyncpg
+
+    pg = EmbeddedPostgres(args.data_dir)
+    admin = pg.start()
+    times: dict[str, list[float]] = {"base": [], "ours": []}
+    try:
+        dsn = await ensure_database(admin, args.actions, args.seed)
+        conns = [await asyncpg.connect(dsn) for _ in range(2)]
+        try:
+            runners: dict[str, Callable[[], Awaitable[Any]]] = {
+                "base": lambda: base_calculate(conns[0], args.scope, helper_conn=conns[1]),
+                "ours": lambda: calculate(conns[0], args.scope, helper_conn=conns[1]),
+            }
+            for name in ("base", "ours"):
+                await runners[name]()  # warm-up, untimed
+            for i in range(args.runs):
+                for name in ("base", "ours") if i % 2 == 0 else ("ours", "base"):
+                    t = time.perf_counter()
+                    await runners[name]()
+                    times[name].append(time.perf_counter() - t)
+        finally:
+            for conn in conns:
+                await conn.close()
+    finally:
+        pg.close()
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="3fb2bf4", help="the commit to compare against")
+    parser.add_argument("--actions", type=int, default=1_000_000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--scope", choices=("all", "live"), default="all")
+    parser.add_argument("--data-dir", default="/tmp/calcbench")
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    with tempfile.TemporaryDirectory() as tmp:
+        base_calculate = load_base(args.base, Path(tmp))
+        times = asyncio.run(run(args, base_calculate))
+    print(f"{args.actions:,} actions, scope {args.scope}, {args.runs} runs, interleaved")
+    print(f"{'':8s}{'median':>9s}{'min':>9s}{'max':>9s}")
+    for name in ("base", "ours"):
+        s = summary(times[name])
+        print(f"{name:8s}{s['median']:9.3f}{s['min']:9.3f}{s['max']:9.3f}")
+    ratio = summary(times["ours"])["median"] / summary(times["base"])["median"]
+    print(f"ours / base (medians): {ratio:.2f} (budget: 1.30)")
+    print("runs:", {k: [round(t, 3) for t in v] for k, v in times.items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""Action pages and orgs (docs/design.md, "Action pages and orgs"): the calculation, increments
+and the exact merge against reference SQL written here, straight from the definitions.
+
+A page's STATS are the campaign's semantics restricted to the page's actions: supporters are the
+distinct fingerprints of accepted, first-ranked supporters with a counted action on the page
+(as the campaign's ``org`` counts them per org), plus the page's ``extra_supporters``; ``org``
+holds the page's org with that count; ``area`` the same distinct count per area; ``action`` the
+counted, non-testing actions by type. An org's rollup sums its entries in its campaigns' ``org``
+and counts the actions on its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from campaignstats.actor.actor import ActorConfig
+from campaignstats.db.calculation import calculate
+from campaignstats.db.demo import fill_demo
+from campaignstats.db.queries import PROCA_QUERIES
+from campaignstats.db.source import PostgresSource
+from campaignstats.model import CalculationResult, StatsState
+from campaignstats.service import StatsService
+
+from .conftest import truncate_all
+from .helpers import completed, loaded, wait_for
+from .test_calculation import actions_st, load, pages_st, supporters_st
+from .test_time_calculation import SPREAD
+
+COUNTED = "a.processing_status IN (3, 4)"
+PERSON = "s.processing_status = 3 AND s.dupe_rank = 0"
+
+# -- the reference: plain SQL over the definitions, one statement per figure ------------------
+
+PAGE_SUPPORTERS = f"""
+SELECT a.action_page_id, count(DISTINCT s.fingerprint)
+FROM actions a JOIN supporters s ON s.id = a.supporter_id
+WHERE {COUNTED} AND {PERSON}
+GROUP BY a.action_page_id
+"""
+PAGE_AREAS = f"""
+SELECT a.action_page_id, s.area, count(DISTINCT s.fingerprint)
+FROM actions a JOIN supporters s ON s.id = a.supporter_id
+WHERE {COUNTED} AND {PERSON} AND s.area IS NOT NULL
+GROUP BY a.action_page_id, s.area
+"""
+PAGE_ACTIONS = f"""
+SELECT a.action_page_id, a.action_type, count(*)
+FROM actions a WHERE {COUNTED} AND NOT a.testing
+GROUP BY a.action_page_id, a.action_type
+"""
+PAGE_MESSAGES = f"""
+SELECT a.action_page_id, count(*)
+FROM messages m JOIN actions a ON a.id = m.action_id WHERE {COUNTED} AND NOT a.testing
+GROUP BY a.action_page_id
+"""
+ORG_CAMPAIGN_SUPPORTERS = f"""
+SELECT org_id, campaign_id, sum(n)::bigint FROM (
+    SELECT ap.org_id, a.campaign_id, count(DISTINCT s.fingerprint) AS n
+    FROM actions a
+    JOIN supporters s ON s.id = a.supporter_id
+    JOIN action_pages ap ON ap.id = a.action_page_id
+    WHERE {COUNTED} AND {PERSON}
+    GROUP BY ap.org_id, a.campaign_id
+    UNION ALL
+    SELECT org_id, campaign_id, sum(extra_supporters) FROM action_pages GROUP BY 1, 2
+) x GROUP BY org_id, campaign_id
+"""
+ORG_ACTIONS = f"""
+SELECT ap.org_id, count(*)
+FROM actions a JOIN action_pages ap ON ap.id = a.action_page_id
+WHERE {COUNTED} AND NOT a.testing
+GROUP BY ap.org_id
+"""
+# A page's buckets of one unit: each counted, non-testing action at its inserted_at (UTC), each
+# person at their first counted action on the page.
+PAGE_BUCKETS = f"""
+SELECT page, extract(epoch FROM date_trunc($1, t))::bigint AS start,
+       sum(s)::bigint, sum(n)::bigint
+FROM (
+    SELECT a.action_page_id AS page, a.inserted_at AS t, 0 AS s, 1 AS n
+    FROM actions a WHERE {COUNTED} AND NOT a.testing
+    UNION ALL
+    SELECT a.action_page_id, min(a.inserted_at), 1, 0
+    FROM actions a JOIN supporters s ON s.id = a.supporter_id
+    WHERE {COUNTED} AND {PERSON}
+    GROUP BY a.action_page_id, s.fingerprint
+) x
+GROUP BY page, start
+ORDER BY page, start
+"""
+
+
+async def expected_pages(conn: asyncpg.Connection) -> dict[int, dict[str, Any]]:
+    pages: dict[int, dict[str, Any]] = {}
+    for pid, cid, org, extra in await conn.fetch(
+        "SELECT id, campaign_id, org_id, extra_supporters FROM action_pages"
+    ):
+        pages[pid] = {
+            "supporters": extra,
+            "action": {},
+            "area": {},
+            "org": {org: extra} if extra else {},
+            "extra_supporters": extra,
+            "messages": 0,
+            "campaign_id": cid,
+        }
+    orgs = {r[0]: r[1] for r in await conn.fetch("SELECT id, org_id FROM action_pages")}
+    for pid, n in await conn.fetch(PAGE_SUPPORTERS):
+        page = pages[pid]
+        page["supporters"] += n
+        page["org"][orgs[pid]] = page["org"].get(orgs[pid], 0) + n
+    for pid, area, n in await conn.fetch(PAGE_AREAS):
+        pages[pid]["area"][area] = n
+    for pid, action_type, n in await conn.fetch(PAGE_ACTIONS):
+        pages[pid]["action"][action_type] = n
+    for pid, n in await conn.fetch(PAGE_MESSAGES):
+        pages[pid]["messages"] = n
+    return pages
+
+
+async def expected_orgs(conn: asyncpg.Connection) -> dict[int, dict[str, Any]]:
+    orgs: dict[int, dict[str, Any]] = {
+        r[0]: {"supporters": 0, "actions": 0, "campaigns": {}}
+        for r in await conn.fetch("SELECT id FROM orgs")
+    }
+    for org, cid, n in await conn.fetch(ORG_CAMPAIGN_SUPPORTERS):
+        if n:
+            orgs[org]["campaigns"][cid] = n
+            orgs[org]["supporters"] += n
+    for org, n in await conn.fetch(ORG_ACTIONS):
+        orgs[org]["actions"] = n
+    return orgs
+
+
+async def expected_history(conn: asyncpg.Connection, unit: str) -> dict[int, list[list[int]]]:
+    out: dict[int, list[list[int]]] = defaultdict(list)
+    for page, start, s, n in await conn.fetch(PAGE_BUCKETS, unit):
+        out[page].append([start, s, n])
+    return dict(out)
+
+
+def state_of(result: CalculationResult) -> StatsState:
+    state = StatsState()
+    state.merge(result)
+    return state
+
+
+def history_ranges(now: float) -> dict[str, float]:
+    """The start of each unit's range that every server answers (docs/protocol.md, "history"),
+    aligned on the unit, so that the reference needs no edge rule."""
+    return {
+        "minute": (int(now) // 60 - 47 * 60) * 60,
+        "hour": (int(now) // 3600 - 80 * 24) * 3600,
+        "day": 0,
+    }
+
+
+class StateReader:
+    """The reads of the service, answered by a state in this process."""
+
+    def __init__(self, state: StatsState) -> None:
+        self.state = state
+
+    async def page_stats(self, page: int) -> dict[str, Any]:
+        return self.state.page_stats(page)
+
+    async def org_stats(self, org: int) -> dict[str, Any]:
+        return self.state.org_stats(org)
+
+    async def history(
+        self, cid: int, unit: str, start: float | None, end: float | None, page: int | None
+    ) -> dict[str, Any]:
+        return self.state.history(cid, unit, start, end, page)
+
+
+async def check_against_reference(
+    conn: asyncpg.Connection, read: StateReader | StatsService
+) -> None:
+    pages = await expected_pages(conn)
+    assert {pid: await read.page_stats(pid) for pid in pages} == pages
+    orgs = await expected_orgs(conn)
+    assert {org: await read.org_stats(org) for org in orgs} == orgs
+    for unit, start in history_ranges(time.time()).items():
+        expected = {
+            pid: [b for b in buckets if b[0] >= start]
+            for pid, buckets in (await expected_history(conn, unit)).items()
+        }
+        got = {
+            pid: (await read.history(pages[pid]["campaign_id"], unit, start, None, pid))["buckets"]
+            for pid in pages
+        }
+        assert {p: b for p, b in got.items() if b} == {p: b for p, b in expected.items() if b}
+
+
+# -- the calculation --------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    statuses=st.lists(st.integers(0, 3), min_size=1, max_size=4),
+    pages=pages_st,
+    supporters=supporters_st,
+    actions=actions_st,
+    spread=st.integers(1, 100_000),
+    helper=st.booleans(),
+)
+def test_pages_and_orgs_of_any_small_database_equal_the_reference_sql(
+    module_dsn: str,
+    statuses: list[int],
+    pages: list[tuple[int, int, int]],
+    supporters: list[tuple[int, int, str | None, int, int | None]],
+    actions: list[tuple[int, int, str, int, bool]],
+    spread: int,
+    helper: bool,
+) -> None:
+    async def check() -> None:
+        conn = await asyncpg.connect(module_dsn)
+        helper_conn = await asyncpg.connect(module_dsn) if helper else None
+        try:
+            await load(conn, statuses, pages, supporters, actions)
+            await conn.execute(SPREAD, spread)
+            result = await calculate(conn, "all", helper_conn=helper_conn)
+            await check_against_reference(conn, StateReader(state_of(result)))
+            # A list of campaign ids takes the hashing plan: the same figures for its pages.
+            ids = [r[0] for r in await conn.fetch("SELECT id FROM campaigns")]
+            by_ids = state_of(await calculate(conn, ids))
+            full = state_of(await calculate(conn, "all"))
+            assert by_ids.pages == full.pages
+            for pid in full.pages:
+                assert by_ids.page_timelines.get(pid, None) is None or (
+                    by_ids.page_timelines[pid].views(time.time())
+                    == full.page_timelines[pid].views(time.time())
+                )
+        finally:
+            await conn.close()
+            if helper_conn is not None:
+                await helper_conn.close()
+
+    asyncio.run(check())
+
+
+async def demo_database(conn: asyncpg.Connection) -> None:
+    """A demo database spread over minutes, days and months, with repeat people on several
+    pages and campaigns, rejected actions and messages."""
+    await truncate_all(conn)
+    await fill_demo(conn, actions=20_000, seed=5, progress=False)
+    await conn.execute(SPREAD, 7919)
+    await conn.execute("INSERT INTO messages (action_id) SELECT id FROM actions WHERE id % 7 = 0")
+    # Every condition the tests rely on holds in this data.
+    repeat = await conn.fetchval(
+        "SELECT count(*) FROM (SELECT s.fingerprint FROM supporters s "
+        "JOIN actions a ON a.supporter_id = s.id "
+        "GROUP BY 1 HAVING count(DISTINCT a.action_page_id) > 1) x"
+    )
+    assert repeat > 0
+    assert await conn.fetchval("SELECT count(*) FROM actions WHERE processing_status = 2") > 0
+
+
+async def test_pages_orgs_and_page_history_of_a_demo_database_equal_the_reference_sql(
+    conn: asyncpg.Connection, module_dsn: str
+) -> None:
+    await demo_database(conn)
+    helper = await asyncpg.connect(module_dsn)
+    try:
+        state = state_of(await calculate(conn, "all", helper_conn=helper))
+    finally:
+        await helper.close()
+    await check_against_reference(conn, StateReader(state))
+    # The campaign's own figures are unchanged by pages: their sums agree where they must.
+    for cid, stats in state.campaigns.items():
+        pages = [p for p in state.pages.values() if p.campaign_id == cid]
+        assert sum(sum(p.stats.action.values()) for p in pages) == sum(stats.action.values())
+        assert sum(p.stats.extra_supporters for p in pages) == stats.extra_supporters
+
+
+# -- increments, then the exact merge -----------------------------------------------------------
+
+SLOW = replace(
+    PROCA_QUERIES,
+    max_action_id="SELECT (SELECT coalesce(max(id), 0) FROM actions) FROM pg_sleep(2)",
+)
+
+
+@pytest.fixture
+async def slow_service(conn: asyncpg.Connection, module_dsn: str) -> AsyncIterator[StatsService]:
+    """A server over the demo database, loaded; its calculations sleep a second in their
+    snapshot, so that changes can be made during one."""
+    await demo_database(conn)
+    service = StatsService(
+        PostgresSource(module_dsn, queries=SLOW), ActorConfig(sync_interval=3600)
+    )
+    await service.start()
+    await wait_for(lambda: loaded(service))
+    yield service
+    await service.stop()
+
+
+class Backend:
+    """Signs people up the way Proca's backend does: a new person's supporter and action in one
+    transaction, then an increment with its page, txid and time."""
+
+    def __init__(self, conn: asyncpg.Connection, service: StatsService) -> None:
+        self.conn = conn
+        self.service = service
+        self.person = 10_000_000
+
+    async def sign(self, cid: int, page: int, org: int, area: str | None) -> None:
+        self.person += 1
+        async with self.conn.transaction():
+            sid = await self.conn.fetchval(
+                "INSERT INTO supporters (campaign_id, action_page_id, fingerprint, area, "
+                "processing_status, dupe_rank) VALUES ($1, $2, $3, $4, 3, 0) RETURNING id",
+                cid,
+                page,
+                self.person.to_bytes(8, "big"),
+                area,
+            )
+            aid, at = await self.conn.fetchrow(
+                "INSERT INTO actions (supporter_id, action_type, campaign_id, action_page_id, "
+                "processing_status) VALUES ($1, 'register', $2, $3, 3) "
+                "RETURNING id, extract(epoch FROM inserted_at)::float8",
+                sid,
+                cid,
+                page,
+            )
+            txid = await self.conn.fetchval("SELECT pg_current_xact_id()::text::bigint")
+        self.service.increment(
+            cid, org, "register", area, True, action_id=aid, txid=txid, at=at, page=page
+        )
+
+
+async def test_page_increments_with_txids_stay_exact_across_a_calculation_merge(
+    conn: asyncpg.Connection, slow_service: StatsService
+) -> None:
+    service = slow_service
+    backend = Backend(conn, service)
+    targets = [
+        tuple(r)
+        for r in await conn.fetch(
+            "SELECT campaign_id, id, org_id FROM action_pages ORDER BY id LIMIT 6"
+        )
+    ]
+    for i in range(30):  # before the calculation: counted by memory alone
+        cid, page, org = targets[i % len(targets)]
+        await backend.sign(cid, page, org, ["DE", None, "FR"][i % 3])
+    await service.flush()
+    await check_against_reference(conn, service)
+    done = await completed(service)
+    assert await service.resync("all")
+    await asyncio.sleep(0.3)  # the snapshot is taken; the calculation sleeps in it
+    for i in range(30):  # during it: not in its snapshot, replayed by the merge
+        cid, page, org = targets[i % len(targets)]
+        await backend.sign(cid, page, org, ["PL", "DE", None][i % 3])
+    await wait_for(lambda: _completed_more(service, done))
+    await service.flush()
+    await check_against_reference(conn, service)
+
+
+async def _completed_more(service: StatsService, before: int) -> bool:
+    return await completed(service) > before
