@@ -12,6 +12,7 @@ and counts the actions on its pages.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -19,22 +20,28 @@ from dataclasses import replace
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from campaignstats.actor.actor import ActorConfig
+from campaignstats.client import AsyncStatsClient, StatsClient
 from campaignstats.db.calculation import calculate
 from campaignstats.db.demo import fill_demo
 from campaignstats.db.queries import PROCA_QUERIES
 from campaignstats.db.source import PostgresSource
+from campaignstats.errors import BadMessage, Invalid
+from campaignstats.http import HttpConfig, HttpServer, app
 from campaignstats.model import CalculationResult, StatsState
 from campaignstats.service import StatsService
 
 from .conftest import truncate_all
-from .helpers import completed, loaded, wait_for
+from .helpers import Raw, Running, completed, loaded, wait_for
 from .test_calculation import actions_st, load, pages_st, supporters_st
+from .test_follower import dsn, following, logical_cluster  # noqa: F401 (fixtures)
 from .test_time_calculation import SPREAD
+from .test_time_calls import _cli
 
 COUNTED = "a.processing_status IN (3, 4)"
 PERSON = "s.processing_status = 3 AND s.dupe_rank = 0"
@@ -368,3 +375,225 @@ async def test_page_increments_with_txids_stay_exact_across_a_calculation_merge(
 
 async def _completed_more(service: StatsService, before: int) -> bool:
     return await completed(service) > before
+
+
+# -- the calls, from the outside ----------------------------------------------------------------
+
+FAR = 9_100  # campaign, page and org ids far from the module's database: only increments count
+
+
+async def test_page_and_org_calls_answer_through_both_clients_and_the_service(
+    server: Running,
+) -> None:
+    cid, other, page, page2, org, org2 = FAR + 1, FAR + 2, FAR + 11, FAR + 12, FAR + 21, FAR + 22
+    now = time.time()
+    aio = AsyncStatsClient(f"unix://{server.unix}")
+    blocking = StatsClient(f"unix://{server.unix}")
+    try:
+        aio.increment(cid, org, "sign", "DE", True, page=page, at=now - 7200)
+        aio.increment(cid, org, "sign", None, True, page=page, messages=2)
+        aio.increment(cid, org, "share", None, False, 3, page=page)
+        aio.increment(cid, org2, "sign", "FR", True, page=page2)
+        aio.increment(other, org, "sign", "DE", True, page=FAR + 13)
+        aio.increment(cid, org, "sign", "PL", True)  # no page: the campaign's and the org's
+        await aio.flush()
+        stats = await aio.page_stats(page)
+        assert stats == {
+            "supporters": 2,
+            "action": {"sign": 2, "share": 3},
+            "area": {"DE": 1},
+            "org": {org: 2},
+            "extra_supporters": 0,
+            "messages": 2,
+            "campaign_id": cid,
+        }
+        assert await asyncio.to_thread(blocking.page_stats, page) == stats
+        assert await server.service.page_stats(page) == stats
+        org_stats = await aio.org_stats(org)
+        # Its entries in both campaigns' org; the actions of its pages (the page-less one not).
+        assert org_stats == {"supporters": 4, "actions": 6, "campaigns": {cid: 3, other: 1}}
+        assert await asyncio.to_thread(blocking.org_stats, org) == org_stats
+        assert await server.service.org_stats(org) == org_stats
+        hours = await aio.history(cid, "hour", page=page)
+        assert hours["buckets"] == [
+            [(int(now) - 7200) // 3600 * 3600, 1, 1],
+            [int(now) // 3600 * 3600, 1, 4],
+        ]
+        assert await asyncio.to_thread(blocking.history, cid, "hour", page=page) == hours
+        assert await server.service.history(cid, "hour", page=page) == hours
+        # A page of another campaign has no buckets in this one.
+        assert (await aio.history(other, "hour", page=page))["buckets"] == []
+        # Unknown page and org: zeros, as for an unknown campaign.
+        assert await aio.page_stats(FAR + 99) == {
+            "supporters": 0,
+            "action": {},
+            "area": {},
+            "org": {},
+            "extra_supporters": 0,
+            "messages": 0,
+            "campaign_id": 0,
+        }
+        assert await aio.org_stats(FAR + 99) == {"supporters": 0, "actions": 0, "campaigns": {}}
+        # A decrement with the page takes it back from the page too.
+        aio.decrement(cid, org, "share", None, False, 3, page=page)
+        await aio.flush()
+        assert (await aio.page_stats(page))["action"] == {"sign": 2}
+        assert (await aio.org_stats(org))["actions"] == 3
+    finally:
+        await aio.close()
+        blocking.close()
+
+
+async def test_bad_page_and_org_ids_are_refused_with_the_wire_errors_and_change_nothing(
+    server: Running,
+) -> None:
+    cid, page, org = FAR + 31, FAR + 41, FAR + 51
+    raw = await Raw.unix(server.unix)
+    try:
+        await raw.send(["inc", {"campaign": cid, "org": org, "type": "sign", "page": page}])
+        assert (await raw.call("flush", 1))[:2] == ["ok", 1]
+        before = (await raw.call("page_stats", 2, page))[2]
+        org_before = (await raw.call("org_stats", 3, org))[2]
+        for op, value, code in (
+            ("page_stats", 0, "invalid"),
+            ("page_stats", -5, "invalid"),
+            ("page_stats", 2**63, "invalid"),
+            ("page_stats", "5", "bad_message"),
+            ("page_stats", 1.5, "bad_message"),
+            ("org_stats", 0, "invalid"),
+            ("org_stats", None, "bad_message"),
+        ):
+            reply = await raw.call(op, 10, value)
+            assert reply[:3] == ["err", 10, code], (op, value, reply)
+        reply = await raw.call("history", 11, cid, {"page": 0})
+        assert reply[:3] == ["err", 11, "invalid"]
+        reply = await raw.call("history", 12, cid, {"page": "x"})
+        assert reply[:3] == ["err", 12, "bad_message"]
+        # Increments naming a bad page, or a page of another campaign or org: refused whole.
+        for item, code in (
+            ({"campaign": cid, "org": org, "type": "sign", "page": 0}, "invalid"),
+            ({"campaign": cid, "org": org, "type": "sign", "page": -1}, "invalid"),
+            ({"campaign": cid, "org": org, "type": "sign", "page": "p"}, "bad_message"),
+            ({"campaign": cid + 1, "org": org, "type": "sign", "page": page}, "invalid"),
+            ({"campaign": cid, "org": org + 1, "type": "sign", "page": page}, "invalid"),
+        ):
+            await raw.send(["inc", item], ["flush", 20])
+            error, flushed = await raw.recv(2)
+            assert error[:3] == ["err", None, code], (item, error)
+            assert flushed[:2] == ["ok", 20]
+        assert (await raw.call("page_stats", 21, page))[2] == before
+        assert (await raw.call("org_stats", 22, org))[2] == org_before
+        assert (await raw.call("stats", 23, cid + 1))[2]["action"] == {}
+    finally:
+        await raw.close()
+    aio = AsyncStatsClient(f"unix://{server.unix}")
+    try:
+        for bad in (0, -1):
+            with pytest.raises(Invalid):
+                await aio.page_stats(bad)
+            with pytest.raises(Invalid):
+                await aio.org_stats(bad)
+            with pytest.raises(Invalid):
+                await aio.history(cid, "day", page=bad)
+        with pytest.raises(BadMessage):
+            await aio.page_stats("5")  # type: ignore[arg-type]
+        with pytest.raises(Invalid):
+            await server.service.page_stats(0)
+    finally:
+        await aio.close()
+
+
+async def test_http_serves_pages_and_orgs_and_refuses_bad_ids_with_400(
+    server: Running,
+) -> None:
+    cid, page, org = FAR + 61, FAR + 71, FAR + 81
+    server.service.increment(cid, org, "sign", "DE", True, page=page)
+    await server.service.flush()
+    stats_app = app(server.service, HttpConfig())
+    http_server = HttpServer(stats_app, "127.0.0.1", 0)
+    await http_server.start()
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{http_server.port}", timeout=10
+        ) as client:
+            r = await client.get(f"/v1/pages/{page}")
+            assert r.status_code == 200
+            assert r.json() == json.loads(json.dumps(await server.service.page_stats(page)))
+            assert r.json()["org"] == {str(org): 1}
+            assert "etag" in r.headers
+            r = await client.get(f"/v1/orgs/{org}")
+            assert r.json() == {"supporters": 1, "actions": 1, "campaigns": {str(cid): 1}}
+            r = await client.get(f"/v1/campaigns/{cid}/history?unit=day&page={page}")
+            assert [b[1:] for b in r.json()["buckets"]] == [[1, 1]]
+            r = await client.get(f"/v1/orgs/{FAR + 99}")
+            assert r.json() == {"supporters": 0, "actions": 0, "campaigns": {}}
+            for path, code in (
+                ("/v1/pages/0", "invalid"),
+                ("/v1/pages/abc", "bad_message"),
+                ("/v1/pages/-3", "bad_message"),
+                ("/v1/orgs/0", "invalid"),
+                ("/v1/orgs/9223372036854775808", "invalid"),
+                (f"/v1/campaigns/{cid}/history?page=0", "invalid"),
+                (f"/v1/campaigns/{cid}/history?page=x", "bad_message"),
+            ):
+                r = await client.get(path)
+                assert r.status_code == 400, path
+                assert r.json()["error"] == code, path
+    finally:
+        await http_server.close()
+
+
+async def test_the_cli_prints_a_page_an_org_and_a_pages_history(server: Running) -> None:
+    cid, page, org = FAR + 91, FAR + 92, FAR + 93
+    server.service.increment(cid, org, "sign", "DE", True, page=page)
+    server.service.increment(cid, org, "share", None, False, page=page)
+    await server.service.flush()
+    url = f"unix://{server.unix}"
+    page_out = json.loads(await _cli("page", str(page), "--url", url))
+    assert page_out["campaign_id"] == cid
+    assert page_out["action"] == {"sign": 1, "share": 1}
+    org_out = json.loads(await _cli("org", str(org), "--url", url))
+    assert org_out == {"supporters": 1, "actions": 2, "campaigns": {str(cid): 1}}
+    history = json.loads(
+        await _cli("history", str(cid), "--page", str(page), "--json", "--url", url)
+    )
+    assert [b[1:] for b in history["buckets"]] == [[1, 2]]
+
+
+# -- the follower -------------------------------------------------------------------------------
+
+
+async def test_a_row_written_only_to_postgres_moves_its_pages_stats(
+    dsn: str,  # noqa: F811 (the follower's fixture)
+) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with following(dsn, 3600) as (service, _, _):
+            assert (await service.page_stats(2))["campaign_id"] == 1  # known, empty
+            async with conn.transaction():
+                sid = await conn.fetchval(
+                    "INSERT INTO supporters (campaign_id, action_page_id, fingerprint, area, "
+                    "processing_status, dupe_rank) VALUES (1, 2, 'x', 'DE', 3, 0) RETURNING id"
+                )
+                aid = await conn.fetchval(
+                    "INSERT INTO actions (supporter_id, action_type, campaign_id, "
+                    "action_page_id, processing_status) VALUES ($1, 'register', 1, 2, 3) "
+                    "RETURNING id",
+                    sid,
+                )
+            await wait_for(lambda: _page_supporters(service, 2, 1), timeout=5)
+            page = await service.page_stats(2)
+            assert page["action"] == {"register": 1}
+            assert page["area"] == {"DE": 1}
+            assert page["org"] == {2: 1}
+            assert (await service.org_stats(2))["actions"] == 1
+            assert (await service.page_stats(1))["action"] == {}  # the other page: untouched
+            await conn.execute("UPDATE actions SET processing_status = 2 WHERE id = $1", aid)
+            await wait_for(lambda: _page_supporters(service, 2, 0), timeout=5)
+            assert (await service.page_stats(2))["action"] == {}
+    finally:
+        await conn.close()
+
+
+async def _page_supporters(service: StatsService, page: int, n: int) -> bool:
+    return (await service.page_stats(page))["supporters"] == n
