@@ -1,6 +1,6 @@
 """A/B of the full calculation: this tree's ``calculate()`` against an earlier commit's.
 
-    python -m bench.calculation_ab --base 3fb2bf4 --actions 1000000 --runs 5
+    python -m bench.calculation_ab --base 3fb2bf4,e63bcc7 --actions 1000000 --runs 5
 
 The machine is shared and noisy, so both run in the same process on the same demo database (built
 once by bench/calculation.py's ``ensure_database``), alternately, with one untimed warm-up each,
@@ -32,8 +32,8 @@ from campaignstats.db.embedded import EmbeddedPostgres
 
 
 def load_base(commit: str, into: Path) -> Any:
-    """The base commit's ``calculate``, as the module ``calc_base.calculation``."""
-    package = into / "calc_base"
+    """The commit's ``calculate``, as the module ``calc_<commit>.calculation``."""
+    package = into / f"calc_{commit}"
     package.mkdir()
     (package / "__init__.py").write_text("")
     for name in ("calculation.py", "queries.py"):
@@ -44,28 +44,32 @@ def load_base(commit: str, into: Path) -> Any:
             text=True,
         ).stdout
         (package / name).write_text(text)
-    sys.path.insert(0, str(into))
-    return importlib.import_module("calc_base.calculation").calculate
+    if str(into) not in sys.path:
+        sys.path.insert(0, str(into))
+    return importlib.import_module(f"calc_{commit}.calculation").calculate
 
 
-async def run(args: argparse.Namespace, base_calculate: Any) -> dict[str, list[float]]:
+async def run(args: argparse.Namespace, bases: dict[str, Any]) -> dict[str, list[float]]:
     import asyncpg
 
     pg = EmbeddedPostgres(args.data_dir)
     admin = pg.start()
-    times: dict[str, list[float]] = {"base": [], "ours": []}
+    names = [*bases, "ours"]
+    times: dict[str, list[float]] = {name: [] for name in names}
     try:
         dsn = await ensure_database(admin, args.actions, args.seed)
         conns = [await asyncpg.connect(dsn) for _ in range(2)]
         try:
-            runners: dict[str, Callable[[], Awaitable[Any]]] = {
-                "base": lambda: base_calculate(conns[0], args.scope, helper_conn=conns[1]),
-                "ours": lambda: calculate(conns[0], args.scope, helper_conn=conns[1]),
-            }
-            for name in ("base", "ours"):
+
+            def runner(calc: Any) -> Callable[[], Awaitable[Any]]:
+                return lambda: calc(conns[0], args.scope, helper_conn=conns[1])
+
+            runners = {name: runner(calc) for name, calc in bases.items()}
+            runners["ours"] = runner(calculate)
+            for name in names:
                 await runners[name]()  # warm-up, untimed
             for i in range(args.runs):
-                for name in ("base", "ours") if i % 2 == 0 else ("ours", "base"):
+                for name in names if i % 2 == 0 else names[::-1]:
                     t = time.perf_counter()
                     await runners[name]()
                     times[name].append(time.perf_counter() - t)
@@ -79,7 +83,9 @@ async def run(args: argparse.Namespace, base_calculate: Any) -> dict[str, list[f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", default="3fb2bf4", help="the commit to compare against")
+    parser.add_argument(
+        "--base", default="3fb2bf4", help="the commits to compare against, comma-separated"
+    )
     parser.add_argument("--actions", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--runs", type=int, default=5)
@@ -88,15 +94,17 @@ def main() -> None:
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     with tempfile.TemporaryDirectory() as tmp:
-        base_calculate = load_base(args.base, Path(tmp))
-        times = asyncio.run(run(args, base_calculate))
+        bases = {c: load_base(c, Path(tmp)) for c in args.base.split(",")}
+        times = asyncio.run(run(args, bases))
     print(f"{args.actions:,} actions, scope {args.scope}, {args.runs} runs, interleaved")
     print(f"{'':8s}{'median':>9s}{'min':>9s}{'max':>9s}")
-    for name in ("base", "ours"):
+    for name in times:
         s = summary(times[name])
         print(f"{name:8s}{s['median']:9.3f}{s['min']:9.3f}{s['max']:9.3f}")
-    ratio = summary(times["ours"])["median"] / summary(times["base"])["median"]
-    print(f"ours / base (medians): {ratio:.2f} (budget: 1.30)")
+    first = next(iter(bases))
+    for name in times:
+        ratio = summary(times[name])["median"] / summary(times[first])["median"]
+        print(f"{name} / {first} (medians): {ratio:.2f}")
     print("runs:", {k: [round(t, 3) for t in v] for k, v in times.items()})
 
 
