@@ -1123,6 +1123,9 @@ class StatsState:
     def replace_all(self, campaigns: Mapping[int, CampaignStats]) -> None:
         """Load a snapshot file's content (before any calculation)."""
         self.campaigns = {cid: stats.copy() for cid, stats in campaigns.items()}
+        for cid, stats in self.campaigns.items():
+            for org_id in stats.org:
+                self._org_in(org_id, cid)
         # Loaded, so drift is measured at the first merge; an empty horizon skips nothing.
         self.seen = dict.fromkeys(campaigns, NO_HORIZON)
         self.counted_now = {}
