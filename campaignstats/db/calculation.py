@@ -140,16 +140,21 @@ async def calculate(
                 Rows = list[asyncpg.Record]
 
                 async def main_part() -> tuple[Rows, Rows]:
-                    buckets = await conn.fetch(queries.action_buckets, ids, *cutoffs)
+                    buckets: Rows = []
+                    if split is not None:
+                        buckets = await conn.fetch(queries.action_buckets, ids, *cutoffs)
                     await _set_local(conn, supporter_settings)
                     return buckets, await conn.fetch(supporter_sql, ids, None, split, *cutoffs)
 
-                async def helper_part() -> tuple[Rows, Rows, Rows]:
+                async def helper_part() -> tuple[Rows, Rows, Rows, Rows]:
                     extra = await helper_conn.fetch(queries.extra_supporters, ids)
                     pages = await helper_conn.fetch(queries.page_orgs, ids)
+                    if split is None:  # the main connection counts the supporters whole
+                        buckets = await helper_conn.fetch(queries.action_buckets, ids, *cutoffs)
+                        return extra, pages, [], buckets
                     await _set_local(helper_conn, supporter_settings)
                     rows = await helper_conn.fetch(supporter_sql, ids, split, None, *cutoffs)
-                    return extra, pages, rows
+                    return extra, pages, rows, []
 
                 # Both finish before either transaction ends, even when one fails.
                 results = await asyncio.gather(main_part(), helper_part(), return_exceptions=True)
@@ -158,7 +163,8 @@ async def calculate(
                         raise r
                 main_rows, helper_rows = results
                 action_buckets, rows_lo = main_rows
-                extra_rows, page_rows, rows_hi = helper_rows
+                extra_rows, page_rows, rows_hi, helper_buckets = helper_rows
+                action_buckets = [*action_buckets, *helper_buckets]
                 supporter_rows = [*rows_lo, *rows_hi]
     except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
         # A connection lost mid-query surfaces as the rollback's InterfaceError; the reason

@@ -260,10 +260,11 @@ class Queries:
         "max_parallel_workers_per_gather = 0",
     )
     #: with a helper connection, the fingerprint ranges [lo, hi) each connection counts (their
-    #: union must be every bytea; the split only balances the work, exactness does not depend on it)
-    #: (0x90: the main connection also reads the action buckets, so it takes a little more
-    #: than half of the fingerprints, 9/16 when they are uniform)
-    fingerprint_split: bytes = b"\x90"
+    #: union must be every bytea; the split only balances the work, exactness does not depend on
+    #: it). None: no split; the main connection counts the supporters whole and the helper reads
+    #: the rest (the action buckets). The supporter query reads each counted action's row for its
+    #: time, and a fingerprint half still reads every action's: split, that read is paid twice.
+    fingerprint_split: bytes | None = None
 
 
 PROCA_QUERIES = Queries(
