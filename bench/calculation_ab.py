@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -49,16 +50,30 @@ def load_base(commit: str, into: Path) -> Any:
     return importlib.import_module(f"calc_{commit}.calculation").calculate
 
 
-async def run(args: argparse.Namespace, bases: dict[str, Any]) -> dict[str, list[float]]:
+def backend_cpu(pids: list[int]) -> float:
+    """CPU seconds the database backends of ``pids`` have used (user + system, from /proc):
+    less sensitive than wall time to the other load of a shared machine."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def run(
+    args: argparse.Namespace, bases: dict[str, Any]
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     import asyncpg
 
     pg = EmbeddedPostgres(args.data_dir)
     admin = pg.start()
     names = [*bases, "ours"]
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     try:
         dsn = await ensure_database(admin, args.actions, args.seed)
         conns = [await asyncpg.connect(dsn) for _ in range(2)]
+        pids = [conn.get_server_pid() for conn in conns]
         try:
 
             def runner(calc: Any) -> Callable[[], Awaitable[Any]]:
@@ -70,15 +85,16 @@ async def run(args: argparse.Namespace, bases: dict[str, Any]) -> dict[str, list
                 await runners[name]()  # warm-up, untimed
             for i in range(args.runs):
                 for name in names if i % 2 == 0 else names[::-1]:
-                    t = time.perf_counter()
+                    c, t = backend_cpu(pids), time.perf_counter()
                     await runners[name]()
                     times[name].append(time.perf_counter() - t)
+                    cpu[name].append(backend_cpu(pids) - c)
         finally:
             for conn in conns:
                 await conn.close()
     finally:
         pg.close()
-    return times
+    return times, cpu
 
 
 def main() -> None:
@@ -95,7 +111,7 @@ def main() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     with tempfile.TemporaryDirectory() as tmp:
         bases = {c: load_base(c, Path(tmp)) for c in args.base.split(",")}
-        times = asyncio.run(run(args, bases))
+        times, cpu = asyncio.run(run(args, bases))
     print(f"{args.actions:,} actions, scope {args.scope}, {args.runs} runs, interleaved")
     print(f"{'':8s}{'median':>9s}{'min':>9s}{'max':>9s}")
     for name in times:
@@ -106,6 +122,11 @@ def main() -> None:
         ratio = summary(times[name])["median"] / summary(times[first])["median"]
         print(f"{name} / {first} (medians): {ratio:.2f}")
     print("runs:", {k: [round(t, 3) for t in v] for k, v in times.items()})
+    print("database CPU seconds per calculation (both connections), medians:")
+    for name in cpu:
+        ratio = summary(cpu[name])["median"] / summary(cpu[first])["median"]
+        print(f"  {name:8s}{summary(cpu[name])['median']:7.2f}  ({ratio:.2f} x {first})")
+    print("cpu runs:", {k: [round(t, 2) for t in v] for k, v in cpu.items()})
 
 
 if __name__ == "__main__":

@@ -263,8 +263,10 @@ class Queries:
     #: union must be every bytea; the split only balances the work, exactness does not depend on
     #: it). None: no split; the main connection counts the supporters whole and the helper reads
     #: the rest (the action buckets). The supporter query reads each counted action's row for its
-    #: time, and a fingerprint half still reads every action's: split, that read is paid twice.
-    fingerprint_split: bytes | None = None
+    #: time, and a fingerprint half still reads every action's: split, that read is paid twice,
+    #: yet the split measured faster than one connection (bench/calculation_ab.py, README).
+    #: 0x90: the main connection also reads the action buckets, so it takes 9/16.
+    fingerprint_split: bytes | None = b"\x90"
 
 
 PROCA_QUERIES = Queries(
