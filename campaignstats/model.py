@@ -530,6 +530,7 @@ class StatsState:
         "max_keys",
         "org_campaigns",
         "org_pages",
+        "page_mismatches",
         "page_timelines",
         "pages",
         "pages_of",
@@ -583,6 +584,9 @@ class StatsState:
         self.decremented = 0  # decrements applied
         self.clamped = 0  # decrements that took back more than a count held
         self.already_counted = 0  # changes skipped: a merged calculation had counted them
+        #: changes naming a page memory knows under another campaign or org: counted in their
+        #: campaign, not in that page
+        self.page_mismatches = 0
 
     # -- increments -----------------------------------------------------------------------------
 
@@ -638,14 +642,10 @@ class StatsState:
             if page is not None:
                 known = pages.get(page)
                 if known is not None and (known.campaign_id != cid or known.org_id != org_id):
-                    rejected.append(
-                        (
-                            i,
-                            f"page {page} is of campaign {known.campaign_id} and org "
-                            f"{known.org_id}, not {cid} and {org_id}",
-                        )
-                    )
-                    continue
+                    # A page of another campaign or org: the campaign counts the change (its
+                    # totals must not depend on which client came first), the page does not.
+                    self.page_mismatches += 1
+                    page = None
             stats = campaigns.get(cid)
             if stats is None:
                 if self.max_campaigns is not None and len(campaigns) >= self.max_campaigns:
@@ -780,7 +780,9 @@ class StatsState:
     def _page_take(self, page: int, dec: IncrementLike, t: float, now: float) -> None:
         """Take a decrement from its page: only from a page memory holds, of that campaign."""
         ps = self.pages.get(page)
-        if ps is None or ps.campaign_id != dec.campaign_id:
+        if ps is None or ps.campaign_id != dec.campaign_id or ps.org_id != dec.org_id:
+            if ps is not None:
+                self.page_mismatches += 1
             return
         ps.stats.subtract(dec)
         timeline = self.page_timelines.get(page)
@@ -1042,8 +1044,14 @@ class StatsState:
                     # pages and orgs"): the same changes, the same rules.
                     pt = page_truth.get(page)
                     page_timeline = page_timelines.get(page)
-                    if decrement:
-                        if pt is not None and pt.campaign_id == cid:
+                    elsewhere = pt is None and (
+                        page in result.pages
+                        or (page in self.pages and self.pages[page].campaign_id != cid)
+                    )
+                    if elsewhere or (pt is not None and pt.org_id != change.org_id):
+                        pass  # a page of another campaign or org: as when it was applied
+                    elif decrement:
+                        if pt is not None:
                             pt.stats.subtract(change)
                             if page_timeline is not None:
                                 page_timeline.take(t, change.new_supporter, change.count, now)

@@ -469,21 +469,27 @@ async def test_bad_page_and_org_ids_are_refused_with_the_wire_errors_and_change_
         assert reply[:3] == ["err", 11, "invalid"]
         reply = await raw.call("history", 12, cid, {"page": "x"})
         assert reply[:3] == ["err", 12, "bad_message"]
-        # Increments naming a bad page, or a page of another campaign or org: refused whole.
+        # Increments naming a bad page: refused whole.
         for item, code in (
             ({"campaign": cid, "org": org, "type": "sign", "page": 0}, "invalid"),
             ({"campaign": cid, "org": org, "type": "sign", "page": -1}, "invalid"),
             ({"campaign": cid, "org": org, "type": "sign", "page": "p"}, "bad_message"),
-            ({"campaign": cid + 1, "org": org, "type": "sign", "page": page}, "invalid"),
-            ({"campaign": cid, "org": org + 1, "type": "sign", "page": page}, "invalid"),
         ):
             await raw.send(["inc", item], ["flush", 20])
             error, flushed = await raw.recv(2)
             assert error[:3] == ["err", None, code], (item, error)
             assert flushed[:2] == ["ok", 20]
+        assert (await raw.call("stats", 19, cid))[2]["action"] == {"sign": 1}
+        # A page of another campaign or org: the campaign counts it, the page does not.
+        await raw.send(
+            ["inc", {"campaign": cid + 1, "org": org, "type": "sign", "page": page}],
+            ["inc", {"campaign": cid, "org": org + 1, "type": "sign", "page": page}],
+        )
+        assert (await raw.call("flush", 24))[:2] == ["ok", 24]
+        assert (await raw.call("stats", 25, cid + 1))[2]["action"] == {"sign": 1}
+        assert (await raw.call("stats", 26, cid))[2]["action"] == {"sign": 2}
         assert (await raw.call("page_stats", 21, page))[2] == before
         assert (await raw.call("org_stats", 22, org))[2] == org_before
-        assert (await raw.call("stats", 23, cid + 1))[2]["action"] == {}
     finally:
         await raw.close()
     aio = AsyncStatsClient(f"unix://{server.unix}")

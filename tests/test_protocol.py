@@ -1071,4 +1071,5 @@ def test_the_codec_lists_every_op_it_understands() -> None:
         "hello", "ping", "stats", "stats_many", "flush", "info", "resync", "sub", "unsub",
         "inc", "incs", "dec", "decs", "metric", "metrics", "reset_metrics",
         "history", "recent", "top",
+        "page_stats", "org_stats",
     }  # fmt: skip

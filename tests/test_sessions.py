@@ -79,6 +79,7 @@ def test_the_hello_reply_lists_the_ops_and_the_limits() -> None:
         "hello", "ping", "stats", "stats_many", "flush", "info", "resync", "sub", "unsub",
         "inc", "incs", "dec", "decs", "metric", "metrics", "reset_metrics",
         "history", "recent", "top",
+        "page_stats", "org_stats",
     }  # fmt: skip
 
 
