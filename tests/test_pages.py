@@ -603,3 +603,45 @@ async def test_a_row_written_only_to_postgres_moves_its_pages_stats(
 
 async def _page_supporters(service: StatsService, page: int, n: int) -> bool:
     return (await service.page_stats(page))["supporters"] == n
+
+
+# -- the model alone ----------------------------------------------------------------------------
+
+
+def test_a_change_naming_another_campaigns_page_counts_in_its_campaign_only_also_replayed() -> None:
+    from campaignstats.model import CampaignStats, Increment, PageStats, TxSnapshot
+
+    state = StatsState()
+    state.clock = lambda: 1_750_000_000.0
+    page = PageStats(1, 7, CampaignStats(2, {"sign": 2}, {}, {7: 2}))
+    first = CalculationResult(
+        "all", {1: CampaignStats(2, {"sign": 2}, {}, {7: 2}), 2: CampaignStats()}, 10
+    )
+    first.pages = {5: page}
+    state.merge(first)
+    state.start_journal()
+    # During a calculation: one change names page 5 with campaign 2, one with org 8.
+    state.apply(Increment(2, 7, "sign", None, True, page=5, txid=500))
+    state.apply(Increment(1, 8, "sign", None, True, page=5, txid=501))
+    state.apply(Increment(1, 7, "sign", None, True, page=5, txid=502))
+    assert state.page_mismatches == 2
+    assert state.page_stats(5)["supporters"] == 3
+    second = CalculationResult(
+        "all",
+        {1: CampaignStats(2, {"sign": 2}, {}, {7: 2}), 2: CampaignStats()},
+        10,
+        snapshot=TxSnapshot(400, 400),
+    )
+    second.pages = {5: page.copy()}
+    state.merge(second)
+    # Replayed as applied: every campaign counts its changes, page 5 only its own.
+    assert state.stats(2)["supporters"] == 1
+    assert state.stats(1)["supporters"] == 4
+    assert state.stats(1)["org"] == {7: 3, 8: 1}
+    assert state.page_stats(5)["supporters"] == 3
+    assert state.page_stats(5)["campaign_id"] == 1
+    assert state.org_stats(8) == {"supporters": 1, "actions": 0, "campaigns": {1: 1}}
+    # Changes without a page cost the page state nothing.
+    before = (len(state.pages), len(state.page_timelines))
+    state.apply(Increment(3, 7, "sign", "DE", True))
+    assert (len(state.pages), len(state.page_timelines)) == before
