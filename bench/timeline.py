@@ -7,7 +7,8 @@ In one process, on StatsState directly (no sockets), medians of --runs:
 
 * ingest: ns per increment through ``apply_many`` (batches of 1,000 over 1,000 campaigns), the
   hot path with the buckets; compare with the same script run on a tree before them;
-* memory: bytes per campaign of the buckets (tracemalloc), for three activity profiles;
+* memory: bytes per campaign of the buckets (tracemalloc), for three activity profiles, and of
+  its pages (STATS, buckets, indexes) when its changes name them;
 * top: the time of a ``top`` call at --campaigns campaigns after 1,000 changes, by each figure,
   against sorting every campaign (what a scan would cost).
 
@@ -89,6 +90,45 @@ def memory(campaigns: int) -> dict[str, int]:
     return out
 
 
+def pages_memory(campaigns: int, per_campaign: int = 4) -> dict[str, int]:
+    """Bytes per campaign of its pages (STATS, buckets and indexes; docs/design.md, "Action
+    pages and orgs"), ``per_campaign`` pages each, an action every 10 minutes for two days
+    spread over them; and what the same changes without ``page`` add to the page state (0)."""
+    out = {}
+    for with_pages in (True, False):
+        state = StatsState()
+        state.clock = lambda: NOW
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for i, back in enumerate(PROFILES["every 10 min, 2 days"]):
+            state.apply_many(
+                [
+                    Increment(
+                        c,
+                        1 + i % per_campaign,
+                        "sign",
+                        "DE",
+                        True,
+                        at=NOW - back,
+                        page=c * per_campaign + i % per_campaign if with_pages else None,
+                    )
+                    for c in range(1, campaigns + 1)
+                ]
+            )
+        for timeline in state.page_timelines.values():
+            timeline.flush()
+        with_all = tracemalloc.get_traced_memory()[0] - before
+        state.pages.clear()
+        state.page_timelines.clear()
+        state.pages_of.clear()
+        state.org_pages.clear()
+        without = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        name = f"{per_campaign} pages, every 10 min, 2 days" if with_pages else "no page"
+        out[name] = round((with_all - without) / campaigns)
+    return out
+
+
 def top(campaigns: int, runs: int) -> dict[str, Any]:
     rng = random.Random(2)
     state = StatsState()
@@ -134,6 +174,8 @@ def main() -> None:
     print("ingest:", result["ingest"])
     result["bytes_per_campaign"] = memory(args.memory_campaigns)
     print("buckets, bytes per campaign:", result["bytes_per_campaign"])
+    result["page_bytes_per_campaign"] = pages_memory(args.memory_campaigns)
+    print("pages, bytes per campaign:", result["page_bytes_per_campaign"])
     result["top"] = top(args.campaigns, args.runs)
     print("top:", result["top"])
     print("written to", append_result("timeline", result))

@@ -323,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("history", "print a campaign's supporters and actions by minute, hour or day"),
         ("recent", "print a campaign's last hour, today, yesterday and last 7 days"),
         ("top", "print the leading campaigns by supporters, last hour or today"),
+        ("page", "print the stats of one action page (JSON)"),
+        ("org", "print what one org collected over its campaigns (JSON)"),
         ("info", "print what the server says about itself"),
         (
             "goals",
@@ -396,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--unit", choices=("minute", "hour", "day"), default="day")
             p.add_argument("--from", dest="start", type=float, help="epoch seconds, inclusive")
             p.add_argument("--to", dest="end", type=float, help="epoch seconds, exclusive")
+            p.add_argument("--page", type=int, help="an action page of the campaign instead")
             p.add_argument("--json", action="store_true", help="print JSON")
         elif name == "recent":
             p.add_argument("campaign_id", type=int)
@@ -424,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                 help="area quorums (e.g. DE=72000,FR=55000); with --set or --ladder, or alone",
             )
             p.add_argument("--json", action="store_true", help="print JSON")
+        elif name in ("page", "org"):
+            p.add_argument("id", type=int, metavar="ID")
 
     return parser
 
@@ -909,7 +914,9 @@ def run_client_command(args: argparse.Namespace) -> int:
             else:
                 print(f"campaign {args.campaign_id}: {args.name!r} guarded: {json.dumps(guard)}")
         elif args.command == "history":
-            history = client.history(args.campaign_id, args.unit, args.start, args.end)
+            history = client.history(
+                args.campaign_id, args.unit, args.start, args.end, page=args.page
+            )
             if args.json:
                 print(json.dumps(history))
             else:
@@ -919,6 +926,10 @@ def run_client_command(args: argparse.Namespace) -> int:
         elif args.command == "top":
             for cid, value in client.top(args.by, args.limit):
                 print(f"{cid:>12}  {value:>12,}")
+        elif args.command == "page":
+            print(json.dumps(client.page_stats(args.id), indent=2))
+        elif args.command == "org":
+            print(json.dumps(client.org_stats(args.id), indent=2))
         elif args.command == "info":
             print(json.dumps(client.info(), indent=2, default=str))
         elif args.command == "goals":
@@ -1027,6 +1038,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "history",
             "recent",
             "top",
+            "page",
+            "org",
             "info",
             "resync",
             "goals",

@@ -297,6 +297,31 @@ def empty_wire_stats() -> WireStats:
 
 
 @dataclass(slots=True)
+class PageStats:
+    """Counts of one action page (docs/design.md, "Action pages and orgs"): the campaign's
+    semantics restricted to the page's actions. ``stats.org`` holds at most the page's org."""
+
+    campaign_id: int
+    org_id: int
+    stats: CampaignStats = field(default_factory=CampaignStats)
+
+    def copy(self) -> PageStats:
+        return PageStats(self.campaign_id, self.org_id, self.stats.copy())
+
+    def to_wire(self) -> WireStats:
+        wire = self.stats.to_wire()
+        wire["campaign_id"] = self.campaign_id
+        return wire
+
+
+def empty_page_stats() -> WireStats:
+    """STATS of an unknown page: all zeros, ``campaign_id`` 0 (no campaign)."""
+    wire = empty_wire_stats()
+    wire["campaign_id"] = 0
+    return wire
+
+
+@dataclass(slots=True)
 class CampaignDrift:
     """How far memory was from the truth (database value plus unseen increments) at a merge.
 
@@ -432,7 +457,21 @@ class CalculationResult:
     messages_counted: bool = True
     #: per covered campaign with counted actions, its buckets (docs/design.md, "Time")
     timelines: dict[int, Timeline] = field(default_factory=dict)
+    #: the action pages of the covered campaigns (with counted actions or extra supporters),
+    #: and the buckets of those with counted actions (docs/design.md, "Action pages and orgs")
+    pages: dict[int, PageStats] = field(default_factory=dict)
+    page_timelines: dict[int, Timeline] = field(default_factory=dict)
     _horizon: Horizon | None = field(default=None, repr=False, compare=False)
+    _pages_of: dict[int, list[int]] | None = field(default=None, repr=False, compare=False)
+
+    def pages_of(self, campaign_id: int) -> list[int]:
+        """The ids of the result's pages of one campaign (grouped once, for every slice)."""
+        if self._pages_of is None:
+            grouped: dict[int, list[int]] = {}
+            for pid, page in self.pages.items():
+                grouped.setdefault(page.campaign_id, []).append(pid)
+            self._pages_of = grouped
+        return self._pages_of.get(campaign_id, [])
 
     @property
     def horizon(self) -> Horizon:
@@ -489,6 +528,12 @@ class StatsState:
         "journal_size",
         "max_campaigns",
         "max_keys",
+        "org_campaigns",
+        "org_pages",
+        "page_mismatches",
+        "page_timelines",
+        "pages",
+        "pages_of",
         "ranking",
         "seen",
         "timelines",
@@ -524,12 +569,24 @@ class StatsState:
         #: changed since (True: counted now; see :meth:`Horizon.reflects`); small: only the
         #: actions accepted or rejected since that snapshot with their id announced
         self.counted_now: dict[int, dict[int, bool]] = {}
+        #: action pages (docs/design.md, "Action pages and orgs"): only those named by a change
+        #: or found by a calculation; a campaign without pages costs nothing here
+        self.pages: dict[int, PageStats] = {}
+        self.page_timelines: dict[int, Timeline] = {}
+        #: campaign -> its pages in ``pages``; org -> its pages; org -> the campaigns that have
+        #: (or had) it in their ``org`` (a superset: org_stats leaves zeros out)
+        self.pages_of: dict[int, set[int]] = {}
+        self.org_pages: dict[int, set[int]] = {}
+        self.org_campaigns: dict[int, set[int]] = {}
         self.max_keys = max_keys
         self.max_campaigns = max_campaigns
         self.applied = 0  # increments applied since start (each counts once, whatever its count)
         self.decremented = 0  # decrements applied
         self.clamped = 0  # decrements that took back more than a count held
         self.already_counted = 0  # changes skipped: a merged calculation had counted them
+        #: changes naming a page memory knows under another campaign or org: counted in their
+        #: campaign, not in that page
+        self.page_mismatches = 0
 
     # -- increments -----------------------------------------------------------------------------
 
@@ -562,6 +619,7 @@ class StatsState:
         rejected: list[tuple[int, str]] = []
         applied = 0
         timelines = self.timelines
+        pages = self.pages
         now = self.clock()
         now_minute = int(now) // 60
         ranked = self.ranking.dirty
@@ -580,6 +638,14 @@ class StatsState:
                     continue
             org_id, action_type, area = inc.org_id, inc.action_type, inc.area
             new_supporter, count = inc.new_supporter, inc.count
+            page = inc.page
+            if page is not None:
+                known = pages.get(page)
+                if known is not None and (known.campaign_id != cid or known.org_id != org_id):
+                    # A page of another campaign or org: the campaign counts the change (its
+                    # totals must not depend on which client came first), the page does not.
+                    self.page_mismatches += 1
+                    page = None
             stats = campaigns.get(cid)
             if stats is None:
                 if self.max_campaigns is not None and len(campaigns) >= self.max_campaigns:
@@ -608,6 +674,7 @@ class StatsState:
                         rejected.append((i, f"campaign {cid}: over {max_keys} orgs"))
                         continue
                     o = 0
+                    self._org_in(org_id, cid)
                 if area is not None:
                     areas = stats.area
                     a = areas.get(area)
@@ -649,6 +716,8 @@ class StatsState:
                 if timeline is None:
                     timeline = timelines[cid] = Timeline()
                 timeline.add(t, new_supporter, count)
+            if page is not None:
+                self._page_add(page, inc, t)
             if horizon is not None:
                 self._record(cid, horizon, inc.action_id, True)
             if journal is not None and (only is None or cid in only):
@@ -688,6 +757,60 @@ class StatsState:
         else:
             changed[aid] = counted
 
+    def _org_in(self, org_id: int, cid: int) -> None:
+        """Note that campaign ``cid`` has (or had) org ``org_id`` in its ``org`` (org_stats)."""
+        campaigns = self.org_campaigns.get(org_id)
+        if campaigns is None:
+            self.org_campaigns[org_id] = {cid}
+        else:
+            campaigns.add(cid)
+
+    def _page_add(self, page: int, inc: IncrementLike, t: float) -> None:
+        """Count an applied increment in its page too (created by its first change)."""
+        ps = self.pages.get(page)
+        if ps is None:
+            ps = PageStats(inc.campaign_id, inc.org_id)
+            self._install_page(page, ps)
+        ps.stats.add(inc)
+        timeline = self.page_timelines.get(page)
+        if timeline is None:
+            timeline = self.page_timelines[page] = Timeline()
+        timeline.add(t, inc.new_supporter, inc.count)
+
+    def _page_take(self, page: int, dec: IncrementLike, t: float, now: float) -> None:
+        """Take a decrement from its page: only from a page memory holds, of that campaign."""
+        ps = self.pages.get(page)
+        if ps is None or ps.campaign_id != dec.campaign_id or ps.org_id != dec.org_id:
+            if ps is not None:
+                self.page_mismatches += 1
+            return
+        ps.stats.subtract(dec)
+        timeline = self.page_timelines.get(page)
+        if timeline is not None:
+            timeline.take(t, dec.new_supporter, dec.count, now)
+
+    def _install_page(self, page: int, ps: PageStats) -> None:
+        """Put ``ps`` in ``pages`` under ``page``, and in the indexes of its campaign and org."""
+        old = self.pages.get(page)
+        if old is not None and (old.campaign_id, old.org_id) != (ps.campaign_id, ps.org_id):
+            self._drop_page(page)
+        self.pages[page] = ps
+        self.pages_of.setdefault(ps.campaign_id, set()).add(page)
+        self.org_pages.setdefault(ps.org_id, set()).add(page)
+        self._org_in(ps.org_id, ps.campaign_id)
+
+    def _drop_page(self, page: int) -> None:
+        ps = self.pages.pop(page, None)
+        self.page_timelines.pop(page, None)
+        if ps is None:
+            return
+        for index, key in ((self.pages_of, ps.campaign_id), (self.org_pages, ps.org_id)):
+            ids = index.get(key)
+            if ids is not None:
+                ids.discard(page)
+                if not ids:
+                    del index[key]
+
     def _decrement_many(self, decs: Iterable[IncrementLike]) -> None:
         campaigns = self.campaigns
         timelines = self.timelines
@@ -718,6 +841,8 @@ class StatsState:
             timeline = timelines.get(cid)
             if timeline is not None:
                 timeline.take(t, dec.new_supporter, dec.count, now)
+            if dec.page is not None:
+                self._page_take(dec.page, dec, t, now)
             if dec.new_supporter:
                 self.ranking.dirty.add(cid)
             self.decremented += 1
@@ -746,12 +871,48 @@ class StatsState:
         stats = self.campaigns.get(campaign_id)
         return empty_wire_stats() if stats is None else stats.to_wire()
 
+    def page_stats(self, page: int) -> WireStats:
+        """STATS of one action page plus ``campaign_id`` (docs/protocol.md, "page_stats"); an
+        unknown page is all zeros with ``campaign_id`` 0."""
+        ps = self.pages.get(page)
+        return empty_page_stats() if ps is None else ps.to_wire()
+
+    def org_stats(self, org_id: int) -> dict[str, Any]:
+        """``{"supporters", "actions", "campaigns": {campaign_id: supporters}}``: the org's
+        entries in its campaigns' ``org`` (zeros left out) and the counted actions of its pages
+        (docs/protocol.md, "org_stats"). An unknown org is zeros."""
+        per_campaign: dict[int, int] = {}
+        for cid in self.org_campaigns.get(org_id, ()):
+            stats = self.campaigns.get(cid)
+            n = 0 if stats is None else stats.org.get(org_id, 0)
+            if n:
+                per_campaign[cid] = n
+        actions = 0
+        for page in self.org_pages.get(org_id, ()):
+            actions += sum(self.pages[page].stats.action.values())
+        return {
+            "supporters": sum(per_campaign.values()),
+            "actions": actions,
+            "campaigns": dict(sorted(per_campaign.items())),
+        }
+
     def history(
-        self, campaign_id: int, unit: str, start: float | None, end: float | None
+        self,
+        campaign_id: int,
+        unit: str,
+        start: float | None,
+        end: float | None,
+        page: int | None = None,
     ) -> dict[str, Any]:
         """``{"unit", "buckets": [[start, supporters, actions], ...]}`` (docs/protocol.md,
-        "history"): an unknown campaign, or one with no action, has no bucket."""
-        timeline = self.timelines.get(campaign_id)
+        "history"): an unknown campaign, or one with no action, has no bucket. With ``page``,
+        that page's buckets (when it is a page of this campaign)."""
+        if page is None:
+            timeline = self.timelines.get(campaign_id)
+        else:
+            ps = self.pages.get(page)
+            on_campaign = ps is not None and ps.campaign_id == campaign_id
+            timeline = self.page_timelines.get(page) if on_campaign else None
         buckets = [] if timeline is None else timeline.history(unit, start, end, self.clock())
         return {"unit": unit, "buckets": buckets}
 
@@ -851,6 +1012,12 @@ class StatsState:
             db_timeline = result.timelines.get(cid)
             timeline = Timeline() if db_timeline is None else db_timeline.copy()
             counted_now: dict[int, bool] = {}
+            page_truth = {pid: result.pages[pid].copy() for pid in result.pages_of(cid)}
+            page_timelines: dict[int, Timeline] = {}
+            for pid in page_truth:
+                db_page_timeline = result.page_timelines.get(pid)
+                if db_page_timeline is not None:
+                    page_timelines[pid] = db_page_timeline.copy()
             for entry in journal.get(cid, ()):
                 change: IncrementLike
                 t: float | None
@@ -871,6 +1038,30 @@ class StatsState:
                 else:
                     truth.add(change)
                     timeline.add(t, change.new_supporter, change.count)
+                page = change.page
+                if page is not None:
+                    # The page replays what the campaign replays (docs/design.md, "Action
+                    # pages and orgs"): the same changes, the same rules.
+                    pt = page_truth.get(page)
+                    page_timeline = page_timelines.get(page)
+                    elsewhere = pt is None and (
+                        page in result.pages
+                        or (page in self.pages and self.pages[page].campaign_id != cid)
+                    )
+                    if elsewhere or (pt is not None and pt.org_id != change.org_id):
+                        pass  # a page of another campaign or org: as when it was applied
+                    elif decrement:
+                        if pt is not None:
+                            pt.stats.subtract(change)
+                            if page_timeline is not None:
+                                page_timeline.take(t, change.new_supporter, change.count, now)
+                    else:
+                        if pt is None:
+                            pt = page_truth[page] = PageStats(cid, change.org_id)
+                        pt.stats.add(change)
+                        if page_timeline is None:
+                            page_timeline = page_timelines[page] = Timeline()
+                        page_timeline.add(t, change.new_supporter, change.count)
                 aid = change.action_id
                 if aid is not None and horizon.knows(aid):
                     counted_now[aid] = not decrement
@@ -889,6 +1080,9 @@ class StatsState:
                 # The database has no messages table: memory is their only record.
                 truth.messages = before.messages if before is not None else 0
             self.campaigns[cid] = truth
+            for org_id in truth.org:
+                self._org_in(org_id, cid)
+            self._merge_pages(cid, page_truth, page_timelines)
             if timeline.last_action_at < 0 and not timeline.nbytes():
                 self.timelines.pop(cid, None)
             else:
@@ -928,11 +1122,29 @@ class StatsState:
             gone.append(cid)
         for cid in gone:
             del self.campaigns[cid]
+            for page in list(self.pages_of.get(cid, ())):
+                self._drop_page(page)
             self.timelines.pop(cid, None)
             self.seen.pop(cid, None)
             self.counted_now.pop(cid, None)
             self.ranking.dirty.add(cid)
         return gone
+
+    def _merge_pages(
+        self, cid: int, truth: dict[int, PageStats], timelines: dict[int, Timeline]
+    ) -> None:
+        """Make campaign ``cid``'s pages in memory those of ``truth``: a page memory held that
+        the database and the replay do not have is dropped (it counts nothing)."""
+        for page in list(self.pages_of.get(cid, ())):
+            if page not in truth:
+                self._drop_page(page)
+        for page, ps in truth.items():
+            self._install_page(page, ps)
+            timeline = timelines.get(page)
+            if timeline is None or (timeline.last_action_at < 0 and not timeline.nbytes()):
+                self.page_timelines.pop(page, None)
+            else:
+                self.page_timelines[page] = timeline
 
     def check(self) -> str | None:
         """What is wrong with the counts, or None: every count a non-negative int, every
@@ -953,6 +1165,9 @@ class StatsState:
     def replace_all(self, campaigns: Mapping[int, CampaignStats]) -> None:
         """Load a snapshot file's content (before any calculation)."""
         self.campaigns = {cid: stats.copy() for cid, stats in campaigns.items()}
+        for cid, stats in self.campaigns.items():
+            for org_id in stats.org:
+                self._org_in(org_id, cid)
         # Loaded, so drift is measured at the first merge; an empty horizon skips nothing.
         self.seen = dict.fromkeys(campaigns, NO_HORIZON)
         self.counted_now = {}

@@ -59,6 +59,8 @@ from campaignstats.requests import (
     Unsubscribe,
     guard_request,
     history_request,
+    org_stats_request,
+    page_stats_request,
     recent_request,
     set_goals_request,
     top_request,
@@ -507,6 +509,8 @@ class ServerCodec:
             "top": (1, top_request),
             "set_goals": (2, self._set_goals),
             "get_goals": (1, self._get_goals),
+            "page_stats": (1, page_stats_request),
+            "org_stats": (1, org_stats_request),
         }
 
     @property

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from campaignstats.errors import BadMessage, Invalid, ProtocolError
 from campaignstats.goals import GoalsSpec, check_goals
 from campaignstats.metrics.update import MetricUpdate
-from campaignstats.model import MAX_AT, IncrementLike, Scope
+from campaignstats.model import MAX_AT, MAX_ID, IncrementLike, Scope
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +194,8 @@ class History:
     unit: str = "hour"
     start: float | None = None
     end: float | None = None
+    #: an action page of the campaign: its buckets instead of the campaign's
+    page: int | None = None
 
     op: ClassVar[str] = "history"
 
@@ -203,7 +205,35 @@ class History:
             opts["from"] = self.start
         if self.end is not None:
             opts["to"] = self.end
+        if self.page is not None:
+            opts["page"] = self.page
         return (self.campaign_id, opts)
+
+
+@dataclass(frozen=True, slots=True)
+class GetPageStats:
+    """STATS of one action page plus ``campaign_id`` (docs/protocol.md, "page_stats"). Build
+    it with :func:`page_stats_request` to have the id checked."""
+
+    page_id: int
+
+    op: ClassVar[str] = "page_stats"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        return (self.page_id,)
+
+
+@dataclass(frozen=True, slots=True)
+class GetOrgStats:
+    """What one org collected over its campaigns (docs/protocol.md, "org_stats"). Build it
+    with :func:`org_stats_request` to have the id checked."""
+
+    org_id: int
+
+    op: ClassVar[str] = "org_stats"
+
+    def wire_args(self) -> tuple[Any, ...]:
+        return (self.org_id,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,9 +328,29 @@ def _time(op: str, name: str, value: Any) -> float | ProtocolError | None:
     return value
 
 
+def check_id(op: str, name: str, value: Any) -> int | ProtocolError:
+    """An id of the wire (1 to 2**63-1): not an integer is ``bad_message``, out of range
+    ``invalid``."""
+    if type(value) is not int:
+        return BadMessage(f"{op}: {name} must be an integer")
+    if not 0 < value <= MAX_ID:
+        return Invalid(f"{op}: {name} must be between 1 and 2**63-1")
+    return value
+
+
+def page_stats_request(page_id: Any) -> GetPageStats | ProtocolError:
+    checked = check_id("page_stats", "page_id", page_id)
+    return checked if isinstance(checked, ProtocolError) else GetPageStats(checked)
+
+
+def org_stats_request(org_id: Any) -> GetOrgStats | ProtocolError:
+    checked = check_id("org_stats", "org_id", org_id)
+    return checked if isinstance(checked, ProtocolError) else GetOrgStats(checked)
+
+
 def history_request(campaign_id: int, opts: Any) -> History | ProtocolError:
     """``history``'s options checked: ``unit`` minute|hour|day (default hour), ``from`` and
-    ``to`` epoch seconds or nil. ``page`` is refused: pages are not counted yet."""
+    ``to`` epoch seconds or nil, ``page`` an action page id or nil."""
     checked = _opts("history", opts, ("unit", "from", "to", "page"))
     if isinstance(checked, ProtocolError):
         return checked
@@ -311,15 +361,18 @@ def history_request(campaign_id: int, opts: Any) -> History | ProtocolError:
         return BadMessage("history: unit must be a string")
     if unit not in UNITS:
         return Invalid("history: unit must be minute, hour or day")
-    if checked.get("page") is not None:
-        return Invalid("history: page is not supported by this server yet")
+    page = checked.get("page")
+    if page is not None:
+        page = check_id("history", "page", page)
+        if isinstance(page, ProtocolError):
+            return page
     start = _time("history", "from", checked.get("from"))
     if isinstance(start, ProtocolError):
         return start
     end = _time("history", "to", checked.get("to"))
     if isinstance(end, ProtocolError):
         return end
-    return History(campaign_id, unit, start, end)
+    return History(campaign_id, unit, start, end, page)
 
 
 #: the longest throttle period a guard takes (a year): a larger one is surely a unit mistake
@@ -412,10 +465,23 @@ Request = (
     | Top
     | SetGoals
     | GetGoals
+    | GetPageStats
+    | GetOrgStats
 )
 
 #: read-only requests: they may take the mailbox's read lane
-READS: tuple[type, ...] = (Stats, StatsMany, Info, GetMetrics, History, Recent, Top, GetGoals)
+READS: tuple[type, ...] = (
+    Stats,
+    StatsMany,
+    Info,
+    GetMetrics,
+    History,
+    Recent,
+    Top,
+    GetGoals,
+    GetPageStats,
+    GetOrgStats,
+)
 
 __all__ = [
     "READS",
@@ -424,6 +490,8 @@ __all__ = [
     "Flush",
     "GetGoals",
     "GetMetrics",
+    "GetOrgStats",
+    "GetPageStats",
     "History",
     "Increments",
     "Info",

@@ -61,6 +61,8 @@ from campaignstats.requests import (
     Unsubscribe,
     guard_request,
     history_request,
+    org_stats_request,
+    page_stats_request,
     recent_request,
     set_goals_request,
     top_request,
@@ -571,11 +573,32 @@ class StatsService:
         unit: str = "hour",
         start: float | None = None,
         end: float | None = None,
+        page: int | None = None,
     ) -> dict[str, Any]:
         """``{"unit", "buckets": [[start, supporters, actions], ...]}``: the non-zero buckets
         of ``unit`` (minute, hour, day) starting in ``[start, end)`` (docs/protocol.md,
-        "history"). Raises :class:`~campaignstats.errors.Invalid` for a bad unit or time."""
-        request = history_request(campaign_id, {"unit": unit, "from": start, "to": end})
+        "history"), of the campaign or of one of its action pages (``page``). Raises
+        :class:`~campaignstats.errors.Invalid` for a bad unit, time or page."""
+        opts = {"unit": unit, "from": start, "to": end, "page": page}
+        request = history_request(campaign_id, opts)
+        if isinstance(request, Exception):
+            raise request
+        result: dict[str, Any] = await self.call(request)
+        return result
+
+    async def page_stats(self, page_id: int) -> WireStats:
+        """STATS of one action page plus ``"campaign_id"`` (docs/protocol.md, "page_stats");
+        zeros for an unknown page. Raises the wire's error for a bad id."""
+        request = page_stats_request(page_id)
+        if isinstance(request, Exception):
+            raise request
+        result: WireStats = await self.call(request)
+        return result
+
+    async def org_stats(self, org_id: int) -> dict[str, Any]:
+        """``{"supporters", "actions", "campaigns": {campaign_id: supporters}}`` of one org
+        (docs/protocol.md, "org_stats"); zeros for an unknown org."""
+        request = org_stats_request(org_id)
         if isinstance(request, Exception):
             raise request
         result: dict[str, Any] = await self.call(request)

@@ -607,7 +607,7 @@ async def test_batches_decrements_and_the_map_form_reach_the_server(
         client.increment_many(
             [Increment(cid, 1, "register", "DE", True, action_id=i + 1) for i in range(10)]
         )
-        client.increment(cid, 2, "mail", None, True, txid=10**6, page=3, messages=4, at=1.7e9)
+        client.increment(cid, 2, "mail", None, True, txid=10**6, page=cid, messages=4, at=1.7e9)
         client.decrement(cid, 1, "register", "DE", True)
         client.decrement_many([Increment(cid, 2, "mail", None, True, messages=4)])
         await client.call("flush")

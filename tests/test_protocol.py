@@ -1086,4 +1086,5 @@ def test_the_codec_lists_every_op_it_understands() -> None:
         "inc", "incs", "dec", "decs", "metric", "metrics", "reset_metrics", "guard",
         "history", "recent", "top",
         "set_goals", "get_goals",
+        "page_stats", "org_stats",
     }  # fmt: skip

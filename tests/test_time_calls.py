@@ -84,7 +84,8 @@ def test_the_codec_reads_the_calls_and_refuses_bad_options() -> None:
     assert _parse(["top", 3, {"by": "today"}]) == Call(3, Top("today", 10))
     for msg, error in (
         (["history", 4, 7, {"unit": "week"}], Invalid),
-        (["history", 4, 7, {"unit": "day", "page": 3}], Invalid),
+        (["history", 4, 7, {"unit": "day", "page": 0}], Invalid),
+        (["history", 4, 7, {"unit": "day", "page": "3"}], BadMessage),
         (["history", 4, 7, {"when": 1}], BadMessage),
         (["history", 4, 7, {"from": "yesterday"}], BadMessage),
         (["recent", 4, 7, {"tz": "../../etc/passwd"}], Invalid),

@@ -39,6 +39,8 @@ from campaignstats.requests import (
     Flush,
     GetGoals,
     GetMetrics,
+    GetOrgStats,
+    GetPageStats,
     History,
     Increments,
     Info,
@@ -541,7 +543,9 @@ class StatsActor:
             SetGuard: lambda r: self.metrics.set_guard(
                 r.campaign_id, r.name, r.deadline, r.min_period
             ),
-            History: lambda r: self.state.history(r.campaign_id, r.unit, r.start, r.end),
+            History: lambda r: self.state.history(r.campaign_id, r.unit, r.start, r.end, r.page),
+            GetPageStats: lambda r: self.state.page_stats(r.page_id),
+            GetOrgStats: lambda r: self.state.org_stats(r.org_id),
             Recent: lambda r: self.state.recent(r.campaign_id, r.tz),
             Top: lambda r: self.state.top(r.by, r.limit),
             SetGoals: self._set_goals,

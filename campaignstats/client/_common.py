@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import structlog
@@ -26,7 +26,16 @@ from campaignstats.metrics.update import DEFAULT_LIMITS as METRIC_LIMITS
 from campaignstats.metrics.update import make_update
 from campaignstats.model import DEFAULT_MAX_STRING, MAX_ID, Increment, Scope, check_increment
 from campaignstats.protocol import DEFAULT_MAX_BATCH
-from campaignstats.requests import SetGoals, set_goals_request
+from campaignstats.requests import (
+    GetOrgStats,
+    GetPageStats,
+    History,
+    SetGoals,
+    history_request,
+    org_stats_request,
+    page_stats_request,
+    set_goals_request,
+)
 from campaignstats.sessions.client import ClientSession, Measure, Undo, WireItem, wire_item
 
 log = structlog.get_logger("campaignstats.client")
@@ -522,3 +531,34 @@ class IncrementQueue:
 
     def _drop(self, n: int, reason: str, **fields: Any) -> None:
         raise NotImplementedError
+
+
+# -- pages and orgs (docs/protocol.md, "page_stats", "org_stats"): one builder for both clients --
+
+
+def page_stats_call(page_id: int) -> GetPageStats:
+    """The checked ``page_stats`` request; raises the wire's error for a bad id, sending
+    nothing."""
+    return _raise_error(page_stats_request(page_id))
+
+
+def org_stats_call(org_id: int) -> GetOrgStats:
+    """The checked ``org_stats`` request; raises the wire's error for a bad id."""
+    return _raise_error(org_stats_request(org_id))
+
+
+def history_call(
+    campaign_id: int, unit: str, start: float | None, end: float | None, page: int | None
+) -> History:
+    """The checked ``history`` request (``page``: an action page's buckets)."""
+    opts = {"unit": unit, "from": start, "to": end, "page": page}
+    return _raise_error(history_request(campaign_id, opts))
+
+
+_R = TypeVar("_R")
+
+
+def _raise_error(request: _R | ProtocolError) -> _R:
+    if isinstance(request, ProtocolError):
+        raise request
+    return request

@@ -56,7 +56,10 @@ from campaignstats.client._common import (
     call_timeout,
     check_scope,
     goals_request,
+    history_call,
     log,
+    org_stats_call,
+    page_stats_call,
     parse_url,
     take_runs,
 )
@@ -83,7 +86,6 @@ from campaignstats.requests import (
     Subscribe,
     Unsubscribe,
     guard_request,
-    history_request,
     recent_request,
     top_request,
 )
@@ -877,13 +879,26 @@ class StatsClient(IncrementQueue):
         start: float | None = None,
         end: float | None = None,
         *,
+        page: int | None = None,
         timeout: float | None = None,
     ) -> dict[str, Any]:
         """The non-zero buckets of ``unit`` (minute, hour, day) starting in ``[start, end)``
         (epoch seconds): ``{"unit": unit, "buckets": [[start, supporters, actions], ...]}``,
-        ascending (docs/protocol.md, "history")."""
-        request = _checked(history_request(campaign_id, {"unit": unit, "from": start, "to": end}))
+        ascending (docs/protocol.md, "history"); with ``page``, that action page's."""
+        request = history_call(campaign_id, unit, start, end, page)
         result: dict[str, Any] = self._call(request, timeout)
+        return result
+
+    def page_stats(self, page_id: int, *, timeout: float | None = None) -> dict[str, Any]:
+        """STATS of one action page plus ``"campaign_id"`` (docs/protocol.md, "page_stats"):
+        the campaign's counts restricted to the page's actions; zeros for an unknown page."""
+        result: dict[str, Any] = self._call(page_stats_call(page_id), timeout)
+        return result
+
+    def org_stats(self, org_id: int, *, timeout: float | None = None) -> dict[str, Any]:
+        """``{"supporters", "actions", "campaigns": {campaign_id: supporters}}``: what one org
+        collected over its campaigns (docs/protocol.md, "org_stats")."""
+        result: dict[str, Any] = self._call(org_stats_call(org_id), timeout)
         return result
 
     def recent(

@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, cast
 import structlog
 
 from campaignstats.errors import CalculationError
-from campaignstats.model import CalculationResult, CampaignStats, Scope, TxSnapshot, scope_name
+from campaignstats.model import (
+    CalculationResult,
+    CampaignStats,
+    PageStats,
+    Scope,
+    TxSnapshot,
+    scope_name,
+)
 from campaignstats.timeline import DAY, HOUR, MINUTE, MINUTES_KEPT, Timeline
 
 from .queries import PROCA_QUERIES, Queries
@@ -120,15 +127,13 @@ async def calculate(
             supporter_rows: list[asyncpg.Record] = []
             extra_rows: list[asyncpg.Record] = []
             action_buckets: list[asyncpg.Record] = []
-            supporter_buckets: list[asyncpg.Record] = []
+            page_rows: list[asyncpg.Record] = []
             if ids != [] and helper_conn is None:
                 extra_rows = await conn.fetch(queries.extra_supporters, ids)
+                page_rows = await conn.fetch(queries.page_orgs, ids)
                 action_buckets = await conn.fetch(queries.action_buckets, ids, *cutoffs)
-                supporter_buckets = await conn.fetch(
-                    queries.supporter_buckets, ids, *cutoffs, None, None
-                )
                 await _set_local(conn, supporter_settings)
-                supporter_rows = await conn.fetch(supporter_sql, ids, None, None)
+                supporter_rows = await conn.fetch(supporter_sql, ids, None, None, *cutoffs)
             elif ids != [] and helper_conn is not None:
                 await stack.enter_async_context(
                     helper_conn.transaction(isolation="repeatable_read", readonly=True)
@@ -142,18 +147,21 @@ async def calculate(
                 Rows = list[asyncpg.Record]
 
                 async def main_part() -> tuple[Rows, Rows]:
-                    buckets = await conn.fetch(queries.action_buckets, ids, *cutoffs)
+                    buckets: Rows = []
+                    if split is not None:
+                        buckets = await conn.fetch(queries.action_buckets, ids, *cutoffs)
                     await _set_local(conn, supporter_settings)
-                    return buckets, await conn.fetch(supporter_sql, ids, None, split)
+                    return buckets, await conn.fetch(supporter_sql, ids, None, split, *cutoffs)
 
-                async def helper_part() -> tuple[Rows, Rows, Rows]:
+                async def helper_part() -> tuple[Rows, Rows, Rows, Rows]:
                     extra = await helper_conn.fetch(queries.extra_supporters, ids)
-                    buckets = await helper_conn.fetch(
-                        queries.supporter_buckets, ids, *cutoffs, None, None
-                    )
+                    pages = await helper_conn.fetch(queries.page_orgs, ids)
+                    if split is None:  # the main connection counts the supporters whole
+                        buckets = await helper_conn.fetch(queries.action_buckets, ids, *cutoffs)
+                        return extra, pages, [], buckets
                     await _set_local(helper_conn, supporter_settings)
-                    rows = await helper_conn.fetch(supporter_sql, ids, split, None)
-                    return extra, buckets, rows
+                    rows = await helper_conn.fetch(supporter_sql, ids, split, None, *cutoffs)
+                    return extra, pages, rows, []
 
                 # Both finish before either transaction ends, even when one fails.
                 results = await asyncio.gather(main_part(), helper_part(), return_exceptions=True)
@@ -162,7 +170,8 @@ async def calculate(
                         raise r
                 main_rows, helper_rows = results
                 action_buckets, rows_lo = main_rows
-                extra_rows, supporter_buckets, rows_hi = helper_rows
+                extra_rows, page_rows, rows_hi, helper_buckets = helper_rows
+                action_buckets = [*action_buckets, *helper_buckets]
                 supporter_rows = [*rows_lo, *rows_hi]
     except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
         # A connection lost mid-query surfaces as the rollback's InterfaceError; the reason
@@ -174,39 +183,14 @@ async def calculate(
         ) from reason
 
     campaigns = {cid: CampaignStats() for cid in covered}
-    for i, (cid, org_id, area, n, level) in enumerate(supporter_rows):
-        if i % _YIELD_EVERY == _YIELD_EVERY - 1:
-            await asyncio.sleep(0)  # a big result must not stall the actor's event loop
-        stats = campaigns.get(cid)
-        if stats is None:  # an action whose campaign row is missing: nothing covers it
-            continue
-        # Partial counts (disjoint sets of people): add them up.
-        if level == 0:
-            stats.supporters += n
-        elif level == 1:
-            stats.org[org_id] = stats.org.get(org_id, 0) + n
-        else:
-            stats.area[area] = stats.area.get(area, 0) + n
-    for cid, org_id, extra in extra_rows:
-        stats = campaigns.get(cid)
-        if stats is None:
-            continue
-        stats.extra_supporters += extra
-        stats.supporters += extra
-        stats.org[org_id] = stats.org.get(org_id, 0) + extra
-    for cid, action_type, _, n, _ in action_buckets:
-        stats = campaigns.get(cid)
-        if stats is not None:
-            stats.action[action_type] = stats.action.get(action_type, 0) + n
-    for cid, n in message_rows:
-        stats = campaigns.get(cid)
-        if stats is not None:
-            stats.messages = n
-    timelines = await _timelines(
-        campaigns, action_buckets, supporter_buckets, minute_cutoff, hour_cutoff
-    )
-    rows = len(covered) + len(supporter_rows) + len(extra_rows)
-    rows += len(message_rows) + len(action_buckets) + len(supporter_buckets)
+    built = _Built(campaigns, {r[0]: (r[1], r[2]) for r in page_rows}, minute_cutoff, hour_cutoff)
+    await built.supporters(supporter_rows)
+    built.extras(extra_rows)
+    await built.actions(action_buckets)
+    built.messages(message_rows)
+    built.flush()
+    rows = len(covered) + len(supporter_rows) + len(extra_rows) + len(page_rows)
+    rows += len(message_rows) + len(action_buckets)
     duration = time.perf_counter() - t0
     log.info(
         "calculation.done",
@@ -229,46 +213,131 @@ async def calculate(
         snapshot=TxSnapshot.parse(tx_snapshot_text),
         taken_at=float(taken_at),
         messages_counted=has_messages,
-        timelines=timelines,
+        timelines=built.timelines,
+        pages=built.pages,
+        page_timelines=built.page_timelines,
     )
 
 
-async def _timelines(
-    campaigns: dict[int, CampaignStats],
-    action_buckets: Sequence[asyncpg.Record],
-    supporter_buckets: Sequence[asyncpg.Record],
-    minute_cutoff: int,
-    hour_cutoff: int,
-) -> dict[int, Timeline]:
-    """The covered campaigns' buckets from the rows of both bucket queries."""
-    timelines: dict[int, Timeline] = {}
+class _Built:
+    """The covered campaigns, their pages and both's buckets, built from the rows of one
+    calculation (docs/design.md, "Action pages and orgs" and "Time")."""
 
-    def unit(start: int) -> int:
-        return MINUTE if start >= minute_cutoff else HOUR if start >= hour_cutoff else DAY
+    def __init__(
+        self,
+        campaigns: dict[int, CampaignStats],
+        page_orgs: dict[int, tuple[int, int]],
+        minute_cutoff: int,
+        hour_cutoff: int,
+    ) -> None:
+        self.campaigns = campaigns
+        self.page_orgs = page_orgs  # page -> (campaign, org)
+        self.minute_cutoff = minute_cutoff
+        self.hour_cutoff = hour_cutoff
+        self.timelines: dict[int, Timeline] = {}
+        self.pages: dict[int, PageStats] = {}
+        self.page_timelines: dict[int, Timeline] = {}
 
-    for i, (cid, _, start, n, last) in enumerate(action_buckets):
-        if i % _YIELD_EVERY == _YIELD_EVERY - 1:
-            await asyncio.sleep(0)
-        if cid not in campaigns:
-            continue
-        timeline = timelines.get(cid)
+    def unit(self, start: int) -> int:
+        if start >= self.minute_cutoff:
+            return MINUTE
+        return HOUR if start >= self.hour_cutoff else DAY
+
+    def page(self, cid: int, page: int) -> PageStats | None:
+        """The page's counts (created at its first row); None when its campaign is not covered
+        or its row is gone (it cannot be, in one snapshot: a foreign key)."""
+        ps = self.pages.get(page)
+        if ps is None:
+            where = self.page_orgs.get(page)
+            if where is None or where[0] != cid or cid not in self.campaigns:
+                return None
+            ps = self.pages[page] = PageStats(cid, where[1])
+        return ps
+
+    @staticmethod
+    def timeline(timelines: dict[int, Timeline], key: int) -> Timeline:
+        timeline = timelines.get(key)
         if timeline is None:
-            timeline = timelines[cid] = Timeline()
-        timeline.add_bucket(unit(start), start, 0, n)
-        if last > timeline.last_action_at:
-            timeline.last_action_at = last
-    for i, (cid, start, n) in enumerate(supporter_buckets):
-        if i % _YIELD_EVERY == _YIELD_EVERY - 1:
-            await asyncio.sleep(0)
-        if cid not in campaigns:
-            continue
-        timeline = timelines.get(cid)
-        if timeline is None:
-            timeline = timelines[cid] = Timeline()
-        timeline.add_bucket(unit(start), start, n, 0)
-    for timeline in timelines.values():
-        timeline.flush()
-    return timelines
+            timeline = timelines[key] = Timeline()
+        return timeline
+
+    async def supporters(self, rows: Sequence[asyncpg.Record]) -> None:
+        campaigns = self.campaigns
+        for i, (cid, key, area, n, level, start) in enumerate(rows):
+            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # a big result must not stall the actor's event loop
+            stats = campaigns.get(cid)
+            if stats is None:  # an action whose campaign row is missing: nothing covers it
+                continue
+            # Partial counts (disjoint sets of people): add them up.
+            if level == 0:
+                stats.supporters += n
+            elif level == 1:
+                stats.org[key] = stats.org.get(key, 0) + n
+            elif level == 2:
+                stats.area[area] = stats.area.get(area, 0) + n
+            elif level == 5:
+                self.timeline(self.timelines, cid).add_bucket(self.unit(start), start, n, 0)
+            else:
+                ps = self.page(cid, key)
+                if ps is None:
+                    continue
+                if level == 3:
+                    ps.stats.supporters += n
+                    ps.stats.org[ps.org_id] = ps.stats.org.get(ps.org_id, 0) + n
+                elif level == 4:
+                    ps.stats.area[area] = ps.stats.area.get(area, 0) + n
+                else:
+                    timeline = self.timeline(self.page_timelines, key)
+                    timeline.add_bucket(self.unit(start), start, n, 0)
+
+    def extras(self, rows: Sequence[asyncpg.Record]) -> None:
+        for cid, page, org_id, extra in rows:
+            stats = self.campaigns.get(cid)
+            ps = self.page(cid, page)
+            if stats is None or ps is None:
+                continue
+            for counts in (stats, ps.stats):
+                counts.extra_supporters += extra
+                counts.supporters += extra
+                counts.org[org_id] = counts.org.get(org_id, 0) + extra
+
+    async def actions(self, rows: Sequence[asyncpg.Record]) -> None:
+        for i, (cid, page, action_type, start, n, last) in enumerate(rows):
+            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)
+            stats = self.campaigns.get(cid)
+            if stats is None:
+                continue
+            unit = self.unit(start)
+            ps = self.page(cid, page)
+            pairs = [(stats, self.timeline(self.timelines, cid))]
+            if ps is not None:
+                pairs.append((ps.stats, self.timeline(self.page_timelines, page)))
+            for counts, timeline in pairs:
+                counts.action[action_type] = counts.action.get(action_type, 0) + n
+                timeline.add_bucket(unit, start, 0, n)
+                if last > timeline.last_action_at:
+                    timeline.last_action_at = last
+
+    def messages(self, rows: Sequence[asyncpg.Record]) -> None:
+        for cid, page, n in rows:
+            stats = self.campaigns.get(cid)
+            if stats is None:
+                continue
+            stats.messages += n
+            ps = self.page(cid, page)
+            if ps is not None:
+                ps.stats.messages += n
+
+    def flush(self) -> None:
+        # Every page of a covered campaign, counted or not: its campaign is known to page_stats.
+        for page, (cid, _) in self.page_orgs.items():
+            self.page(cid, page)
+        for timeline in self.timelines.values():
+            timeline.flush()
+        for timeline in self.page_timelines.values():
+            timeline.flush()
 
 
 def _naive_utc(epoch: int) -> datetime:

@@ -29,6 +29,20 @@ _ACTION_FILTER = """
       AND ($1::bigint[] IS NULL OR a.campaign_id = ANY($1::bigint[]))
 """
 
+# Buckets in time (docs/design.md, "Time"). `inserted_at` is `timestamp without time zone` holding
+# UTC: date_trunc and extract(epoch) on it read it as UTC whatever the session's TimeZone. $2 and
+# $3 are the cutoffs (timestamps, UTC, aligned on an hour and a day) above which a count is kept
+# by the minute and by the hour: each row is one bucket of the finest unit its time is kept in.
+# The bucket of a later time is never earlier (the cutoffs are aligned), so the bucket of a
+# person's first action is the earliest bucket of their actions.
+_BUCKET = """
+CASE WHEN {t} >= $2::timestamp THEN date_trunc('minute', {t})
+     WHEN {t} >= $3::timestamp THEN date_trunc('hour', {t})
+     ELSE date_trunc('day', {t}) END
+"""
+# In the supporter queries, whose $2/$3 are a fingerprint range, the cutoffs are $4/$5.
+_SUPPORTER_BUCKET = _BUCKET.replace("$2", "$4").replace("$3", "$5")
+
 # The streaming plan, for "all" and "live". Counting distinct fingerprints with hash tables of one
 # entry per person is what makes Proca's query slow (about 1 us per row on 2 cores). Instead:
 #
@@ -38,14 +52,23 @@ _ACTION_FILTER = """
 #   id".
 # * The join is a merge join of actions_partial_processing_status_index (supporter_id first, an
 #   index-only scan of exactly the counted actions) with supporters_pkey, so rows arrive ordered by
-#   supporter id: (supporter, campaign, org) is deduplicated by a tiny per-supporter sort, and
-#   `first_c` marks the first row of each (supporter, campaign), which carries the supporter's area.
-# * `g` groups by (campaign, org, area, pk), pk = the fingerprint for shared people and NULL for the
-#   rest: a few thousand groups plus one per shared person. The non-shared counts are sums over g;
-#   the shared people are counted exactly with DISTINCT pk. Both parts are disjoint sets of people.
+#   supporter id: `x` is one row per (supporter, campaign, org, page) with the supporter's first
+#   counted action on that page (`tp`), deduplicated by a tiny per-supporter sort. In `y` (one
+#   window, no further sort), `first_c` marks the first row of each (supporter, campaign), which
+#   carries the supporter's area, `tc` is their first counted action in the campaign, and
+#   `first_o` marks the first row of each (supporter, campaign, org).
+# * `g` groups the rows three ways in one pass (grouping sets), pk = the fingerprint for shared
+#   people and NULL for the rest: (campaign, org, page, area, pk) for the counts, (campaign, pk,
+#   bucket of tc) for the campaign's supporters in time, (campaign, page, pk, bucket of tp) for
+#   each page's: a few thousand groups plus a few per shared person. The non-shared counts are
+#   sums over g; the shared people are counted exactly with DISTINCT pk, and in time by the
+#   earliest of their buckets. Both parts are disjoint sets of people.
 #
-# Rows: (campaign_id, org_id, area, count, level); level 0 = campaign, 1 = org, 2 = area. A campaign
-# or key may come in several rows (non-shared and shared people): the caller adds them up.
+# Rows: (campaign_id, key, area, count, level, bucket start in epoch seconds); level 0 = campaign,
+# 1 = org (key), 2 = area, 3 = page (key), 4 = page area (key, area), 5 = the campaign's
+# supporters in a bucket, 6 = a page's (key) supporters in a bucket. A campaign or key may come
+# in several rows (non-shared and shared people): the caller adds them up. $4/$5: the cutoffs of
+# the buckets (see _BUCKET).
 _STREAMING_SUPPORTER_COUNTS = f"""
 WITH shared AS MATERIALIZED (
     SELECT s.fingerprint
@@ -56,104 +79,133 @@ WITH shared AS MATERIALIZED (
     HAVING count(*) > 1
     ORDER BY s.fingerprint
 ),
-g AS MATERIALIZED (
-    SELECT c, org, area, pk, count(*) AS n, count(*) FILTER (WHERE first_c) AS n_first
-    FROM (
-        SELECT c, org, area, pk,
-               (sid IS DISTINCT FROM lag(sid) OVER w OR c <> lag(c) OVER w) AS first_c
-        FROM (
-            SELECT DISTINCT ON (s.id, a.campaign_id, ap.org_id)
-                   s.id AS sid, a.campaign_id AS c, ap.org_id AS org, s.area,
-                   CASE WHEN s.fingerprint IN (SELECT fingerprint FROM shared)
-                        THEN s.fingerprint END AS pk
-            FROM actions a
-            JOIN supporters s ON s.id = a.supporter_id
-            JOIN action_pages ap ON ap.id = a.action_page_id
-            WHERE {_ACTION_FILTER} AND {_SUPPORTER_FILTER}
-            ORDER BY s.id, a.campaign_id, ap.org_id
-        ) d
-        WINDOW w AS (ORDER BY sid, c, org)
-    ) x
-    GROUP BY c, org, area, pk
-)
-SELECT c, NULL::bigint, NULL::text, sum(n_first)::bigint, 0 FROM g WHERE pk IS NULL GROUP BY c
-UNION ALL
-SELECT c, org, NULL, sum(n)::bigint, 1 FROM g WHERE pk IS NULL GROUP BY c, org
-UNION ALL
-SELECT c, NULL, area, sum(n_first)::bigint, 2 FROM g WHERE pk IS NULL AND area IS NOT NULL
-GROUP BY c, area
-UNION ALL
-SELECT c, NULL, NULL, count(DISTINCT pk), 0 FROM g WHERE pk IS NOT NULL GROUP BY c
-UNION ALL
-SELECT c, org, NULL, count(DISTINCT pk), 1 FROM g WHERE pk IS NOT NULL GROUP BY c, org
-UNION ALL
-SELECT c, NULL, area, count(DISTINCT pk), 2 FROM g WHERE pk IS NOT NULL AND area IS NOT NULL
-GROUP BY c, area
-"""
-
-# The hashing plan, for a list of campaign ids: the ids reach actions_campaign_id_index, and the
-# rows of a few campaigns are cheap to hash on the fingerprint directly.
-_HASHING_SUPPORTER_COUNTS = f"""
-WITH rows AS MATERIALIZED (
-    SELECT DISTINCT a.campaign_id, ap.org_id, s.area, s.fingerprint
+x AS (
+    SELECT DISTINCT ON (s.id, a.campaign_id, ap.org_id, a.action_page_id)
+           s.id AS sid, a.campaign_id AS c, ap.org_id AS org, a.action_page_id AS page, s.area,
+           CASE WHEN s.fingerprint IN (SELECT fingerprint FROM shared)
+                THEN s.fingerprint END AS pk,
+           a.inserted_at AS tp
     FROM actions a
     JOIN supporters s ON s.id = a.supporter_id
     JOIN action_pages ap ON ap.id = a.action_page_id
     WHERE {_ACTION_FILTER} AND {_SUPPORTER_FILTER}
+    ORDER BY s.id, a.campaign_id, ap.org_id, a.action_page_id, a.inserted_at
+),
+y AS (
+    SELECT c, org, page, area, pk, tp,
+           row_number() OVER w = 1 AS first_c,
+           org IS DISTINCT FROM lag(org) OVER w AS first_o,
+           min(tp) OVER w AS tc
+    FROM x
+    WINDOW w AS (PARTITION BY sid, c ORDER BY org, page
+                 ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
+),
+g AS MATERIALIZED (
+    SELECT c, org, page, area, pk, bc, bp, GROUPING(org, area, bc, bp) AS gs,
+           count(*) AS n, count(*) FILTER (WHERE first_o) AS n_org,
+           count(*) FILTER (WHERE first_c) AS n_c
+    FROM (
+        SELECT c, org, page, area, pk, first_c, first_o,
+               CASE WHEN first_c THEN {_SUPPORTER_BUCKET.format(t="tc")} END AS bc,
+               {_SUPPORTER_BUCKET.format(t="tp")} AS bp
+        FROM y
+    ) z
+    GROUP BY GROUPING SETS ((c, org, page, area, pk), (c, pk, bc), (c, page, pk, bp))
+),
+counts AS (SELECT * FROM g WHERE gs = 3),
+campaign_time AS (SELECT * FROM g WHERE gs = 13 AND bc IS NOT NULL),
+page_time AS (SELECT * FROM g WHERE gs = 14)
+SELECT c, NULL::bigint, NULL::text, sum(n_c)::bigint, 0, NULL::bigint
+FROM counts WHERE pk IS NULL GROUP BY c
+UNION ALL
+SELECT c, org, NULL, sum(n_org)::bigint, 1, NULL FROM counts WHERE pk IS NULL GROUP BY c, org
+UNION ALL
+SELECT c, NULL, area, sum(n_c)::bigint, 2, NULL FROM counts WHERE pk IS NULL AND area IS NOT NULL
+GROUP BY c, area
+UNION ALL
+SELECT c, page, NULL, sum(n)::bigint, 3, NULL FROM counts WHERE pk IS NULL GROUP BY c, page
+UNION ALL
+SELECT c, page, area, sum(n)::bigint, 4, NULL FROM counts WHERE pk IS NULL AND area IS NOT NULL
+GROUP BY c, page, area
+UNION ALL
+SELECT c, NULL, NULL, count(DISTINCT pk), 0, NULL FROM counts WHERE pk IS NOT NULL GROUP BY c
+UNION ALL
+SELECT c, org, NULL, count(DISTINCT pk), 1, NULL FROM counts WHERE pk IS NOT NULL
+GROUP BY c, org
+UNION ALL
+SELECT c, NULL, area, count(DISTINCT pk), 2, NULL FROM counts
+WHERE pk IS NOT NULL AND area IS NOT NULL GROUP BY c, area
+UNION ALL
+SELECT c, page, NULL, count(DISTINCT pk), 3, NULL FROM counts WHERE pk IS NOT NULL
+GROUP BY c, page
+UNION ALL
+SELECT c, page, area, count(DISTINCT pk), 4, NULL FROM counts
+WHERE pk IS NOT NULL AND area IS NOT NULL GROUP BY c, page, area
+UNION ALL
+SELECT c, NULL, NULL, sum(n)::bigint, 5, extract(epoch FROM bc)::bigint
+FROM campaign_time WHERE pk IS NULL GROUP BY c, bc
+UNION ALL
+SELECT c, NULL, NULL, count(*), 5, extract(epoch FROM b)::bigint
+FROM (SELECT c, min(bc) AS b FROM campaign_time WHERE pk IS NOT NULL GROUP BY c, pk) p
+GROUP BY c, b
+UNION ALL
+SELECT c, page, NULL, sum(n)::bigint, 6, extract(epoch FROM bp)::bigint
+FROM page_time WHERE pk IS NULL GROUP BY c, page, bp
+UNION ALL
+SELECT c, page, NULL, count(*), 6, extract(epoch FROM b)::bigint
+FROM (SELECT c, page, min(bp) AS b FROM page_time WHERE pk IS NOT NULL GROUP BY c, page, pk) p
+GROUP BY c, page, b
+"""
+
+# The hashing plan, for a list of campaign ids: the ids reach actions_campaign_id_index, and the
+# rows of a few campaigns are cheap to hash on the fingerprint directly. The same rows as the
+# streaming plan.
+_HASHING_SUPPORTER_COUNTS = f"""
+WITH rows AS MATERIALIZED (
+    SELECT a.campaign_id AS c, ap.org_id AS org, a.action_page_id AS page, s.area,
+           s.fingerprint AS fp, min(a.inserted_at) AS t
+    FROM actions a
+    JOIN supporters s ON s.id = a.supporter_id
+    JOIN action_pages ap ON ap.id = a.action_page_id
+    WHERE {_ACTION_FILTER} AND {_SUPPORTER_FILTER}
+    GROUP BY 1, 2, 3, 4, 5
 )
-SELECT campaign_id, NULL::bigint, NULL::text, count(*), 0
-FROM (SELECT DISTINCT campaign_id, fingerprint FROM rows) d GROUP BY campaign_id
+SELECT c, NULL::bigint, NULL::text, count(DISTINCT fp), 0, NULL::bigint FROM rows GROUP BY c
 UNION ALL
-SELECT campaign_id, org_id, NULL, count(*), 1
-FROM (SELECT DISTINCT campaign_id, org_id, fingerprint FROM rows) d GROUP BY campaign_id, org_id
+SELECT c, org, NULL, count(DISTINCT fp), 1, NULL FROM rows GROUP BY c, org
 UNION ALL
-SELECT campaign_id, NULL, area, count(*), 2
-FROM (SELECT DISTINCT campaign_id, area, fingerprint FROM rows WHERE area IS NOT NULL) d
-GROUP BY campaign_id, area
+SELECT c, NULL, area, count(DISTINCT fp), 2, NULL FROM rows WHERE area IS NOT NULL
+GROUP BY c, area
+UNION ALL
+SELECT c, page, NULL, count(DISTINCT fp), 3, NULL FROM rows GROUP BY c, page
+UNION ALL
+SELECT c, page, area, count(DISTINCT fp), 4, NULL FROM rows WHERE area IS NOT NULL
+GROUP BY c, page, area
+UNION ALL
+SELECT c, NULL, NULL, count(*), 5, extract(epoch FROM b)::bigint
+FROM (SELECT c, {_SUPPORTER_BUCKET.format(t="min(t)")} AS b FROM rows GROUP BY c, fp) p
+GROUP BY c, b
+UNION ALL
+SELECT c, page, NULL, count(*), 6, extract(epoch FROM b)::bigint
+FROM (SELECT c, page, {_SUPPORTER_BUCKET.format(t="min(t)")} AS b FROM rows GROUP BY c, page, fp) p
+GROUP BY c, page, b
 """
 
 
-# Buckets in time (docs/design.md, "Time"). `inserted_at` is `timestamp without time zone` holding
-# UTC: date_trunc and extract(epoch) on it read it as UTC whatever the session's TimeZone. $2 and
-# $3 are the cutoffs (timestamps, UTC, aligned on an hour and a day) above which a count is kept
-# by the minute and by the hour: each row is one bucket of the finest unit its time is kept in.
-_BUCKET = """
-CASE WHEN {t} >= $2::timestamp THEN date_trunc('minute', {t})
-     WHEN {t} >= $3::timestamp THEN date_trunc('hour', {t})
-     ELSE date_trunc('day', {t}) END
-"""
-
-# (campaign_id, action_type, bucket start in epoch seconds, actions, latest inserted_at in epoch
-# seconds): the action counts by type too (their sums), in the same scan.
+# (campaign_id, action page id, action_type, bucket start in epoch seconds, actions, latest
+# inserted_at in epoch seconds): the action counts by type, of the campaigns and of their pages
+# (their sums), in the same scan.
 _ACTION_BUCKETS = f"""
-SELECT campaign_id, action_type, extract(epoch FROM b)::bigint, count(*),
+SELECT campaign_id, action_page_id, action_type, extract(epoch FROM b)::bigint, count(*),
        extract(epoch FROM max(t))::float8
 FROM (
-    SELECT campaign_id, action_type, inserted_at AS t, {_BUCKET.format(t="inserted_at")} AS b
+    SELECT campaign_id, action_page_id, action_type, inserted_at AS t,
+           {_BUCKET.format(t="inserted_at")} AS b
     FROM actions
     WHERE processing_status IN (3, 4) AND NOT testing
       AND ($1::bigint[] IS NULL OR campaign_id = ANY($1::bigint[]))
 ) x
-GROUP BY campaign_id, action_type, b
-"""
-
-# (campaign_id, bucket start in epoch seconds, supporters): each person counted in the campaign
-# (the rules of the supporter counts) in the bucket of their first counted action there.
-# $4/$5: a half-open range of fingerprints, as for the supporter counts. (Split over two
-# connections, each would scan and join the whole tables: it runs whole on the helper.)
-_SUPPORTER_BUCKETS = f"""
-SELECT c, extract(epoch FROM b)::bigint, count(*)
-FROM (
-    SELECT c, {_BUCKET.format(t="first")} AS b
-    FROM (
-        SELECT a.campaign_id AS c, min(a.inserted_at) AS first
-        FROM actions a
-        JOIN supporters s ON s.id = a.supporter_id
-        WHERE {_ACTION_FILTER} AND {_SUPPORTER_FILTER.replace("$2", "$4").replace("$3", "$5")}
-        GROUP BY a.campaign_id, s.fingerprint
-    ) p
-) x
-GROUP BY c, b
+GROUP BY campaign_id, action_page_id, action_type, b
 """
 
 
@@ -173,27 +225,31 @@ class Queries:
     #: ids of the actions above $1 (the newest ones) that the calculation counts, to find those
     #: it does not (not visible yet, or not accepted yet)
     recent_counted_action_ids: str
-    #: (campaign_id, messages): mail-to-target messages of counted actions; run only when the
-    #: database has the table (``messages_table``)
+    #: (campaign_id, action page id, messages): mail-to-target messages of counted actions; run
+    #: only when the database has the table (``messages_table``)
     message_counts: str
     #: returns true when the messages table exists
     messages_table: str
-    #: (campaign_id, org_id, area, supporters, level): level 0 = campaign, 1 = org, 2 = area.
-    #: Partial counts: rows with the same (level, key) are added up. $1 ids, [$2, $3) fingerprints.
-    #: Used for the "all" and "live" scopes.
+    #: (campaign_id, key, area, supporters, level, bucket start): level 0 = campaign, 1 = org,
+    #: 2 = area, 3 = page, 4 = page area, 5 = campaign bucket, 6 = page bucket (see
+    #: _STREAMING_SUPPORTER_COUNTS). Partial counts: rows with the same (level, key) are added
+    #: up. $1 ids, [$2, $3) fingerprints, $4/$5 the buckets' cutoffs. For "all" and "live".
     supporter_counts: str
     #: the same, for a list of campaign ids
     supporter_counts_by_ids: str
-    #: (campaign_id, org_id, extra_supporters)
+    #: (campaign_id, action page id, org_id, extra_supporters)
     extra_supporters: str
     #: (campaign_id, action_type, count); not run by the calculation since the action buckets
     #: (below) carry the same counts, kept for the callers that run it on its own
     action_counts: str
-    #: (campaign_id, action_type, bucket start, actions, latest action time): $1 ids, $2/$3 the
-    #: cutoffs of minutes and hours (see _BUCKET); the action counts are their sums
+    #: (campaign_id, page, action_type, bucket start, actions, latest action time): $1 ids,
+    #: $2/$3 the cutoffs of minutes and hours (see _BUCKET); the action counts are their sums
     action_buckets: str = _ACTION_BUCKETS
-    #: (campaign_id, bucket start, supporters): $1 ids, $2/$3 cutoffs, [$4, $5) fingerprints
-    supporter_buckets: str = _SUPPORTER_BUCKETS
+    #: (action page id, campaign_id, org_id) of the covered campaigns' pages: $1 ids
+    page_orgs: str = """
+    SELECT id, campaign_id, org_id FROM action_pages
+    WHERE $1::bigint[] IS NULL OR campaign_id = ANY($1::bigint[])
+    """
     #: settings (SET LOCAL) for the whole calculation transaction
     settings: tuple[str, ...] = ("jit = off",)
     #: settings (SET LOCAL) just before ``supporter_counts``: the streaming plan needs the merge
@@ -204,10 +260,13 @@ class Queries:
         "max_parallel_workers_per_gather = 0",
     )
     #: with a helper connection, the fingerprint ranges [lo, hi) each connection counts (their
-    #: union must be every bytea; the split only balances the work, exactness does not depend on it)
-    #: (0xb0: the helper also counts the supporters' buckets, the heaviest of the rest, so the
-    #: main connection takes 11/16 of uniform fingerprints)
-    fingerprint_split: bytes = b"\xb0"
+    #: union must be every bytea; the split only balances the work, exactness does not depend on
+    #: it). None: no split; the main connection counts the supporters whole and the helper reads
+    #: the rest (the action buckets). The supporter query reads each counted action's row for its
+    #: time, and a fingerprint half still reads every action's: split, that read is paid twice,
+    #: yet the split measured faster than one connection (bench/calculation_ab.py, README).
+    #: 0x90: the main connection also reads the action buckets, so it takes 9/16.
+    fingerprint_split: bytes | None = b"\x90"
 
 
 PROCA_QUERIES = Queries(
@@ -223,21 +282,20 @@ PROCA_QUERIES = Queries(
     ),
     messages_table="SELECT to_regclass('messages') IS NOT NULL",
     message_counts="""
-    SELECT a.campaign_id, count(*)
+    SELECT a.campaign_id, a.action_page_id, count(*)
     FROM messages m
     JOIN actions a ON a.id = m.action_id
     WHERE a.processing_status IN (3, 4) AND NOT a.testing
       AND ($1::bigint[] IS NULL OR a.campaign_id = ANY($1::bigint[]))
-    GROUP BY a.campaign_id
+    GROUP BY a.campaign_id, a.action_page_id
     """,
     supporter_counts=_STREAMING_SUPPORTER_COUNTS,
     supporter_counts_by_ids=_HASHING_SUPPORTER_COUNTS,
     extra_supporters="""
-    SELECT campaign_id, org_id, sum(extra_supporters)::bigint
+    SELECT campaign_id, id, org_id, extra_supporters::bigint
     FROM action_pages
     WHERE extra_supporters <> 0
       AND ($1::bigint[] IS NULL OR campaign_id = ANY($1::bigint[]))
-    GROUP BY campaign_id, org_id
     """,
     action_counts="""
     SELECT campaign_id, action_type, count(*)

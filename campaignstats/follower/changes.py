@@ -577,14 +577,32 @@ def _action_level(
         if org is None:
             out.unknown_pages += 1
         else:
-            decs.add(Increment(old.campaign_id, org, old.action_type, action_id=old.id, txid=txid))
+            decs.add(
+                Increment(
+                    old.campaign_id,
+                    org,
+                    old.action_type,
+                    action_id=old.id,
+                    txid=txid,
+                    page=old.action_page_id,
+                )
+            )
     if now:
         assert new is not None
         org = org_of(new.action_page_id)
         if org is None:
             out.unknown_pages += 1
         else:
-            incs.add(Increment(new.campaign_id, org, new.action_type, action_id=new.id, txid=txid))
+            incs.add(
+                Increment(
+                    new.campaign_id,
+                    org,
+                    new.action_type,
+                    action_id=new.id,
+                    txid=txid,
+                    page=new.action_page_id,
+                )
+            )
 
 
 def _supporter_units(

@@ -201,6 +201,8 @@ class StatsHttpApp:
                 Route("/v1/campaigns/top", self.top, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}", self.campaign, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/history", self.history, methods=["GET"]),
+                Route("/v1/pages/{page_id}", self.page, methods=["GET"]),
+                Route("/v1/orgs/{org_id}", self.org, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/recent", self.recent, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/goals", self.goals, methods=["GET"]),
                 Route("/v1/campaigns/{campaign_id}/count", self.count, methods=["GET"]),
@@ -399,13 +401,30 @@ class StatsHttpApp:
         )
 
     async def history(self, request: Request) -> Response:
-        """The ``history`` call (docs/protocol.md): ``?unit=hour&from=&to=`` (epoch seconds)."""
+        """The ``history`` call (docs/protocol.md): ``?unit=hour&from=&to=`` (epoch seconds),
+        ``&page=`` for one of the campaign's action pages."""
         campaign_id = parse_id(request.path_params["campaign_id"], "campaign id")
         query = request.query_params
         unit = query.get("unit") or "hour"
         start, end = _number(query.get("from"), "from"), _number(query.get("to"), "to")
+        page_text = query.get("page")
+        page = None if not page_text else parse_id(page_text, "page")
         async with asyncio.timeout(self.config.timeout):
-            result = await self.service.history(campaign_id, unit, start, end)
+            result = await self.service.history(campaign_id, unit, start, end, page)
+        return self._read(request, _encode(result))
+
+    async def page(self, request: Request) -> Response:
+        """The ``page_stats`` call: STATS plus ``campaign_id``, org keys as strings (JSON)."""
+        page_id = parse_id(request.path_params["page_id"], "page id")
+        async with asyncio.timeout(self.config.timeout):
+            result = await self.service.page_stats(page_id)
+        return self._read(request, _encode(result))
+
+    async def org(self, request: Request) -> Response:
+        """The ``org_stats`` call; campaign ids as strings (JSON)."""
+        org_id = parse_id(request.path_params["org_id"], "org id")
+        async with asyncio.timeout(self.config.timeout):
+            result = await self.service.org_stats(org_id)
         return self._read(request, _encode(result))
 
     async def recent(self, request: Request) -> Response:

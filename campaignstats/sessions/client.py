@@ -64,6 +64,8 @@ from campaignstats.protocol import (
 from campaignstats.requests import (
     GetGoals,
     GetMetrics,
+    GetOrgStats,
+    GetPageStats,
     History,
     Info,
     Recent,
@@ -293,7 +295,7 @@ def _result(request: CallRequest, result: Any) -> Any:
     if (
         isinstance(request, Stats | Info | GetMetrics | History | Recent | GetGoals)
         and type(result) is not dict
-    ):
+    ) or (isinstance(request, GetPageStats | GetOrgStats) and type(result) is not dict):
         raise RemoteProtocolError(f"{request.op} answered a {type(result).__name__}")
     if isinstance(request, StatsMany) and type(result) is not dict:
         raise RemoteProtocolError(f"stats_many answered a {type(result).__name__}")
