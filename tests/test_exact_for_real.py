@@ -129,7 +129,13 @@ async def test_actions_accepted_and_rejected_later_are_exact_while_calculations_
         elif proca.counted:
             await proca.reject(rng)
         if step % 40 == 39:
-            await asyncio.sleep(0.12)  # let a calculation or two run between the changes
+            # let a calculation finish between the changes, however busy the machine
+            seen = await completed(service)
+
+            async def another(seen: int = seen) -> bool:
+                return await completed(service) > seen
+
+            await wait_for(another)
     await service.flush()
     memory = await memory_of(service, [1])
     done.set()
