@@ -1,0 +1,231 @@
+"""Review of the custom metrics' latest round (guards over the wire, ``serve --metrics-*``
+limits, the time checks, the sliced compaction, the rollback's notice): each test is a finding
+and fails because of a bug. Real sockets; real server processes where it is about processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from campaignstats.actor.actor import ActorConfig
+from campaignstats.actor.metrics import MetricsConfig
+from campaignstats.client import AsyncStatsClient
+from campaignstats.metrics import log as mlog
+from campaignstats.metrics import make_update
+from campaignstats.metrics.model import BUCKET, MetricsState
+from campaignstats.metrics.update import MetricLimits
+from campaignstats.protocol import Limits
+
+from .helpers import Raw, Start
+from .test_metrics_wire import _serve
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class FullDisk:
+    """``os`` for the log module whose ``write`` fails with ENOSPC while ``full``."""
+
+    def __init__(self) -> None:
+        self.full = False
+
+    def write(self, fd: int, data: Any) -> int:
+        if self.full:
+            raise OSError(28, "No space left on device")
+        return os.write(fd, data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
+def config(tmp_path: Path) -> ActorConfig:
+    metrics = MetricsConfig(appendonly=tmp_path / "metrics.aof", snapshot_interval=None)
+    return ActorConfig(sync_interval=3600, metrics=metrics)
+
+
+async def counters(raw: Raw, req: int, campaign: int) -> dict[str, int]:
+    reply = await raw.call("metrics", req, campaign)
+    assert reply[0] == "ok", reply
+    result: dict[str, int] = reply[2]["total"]["counters"]
+    return result
+
+
+async def rollback(running: Any, disk: FullDisk, campaign: int) -> None:
+    """Another connection's flush fails on a full disk: the store rolls back (reloads its
+    state from the files), then the disk has room again."""
+    a = await Raw.unix(running.unix)
+    try:
+        disk.full = True
+        await a.send(["metric", {"campaign": campaign, "incr": {"other": 1}}])
+        failed = await a.call("flush", 1)
+        assert failed[:3] == ["err", 1, "internal"], failed
+    finally:
+        disk.full = False
+        await a.close()
+
+
+async def test_acknowledged_updates_still_in_the_log_survive_a_restart_with_a_lower_limit(
+    module_dsn: str, tmp_path: Path
+) -> None:
+    """docs/metrics.md ("Limits") says lowering a ``--metrics-*`` limit "refuses only the
+    updates that would grow past it". But the log's replay at start judges every record by the
+    new limits (``MetricsState.replay`` -> ``_check_limits``; ``update_from_map`` for the
+    update's own bounds): an acknowledged update whose record is still in the log (a SIGKILL
+    before the next compaction) is rejected at replay (``replay_rejected``) and lost, for good
+    at the next compaction. The snapshot's campaigns load whatever the limits, so the same
+    values survive or vanish depending on whether a compaction came first. What should happen:
+    replayed records were accepted once and are applied as they were (the limits bound growth
+    from new updates, not the replay of acknowledged ones)."""
+    log = tmp_path / "lowered.aof"
+    proc, port = await _serve(module_dsn, log, "--appendfsync", "always")
+    try:
+        raw = await Raw.tcp(port)
+        await raw.send(["metric", {"campaign": 71, "incr": {"a": 1, "b": 2, "c": 3}}])
+        assert await raw.call("flush", 1) == ["ok", 1, None]  # acknowledged: durable
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        await raw.close()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    proc, port = await _serve(
+        module_dsn, log, "--appendfsync", "always", "--metrics-max-names", "2"
+    )
+    try:
+        raw = await Raw.tcp(port)
+        try:
+            held = await counters(raw, 1, 71)
+            info = (await raw.call("info", 2))[2]["metrics"]
+        finally:
+            await raw.close()
+        assert held == {"a": 1, "b": 2, "c": 3}, info["replay_rejected"]
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_another_connections_failed_flush_does_not_reset_a_throttle_guard(
+    start: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A throttle guard (min_period 3600) let one ``set`` of ``partner`` through; a second one
+    within the hour must be refused. But when any other connection's ``flush`` fails (a full
+    disk), ``MetricsStore.rollback`` rebuilds the state from the files and the throttle's
+    memory (``CampaignMetrics.throttle``, not logged) starts empty for every campaign: the
+    next update of every throttled key passes at once. docs/metrics.md only allows that after a
+    restart ("after a restart the first update of a key passes"), and this campaign's write
+    had been committed and kept. What should happen: the rollback keeps the throttle's memory
+    of the campaigns (e.g. carry ``throttle`` from the old state into the reloaded one, at
+    least for what was written; dropping entries only loosens nothing)."""
+    running = await start(config(tmp_path))
+    disk = FullDisk()
+    monkeypatch.setattr(mlog, "os", disk)
+    b = await Raw.unix(running.unix)
+    try:
+        assert (await b.call("guard", 1, 81, "partner", {"min_period": 3600}))[0] == "ok"
+        await b.send(["metric", {"campaign": 81, "set": {"partner": 1200}}])
+        assert await b.call("flush", 2) == ["ok", 2, None]  # written and kept
+        await b.send(["metric", {"campaign": 81, "set": {"partner": 1300}}], ["flush", 3])
+        refused, flushed = await b.recv(2)
+        assert refused[:3] == ["err", None, "invalid"], refused  # the throttle holds
+        assert flushed == ["ok", 3, None]
+        await rollback(running, disk, 82)
+        await b.send(["metric", {"campaign": 81, "set": {"partner": 1400}}], ["flush", 4])
+        replies = await b.recv(1)
+        if replies[0][:2] != ["ok", 4]:
+            replies += await b.recv(1)
+        # still inside the hour: refused, the partner total set an hour ago unchanged
+        assert await counters(b, 5, 81) == {"partner": 1200}, replies
+        assert replies[0][:3] == ["err", None, "invalid"], replies
+    finally:
+        await b.close()
+
+
+async def test_the_refusal_counts_of_info_do_not_go_backwards_after_a_rollback(
+    start: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``info()["metrics"]["refused"]`` counts the guards' refusals (issue 14: "refused after
+    the deadline and inside the period, counted in info") and ``rejected`` the limits' and
+    clocks' refusals. Neither is logged, so a rollback (another connection's failed flush:
+    ``MetricsStore.rollback`` swaps in a state reloaded from the snapshot) sets them back to
+    the snapshot's figures in the same process: a count of refusals decreases, which no
+    counter a monitor reads may do. What should happen: the rollback carries ``refused`` and
+    ``rejected`` over from the state it replaces (they count what happened, not what is
+    kept)."""
+    running = await start(config(tmp_path))
+    disk = FullDisk()
+    monkeypatch.setattr(mlog, "os", disk)
+    b = await Raw.unix(running.unix)
+    try:
+        past = time.time() - 10
+        assert (await b.call("guard", 1, 83, "signups", {"deadline": past}))[0] == "ok"
+        await b.send(
+            ["metric", {"campaign": 83, "incr": {"signups": 1}}],
+            ["metric", {"campaign": 83, "incr": {"views": 1}, "at": time.time() + 3600}],
+            ["flush", 2],
+        )
+        deadline, future, flushed = await b.recv(3)
+        assert deadline[:3] == future[:3] == ["err", None, "invalid"]
+        assert flushed == ["ok", 2, None]
+        before = (await running.service.info())["metrics"]
+        assert before["refused"]["deadline"] == 1
+        assert before["rejected"]["future"] == 1
+        await rollback(running, disk, 84)
+        after = (await running.service.info())["metrics"]
+        assert after["refused"]["deadline"] >= 1
+        assert after["rejected"].get("future", 0) >= 1
+    finally:
+        await b.close()
+
+
+async def test_a_client_can_guard_every_metric_name_its_server_accepts(
+    start: Start, tmp_path: Path
+) -> None:
+    """With ``serve --max-string 32`` (the increments' strings) and the metrics' own default of
+    64 bytes (``--metrics-max-string``), a 40-byte metric name is accepted from the client's
+    ``metric()`` (checked against the metric limits) and by the server's ``guard`` (checked
+    against ``limits.metrics.max_string``), but ``AsyncStatsClient.set_guard`` (and the
+    blocking client's, and so ``campaignstats guard``) checks the name against the hello's
+    ``max_string``, the increments' limit, and raises ``Invalid`` without asking: that metric
+    cannot be guarded from a client. What should happen: the client checks a guard's name with
+    the same bound as its ``metric()`` names (``METRIC_LIMITS.max_string``), or leaves it to
+    the server."""
+    running = await start(config(tmp_path), limits=Limits(max_string=32))
+    name = "n" * 40
+    async with AsyncStatsClient(f"unix://{running.unix}") as client:
+        client.metric(85, incr={name: 1})
+        await client.flush()
+        assert (await client.metrics(85))["total"]["counters"] == {name: 1}
+        raw = await Raw.unix(running.unix)
+        try:  # the server takes this guard
+            reply = await raw.call("guard", 1, 86, name, {"min_period": 60})
+            assert reply[0] == "ok", reply
+        finally:
+            await raw.close()
+        guard = await client.set_guard(85, name, min_period=60)
+        assert guard == {"deadline": None, "min_period": 60.0}
+
+
+def test_a_gauge_the_state_cannot_keep_is_refused_not_acknowledged_and_dropped() -> None:
+    """docs/metrics.md ("Limits", Time): "A gauge older than its kept buckets is refused
+    (``too_old``): it would be dropped at once." ``_check_time`` measures "kept" from the
+    server's current bucket, but ``_keep`` keeps the ``gauge_buckets`` newest buckets held,
+    and an ``at`` up to 300 s ahead may hold the next bucket. So with 2 buckets kept, once
+    the current and the next bucket are held, a gauge for the previous bucket passes the check,
+    is applied (counted in ``applied``), logged and acknowledged, and ``_keep`` drops it
+    silently: nothing says it was not kept. What should happen: refuse it as ``too_old``
+    (compare with the oldest bucket the gauge holds when the map is full), or keep it."""
+    state = MetricsState(MetricLimits(gauge_buckets=2))
+    bucket = 1_800_000_000 // BUCKET * BUCKET
+    now = bucket + 200.0  # 160 s before the next bucket
+    assert state.apply(make_update(1, gauge={"online": 5}), now).error is None
+    ahead = state.apply(make_update(1, gauge={"online": 7}, at=now + 250), now)
+    assert ahead.error is None  # within 300 s: the next bucket
+    previous = bucket - BUCKET + 10.0  # inside the 2 buckets the check allows
+    result = state.apply(make_update(1, gauge={"online": 6}, at=previous), now)
+    kept = state.campaigns[1].total.gauges["online"]
+    assert result.error is not None or bucket - BUCKET in kept, (result, kept)
