@@ -15,9 +15,11 @@ import pytest
 from campaignstats.actor.actor import ActorConfig
 from campaignstats.actor.metrics import MetricsConfig
 from campaignstats.client import AsyncStatsClient
+from campaignstats.errors import Invalid
 from campaignstats.metrics import log as mlog
 from campaignstats.metrics import make_update
 from campaignstats.metrics.model import BUCKET, MetricsState
+from campaignstats.metrics.store import MetricsStore
 from campaignstats.metrics.update import MetricLimits
 from campaignstats.protocol import Limits
 
@@ -229,3 +231,56 @@ def test_a_gauge_the_state_cannot_keep_is_refused_not_acknowledged_and_dropped()
     result = state.apply(make_update(1, gauge={"online": 6}, at=previous), now)
     kept = state.campaigns[1].total.gauges["online"]
     assert result.error is not None or bucket - BUCKET in kept, (result, kept)
+
+
+async def test_the_embedding_api_refuses_a_guard_on_campaign_zero_that_would_lose_every_metric(
+    start: Start, tmp_path: Path
+) -> None:
+    """``StatsService.set_guard`` checks the name and the options (``guard_request``) but not
+    the campaign id, which only the wire's codec checks (``ServerCodec._campaign_id``). A guard
+    on campaign 0 (or a negative id) is applied, logged and acknowledged; the next compaction
+    (here the graceful stop's) writes it into the snapshot, and at the next start
+    ``MetricsState.restore`` refuses the whole file ("a campaign id must be a positive
+    integer"): the snapshot is moved aside as unreadable and every campaign's metrics it held
+    are gone. (A crash-restart of the actor drops them the same way, in ``check()``.) What
+    should happen: ``set_guard`` refuses a campaign id outside 1 to 2**63-1 with ``Invalid``
+    (``guard_request`` checks it, as the codec does), and nothing is lost."""
+    aof = tmp_path / "metrics.aof"
+    running = await start(config(tmp_path))
+    running.service.metric(87, incr={"views": 3})
+    await running.service.flush()
+    refused = False
+    try:
+        await running.service.set_guard(0, "views", deadline=time.time() + 3600)
+    except Invalid:
+        refused = True
+    await running.server.close()
+    await running.service.stop()  # compacts into the snapshot
+    store = MetricsStore.open(aof)
+    try:
+        held = store.state.metrics(87, time.time())["total"]["counters"]
+    finally:
+        store.log.close()
+    assert held == {"views": 3}
+    assert refused
+
+
+def test_a_member_older_than_the_kept_days_joins_no_daily_set() -> None:
+    """docs/metrics.md ("Limits", Time): "A member older than the kept days still joins the
+    all-time set (the backfill of an old import counts), in no daily set." ``_apply`` puts it
+    in a daily set whenever the campaign's day map is not full yet (``_keep`` only refuses a
+    day older than every day of a *full* map): a member 400 days old gets a daily set of its
+    own, so a week or month figure (``uniques_between``) for a period long past the
+    ``unique_days`` kept answers a partial count that depends on how full the map happened to
+    be during the import (and the archive exports it). What should happen, as documented: a
+    day older than the last ``unique_days`` days (by the server's clock, as the gauges'
+    ``too_old`` check) gets no daily set; the member joins the all-time set only."""
+    state = MetricsState()
+    now = 1_800_000_000.0
+    state.apply(make_update(1, member={"visitors": "today"}), now)
+    old = now - 400 * 86_400
+    result = state.apply(make_update(1, member={"visitors": "backfilled"}, at=old), now)
+    assert result.error is None
+    assert state.campaigns[1].total.uniques["visitors"].all.estimate() == 2  # all-time: counted
+    week = state.uniques_between(1, "visitors", old - 3 * 86_400, old + 4 * 86_400)
+    assert week.estimate() == 0
