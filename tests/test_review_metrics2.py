@@ -4,6 +4,7 @@ and fails because of a bug. Real sockets; real server processes where it is abou
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -284,3 +285,30 @@ def test_a_member_older_than_the_kept_days_joins_no_daily_set() -> None:
     assert state.campaigns[1].total.uniques["visitors"].all.estimate() == 2  # all-time: counted
     week = state.uniques_between(1, "visitors", old - 3 * 86_400, old + 4 * 86_400)
     assert week.estimate() == 0
+
+
+async def test_the_embedding_api_refuses_a_guard_name_that_is_not_utf8(
+    start: Start, tmp_path: Path
+) -> None:
+    """``guard_request`` measures the name with ``encode(errors="surrogatepass")``, so a name
+    with a lone surrogate (``"\\ud800"``, which no UTF-8 holds) passes ``StatsService.
+    set_guard``'s check, while ``make_update`` refuses the same name for an update.
+    ``MetricsStore.set_guard`` changes the state first, then ``log.append`` fails to encode it
+    (``UnicodeEncodeError``): the guard is in force but not logged, and the state holds a row
+    that MessagePack cannot write, so every compaction's copy fails from then on (the log grows
+    without bound, the snapshot is never refreshed). What should happen: the name is refused
+    with ``Invalid`` before anything changes (encode strictly, as ``make_update`` does), and
+    the compactions go on."""
+    metrics = MetricsConfig(appendonly=tmp_path / "metrics.aof", snapshot_interval=1)
+    running = await start(ActorConfig(sync_interval=3600, metrics=metrics))
+    running.service.metric(88, incr={"views": 1})
+    await running.service.flush()
+    error: Exception | None = None
+    try:
+        await running.service.set_guard(88, "\ud800", deadline=time.time() + 3600)
+    except Exception as exc:
+        error = exc
+    await asyncio.sleep(2.5)  # periodic compactions every second
+    info = (await running.service.info())["metrics"]
+    assert info["compaction_errors"] == 0, (info["compaction_errors"], error)
+    assert isinstance(error, Invalid), repr(error)
