@@ -312,3 +312,39 @@ async def test_the_embedding_api_refuses_a_guard_name_that_is_not_utf8(
     info = (await running.service.info())["metrics"]
     assert info["compaction_errors"] == 0, (info["compaction_errors"], error)
     assert isinstance(error, Invalid), repr(error)
+
+
+async def test_a_connection_told_by_its_own_failed_guard_call_is_not_told_again_at_its_flush(
+    start: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``guard`` (or ``reset_metrics``) call is answered once written; when the log cannot be
+    written its rollback drops every unwritten change and the call answers ``internal``: "the
+    N changes not written were dropped, not kept (send them again)" (docs/metrics.md, "A failed
+    commit": "a client that sends them again counts them once"). The connection that made the
+    call is told then, as a failing ``flush``'s connection is. But ``MetricsKeeper.set_guard``
+    and ``reset`` call ``commit(drop_on_error=True)`` without the call's ``origin``, so the
+    rollback also puts the calling connection into the owed set: the casts it sends again, as
+    told, are discarded (``casts_not_kept``), and its next ``flush`` fails once more, for a
+    loss it was already told of. What should happen: the calling connection is left out of
+    the owed set like the flushing one (pass ``Ask.origin`` to ``commit`` for ``guard`` and
+    ``reset_metrics``); what it sends again is kept and its flush succeeds."""
+    running = await start(config(tmp_path))
+    disk = FullDisk()
+    monkeypatch.setattr(mlog, "os", disk)
+    b = await Raw.unix(running.unix)
+    try:
+        disk.full = True
+        await b.send(["metric", {"campaign": 90, "incr": {"views": 2}}])
+        assert await counters(b, 1, 90) == {"views": 2}  # applied, not written
+        failed = await b.call("guard", 2, 90, "partner", {"min_period": 60})
+        assert failed[:3] == ["err", 2, "internal"], failed
+        assert "send them again" in failed[3]
+        disk.full = False
+        # what the error asked for: send them again
+        await b.send(["metric", {"campaign": 90, "incr": {"views": 2}}])
+        assert (await b.call("guard", 3, 90, "partner", {"min_period": 60}))[0] == "ok"
+        flushed = await b.call("flush", 4)
+        assert await counters(b, 5, 90) == {"views": 2}, flushed
+        assert flushed == ["ok", 4, None]
+    finally:
+        await b.close()
