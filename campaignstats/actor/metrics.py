@@ -435,8 +435,10 @@ class MetricsKeeper:
         round trip (every value of the right type). When not, it is reloaded from the files
         (what was committed), or starts empty without a log."""
         try:
-            MetricsState.restore(self.state.snapshot(), self.config.limits)
-            return True
+            skipped = MetricsState.restore(self.state.snapshot(), self.config.limits).skipped_rows
+            if not skipped:
+                return True
+            log.error("metrics.state_dropped", error=skipped[0], rows=len(skipped))
         except Exception as exc:
             log.error("metrics.state_dropped", error=repr(exc))
         self._wait_for_writes()

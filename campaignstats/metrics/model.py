@@ -14,6 +14,7 @@ scope it touches: its total, and for each of its dimensions that dimension's tot
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -161,6 +162,8 @@ class MetricsState:
         self.applied = 0
         self.refused: dict[str, int] = {"deadline": 0, "throttle": 0}
         self.rejected: dict[str, int] = {}
+        #: the campaigns' rows :meth:`restore` skipped (unreadable), each with why
+        self.skipped_rows: list[str] = []
         #: a point-in-time copy being taken campaign by campaign (:meth:`begin_copy`)
         self._copy: StateCopy | None = None
 
@@ -359,8 +362,21 @@ class MetricsState:
         name: str,
         deadline: float | None = None,
         min_period: float | None = None,
+        *,
+        growth: bool = True,
     ) -> None:
-        """Guard metric ``name`` of a campaign; both None removes its guard."""
+        """Guard metric ``name`` of a campaign; both None removes its guard. Everything is
+        checked before anything changes (:class:`Invalid`): a campaign id 1 to 2**63-1, a name
+        of valid UTF-8 (what the log and the snapshot can hold) and, with ``growth``, the
+        limits on campaigns and guarded names (the log's replay passes ``growth=False``: a
+        guard it recorded was accepted once)."""
+        if type(campaign_id) is not int or not 0 < campaign_id <= MAX_ID:
+            raise Invalid(f"a campaign id must be between 1 and 2**63-1, not {campaign_id!r}")
+        if type(name) is not str or _utf8_length(name) < 1:
+            raise Invalid(f"a guard's name must be a non-empty string of UTF-8, not {name!r:.40}")
+        for value in (deadline, min_period):
+            if value is not None and (type(value) not in (int, float) or not math.isfinite(value)):
+                raise Invalid(f"a guard's deadline and min_period are numbers, not {value!r}")
         if min_period is not None and not min_period > 0:
             raise Invalid("min_period must be a positive number of seconds")
         if self._copy is not None:
@@ -376,10 +392,14 @@ class MetricsState:
             return
         limits = self.limits
         if c is None:
-            if limits.max_campaigns is not None and len(self.campaigns) >= limits.max_campaigns:
+            if (
+                growth
+                and limits.max_campaigns is not None
+                and len(self.campaigns) >= limits.max_campaigns
+            ):
                 raise Invalid(f"over the limit of {limits.max_campaigns} campaigns with metrics")
             c = self.campaigns[campaign_id] = CampaignMetrics()
-        elif name not in c.guards and len(c.guards) >= limits.max_names:
+        elif growth and name not in c.guards and len(c.guards) >= limits.max_names:
             # a guard names a metric: no more guards than metric names a campaign may hold
             raise Invalid(f"campaign {campaign_id}: over {limits.max_names} guarded names")
         c.guards[name] = Guard(deadline, min_period)
@@ -515,7 +535,8 @@ class MetricsState:
         """The state :meth:`snapshot` wrote; ValueError when ``data`` is not one.
 
         Checked value by value: a wrong type loaded into the state would fail at the first
-        update of that campaign instead of here.
+        update of that campaign instead of here. A campaign's row that is not one is skipped
+        and listed in :attr:`skipped_rows` (the caller logs them): the other campaigns load.
         """
         try:
             raw = msgpack.unpackb(data, strict_map_key=False)
@@ -524,24 +545,13 @@ class MetricsState:
         if type(raw) is not dict or raw.get("format") != SNAPSHOT_FORMAT:
             raise ValueError("not a metrics snapshot, or an unknown format")
         state = cls(limits)
-        for row in _list(raw.get("campaigns")):
-            cid, total, dims, dim_totals, guards = _list(row, 5)
-            if type(cid) is not int or not 0 < cid <= MAX_ID:
-                raise ValueError(f"a campaign id must be a positive integer, not {cid!r}")
-            c = CampaignMetrics()
-            c.total = _values_from(total)
-            for dim, keys in _dict(dims).items():
-                c.dims[_str(dim)] = {_str(k): _values_from(v) for k, v in _dict(keys).items()}
-            for dim, values in _dict(dim_totals).items():
-                c.dim_totals[_str(dim)] = _values_from(values)
-            if c.dims.keys() != c.dim_totals.keys():
-                raise ValueError("every dimension needs its total")
-            for name, guard in _dict(guards).items():
-                deadline, min_period = _list(guard, 2)
-                c.guards[_str(name)] = Guard(_opt_number(deadline), _opt_number(min_period))
-            for _, _, values in c.scopes():
-                c.names |= values.names()
-                c.unique_series += len(values.uniques)
+        for i, row in enumerate(_list(raw.get("campaigns"))):
+            try:
+                cid, c = _campaign_from(row)
+            except (TypeError, ValueError) as exc:
+                # One bad row costs that campaign, not every campaign of the file.
+                state.skipped_rows.append(f"row {i}: {exc}")
+                continue
             state.campaigns[cid] = c
         state.applied = _int(raw.get("applied", 0))
         state.refused.update({_str(k): _int(v) for k, v in _dict(raw.get("refused", {})).items()})
@@ -680,6 +690,36 @@ def _campaign_row(cid: int, c: CampaignMetrics) -> bytes:
     ]
     data: bytes = msgpack.packb(row)
     return data
+
+
+def _campaign_from(row: object) -> tuple[int, CampaignMetrics]:
+    """A campaign's row of the snapshot (:func:`_campaign_row`); ValueError when not one."""
+    cid, total, dims, dim_totals, guards = _list(row, 5)
+    if type(cid) is not int or not 0 < cid <= MAX_ID:
+        raise ValueError(f"a campaign id must be a positive integer, not {cid!r}")
+    c = CampaignMetrics()
+    c.total = _values_from(total)
+    for dim, keys in _dict(dims).items():
+        c.dims[_str(dim)] = {_str(k): _values_from(v) for k, v in _dict(keys).items()}
+    for dim, values in _dict(dim_totals).items():
+        c.dim_totals[_str(dim)] = _values_from(values)
+    if c.dims.keys() != c.dim_totals.keys():
+        raise ValueError("every dimension needs its total")
+    for name, guard in _dict(guards).items():
+        deadline, min_period = _list(guard, 2)
+        c.guards[_str(name)] = Guard(_opt_number(deadline), _opt_number(min_period))
+    for _, _, values in c.scopes():
+        c.names |= values.names()
+        c.unique_series += len(values.uniques)
+    return cid, c
+
+
+def _utf8_length(text: str) -> int:
+    """Bytes of ``text`` in UTF-8; -1 when it is no UTF-8 (a lone surrogate)."""
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError:
+        return -1
 
 
 def _values_state(v: Values) -> list[Any]:

@@ -118,7 +118,9 @@ def load_snapshot(path: Path, limits: MetricLimits) -> tuple[MetricsState, int]:
     """The state in the snapshot file and the last log seq it holds; empty when missing.
 
     A damaged file is moved aside (``<path>.bad-<time>``) with an error and the state starts
-    empty: the log's records after it are still replayed, and none is applied twice. A snapshot
+    empty: the log's records after it are still replayed, and none is applied twice. A
+    campaign's row that cannot be read is skipped with a warning
+    (``metrics.snapshot.row_skipped``; :attr:`MetricsState.skipped_rows`). A snapshot
     of another ``format`` (a later release's) is not damage: :class:`LogError`, file untouched.
     """
     try:
@@ -141,7 +143,7 @@ def load_snapshot(path: Path, limits: MetricLimits) -> tuple[MetricsState, int]:
         seq = data["seq"]
         if type(seq) is not int or seq < 0 or type(data["state"]) is not bytes:
             raise ValueError("bad seq or state")
-        return MetricsState.restore(data["state"], limits), seq
+        state = MetricsState.restore(data["state"], limits)
     except Exception as exc:
         aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%S')}")
         os.replace(path, aside)
@@ -149,6 +151,9 @@ def load_snapshot(path: Path, limits: MetricLimits) -> tuple[MetricsState, int]:
             "metrics.snapshot.unreadable", path=str(path), error=repr(exc), moved_to=str(aside)
         )
         return MetricsState(limits), 0
+    for why in state.skipped_rows:  # one campaign lost, not the file
+        log.warning("metrics.snapshot.row_skipped", path=str(path), error=why)
+    return state, seq
 
 
 class MetricsStore:
@@ -174,6 +179,8 @@ class MetricsStore:
         self._size_after_rewrite = metrics_log.size
         self.compactions = 0
         self.replay_rejected = 0
+        #: campaigns' rows of the snapshot that could not be read at open (skipped)
+        self.snapshot_rows_skipped = len(state.skipped_rows)
 
     @classmethod
     def open(
@@ -327,6 +334,7 @@ class MetricsStore:
             },
             "compactions": self.compactions,
             "replay_rejected": self.replay_rejected,
+            "snapshot_rows_skipped": self.snapshot_rows_skipped,
         }
 
     # -- compaction -------------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""The fixes of the second metrics review's findings, beyond tests/test_review_metrics2.py: the
+edges of each fix (docs/metrics.md). Pure state where the behaviour is the state's; a real
+snapshot file and log where it is about the files."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from campaignstats.errors import Invalid
+from campaignstats.metrics import make_update
+from campaignstats.metrics.model import MetricsState
+from campaignstats.metrics.store import MetricsStore, snapshot_path_for
+from campaignstats.metrics.update import MetricLimits
+from campaignstats.requests import guard_request
+
+NOW = 1_800_000_000.0
+
+
+def test_a_snapshot_row_that_cannot_be_read_costs_its_campaign_only(tmp_path: Path) -> None:
+    state = MetricsState()
+    state.apply(make_update(5, incr={"views": 3}), NOW)
+    state.apply(make_update(6, incr={"views": 4}), NOW)
+    raw = msgpack.unpackb(state.snapshot(), strict_map_key=False)
+    raw["campaigns"][0][0] = 0  # what a guard on campaign 0 once wrote
+    data = msgpack.packb(raw)
+    restored = MetricsState.restore(data)
+    assert len(restored.campaigns) == 1
+    assert len(restored.skipped_rows) == 1
+    assert "campaign id" in restored.skipped_rows[0]
+    # the same through the files: the other campaign loads, the skip is counted in info
+    log = tmp_path / "m.aof"
+    file = {"format": 1, "seq": 0, "saved_at": NOW, "state": data}
+    snapshot_path_for(log).write_bytes(msgpack.packb(file))
+    store = MetricsStore.open(log)
+    try:
+        assert len(store.state.campaigns) == 1
+        assert store.info()["snapshot_rows_skipped"] == 1
+    finally:
+        store.log.close()
+
+
+@pytest.mark.parametrize("campaign", [0, -1, 2**63, True])
+def test_a_guard_on_a_campaign_id_out_of_range_is_refused_by_the_state(campaign: int) -> None:
+    state = MetricsState()
+    with pytest.raises(Invalid):
+        state.set_guard(campaign, "views", NOW + 60, None)
+    assert state.campaigns == {}
+    request = guard_request(campaign, "views", {"deadline": NOW + 60}, 64)
+    assert isinstance(request, Exception)
+
+
+@pytest.mark.parametrize("name", ["", "\ud800", 7])
+def test_a_guard_name_that_no_log_can_hold_is_refused_by_the_state(name: str) -> None:
+    state = MetricsState()
+    with pytest.raises(Invalid):
+        state.set_guard(1, name, NOW + 60, None)
+    assert state.campaigns == {}
+
+
+@pytest.mark.parametrize("deadline", [math.nan, math.inf, "soon"])
+def test_a_guard_deadline_that_is_not_a_finite_number_is_refused(deadline: float) -> None:
+    state = MetricsState()
+    with pytest.raises(Invalid):
+        state.set_guard(1, "views", deadline, None)
+    assert state.campaigns == {}
+
+
+def test_a_state_with_a_lower_limit_replays_what_a_higher_one_accepted() -> None:
+    limits = MetricLimits(max_names=2, max_string=8, max_campaigns=1)
+    state = MetricsState(limits)
+    wide = make_update(9, incr={"a": 1, "b": 2, "c": 3}, at=NOW)
+    assert state.replay(wide) is None
+    assert state.replay(make_update(10, incr={"long-name-x": 1}, at=NOW)) is None
+    state.set_guard(11, "x", NOW, None, growth=False)
+    assert set(state.campaigns) == {9, 10, 11}
+    # new growth is still refused
+    assert state.apply(make_update(9, incr={"d": 1}), NOW).error is not None
+    with pytest.raises(Invalid):
+        state.set_guard(12, "x", NOW, None)
