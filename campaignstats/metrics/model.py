@@ -216,11 +216,14 @@ class MetricsState:
         return Applied(effective, refused)
 
     def replay(self, update: MetricUpdate) -> ProtocolError | None:
-        """Apply an update the log recorded (``at`` set, guards already passed)."""
-        return self._apply(update)
+        """Apply an update the log recorded (``at`` set, guards already passed). It was
+        accepted once: the growth limits (names, dims, keys, unique sets, campaigns) are not
+        checked again, so lowering one does not lose what was acknowledged (only a counter's
+        overflow refuses it)."""
+        return self._apply(update, growth=False)
 
-    def _apply(self, update: MetricUpdate) -> ProtocolError | None:
-        error = self._check_limits(update)
+    def _apply(self, update: MetricUpdate, *, growth: bool = True) -> ProtocolError | None:
+        error = self._check_limits(update, growth)
         if error is not None:
             return error
         assert update.at is not None
@@ -295,43 +298,17 @@ class MetricsState:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         return Invalid(f"campaign {update.campaign_id}: {message}")
 
-    def _check_limits(self, update: MetricUpdate) -> ProtocolError | None:
-        """Why ``update`` would pass a per-campaign limit, or None; counted when it would."""
-        limits = self.limits
+    def _check_limits(self, update: MetricUpdate, growth: bool = True) -> ProtocolError | None:
+        """Why ``update`` would pass a per-campaign limit, or None; counted when it would.
+        Without ``growth`` only a counter's overflow (what a snapshot could not hold)."""
         cid = update.campaign_id
         c = self.campaigns.get(cid)
         reason: str | None = None
         message = ""
+        if growth:
+            reason, message = self._growth_error(update, c)
         if c is None:
-            if limits.max_campaigns is not None and len(self.campaigns) >= limits.max_campaigns:
-                reason = "campaigns"
-                message = f"over the limit of {limits.max_campaigns} campaigns with metrics"
             c = _EMPTY
-        if reason is None:
-            names = update.names()
-            if len(c.names | names) > limits.max_names:
-                reason, message = "names", f"over {limits.max_names} metric names"
-        if reason is None:
-            new_dims = update.dims.keys() - c.dims.keys()
-            if len(c.dims) + len(new_dims) > limits.max_dims:
-                reason, message = "dims", f"over {limits.max_dims} dimensions"
-        if reason is None:
-            for dim, key in update.dims.items():
-                keys = c.dims.get(dim, {})
-                if key not in keys and len(keys) >= limits.max_keys:
-                    reason, message = "keys", f"over {limits.max_keys} keys of dimension {dim!r}"
-                    break
-        if reason is None and update.member:
-            scopes = [c.total]
-            for dim, key in update.dims.items():
-                scopes += (
-                    c.dim_totals.get(dim, _NO_VALUES),
-                    c.dims.get(dim, {}).get(key, _NO_VALUES),
-                )
-            new = sum(name not in s.uniques for s in scopes for name in update.member)
-            if c.unique_series + new > limits.max_unique_series:
-                reason = "unique_series"
-                message = f"over {limits.max_unique_series} unique sets"
         if reason is None and update.incr:
             group = [c.total]
             for dim, key in update.dims.items():
@@ -347,6 +324,39 @@ class MetricsState:
             return None
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         return Invalid(f"campaign {cid}: {message}")
+
+    def _growth_error(
+        self, update: MetricUpdate, c: CampaignMetrics | None
+    ) -> tuple[str | None, str]:
+        """The growth limit ``update`` would pass (reason, message), or ``(None, "")``."""
+        limits = self.limits
+        if c is None:
+            if limits.max_campaigns is not None and len(self.campaigns) >= limits.max_campaigns:
+                return (
+                    "campaigns",
+                    f"over the limit of {limits.max_campaigns} campaigns with metrics",
+                )
+            c = _EMPTY
+        if len(c.names | update.names()) > limits.max_names:
+            return "names", f"over {limits.max_names} metric names"
+        new_dims = update.dims.keys() - c.dims.keys()
+        if len(c.dims) + len(new_dims) > limits.max_dims:
+            return "dims", f"over {limits.max_dims} dimensions"
+        for dim, key in update.dims.items():
+            keys = c.dims.get(dim, {})
+            if key not in keys and len(keys) >= limits.max_keys:
+                return "keys", f"over {limits.max_keys} keys of dimension {dim!r}"
+        if update.member:
+            scopes = [c.total]
+            for dim, key in update.dims.items():
+                scopes += (
+                    c.dim_totals.get(dim, _NO_VALUES),
+                    c.dims.get(dim, {}).get(key, _NO_VALUES),
+                )
+            new = sum(name not in s.uniques for s in scopes for name in update.member)
+            if c.unique_series + new > limits.max_unique_series:
+                return "unique_series", f"over {limits.max_unique_series} unique sets"
+        return None, ""
 
     def _sweep_throttle(self, c: CampaignMetrics, now: float) -> None:
         for key, last in list(c.throttle.items()):

@@ -31,7 +31,15 @@ import structlog
 
 from campaignstats.errors import ProtocolError
 from campaignstats.files import atomic_write
-from campaignstats.metrics.log import FsyncPolicy, LogError, Mark, MetricsLog, Record, scan
+from campaignstats.metrics.log import (
+    MAX_RECORD,
+    FsyncPolicy,
+    LogError,
+    Mark,
+    MetricsLog,
+    Record,
+    scan,
+)
 from campaignstats.metrics.model import Applied, MetricsState, StateCopy
 from campaignstats.metrics.update import (
     DEFAULT_LIMITS,
@@ -47,6 +55,11 @@ SNAPSHOT_FORMAT = 1
 #: doubled since the last rewrite
 REWRITE_MIN_SIZE = 64 * 1024 * 1024
 REWRITE_GROWTH = 1.0
+#: the update's own bounds for the log's replay: a record was checked when it was accepted, and
+#: a limit lowered since must not lose it (docs/metrics.md, "Limits")
+_REPLAY_BOUNDS = MetricLimits(
+    max_string=MAX_RECORD, max_names=MAX_RECORD, max_dims=MAX_RECORD, max_members=MAX_RECORD
+)
 
 
 class Compaction:
@@ -231,20 +244,21 @@ class MetricsStore:
             error: Exception | None
             try:
                 if kind == "u":
-                    update = update_from_map(body, state.limits)
+                    update = update_from_map(body, _REPLAY_BOUNDS)
                     error = update if isinstance(update, ProtocolError) else state.replay(update)
                 elif kind == "r":
                     state.reset(*body)
                     error = None
                 elif kind == "g":
-                    state.set_guard(*body)
+                    state.set_guard(*body, growth=False)
                     error = None
                 else:
                     raise ValueError(f"unknown record kind {kind!r}")
             except (TypeError, ValueError, ProtocolError) as exc:
                 error = exc
             if error is not None:
-                # Only after a change of limits (or a bug): the record stays in the log.
+                # A record that does not decode, a counter's overflow (or a bug): the record
+                # stays in the log.
                 self.replay_rejected += 1
                 log.warning("metrics.replay.rejected", seq=seq, kind=kind, error=str(error))
         return n
