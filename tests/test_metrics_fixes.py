@@ -81,3 +81,50 @@ def test_a_state_with_a_lower_limit_replays_what_a_higher_one_accepted() -> None
     assert state.apply(make_update(9, incr={"d": 1}), NOW).error is not None
     with pytest.raises(Invalid):
         state.set_guard(12, "x", NOW, None)
+
+
+def test_a_throttle_full_of_live_keys_refuses_a_new_key_until_one_expires() -> None:
+    state = MetricsState(MetricLimits(max_throttle_keys=3))
+    state.set_guard(1, "signups", None, 60)
+    for key in "abc":
+        assert not state.apply(make_update(1, dims={"k": key}, incr={"signups": 1}), NOW).refused
+    refused = state.apply(make_update(1, dims={"k": "d"}, incr={"signups": 1}), NOW + 1)
+    assert refused.refused == {"signups": "throttle_full"}
+    assert state.info()["refused"]["throttle_full"] == 1
+    assert "d" not in state.campaigns[1].dims["k"]
+    # a known key is still judged by its period, an unguarded name still applies
+    again = state.apply(make_update(1, dims={"k": "a"}, incr={"signups": 1, "views": 1}), NOW + 2)
+    assert again.refused == {"signups": "throttle"}
+    # once the period has passed, the entries expire and a new key is remembered
+    later = state.apply(make_update(1, dims={"k": "d"}, incr={"signups": 1}), NOW + 61)
+    assert later.refused == {}
+    assert later.error is None
+    assert len(state.campaigns[1].throttle) == 1
+
+
+def test_a_replayed_member_older_than_the_kept_days_joins_no_daily_set_either() -> None:
+    state = MetricsState()
+    old = NOW - 400 * 86_400
+    assert state.replay(make_update(1, member={"visitors": "x"}, at=old), NOW) is None
+    unique = state.campaigns[1].total.uniques["visitors"]
+    assert unique.all.estimate() == 1
+    assert unique.days == {}
+    # a recent day still gets its daily set
+    assert state.replay(make_update(1, member={"visitors": "y"}, at=NOW - 86_400), NOW) is None
+    assert list(unique.days) == [int((NOW - 86_400) // 86_400)]
+
+
+def test_a_gauge_for_a_bucket_the_state_can_keep_is_applied() -> None:
+    state = MetricsState(MetricLimits(gauge_buckets=3))
+    bucket = int(NOW // 360) * 360
+    now = bucket + 200.0
+    assert state.apply(make_update(1, gauge={"online": 5}), now).error is None
+    assert state.apply(make_update(1, gauge={"online": 7}, at=now + 250), now).error is None
+    previous = state.apply(make_update(1, gauge={"online": 6}, at=bucket - 350.0), now)
+    assert previous.error is None
+    assert sorted(state.campaigns[1].total.gauges["online"]) == [bucket - 360, bucket, bucket + 360]
+    # now full, all newer: the one before is refused as too old, counted
+    older = state.apply(make_update(1, gauge={"online": 1}, at=bucket - 700.0), now)
+    assert older.error is not None
+    assert "every bucket kept" in str(older.error)
+    assert state.info()["rejected"]["too_old"] == 1

@@ -30,7 +30,8 @@ BUCKET = 360
 #: seconds of a unique set's day (UTC)
 DAY = 86_400
 SNAPSHOT_FORMAT = 1
-#: throttle entries kept per campaign before the expired ones are swept
+#: throttle entries a campaign holds before the expired ones are first swept; after a sweep the
+#: next one waits until the entries have doubled (amortized: docs/metrics.md, "Guards and reset")
 _THROTTLE_SWEEP = 4_096
 #: how far ahead of the server's clock an update's ``at`` may be (clocks drift; a larger lead is
 #: a mistake that would push the kept gauge buckets and daily sets out for good)
@@ -102,7 +103,17 @@ class Guard:
 class CampaignMetrics:
     """One campaign's metrics, guards and bookkeeping."""
 
-    __slots__ = ("dim_totals", "dims", "guards", "names", "throttle", "total", "unique_series")
+    __slots__ = (
+        "dim_totals",
+        "dims",
+        "guards",
+        "names",
+        "throttle",
+        "throttle_expiry",
+        "throttle_sweep_at",
+        "total",
+        "unique_series",
+    )
 
     def __init__(self) -> None:
         self.total = Values()
@@ -113,6 +124,16 @@ class CampaignMetrics:
         self.guards: dict[str, Guard] = {}
         #: (name, dims) -> when an update of it was last applied; only for throttled names
         self.throttle: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        #: the throttle's size past which it is swept next, and when its soonest entry kept by
+        #: the last sweep expires (a full throttle is swept again only from then)
+        self.throttle_sweep_at = _THROTTLE_SWEEP
+        self.throttle_expiry = 0.0
+
+    def carry_throttle(self, other: CampaignMetrics) -> None:
+        """Take ``other``'s throttle memory (the same campaign in a state being replaced)."""
+        self.throttle = other.throttle
+        self.throttle_sweep_at = other.throttle_sweep_at
+        self.throttle_expiry = other.throttle_expiry
 
     def scopes(self) -> Iterator[tuple[str | None, str | None, Values]]:
         """``(dim, key, values)`` of every scope: ``(None, None, total)``, ``(dim, None,
@@ -190,8 +211,13 @@ class MetricsState:
                     last = c.throttle.get((name, dims_key))
                     if last is not None and now - last < guard.min_period:
                         refused[name] = "throttle"
+                    elif last is None and len(c.throttle) >= self.limits.max_throttle_keys:
+                        if now >= c.throttle_expiry:  # some entry may have expired since
+                            self._sweep_throttle(c, now)
+                        if len(c.throttle) >= self.limits.max_throttle_keys:
+                            refused[name] = "throttle_full"  # a key it cannot remember
             for reason in refused.values():
-                self.refused[reason] += 1
+                self.refused[reason] = self.refused.get(reason, 0) + 1
             if refused:
                 names = names - refused.keys()
                 if not names:
@@ -201,7 +227,7 @@ class MetricsState:
         if error is not None:
             return Applied(None, refused, error)
         effective = update.only(names, at) if refused or update.at is None else update
-        error = self._apply(effective)
+        error = self._apply(effective, first_day=self._first_day(now))
         if error is not None:
             return Applied(None, refused, error)
         c = self.campaigns[update.campaign_id]
@@ -211,18 +237,26 @@ class MetricsState:
                 guard = c.guards.get(name)
                 if guard is not None and guard.min_period is not None:
                     c.throttle[(name, dims_key)] = now
-            if len(c.throttle) > _THROTTLE_SWEEP:
+            if len(c.throttle) > c.throttle_sweep_at:
                 self._sweep_throttle(c, now)
         return Applied(effective, refused)
 
-    def replay(self, update: MetricUpdate) -> ProtocolError | None:
+    def replay(self, update: MetricUpdate, now: float | None = None) -> ProtocolError | None:
         """Apply an update the log recorded (``at`` set, guards already passed). It was
         accepted once: the growth limits (names, dims, keys, unique sets, campaigns) are not
         checked again, so lowering one does not lose what was acknowledged (only a counter's
-        overflow refuses it)."""
-        return self._apply(update, growth=False)
+        overflow refuses it). ``now``: the clock that decides which days are too old for a
+        daily unique set (None: as the day map's size decides)."""
+        first_day = None if now is None else self._first_day(now)
+        return self._apply(update, growth=False, first_day=first_day)
 
-    def _apply(self, update: MetricUpdate, *, growth: bool = True) -> ProtocolError | None:
+    def _first_day(self, now: float) -> int:
+        """The oldest day (epoch seconds // DAY) given a daily unique set at ``now``."""
+        return int(now // DAY) - self.limits.unique_days + 1
+
+    def _apply(
+        self, update: MetricUpdate, *, growth: bool = True, first_day: int | None = None
+    ) -> ProtocolError | None:
         error = self._check_limits(update, growth)
         if error is not None:
             return error
@@ -248,6 +282,8 @@ class MetricsState:
         limits = self.limits
         bucket = _bucket(at)
         day = int(at // DAY)
+        # a day older than the kept ones by the clock joins no daily set (docs/metrics.md)
+        daily_kept = first_day is None or day >= first_day
         for values in scopes:
             counters = values.counters
             for name, n in update.incr.items():
@@ -264,6 +300,8 @@ class MetricsState:
                     unique = values.uniques[name] = Unique()
                     c.unique_series += 1
                 unique.all.add(members)
+                if not daily_kept:
+                    continue
                 daily = unique.days.get(day)
                 if daily is None:
                     daily = UniqueSet()
@@ -293,6 +331,9 @@ class MetricsState:
             reason = "too_old"
             kept = self.limits.gauge_buckets * BUCKET
             message = f"a gauge at {at:.0f} is older than the {kept} s of gauge buckets kept"
+        elif update.gauge and self._gauge_dropped(update, _bucket(at)):
+            reason = "too_old"
+            message = f"a gauge at {at:.0f} is older than every bucket kept of a full gauge"
         if not reason:
             return None
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -358,11 +399,43 @@ class MetricsState:
                 return "unique_series", f"over {limits.max_unique_series} unique sets"
         return None, ""
 
+    def _gauge_dropped(self, update: MetricUpdate, bucket: int) -> bool:
+        """Whether a scope the update touches would drop its gauge at once: the gauge's map is
+        full and every bucket it holds is newer than ``bucket`` (one ahead of the clock may
+        be held)."""
+        c = self.campaigns.get(update.campaign_id)
+        if c is None:
+            return False
+        size = self.limits.gauge_buckets
+        scopes = [c.total]
+        for dim, key in update.dims.items():
+            scopes += (c.dim_totals.get(dim, _NO_VALUES), c.dims.get(dim, {}).get(key, _NO_VALUES))
+        for values in scopes:
+            for name in update.gauge:
+                buckets = values.gauges.get(name)
+                if (
+                    buckets is not None
+                    and len(buckets) >= size
+                    and bucket not in buckets
+                    and bucket < min(buckets)
+                ):
+                    return True
+        return False
+
     def _sweep_throttle(self, c: CampaignMetrics, now: float) -> None:
-        for key, last in list(c.throttle.items()):
-            guard = c.guards.get(key[0])
+        """Drop the expired throttle entries; the next sweep waits until the entries have
+        doubled (or, at ``max_throttle_keys``, until the soonest kept one expires)."""
+        soonest = float("inf")
+        throttle = c.throttle
+        guards = c.guards
+        for key, last in list(throttle.items()):
+            guard = guards.get(key[0])
             if guard is None or guard.min_period is None or now - last >= guard.min_period:
-                del c.throttle[key]
+                del throttle[key]
+            elif last + guard.min_period < soonest:
+                soonest = last + guard.min_period
+        c.throttle_sweep_at = max(_THROTTLE_SWEEP, 2 * len(throttle))
+        c.throttle_expiry = soonest
 
     # -- guards and reset --------------------------------------------------------------------------
 

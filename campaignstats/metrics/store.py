@@ -238,6 +238,7 @@ class MetricsStore:
 
     def _replay(self, records: Iterable[Record]) -> int:
         state = self.state
+        now = self._clock()
         n = 0
         for seq, kind, body in records:
             n += 1
@@ -245,7 +246,9 @@ class MetricsStore:
             try:
                 if kind == "u":
                     update = update_from_map(body, _REPLAY_BOUNDS)
-                    error = update if isinstance(update, ProtocolError) else state.replay(update)
+                    error = (
+                        update if isinstance(update, ProtocolError) else state.replay(update, now)
+                    )
                 elif kind == "r":
                     state.reset(*body)
                     error = None
@@ -316,13 +319,26 @@ class MetricsStore:
         """Drop the changes not written (after a failed :meth:`commit`): the buffered records
         are forgotten and the state is rebuilt from the files (the snapshot, then the log's
         records after it), i.e. as of the last commit that succeeded. Returns the records
-        dropped. Costs a reload: for a failure, not a habit."""
+        dropped. Costs a reload: for a failure, not a habit.
+
+        What the files do not hold is carried over from the state replaced: the throttle
+        guards' memory of each campaign still there (dropping it would let every throttled
+        key through at once), and the counts of ``info`` (they count what happened: a count
+        never goes back)."""
         dropped = self.log.discard()
-        self.state.abandon_copy()  # a compaction's copy of the state dropped here
-        state, snapshot_seq = load_snapshot(self.snapshot_path, self.state.limits)
+        old = self.state
+        old.abandon_copy()  # a compaction's copy of the state dropped here
+        state, snapshot_seq = load_snapshot(self.snapshot_path, old.limits)
         records = scan(self.log.path.read_bytes()).records
         self.state = state
         self._replay(r for r in records if r.seq > snapshot_seq)
+        for cid, c in state.campaigns.items():
+            was = old.campaigns.get(cid)
+            if was is not None and was.throttle:
+                c.carry_throttle(was)
+        state.applied = max(state.applied, old.applied)
+        state.refused = old.refused
+        state.rejected = old.rejected
         log.warning("metrics.rolled_back", records_dropped=dropped, seq=self.log.written_seq)
         return dropped
 
