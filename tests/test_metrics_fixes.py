@@ -5,17 +5,24 @@ snapshot file and log where it is about the files."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
 
+from campaignstats.actor.actor import ActorConfig
+from campaignstats.actor.metrics import MetricsConfig
 from campaignstats.errors import Invalid
+from campaignstats.metrics import log as mlog
 from campaignstats.metrics import make_update
 from campaignstats.metrics.model import MetricsState
 from campaignstats.metrics.store import MetricsStore, snapshot_path_for
 from campaignstats.metrics.update import MetricLimits
 from campaignstats.requests import guard_request
+
+from .helpers import Raw, Start
 
 NOW = 1_800_000_000.0
 
@@ -128,3 +135,46 @@ def test_a_gauge_for_a_bucket_the_state_can_keep_is_applied() -> None:
     assert older.error is not None
     assert "every bucket kept" in str(older.error)
     assert state.info()["rejected"]["too_old"] == 1
+
+
+class FullDisk:
+    """``os`` for the log module whose ``write`` fails with ENOSPC while ``full``."""
+
+    def __init__(self) -> None:
+        self.full = False
+
+    def write(self, fd: int, data: Any) -> int:
+        if self.full:
+            raise OSError(28, "No space left on device")
+        return os.write(fd, data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
+@pytest.mark.timeout(120)
+async def test_a_connection_told_by_its_own_failed_reset_is_not_told_again_at_its_flush(
+    start: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics = MetricsConfig(appendonly=tmp_path / "metrics.aof", snapshot_interval=None)
+    running = await start(ActorConfig(sync_interval=3600, metrics=metrics))
+    disk = FullDisk()
+    monkeypatch.setattr(mlog, "os", disk)
+    b = await Raw.unix(running.unix)
+    try:
+        await b.send(["metric", {"campaign": 91, "incr": {"views": 2, "old": 1}}])
+        assert await b.call("flush", 1) == ["ok", 1, None]
+        disk.full = True
+        await b.send(["metric", {"campaign": 91, "incr": {"views": 3}}])
+        failed = await b.call("reset_metrics", 2, 91, "old")
+        assert failed[:3] == ["err", 2, "internal"], failed
+        assert "send them again" in failed[3]
+        disk.full = False
+        await b.send(["metric", {"campaign": 91, "incr": {"views": 3}}])
+        assert (await b.call("reset_metrics", 3, 91, "old"))[:3] == ["ok", 3, {"found": True}]
+        assert await b.call("flush", 4) == ["ok", 4, None]
+        reply = await b.call("metrics", 5, 91)
+        assert reply[2]["total"]["counters"] == {"views": 5}
+        assert (await running.service.info())["metrics"]["casts_not_kept"] == 0
+    finally:
+        await b.close()
