@@ -382,12 +382,21 @@ MAX_GUARD_PERIOD = 366 * 86_400.0
 def guard_request(
     campaign_id: int, name: Any, opts: Any, max_string: int
 ) -> SetGuard | ProtocolError:
-    """``guard``'s name and options checked: ``name`` 1 to ``max_string`` bytes of UTF-8,
-    ``deadline`` epoch seconds or nil, ``min_period`` seconds (more than 0, at most a year) or
-    nil."""
+    """``guard``'s campaign, name and options checked: ``campaign_id`` 1 to 2**63-1 (as the
+    codec checks it), ``name`` 1 to ``max_string`` bytes of UTF-8 (strict: a lone surrogate is
+    no UTF-8), ``deadline`` epoch seconds or nil, ``min_period`` seconds (more than 0, at most a
+    year) or nil."""
+    if type(campaign_id) is not int:
+        return BadMessage("guard: campaign must be an integer")
+    if not 0 < campaign_id <= MAX_ID:
+        return Invalid("guard: campaign must be between 1 and 2**63-1")
     if type(name) is not str:
         return BadMessage("guard: name must be a string")
-    if not 0 < len(name.encode(errors="surrogatepass")) <= max_string:
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        size = -1
+    if not 0 < size <= max_string:
         return Invalid(f"guard: name must be 1 to {max_string} bytes of UTF-8")
     checked = _opts("guard", opts, ("deadline", "min_period"))
     if isinstance(checked, ProtocolError):

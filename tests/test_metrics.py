@@ -355,12 +355,17 @@ def test_a_snapshot_restores_every_value_guard_and_count() -> None:
     assert total(restored)["uniques"]["big"] >= total(state)["uniques"]["big"]
 
 
-@pytest.mark.parametrize(
-    "data", [b"", b"\xc1", b"\x80", b"\x82\xa6format\x01\xa9campaigns\x91\x93\x01\x02\x03"]
-)
+@pytest.mark.parametrize("data", [b"", b"\xc1", b"\x80", b"\x82\xa6format\x01\xa9campaigns\x01"])
 def test_restore_refuses_what_is_not_a_snapshot(data: bytes) -> None:
     with pytest.raises(ValueError, match=r"."):
         MetricsState.restore(data)
+
+
+def test_restore_skips_a_row_that_is_not_a_campaigns_and_says_so() -> None:
+    # one bad row costs that campaign only (docs/metrics.md, "Durability")
+    restored = MetricsState.restore(b"\x82\xa6format\x01\xa9campaigns\x91\x93\x01\x02\x03")
+    assert restored.campaigns == {}
+    assert len(restored.skipped_rows) == 1
 
 
 # -- unique estimates ------------------------------------------------------------------------------

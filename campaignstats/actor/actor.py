@@ -426,9 +426,12 @@ class StatsActor:
         raise (dropped unless ``keep_metrics``: docs/metrics.md, "A failed commit"); a
         producer whose casts an earlier failure dropped is told so, once."""
         self._check_goals(whole=True)  # and the goals it reached have fired
+        self.metrics.flush(self._origin(), keep=keep_metrics)
+
+    def _origin(self) -> int | None:
+        """The producer (a socket connection) of the call being answered, or None."""
         ask = self.current
-        origin = ask.origin if type(ask) is Ask else None
-        self.metrics.flush(origin, keep=keep_metrics)
+        return ask.origin if type(ask) is Ask else None
 
     def _apply_changes(self, tell: Tell) -> None:
         cast = tell.cast
@@ -539,9 +542,11 @@ class StatsActor:
             Subscribe: lambda r: self.registry.add(r.campaign_id, r.subscriber),
             Unsubscribe: lambda r: self.registry.remove(r.campaign_id, r.subscriber),
             GetMetrics: lambda r: self.metrics.metrics(r.campaign_id),
-            ResetMetrics: lambda r: {"found": self.metrics.reset(r.campaign_id, r.name)},
+            ResetMetrics: lambda r: {
+                "found": self.metrics.reset(r.campaign_id, r.name, self._origin())
+            },
             SetGuard: lambda r: self.metrics.set_guard(
-                r.campaign_id, r.name, r.deadline, r.min_period
+                r.campaign_id, r.name, r.deadline, r.min_period, self._origin()
             ),
             History: lambda r: self.state.history(r.campaign_id, r.unit, r.start, r.end, r.page),
             GetPageStats: lambda r: self.state.page_stats(r.page_id),

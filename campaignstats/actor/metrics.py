@@ -168,22 +168,29 @@ class MetricsKeeper:
         apply = self.state.apply
         return [apply(update, now) for update in updates]
 
-    def reset(self, campaign_id: int, name: str | None) -> bool:
+    def reset(self, campaign_id: int, name: str | None, origin: int | None = None) -> bool:
+        """Drop metric values; answered once durable by the policy. ``origin``: the calling
+        producer, told by this call's error when the commit fails (not again at its flush)."""
         if self.store is None:
             return self.state.reset(campaign_id, name)
         found = self.store.reset(campaign_id, name)
-        self.commit(drop_on_error=True)  # a call: answered once durable by the policy
+        self.commit(drop_on_error=True, origin=origin)
         return found
 
     def set_guard(
-        self, campaign_id: int, name: str, deadline: float | None, min_period: float | None
+        self,
+        campaign_id: int,
+        name: str,
+        deadline: float | None,
+        min_period: float | None,
+        origin: int | None = None,
     ) -> dict[str, float | None]:
         """Guard (or, both None, unguard) a metric; answered once durable, like a reset."""
         if self.store is None:
             self.state.set_guard(campaign_id, name, deadline, min_period)
         else:
             self.store.set_guard(campaign_id, name, deadline, min_period)
-            self.commit(drop_on_error=True)
+            self.commit(drop_on_error=True, origin=origin)
         return {"deadline": deadline, "min_period": min_period}
 
     def flush(self, origin: int | None = None, *, keep: bool = False) -> None:
@@ -435,8 +442,10 @@ class MetricsKeeper:
         round trip (every value of the right type). When not, it is reloaded from the files
         (what was committed), or starts empty without a log."""
         try:
-            MetricsState.restore(self.state.snapshot(), self.config.limits)
-            return True
+            skipped = MetricsState.restore(self.state.snapshot(), self.config.limits).skipped_rows
+            if not skipped:
+                return True
+            log.error("metrics.state_dropped", error=skipped[0], rows=len(skipped))
         except Exception as exc:
             log.error("metrics.state_dropped", error=repr(exc))
         self._wait_for_writes()

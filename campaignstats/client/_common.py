@@ -38,6 +38,10 @@ from campaignstats.requests import (
 )
 from campaignstats.sessions.client import ClientSession, Measure, Undo, WireItem, wire_item
 
+#: the bytes of a guard's name a client checks: a guard names a metric, so the bound of
+#: ``metric()``'s names (the metrics' ``max_string``, not the hello's, which is the increments')
+GUARD_MAX_STRING = METRIC_LIMITS.max_string
+
 log = structlog.get_logger("campaignstats.client")
 
 DEFAULT_URL = "tcp://127.0.0.1:7400"

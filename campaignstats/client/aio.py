@@ -32,6 +32,7 @@ from campaignstats.client._common import (
     DEFAULT_QUEUE_SIZE,
     DEFAULT_TIMEOUT,
     DEFAULT_URL,
+    GUARD_MAX_STRING,
     MAX_PENDING_EVENTS,
     Backoff,
     ClientOptions,
@@ -766,7 +767,7 @@ class AsyncStatsClient(IncrementQueue):
         force; durable (by the server's fsync policy) when it returns."""
         opts = {"deadline": deadline, "min_period": min_period}
         guard: dict[str, float | None] = await self._call(
-            _checked(guard_request(campaign_id, name, opts, self._max_string)), timeout
+            _checked(guard_request(campaign_id, name, opts, GUARD_MAX_STRING)), timeout
         )
         return guard
 

@@ -14,6 +14,7 @@ scope it touches: its total, and for each of its dimensions that dimension's tot
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -29,7 +30,8 @@ BUCKET = 360
 #: seconds of a unique set's day (UTC)
 DAY = 86_400
 SNAPSHOT_FORMAT = 1
-#: throttle entries kept per campaign before the expired ones are swept
+#: throttle entries a campaign holds before the expired ones are first swept; after a sweep the
+#: next one waits until the entries have doubled (amortized: docs/metrics.md, "Guards and reset")
 _THROTTLE_SWEEP = 4_096
 #: how far ahead of the server's clock an update's ``at`` may be (clocks drift; a larger lead is
 #: a mistake that would push the kept gauge buckets and daily sets out for good)
@@ -101,7 +103,17 @@ class Guard:
 class CampaignMetrics:
     """One campaign's metrics, guards and bookkeeping."""
 
-    __slots__ = ("dim_totals", "dims", "guards", "names", "throttle", "total", "unique_series")
+    __slots__ = (
+        "dim_totals",
+        "dims",
+        "guards",
+        "names",
+        "throttle",
+        "throttle_expiry",
+        "throttle_sweep_at",
+        "total",
+        "unique_series",
+    )
 
     def __init__(self) -> None:
         self.total = Values()
@@ -112,6 +124,16 @@ class CampaignMetrics:
         self.guards: dict[str, Guard] = {}
         #: (name, dims) -> when an update of it was last applied; only for throttled names
         self.throttle: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        #: the throttle's size past which it is swept next, and when its soonest entry kept by
+        #: the last sweep expires (a full throttle is swept again only from then)
+        self.throttle_sweep_at = _THROTTLE_SWEEP
+        self.throttle_expiry = 0.0
+
+    def carry_throttle(self, other: CampaignMetrics) -> None:
+        """Take ``other``'s throttle memory (the same campaign in a state being replaced)."""
+        self.throttle = other.throttle
+        self.throttle_sweep_at = other.throttle_sweep_at
+        self.throttle_expiry = other.throttle_expiry
 
     def scopes(self) -> Iterator[tuple[str | None, str | None, Values]]:
         """``(dim, key, values)`` of every scope: ``(None, None, total)``, ``(dim, None,
@@ -161,6 +183,8 @@ class MetricsState:
         self.applied = 0
         self.refused: dict[str, int] = {"deadline": 0, "throttle": 0}
         self.rejected: dict[str, int] = {}
+        #: the campaigns' rows :meth:`restore` skipped (unreadable), each with why
+        self.skipped_rows: list[str] = []
         #: a point-in-time copy being taken campaign by campaign (:meth:`begin_copy`)
         self._copy: StateCopy | None = None
 
@@ -187,8 +211,13 @@ class MetricsState:
                     last = c.throttle.get((name, dims_key))
                     if last is not None and now - last < guard.min_period:
                         refused[name] = "throttle"
+                    elif last is None and len(c.throttle) >= self.limits.max_throttle_keys:
+                        if now >= c.throttle_expiry:  # some entry may have expired since
+                            self._sweep_throttle(c, now)
+                        if len(c.throttle) >= self.limits.max_throttle_keys:
+                            refused[name] = "throttle_full"  # a key it cannot remember
             for reason in refused.values():
-                self.refused[reason] += 1
+                self.refused[reason] = self.refused.get(reason, 0) + 1
             if refused:
                 names = names - refused.keys()
                 if not names:
@@ -198,7 +227,7 @@ class MetricsState:
         if error is not None:
             return Applied(None, refused, error)
         effective = update.only(names, at) if refused or update.at is None else update
-        error = self._apply(effective)
+        error = self._apply(effective, first_day=self._first_day(now))
         if error is not None:
             return Applied(None, refused, error)
         c = self.campaigns[update.campaign_id]
@@ -208,16 +237,27 @@ class MetricsState:
                 guard = c.guards.get(name)
                 if guard is not None and guard.min_period is not None:
                     c.throttle[(name, dims_key)] = now
-            if len(c.throttle) > _THROTTLE_SWEEP:
+            if len(c.throttle) > c.throttle_sweep_at:
                 self._sweep_throttle(c, now)
         return Applied(effective, refused)
 
-    def replay(self, update: MetricUpdate) -> ProtocolError | None:
-        """Apply an update the log recorded (``at`` set, guards already passed)."""
-        return self._apply(update)
+    def replay(self, update: MetricUpdate, now: float | None = None) -> ProtocolError | None:
+        """Apply an update the log recorded (``at`` set, guards already passed). It was
+        accepted once: the growth limits (names, dims, keys, unique sets, campaigns) are not
+        checked again, so lowering one does not lose what was acknowledged (only a counter's
+        overflow refuses it). ``now``: the clock that decides which days are too old for a
+        daily unique set (None: as the day map's size decides)."""
+        first_day = None if now is None else self._first_day(now)
+        return self._apply(update, growth=False, first_day=first_day)
 
-    def _apply(self, update: MetricUpdate) -> ProtocolError | None:
-        error = self._check_limits(update)
+    def _first_day(self, now: float) -> int:
+        """The oldest day (epoch seconds // DAY) given a daily unique set at ``now``."""
+        return int(now // DAY) - self.limits.unique_days + 1
+
+    def _apply(
+        self, update: MetricUpdate, *, growth: bool = True, first_day: int | None = None
+    ) -> ProtocolError | None:
+        error = self._check_limits(update, growth)
         if error is not None:
             return error
         assert update.at is not None
@@ -242,6 +282,8 @@ class MetricsState:
         limits = self.limits
         bucket = _bucket(at)
         day = int(at // DAY)
+        # a day older than the kept ones by the clock joins no daily set (docs/metrics.md)
+        daily_kept = first_day is None or day >= first_day
         for values in scopes:
             counters = values.counters
             for name, n in update.incr.items():
@@ -258,6 +300,8 @@ class MetricsState:
                     unique = values.uniques[name] = Unique()
                     c.unique_series += 1
                 unique.all.add(members)
+                if not daily_kept:
+                    continue
                 daily = unique.days.get(day)
                 if daily is None:
                     daily = UniqueSet()
@@ -287,48 +331,25 @@ class MetricsState:
             reason = "too_old"
             kept = self.limits.gauge_buckets * BUCKET
             message = f"a gauge at {at:.0f} is older than the {kept} s of gauge buckets kept"
+        elif update.gauge and self._gauge_dropped(update, _bucket(at)):
+            reason = "too_old"
+            message = f"a gauge at {at:.0f} is older than every bucket kept of a full gauge"
         if not reason:
             return None
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         return Invalid(f"campaign {update.campaign_id}: {message}")
 
-    def _check_limits(self, update: MetricUpdate) -> ProtocolError | None:
-        """Why ``update`` would pass a per-campaign limit, or None; counted when it would."""
-        limits = self.limits
+    def _check_limits(self, update: MetricUpdate, growth: bool = True) -> ProtocolError | None:
+        """Why ``update`` would pass a per-campaign limit, or None; counted when it would.
+        Without ``growth`` only a counter's overflow (what a snapshot could not hold)."""
         cid = update.campaign_id
         c = self.campaigns.get(cid)
         reason: str | None = None
         message = ""
+        if growth:
+            reason, message = self._growth_error(update, c)
         if c is None:
-            if limits.max_campaigns is not None and len(self.campaigns) >= limits.max_campaigns:
-                reason = "campaigns"
-                message = f"over the limit of {limits.max_campaigns} campaigns with metrics"
             c = _EMPTY
-        if reason is None:
-            names = update.names()
-            if len(c.names | names) > limits.max_names:
-                reason, message = "names", f"over {limits.max_names} metric names"
-        if reason is None:
-            new_dims = update.dims.keys() - c.dims.keys()
-            if len(c.dims) + len(new_dims) > limits.max_dims:
-                reason, message = "dims", f"over {limits.max_dims} dimensions"
-        if reason is None:
-            for dim, key in update.dims.items():
-                keys = c.dims.get(dim, {})
-                if key not in keys and len(keys) >= limits.max_keys:
-                    reason, message = "keys", f"over {limits.max_keys} keys of dimension {dim!r}"
-                    break
-        if reason is None and update.member:
-            scopes = [c.total]
-            for dim, key in update.dims.items():
-                scopes += (
-                    c.dim_totals.get(dim, _NO_VALUES),
-                    c.dims.get(dim, {}).get(key, _NO_VALUES),
-                )
-            new = sum(name not in s.uniques for s in scopes for name in update.member)
-            if c.unique_series + new > limits.max_unique_series:
-                reason = "unique_series"
-                message = f"over {limits.max_unique_series} unique sets"
         if reason is None and update.incr:
             group = [c.total]
             for dim, key in update.dims.items():
@@ -345,11 +366,76 @@ class MetricsState:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         return Invalid(f"campaign {cid}: {message}")
 
+    def _growth_error(
+        self, update: MetricUpdate, c: CampaignMetrics | None
+    ) -> tuple[str | None, str]:
+        """The growth limit ``update`` would pass (reason, message), or ``(None, "")``."""
+        limits = self.limits
+        if c is None:
+            if limits.max_campaigns is not None and len(self.campaigns) >= limits.max_campaigns:
+                return (
+                    "campaigns",
+                    f"over the limit of {limits.max_campaigns} campaigns with metrics",
+                )
+            c = _EMPTY
+        if len(c.names | update.names()) > limits.max_names:
+            return "names", f"over {limits.max_names} metric names"
+        new_dims = update.dims.keys() - c.dims.keys()
+        if len(c.dims) + len(new_dims) > limits.max_dims:
+            return "dims", f"over {limits.max_dims} dimensions"
+        for dim, key in update.dims.items():
+            keys = c.dims.get(dim, {})
+            if key not in keys and len(keys) >= limits.max_keys:
+                return "keys", f"over {limits.max_keys} keys of dimension {dim!r}"
+        if update.member:
+            scopes = [c.total]
+            for dim, key in update.dims.items():
+                scopes += (
+                    c.dim_totals.get(dim, _NO_VALUES),
+                    c.dims.get(dim, {}).get(key, _NO_VALUES),
+                )
+            new = sum(name not in s.uniques for s in scopes for name in update.member)
+            if c.unique_series + new > limits.max_unique_series:
+                return "unique_series", f"over {limits.max_unique_series} unique sets"
+        return None, ""
+
+    def _gauge_dropped(self, update: MetricUpdate, bucket: int) -> bool:
+        """Whether a scope the update touches would drop its gauge at once: the gauge's map is
+        full and every bucket it holds is newer than ``bucket`` (one ahead of the clock may
+        be held)."""
+        c = self.campaigns.get(update.campaign_id)
+        if c is None:
+            return False
+        size = self.limits.gauge_buckets
+        scopes = [c.total]
+        for dim, key in update.dims.items():
+            scopes += (c.dim_totals.get(dim, _NO_VALUES), c.dims.get(dim, {}).get(key, _NO_VALUES))
+        for values in scopes:
+            for name in update.gauge:
+                buckets = values.gauges.get(name)
+                if (
+                    buckets is not None
+                    and len(buckets) >= size
+                    and bucket not in buckets
+                    and bucket < min(buckets)
+                ):
+                    return True
+        return False
+
     def _sweep_throttle(self, c: CampaignMetrics, now: float) -> None:
-        for key, last in list(c.throttle.items()):
-            guard = c.guards.get(key[0])
+        """Drop the expired throttle entries; the next sweep waits until the entries have
+        doubled (or, at ``max_throttle_keys``, until the soonest kept one expires)."""
+        soonest = float("inf")
+        throttle = c.throttle
+        guards = c.guards
+        for key, last in list(throttle.items()):
+            guard = guards.get(key[0])
             if guard is None or guard.min_period is None or now - last >= guard.min_period:
-                del c.throttle[key]
+                del throttle[key]
+            elif last + guard.min_period < soonest:
+                soonest = last + guard.min_period
+        c.throttle_sweep_at = max(_THROTTLE_SWEEP, 2 * len(throttle))
+        c.throttle_expiry = soonest
 
     # -- guards and reset --------------------------------------------------------------------------
 
@@ -359,8 +445,21 @@ class MetricsState:
         name: str,
         deadline: float | None = None,
         min_period: float | None = None,
+        *,
+        growth: bool = True,
     ) -> None:
-        """Guard metric ``name`` of a campaign; both None removes its guard."""
+        """Guard metric ``name`` of a campaign; both None removes its guard. Everything is
+        checked before anything changes (:class:`Invalid`): a campaign id 1 to 2**63-1, a name
+        of valid UTF-8 (what the log and the snapshot can hold) and, with ``growth``, the
+        limits on campaigns and guarded names (the log's replay passes ``growth=False``: a
+        guard it recorded was accepted once)."""
+        if type(campaign_id) is not int or not 0 < campaign_id <= MAX_ID:
+            raise Invalid(f"a campaign id must be between 1 and 2**63-1, not {campaign_id!r}")
+        if type(name) is not str or _utf8_length(name) < 1:
+            raise Invalid(f"a guard's name must be a non-empty string of UTF-8, not {name!r:.40}")
+        for value in (deadline, min_period):
+            if value is not None and (type(value) not in (int, float) or not math.isfinite(value)):
+                raise Invalid(f"a guard's deadline and min_period are numbers, not {value!r}")
         if min_period is not None and not min_period > 0:
             raise Invalid("min_period must be a positive number of seconds")
         if self._copy is not None:
@@ -376,10 +475,14 @@ class MetricsState:
             return
         limits = self.limits
         if c is None:
-            if limits.max_campaigns is not None and len(self.campaigns) >= limits.max_campaigns:
+            if (
+                growth
+                and limits.max_campaigns is not None
+                and len(self.campaigns) >= limits.max_campaigns
+            ):
                 raise Invalid(f"over the limit of {limits.max_campaigns} campaigns with metrics")
             c = self.campaigns[campaign_id] = CampaignMetrics()
-        elif name not in c.guards and len(c.guards) >= limits.max_names:
+        elif growth and name not in c.guards and len(c.guards) >= limits.max_names:
             # a guard names a metric: no more guards than metric names a campaign may hold
             raise Invalid(f"campaign {campaign_id}: over {limits.max_names} guarded names")
         c.guards[name] = Guard(deadline, min_period)
@@ -515,7 +618,8 @@ class MetricsState:
         """The state :meth:`snapshot` wrote; ValueError when ``data`` is not one.
 
         Checked value by value: a wrong type loaded into the state would fail at the first
-        update of that campaign instead of here.
+        update of that campaign instead of here. A campaign's row that is not one is skipped
+        and listed in :attr:`skipped_rows` (the caller logs them): the other campaigns load.
         """
         try:
             raw = msgpack.unpackb(data, strict_map_key=False)
@@ -524,24 +628,13 @@ class MetricsState:
         if type(raw) is not dict or raw.get("format") != SNAPSHOT_FORMAT:
             raise ValueError("not a metrics snapshot, or an unknown format")
         state = cls(limits)
-        for row in _list(raw.get("campaigns")):
-            cid, total, dims, dim_totals, guards = _list(row, 5)
-            if type(cid) is not int or not 0 < cid <= MAX_ID:
-                raise ValueError(f"a campaign id must be a positive integer, not {cid!r}")
-            c = CampaignMetrics()
-            c.total = _values_from(total)
-            for dim, keys in _dict(dims).items():
-                c.dims[_str(dim)] = {_str(k): _values_from(v) for k, v in _dict(keys).items()}
-            for dim, values in _dict(dim_totals).items():
-                c.dim_totals[_str(dim)] = _values_from(values)
-            if c.dims.keys() != c.dim_totals.keys():
-                raise ValueError("every dimension needs its total")
-            for name, guard in _dict(guards).items():
-                deadline, min_period = _list(guard, 2)
-                c.guards[_str(name)] = Guard(_opt_number(deadline), _opt_number(min_period))
-            for _, _, values in c.scopes():
-                c.names |= values.names()
-                c.unique_series += len(values.uniques)
+        for i, row in enumerate(_list(raw.get("campaigns"))):
+            try:
+                cid, c = _campaign_from(row)
+            except (TypeError, ValueError) as exc:
+                # One bad row costs that campaign, not every campaign of the file.
+                state.skipped_rows.append(f"row {i}: {exc}")
+                continue
             state.campaigns[cid] = c
         state.applied = _int(raw.get("applied", 0))
         state.refused.update({_str(k): _int(v) for k, v in _dict(raw.get("refused", {})).items()})
@@ -680,6 +773,36 @@ def _campaign_row(cid: int, c: CampaignMetrics) -> bytes:
     ]
     data: bytes = msgpack.packb(row)
     return data
+
+
+def _campaign_from(row: object) -> tuple[int, CampaignMetrics]:
+    """A campaign's row of the snapshot (:func:`_campaign_row`); ValueError when not one."""
+    cid, total, dims, dim_totals, guards = _list(row, 5)
+    if type(cid) is not int or not 0 < cid <= MAX_ID:
+        raise ValueError(f"a campaign id must be a positive integer, not {cid!r}")
+    c = CampaignMetrics()
+    c.total = _values_from(total)
+    for dim, keys in _dict(dims).items():
+        c.dims[_str(dim)] = {_str(k): _values_from(v) for k, v in _dict(keys).items()}
+    for dim, values in _dict(dim_totals).items():
+        c.dim_totals[_str(dim)] = _values_from(values)
+    if c.dims.keys() != c.dim_totals.keys():
+        raise ValueError("every dimension needs its total")
+    for name, guard in _dict(guards).items():
+        deadline, min_period = _list(guard, 2)
+        c.guards[_str(name)] = Guard(_opt_number(deadline), _opt_number(min_period))
+    for _, _, values in c.scopes():
+        c.names |= values.names()
+        c.unique_series += len(values.uniques)
+    return cid, c
+
+
+def _utf8_length(text: str) -> int:
+    """Bytes of ``text`` in UTF-8; -1 when it is no UTF-8 (a lone surrogate)."""
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError:
+        return -1
 
 
 def _values_state(v: Values) -> list[Any]:

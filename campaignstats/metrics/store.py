@@ -31,7 +31,15 @@ import structlog
 
 from campaignstats.errors import ProtocolError
 from campaignstats.files import atomic_write
-from campaignstats.metrics.log import FsyncPolicy, LogError, Mark, MetricsLog, Record, scan
+from campaignstats.metrics.log import (
+    MAX_RECORD,
+    FsyncPolicy,
+    LogError,
+    Mark,
+    MetricsLog,
+    Record,
+    scan,
+)
 from campaignstats.metrics.model import Applied, MetricsState, StateCopy
 from campaignstats.metrics.update import (
     DEFAULT_LIMITS,
@@ -47,6 +55,11 @@ SNAPSHOT_FORMAT = 1
 #: doubled since the last rewrite
 REWRITE_MIN_SIZE = 64 * 1024 * 1024
 REWRITE_GROWTH = 1.0
+#: the update's own bounds for the log's replay: a record was checked when it was accepted, and
+#: a limit lowered since must not lose it (docs/metrics.md, "Limits")
+_REPLAY_BOUNDS = MetricLimits(
+    max_string=MAX_RECORD, max_names=MAX_RECORD, max_dims=MAX_RECORD, max_members=MAX_RECORD
+)
 
 
 class Compaction:
@@ -118,7 +131,9 @@ def load_snapshot(path: Path, limits: MetricLimits) -> tuple[MetricsState, int]:
     """The state in the snapshot file and the last log seq it holds; empty when missing.
 
     A damaged file is moved aside (``<path>.bad-<time>``) with an error and the state starts
-    empty: the log's records after it are still replayed, and none is applied twice. A snapshot
+    empty: the log's records after it are still replayed, and none is applied twice. A
+    campaign's row that cannot be read is skipped with a warning
+    (``metrics.snapshot.row_skipped``; :attr:`MetricsState.skipped_rows`). A snapshot
     of another ``format`` (a later release's) is not damage: :class:`LogError`, file untouched.
     """
     try:
@@ -141,7 +156,7 @@ def load_snapshot(path: Path, limits: MetricLimits) -> tuple[MetricsState, int]:
         seq = data["seq"]
         if type(seq) is not int or seq < 0 or type(data["state"]) is not bytes:
             raise ValueError("bad seq or state")
-        return MetricsState.restore(data["state"], limits), seq
+        state = MetricsState.restore(data["state"], limits)
     except Exception as exc:
         aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%S')}")
         os.replace(path, aside)
@@ -149,6 +164,9 @@ def load_snapshot(path: Path, limits: MetricLimits) -> tuple[MetricsState, int]:
             "metrics.snapshot.unreadable", path=str(path), error=repr(exc), moved_to=str(aside)
         )
         return MetricsState(limits), 0
+    for why in state.skipped_rows:  # one campaign lost, not the file
+        log.warning("metrics.snapshot.row_skipped", path=str(path), error=why)
+    return state, seq
 
 
 class MetricsStore:
@@ -174,6 +192,8 @@ class MetricsStore:
         self._size_after_rewrite = metrics_log.size
         self.compactions = 0
         self.replay_rejected = 0
+        #: campaigns' rows of the snapshot that could not be read at open (skipped)
+        self.snapshot_rows_skipped = len(state.skipped_rows)
 
     @classmethod
     def open(
@@ -218,26 +238,30 @@ class MetricsStore:
 
     def _replay(self, records: Iterable[Record]) -> int:
         state = self.state
+        now = self._clock()
         n = 0
         for seq, kind, body in records:
             n += 1
             error: Exception | None
             try:
                 if kind == "u":
-                    update = update_from_map(body, state.limits)
-                    error = update if isinstance(update, ProtocolError) else state.replay(update)
+                    update = update_from_map(body, _REPLAY_BOUNDS)
+                    error = (
+                        update if isinstance(update, ProtocolError) else state.replay(update, now)
+                    )
                 elif kind == "r":
                     state.reset(*body)
                     error = None
                 elif kind == "g":
-                    state.set_guard(*body)
+                    state.set_guard(*body, growth=False)
                     error = None
                 else:
                     raise ValueError(f"unknown record kind {kind!r}")
             except (TypeError, ValueError, ProtocolError) as exc:
                 error = exc
             if error is not None:
-                # Only after a change of limits (or a bug): the record stays in the log.
+                # A record that does not decode, a counter's overflow (or a bug): the record
+                # stays in the log.
                 self.replay_rejected += 1
                 log.warning("metrics.replay.rejected", seq=seq, kind=kind, error=str(error))
         return n
@@ -295,13 +319,26 @@ class MetricsStore:
         """Drop the changes not written (after a failed :meth:`commit`): the buffered records
         are forgotten and the state is rebuilt from the files (the snapshot, then the log's
         records after it), i.e. as of the last commit that succeeded. Returns the records
-        dropped. Costs a reload: for a failure, not a habit."""
+        dropped. Costs a reload: for a failure, not a habit.
+
+        What the files do not hold is carried over from the state replaced: the throttle
+        guards' memory of each campaign still there (dropping it would let every throttled
+        key through at once), and the counts of ``info`` (they count what happened: a count
+        never goes back)."""
         dropped = self.log.discard()
-        self.state.abandon_copy()  # a compaction's copy of the state dropped here
-        state, snapshot_seq = load_snapshot(self.snapshot_path, self.state.limits)
+        old = self.state
+        old.abandon_copy()  # a compaction's copy of the state dropped here
+        state, snapshot_seq = load_snapshot(self.snapshot_path, old.limits)
         records = scan(self.log.path.read_bytes()).records
         self.state = state
         self._replay(r for r in records if r.seq > snapshot_seq)
+        for cid, c in state.campaigns.items():
+            was = old.campaigns.get(cid)
+            if was is not None and was.throttle:
+                c.carry_throttle(was)
+        state.applied = max(state.applied, old.applied)
+        state.refused = old.refused
+        state.rejected = old.rejected
         log.warning("metrics.rolled_back", records_dropped=dropped, seq=self.log.written_seq)
         return dropped
 
@@ -327,6 +364,7 @@ class MetricsStore:
             },
             "compactions": self.compactions,
             "replay_rejected": self.replay_rejected,
+            "snapshot_rows_skipped": self.snapshot_rows_skipped,
         }
 
     # -- compaction -------------------------------------------------------------------------------

@@ -56,6 +56,9 @@ class MetricLimits:
     gauge_buckets: int = 24
     #: daily unique sets kept per unique metric (31: a month's figure can be merged)
     unique_days: int = 31
+    #: keys (a throttled name under one combination of dims) a campaign's throttle guards
+    #: remember; a new key past it is refused (``throttle_full``) until one expires
+    max_throttle_keys: int = 10_000
 
 
 DEFAULT_LIMITS = MetricLimits()
