@@ -164,9 +164,12 @@ class Outbox:
                     if isinstance(spec, Exception):
                         raise ValueError(str(spec))
                     keeper.set_goals(int(cid), spec, None)
-                    keeper.load_snapshot(
+                    keeper.note(int(cid))  # a campaign with goals is not unknown
+                    problems = keeper.load_snapshot(
                         {"reached": [[cid, reached]], "area_reached": [[cid, area_reached]]}
                     )
+                    if problems:
+                        raise ValueError("; ".join(problems))
             except (TypeError, ValueError, KeyError) as exc:
                 log.warning(
                     "goals.log.bad_record", seq=record.seq, kind=record.kind, error=str(exc)
