@@ -692,6 +692,14 @@ async def serve(args: argparse.Namespace) -> int:
         return 2
     if args.webhook and not args.webhook_secret:
         log.warning("serve.webhooks_unsigned", hint="--webhook-secret signs each delivery")
+    webhooks = WebhookConfig(
+        tuple(args.webhook),
+        args.webhook_secret.encode() if args.webhook_secret else None,
+        backoff_max=args.webhook_retry_max,
+    )
+    if (problem := webhooks.check()) is not None:  # before anything is opened
+        print(f"--webhook: {problem}", file=sys.stderr)
+        return 2
     dsn, embedded = await resolve_dsn(args.dsn, args.data_dir)
     try:
         if embedded is not None:
@@ -718,11 +726,7 @@ async def serve(args: argparse.Namespace) -> int:
                     limits=metric_limits,
                 ),
                 goals_log=_goals_log(args.snapshot),
-                webhooks=WebhookConfig(
-                    tuple(args.webhook),
-                    args.webhook_secret.encode() if args.webhook_secret else None,
-                    backoff_max=args.webhook_retry_max,
-                ),
+                webhooks=webhooks,
             ),
             mailbox_size=args.mailbox_size,
             max_string=args.max_string,

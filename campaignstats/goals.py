@@ -136,6 +136,7 @@ class GoalKeeper:
         "loaded",
         "quorums",
         "reached",
+        "skipped",
     )
 
     def __init__(self) -> None:
@@ -154,6 +155,8 @@ class GoalKeeper:
         #: the others are not checked yet (emptied once loaded)
         self.known: set[int] = set()
         self.fired = 0
+        #: bad entries of a snapshot's goals part, skipped at load
+        self.skipped = 0
         #: per campaign, the supporters value at which it next fires (a cache)
         self._next: dict[int, int] = {}
 
@@ -308,7 +311,9 @@ class GoalKeeper:
             )
 
     def remember(self, campaign_id: int, event: Mapping[str, Any]) -> None:
-        """An event read back from the durable log: its threshold is reached."""
+        """An event read back from the durable log: its threshold is reached (and the campaign
+        is one the server has a record of)."""
+        self.note(campaign_id)
         if event.get("type") == "quorum":
             areas = self.area_reached.setdefault(campaign_id, {})
             areas.setdefault(str(event["area"]), set()).add(int(event["threshold"]))
@@ -330,36 +335,78 @@ class GoalKeeper:
             ],
         }
 
-    def load_snapshot(self, data: Mapping[str, Any]) -> None:
-        """The snapshot's "goals" part; every value checked (a bad one raises ValueError)."""
-        for cid, ladder in data.get("custom", ()):
-            spec = check_goals({"supporters": ladder})
-            if isinstance(spec, ProtocolError) or spec.supporters is None:
-                raise ValueError(f"campaign {cid!r}: bad goals {ladder!r:.80}")
-            self.custom[_id(cid)] = spec.supporters
-        for cid, quorums in data.get("quorums", ()):
-            spec = check_goals({"area": quorums})
-            if isinstance(spec, ProtocolError):
-                raise ValueError(f"campaign {cid!r}: bad quorums {quorums!r:.80}")
-            if spec.area:
-                self.quorums[_id(cid)] = dict(spec.area)
-        for cid, reached in data.get("reached", ()):
-            self._reach(_id(cid), _thresholds(reached))
-        for cid, areas in data.get("area_reached", ()):
-            if type(areas) is not dict:
-                raise ValueError(f"campaign {cid!r}: bad reached quorums")
-            mine = self.area_reached.setdefault(_id(cid), {})
-            for area, ts in areas.items():
-                if type(area) is not str:
-                    raise ValueError(f"campaign {cid!r}: bad area {area!r:.40}")
-                mine.setdefault(area, set()).update(_thresholds(ts))
+    def load_snapshot(self, data: Mapping[str, Any]) -> list[str]:
+        """The snapshot's "goals" part, every value checked. A bad entry costs that entry only:
+        it is skipped, counted (``snapshot_entries_skipped``) and described in the list returned,
+        for the caller to log. Every campaign named is one the server has a record of: before the
+        first full calculation it is checked, not baselined (docs/design.md, "First sight")."""
+        problems: list[str] = []
+        parts = (
+            ("custom", self._load_custom),
+            ("quorums", self._load_quorums),
+            ("reached", self._load_reached),
+            ("area_reached", self._load_area_reached),
+        )
+        for name, load in parts:
+            entries = data.get(name) or []
+            if type(entries) is not list:
+                problems.append(f"{name}: not a list")
+                continue
+            for entry in entries:
+                try:
+                    if type(entry) not in (list, tuple) or len(entry) != 2:
+                        raise ValueError(
+                            f"an entry must be [campaign id, value], not {entry!r:.80}"
+                        )
+                    cid = _id(entry[0])
+                    load(cid, entry[1])
+                except (TypeError, ValueError) as exc:
+                    self.skipped += 1
+                    problems.append(f"{name}: {exc}")
+                    continue
+                self.note(cid)
         self._next.clear()
+        return problems
+
+    def note(self, campaign_id: int) -> None:
+        """The server has a record of this campaign (its goals, a threshold it reached): before
+        the first full calculation its counts are checked, not taken as a silent baseline."""
+        if not self.loaded:
+            self.known.add(campaign_id)
+
+    def _load_custom(self, cid: int, ladder: Any) -> None:
+        spec = check_goals({"supporters": ladder})
+        if isinstance(spec, ProtocolError) or spec.supporters is None:
+            raise ValueError(f"campaign {cid}: bad goals {ladder!r:.80}")
+        self.custom[cid] = spec.supporters
+
+    def _load_quorums(self, cid: int, quorums: Any) -> None:
+        spec = check_goals({"area": quorums})
+        if isinstance(spec, ProtocolError):
+            raise ValueError(f"campaign {cid}: bad quorums {quorums!r:.80}")
+        if spec.area:
+            self.quorums[cid] = dict(spec.area)
+
+    def _load_reached(self, cid: int, reached: Any) -> None:
+        self._reach(cid, _thresholds(reached))
+
+    def _load_area_reached(self, cid: int, areas: Any) -> None:
+        if type(areas) is not dict:
+            raise ValueError(f"campaign {cid}: bad reached quorums")
+        for area, ts in areas.items():
+            if type(area) is not str:
+                raise ValueError(f"campaign {cid}: bad area {area!r:.40}")
+            _thresholds(ts)
+        mine = self.area_reached.setdefault(cid, {})
+        for area, ts in areas.items():
+            mine.setdefault(area, set()).update(ts)
 
     def info(self) -> dict[str, int]:
         return {
             "fired": self.fired,
             "custom_goals": len(self.custom),
             "quorums": len(self.quorums),
+            "snapshot_entries_skipped": self.skipped,
         }
 
 

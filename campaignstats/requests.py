@@ -297,7 +297,10 @@ class GetGoals:
 
 
 def set_goals_request(campaign_id: int, opts: Any) -> SetGoals | ProtocolError:
-    """``set_goals``'s map checked (:func:`campaignstats.goals.check_goals`)."""
+    """``set_goals``'s campaign id and map checked (:func:`campaignstats.goals.check_goals`)."""
+    checked = check_id("set_goals", "campaign_id", campaign_id)
+    if isinstance(checked, ProtocolError):
+        return checked
     spec = check_goals(opts)
     return spec if isinstance(spec, ProtocolError) else SetGoals(campaign_id, spec)
 

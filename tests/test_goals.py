@@ -112,6 +112,40 @@ def test_the_keepers_memory_survives_its_snapshot_form() -> None:
     assert again.check([1], campaigns, 0.0) == []
 
 
+def test_a_bad_entry_of_the_snapshots_goals_costs_that_entry_and_no_other() -> None:
+    keeper = GoalKeeper()
+    problems = keeper.load_snapshot(
+        {
+            "custom": [[0, [7]], [1, [2, 4]], [2, [5, 3]], "junk"],
+            "quorums": [[1, {"DE": 3}], [3, {"FR": -1}]],
+            "reached": [[1, [2]], [4, ["x"]]],
+            "area_reached": [[1, {"DE": [3]}], [5, {7: [1]}]],
+        }
+    )
+    assert len(problems) == 6
+    assert keeper.info()["snapshot_entries_skipped"] == 6
+    assert keeper.goals(1) == {
+        "supporters": [2, 4],
+        "reached": [2],
+        "next": 4,
+        "area": {"DE": 3},
+        "areas_reached": ["DE"],
+    }
+    assert keeper.goals(2)["supporters"] == list(DEFAULT_LADDER)
+    assert keeper.goals(4)["reached"] == []
+    assert 5 not in keeper.area_reached
+
+
+def test_before_the_first_calculation_a_campaign_with_a_record_is_checked_not_baselined() -> None:
+    keeper = GoalKeeper()
+    keeper.load_snapshot({"custom": [[1, [2, 4]]]})
+    keeper.remember(2, {"type": "milestone", "metric": "supporters", "threshold": 100})
+    campaigns = {1: _stats(5), 2: _stats(250), 3: _stats(250)}
+    events = keeper.merged([1, 2, 3], campaigns, 1.0)
+    assert [(cid, e["threshold"]) for cid, e in events] == [(1, 2), (1, 4), (2, 200)]
+    assert keeper.goals(3)["reached"] == [100, 200]  # no record of it: its first sight
+
+
 @pytest.mark.parametrize(
     ("goals", "error", "words"),
     [
@@ -537,3 +571,31 @@ async def test_an_old_format_snapshot_is_the_baseline_so_an_upgrade_fires_nothin
     data = msgpack.unpackb(path.read_bytes(), strict_map_key=False)
     assert data["format"] == 3
     assert [1, [100, 200, 500, 1_000, 2_000, 5_000, 10_000]] in data["goals"]["reached"]
+
+
+async def test_a_crash_while_stopping_fires_the_goals_reached_before_the_snapshot_is_written(
+    signatures: Signatures, services: Callable[..., StatsService], tmp_path: Path
+) -> None:
+    """The snapshot's counts are the next start's silent baseline: a threshold crossed by the
+    last increments before a stop must fire even when the actor crashes handling the stop."""
+    from campaignstats.actor.messages import Stop
+    from campaignstats.actor.snapshot import load_snapshot_with_goals
+
+    def crash_on_stop(message: object) -> None:
+        if isinstance(message, Stop):
+            raise RuntimeError("injected crash while stopping")
+
+    snapshot = tmp_path / "stats.snapshot"
+    service = services(snapshot_path=snapshot, fault_hook=crash_on_stop)
+    await service.start()
+    await wait_for(lambda: loaded(service))
+    await service.set_goals(1, [2])
+    for inc in await signatures.add(1, 3):
+        service.increment(*inc)
+    await service.stop()  # the increments and the stop in one turn: no goals tick in between
+    loaded_ = load_snapshot_with_goals(snapshot)
+    assert loaded_ is not None
+    campaigns, goals = loaded_
+    assert campaigns[1].supporters == 3
+    assert goals is not None
+    assert [1, [2]] in goals["reached"], "the snapshot was written before 2 fired"

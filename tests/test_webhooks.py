@@ -22,7 +22,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from campaignstats.webhooks import Outbox
+from campaignstats.webhooks import (
+    GIVE_UP_AFTER,
+    Outbox,
+    WebhookConfig,
+    WebhookSender,
+    redact_url,
+)
 
 from .helpers import Raw, wait_for
 from .test_goals import Signatures
@@ -415,6 +421,57 @@ async def test_serve_refuses_a_webhook_without_a_snapshot_or_with_a_bad_url(tmp_
         "--webhook", "ftp://example.org/h", "--snapshot", str(tmp_path / "s"),
         "--dsn", "postgresql://nobody@127.0.0.1:1/none",
     )  # fmt: skip
-    assert code == 1
+    assert code == 2  # a usage error, as a missing --snapshot
     assert "a webhook must be an http:// or https:// URL" in text
     assert not (tmp_path / "s.events").exists()  # refused before anything was opened
+    code, text = await _serve_exit(
+        "--webhook", "http://hookuser:pw-never-shown@[::1/h", "--snapshot", str(tmp_path / "s"),
+        "--dsn", "postgresql://nobody@127.0.0.1:1/none",
+    )  # fmt: skip
+    assert code == 2
+    assert "a webhook URL is malformed" in text
+    assert "pw-never-shown" not in text
+    assert not (tmp_path / "s.events").exists()
+
+
+def test_a_webhook_url_is_logged_without_its_password_or_query() -> None:
+    assert redact_url("https://user:pa55@example.org:8443/h?token=t0k#f") == (
+        "https://user:***@example.org:8443/h?***"
+    )
+    assert redact_url("https://T0KEN@example.org/h") == "https://***@example.org/h"
+    assert redact_url("http://127.0.0.1:9/h") == "http://127.0.0.1:9/h"
+
+
+async def test_an_event_a_webhook_refuses_with_a_4xx_is_parked_as_dead_and_the_next_one_goes(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A 4xx other than 408 and 429, GIVE_UP_AFTER times in a row: the event is dead for that
+    webhook (counted, remembered across a restart), and the events behind it are delivered; a
+    429 is retried as long as it takes."""
+    receiver.statuses = [400] * GIVE_UP_AFTER + [429] * (GIVE_UP_AFTER + 1)
+    await receiver.start()
+    url = f"http://127.0.0.1:{receiver.port}/h"
+    path = tmp_path / "goals.events"
+    outbox = Outbox(path, (url,))
+    sender = WebhookSender(
+        outbox, WebhookConfig((url,), None, timeout=5.0, backoff_initial=0.01, backoff_max=0.02)
+    )
+    task = asyncio.create_task(sender.run())
+    try:
+        outbox.fire([(1, _milestone(100)), (1, _milestone(200))])
+        await wait_for(lambda: outbox.info()["pending"] == 0, timeout=30)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        outbox.close()
+    assert [(d.event["threshold"], d.status) for d in receiver.deliveries] == [
+        *[(100, 400)] * GIVE_UP_AFTER,
+        *[(200, 429)] * (GIVE_UP_AFTER + 1),
+        (200, 200),
+    ]
+    info = outbox.info()
+    assert (info["dead"], info["delivered"], info["failed"]) == (1, 1, 2 * GIVE_UP_AFTER + 1)
+    again = Outbox(path, (url,))
+    assert again.owed == {}, "a dead event is owed no more after a restart"
+    again.close()

@@ -270,11 +270,8 @@ class StatsActor:
         (docs/design.md, "Goals and milestones": first sight)."""
         keeper = self.lifetime.goals
         if goals is not None:
-            try:
-                keeper.load_snapshot(goals)
-            except (ValueError, TypeError) as exc:
-                log.error("snapshot.goals_unreadable", error=repr(exc))
-                self.lifetime.goals = keeper = GoalKeeper()
+            for problem in keeper.load_snapshot(goals):  # a bad entry costs that entry only
+                log.error("snapshot.goals_entry_skipped", problem=problem)
         for cid, stats in campaigns.items():
             keeper.baseline(cid, stats)
 
@@ -650,6 +647,16 @@ class StatsActor:
         self.save_snapshot()
         self.metrics.close()
         log.info("actor.stopped", drained=drained, campaigns=len(self.state.campaigns))
+
+    def save_after_crash(self) -> None:
+        """The actor crashed while stopping: the goals its last changes reached fire first (the
+        snapshot's counts are the next start's silent baseline), if they can, then the
+        snapshot is written."""
+        try:
+            self._check_goals(whole=True)
+        except Exception:
+            log.exception("goals.check_failed_while_stopping")
+        self.save_snapshot()
 
     def save_snapshot(self) -> None:
         """Write the snapshot file if configured; a failure is logged, never raised."""

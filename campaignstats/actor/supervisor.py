@@ -89,7 +89,7 @@ class Supervisor:
                     if isinstance(actor.current, Stop):
                         # Stopping is what was asked: do not start a new actor for it.
                         log.error("actor.crashed_while_stopping", error=repr(exc), exc_info=exc)
-                        actor.save_snapshot()
+                        actor.save_after_crash()
                         if self.lifetime.metrics is not None:
                             self.lifetime.metrics.close()
                         return

@@ -11,6 +11,12 @@ Every stream has a bounded queue of encoded events. A stream whose reader does n
 waits, and the queue fills) is dropped: its connection is closed, never buffered without bound.
 A keep-alive comment every 15 s goes through the same queue, so a reader that has stopped
 reading is found out even when the campaign is quiet.
+
+Goal events (``milestone``, ``quorum``) are never what makes a reader slow: the actor may fire
+dozens at once (a quorum in each of 27 member states crossed by one batch), and the pump offers
+them all before the stream's writer runs. Each one offered is queued whatever the queue holds,
+and raises the stream's limit by one until the writer has emptied the queue; they are few and
+bounded by the goals (each threshold fires once, ever).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class Stream:
     """One open event stream: a bounded queue of encoded events and the writer's wake-up."""
 
     __slots__ = (
+        "allowance",
         "campaign_id",
         "closed",
         "dropped",
@@ -73,11 +80,19 @@ class Stream:
         self.closed = False  # the reader went away, or the hub is closing
         self.dropped = False  # too slow: the writer is stopped and the connection closed
         self.released = False  # no longer counted by the hub
+        #: goal events offered since the queue was last empty: not counted toward the limit
+        self.allowance = 0
 
-    def offer(self, chunk: bytes) -> None:
+    def offer(self, chunk: bytes, *, goal: bool = False) -> None:
+        """Queue a chunk; past the limit the stream is dropped, except for a goal event (see the
+        module doc)."""
         if self.closed:
             return
-        if len(self.pending) >= self.limit:
+        if not self.pending:
+            self.allowance = 0  # the writer has caught up
+        if goal:
+            self.allowance += 1
+        elif len(self.pending) >= self.limit + self.allowance:
             self.dropped = True
             self.close()
             self.on_drop(self)
@@ -196,13 +211,14 @@ class EventHub:
         # An error is logged, not raised: in the task group it would end every other stream.
         try:
             async for kind, campaign_id, data in subscription.feed():
-                if kind == "event":  # a milestone or a quorum: its EVENT map as it is
+                goal = kind == "event"
+                if goal:  # a milestone or a quorum: its EVENT map as it is
                     chunk = encode_event(str(data["type"]), data)
                 else:
                     chunk = encode_event("stats", stats_body(campaign_id, data))
                 self.counters.events += 1
                 for stream in list(channel.streams):
-                    stream.offer(chunk)
+                    stream.offer(chunk, goal=goal)
         except Exception:
             log.exception("http.event_pump_failed", campaign_id=channel.campaign_id)
 
