@@ -70,5 +70,8 @@ async def test_the_event_stream_carries_milestones_and_quorums_once(http: Http) 
         assert metrics[("campaignstats_goal_events_total", ())] == 2
         # no webhooks configured: nothing delivered, nothing owed
         assert metrics[("campaignstats_webhook_pending", ())] == 0
+        for outcome in ("delivered", "failed", "dead"):
+            key = ("campaignstats_webhook_deliveries_total", (("outcome", outcome),))
+            assert metrics[key] == 0, outcome
     finally:
         await raw.close()

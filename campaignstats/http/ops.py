@@ -124,7 +124,7 @@ class _InfoCollector(Collector):
         deliveries = CounterMetricFamily(
             PREFIX + "webhook_deliveries", "webhook POSTs by outcome", labels=["outcome"]
         )
-        for outcome in ("delivered", "failed"):
+        for outcome in ("delivered", "failed", "dead"):  # dead: refused for good (4xx)
             deliveries.add_metric([outcome], hooks.get(outcome, 0))
         yield deliveries
         yield gauge(
