@@ -1,3 +1,3 @@
 """The version, written once: the package, the wire's ``hello`` and pyproject all read it here."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
