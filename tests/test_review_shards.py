@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from campaignstats.actor.actor import ActorConfig
-from campaignstats.client import AsyncStatsClient
+from campaignstats.client import AsyncStatsClient, ServerUnavailable
 from campaignstats.client.routing import AsyncRoutingClient, RoutingClient
 from campaignstats.db.source import PostgresSource
 from campaignstats.model import Increment
@@ -360,8 +362,6 @@ async def test_closing_the_blocking_routing_client_with_hung_replicas_overruns_i
         def blocking() -> float:
             routing = RoutingClient(urls)
             routing.increment(LONE, 1, "register", "DE", True)
-            import time
-
             time.sleep(0.4)  # the acknowledging thread is at work
             began = time.monotonic()
             routing.close()
@@ -400,3 +400,49 @@ async def test_a_topology_in_the_wrong_order_acknowledges_increments_every_shard
         f"flush() succeeded on a topology the servers contradict; acknowledged "
         f"{stats.acknowledged} increments that {stats.server_errors} refusals threw away"
     )
+
+
+async def test_a_slow_answer_on_a_shard_of_one_url_counts_every_unacked_increment_twice(
+    server: Running,
+) -> None:
+    """A shard of one URL "fails over" to a new connection to the same server
+    (docs/scale.md). The failover is also taken on ``CallTimeout``: a server that stalls
+    longer than a call's timeout (a long merge step, a GC pause, a swapped page; here its
+    event loop blocked for 1.5 s against a 0.5 s read) is alive and has applied the journal,
+    and the whole journal is given to it again: every unacknowledged increment is counted
+    twice by the only server there is. The docs' argument ("each replica then counts it once")
+    needs a second replica; with one URL the "next replica" is the same one. With the default
+    ``ack_interval`` the journal holds the last 0.25 s of increments (thousands at a busy
+    site); it is long here so that the test knows which ones are unacknowledged.
+
+    Should: never re-send a journal to the server that may have applied it: on a timeout,
+    move to another URL if there is one, and with a single URL (or back to a replica already
+    given this journal) re-send only after a reconnection that proves the server restarted
+    (or not at all: what it applied, it holds)."""
+    url = f"unix://{server.unix}"
+    stall = threading.Event()
+
+    async def stall_the_server_once() -> None:
+        while not stall.is_set():
+            await asyncio.sleep(0.01)
+        time.sleep(1.5)  # noqa: ASYNC251 (on purpose: the server's loop stalls, no answer in time)
+
+    def blocking() -> tuple[int, Any]:
+        with RoutingClient([url], ack_interval=3600) as routing:
+            for _ in range(5):
+                routing.increment(LONE, 1, "register", "DE", True)
+            deadline = time.monotonic() + 10
+            while routing.stats(LONE)["supporters"] != 5 and time.monotonic() < deadline:
+                time.sleep(0.02)  # applied (a read acknowledges nothing)
+            stall.set()
+            time.sleep(0.1)
+            with contextlib.suppress(ServerUnavailable):
+                routing.stats(LONE, timeout=0.5)
+            routing.flush()
+            return routing.stats(LONE)["supporters"], routing.statistics()
+
+    staller = asyncio.create_task(stall_the_server_once())
+    supporters, stats = await asyncio.to_thread(blocking)
+    await staller
+    assert (stats.failovers, stats.resent) == (1, 5)
+    assert supporters == 5, f"5 increments, {supporters} counted by the one server"
