@@ -19,6 +19,7 @@ from campaignstats.actor.actor import ActorConfig
 from campaignstats.client import AsyncStatsClient, ServerUnavailable
 from campaignstats.client.routing import AsyncRoutingClient, RoutingClient
 from campaignstats.db.source import PostgresSource
+from campaignstats.errors import BadMessage, Invalid
 from campaignstats.model import Increment
 from campaignstats.server import ServerConfig, StatsServer
 from campaignstats.service import StatsService
@@ -446,3 +447,35 @@ async def test_a_slow_answer_on_a_shard_of_one_url_counts_every_unacked_incremen
     await staller
     assert (stats.failovers, stats.resent) == (1, 5)
     assert supporters == 5, f"5 increments, {supporters} counted by the one server"
+
+
+async def test_the_routing_client_raises_struct_error_for_an_invalid_campaign_id(
+    tmp_path: Path,
+) -> None:
+    """The single clients raise the protocol's errors for a bad argument (``Invalid``: "ids
+    must be between 1 and 2**63-1", ``BadMessage``: "must be integers"), as their docstrings
+    promise. The routing client hashes the id first (``shard_of`` packs it with
+    ``struct.pack(">QQ")``), so with two shards or more ``increment(-1, ...)`` raises
+    ``struct.error: int too large to convert`` (for a negative number), and a string id
+    ``struct.error: required argument is not an integer``: not a ``StatsError``, and a
+    message that misleads. The same for ``stats``, ``increment_many``, ``metric``...
+
+    Should: check the campaign id (``type(cid) is int and 0 < cid <= MAX_ID``) before hashing
+    it, and raise the single clients' error."""
+    topology = [[f"unix://{tmp_path / 'a.sock'}"], [f"unix://{tmp_path / 'b.sock'}"]]
+
+    def blocking() -> list[str]:
+        wrong = []
+        with RoutingClient(topology) as routing:
+            for bad in (-1, 2**64, "5"):
+                try:
+                    routing.increment(bad, 1, "register")  # type: ignore[arg-type]
+                except (Invalid, BadMessage):
+                    continue
+                except Exception as exc:
+                    wrong.append(f"increment({bad!r}): {type(exc).__name__}: {exc}")
+                else:
+                    wrong.append(f"increment({bad!r}) accepted")
+        return wrong
+
+    assert await asyncio.to_thread(blocking) == []
