@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import threading
 import time
@@ -479,3 +480,50 @@ async def test_the_routing_client_raises_struct_error_for_an_invalid_campaign_id
         return wrong
 
     assert await asyncio.to_thread(blocking) == []
+
+
+async def test_a_blocking_routing_client_inherited_by_a_forked_worker_never_acknowledges(
+    server: Running,
+) -> None:
+    """A ``RoutingClient`` made before a fork (gunicorn ``--preload``, a Celery prefork
+    worker, a module-level client in Django settings) has its acknowledging thread in the
+    parent only; in the child ``_acker`` is still set, so ``_start()`` never starts one. The
+    child's journal is never acknowledged: ``unacked`` climbs to ``max_unacked``, then every
+    increment is "unprotected", and the parent's unacknowledged journal, copied into the child,
+    is re-sent by the child at its first failover (counted twice). The single clients handle
+    the fork (``os.register_at_fork``: "The queued increments are the parent's to send");
+    the routing layer above them does not. Its shard locks may also be held at the fork.
+
+    Should: register an after-fork hook for routing clients too: new locks, an empty journal
+    and counters, no acknowledging thread (started again by the first call)."""
+    url = f"unix://{server.unix}"
+
+    def blocking() -> str:
+        routing = RoutingClient([url], ack_interval=0.05)
+        try:
+            routing.increment(LONE, 1, "register", "DE", True)  # the parent's thread starts
+            routing.flush()
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the worker
+                try:
+                    for _ in range(5):
+                        routing.increment(LONE, 1, "register", "DE", True)
+                    time.sleep(1.0)  # 20 acknowledgement intervals
+                    stats = routing.statistics()
+                    os.write(write, f"{stats.unacked} {stats.acknowledged}".encode())
+                finally:
+                    os._exit(0)
+            os.close(write)
+            with os.fdopen(read) as pipe:
+                answer = pipe.read()
+            os.waitpid(pid, 0)
+            return answer
+        finally:
+            routing.close()
+
+    unacked, acknowledged = (int(n) for n in (await asyncio.to_thread(blocking)).split())
+    assert unacked == 0, (
+        f"the worker's 5 increments are still unacknowledged after 1 s ({acknowledged} "
+        f"acknowledged, the parent's)"
+    )
