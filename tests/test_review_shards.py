@@ -26,7 +26,7 @@ from campaignstats.server import ServerConfig, StatsServer
 from campaignstats.service import StatsService
 from campaignstats.shards import Shard, shard_of
 
-from .helpers import Running, Start, loaded, wait_for
+from .helpers import Raw, Running, Start, loaded, wait_for
 
 # campaign ids that no database row holds (their counts are the servers' memory only)
 ON_0, ON_1 = 8, 6  # shard_of(8, 2) == 0, shard_of(6, 2) == 1: the lower id on shard 1
@@ -527,3 +527,32 @@ async def test_a_blocking_routing_client_inherited_by_a_forked_worker_never_ackn
         f"the worker's 5 increments are still unacknowledged after 1 s ({acknowledged} "
         f"acknowledged, the parent's)"
     )
+
+
+async def test_a_replica_refusing_connections_as_overloaded_is_not_failed_over_from(
+    start: Start,
+) -> None:
+    """A replica at its ``max_connections`` answers every new connection with ``overloaded``
+    and closes it (docs/protocol.md, "Errors"): it cannot serve this client, the very case
+    replicas are for. ``_on_shard`` fails over only on ``ServerUnavailable``, ``CallTimeout``
+    and ``ConnectionError``, so the hello's ``Overloaded`` goes straight to the caller while
+    the second replica is idle; the acknowledging flush fails the same way (logged as
+    ``client.acknowledge_failed`` every interval) and the journal is never handed on.
+
+    Should: treat a refusal at connection time (``Overloaded`` from the hello, and the
+    ``internal`` error of an actor that is restarting) as "this replica is not there" and
+    try the next one."""
+    crowded = await start(max_connections=1)
+    other = await start()
+    hog = await Raw.unix(crowded.unix)  # the crowded replica's one connection
+    try:
+        await hog.call("ping", 1)
+        async with AsyncRoutingClient(
+            [f"unix://{crowded.unix}", f"unix://{other.unix}"]
+        ) as routing:
+            routing.increment(LONE, 1, "register", "DE", True)
+            await routing.flush()
+            assert (await routing.stats(LONE))["supporters"] == 1
+            assert routing.statistics().replicas == [f"unix://{other.unix}"]
+    finally:
+        await hog.close()
