@@ -556,3 +556,24 @@ async def test_a_replica_refusing_connections_as_overloaded_is_not_failed_over_f
             assert routing.statistics().replicas == [f"unix://{other.unix}"]
     finally:
         await hog.close()
+
+
+async def test_max_unacked_zero_makes_every_increment_raise_index_error(server: Running) -> None:
+    """``max_unacked=0`` is the natural way to say "no journal" (the single clients' at most
+    once, for a backend whose replicas follow the database and that sends nothing the
+    database lacks: docs/scale.md advises exactly that). ``_Shard.put`` pops the oldest entry
+    when ``len(journal) >= max_unacked``, from an empty journal: ``increment()`` raises
+    ``IndexError: pop from an empty deque`` (after having queued the increment), although it
+    "never raises because a server is down" and nothing is wrong with the arguments.
+
+    Should: refuse a negative ``max_unacked`` in the constructor (``UsageError``) and take 0
+    as "journal nothing" (count each as unprotected, or skip the journal)."""
+    url = f"unix://{server.unix}"
+
+    def blocking() -> int:
+        with RoutingClient([url], max_unacked=0) as routing:
+            routing.increment(LONE, 1, "register", "DE", True)
+            routing.flush()
+            return int(routing.stats(LONE)["supporters"])
+
+    assert await asyncio.to_thread(blocking) == 1
