@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
 from campaignstats.actor.actor import ActorConfig
 from campaignstats.client import AsyncStatsClient, ServerUnavailable
 from campaignstats.client.routing import AsyncRoutingClient, RoutingClient
@@ -160,7 +162,8 @@ async def test_a_metrics_update_queued_for_a_dead_replica_is_silently_thrown_awa
 
     metrics, stats = await asyncio.to_thread(blocking)
     assert stats.failovers == 1
-    views = metrics.get("total", {}).get("views")
+    # a counter's value is under "counters" (docs/metrics.md, "Reading them")
+    views = metrics.get("total", {}).get("counters", {}).get("views")
     assert views == 1 or stats.dropped == 1, (
         f"the update was neither applied ({metrics}) nor counted as dropped ({stats.dropped})"
     )
@@ -229,7 +232,7 @@ async def test_closing_the_async_routing_client_raises_timeout_when_replicas_han
 
 
 async def test_a_shard_started_with_an_unsharded_snapshot_puts_foreign_campaigns_in_top(
-    start: Start, tmp_path: Path
+    start: Start, tmp_path: Path, module_dsn: str, conn: asyncpg.Connection
 ) -> None:
     """A shard started with the snapshot of the server it replaces (the move from one server
     to two, or from N to N+1 shards) loads every campaign of the file: ``replace_all`` is not
@@ -254,19 +257,38 @@ async def test_a_shard_started_with_an_unsharded_snapshot_puts_foreign_campaigns
     copies = [tmp_path / f"shard{k}.snapshot" for k in (0, 1)]
     for copy in copies:
         shutil.copy(snapshot, copy)
-    shard0 = await start(
-        ActorConfig(sync_interval=3600, snapshot_path=copies[0], shard=Shard(0, 2))
-    )
-    shard1 = await start(
-        ActorConfig(sync_interval=3600, snapshot_path=copies[1], shard=Shard(1, 2))
-    )
-    async with AsyncRoutingClient([[f"unix://{shard0.unix}"], [f"unix://{shard1.unix}"]]) as r:
-        assert await r.stats_many([ON_0, ON_1]) == {
-            ON_0: (await r.stats(ON_0)),
-            ON_1: (await r.stats(ON_1)),
-        }
-        top = await r.top("supporters", 10)
-        infos = await r.info()
+    # A start-up calculation of the database forgets the campaigns it does not find
+    # (``calculation.campaigns_gone``), the foreign ones included: what a shard serves until it
+    # ends is what its snapshot gave it. The calculation is held here by a lock on the tables.
+    started: list[tuple[StatsService, StatsServer]] = []
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "LOCK TABLE campaigns, actions, supporters, action_pages IN ACCESS EXCLUSIVE MODE"
+            )
+            for k in (0, 1):
+                service = StatsService(
+                    PostgresSource(module_dsn),
+                    ActorConfig(sync_interval=3600, snapshot_path=copies[k], shard=Shard(k, 2)),
+                )
+                await service.start()
+                server = StatsServer(
+                    service, ServerConfig(port=0, unix_path=tmp_path / f"shard{k}.sock")
+                )
+                await server.start()
+                started.append((service, server))
+            topology = [[f"unix://{tmp_path / f'shard{k}.sock'}"] for k in (0, 1)]
+            async with AsyncRoutingClient(topology) as r:
+                assert await r.stats_many([ON_0, ON_1]) == {
+                    ON_0: (await r.stats(ON_0)),
+                    ON_1: (await r.stats(ON_1)),
+                }
+                top = await r.top("supporters", 10)
+                infos = await r.info()
+    finally:
+        for service, server in started:
+            await server.close()
+            await service.stop()
     assert top == [[ON_1, 3], [ON_0, 1]], f"merged top {top}"
     assert [i["campaigns"] for i in infos] == [1, 1]
 
@@ -446,7 +468,9 @@ async def test_a_slow_answer_on_a_shard_of_one_url_counts_every_unacked_incremen
     staller = asyncio.create_task(stall_the_server_once())
     supporters, stats = await asyncio.to_thread(blocking)
     await staller
-    assert (stats.failovers, stats.resent) == (1, 5)
+    # A shard of one URL keeps its client (which reconnects on its own) and re-sends nothing
+    # to a server that answered late: no failover, nothing given twice.
+    assert (stats.failovers, stats.resent) == (0, 0)
     assert supporters == 5, f"5 increments, {supporters} counted by the one server"
 
 
