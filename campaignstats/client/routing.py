@@ -13,19 +13,20 @@ every shard (docs/scale.md).
 
 **Failover.** A shard's client talks to one replica at a time. When a call or a flush to it
 fails for want of a server (:class:`~campaignstats.errors.ServerUnavailable`, a lost or refused
-connection, or :class:`~campaignstats.errors.CallTimeout`), the shard moves to the next URL of
-its list and the call is made again there (each replica once per call; calls are reads or
-idempotent). Increments are never lost on the way: every increment and decrement given to a
-shard is also kept in its *journal* until a ``flush`` on the replica that received it has come
-back (the server has applied everything before it). A background task (a thread for the
-blocking front) flushes every ``ack_interval`` seconds and forgets what was acknowledged; at a
-failover the whole journal, acknowledged by nobody, is given to the next replica. What the
-dead replica applied died with it. The next replica may already hold some of those changes
-(from its own follower of the database): why that is safe with ``txid`` or ``action_id``, and
-what is not without them, is in docs/scale.md, "Failover".
+connection, ``overloaded``, or :class:`~campaignstats.errors.CallTimeout`), the shard moves to
+the next URL of its list and the call is made again there (each replica once per call; calls
+are reads or idempotent); a shard of one URL keeps its client, which reconnects on its own.
+Every increment and decrement given to a shard is also kept in its *journal* until a ``flush``
+on the replica that received it has come back. A background task (a thread for the blocking
+front) flushes every ``ack_interval`` seconds and forgets what was acknowledged. At a failover
+the next replica gets what the failed client never sent and the journal's other entries; a
+replica found restarted (a new connection, and ``info``'s uptime says a new process) is given
+again what went to the process that died. Before its first call on a replica, the client
+checks the replica's shard against its place in the topology (:class:`TopologyMismatch`).
+Why each of these is safe, and what is not: docs/scale.md, "Failover".
 
-The journal is bounded (``max_unacked``, by default the client's queue size): past it, the
-oldest entries are forgotten and counted in ``unprotected`` (they are still sent, only not
+The journal is bounded (``max_unacked``, by default the client's queue size; 0: none): past it,
+the oldest entries are forgotten and counted in ``unprotected`` (they are still sent, only not
 re-sent at a failover). Custom metrics updates are routed but not journaled.
 """
 
