@@ -619,6 +619,8 @@ class AsyncRoutingClient(_Routing[AsyncStatsClient]):
                     )
                 except ClientClosed:
                     return
+                except TopologyMismatch as exc:  # every call raises it too: said now and then
+                    self._warn("client.topology_mismatch", shard=shard.index, error=str(exc))
                 except Exception:
                     log.exception("client.acknowledge_failed", shard=shard.index)
 
@@ -871,6 +873,8 @@ class RoutingClient(_Routing[StatsClient]):
                     )
                 except ClientClosed:
                     return
+                except TopologyMismatch as exc:  # every call raises it too: said now and then
+                    self._warn("client.topology_mismatch", shard=shard.index, error=str(exc))
                 except Exception:
                     log.exception("client.acknowledge_failed", shard=shard.index)
 
