@@ -4,12 +4,19 @@ refused. Real servers in this process, real sockets."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
+import time
+from typing import Any
+
 import pytest
 
+from campaignstats.client import StatsClient
 from campaignstats.client.routing import AsyncRoutingClient, RoutingClient
-from campaignstats.errors import UsageError
+from campaignstats.errors import ServerUnavailable, UsageError
 
-from .helpers import Running, wait_for
+from .helpers import Running, Start, wait_for
 
 LONE = 777  # no database row holds it: its counts are the server's memory only
 
@@ -41,3 +48,45 @@ async def test_a_lost_connection_to_the_same_server_gives_the_journal_to_nobody_
 def test_a_negative_max_unacked_is_refused_at_construction() -> None:
     with pytest.raises(UsageError, match="max_unacked must be 0"):
         RoutingClient(["unix:///nowhere.sock"], max_unacked=-1)
+
+
+async def test_going_back_to_a_replica_left_for_being_slow_gives_it_nothing_it_had(
+    start: Start,
+) -> None:
+    """Both replicas stall (their event loop, this test's, blocked longer than two calls'
+    timeouts): the shard leaves the first for the second, then the second for the first. The
+    first is the same process when the client comes back to it: it is not given the journal
+    it had applied already."""
+    first, second = await start(), await start()
+    urls = [f"unix://{first.unix}", f"unix://{second.unix}"]
+    stall = threading.Event()
+
+    async def stall_the_servers_once() -> None:
+        while not stall.is_set():
+            await asyncio.sleep(0.01)
+        time.sleep(2.5)  # noqa: ASYNC251 (on purpose: no server answers meanwhile)
+
+    def blocking() -> tuple[int, Any]:
+        with RoutingClient(urls, ack_interval=3600, timeout=0.5, connect_timeout=0.5) as routing:
+            for _ in range(5):
+                routing.increment(LONE, 1, "register", "DE", True)
+            deadline = time.monotonic() + 10
+            while routing.stats(LONE)["supporters"] != 5 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            stall.set()
+            time.sleep(0.1)
+            with contextlib.suppress(ServerUnavailable):
+                routing.stats(LONE)  # the first times out, then the second: back to the first
+            time.sleep(2.5)  # the stall is over
+            routing.flush()
+            stats = routing.statistics()
+        with StatsClient(urls[0]) as single:
+            return int(single.stats(LONE)["supporters"]), stats
+
+    staller = asyncio.create_task(stall_the_servers_once())
+    supporters, stats = await asyncio.to_thread(blocking)
+    await staller
+    assert stats.failovers == 2
+    assert stats.replicas == [urls[0]]
+    assert supporters == 5, f"the first replica counted {supporters} of 5 increments"
+    assert stats.unacked == 0

@@ -181,6 +181,11 @@ class _Shard(Generic[_C]):
         #: when the server in use started, and the client's ``connections`` when last looked
         self.started: _Started | None = None
         self.seen_connections = 0
+        #: replicas left while alive (a timeout, overloaded): their index -> the last number
+        #: they were given and when their server had started (None: unknown)
+        self.left_alive: dict[int, tuple[int, _Started | None]] = {}
+        #: back on such a replica: what it had, until its server is known to be the same
+        self.returned: tuple[int, _Started | None] | None = None
 
     def reset_after_fork(self) -> None:
         """In a forked child: the parent's journal is the parent's to acknowledge."""
@@ -240,6 +245,11 @@ class _Shard(Generic[_C]):
         self.check(info)
         now = _started(info, before, after)
         previous = self.started if self.verified is client else None
+        returned, self.returned = self.returned, None
+        if returned is not None and self.verified is not client:
+            mark, then = returned
+            if then is None or now is None or now[1] < then[0] or then[1] < now[0]:
+                self._give_again(lambda number: number <= mark, "went back to a replica")
         self.verified = client
         self.started = now if now is not None else previous
         self.seen_connections = client.connections
@@ -270,6 +280,22 @@ class _Shard(Generic[_C]):
             reason=reason,
         )
 
+    def _give_again(self, which: Callable[[int], bool], reason: str) -> None:
+        """Give the current client again the journal's entries whose number ``which`` picks
+        (a replica that had them restarted, or is not known to be the same process)."""
+        with self.lock:
+            entries = [e for e in self.journal if which(e[0])]
+            for _, decrement, inc in entries:
+                _give(self.client, decrement, inc)
+            self.resent += len(entries)
+        log.warning(
+            "client.replica_restarted",
+            shard=self.index,
+            url=self.url,
+            resent=len(entries),
+            reason=reason,
+        )
+
     def fail_over(self, failed: _C, error: BaseException) -> bool:
         """Move to the next replica, unless another caller did already (then False). The next
         replica's client gets what the failed one never sent (its queue) and the journal's
@@ -277,11 +303,10 @@ class _Shard(Generic[_C]):
         with self.lock:
             if self.client is not failed:
                 return False
-            before = self.url
+            before, left = self.url, self.current
             self.current = (self.current + 1) % len(self.urls)
             client = self.client = self.make(self.urls[self.current])
             self.verified = None
-            self.started = None
             unsent = _take_all(failed._queue)
             journal = self.journal
             # The failed client was given every change numbered from its first on, in order;
@@ -289,28 +314,42 @@ class _Shard(Generic[_C]):
             # splits them: older ones are moved from the queue, newer ones come from the
             # journal (with those already written, which the dead replica may have lost).
             changes = sum(1 for entry in unsent if not isinstance(entry, Measure))
+            self.retired_dropped += failed.dropped
+            self.retired_errors += failed.server_errors
+            # A replica left alive (slow, or full) may have applied what it was written: what
+            # it got is remembered, and not given to it again if it is the same process when
+            # the client comes back to it (checked at the first call there).
+            if isinstance(error, CallTimeout | Overloaded):
+                self.left_alive[left] = (self.numbered - changes, self.started)
+            else:
+                self.left_alive.pop(left, None)
+            self.started = None
+            self.returned = self.left_alive.pop(self.current, None)
+            mark = 0 if self.returned is None else self.returned[0]
             first = journal[0][0] if journal else self.numbered + 1
-            older = max(min(changes, first - (self.numbered - changes + 1)), 0)
+            number = self.numbered - changes  # the unsent changes' numbers follow it
             moved: list[Queued] = []
             for entry in unsent:
                 if isinstance(entry, Measure):
                     moved.append(entry)
-                elif older > 0:
+                    continue
+                number += 1
+                if mark < number < first:  # older than the journal, and not had by the next
                     moved.append(entry)
-                    older -= 1
-            self.retired_dropped += failed.dropped
-            self.retired_errors += failed.server_errors
             client._put(moved)
-            for _, decrement, inc in journal:
-                _give(client, decrement, inc)
+            given = 0
+            for number, decrement, inc in journal:
+                if number > mark:
+                    _give(client, decrement, inc)
+                    given += 1
             self.failovers += 1
-            self.resent += len(journal)
+            self.resent += given
             log.warning(
                 "client.failover",
                 shard=self.index,
                 failed=before,
                 next=self.url,
-                resent=len(journal),
+                resent=given,
                 moved=len(moved),
                 error=str(error) or type(error).__name__,
             )
