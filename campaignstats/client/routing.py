@@ -216,7 +216,15 @@ class _Shard(Generic[_C]):
         """Journal one change and give it to the current replica's client."""
         with self.lock:
             _give(self.client, decrement, inc)  # checked there first: an invalid one raises
-            self._journal(((decrement, inc),))
+            self.numbered = number = self.numbered + 1  # as _journal, inline: the hot path
+            limit = self.max_unacked
+            journal = self.journal
+            if len(journal) >= limit:
+                self.unprotected += 1
+                if limit == 0:
+                    return
+                journal.popleft()
+            journal.append((number, decrement, inc))
 
     def put_many(self, items: list[Increment], decrement: bool = False) -> None:
         """Journal changes and give them to the current replica's client, in one go."""
