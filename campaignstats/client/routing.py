@@ -813,7 +813,7 @@ class AsyncRoutingClient(_Routing[AsyncStatsClient]):
                     await acker
             if any(shard.journal for shard in self._shards):
                 try:
-                    async with asyncio.timeout(CLOSE_BUDGET):
+                    async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
                         await self.flush()
                 except (*_GONE, TimeoutError, TopologyMismatch) as exc:
                     log.warning(
