@@ -113,6 +113,23 @@ class ShardFilter:
             timelines={c: t for c, t in result.timelines.items() if owns(c)},
         )
 
+    def restrict_snapshot(
+        self, campaigns: dict[int, Any], goals: dict[str, Any] | None
+    ) -> tuple[dict[int, Any], dict[str, Any] | None]:
+        """A snapshot file's campaigns (their counts, timelines and pages) and goals part
+        without the campaigns of other shards: the file of an unsharded server, or of another
+        layout, holds them (docs/scale.md, "Changing N")."""
+        owns = self.owns
+        kept = {cid: stats for cid, stats in campaigns.items() if owns(cid)}
+        if goals is not None:
+            goals = {
+                part: [entry for entry in entries if _owned_entry(owns, entry)]
+                if isinstance(entries, list)
+                else entries
+                for part, entries in goals.items()
+            }
+        return kept, goals
+
     def refusal(self, campaign_id: int) -> str:
         owner = shard_of(campaign_id, self.shard.count)
         return (
@@ -151,6 +168,14 @@ class ShardFilter:
             else:
                 refused.append((i, self.refusal(item.campaign_id)))
         return kept, Refused(positions, refused)
+
+
+def _owned_entry(owns: Any, entry: Any) -> bool:
+    """Whether a goals part's ``[campaign_id, ...]`` entry is of this shard (an entry of
+    another form is kept: the goals' loader checks it)."""
+    if isinstance(entry, list) and entry and type(entry[0]) is int:
+        return bool(owns(entry[0]))
+    return True
 
 
 class Refused(NamedTuple):

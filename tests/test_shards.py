@@ -18,7 +18,12 @@ import pytest
 
 from campaignstats.actor.actor import ActorConfig
 from campaignstats.client import AsyncStatsClient, StatsClient
-from campaignstats.client.routing import AsyncRoutingClient, RoutingClient, parse_topology
+from campaignstats.client.routing import (
+    AsyncRoutingClient,
+    RoutingClient,
+    TopologyMismatch,
+    parse_topology,
+)
 from campaignstats.db.calculation import calculate
 from campaignstats.errors import UsageError, WrongShard
 from campaignstats.http import HttpConfig, HttpServer, app
@@ -195,9 +200,10 @@ async def test_a_shard_refuses_a_campaign_it_does_not_own_and_changes_nothing(
             client.stats_many([MINE, OTHER])
 
     await asyncio.to_thread(blocking)
-    # a topology of one shard sends everything to it: the shard server says so
+    # a topology of one shard against a shard server: the routing client checks the server's
+    # shard before its first call and refuses the topology (docs/scale.md)
     async with AsyncRoutingClient([f"unix://{running.unix}"]) as routing:
-        with pytest.raises(WrongShard):
+        with pytest.raises(TopologyMismatch, match="is shard 0/2, but the topology lists it"):
             await routing.stats(OTHER)
         # a subscription goes to the owner's replica too
         subscription = routing.subscribe(MINE)

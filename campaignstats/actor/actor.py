@@ -248,6 +248,16 @@ class StatsActor:
             loaded = load_snapshot_with_goals(self.config.snapshot_path)
             if loaded is not None:
                 campaigns, goals = loaded
+                if self._shard is not None:  # a file of another layout: only this shard's
+                    held = len(campaigns)
+                    campaigns, goals = self._shard.restrict_snapshot(campaigns, goals)
+                    if len(campaigns) < held:
+                        log.info(
+                            "snapshot.foreign_campaigns_dropped",
+                            shard=str(self._shard.shard),
+                            dropped=held - len(campaigns),
+                            kept=len(campaigns),
+                        )
                 self.state.replace_all(campaigns)
                 self._head_start = True
                 if not self.lifetime.goals_started:

@@ -312,6 +312,8 @@ class AsyncStatsClient(IncrementQueue):
         self.dropped = 0
         self.server_errors = 0
         self.connections = 0
+        #: ``sent`` when the connection in use was opened (the routing layer's journal)
+        self.sent_before_connection = 0
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -499,6 +501,7 @@ class AsyncStatsClient(IncrementQueue):
             raise
         self._max_string = ready.limits.max_string
         self.connections += 1
+        self.sent_before_connection = self.sent
         if self.connections > 1:
             log.info("client.reconnected", address=str(address), connections=self.connections)
         return conn

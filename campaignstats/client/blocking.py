@@ -574,6 +574,8 @@ class StatsClient(IncrementQueue):
         self.dropped = 0
         self.server_errors = 0
         self.connections = 0
+        #: ``sent`` when the sender's connection in use was opened (the routing layer's journal)
+        self.sent_before_connection = 0
         self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self._init_threading()
         _live.add(self)
@@ -601,6 +603,7 @@ class StatsClient(IncrementQueue):
         self._init_threading()
         self._queue.clear()
         self.sent = self.dropped = self.server_errors = self.connections = 0  # this process's
+        self.sent_before_connection = 0
         if cast is not None:
             cast.close()
         pool.reset_after_fork()
@@ -728,6 +731,7 @@ class StatsClient(IncrementQueue):
                 return conn
         self._cast_conn = None
         conn = self._cast_conn = self._open(timeout)
+        self.sent_before_connection = self.sent
         return conn
 
     def _write_queue(self, conn: _Connection, deadline: float) -> int:

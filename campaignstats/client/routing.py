@@ -13,19 +13,20 @@ every shard (docs/scale.md).
 
 **Failover.** A shard's client talks to one replica at a time. When a call or a flush to it
 fails for want of a server (:class:`~campaignstats.errors.ServerUnavailable`, a lost or refused
-connection, or :class:`~campaignstats.errors.CallTimeout`), the shard moves to the next URL of
-its list and the call is made again there (each replica once per call; calls are reads or
-idempotent). Increments are never lost on the way: every increment and decrement given to a
-shard is also kept in its *journal* until a ``flush`` on the replica that received it has come
-back (the server has applied everything before it). A background task (a thread for the
-blocking front) flushes every ``ack_interval`` seconds and forgets what was acknowledged; at a
-failover the whole journal, acknowledged by nobody, is given to the next replica. What the
-dead replica applied died with it. The next replica may already hold some of those changes
-(from its own follower of the database): why that is safe with ``txid`` or ``action_id``, and
-what is not without them, is in docs/scale.md, "Failover".
+connection, ``overloaded``, or :class:`~campaignstats.errors.CallTimeout`), the shard moves to
+the next URL of its list and the call is made again there (each replica once per call; calls
+are reads or idempotent); a shard of one URL keeps its client, which reconnects on its own.
+Every increment and decrement given to a shard is also kept in its *journal* until a ``flush``
+on the replica that received it has come back. A background task (a thread for the blocking
+front) flushes every ``ack_interval`` seconds and forgets what was acknowledged. At a failover
+the next replica gets what the failed client never sent and the journal's other entries; a
+replica found restarted (a new connection, and ``info``'s uptime says a new process) is given
+again what went to the process that died. Before its first call on a replica, the client
+checks the replica's shard against its place in the topology (:class:`TopologyMismatch`).
+Why each of these is safe, and what is not: docs/scale.md, "Failover".
 
-The journal is bounded (``max_unacked``, by default the client's queue size): past it, the
-oldest entries are forgotten and counted in ``unprotected`` (they are still sent, only not
+The journal is bounded (``max_unacked``, by default the client's queue size; 0: none): past it,
+the oldest entries are forgotten and counted in ``unprotected`` (they are still sent, only not
 re-sent at a failover). Custom metrics updates are routed but not journaled.
 """
 
@@ -33,10 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import heapq
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -47,27 +49,48 @@ from campaignstats.client._common import (
     BACKOFF_MIN,
     DEFAULT_QUEUE_SIZE,
     Backoff,
+    Queued,
     RateLimitedLog,
     log,
     parse_url,
 )
 from campaignstats.client.aio import AsyncStatsClient
 from campaignstats.client.blocking import StatsClient
-from campaignstats.errors import CallTimeout, ClientClosed, ServerUnavailable, UsageError
-from campaignstats.model import Increment, WireStats
-from campaignstats.shards import group_by_shard, shard_of
+from campaignstats.errors import (
+    BadMessage,
+    CallTimeout,
+    ClientClosed,
+    Invalid,
+    Overloaded,
+    ServerUnavailable,
+    UsageError,
+)
+from campaignstats.model import MAX_ID, Increment, WireStats
+from campaignstats.sessions.client import Measure
+from campaignstats.shards import shard_of
 
 #: seconds between two acknowledging flushes of a shard's journal
 DEFAULT_ACK_INTERVAL = 0.25
 
+#: seconds that ``close()`` spends, in all, acknowledging what it can before closing the clients
+CLOSE_BUDGET = 2.0
+
 #: how many campaigns' owners a routing client remembers
 _OWNERS_KEPT = 1 << 16
 
-#: the errors that mean "this replica is not there": the next one is tried
-_GONE = (ServerUnavailable, CallTimeout, ConnectionError)
+#: the errors that mean "this replica is not there": the next one is tried. ``overloaded`` is a
+#: replica at its connection limit (or with a full mailbox): it cannot serve this client now.
+_GONE = (ServerUnavailable, CallTimeout, ConnectionError, Overloaded)
+
+#: slack on a server's start time computed from ``info``'s ``uptime`` (rounded to 1 ms)
+_UPTIME_SLACK = 0.002
 
 _T = TypeVar("_T")
 _C = TypeVar("_C", AsyncStatsClient, StatsClient)
+
+
+class TopologyMismatch(UsageError):
+    """A server's ``hello``/``info`` names another shard than its place in the topology."""
 
 
 def parse_topology(shards: str | Sequence[str] | Sequence[Sequence[str]]) -> list[list[str]]:
@@ -91,6 +114,14 @@ def parse_topology(shards: str | Sequence[str] | Sequence[Sequence[str]]) -> lis
     return topology
 
 
+def _check_campaign_id(campaign_id: Any) -> None:
+    """The single clients' error for a bad id, before the id is hashed."""
+    if type(campaign_id) is not int:
+        raise BadMessage(f"campaign_id must be an integer, not {campaign_id!r:.40}")
+    if not 0 < campaign_id <= MAX_ID:
+        raise Invalid(f"ids must be between 1 and 2**63-1 (campaign_id={campaign_id})")
+
+
 @dataclass(frozen=True, slots=True)
 class RoutingStatistics:
     """A routing client's counters at one moment."""
@@ -100,27 +131,43 @@ class RoutingStatistics:
     unacked: int  # increments kept until a replica acknowledges them
     acknowledged: int  # increments a replica has applied (its flush came back)
     failovers: int
-    resent: int  # increments given again to the next replica at failovers
-    unprotected: int  # forgotten by a full journal before any acknowledgement
+    resent: int  # increments given again: to the next replica, or to a restarted one
+    unprotected: int  # forgotten by a full journal (or none kept) before any acknowledgement
     dropped: int  # given up by the replicas' clients (their queue full, or closed)
     server_errors: int  # err replies to casts (e.g. wrong_shard items)
+
+
+#: a server process's start, as an interval of this machine's clock (from ``info``'s uptime)
+_Started = tuple[float, float]
+
+
+def _started(info: dict[str, Any], before: float, after: float) -> _Started | None:
+    uptime = info.get("uptime")
+    if not isinstance(uptime, int | float):
+        return None  # an older server: restarts go unnoticed, as before
+    return (before - uptime - _UPTIME_SLACK, after - uptime + _UPTIME_SLACK)
 
 
 class _Shard(Generic[_C]):
     """One shard: its replicas, the client of the one in use, and the journal."""
 
     def __init__(
-        self, index: int, urls: list[str], make: Callable[[str], _C], max_unacked: int
+        self, index: int, count: int, urls: list[str], make: Callable[[str], _C], max_unacked: int
     ) -> None:
         self.index = index
+        self.count = count  # shards in the topology
         self.urls = urls
         self.make: Callable[[str], _C] = make
         self.current = 0
         self.client: _C = make(urls[0])
+        self.max_unacked = max_unacked
+        self._reset()
+
+    def _reset(self) -> None:
+        """The journal and counters empty (a new client, or a forked child's)."""
         #: (number, decrement?, increment) given to the current client, not acknowledged yet
         self.journal: deque[tuple[int, bool, Increment]] = deque()
         self.numbered = 0  # the number of the last change journaled
-        self.max_unacked = max_unacked
         self.acknowledged = 0
         self.failovers = 0
         self.resent = 0
@@ -129,58 +176,189 @@ class _Shard(Generic[_C]):
         self.retired_dropped = 0
         self.retired_errors = 0
         self.lock = threading.Lock()  # the blocking front's threads; uncontended in asyncio
+        #: the client whose server was checked against the topology (None: check on next use)
+        self.verified: _C | None = None
+        #: when the server in use started, and the client's ``connections`` when last looked
+        self.started: _Started | None = None
+        self.seen_connections = 0
+        #: replicas left while alive (a timeout, overloaded): their index -> the last number
+        #: they were given and when their server had started (None: unknown)
+        self.left_alive: dict[int, tuple[int, _Started | None]] = {}
+        #: back on such a replica: what it had, until its server is known to be the same
+        self.returned: tuple[int, _Started | None] | None = None
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: the parent's journal is the parent's to acknowledge."""
+        self._reset()
 
     @property
     def url(self) -> str:
         return self.urls[self.current]
 
+    def _journal(self, entries: Iterable[tuple[bool, Increment]]) -> None:
+        """Number and keep changes (the caller holds ``lock``); a full journal forgets its
+        oldest (``max_unacked`` 0: keeps none)."""
+        journal = self.journal
+        number = self.numbered
+        limit = self.max_unacked
+        for decrement, inc in entries:
+            number += 1
+            if limit == 0:
+                self.unprotected += 1
+                continue
+            if len(journal) >= limit:
+                journal.popleft()
+                self.unprotected += 1
+            journal.append((number, decrement, inc))
+        self.numbered = number
+
     def put(self, decrement: bool, inc: Increment) -> None:
         """Journal one change and give it to the current replica's client."""
         with self.lock:
             _give(self.client, decrement, inc)  # checked there first: an invalid one raises
+            self.numbered = number = self.numbered + 1  # as _journal, inline: the hot path
+            limit = self.max_unacked
             journal = self.journal
-            if len(journal) >= self.max_unacked:
-                journal.popleft()
+            if len(journal) >= limit:
                 self.unprotected += 1
-            self.numbered += 1
-            journal.append((self.numbered, decrement, inc))
-
-    def put_many(self, items: list[Increment]) -> None:
-        """Journal increments and give them to the current replica's client, in one go."""
-        with self.lock:
-            self.client.increment_many(items)  # checked there first: an invalid one raises
-            journal = self.journal
-            number = self.numbered
-            journal.extend((number + i, False, inc) for i, inc in enumerate(items, 1))
-            self.numbered = number + len(items)
-            excess = len(journal) - self.max_unacked
-            for _ in range(max(excess, 0)):
+                if limit == 0:
+                    return
                 journal.popleft()
-            self.unprotected += max(excess, 0)
+            journal.append((number, decrement, inc))
+
+    def put_many(self, items: list[Increment], decrement: bool = False) -> None:
+        """Journal changes and give them to the current replica's client, in one go."""
+        with self.lock:
+            client = self.client
+            # checked there first: an invalid one raises
+            (client.decrement_many if decrement else client.increment_many)(items)
+            self._journal((decrement, inc) for inc in items)
+
+    def check(self, info: dict[str, Any]) -> None:
+        """Raise :class:`TopologyMismatch` when the server is not this place's shard."""
+        said = info.get("shard")
+        expected = [self.index, self.count]
+        if said is None and self.count == 1:
+            return
+        if said != expected:
+            raise TopologyMismatch(
+                f"{self.url} is shard {'(none)' if said is None else '/'.join(map(str, said))}, "
+                f"but the topology lists it as shard {self.index}/{self.count}: fix the order "
+                f"of the shards (or N) in the client's topology (docs/scale.md)"
+            )
+
+    def verified_by(self, client: _C, info: dict[str, Any], before: float, after: float) -> bool:
+        """Record what ``info`` (asked between ``before`` and ``after``) says of the client's
+        server; True when it is another process than the one seen last (it restarted)."""
+        self.check(info)
+        now = _started(info, before, after)
+        previous = self.started if self.verified is client else None
+        returned, self.returned = self.returned, None
+        if returned is not None and self.verified is not client:
+            mark, then = returned
+            if then is None or now is None or now[1] < then[0] or then[1] < now[0]:
+                self._give_again(lambda number: number <= mark, "went back to a replica")
+        self.verified = client
+        self.started = now if now is not None else previous
+        self.seen_connections = client.connections
+        return (
+            previous is not None
+            and now is not None
+            and (now[1] < previous[0] or previous[1] < now[0])
+        )
+
+    def regive(self, reason: str) -> None:
+        """The server in use restarted: give its client again what it may have had only in
+        the memory of the process that died (the journal, but what was written on the
+        connection in use, or waits to be, went to the new process)."""
+        with self.lock:
+            client = self.client
+            since = client.sent - client.sent_before_connection + len(client._queue)
+            entries = list(self.journal)
+            if since > 0:
+                entries = entries[: max(len(entries) - since, 0)]
+            for _, decrement, inc in entries:
+                _give(client, decrement, inc)
+            self.resent += len(entries)
+        log.warning(
+            "client.replica_restarted",
+            shard=self.index,
+            url=self.url,
+            resent=len(entries),
+            reason=reason,
+        )
+
+    def _give_again(self, which: Callable[[int], bool], reason: str) -> None:
+        """Give the current client again the journal's entries whose number ``which`` picks
+        (a replica that had them restarted, or is not known to be the same process)."""
+        with self.lock:
+            entries = [e for e in self.journal if which(e[0])]
+            for _, decrement, inc in entries:
+                _give(self.client, decrement, inc)
+            self.resent += len(entries)
+        log.warning(
+            "client.replica_restarted",
+            shard=self.index,
+            url=self.url,
+            resent=len(entries),
+            reason=reason,
+        )
 
     def fail_over(self, failed: _C, error: BaseException) -> bool:
-        """Move to the next replica, unless another caller did already (then False), and give
-        it the journal. The failed client's queue is dropped (the journal holds all of it): the
-        caller closes it."""
+        """Move to the next replica, unless another caller did already (then False). The next
+        replica's client gets what the failed one never sent (its queue) and the journal's
+        entries that were not in that queue: each once. The caller closes the failed one."""
         with self.lock:
             if self.client is not failed:
                 return False
-            before = self.url
+            before, left = self.url, self.current
             self.current = (self.current + 1) % len(self.urls)
-            self.client = self.make(self.urls[self.current])
-            failed._queue.clear()  # re-sent from the journal instead
+            client = self.client = self.make(self.urls[self.current])
+            self.verified = None
+            unsent = _take_all(failed._queue)
+            journal = self.journal
+            # The failed client was given every change numbered from its first on, in order;
+            # its queue holds the newest of them not written yet. The journal's first number
+            # splits them: older ones are moved from the queue, newer ones come from the
+            # journal (with those already written, which the dead replica may have lost).
+            changes = sum(1 for entry in unsent if not isinstance(entry, Measure))
             self.retired_dropped += failed.dropped
             self.retired_errors += failed.server_errors
-            for _, decrement, inc in self.journal:
-                _give(self.client, decrement, inc)
+            # A replica left alive (slow, or full) may have applied what it was written: what
+            # it got is remembered, and not given to it again if it is the same process when
+            # the client comes back to it (checked at the first call there).
+            if isinstance(error, CallTimeout | Overloaded):
+                self.left_alive[left] = (self.numbered - changes, self.started)
+            else:
+                self.left_alive.pop(left, None)
+            self.started = None
+            self.returned = self.left_alive.pop(self.current, None)
+            mark = 0 if self.returned is None else self.returned[0]
+            first = journal[0][0] if journal else self.numbered + 1
+            number = self.numbered - changes  # the unsent changes' numbers follow it
+            moved: list[Queued] = []
+            for entry in unsent:
+                if isinstance(entry, Measure):
+                    moved.append(entry)
+                    continue
+                number += 1
+                if mark < number < first:  # older than the journal, and not had by the next
+                    moved.append(entry)
+            client._put(moved)
+            given = 0
+            for number, decrement, inc in journal:
+                if number > mark:
+                    _give(client, decrement, inc)
+                    given += 1
             self.failovers += 1
-            self.resent += len(self.journal)
+            self.resent += given
             log.warning(
                 "client.failover",
                 shard=self.index,
                 failed=before,
                 next=self.url,
-                resent=len(self.journal),
+                resent=given,
+                moved=len(moved),
                 error=str(error) or type(error).__name__,
             )
             return True
@@ -192,6 +370,28 @@ class _Shard(Generic[_C]):
             while journal and journal[0][0] <= number:
                 journal.popleft()
                 self.acknowledged += 1
+
+
+def _take_all(queue: deque[Queued]) -> list[Queued]:
+    """Everything in a client's queue, popped one by one (its sender may be popping too:
+    each entry goes to one side only)."""
+    taken: list[Queued] = []
+    with contextlib.suppress(IndexError):
+        while queue:
+            taken.append(queue.popleft())
+    return taken
+
+
+def _left_for(client: AsyncStatsClient | StatsClient, deadline: float) -> float:
+    """What is left of a close's budget for ``client``'s own close; with (almost) nothing
+    left, what it still queues is dropped (counted) here, so that its close does not try one
+    more connection in no time."""
+    left = max(deadline - time.monotonic(), 0.0)
+    if left < 0.01:
+        unsent = _take_all(client._queue)
+        if unsent:
+            client._drop(len(unsent), "client.closed")
+    return left
 
 
 def _give(client: AsyncStatsClient | StatsClient, decrement: bool, inc: Increment) -> None:
@@ -215,6 +415,7 @@ class _Routing(Generic[_C]):
     """What both fronts share: the topology, the owner of a campaign, the counters."""
 
     _shards: list[_Shard[_C]]
+    _closing: bool
 
     def _setup(
         self,
@@ -222,11 +423,15 @@ class _Routing(Generic[_C]):
         make: Callable[[str], _C],
         max_unacked: int,
     ) -> None:
+        if type(max_unacked) is not int or max_unacked < 0:
+            raise UsageError(f"max_unacked must be 0 (no journal) or more, not {max_unacked!r}")
         topology = parse_topology(shards)
-        self._shards = [_Shard(k, urls, make, max_unacked) for k, urls in enumerate(topology)]
+        n = len(topology)
+        self._shards = [_Shard(k, n, urls, make, max_unacked) for k, urls in enumerate(topology)]
         #: owners computed so far (each costs N hashes); cleared when it grows past a bound
         self._owners: dict[int, int] = {}
         self._warn = RateLimitedLog().warning
+        self._closing = False  # close() has begun: nothing starts the acknowledgements again
 
     def _start(self) -> None:
         """Start acknowledging (the front's task or thread), if not started yet."""
@@ -242,11 +447,19 @@ class _Routing(Generic[_C]):
     def _index(self, campaign_id: int) -> int:
         owners = self._owners
         k = owners.get(campaign_id)
-        if k is None:
+        if k is None or type(campaign_id) is not int:
+            _check_campaign_id(campaign_id)  # before hashing: the single clients' errors
             if len(owners) >= _OWNERS_KEPT:
                 owners.clear()
             k = owners[campaign_id] = shard_of(campaign_id, len(self._shards))
         return k
+
+    def _groups(self, campaign_ids: Iterable[int]) -> dict[int, list[int]]:
+        groups: dict[int, list[int]] = {}
+        index = self._index
+        for cid in campaign_ids:
+            groups.setdefault(index(cid), []).append(cid)
+        return groups
 
     def increment(
         self,
@@ -278,8 +491,9 @@ class _Routing(Generic[_C]):
             page,
             messages,
         )
+        shard = self._owner(campaign_id)
         self._start()
-        self._owner(campaign_id).put(False, inc)
+        shard.put(False, inc)
 
     def decrement(
         self,
@@ -310,24 +524,36 @@ class _Routing(Generic[_C]):
             page,
             messages,
         )
+        shard = self._owner(campaign_id)
         self._start()
-        self._owner(campaign_id).put(True, inc)
+        shard.put(True, inc)
 
     def increment_many(self, increments: Iterable[Increment]) -> None:
         """Many increments, each to its owner (one batch per shard). An invalid one raises,
         and its shard's batch is not queued (those of other shards may be)."""
-        self._start()
+        self._put_many(increments, False)
+
+    def decrement_many(self, decrements: Iterable[Increment]) -> None:
+        """Many decrements, each to its owner, journaled as decrements (as
+        :meth:`increment_many`)."""
+        self._put_many(decrements, True)
+
+    def _put_many(self, changes: Iterable[Increment], decrement: bool) -> None:
         shards = self._shards
         if len(shards) == 1:
-            shards[0].put_many(list(increments))
+            self._start()
+            shards[0].put_many(list(changes), decrement)
             return
         groups: list[list[Increment]] = [[] for _ in shards]
         index = self._index
-        for inc in increments:
+        for i, inc in enumerate(changes):
+            if type(inc) is not Increment:
+                raise UsageError(f"item {i} is a {type(inc).__name__}, not an Increment")
             groups[index(inc.campaign_id)].append(inc)
+        self._start()
         for shard, group in zip(shards, groups, strict=True):
             if group:
-                shard.put_many(group)
+                shard.put_many(group, decrement)
 
     def subscribe(self, campaign_id: int) -> Any:
         """Updates of ``campaign_id``, from its owner's replica in use now (the subscription of
@@ -335,7 +561,8 @@ class _Routing(Generic[_C]):
         return self._owner(campaign_id).client.subscribe(campaign_id)
 
     def metric(self, campaign_id: int, **update: Any) -> None:
-        """A custom metrics update, to its campaign's shard (routed, not journaled)."""
+        """A custom metrics update, to its campaign's shard (routed, not journaled; one not
+        sent yet moves with a failover)."""
         self._owner(campaign_id).client.metric(campaign_id, **update)
 
     def statistics(self) -> RoutingStatistics:
@@ -361,13 +588,10 @@ def _flush_blocking(client: StatsClient) -> None:
     client.flush()
 
 
-async def _stats_many(client: AsyncStatsClient, ids: list[int], **kw: Any) -> dict[int, WireStats]:
-    return await client.stats_many(ids, **kw)
-
-
 def _merge_top(results: Iterable[list[list[int]]], limit: int) -> list[list[int]]:
-    """The leading campaigns of several shards (each list highest first), highest first."""
-    merged = heapq.merge(*results, key=lambda pair: -pair[1])
+    """The leading campaigns of several shards (each list highest first), highest first, ties
+    by the lower campaign id (as one server orders them)."""
+    merged = heapq.merge(*results, key=lambda pair: (-pair[1], pair[0]))
     return [list(pair) for _, pair in zip(range(limit), merged, strict=False)]
 
 
@@ -414,7 +638,7 @@ class AsyncRoutingClient(_Routing[AsyncStatsClient]):
         await self.close()
 
     def _start(self) -> None:
-        if self._acker is None and not self._closed:
+        if self._acker is None and not self._closing:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
@@ -440,13 +664,26 @@ class AsyncRoutingClient(_Routing[AsyncStatsClient]):
                     self._warn(
                         "client.no_replica", shard=shard.index, error=str(exc), retry_in=delay
                     )
+                except ClientClosed:
+                    return
+                except TopologyMismatch as exc:  # every call raises it too: said now and then
+                    self._warn("client.topology_mismatch", shard=shard.index, error=str(exc))
                 except Exception:
                     log.exception("client.acknowledge_failed", shard=shard.index)
+
+    async def _verify(self, shard: _Shard[AsyncStatsClient], client: AsyncStatsClient) -> bool:
+        """Ask the client's server what it is (topology, start time); True if it restarted
+        since last asked."""
+        before = time.time()
+        info = await client.info()
+        return shard.verified_by(client, info, before, time.time())
 
     async def _on_shard(
         self, shard: _Shard[AsyncStatsClient], call: Callable[[AsyncStatsClient], Awaitable[_T]]
     ) -> _T:
-        """``call`` on the shard's replica; on the next one when it is gone (each once)."""
+        """``call`` on the shard's replica; on the next one when it is gone (each once). A
+        shard of one URL keeps its client, which reconnects on its own: the server that did
+        not answer in time may well have applied what it was given (docs/scale.md)."""
         if self._closed:
             raise ClientClosed("the client is closed")
         self._start()
@@ -454,53 +691,88 @@ class AsyncRoutingClient(_Routing[AsyncStatsClient]):
         for _ in range(len(shard.urls)):
             client = shard.client
             try:
+                if shard.verified is not client:
+                    await self._verify(shard, client)
                 return await call(client)
             except _GONE as exc:
                 error = exc
+                if len(shard.urls) == 1 or self._closed:
+                    break
                 if shard.fail_over(client, exc):
                     await client.close(timeout=0)
         raise ServerUnavailable(
             f"no replica of shard {shard.index} answered ({', '.join(shard.urls)}): {error}"
-        )
+        ) from error
 
     async def _acknowledge(self, shard: _Shard[AsyncStatsClient]) -> None:
+        client = shard.client
         number = shard.numbered  # a flush covers what its client was given before it
         await self._on_shard(shard, _flush_async)
+        # Reconnected since last looked at: to the same process, or to one that started since,
+        # without what the dead one had not applied.
+        reconnected = shard.client is client and client.connections != shard.seen_connections
+        if reconnected and await self._verify(shard, client):
+            shard.regive("reconnected to a server that restarted")
+            number = shard.numbered
+            await self._on_shard(shard, _flush_async)
         shard.acknowledged_up_to(number)
 
     async def flush(self) -> None:
         """Return once every shard has applied everything given to it before the call
-        (failing over as needed); raises :class:`ServerUnavailable` if a shard has none left."""
+        (failing over as needed); raises :class:`ServerUnavailable` if a shard has none left,
+        :class:`TopologyMismatch` if a server is not the shard the topology says."""
         await asyncio.gather(*(self._acknowledge(s) for s in self._shards))
 
+    async def _on_owner(
+        self, campaign_id: int, call: Callable[[AsyncStatsClient], Awaitable[_T]]
+    ) -> _T:
+        return await self._on_shard(self._owner(campaign_id), call)
+
     async def stats(self, campaign_id: int, **kw: Any) -> WireStats:
-        return await self._on_shard(self._owner(campaign_id), lambda c: c.stats(campaign_id, **kw))
+        return await self._on_owner(campaign_id, lambda c: c.stats(campaign_id, **kw))
 
     async def stats_many(self, campaign_ids: Iterable[int], **kw: Any) -> dict[int, WireStats]:
         """Split by owner, asked at the same time, joined."""
-        groups = group_by_shard(campaign_ids, len(self._shards))
+        groups = self._groups(campaign_ids)
+
+        def ask(ids: list[int]) -> Callable[[AsyncStatsClient], Awaitable[dict[int, WireStats]]]:
+            return lambda c: c.stats_many(ids, **kw)
+
         parts = await asyncio.gather(
-            *(
-                self._on_shard(self._shards[k], functools.partial(_stats_many, ids=ids, **kw))
-                for k, ids in groups.items()
-            )
+            *(self._on_shard(self._shards[k], ask(ids)) for k, ids in groups.items())
         )
         return {cid: st for part in parts for cid, st in part.items()}
 
     async def history(self, campaign_id: int, *args: Any, **kw: Any) -> dict[str, Any]:
-        return await self._on_shard(
-            self._owner(campaign_id), lambda c: c.history(campaign_id, *args, **kw)
-        )
+        return await self._on_owner(campaign_id, lambda c: c.history(campaign_id, *args, **kw))
 
     async def recent(self, campaign_id: int, *args: Any, **kw: Any) -> dict[str, Any]:
-        return await self._on_shard(
-            self._owner(campaign_id), lambda c: c.recent(campaign_id, *args, **kw)
-        )
+        return await self._on_owner(campaign_id, lambda c: c.recent(campaign_id, *args, **kw))
 
     async def metrics(self, campaign_id: int, **kw: Any) -> dict[str, Any]:
-        return await self._on_shard(
-            self._owner(campaign_id), lambda c: c.metrics(campaign_id, **kw)
+        return await self._on_owner(campaign_id, lambda c: c.metrics(campaign_id, **kw))
+
+    async def set_goals(self, campaign_id: int, *args: Any, **kw: Any) -> None:
+        """Replace a campaign's goals, at its owner (as :meth:`AsyncStatsClient.set_goals`)."""
+        await self._on_owner(campaign_id, lambda c: c.set_goals(campaign_id, *args, **kw))
+
+    async def get_goals(self, campaign_id: int, **kw: Any) -> dict[str, Any]:
+        return await self._on_owner(campaign_id, lambda c: c.get_goals(campaign_id, **kw))
+
+    async def reset_metrics(self, campaign_id: int, *args: Any, **kw: Any) -> bool:
+        return await self._on_owner(
+            campaign_id, lambda c: c.reset_metrics(campaign_id, *args, **kw)
         )
+
+    async def set_guard(self, campaign_id: int, name: str, **kw: Any) -> dict[str, float | None]:
+        return await self._on_owner(campaign_id, lambda c: c.set_guard(campaign_id, name, **kw))
+
+    async def ping(self, **kw: Any) -> float:
+        """A round trip to every shard at once; the longest, in seconds."""
+        times = await asyncio.gather(
+            *(self._on_shard(s, lambda c: c.ping(**kw)) for s in self._shards)
+        )
+        return max(times)
 
     async def top(self, by: str = "supporters", limit: int = 10, **kw: Any) -> list[list[int]]:
         """Every shard's leaders, merged."""
@@ -527,29 +799,56 @@ class AsyncRoutingClient(_Routing[AsyncStatsClient]):
         return all(started)
 
     async def close(self) -> None:
-        """Acknowledge what can be (briefly), then close every client."""
-        if self._closed:
+        """Acknowledge what can be (for at most :data:`CLOSE_BUDGET` seconds in all), then
+        close every client. Never raises because servers are slow or gone."""
+        if self._closed or self._closing:
             return
-        acker, self._acker = self._acker, None
-        if acker is not None:
-            acker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await acker
-        with contextlib.suppress(*_GONE):
-            await asyncio.wait_for(self.flush(), timeout=2.0)
-        self._closed = True
-        for shard in self._shards:
-            await shard.client.close(timeout=0.5)
+        self._closing = True  # the last flush must not start the acknowledgements again
+        deadline = time.monotonic() + CLOSE_BUDGET
+        try:
+            acker, self._acker = self._acker, None
+            if acker is not None:
+                acker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await acker
+            if any(shard.journal for shard in self._shards):
+                try:
+                    async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                        await self.flush()
+                except (*_GONE, TimeoutError, TopologyMismatch) as exc:
+                    log.warning(
+                        "client.close_unacknowledged",
+                        unacked=sum(len(s.journal) for s in self._shards),
+                        error=str(exc) or type(exc).__name__,
+                    )
+        finally:
+            self._closed = True
+            for shard in self._shards:
+                left = _left_for(shard.client, deadline)
+                with contextlib.suppress(Exception):
+                    await shard.client.close(timeout=min(left, 0.5))
 
 
 # -- threads ----------------------------------------------------------------------------------
+
+_live: weakref.WeakSet[RoutingClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_live):
+        client._reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class RoutingClient(_Routing[StatsClient]):
     """Replicas and shards for threaded code; the calls of :class:`StatsClient`.
 
     A daemon thread acknowledges the journals every ``ack_interval`` seconds (started with the
-    first increment or call); calls run on the caller's thread.
+    first increment or call); calls run on the caller's thread. In a forked child (gunicorn
+    ``--preload``) the client starts again with empty journals and no thread: the parent's
+    journal is the parent's to acknowledge, and a thread starts with the child's first call.
     """
 
     def __init__(
@@ -570,10 +869,21 @@ class RoutingClient(_Routing[StatsClient]):
         )
         self.ack_interval = ack_interval
         self._backoff = (backoff_min, backoff_max)
+        self._init_threading()
+        self._closed = False
+        _live.add(self)
+
+    def _init_threading(self) -> None:
         self._stop = threading.Event()
         self._acker: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self._closed = False
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: no thread (the parent's does not exist here), new locks, and
+        empty journals and counters (the single clients reset themselves likewise)."""
+        self._init_threading()
+        for shard in self._shards:
+            shard.reset_after_fork()
 
     def __enter__(self) -> RoutingClient:
         return self
@@ -582,10 +892,10 @@ class RoutingClient(_Routing[StatsClient]):
         self.close()
 
     def _start(self) -> None:
-        if self._acker is not None or self._closed:
+        if self._acker is not None or self._closing:
             return
         with self._start_lock:
-            if self._acker is None:
+            if self._acker is None and not self._closing:
                 self._acker = threading.Thread(
                     target=self._ack_loop, name="campaignstats-routing-acks", daemon=True
                 )
@@ -594,10 +904,11 @@ class RoutingClient(_Routing[StatsClient]):
     def _ack_loop(self) -> None:
         backoff = Backoff(*self._backoff)
         delay = self.ack_interval
-        while not self._stop.wait(delay):
+        stop = self._stop
+        while not stop.wait(delay):
             delay = self.ack_interval
             for shard in self._shards:
-                if not shard.journal or self._stop.is_set():
+                if not shard.journal or stop.is_set():
                     continue
                 try:
                     self._acknowledge(shard)
@@ -609,8 +920,15 @@ class RoutingClient(_Routing[StatsClient]):
                     )
                 except ClientClosed:
                     return
+                except TopologyMismatch as exc:  # every call raises it too: said now and then
+                    self._warn("client.topology_mismatch", shard=shard.index, error=str(exc))
                 except Exception:
                     log.exception("client.acknowledge_failed", shard=shard.index)
+
+    def _verify(self, shard: _Shard[StatsClient], client: StatsClient) -> bool:
+        before = time.time()
+        info = client.info()
+        return shard.verified_by(client, info, before, time.time())
 
     def _on_shard(self, shard: _Shard[StatsClient], call: Callable[[StatsClient], _T]) -> _T:
         if self._closed:
@@ -620,18 +938,28 @@ class RoutingClient(_Routing[StatsClient]):
         for _ in range(len(shard.urls)):
             client = shard.client
             try:
+                if shard.verified is not client:
+                    self._verify(shard, client)
                 return call(client)
             except _GONE as exc:
                 error = exc
+                if len(shard.urls) == 1 or self._closing:
+                    break
                 if shard.fail_over(client, exc):
                     client.close(timeout=0)
         raise ServerUnavailable(
             f"no replica of shard {shard.index} answered ({', '.join(shard.urls)}): {error}"
-        )
+        ) from error
 
     def _acknowledge(self, shard: _Shard[StatsClient]) -> None:
+        client = shard.client
         number = shard.numbered  # a flush covers what its client was given before it
         self._on_shard(shard, _flush_blocking)
+        reconnected = shard.client is client and client.connections != shard.seen_connections
+        if reconnected and self._verify(shard, client):
+            shard.regive("reconnected to a server that restarted")
+            number = shard.numbered
+            self._on_shard(shard, _flush_blocking)
         shard.acknowledged_up_to(number)
 
     def flush(self) -> None:
@@ -639,28 +967,44 @@ class RoutingClient(_Routing[StatsClient]):
         for shard in self._shards:
             self._acknowledge(shard)
 
+    def _on_owner(self, campaign_id: int, call: Callable[[StatsClient], _T]) -> _T:
+        return self._on_shard(self._owner(campaign_id), call)
+
     def stats(self, campaign_id: int, **kw: Any) -> WireStats:
-        return self._on_shard(self._owner(campaign_id), lambda c: c.stats(campaign_id, **kw))
+        return self._on_owner(campaign_id, lambda c: c.stats(campaign_id, **kw))
 
     def stats_many(self, campaign_ids: Iterable[int], **kw: Any) -> dict[int, WireStats]:
         """Split by owner and joined (one shard after the other)."""
         result: dict[int, WireStats] = {}
-        for k, ids in group_by_shard(campaign_ids, len(self._shards)).items():
+        for k, ids in self._groups(campaign_ids).items():
             result.update(self._on_shard(self._shards[k], lambda c: c.stats_many(ids, **kw)))  # noqa: B023
         return result
 
     def history(self, campaign_id: int, *args: Any, **kw: Any) -> dict[str, Any]:
-        return self._on_shard(
-            self._owner(campaign_id), lambda c: c.history(campaign_id, *args, **kw)
-        )
+        return self._on_owner(campaign_id, lambda c: c.history(campaign_id, *args, **kw))
 
     def recent(self, campaign_id: int, *args: Any, **kw: Any) -> dict[str, Any]:
-        return self._on_shard(
-            self._owner(campaign_id), lambda c: c.recent(campaign_id, *args, **kw)
-        )
+        return self._on_owner(campaign_id, lambda c: c.recent(campaign_id, *args, **kw))
 
     def metrics(self, campaign_id: int, **kw: Any) -> dict[str, Any]:
-        return self._on_shard(self._owner(campaign_id), lambda c: c.metrics(campaign_id, **kw))
+        return self._on_owner(campaign_id, lambda c: c.metrics(campaign_id, **kw))
+
+    def set_goals(self, campaign_id: int, *args: Any, **kw: Any) -> None:
+        """Replace a campaign's goals, at its owner (as :meth:`StatsClient.set_goals`)."""
+        self._on_owner(campaign_id, lambda c: c.set_goals(campaign_id, *args, **kw))
+
+    def get_goals(self, campaign_id: int, **kw: Any) -> dict[str, Any]:
+        return self._on_owner(campaign_id, lambda c: c.get_goals(campaign_id, **kw))
+
+    def reset_metrics(self, campaign_id: int, *args: Any, **kw: Any) -> bool:
+        return self._on_owner(campaign_id, lambda c: c.reset_metrics(campaign_id, *args, **kw))
+
+    def set_guard(self, campaign_id: int, name: str, **kw: Any) -> dict[str, float | None]:
+        return self._on_owner(campaign_id, lambda c: c.set_guard(campaign_id, name, **kw))
+
+    def ping(self, **kw: Any) -> float:
+        """A round trip to every shard, one after the other; the longest, in seconds."""
+        return max(self._on_shard(s, lambda c: c.ping(**kw)) for s in self._shards)
 
     def top(self, by: str = "supporters", limit: int = 10, **kw: Any) -> list[list[int]]:
         parts = [self._on_shard(s, lambda c: c.top(by, limit, **kw)) for s in self._shards]
@@ -677,27 +1021,53 @@ class RoutingClient(_Routing[StatsClient]):
         )
 
     def close(self) -> None:
-        """Stop acknowledging, acknowledge what can be (briefly), close every client."""
-        if self._closed:
+        """Stop acknowledging, acknowledge what can be, close every client: all of it within
+        :data:`CLOSE_BUDGET` seconds (the acknowledging thread is not waited for past it, a
+        hung replica is not failed over from). Never raises because servers are slow or gone."""
+        if self._closed or self._closing:
             return
-        self._stop.set()
-        acker = self._acker
-        if acker is not None:
-            acker.join(timeout=5.0)
-        deadline = time.monotonic() + 2.0
-        for shard in self._shards:
-            if shard.journal and time.monotonic() < deadline:
-                with contextlib.suppress(*_GONE):
-                    self._acknowledge(shard)
-        self._closed = True
-        for shard in self._shards:
-            shard.client.close(timeout=0.5)
+        self._closing = True
+        _live.discard(self)
+        deadline = time.monotonic() + CLOSE_BUDGET
+
+        def remaining() -> float:
+            return max(deadline - time.monotonic(), 0.0)
+
+        try:
+            self._stop.set()
+            acker = self._acker
+            if acker is not None and acker is not threading.current_thread():
+                acker.join(remaining())
+            for shard in self._shards:
+                left = remaining()
+                if not shard.journal or left <= 0:
+                    continue
+                number = shard.numbered
+                try:
+                    shard.client.flush(timeout=left)
+                except (*_GONE, ClientClosed) as exc:
+                    log.warning(
+                        "client.close_unacknowledged",
+                        shard=shard.index,
+                        unacked=len(shard.journal),
+                        error=str(exc) or type(exc).__name__,
+                    )
+                else:
+                    shard.acknowledged_up_to(number)
+        finally:
+            self._closed = True
+            for shard in self._shards:
+                left = _left_for(shard.client, deadline)
+                with contextlib.suppress(Exception):
+                    shard.client.close(timeout=min(left, 0.5))
 
 
 __all__ = [
+    "CLOSE_BUDGET",
     "DEFAULT_ACK_INTERVAL",
     "AsyncRoutingClient",
     "RoutingClient",
     "RoutingStatistics",
+    "TopologyMismatch",
     "parse_topology",
 ]
