@@ -429,7 +429,6 @@ def test_one_webhook_down_does_not_make_the_others_deliveries_quadratic(tmp_path
 # -- replicas -----------------------------------------------------------------------------------
 
 
-@pytest.mark.skip(reason="routing clients: fixed on the fixshards branch")
 async def test_the_routing_client_sets_goals_on_every_replica_of_the_campaigns_shard(
     start: Start,
 ) -> None:

@@ -25,7 +25,7 @@ from campaignstats.client.routing import (
     parse_topology,
 )
 from campaignstats.db.calculation import calculate
-from campaignstats.errors import UsageError, WrongShard
+from campaignstats.errors import ServerUnavailable, UsageError, WrongShard
 from campaignstats.http import HttpConfig, HttpServer, app
 from campaignstats.model import CampaignStats, Increment
 from campaignstats.shards import Shard, ShardFilter, group_by_shard, shard_of, weight
@@ -369,3 +369,30 @@ async def test_a_batch_applied_in_slices_refuses_the_other_shards_items_by_their
         await raw.close()
     info = await running.service.info()
     assert info["rejected"] == len(expected_refused)
+
+
+async def test_the_blocking_routing_client_sets_goals_on_every_replica_and_names_the_one_missed(
+    start: Start, tmp_path: Path
+) -> None:
+    """Each replica fires the milestones itself, so set_goals goes to every replica of the
+    owner; one that cannot be reached is named in the error, after the others are set."""
+    a, b = await start(), await start()
+    live = [f"unix://{a.unix}", f"unix://{b.unix}"]
+    dead = f"unix://{tmp_path / 'nobody.sock'}"
+
+    def blocking() -> None:
+        with RoutingClient([live]) as routing:
+            routing.set_goals(1, [2, 4], {"DE": 3})
+        with (
+            RoutingClient([[live[0], dead]], timeout=2.0) as routing,
+            pytest.raises(ServerUnavailable, match=r"nobody\.sock"),
+        ):
+            routing.set_goals(2, [5])
+        for url in live:
+            with StatsClient(url) as one:
+                goals = one.get_goals(1)
+                assert (goals["supporters"], goals["area"]) == ([2, 4], {"DE": 3}), url
+        with StatsClient(live[0]) as one:
+            assert one.get_goals(2)["supporters"] == [5]
+
+    await asyncio.to_thread(blocking)

@@ -60,6 +60,7 @@ from campaignstats.errors import (
     BadMessage,
     CallTimeout,
     ClientClosed,
+    ConnectTimeout,
     Invalid,
     Overloaded,
     ServerUnavailable,
@@ -753,8 +754,26 @@ class AsyncRoutingClient(_Routing[AsyncStatsClient]):
         return await self._on_owner(campaign_id, lambda c: c.metrics(campaign_id, **kw))
 
     async def set_goals(self, campaign_id: int, *args: Any, **kw: Any) -> None:
-        """Replace a campaign's goals, at its owner (as :meth:`AsyncStatsClient.set_goals`)."""
-        await self._on_owner(campaign_id, lambda c: c.set_goals(campaign_id, *args, **kw))
+        """Replace a campaign's goals (as :meth:`AsyncStatsClient.set_goals`) on EVERY replica
+        of its owner: each replica fires the milestones itself, so each must hold the same goals
+        (docs/scale.md). The replica in use first; a replica that cannot be reached then raises
+        :class:`ServerUnavailable` naming it, after the others are set (call again: setting
+        goals is idempotent)."""
+        shard = self._owner(campaign_id)
+        await self._on_shard(shard, lambda c: c.set_goals(campaign_id, *args, **kw))
+        missed: list[str] = []
+        for url in shard.urls:
+            if url == shard.url:
+                continue
+            other = shard.make(url)
+            try:
+                await other.set_goals(campaign_id, *args, **kw)
+            except (ServerUnavailable, ConnectTimeout, CallTimeout):
+                missed.append(url)
+            finally:
+                await other.close(timeout=0.5)
+        if missed:
+            raise ServerUnavailable(f"goals of campaign {campaign_id} not set on {missed}")
 
     async def get_goals(self, campaign_id: int, **kw: Any) -> dict[str, Any]:
         return await self._on_owner(campaign_id, lambda c: c.get_goals(campaign_id, **kw))
@@ -990,8 +1009,23 @@ class RoutingClient(_Routing[StatsClient]):
         return self._on_owner(campaign_id, lambda c: c.metrics(campaign_id, **kw))
 
     def set_goals(self, campaign_id: int, *args: Any, **kw: Any) -> None:
-        """Replace a campaign's goals, at its owner (as :meth:`StatsClient.set_goals`)."""
-        self._on_owner(campaign_id, lambda c: c.set_goals(campaign_id, *args, **kw))
+        """Replace a campaign's goals (as :meth:`StatsClient.set_goals`) on EVERY replica of
+        its owner, as :meth:`AsyncRoutingClient.set_goals` does."""
+        shard = self._owner(campaign_id)
+        self._on_shard(shard, lambda c: c.set_goals(campaign_id, *args, **kw))
+        missed: list[str] = []
+        for url in shard.urls:
+            if url == shard.url:
+                continue
+            other = shard.make(url)
+            try:
+                other.set_goals(campaign_id, *args, **kw)
+            except (ServerUnavailable, ConnectTimeout, CallTimeout):
+                missed.append(url)
+            finally:
+                other.close(timeout=0.5)
+        if missed:
+            raise ServerUnavailable(f"goals of campaign {campaign_id} not set on {missed}")
 
     def get_goals(self, campaign_id: int, **kw: Any) -> dict[str, Any]:
         return self._on_owner(campaign_id, lambda c: c.get_goals(campaign_id, **kw))
