@@ -58,6 +58,9 @@ from campaignstats.sessions.server import (
 log = structlog.get_logger(__name__)
 
 DEFAULT_PORT = 7400
+#: 32 KiB: about 1,000 increments in ``incs`` (0.3 to 0.6 ms of decoding here), where the
+#: transport's own 256 KiB read held 8,000 (several ms of a query's wait under load)
+DEFAULT_READ_SIZE = 32 << 10
 _LOG_EVERY = 10.0  # seconds between two logs of rejected messages from one connection
 _LINGER = 2.0  # seconds a connection closed on an error still drains its input
 _CLOSE_BACKLOG_TIMEOUT = 10.0  # seconds the server's close gives backlogs to reach the actor
@@ -76,6 +79,9 @@ class ServerConfig:
     #: seconds without a byte from a client before its connection is closed (0: never);
     #: connections with subscriptions wait for pubs and are exempt
     idle_timeout: float = 900.0
+    #: bytes taken from a socket in one read: what one read decodes on the event loop, while
+    #: other connections' queries wait (docs/design.md, "One read, one batch")
+    read_size: int = DEFAULT_READ_SIZE
 
 
 @dataclass(slots=True)
@@ -92,8 +98,14 @@ def _hello_extra(service: StatsService) -> dict[str, Any] | None:
     return None if shard is None else {"shard": shard.to_wire()}
 
 
-class Connection(asyncio.Protocol):
-    """One client. Also a subscriber: the actor pushes ``pub`` updates through :meth:`push`."""
+class Connection(asyncio.BufferedProtocol):
+    """One client. Also a subscriber: the actor pushes ``pub`` updates through :meth:`push`.
+
+    A buffered protocol, so that a read takes at most ``read_size`` bytes (see
+    :meth:`buffer_updated`); what a read brings is then handled as a plain protocol would. The
+    buffer is the server's, shared by every connection: a read is copied out of it in the same
+    callback that filled it, so an idle connection holds no buffer of its own.
+    """
 
     def __init__(self, server: StatsServer) -> None:
         self.server = server
@@ -117,6 +129,7 @@ class Connection(asyncio.Protocol):
         self._calls: set[asyncio.Future[Any]] = set()  # waiting on the actor
         self._drainer: asyncio.Task[None] | None = None
         self.last_active = time.monotonic()
+        self._buffer = server.read_buffer
         self._last_log = 0.0
         self._unlogged = 0
         self._events: dict[type[Any], Callable[[Any], None]] = {
@@ -171,6 +184,26 @@ class Connection(asyncio.Protocol):
             log.info("connection.lost", peer=self.peer, error=str(exc))
         else:
             log.debug("connection.closed", peer=self.peer)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """A read of at most ``read_size`` bytes: decoded and handed on before the loop serves
+        anything else, so that is the most a query on another connection waits for (a read
+        completes at most the messages that end in it; each is decoded whole)."""
+        self.data_received(self._buffer[:nbytes].tobytes())
+        if nbytes == len(self._buffer) and self._drainer is None and not self.closed:
+            # A full read: more is likely waiting. uvloop (libuv) would read again at once, up
+            # to 32 times; pausing until the next turn of the loop serves the others first.
+            assert self.transport is not None
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._read_on)
+
+    def _read_on(self) -> None:
+        if self._drainer is None and not self.closed and not self.server.closing:
+            assert self.transport is not None
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self._discarding or self.closed:
@@ -380,6 +413,8 @@ class StatsServer:
         self.service = service
         self.config = config or ServerConfig(**kw)
         self.connections: set[Connection] = set()
+        #: every connection's reads land here first (see Connection.buffer_updated)
+        self.read_buffer = memoryview(bytearray(self.config.read_size))
         self.counters = ServerCounters()
         #: the server's background tasks: backlog drainers and the idle sweeper
         self.tasks = TaskHost("campaignstats-server")
