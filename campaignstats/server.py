@@ -6,9 +6,10 @@ order, error replies, which rejected item was which), the mailbox is reached onl
 service (one :class:`~campaignstats.service.Producer` per connection), and this module moves
 bytes, applies backpressure and waits.
 
-Each connection is an :class:`asyncio.Protocol` on the loop's own transports, not an anyio
-stream, on purpose: the increments of a read reach the mailbox from ``data_received`` with no
-task switch and no await (one mailbox message per read). Measured on the 2-core VM (2026-12-01):
+Each connection is an :class:`asyncio.BufferedProtocol` on the loop's own transports (reads of
+at most ``read_size`` bytes, into one buffer the server shares), not an anyio stream, on
+purpose: the increments of a read reach the mailbox from ``data_received`` with no task switch
+and no await (one mailbox message per read). Measured on the 2-core VM (2026-12-01):
 a ping-pong of one small message per read over a socketpair costs 57-66 us per read with a
 protocol and 89-90 us with an anyio ``SocketStream`` (receive and send awaited); in-process,
 ``data_received`` costs about 8 us for a read of one ``inc`` (6.5 us before the session layer
@@ -58,8 +59,8 @@ from campaignstats.sessions.server import (
 log = structlog.get_logger(__name__)
 
 DEFAULT_PORT = 7400
-#: 32 KiB: about 1,000 increments in ``incs`` (0.3 to 0.6 ms of decoding here), where the
-#: transport's own 256 KiB read held 8,000 (several ms of a query's wait under load)
+#: 32 KiB: about 1,900 of the bench's increments in ``incs`` (17.6 bytes each), where the
+#: event loop's own 256 KiB read held 15,000: several ms of decoding for a query to wait out
 DEFAULT_READ_SIZE = 32 << 10
 _LOG_EVERY = 10.0  # seconds between two logs of rejected messages from one connection
 _LINGER = 2.0  # seconds a connection closed on an error still drains its input
