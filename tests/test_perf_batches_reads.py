@@ -24,6 +24,7 @@ import pytest
 from campaignstats.client import AsyncStatsClient, StatsClient
 from campaignstats.client._batch import v1_items
 from campaignstats.errors import StatsError, UsageError
+from campaignstats.loops import runner
 from campaignstats.model import MAX_ID, Increment, StatsState, check_increment
 from campaignstats.protocol import ClientCodec
 from campaignstats.server import ServerConfig, StatsServer
@@ -318,3 +319,14 @@ async def test_a_query_after_a_large_batch_read_in_small_pieces_sees_all_of_it()
             await reader.close()
         assert seen == sorted(seen)
         assert seen
+
+
+def test_reads_bounded_on_uvloop_give_what_they_give_on_asyncio() -> None:
+    # libuv reads a stream up to 32 times in a row when each read fills the buffer; the
+    # connection pauses after a full read to let the loop turn: the stream means the same.
+    pytest.importorskip("uvloop")
+    name, run = runner("uvloop")
+    assert name == "uvloop"
+    on_uvloop = [run(play(size)) for size in (64, 4_096, None)]
+    on_asyncio = asyncio.run(play(None))
+    assert on_uvloop == [on_asyncio] * 3
