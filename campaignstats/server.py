@@ -414,6 +414,8 @@ class StatsServer:
         self.service = service
         self.config = config or ServerConfig(**kw)
         self.connections: set[Connection] = set()
+        if self.config.read_size < 1:
+            raise ValueError(f"read_size must be at least 1 byte, not {self.config.read_size}")
         #: every connection's reads land here first (see Connection.buffer_updated)
         self.read_buffer = memoryview(bytearray(self.config.read_size))
         self.counters = ServerCounters()

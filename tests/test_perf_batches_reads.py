@@ -330,3 +330,12 @@ def test_reads_bounded_on_uvloop_give_what_they_give_on_asyncio() -> None:
     on_uvloop = [run(play(size)) for size in (64, 4_096, None)]
     on_asyncio = asyncio.run(play(None))
     assert on_uvloop == [on_asyncio] * 3
+
+
+async def test_a_read_size_under_one_byte_is_refused_at_construction() -> None:
+    service = await started()
+    try:
+        with pytest.raises(ValueError, match="read_size"):
+            StatsServer(service, ServerConfig(port=0, read_size=0))
+    finally:
+        await service.stop(5)
