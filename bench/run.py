@@ -267,6 +267,16 @@ class Bench:
             1000,
             p.limit,
         )
+        # What the client process alone could carry: increments per second of its own CPU
+        # (checking, queueing, encoding, writing), whatever the server and the machine allowed.
+        runs = self.metrics["client.batches"]["runs_raw"]
+        self.record(
+            "client.batches.cpu",
+            "client: increment_many() of 1,000, per s of client CPU",
+            "inc/s",
+            [r["n"] / r["cpu"] for r in runs if r.get("cpu")],
+            [bool(r.get("cpu")) for r in runs],
+        )
         self.say("workload 3: raw capacity, pre-encoded streams, then flush")
         for (batch, conns), streams in self.streams.items():
             n = p.n_small if batch <= 10 else p.n_raw
@@ -622,6 +632,7 @@ def targets(metrics: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | N
 ROWS: list[tuple[str, str | None]] = [
     ("client.per_inc", "redis.roundtrip"),
     ("client.batches", "redis.pipeline"),
+    ("client.batches.cpu", None),
     ("raw.b1.c1", "redis.raw.c1"),
     ("raw.b1.c16", "redis.raw.c16"),
     ("raw.b10.c1", None),

@@ -70,6 +70,7 @@ PROTOCOL_VERSION = 1
 DEFAULT_MAX_MESSAGE = 1 << 20  # bytes
 DEFAULT_MAX_BATCH = 10_000  # items in one incs, ids in one stats_many or resync
 _FEED_CHUNK = 1 << 16
+_ENCODE = msgspec.msgpack.Encoder().encode  # stateless: shared by every client codec
 
 
 @dataclass(frozen=True, slots=True)
@@ -953,5 +954,11 @@ class ClientCodec:
         return self._pack(["metric", update])  # type: ignore[no-any-return]
 
     def cast(self, op: str, items: Sequence[Any]) -> bytes:
-        """One ``incs`` or ``decs`` message; each item is the v1 array or the map form."""
-        return self._pack([op, items])  # type: ignore[no-any-return]
+        """One ``incs`` or ``decs`` message; each item is the v1 array or the map form.
+
+        msgspec writes the same bytes as msgpack's Packer, about twice as fast for a batch of
+        v1 arrays; what it does not encode (a subclass of str) goes through the Packer."""
+        try:
+            return _ENCODE((op, items))
+        except TypeError:
+            return self._pack([op, items])  # type: ignore[no-any-return]

@@ -6,9 +6,10 @@ order, error replies, which rejected item was which), the mailbox is reached onl
 service (one :class:`~campaignstats.service.Producer` per connection), and this module moves
 bytes, applies backpressure and waits.
 
-Each connection is an :class:`asyncio.Protocol` on the loop's own transports, not an anyio
-stream, on purpose: the increments of a read reach the mailbox from ``data_received`` with no
-task switch and no await (one mailbox message per read). Measured on the 2-core VM (2026-12-01):
+Each connection is an :class:`asyncio.BufferedProtocol` on the loop's own transports (reads of
+at most ``read_size`` bytes, into one buffer the server shares), not an anyio stream, on
+purpose: the increments of a read reach the mailbox from ``data_received`` with no task switch
+and no await (one mailbox message per read). Measured on the 2-core VM (2026-12-01):
 a ping-pong of one small message per read over a socketpair costs 57-66 us per read with a
 protocol and 89-90 us with an anyio ``SocketStream`` (receive and send awaited); in-process,
 ``data_received`` costs about 8 us for a read of one ``inc`` (6.5 us before the session layer
@@ -58,6 +59,9 @@ from campaignstats.sessions.server import (
 log = structlog.get_logger(__name__)
 
 DEFAULT_PORT = 7400
+#: 32 KiB: about 1,900 of the bench's increments in ``incs`` (17.6 bytes each), where the
+#: event loop's own 256 KiB read held 15,000: several ms of decoding for a query to wait out
+DEFAULT_READ_SIZE = 32 << 10
 _LOG_EVERY = 10.0  # seconds between two logs of rejected messages from one connection
 _LINGER = 2.0  # seconds a connection closed on an error still drains its input
 _CLOSE_BACKLOG_TIMEOUT = 10.0  # seconds the server's close gives backlogs to reach the actor
@@ -76,6 +80,9 @@ class ServerConfig:
     #: seconds without a byte from a client before its connection is closed (0: never);
     #: connections with subscriptions wait for pubs and are exempt
     idle_timeout: float = 900.0
+    #: bytes taken from a socket in one read: what one read decodes on the event loop, while
+    #: other connections' queries wait (docs/design.md, "One read, one batch")
+    read_size: int = DEFAULT_READ_SIZE
 
 
 @dataclass(slots=True)
@@ -92,8 +99,14 @@ def _hello_extra(service: StatsService) -> dict[str, Any] | None:
     return None if shard is None else {"shard": shard.to_wire()}
 
 
-class Connection(asyncio.Protocol):
-    """One client. Also a subscriber: the actor pushes ``pub`` updates through :meth:`push`."""
+class Connection(asyncio.BufferedProtocol):
+    """One client. Also a subscriber: the actor pushes ``pub`` updates through :meth:`push`.
+
+    A buffered protocol, so that a read takes at most ``read_size`` bytes (see
+    :meth:`buffer_updated`); what a read brings is then handled as a plain protocol would. The
+    buffer is the server's, shared by every connection: a read is copied out of it in the same
+    callback that filled it, so an idle connection holds no buffer of its own.
+    """
 
     def __init__(self, server: StatsServer) -> None:
         self.server = server
@@ -117,6 +130,7 @@ class Connection(asyncio.Protocol):
         self._calls: set[asyncio.Future[Any]] = set()  # waiting on the actor
         self._drainer: asyncio.Task[None] | None = None
         self.last_active = time.monotonic()
+        self._buffer = server.read_buffer
         self._last_log = 0.0
         self._unlogged = 0
         self._events: dict[type[Any], Callable[[Any], None]] = {
@@ -171,6 +185,26 @@ class Connection(asyncio.Protocol):
             log.info("connection.lost", peer=self.peer, error=str(exc))
         else:
             log.debug("connection.closed", peer=self.peer)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """A read of at most ``read_size`` bytes: decoded and handed on before the loop serves
+        anything else, so that is the most a query on another connection waits for (a read
+        completes at most the messages that end in it; each is decoded whole)."""
+        self.data_received(self._buffer[:nbytes].tobytes())
+        if nbytes == len(self._buffer) and self._drainer is None and not self.closed:
+            # A full read: more is likely waiting. uvloop (libuv) would read again at once, up
+            # to 32 times; pausing until the next turn of the loop serves the others first.
+            assert self.transport is not None
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._read_on)
+
+    def _read_on(self) -> None:
+        if self._drainer is None and not self.closed and not self.server.closing:
+            assert self.transport is not None
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self._discarding or self.closed:
@@ -380,6 +414,10 @@ class StatsServer:
         self.service = service
         self.config = config or ServerConfig(**kw)
         self.connections: set[Connection] = set()
+        if self.config.read_size < 1:
+            raise ValueError(f"read_size must be at least 1 byte, not {self.config.read_size}")
+        #: every connection's reads land here first (see Connection.buffer_updated)
+        self.read_buffer = memoryview(bytearray(self.config.read_size))
         self.counters = ServerCounters()
         #: the server's background tasks: backlog drainers and the idle sweeper
         self.tasks = TaskHost("campaignstats-server")

@@ -298,12 +298,13 @@ class StatsActor:
         get_read_nowait = mailbox.get_read_nowait
         while True:
             if self._slicing is not None:
-                # A large batch: one slice, then the queries that came meanwhile (only those:
-                # the normal lane waits for the rest of the batch), then the event loop.
+                # A large batch: the queries that came meanwhile (only those: the normal lane
+                # waits for the rest of the batch), then one slice, then the event loop. Queries
+                # first: one that came in the last turn of the loop does not wait for a slice.
+                while (msg := get_read_nowait()) is not None:
+                    handle(msg)
                 self._apply_slice()
                 if self._slicing is not None:
-                    while (msg := get_read_nowait()) is not None:
-                        handle(msg)
                     await asyncio.sleep(0)
                 continue
             if self._merge is not None:

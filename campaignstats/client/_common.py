@@ -12,6 +12,7 @@ the errors and the model, never the actor, the service or the server.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 import structlog
 
+from campaignstats.client._batch import v1_items
 from campaignstats.errors import LocalProtocolError, ProtocolError, UsageError
 from campaignstats.metrics.update import DEFAULT_LIMITS as METRIC_LIMITS
 from campaignstats.metrics.update import make_update
@@ -61,6 +63,7 @@ Queued = WireItem | Undo | Measure
 
 #: the kinds of run :func:`take_runs` cuts the queue into
 INC, DEC, METRIC = "inc", "dec", "metric"
+_NEVER = object()  # no queue entry is this
 
 
 # -- addresses ----------------------------------------------------------------------------------
@@ -244,11 +247,12 @@ def take_runs(queue: deque[Queued], size: int) -> list[tuple[str, list[Any]]]:
     Pops one by one instead of swapping the deque: other threads may be appending to it at
     this very moment, and an append to a deque that was just swapped out would be lost.
     """
-    popleft = queue.popleft
-    batch = [popleft() for _ in range(min(size, len(queue)))]
+    # popleft called by C until the count is reached (only the sender and flush take, one at a
+    # time: nothing else can empty the queue under it)
+    batch = list(itertools.islice(iter(queue.popleft, _NEVER), min(size, len(queue))))
     if not batch:
         return []
-    types = {type(entry) for entry in batch}
+    types = set(map(type, batch))
     if Undo not in types and Measure not in types:
         return [(INC, batch)]  # no Undo, no Measure: all increments' wire items
     runs: list[tuple[str, list[Any]]] = []
@@ -460,9 +464,13 @@ class IncrementQueue:
 
     def _checked_many(self, increments: Iterable[Increment]) -> list[WireItem]:
         max_string = self._max_string
+        batch = increments if type(increments) is list else list(increments)
+        fast = v1_items(batch, max_string)  # the whole batch at once, when all is well
+        if fast is not None:
+            return fast  # type: ignore[return-value]
         items: list[WireItem] = []
         append = items.append
-        for i, inc in enumerate(increments):
+        for i, inc in enumerate(batch):
             if type(inc) is not Increment:
                 raise UsageError(f"item {i} is a {type(inc).__name__}, not an Increment")
             cid, org, action_type, area, new, count, aid, txid, at, page, messages = inc
