@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
@@ -30,6 +30,7 @@ from campaignstats.model import (
 )
 from campaignstats.timeline import DAY, HOUR, MINUTE, MINUTES_KEPT, Timeline
 
+from . import shared_people
 from .queries import PROCA_QUERIES, Queries
 
 if TYPE_CHECKING:
@@ -61,9 +62,10 @@ async def calculate(
     which those that exist in ``campaigns`` are covered).
 
     With ``helper_conn`` (a second, idle connection to the same database), the supporter counts are
-    split by fingerprint range over both connections, which run at the same time in the same
-    snapshot: ``conn`` exports it (``pg_export_snapshot()``) and the helper's transaction adopts it
-    (``SET TRANSACTION SNAPSHOT``), both ``REPEATABLE READ READ ONLY``.
+    split by supporter id range (by fingerprint range for a list of ids) over both connections,
+    which run at the same time in the same snapshot: ``conn`` exports it
+    (``pg_export_snapshot()``) and the helper's transaction adopts it (``SET TRANSACTION
+    SNAPSHOT``), both ``REPEATABLE READ READ ONLY``.
 
     ``owns`` (a shard's, docs/scale.md) keeps the covered campaigns it owns: the rest of the
     statements get them as their list of ids, whatever the scope.
@@ -124,7 +126,7 @@ async def calculate(
             has_messages = bool(await conn.fetchval(queries.messages_table))
             if ids != [] and has_messages:
                 message_rows = await conn.fetch(queries.message_counts, ids)
-            supporter_rows: list[asyncpg.Record] = []
+            supporter_rows: Sequence[Sequence[Any]] = []
             extra_rows: list[asyncpg.Record] = []
             action_buckets: list[asyncpg.Record] = []
             page_rows: list[asyncpg.Record] = []
@@ -142,7 +144,15 @@ async def calculate(
                     f"SET TRANSACTION SNAPSHOT '{_safe_setting(str(snapshot))}'"
                 )
                 await _set_local(helper_conn, settings)
-                split = queries.fingerprint_split
+                # Where the two connections split the supporters: a fingerprint for the hashing
+                # query, a supporter id for the streaming one (docs/design.md, "The
+                # calculation's split"); None: the main connection counts them whole.
+                split: bytes | int | None = queries.fingerprint_split
+                if kind != "ids":
+                    share = queries.supporter_split
+                    split = None
+                    if share is not None:
+                        split = await conn.fetchval(queries.supporter_split_id, share)
 
                 Rows = list[asyncpg.Record]
 
@@ -183,6 +193,8 @@ async def calculate(
         ) from reason
 
     campaigns = {cid: CampaignStats() for cid in covered}
+    # The people who share a fingerprint, counted distinct over both connections' rows.
+    supporter_rows = shared_people.combine(supporter_rows)
     built = _Built(campaigns, {r[0]: (r[1], r[2]) for r in page_rows}, minute_cutoff, hour_cutoff)
     await built.supporters(supporter_rows)
     built.extras(extra_rows)
@@ -261,7 +273,7 @@ class _Built:
             timeline = timelines[key] = Timeline()
         return timeline
 
-    async def supporters(self, rows: Sequence[asyncpg.Record]) -> None:
+    async def supporters(self, rows: Sequence[shared_people.Row]) -> None:
         campaigns = self.campaigns
         for i, (cid, key, area, n, level, start) in enumerate(rows):
             if i % _YIELD_EVERY == _YIELD_EVERY - 1:
