@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import structlog
 
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     import asyncpg
 
 log = structlog.get_logger(__name__)
+A = TypeVar("A")
+B = TypeVar("B")
 
 DEFAULT_STATEMENT_TIMEOUT = 60.0  # seconds, per statement
 #: how far below the highest action id the calculation knows, id by id, which actions it counted
@@ -90,7 +92,8 @@ async def calculate(
     hour_cutoff = (int(started_at) // DAY - 90) * DAY
     cutoffs = (_naive_utc(minute_cutoff), _naive_utc(hour_cutoff))
     supporter_sql = queries.supporter_counts if kind != "ids" else queries.supporter_counts_by_ids
-    supporter_settings = queries.supporter_settings if kind != "ids" else ()
+    streaming = kind != "ids"  # the streaming supporter query, else the hashing one
+    supporter_settings = queries.supporter_settings if streaming else ()
     try:
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(
@@ -135,7 +138,10 @@ async def calculate(
                 page_rows = await conn.fetch(queries.page_orgs, ids)
                 action_buckets = await conn.fetch(queries.action_buckets, ids, *cutoffs)
                 await _set_local(conn, supporter_settings)
-                supporter_rows = await conn.fetch(supporter_sql, ids, None, None, *cutoffs)
+                shared_args = await _shared_args(conn, queries, streaming)
+                supporter_rows = await conn.fetch(
+                    supporter_sql, ids, None, None, *cutoffs, *shared_args
+                )
             elif ids != [] and helper_conn is not None:
                 await stack.enter_async_context(
                     helper_conn.transaction(isolation="repeatable_read", readonly=True)
@@ -148,40 +154,54 @@ async def calculate(
                 # query, a supporter id for the streaming one (docs/design.md, "The
                 # calculation's split"); None: the main connection counts them whole.
                 split: bytes | int | None = queries.fingerprint_split
-                if kind != "ids":
+                if streaming:
                     share = queries.supporter_split
                     split = None
                     if share is not None:
                         split = await conn.fetchval(queries.supporter_split_id, share)
 
                 Rows = list[asyncpg.Record]
+                helper = helper_conn
 
-                async def main_part() -> tuple[Rows, Rows]:
-                    buckets: Rows = []
-                    if split is not None:
-                        buckets = await conn.fetch(queries.action_buckets, ids, *cutoffs)
-                    await _set_local(conn, supporter_settings)
-                    return buckets, await conn.fetch(supporter_sql, ids, None, split, *cutoffs)
-
-                async def helper_part() -> tuple[Rows, Rows, Rows, Rows]:
-                    extra = await helper_conn.fetch(queries.extra_supporters, ids)
-                    pages = await helper_conn.fetch(queries.page_orgs, ids)
+                # Two rounds, each on both connections at once. The first: the action buckets
+                # beside the shared fingerprints (the supporter query's $6), the page lists.
+                async def main_first() -> tuple[Rows, tuple[object, ...]]:
                     if split is None:  # the main connection counts the supporters whole
-                        buckets = await helper_conn.fetch(queries.action_buckets, ids, *cutoffs)
-                        return extra, pages, [], buckets
-                    await _set_local(helper_conn, supporter_settings)
-                    rows = await helper_conn.fetch(supporter_sql, ids, split, None, *cutoffs)
-                    return extra, pages, rows, []
+                        await _set_local(conn, supporter_settings)
+                        return [], await _shared_args(conn, queries, streaming)
+                    return await conn.fetch(queries.action_buckets, ids, *cutoffs), ()
 
-                # Both finish before either transaction ends, even when one fails.
-                results = await asyncio.gather(main_part(), helper_part(), return_exceptions=True)
-                for r in results:
-                    if isinstance(r, BaseException):
-                        raise r
-                main_rows, helper_rows = results
-                action_buckets, rows_lo = main_rows
-                extra_rows, page_rows, rows_hi, helper_buckets = helper_rows
-                action_buckets = [*action_buckets, *helper_buckets]
+                async def helper_first() -> tuple[Rows, Rows, tuple[object, ...]]:
+                    extra = await helper.fetch(queries.extra_supporters, ids)
+                    pages = await helper.fetch(queries.page_orgs, ids)
+                    if split is None:
+                        return extra, pages, ()
+                    await _set_local(helper, supporter_settings)
+                    return extra, pages, await _shared_args(helper, queries, streaming)
+
+                (buckets_main, shared_main), (extra_rows, page_rows, shared_helper) = await _both(
+                    main_first(), helper_first()
+                )
+                shared_args = shared_main or shared_helper
+
+                # The second: the supporters, split.
+                async def main_second() -> Rows:
+                    await _set_local(conn, supporter_settings)
+                    rows: Rows = await conn.fetch(
+                        supporter_sql, ids, None, split, *cutoffs, *shared_args
+                    )
+                    return rows
+
+                async def helper_second() -> tuple[Rows, Rows]:
+                    if split is None:
+                        return [], await helper.fetch(queries.action_buckets, ids, *cutoffs)
+                    rows = await helper.fetch(
+                        supporter_sql, ids, split, None, *cutoffs, *shared_args
+                    )
+                    return rows, []
+
+                rows_lo, (rows_hi, buckets_helper) = await _both(main_second(), helper_second())
+                action_buckets = [*buckets_main, *buckets_helper]
                 supporter_rows = [*rows_lo, *rows_hi]
     except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
         # A connection lost mid-query surfaces as the rollback's InterfaceError; the reason
@@ -350,6 +370,25 @@ class _Built:
             timeline.flush()
         for timeline in self.page_timelines.values():
             timeline.flush()
+
+
+async def _shared_args(
+    conn: asyncpg.Connection, queries: Queries, streaming: bool
+) -> tuple[object, ...]:
+    """The streaming supporter query's last argument, the shared fingerprints ($6); none for the
+    hashing one."""
+    if not streaming:
+        return ()
+    return (await conn.fetchval(queries.shared_fingerprints),)
+
+
+async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """Both results; both finish before either transaction ends, even when one fails."""
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return cast("A", results[0]), cast("B", results[1])
 
 
 def _naive_utc(epoch: int) -> datetime:

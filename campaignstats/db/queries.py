@@ -60,11 +60,11 @@ _SUPPORTER_ID_FILTER = """
 # The streaming plan, for "all" and "live". Counting distinct fingerprints with hash tables of one
 # entry per person is what makes Proca's query slow (about 1 us per row on 2 cores). Instead:
 #
-# * `shared`: fingerprints held by two or more supporter rows of any status (in the whole table,
-#   whatever the id range), read in order from supporters_fingerprint_index (an index-only scan,
-#   no hashing). Every other fingerprint belongs to exactly one supporter row, so for those
-#   people "distinct fingerprint" = "distinct supporter id", and a supporter id range holds whole
-#   people.
+# * $6, the shared fingerprints (``shared_fingerprints``, run once before the parts): those held
+#   by two or more accepted, first-ranked supporter rows. Every other counted person has exactly
+#   one such row, so for those people "distinct fingerprint" = "distinct supporter id", and a
+#   supporter id range holds whole people. (Proca ranks a fingerprint's rows, so shared ones are
+#   few: none in the demo.)
 # * The join is a merge join of campaignstats_counted_actions_index (supporter_id first, an
 #   index-only scan of exactly the counted actions of the id range, with their time) with
 #   supporters_pkey, so rows arrive ordered by supporter id: `x` is one row per (supporter,
@@ -87,19 +87,12 @@ _SUPPORTER_ID_FILTER = """
 # the non-shared people (org and fingerprint NULL). Level 7: a shared person (fingerprint) on a
 # page (key) of an org, with an area, and the bucket of their first counted action there (count
 # 1). $2/$3: the supporter id range [$2, $3) (NULL = unbounded); $4/$5: the cutoffs of the
-# buckets (see _BUCKET).
+# buckets (see _BUCKET); $6: the shared fingerprints.
 _STREAMING_SUPPORTER_COUNTS = f"""
-WITH shared AS MATERIALIZED (
-    SELECT s.fingerprint
-    FROM supporters s
-    GROUP BY s.fingerprint
-    HAVING count(*) > 1
-    ORDER BY s.fingerprint
-),
-x AS (
+WITH x AS (
     SELECT DISTINCT ON (s.id, a.campaign_id, ap.org_id, a.action_page_id)
            s.id AS sid, a.campaign_id AS c, ap.org_id AS org, a.action_page_id AS page, s.area,
-           CASE WHEN s.fingerprint IN (SELECT fingerprint FROM shared)
+           CASE WHEN s.fingerprint IN (SELECT unnest($6::bytea[]))
                 THEN s.fingerprint END AS pk,
            a.inserted_at AS tp
     FROM actions a
@@ -232,7 +225,8 @@ class Queries:
     #: campaign, 1 = org, 2 = area, 3 = page, 4 = page area, 5 = campaign bucket, 6 = page
     #: bucket, 7 = a shared person's row (see _STREAMING_SUPPORTER_COUNTS). Partial counts: rows
     #: with the same (level, key) are added up, after shared_people.combine. $1 ids, [$2, $3)
-    #: supporter ids, $4/$5 the buckets' cutoffs. For "all" and "live".
+    #: supporter ids, $4/$5 the buckets' cutoffs, $6 ``shared_fingerprints``. For "all" and
+    #: "live".
     supporter_counts: str
     #: (campaign_id, key, area, supporters, level, bucket start) for a list of campaign ids,
     #: levels 0 to 6; [$2, $3) fingerprints
@@ -267,6 +261,15 @@ class Queries:
     #: yet the split measured faster than one connection (bench/calculation_ab.py, README).
     #: 0x90: the main connection also reads the action buckets, so it takes 9/16.
     fingerprint_split: bytes | None = b"\x90"
+    #: the fingerprints held by two or more accepted, first-ranked supporter rows, as one array:
+    #: ``supporter_counts``' $6 (the people it returns as rows to count distinct)
+    shared_fingerprints: str = """
+    SELECT coalesce(array_agg(fingerprint), '{}') FROM (
+        SELECT fingerprint FROM supporters
+        WHERE processing_status = 3 AND dupe_rank = 0
+        GROUP BY fingerprint HAVING count(*) > 1
+    ) x
+    """
     #: with a helper connection, for ``supporter_counts``: the share of the counted actions the
     #: main connection counts (the supporters below ``supporter_split_id``'s answer; the helper
     #: counts the rest). None: no split, the main connection counts the supporters whole.
