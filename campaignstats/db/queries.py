@@ -63,8 +63,8 @@ _SUPPORTER_ID_FILTER = """
 # * $6, the shared fingerprints (``shared_fingerprints``, run once before the parts): those held
 #   by two or more accepted, first-ranked supporter rows. Every other counted person has exactly
 #   one such row, so for those people "distinct fingerprint" = "distinct supporter id", and a
-#   supporter id range holds whole people. (Proca ranks a fingerprint's rows, so shared ones are
-#   few: none in the demo.)
+#   supporter id range holds whole people. (Shared fingerprints are few where a fingerprint has
+#   one first-ranked row: none in the demo.)
 # * The join is a merge join of campaignstats_counted_actions_index (supporter_id first, an
 #   index-only scan of exactly the counted actions of the id range, with their time) with
 #   supporters_pkey, so rows arrive ordered by supporter id: `x` is one row per (supporter,
@@ -253,12 +253,10 @@ class Queries:
         "enable_hashjoin = off",
         "max_parallel_workers_per_gather = 0",
     )
-    #: with a helper connection, the fingerprint ranges [lo, hi) each connection counts (their
-    #: union must be every bytea; the split only balances the work, exactness does not depend on
-    #: it). None: no split; the main connection counts the supporters whole and the helper reads
-    #: the rest (the action buckets). The supporter query reads each counted action's row for its
-    #: time, and a fingerprint half still reads every action's: split, that read is paid twice,
-    #: yet the split measured faster than one connection (bench/calculation_ab.py, README).
+    #: with a helper connection, for ``supporter_counts_by_ids`` (a list of campaign ids): the
+    #: fingerprint ranges [lo, hi) each connection counts (their union must be every bytea; the
+    #: split only balances the work, exactness does not depend on it). None: no split; the main
+    #: connection counts the supporters whole and the helper reads the rest (the action buckets).
     #: 0x90: the main connection also reads the action buckets, so it takes 9/16.
     fingerprint_split: bytes | None = b"\x90"
     #: the fingerprints held by two or more accepted, first-ranked supporter rows, as one array:
