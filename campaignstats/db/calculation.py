@@ -91,6 +91,7 @@ async def calculate(
     minute_cutoff = (int(started_at) // HOUR + 1) * HOUR - MINUTES_KEPT
     hour_cutoff = (int(started_at) // DAY - 90) * DAY
     cutoffs = (_naive_utc(minute_cutoff), _naive_utc(hour_cutoff))
+    unit_cutoffs = (minute_cutoff, hour_cutoff)
     supporter_sql = queries.supporter_counts if kind != "ids" else queries.supporter_counts_by_ids
     streaming = kind != "ids"  # the streaming supporter query, else the hashing one
     supporter_settings = queries.supporter_settings if streaming else ()
@@ -133,6 +134,8 @@ async def calculate(
             extra_rows: list[asyncpg.Record] = []
             action_buckets: list[asyncpg.Record] = []
             page_rows: list[asyncpg.Record] = []
+            built: _Built | None = None
+            buckets_read = 0  # action bucket rows already read into `built`
             if ids != [] and helper_conn is None:
                 extra_rows = await conn.fetch(queries.extra_supporters, ids)
                 page_rows = await conn.fetch(queries.page_orgs, ids)
@@ -200,8 +203,12 @@ async def calculate(
                     )
                     return rows, []
 
-                rows_lo, (rows_hi, buckets_helper) = await _both(main_second(), helper_second())
-                action_buckets = [*buckets_main, *buckets_helper]
+                # Meanwhile this process reads the first round's action buckets into memory.
+                built = _Built(_campaigns_of(covered), _page_orgs_of(page_rows), *unit_cutoffs)
+                (rows_lo, (rows_hi, action_buckets)), _ = await _both(
+                    _both(main_second(), helper_second()), built.actions(buckets_main)
+                )
+                buckets_read = len(buckets_main)
                 supporter_rows = [*rows_lo, *rows_hi]
     except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
         # A connection lost mid-query surfaces as the rollback's InterfaceError; the reason
@@ -212,17 +219,18 @@ async def calculate(
             f"{kind} calculation failed: {type(reason).__name__}: {reason}"
         ) from reason
 
-    campaigns = {cid: CampaignStats() for cid in covered}
+    if built is None:
+        built = _Built(_campaigns_of(covered), _page_orgs_of(page_rows), *unit_cutoffs)
+    campaigns = built.campaigns
     # The people who share a fingerprint, counted distinct over both connections' rows.
     supporter_rows = shared_people.combine(supporter_rows)
-    built = _Built(campaigns, {r[0]: (r[1], r[2]) for r in page_rows}, minute_cutoff, hour_cutoff)
     await built.supporters(supporter_rows)
     built.extras(extra_rows)
-    await built.actions(action_buckets)
+    await built.actions(action_buckets)  # those not read yet (the order changes no sum)
     built.messages(message_rows)
     built.flush()
     rows = len(covered) + len(supporter_rows) + len(extra_rows) + len(page_rows)
-    rows += len(message_rows) + len(action_buckets)
+    rows += len(message_rows) + len(action_buckets) + buckets_read
     duration = time.perf_counter() - t0
     log.info(
         "calculation.done",
@@ -389,6 +397,15 @@ async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
         if isinstance(r, BaseException):
             raise r
     return cast("A", results[0]), cast("B", results[1])
+
+
+def _campaigns_of(covered: Sequence[int]) -> dict[int, CampaignStats]:
+    return {cid: CampaignStats() for cid in covered}
+
+
+def _page_orgs_of(page_rows: Sequence[Sequence[Any]]) -> dict[int, tuple[int, int]]:
+    """page -> (campaign, org), from ``page_orgs``' rows."""
+    return {r[0]: (r[1], r[2]) for r in page_rows}
 
 
 def _naive_utc(epoch: int) -> datetime:
