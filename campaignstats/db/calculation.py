@@ -122,14 +122,13 @@ async def calculate(
                 ids = covered
             max_action_id = await conn.fetchval(queries.max_action_id)
             low = max(0, max_action_id - ACTION_WINDOW)
-            counted = {r[0] for r in await conn.fetch(queries.recent_counted_action_ids, low)}
-            # Ids below the highest that these counts do not hold: transactions still running
-            # (or rolled back) when the snapshot was taken, and actions not accepted yet.
-            uncounted = frozenset(range(low + 1, max_action_id + 1)).difference(counted)
+            recent_rows: list[asyncpg.Record] = []
             message_rows: list[asyncpg.Record] = []
             has_messages = bool(await conn.fetchval(queries.messages_table))
-            if ids != [] and has_messages:
-                message_rows = await conn.fetch(queries.message_counts, ids)
+            if helper_conn is None or ids == []:  # else the helper reads them, in its first round
+                recent_rows = await conn.fetch(queries.recent_counted_action_ids, low)
+                if ids != [] and has_messages:
+                    message_rows = await conn.fetch(queries.message_counts, ids)
             supporter_rows: Sequence[Sequence[Any]] = []
             extra_rows: list[asyncpg.Record] = []
             action_buckets: list[asyncpg.Record] = []
@@ -174,17 +173,21 @@ async def calculate(
                         return [], await _shared_args(conn, queries, streaming)
                     return await conn.fetch(queries.action_buckets, ids, *cutoffs), ()
 
-                async def helper_first() -> tuple[Rows, Rows, tuple[object, ...]]:
+                async def helper_first() -> tuple[Rows, Rows, tuple[object, ...], Rows, Rows]:
+                    recent = await helper.fetch(queries.recent_counted_action_ids, low)
+                    messages: Rows = []
+                    if has_messages:
+                        messages = await helper.fetch(queries.message_counts, ids)
                     extra = await helper.fetch(queries.extra_supporters, ids)
                     pages = await helper.fetch(queries.page_orgs, ids)
-                    if split is None:
-                        return extra, pages, ()
-                    await _set_local(helper, supporter_settings)
-                    return extra, pages, await _shared_args(helper, queries, streaming)
+                    shared: tuple[object, ...] = ()
+                    if split is not None:
+                        await _set_local(helper, supporter_settings)
+                        shared = await _shared_args(helper, queries, streaming)
+                    return extra, pages, shared, recent, messages
 
-                (buckets_main, shared_main), (extra_rows, page_rows, shared_helper) = await _both(
-                    main_first(), helper_first()
-                )
+                (buckets_main, shared_main), first = await _both(main_first(), helper_first())
+                extra_rows, page_rows, shared_helper, recent_rows, message_rows = first
                 shared_args = shared_main or shared_helper
 
                 # The second: the supporters, split.
@@ -219,6 +222,10 @@ async def calculate(
             f"{kind} calculation failed: {type(reason).__name__}: {reason}"
         ) from reason
 
+    # Ids below the highest that these counts do not hold: transactions still running (or rolled
+    # back) when the snapshot was taken, and actions not accepted yet.
+    counted = {r[0] for r in recent_rows}
+    uncounted = frozenset(range(low + 1, max_action_id + 1)).difference(counted)
     if built is None:
         built = _Built(_campaigns_of(covered), _page_orgs_of(page_rows), *unit_cutoffs)
     campaigns = built.campaigns
