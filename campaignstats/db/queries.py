@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Accepted, first-ranked supporters in the fingerprint range [$2, $3) (NULL: unbounded).
+# Accepted, first-ranked supporters in the fingerprint range [$2, $3) (NULL: unbounded), for the
+# hashing plan.
 _SUPPORTER_FILTER = """
       s.processing_status = 3 AND s.dupe_rank = 0
       AND ($2::bytea IS NULL OR s.fingerprint >= $2::bytea)
@@ -43,7 +44,8 @@ CASE WHEN {t} >= $2::timestamp THEN date_trunc('minute', {t})
      WHEN {t} >= $3::timestamp THEN date_trunc('hour', {t})
      ELSE date_trunc('day', {t}) END
 """
-# In the supporter queries, whose $2/$3 are a fingerprint range, the cutoffs are $4/$5.
+# In the supporter queries, whose $2/$3 are a range (of fingerprints or supporter ids), the
+# cutoffs are $4/$5.
 _SUPPORTER_BUCKET = _BUCKET.replace("$2", "$4").replace("$3", "$5")
 
 # Accepted, first-ranked supporters with an id in [$2, $3) (NULL: unbounded), for the streaming
