@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import structlog
 
@@ -30,12 +30,15 @@ from campaignstats.model import (
 )
 from campaignstats.timeline import DAY, HOUR, MINUTE, MINUTES_KEPT, Timeline
 
+from . import shared_people
 from .queries import PROCA_QUERIES, Queries
 
 if TYPE_CHECKING:
     import asyncpg
 
 log = structlog.get_logger(__name__)
+A = TypeVar("A")
+B = TypeVar("B")
 
 DEFAULT_STATEMENT_TIMEOUT = 60.0  # seconds, per statement
 #: how far below the highest action id the calculation knows, id by id, which actions it counted
@@ -61,9 +64,10 @@ async def calculate(
     which those that exist in ``campaigns`` are covered).
 
     With ``helper_conn`` (a second, idle connection to the same database), the supporter counts are
-    split by fingerprint range over both connections, which run at the same time in the same
-    snapshot: ``conn`` exports it (``pg_export_snapshot()``) and the helper's transaction adopts it
-    (``SET TRANSACTION SNAPSHOT``), both ``REPEATABLE READ READ ONLY``.
+    split by supporter id range (by fingerprint range for a list of ids) over both connections,
+    which run at the same time in the same snapshot: ``conn`` exports it
+    (``pg_export_snapshot()``) and the helper's transaction adopts it (``SET TRANSACTION
+    SNAPSHOT``), both ``REPEATABLE READ READ ONLY``.
 
     ``owns`` (a shard's, docs/scale.md) keeps the covered campaigns it owns: the rest of the
     statements get them as their list of ids, whatever the scope.
@@ -87,8 +91,10 @@ async def calculate(
     minute_cutoff = (int(started_at) // HOUR + 1) * HOUR - MINUTES_KEPT
     hour_cutoff = (int(started_at) // DAY - 90) * DAY
     cutoffs = (_naive_utc(minute_cutoff), _naive_utc(hour_cutoff))
+    unit_cutoffs = (minute_cutoff, hour_cutoff)
     supporter_sql = queries.supporter_counts if kind != "ids" else queries.supporter_counts_by_ids
-    supporter_settings = queries.supporter_settings if kind != "ids" else ()
+    streaming = kind != "ids"  # the streaming supporter query, else the hashing one
+    supporter_settings = queries.supporter_settings if streaming else ()
     try:
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(
@@ -116,24 +122,28 @@ async def calculate(
                 ids = covered
             max_action_id = await conn.fetchval(queries.max_action_id)
             low = max(0, max_action_id - ACTION_WINDOW)
-            counted = {r[0] for r in await conn.fetch(queries.recent_counted_action_ids, low)}
-            # Ids below the highest that these counts do not hold: transactions still running
-            # (or rolled back) when the snapshot was taken, and actions not accepted yet.
-            uncounted = frozenset(range(low + 1, max_action_id + 1)).difference(counted)
+            recent_rows: list[asyncpg.Record] = []
             message_rows: list[asyncpg.Record] = []
             has_messages = bool(await conn.fetchval(queries.messages_table))
-            if ids != [] and has_messages:
-                message_rows = await conn.fetch(queries.message_counts, ids)
-            supporter_rows: list[asyncpg.Record] = []
+            if helper_conn is None or ids == []:  # else the helper reads them, in its first round
+                recent_rows = await conn.fetch(queries.recent_counted_action_ids, low)
+                if ids != [] and has_messages:
+                    message_rows = await conn.fetch(queries.message_counts, ids)
+            supporter_rows: Sequence[Sequence[Any]] = []
             extra_rows: list[asyncpg.Record] = []
             action_buckets: list[asyncpg.Record] = []
             page_rows: list[asyncpg.Record] = []
+            built: _Built | None = None
+            buckets_read = 0  # action bucket rows already read into `built`
             if ids != [] and helper_conn is None:
                 extra_rows = await conn.fetch(queries.extra_supporters, ids)
                 page_rows = await conn.fetch(queries.page_orgs, ids)
                 action_buckets = await conn.fetch(queries.action_buckets, ids, *cutoffs)
                 await _set_local(conn, supporter_settings)
-                supporter_rows = await conn.fetch(supporter_sql, ids, None, None, *cutoffs)
+                shared_args = await _shared_args(conn, queries, streaming)
+                supporter_rows = await conn.fetch(
+                    supporter_sql, ids, None, None, *cutoffs, *shared_args
+                )
             elif ids != [] and helper_conn is not None:
                 await stack.enter_async_context(
                     helper_conn.transaction(isolation="repeatable_read", readonly=True)
@@ -142,36 +152,66 @@ async def calculate(
                     f"SET TRANSACTION SNAPSHOT '{_safe_setting(str(snapshot))}'"
                 )
                 await _set_local(helper_conn, settings)
-                split = queries.fingerprint_split
+                # Where the two connections split the supporters: a fingerprint for the hashing
+                # query, a supporter id for the streaming one (docs/design.md, "The
+                # calculation's split"); None: the main connection counts them whole.
+                split: bytes | int | None = queries.fingerprint_split
+                if streaming:
+                    share = queries.supporter_split
+                    split = None
+                    if share is not None:
+                        split = await conn.fetchval(queries.supporter_split_id, share)
 
                 Rows = list[asyncpg.Record]
+                helper = helper_conn
 
-                async def main_part() -> tuple[Rows, Rows]:
-                    buckets: Rows = []
-                    if split is not None:
-                        buckets = await conn.fetch(queries.action_buckets, ids, *cutoffs)
-                    await _set_local(conn, supporter_settings)
-                    return buckets, await conn.fetch(supporter_sql, ids, None, split, *cutoffs)
-
-                async def helper_part() -> tuple[Rows, Rows, Rows, Rows]:
-                    extra = await helper_conn.fetch(queries.extra_supporters, ids)
-                    pages = await helper_conn.fetch(queries.page_orgs, ids)
+                # Two rounds, each on both connections at once. The first: the action buckets
+                # beside the shared fingerprints (the supporter query's $6), the page lists.
+                async def main_first() -> tuple[Rows, tuple[object, ...]]:
                     if split is None:  # the main connection counts the supporters whole
-                        buckets = await helper_conn.fetch(queries.action_buckets, ids, *cutoffs)
-                        return extra, pages, [], buckets
-                    await _set_local(helper_conn, supporter_settings)
-                    rows = await helper_conn.fetch(supporter_sql, ids, split, None, *cutoffs)
-                    return extra, pages, rows, []
+                        await _set_local(conn, supporter_settings)
+                        return [], await _shared_args(conn, queries, streaming)
+                    return await conn.fetch(queries.action_buckets, ids, *cutoffs), ()
 
-                # Both finish before either transaction ends, even when one fails.
-                results = await asyncio.gather(main_part(), helper_part(), return_exceptions=True)
-                for r in results:
-                    if isinstance(r, BaseException):
-                        raise r
-                main_rows, helper_rows = results
-                action_buckets, rows_lo = main_rows
-                extra_rows, page_rows, rows_hi, helper_buckets = helper_rows
-                action_buckets = [*action_buckets, *helper_buckets]
+                async def helper_first() -> tuple[Rows, Rows, tuple[object, ...], Rows, Rows]:
+                    recent = await helper.fetch(queries.recent_counted_action_ids, low)
+                    messages: Rows = []
+                    if has_messages:
+                        messages = await helper.fetch(queries.message_counts, ids)
+                    extra = await helper.fetch(queries.extra_supporters, ids)
+                    pages = await helper.fetch(queries.page_orgs, ids)
+                    shared: tuple[object, ...] = ()
+                    if split is not None:
+                        await _set_local(helper, supporter_settings)
+                        shared = await _shared_args(helper, queries, streaming)
+                    return extra, pages, shared, recent, messages
+
+                (buckets_main, shared_main), first = await _both(main_first(), helper_first())
+                extra_rows, page_rows, shared_helper, recent_rows, message_rows = first
+                shared_args = shared_main or shared_helper
+
+                # The second: the supporters, split.
+                async def main_second() -> Rows:
+                    await _set_local(conn, supporter_settings)
+                    rows: Rows = await conn.fetch(
+                        supporter_sql, ids, None, split, *cutoffs, *shared_args
+                    )
+                    return rows
+
+                async def helper_second() -> tuple[Rows, Rows]:
+                    if split is None:
+                        return [], await helper.fetch(queries.action_buckets, ids, *cutoffs)
+                    rows = await helper.fetch(
+                        supporter_sql, ids, split, None, *cutoffs, *shared_args
+                    )
+                    return rows, []
+
+                # Meanwhile this process reads the first round's action buckets into memory.
+                built = _Built(_campaigns_of(covered), _page_orgs_of(page_rows), *unit_cutoffs)
+                (rows_lo, (rows_hi, action_buckets)), _ = await _both(
+                    _both(main_second(), helper_second()), built.actions(buckets_main)
+                )
+                buckets_read = len(buckets_main)
                 supporter_rows = [*rows_lo, *rows_hi]
     except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
         # A connection lost mid-query surfaces as the rollback's InterfaceError; the reason
@@ -182,15 +222,22 @@ async def calculate(
             f"{kind} calculation failed: {type(reason).__name__}: {reason}"
         ) from reason
 
-    campaigns = {cid: CampaignStats() for cid in covered}
-    built = _Built(campaigns, {r[0]: (r[1], r[2]) for r in page_rows}, minute_cutoff, hour_cutoff)
+    # Ids below the highest that these counts do not hold: transactions still running (or rolled
+    # back) when the snapshot was taken, and actions not accepted yet.
+    counted = {r[0] for r in recent_rows}
+    uncounted = frozenset(range(low + 1, max_action_id + 1)).difference(counted)
+    if built is None:
+        built = _Built(_campaigns_of(covered), _page_orgs_of(page_rows), *unit_cutoffs)
+    campaigns = built.campaigns
+    # The people who share a fingerprint, counted distinct over both connections' rows.
+    supporter_rows = shared_people.combine(supporter_rows)
     await built.supporters(supporter_rows)
     built.extras(extra_rows)
-    await built.actions(action_buckets)
+    await built.actions(action_buckets)  # those not read yet (the order changes no sum)
     built.messages(message_rows)
     built.flush()
     rows = len(covered) + len(supporter_rows) + len(extra_rows) + len(page_rows)
-    rows += len(message_rows) + len(action_buckets)
+    rows += len(message_rows) + len(action_buckets) + buckets_read
     duration = time.perf_counter() - t0
     log.info(
         "calculation.done",
@@ -261,7 +308,7 @@ class _Built:
             timeline = timelines[key] = Timeline()
         return timeline
 
-    async def supporters(self, rows: Sequence[asyncpg.Record]) -> None:
+    async def supporters(self, rows: Sequence[shared_people.Row]) -> None:
         campaigns = self.campaigns
         for i, (cid, key, area, n, level, start) in enumerate(rows):
             if i % _YIELD_EVERY == _YIELD_EVERY - 1:
@@ -338,6 +385,34 @@ class _Built:
             timeline.flush()
         for timeline in self.page_timelines.values():
             timeline.flush()
+
+
+async def _shared_args(
+    conn: asyncpg.Connection, queries: Queries, streaming: bool
+) -> tuple[object, ...]:
+    """The streaming supporter query's last argument, the shared fingerprints ($6); none for the
+    hashing one."""
+    if not streaming:
+        return ()
+    return (await conn.fetchval(queries.shared_fingerprints),)
+
+
+async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """Both results; both finish before either transaction ends, even when one fails."""
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return cast("A", results[0]), cast("B", results[1])
+
+
+def _campaigns_of(covered: Sequence[int]) -> dict[int, CampaignStats]:
+    return {cid: CampaignStats() for cid in covered}
+
+
+def _page_orgs_of(page_rows: Sequence[Sequence[Any]]) -> dict[int, tuple[int, int]]:
+    """page -> (campaign, org), from ``page_orgs``' rows."""
+    return {r[0]: (r[1], r[2]) for r in page_rows}
 
 
 def _naive_utc(epoch: int) -> datetime:

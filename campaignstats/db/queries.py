@@ -6,9 +6,12 @@ in the package writes SQL for the calculation.
 
 Each calculation query takes ``$1``, an array of campaign ids, or NULL for every campaign; the
 filter is written so that the planner sees a plain ``= ANY($1)`` it can push into index scans.
-The supporter queries also take ``$2``/``$3``, a half-open range ``[$2, $3)`` of
-``supporters.fingerprint`` (NULL = unbounded): people are disjoint across fingerprint ranges, so
-the counts of several ranges add up exactly, which lets two connections share the work.
+The supporter queries also take ``$2``/``$3``, a half-open range ``[$2, $3)`` (NULL = unbounded),
+which lets two connections share the work: of ``supporters.id`` for the streaming query (each
+range then reads only its own supporters' actions; the people who share a fingerprint come as
+rows that :mod:`campaignstats.db.shared_people` counts distinct over all ranges), of
+``supporters.fingerprint`` for the hashing one (people are disjoint across fingerprint ranges, so
+its counts add up exactly).
 
 Status codes (Proca): supporters.processing_status 3 = accepted; actions.processing_status
 3 = accepted, 4 = delivered; campaigns.status 1 = live.
@@ -18,7 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Accepted, first-ranked supporters in the fingerprint range [$2, $3) (NULL: unbounded).
+# Accepted, first-ranked supporters in the fingerprint range [$2, $3) (NULL: unbounded), for the
+# hashing plan.
 _SUPPORTER_FILTER = """
       s.processing_status = 3 AND s.dupe_rank = 0
       AND ($2::bytea IS NULL OR s.fingerprint >= $2::bytea)
@@ -40,55 +44,63 @@ CASE WHEN {t} >= $2::timestamp THEN date_trunc('minute', {t})
      WHEN {t} >= $3::timestamp THEN date_trunc('hour', {t})
      ELSE date_trunc('day', {t}) END
 """
-# In the supporter queries, whose $2/$3 are a fingerprint range, the cutoffs are $4/$5.
+# In the supporter queries, whose $2/$3 are a range (of fingerprints or supporter ids), the
+# cutoffs are $4/$5.
 _SUPPORTER_BUCKET = _BUCKET.replace("$2", "$4").replace("$3", "$5")
+
+# Accepted, first-ranked supporters with an id in [$2, $3) (NULL: unbounded), for the streaming
+# plan; the same bounds on the actions' supporter_id, so that each half reads only its own
+# supporters' actions from the index (their first key).
+_SUPPORTER_ID_FILTER = """
+      s.processing_status = 3 AND s.dupe_rank = 0
+      AND ($2::bigint IS NULL OR s.id >= $2::bigint)
+      AND ($3::bigint IS NULL OR s.id < $3::bigint)
+      AND ($2::bigint IS NULL OR a.supporter_id >= $2::bigint)
+      AND ($3::bigint IS NULL OR a.supporter_id < $3::bigint)
+"""
 
 # The streaming plan, for "all" and "live". Counting distinct fingerprints with hash tables of one
 # entry per person is what makes Proca's query slow (about 1 us per row on 2 cores). Instead:
 #
-# * `shared`: fingerprints held by two or more supporter rows of any status, read in order from
-#   supporters_fingerprint_index (an index-only scan, no hashing). Every other fingerprint belongs
-#   to exactly one supporter row, so for those people "distinct fingerprint" = "distinct supporter
-#   id".
-# * The join is a merge join of actions_partial_processing_status_index (supporter_id first, an
-#   index-only scan of exactly the counted actions) with supporters_pkey, so rows arrive ordered by
-#   supporter id: `x` is one row per (supporter, campaign, org, page) with the supporter's first
-#   counted action on that page (`tp`), deduplicated by a tiny per-supporter sort. In `y` (one
-#   window, no further sort), `first_c` marks the first row of each (supporter, campaign), which
-#   carries the supporter's area, `tc` is their first counted action in the campaign, and
-#   `first_o` marks the first row of each (supporter, campaign, org).
+# * $6, the shared fingerprints (``shared_fingerprints``, run once before the parts): those held
+#   by two or more accepted, first-ranked supporter rows. Every other counted person has exactly
+#   one such row, so for those people "distinct fingerprint" = "distinct supporter id", and a
+#   supporter id range holds whole people. (Shared fingerprints are few where a fingerprint has
+#   one first-ranked row: none in the demo.)
+# * The join is a merge join of campaignstats_counted_actions_index (supporter_id first, an
+#   index-only scan of exactly the counted actions of the id range, with their time) with
+#   supporters_pkey, so rows arrive ordered by supporter id: `x` is one row per (supporter,
+#   campaign, org, page) with the supporter's first counted action on that page (`tp`),
+#   deduplicated by a tiny per-supporter sort. In `y` (one window, no further sort), `first_c`
+#   marks the first row of each (supporter, campaign), which carries the supporter's area, `tc`
+#   is their first counted action in the campaign, and `first_o` marks the first row of each
+#   (supporter, campaign, org).
 # * `g` groups the rows three ways in one pass (grouping sets), pk = the fingerprint for shared
-#   people and NULL for the rest: (campaign, org, page, area, pk) for the counts, (campaign, pk,
-#   bucket of tc) for the campaign's supporters in time, (campaign, page, pk, bucket of tp) for
-#   each page's: a few thousand groups plus a few per shared person. The non-shared counts are
-#   sums over g; the shared people are counted exactly with DISTINCT pk, and in time by the
-#   earliest of their buckets. Both parts are disjoint sets of people.
+#   people and NULL for the rest: (campaign, org, page, area, pk) for the counts, (campaign,
+#   bucket of tc) and (campaign, page, bucket of tp) for the supporters in time. The counts of
+#   the non-shared people are sums over g. A shared person's supporter rows may lie in both id
+#   ranges, so their rows are returned as they are (level 7, a few per shared person: their
+#   earliest bucket per (campaign, org, page, area)) and the caller counts them distinct over
+#   all ranges (campaignstats.db.shared_people).
 #
-# Rows: (campaign_id, key, area, count, level, bucket start in epoch seconds); level 0 = campaign,
-# 1 = org (key), 2 = area, 3 = page (key), 4 = page area (key, area), 5 = the campaign's
-# supporters in a bucket, 6 = a page's (key) supporters in a bucket. A campaign or key may come
-# in several rows (non-shared and shared people): the caller adds them up. $4/$5: the cutoffs of
-# the buckets (see _BUCKET).
+# Rows: (campaign_id, key, area, count, level, bucket start in epoch seconds, org, fingerprint);
+# level 0 = campaign, 1 = org (key), 2 = area, 3 = page (key), 4 = page area (key, area), 5 = the
+# campaign's supporters in a bucket, 6 = a page's (key) supporters in a bucket: partial counts of
+# the non-shared people (org and fingerprint NULL). Level 7: a shared person (fingerprint) on a
+# page (key) of an org, with an area, and the bucket of their first counted action there (count
+# 1). $2/$3: the supporter id range [$2, $3) (NULL = unbounded); $4/$5: the cutoffs of the
+# buckets (see _BUCKET); $6: the shared fingerprints.
 _STREAMING_SUPPORTER_COUNTS = f"""
-WITH shared AS MATERIALIZED (
-    SELECT s.fingerprint
-    FROM supporters s
-    WHERE ($2::bytea IS NULL OR s.fingerprint >= $2::bytea)
-      AND ($3::bytea IS NULL OR s.fingerprint < $3::bytea)
-    GROUP BY s.fingerprint
-    HAVING count(*) > 1
-    ORDER BY s.fingerprint
-),
-x AS (
+WITH x AS (
     SELECT DISTINCT ON (s.id, a.campaign_id, ap.org_id, a.action_page_id)
            s.id AS sid, a.campaign_id AS c, ap.org_id AS org, a.action_page_id AS page, s.area,
-           CASE WHEN s.fingerprint IN (SELECT fingerprint FROM shared)
+           CASE WHEN s.fingerprint IN (SELECT unnest($6::bytea[]))
                 THEN s.fingerprint END AS pk,
            a.inserted_at AS tp
     FROM actions a
     JOIN supporters s ON s.id = a.supporter_id
     JOIN action_pages ap ON ap.id = a.action_page_id
-    WHERE {_ACTION_FILTER} AND {_SUPPORTER_FILTER}
+    WHERE {_ACTION_FILTER} AND {_SUPPORTER_ID_FILTER}
     ORDER BY s.id, a.campaign_id, ap.org_id, a.action_page_id, a.inserted_at
 ),
 y AS (
@@ -103,58 +115,39 @@ y AS (
 g AS MATERIALIZED (
     SELECT c, org, page, area, pk, bc, bp, GROUPING(org, area, bc, bp) AS gs,
            count(*) AS n, count(*) FILTER (WHERE first_o) AS n_org,
-           count(*) FILTER (WHERE first_c) AS n_c
+           count(*) FILTER (WHERE first_c) AS n_c, min(b) AS first_b
     FROM (
         SELECT c, org, page, area, pk, first_c, first_o,
-               CASE WHEN first_c THEN {_SUPPORTER_BUCKET.format(t="tc")} END AS bc,
-               {_SUPPORTER_BUCKET.format(t="tp")} AS bp
+               CASE WHEN first_c AND pk IS NULL THEN {_SUPPORTER_BUCKET.format(t="tc")} END AS bc,
+               CASE WHEN pk IS NULL THEN {_SUPPORTER_BUCKET.format(t="tp")} END AS bp,
+               {_SUPPORTER_BUCKET.format(t="tp")} AS b
         FROM y
     ) z
-    GROUP BY GROUPING SETS ((c, org, page, area, pk), (c, pk, bc), (c, page, pk, bp))
+    GROUP BY GROUPING SETS ((c, org, page, area, pk), (c, bc), (c, page, bp))
 ),
-counts AS (SELECT * FROM g WHERE gs = 3),
-campaign_time AS (SELECT * FROM g WHERE gs = 13 AND bc IS NOT NULL),
-page_time AS (SELECT * FROM g WHERE gs = 14)
-SELECT c, NULL::bigint, NULL::text, sum(n_c)::bigint, 0, NULL::bigint
-FROM counts WHERE pk IS NULL GROUP BY c
+counts AS (SELECT * FROM g WHERE gs = 3 AND pk IS NULL)
+SELECT c, NULL::bigint, NULL::text, sum(n_c)::bigint, 0, NULL::bigint, NULL::bigint,
+       NULL::bytea
+FROM counts GROUP BY c
 UNION ALL
-SELECT c, org, NULL, sum(n_org)::bigint, 1, NULL FROM counts WHERE pk IS NULL GROUP BY c, org
+SELECT c, org, NULL, sum(n_org)::bigint, 1, NULL, NULL, NULL FROM counts GROUP BY c, org
 UNION ALL
-SELECT c, NULL, area, sum(n_c)::bigint, 2, NULL FROM counts WHERE pk IS NULL AND area IS NOT NULL
+SELECT c, NULL, area, sum(n_c)::bigint, 2, NULL, NULL, NULL FROM counts WHERE area IS NOT NULL
 GROUP BY c, area
 UNION ALL
-SELECT c, page, NULL, sum(n)::bigint, 3, NULL FROM counts WHERE pk IS NULL GROUP BY c, page
+SELECT c, page, NULL, sum(n)::bigint, 3, NULL, NULL, NULL FROM counts GROUP BY c, page
 UNION ALL
-SELECT c, page, area, sum(n)::bigint, 4, NULL FROM counts WHERE pk IS NULL AND area IS NOT NULL
+SELECT c, page, area, sum(n)::bigint, 4, NULL, NULL, NULL FROM counts WHERE area IS NOT NULL
 GROUP BY c, page, area
 UNION ALL
-SELECT c, NULL, NULL, count(DISTINCT pk), 0, NULL FROM counts WHERE pk IS NOT NULL GROUP BY c
+SELECT c, NULL, NULL, n, 5, extract(epoch FROM bc)::bigint, NULL, NULL
+FROM g WHERE gs = 13 AND bc IS NOT NULL
 UNION ALL
-SELECT c, org, NULL, count(DISTINCT pk), 1, NULL FROM counts WHERE pk IS NOT NULL
-GROUP BY c, org
+SELECT c, page, NULL, n, 6, extract(epoch FROM bp)::bigint, NULL, NULL
+FROM g WHERE gs = 14 AND bp IS NOT NULL
 UNION ALL
-SELECT c, NULL, area, count(DISTINCT pk), 2, NULL FROM counts
-WHERE pk IS NOT NULL AND area IS NOT NULL GROUP BY c, area
-UNION ALL
-SELECT c, page, NULL, count(DISTINCT pk), 3, NULL FROM counts WHERE pk IS NOT NULL
-GROUP BY c, page
-UNION ALL
-SELECT c, page, area, count(DISTINCT pk), 4, NULL FROM counts
-WHERE pk IS NOT NULL AND area IS NOT NULL GROUP BY c, page, area
-UNION ALL
-SELECT c, NULL, NULL, sum(n)::bigint, 5, extract(epoch FROM bc)::bigint
-FROM campaign_time WHERE pk IS NULL GROUP BY c, bc
-UNION ALL
-SELECT c, NULL, NULL, count(*), 5, extract(epoch FROM b)::bigint
-FROM (SELECT c, min(bc) AS b FROM campaign_time WHERE pk IS NOT NULL GROUP BY c, pk) p
-GROUP BY c, b
-UNION ALL
-SELECT c, page, NULL, sum(n)::bigint, 6, extract(epoch FROM bp)::bigint
-FROM page_time WHERE pk IS NULL GROUP BY c, page, bp
-UNION ALL
-SELECT c, page, NULL, count(*), 6, extract(epoch FROM b)::bigint
-FROM (SELECT c, page, min(bp) AS b FROM page_time WHERE pk IS NOT NULL GROUP BY c, page, pk) p
-GROUP BY c, page, b
+SELECT c, page, area, 1, 7, extract(epoch FROM first_b)::bigint, org, pk
+FROM g WHERE gs = 3 AND pk IS NOT NULL
 """
 
 # The hashing plan, for a list of campaign ids: the ids reach actions_campaign_id_index, and the
@@ -230,12 +223,15 @@ class Queries:
     message_counts: str
     #: returns true when the messages table exists
     messages_table: str
-    #: (campaign_id, key, area, supporters, level, bucket start): level 0 = campaign, 1 = org,
-    #: 2 = area, 3 = page, 4 = page area, 5 = campaign bucket, 6 = page bucket (see
-    #: _STREAMING_SUPPORTER_COUNTS). Partial counts: rows with the same (level, key) are added
-    #: up. $1 ids, [$2, $3) fingerprints, $4/$5 the buckets' cutoffs. For "all" and "live".
+    #: (campaign_id, key, area, supporters, level, bucket start, org, fingerprint): level 0 =
+    #: campaign, 1 = org, 2 = area, 3 = page, 4 = page area, 5 = campaign bucket, 6 = page
+    #: bucket, 7 = a shared person's row (see _STREAMING_SUPPORTER_COUNTS). Partial counts: rows
+    #: with the same (level, key) are added up, after shared_people.combine. $1 ids, [$2, $3)
+    #: supporter ids, $4/$5 the buckets' cutoffs, $6 ``shared_fingerprints``. For "all" and
+    #: "live".
     supporter_counts: str
-    #: the same, for a list of campaign ids
+    #: (campaign_id, key, area, supporters, level, bucket start) for a list of campaign ids,
+    #: levels 0 to 6; [$2, $3) fingerprints
     supporter_counts_by_ids: str
     #: (campaign_id, action page id, org_id, extra_supporters)
     extra_supporters: str
@@ -259,14 +255,38 @@ class Queries:
         "enable_hashjoin = off",
         "max_parallel_workers_per_gather = 0",
     )
-    #: with a helper connection, the fingerprint ranges [lo, hi) each connection counts (their
-    #: union must be every bytea; the split only balances the work, exactness does not depend on
-    #: it). None: no split; the main connection counts the supporters whole and the helper reads
-    #: the rest (the action buckets). The supporter query reads each counted action's row for its
-    #: time, and a fingerprint half still reads every action's: split, that read is paid twice,
-    #: yet the split measured faster than one connection (bench/calculation_ab.py, README).
+    #: with a helper connection, for ``supporter_counts_by_ids`` (a list of campaign ids): the
+    #: fingerprint ranges [lo, hi) each connection counts (their union must be every bytea; the
+    #: split only balances the work, exactness does not depend on it). None: no split; the main
+    #: connection counts the supporters whole and the helper reads the rest (the action buckets).
     #: 0x90: the main connection also reads the action buckets, so it takes 9/16.
     fingerprint_split: bytes | None = b"\x90"
+    #: the fingerprints held by two or more accepted, first-ranked supporter rows, as one array:
+    #: ``supporter_counts``' $6 (the people it returns as rows to count distinct)
+    shared_fingerprints: str = """
+    SELECT coalesce(array_agg(fingerprint), '{}') FROM (
+        SELECT fingerprint FROM supporters
+        WHERE processing_status = 3 AND dupe_rank = 0
+        GROUP BY fingerprint HAVING count(*) > 1
+    ) x
+    """
+    #: with a helper connection, for ``supporter_counts``: the share of the counted actions the
+    #: main connection counts (the supporters below ``supporter_split_id``'s answer; the helper
+    #: counts the rest). None: no split, the main connection counts the supporters whole.
+    supporter_split: float | None = 0.5
+    #: $1, a share in [0, 1]: the supporter id below which about that share of the actions lies,
+    #: from the planner's statistics (pg_stats, no scan), else the middle of the supporter ids;
+    #: the split only balances the work, exactness does not depend on it
+    supporter_split_id: str = """
+    SELECT coalesce(
+        (SELECT h[1 + round((cardinality(h) - 1) * $1::float8)::int]
+         FROM (SELECT histogram_bounds::text::bigint[] AS h FROM pg_stats
+               WHERE tablename = 'actions' AND attname = 'supporter_id'
+                 AND schemaname = (SELECT relnamespace::regnamespace::text FROM pg_class
+                                   WHERE oid = 'actions'::regclass)) st
+         WHERE cardinality(h) > 1),
+        (SELECT (min(id) + max(id)) / 2 FROM supporters))
+    """
 
 
 PROCA_QUERIES = Queries(
