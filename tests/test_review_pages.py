@@ -6,9 +6,13 @@ from __future__ import annotations
 import asyncpg
 
 from campaignstats.client.routing import AsyncRoutingClient, RoutingClient
+from campaignstats.db.calculation import calculate
+from campaignstats.db.schema import init_db
 from campaignstats.model import Increment, StatsState
 
+from .conftest import truncate_all
 from .helpers import Start, completed, wait_for
+from .test_pages import StateReader, check_against_reference, state_of
 
 
 def test_increments_naming_ever_new_page_ids_grow_memory_without_any_limit() -> None:
@@ -49,7 +53,7 @@ async def test_the_routing_clients_have_no_page_stats_or_org_stats(start: Start)
 async def test_without_a_messages_table_a_calculation_zeroes_page_messages_but_keeps_the_campaigns(
     start: Start, conn: asyncpg.Connection
 ) -> None:
-    """On a database without a messages table (init-db creates none), the calculation says
+    """On a database without a messages table (a Proca schema without it), the calculation says
     ``messages_counted=False`` and memory is the only record of messages: StatsState.merge
     keeps the campaign's (``truth.messages = before.messages``), but _merge_pages installs the
     result's pages, whose messages are 0, so every page loses its messages at each
@@ -75,3 +79,59 @@ async def test_without_a_messages_table_a_calculation_zeroes_page_messages_but_k
 
 async def _completed_more(service, before: int) -> bool:  # type: ignore[no-untyped-def]
     return await completed(service) > before
+
+
+def test_org_campaigns_keeps_every_forgotten_campaign_forever() -> None:
+    """``org_campaigns`` (org -> campaigns that had it) only grows: forget_absent deletes a
+    campaign, its pages and timeline, but leaves the campaign in ``org_campaigns`` of each of
+    its orgs (and the org's key). Increments naming campaigns and orgs that are not in the
+    database are forgotten at every calculation, yet each round leaves max_campaigns x
+    max_keys entries behind for good: memory grows without bound under the limits that are
+    meant to bound it, and every org_stats walks the dead campaigns. forget_absent should take
+    a forgotten campaign out of ``org_campaigns`` (dropping an org left with none)."""
+    from campaignstats.model import CalculationResult, TxSnapshot
+
+    state = StatsState(max_keys=10, max_campaigns=10)
+    state.clock = lambda: 1_750_000_000.0
+    for r in range(20):
+        state.apply_many(
+            [
+                Increment(1_000 * r + c, 100_000 * r + 10 * c + o, "sign", None, True)
+                for c in range(10)
+                for o in range(10)
+            ]
+        )
+        state.start_journal()  # a calculation that finds none of these campaigns
+        result = CalculationResult("all", {}, 10, snapshot=TxSnapshot(400, 400))
+        state.merge(result)
+        assert len(state.forget_absent(result)) == 10
+        state.stop_journal()
+    assert state.campaigns == {}
+    entries = sum(len(cids) for cids in state.org_campaigns.values())
+    assert entries == 0, f"{entries} entries for {len(state.org_campaigns)} orgs, no campaign"
+
+
+async def test_a_page_moved_to_another_campaign_loses_its_actions_in_the_calculation(
+    conn: asyncpg.Connection,
+) -> None:
+    """After ``UPDATE action_pages SET campaign_id`` (a page moved to another campaign), the
+    page's existing actions still say their old campaign. The calculation counts a row for a
+    page only when the row's campaign is the page's (``_Build.page``: ``where[0] != cid`` gives
+    None), so page 5 reads all zeros (and its org's ``actions`` 0), while the reference SQL of
+    tests/test_pages.py, the page's counted actions whatever their campaign column, says one
+    supporter and one action. The page should count the actions made on it (``action_page_id``)
+    as the reference does, or the definition and docs should say otherwise."""
+    await init_db(conn)  # the messages table, should an earlier test have dropped it
+    await truncate_all(conn)
+    await conn.execute(
+        "INSERT INTO orgs (id, name) VALUES (1, 'o1');"
+        "INSERT INTO campaigns (id, name, status) VALUES (1, 'c1', 1), (2, 'c2', 1);"
+        "INSERT INTO action_pages (id, name, campaign_id, org_id) VALUES (5, 'p5', 1, 1);"
+        "INSERT INTO supporters (id, campaign_id, action_page_id, fingerprint, area, "
+        "processing_status, dupe_rank) VALUES (1, 1, 5, 'f', 'DE', 3, 0);"
+        "INSERT INTO actions (supporter_id, action_type, campaign_id, action_page_id, "
+        "processing_status) VALUES (1, 'register', 1, 5, 3);"
+        "UPDATE action_pages SET campaign_id = 2 WHERE id = 5;"
+    )
+    state = state_of(await calculate(conn, "all"))
+    await check_against_reference(conn, StateReader(state))
