@@ -534,6 +534,7 @@ class StatsState:
         "page_timelines",
         "pages",
         "pages_of",
+        "pages_over_limit",
         "ranking",
         "seen",
         "timelines",
@@ -587,6 +588,9 @@ class StatsState:
         #: changes naming a page memory knows under another campaign or org: counted in their
         #: campaign, not in that page
         self.page_mismatches = 0
+        #: changes naming a new page of a campaign that has ``max_keys`` pages already: counted
+        #: in their campaign, no page created (docs/design.md, "Action pages and orgs")
+        self.pages_over_limit = 0
 
     # -- increments -----------------------------------------------------------------------------
 
@@ -641,7 +645,12 @@ class StatsState:
             page = inc.page
             if page is not None:
                 known = pages.get(page)
-                if known is not None and (known.campaign_id != cid or known.org_id != org_id):
+                if known is None:
+                    if len(self.pages_of.get(cid, ())) >= max_keys:
+                        # Pages are keys of their campaign: past max_keys, none is created.
+                        self.pages_over_limit += 1
+                        page = None
+                elif known.campaign_id != cid or known.org_id != org_id:
                     # A page of another campaign or org: the campaign counts the change (its
                     # totals must not depend on which client came first), the page does not.
                     self.page_mismatches += 1
@@ -1055,7 +1064,7 @@ class StatsState:
                             pt.stats.subtract(change)
                             if page_timeline is not None:
                                 page_timeline.take(t, change.new_supporter, change.count, now)
-                    else:
+                    elif pt is not None or len(page_truth) < self.max_keys:
                         if pt is None:
                             pt = page_truth[page] = PageStats(cid, change.org_id)
                         pt.stats.add(change)
@@ -1079,6 +1088,9 @@ class StatsState:
             if not result.messages_counted:
                 # The database has no messages table: memory is their only record.
                 truth.messages = before.messages if before is not None else 0
+                for pid, pt in page_truth.items():  # and of each page's, as for its campaign
+                    held = self.pages.get(pid)
+                    pt.stats.messages = held.stats.messages if held is not None else 0
             self.campaigns[cid] = truth
             for org_id in truth.org:
                 self._org_in(org_id, cid)
@@ -1128,6 +1140,14 @@ class StatsState:
             self.seen.pop(cid, None)
             self.counted_now.pop(cid, None)
             self.ranking.dirty.add(cid)
+        if gone:
+            # Out of org_stats too: an org left with no campaign goes (memory stays bounded).
+            forgotten = set(gone)
+            for org_id in list(self.org_campaigns):
+                cids = self.org_campaigns[org_id]
+                cids -= forgotten
+                if not cids:
+                    del self.org_campaigns[org_id]
         return gone
 
     def _merge_pages(

@@ -116,9 +116,9 @@ class ShardFilter:
     def restrict_snapshot(
         self, campaigns: dict[int, Any], goals: dict[str, Any] | None
     ) -> tuple[dict[int, Any], dict[str, Any] | None]:
-        """A snapshot file's campaigns (their counts, timelines and pages) and goals part
-        without the campaigns of other shards: the file of an unsharded server, or of another
-        layout, holds them (docs/scale.md, "Changing N")."""
+        """A snapshot file's campaigns (their counts: the file holds no timelines or pages) and
+        goals part without the campaigns of other shards: the file of an unsharded server, or of
+        another layout, holds them (docs/scale.md, "Changing N")."""
         owns = self.owns
         kept = {cid: stats for cid, stats in campaigns.items() if owns(cid)}
         if goals is not None:

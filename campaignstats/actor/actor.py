@@ -894,6 +894,8 @@ class StatsActor:
             "already_counted": self.state.already_counted,
             "decrements_applied": self.state.decremented,
             "clamped": self.state.clamped,
+            "page_mismatches": self.state.page_mismatches,
+            "pages_over_limit": self.state.pages_over_limit,
             "metrics": self.metrics.info(),
             "goals": {
                 **self.lifetime.goals.info(),

@@ -596,6 +596,32 @@ def _merge_top(results: Iterable[list[list[int]]], limit: int) -> list[list[int]
     return [list(pair) for _, pair in zip(range(limit), merged, strict=False)]
 
 
+def _page_answer(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """A page's STATS from every shard's answer: a page lives on its campaign's owner, the one
+    that names a campaign (``campaign_id`` non-zero); zeros when none does (docs/scale.md)."""
+    answers = list(results)
+    for answer in answers:
+        if answer.get("campaign_id"):
+            return answer
+    return answers[0]  # every shard says it does not know the page: its zeros
+
+
+def _org_sum(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """An org's rollup from every shard's: each shard holds its own campaigns, so the
+    ``supporters`` and ``actions`` add up and ``campaigns`` is the union (docs/scale.md)."""
+    supporters = actions = 0
+    campaigns: dict[Any, int] = {}
+    for part in results:
+        supporters += part["supporters"]
+        actions += part["actions"]
+        campaigns.update(part["campaigns"])
+    return {
+        "supporters": supporters,
+        "actions": actions,
+        "campaigns": dict(sorted(campaigns.items())),
+    }
+
+
 # -- asyncio ----------------------------------------------------------------------------------
 
 
@@ -743,6 +769,23 @@ class AsyncRoutingClient(_Routing[AsyncStatsClient]):
             *(self._on_shard(self._shards[k], ask(ids)) for k, ids in groups.items())
         )
         return {cid: st for part in parts for cid, st in part.items()}
+
+    async def page_stats(self, page_id: int, **kw: Any) -> dict[str, Any]:
+        """Every shard asked (the client does not know a page's campaign); the answer of the
+        shard that knows the page, zeros when none does."""
+        return _page_answer(
+            await asyncio.gather(
+                *(self._on_shard(s, lambda c: c.page_stats(page_id, **kw)) for s in self._shards)
+            )
+        )
+
+    async def org_stats(self, org_id: int, **kw: Any) -> dict[str, Any]:
+        """Every shard's rollup of the org, added up."""
+        return _org_sum(
+            await asyncio.gather(
+                *(self._on_shard(s, lambda c: c.org_stats(org_id, **kw)) for s in self._shards)
+            )
+        )
 
     async def history(self, campaign_id: int, *args: Any, **kw: Any) -> dict[str, Any]:
         return await self._on_owner(campaign_id, lambda c: c.history(campaign_id, *args, **kw))
@@ -998,6 +1041,19 @@ class RoutingClient(_Routing[StatsClient]):
         for k, ids in self._groups(campaign_ids).items():
             result.update(self._on_shard(self._shards[k], lambda c: c.stats_many(ids, **kw)))  # noqa: B023
         return result
+
+    def page_stats(self, page_id: int, **kw: Any) -> dict[str, Any]:
+        """Every shard asked (the client does not know a page's campaign); the answer of the
+        shard that knows the page, zeros when none does."""
+        return _page_answer(
+            self._on_shard(s, lambda c: c.page_stats(page_id, **kw)) for s in self._shards
+        )
+
+    def org_stats(self, org_id: int, **kw: Any) -> dict[str, Any]:
+        """Every shard's rollup of the org, added up."""
+        return _org_sum(
+            self._on_shard(s, lambda c: c.org_stats(org_id, **kw)) for s in self._shards
+        )
 
     def history(self, campaign_id: int, *args: Any, **kw: Any) -> dict[str, Any]:
         return self._on_owner(campaign_id, lambda c: c.history(campaign_id, *args, **kw))

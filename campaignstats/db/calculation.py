@@ -290,15 +290,17 @@ class _Built:
             return MINUTE
         return HOUR if start >= self.hour_cutoff else DAY
 
-    def page(self, cid: int, page: int) -> PageStats | None:
-        """The page's counts (created at its first row); None when its campaign is not covered
-        or its row is gone (it cannot be, in one snapshot: a foreign key)."""
+    def page(self, page: int) -> PageStats | None:
+        """The page's counts (created at its first row). A page counts the actions made on it
+        whatever their campaign column says (a page moved to another campaign keeps them); its
+        campaign is the page's own (docs/design.md, "Action pages and orgs"). None when that
+        campaign is not covered or the page's row is gone (a foreign key: not in one snapshot)."""
         ps = self.pages.get(page)
         if ps is None:
             where = self.page_orgs.get(page)
-            if where is None or where[0] != cid or cid not in self.campaigns:
+            if where is None or where[0] not in self.campaigns:
                 return None
-            ps = self.pages[page] = PageStats(cid, where[1])
+            ps = self.pages[page] = PageStats(where[0], where[1])
         return ps
 
     @staticmethod
@@ -313,20 +315,22 @@ class _Built:
         for i, (cid, key, area, n, level, start) in enumerate(rows):
             if i % _YIELD_EVERY == _YIELD_EVERY - 1:
                 await asyncio.sleep(0)  # a big result must not stall the actor's event loop
-            stats = campaigns.get(cid)
-            if stats is None:  # an action whose campaign row is missing: nothing covers it
-                continue
-            # Partial counts (disjoint sets of people): add them up.
-            if level == 0:
-                stats.supporters += n
-            elif level == 1:
-                stats.org[key] = stats.org.get(key, 0) + n
-            elif level == 2:
-                stats.area[area] = stats.area.get(area, 0) + n
-            elif level == 5:
-                self.timeline(self.timelines, cid).add_bucket(self.unit(start), start, n, 0)
+            # Partial counts (disjoint sets of people): add them up. A page's levels (3, 4, 6)
+            # need only the page's campaign covered, whatever the row's campaign.
+            if level in (0, 1, 2, 5):
+                stats = campaigns.get(cid)
+                if stats is None:  # an action whose campaign row is missing: nothing covers it
+                    continue
+                if level == 0:
+                    stats.supporters += n
+                elif level == 1:
+                    stats.org[key] = stats.org.get(key, 0) + n
+                elif level == 2:
+                    stats.area[area] = stats.area.get(area, 0) + n
+                else:
+                    self.timeline(self.timelines, cid).add_bucket(self.unit(start), start, n, 0)
             else:
-                ps = self.page(cid, key)
+                ps = self.page(key)
                 if ps is None:
                     continue
                 if level == 3:
@@ -341,10 +345,10 @@ class _Built:
     def extras(self, rows: Sequence[asyncpg.Record]) -> None:
         for cid, page, org_id, extra in rows:
             stats = self.campaigns.get(cid)
-            ps = self.page(cid, page)
-            if stats is None or ps is None:
-                continue
-            for counts in (stats, ps.stats):
+            ps = self.page(page)
+            for counts in (stats, None if ps is None else ps.stats):
+                if counts is None:
+                    continue
                 counts.extra_supporters += extra
                 counts.supporters += extra
                 counts.org[org_id] = counts.org.get(org_id, 0) + extra
@@ -354,11 +358,11 @@ class _Built:
             if i % _YIELD_EVERY == _YIELD_EVERY - 1:
                 await asyncio.sleep(0)
             stats = self.campaigns.get(cid)
-            if stats is None:
-                continue
+            ps = self.page(page)
             unit = self.unit(start)
-            ps = self.page(cid, page)
-            pairs = [(stats, self.timeline(self.timelines, cid))]
+            pairs = []
+            if stats is not None:
+                pairs.append((stats, self.timeline(self.timelines, cid)))
             if ps is not None:
                 pairs.append((ps.stats, self.timeline(self.page_timelines, page)))
             for counts, timeline in pairs:
@@ -370,17 +374,16 @@ class _Built:
     def messages(self, rows: Sequence[asyncpg.Record]) -> None:
         for cid, page, n in rows:
             stats = self.campaigns.get(cid)
-            if stats is None:
-                continue
-            stats.messages += n
-            ps = self.page(cid, page)
+            if stats is not None:
+                stats.messages += n
+            ps = self.page(page)
             if ps is not None:
                 ps.stats.messages += n
 
     def flush(self) -> None:
         # Every page of a covered campaign, counted or not: its campaign is known to page_stats.
-        for page, (cid, _) in self.page_orgs.items():
-            self.page(cid, page)
+        for page in self.page_orgs:
+            self.page(page)
         for timeline in self.timelines.values():
             timeline.flush()
         for timeline in self.page_timelines.values():
