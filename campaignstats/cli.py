@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_shard,
         metavar="K/N",
         help="serve shard K of N (0 <= K < N): only the campaigns that rendezvous hashing gives "
-        "to K; the others are refused with wrong_shard (docs/scale.md)",
+        "to K; the others are refused, naming their owner (docs/scale.md)",
     )
     follow_commands.add_follow_options(p)
     follow_commands.add_slots_command(sub, _add_db_options)

@@ -86,11 +86,11 @@ class Overloaded(ProtocolError):
     code = "overloaded"
 
 
-class WrongShard(ProtocolError):
+class WrongShard(Invalid):
     """A call about a campaign that this server (one shard of several) does not own; nothing
-    was changed. Ask its owner (``campaignstats.shards.shard_of``, docs/scale.md)."""
-
-    code = "wrong_shard"
+    was changed. Ask its owner (``campaignstats.shards.shard_of``, docs/scale.md). On the wire
+    it is an ``invalid`` error naming the owner (the protocol's codes are a closed set), so a
+    client raises :class:`Invalid` for it."""
 
 
 class InternalError(ProtocolError):

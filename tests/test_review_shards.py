@@ -330,8 +330,9 @@ async def test_the_routing_clients_lack_the_goals_metrics_guard_and_decrement_ma
     those of ``AsyncStatsClient``), but it has no ``set_goals``, ``get_goals``,
     ``reset_metrics``, ``set_guard``, ``ping`` or ``decrement_many``. On a sharded
     deployment there is then no way to set a campaign's goals or guards from a backend but to
-    compute the owner by hand and open a single client to it (any other shard answers
-    ``wrong_shard``): the widget's ``goal="auto"`` and the webhooks depend on them.
+    compute the owner by hand and open a single client to it (any other shard answers an
+    ``invalid`` error naming the owner): the widget's ``goal="auto"`` and the webhooks depend
+    on them.
 
     Should: route them like the other per-campaign calls (``_on_shard(self._owner(cid),
     ...)``), and ``decrement_many`` like ``increment_many`` (journaled as decrements)."""

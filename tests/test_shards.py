@@ -25,7 +25,7 @@ from campaignstats.client.routing import (
     parse_topology,
 )
 from campaignstats.db.calculation import calculate
-from campaignstats.errors import ServerUnavailable, UsageError, WrongShard
+from campaignstats.errors import Invalid, ServerUnavailable, UsageError
 from campaignstats.http import HttpConfig, HttpServer, app
 from campaignstats.model import CampaignStats, Increment
 from campaignstats.shards import Shard, ShardFilter, group_by_shard, shard_of, weight
@@ -155,7 +155,7 @@ async def test_a_shard_refuses_a_campaign_it_does_not_own_and_changes_nothing(
         ):
             op, *args = message
             reply = await raw.call(op, req_id, *args)
-            assert reply[:3] == ["err", req_id, "wrong_shard"], reply
+            assert reply[:3] == ["err", req_id, "invalid"], reply  # the contract's codes
             assert f"campaign {OTHER} belongs to shard 1/2" in reply[3]
 
         # Changes: the other shard's items are refused by index, the rest applied.
@@ -191,12 +191,15 @@ async def test_a_shard_refuses_a_campaign_it_does_not_own_and_changes_nothing(
 
     # The clients raise the typed error; the routing client asks the owner instead.
     async with AsyncStatsClient(f"unix://{running.unix}") as client:
-        with pytest.raises(WrongShard, match="shard 1/2"):
+        with pytest.raises(Invalid, match="belongs to shard 1/2"):
             await client.stats(OTHER)
         assert (await client.stats_many([MINE]))[MINE]["supporters"] == 1
 
     def blocking() -> None:  # in a thread: the server runs in this test's event loop
-        with StatsClient(f"unix://{running.unix}") as client, pytest.raises(WrongShard):
+        with (
+            StatsClient(f"unix://{running.unix}") as client,
+            pytest.raises(Invalid, match="belongs to shard"),
+        ):
             client.stats_many([MINE, OTHER])
 
     await asyncio.to_thread(blocking)
@@ -299,7 +302,7 @@ async def test_a_shard_answers_http_reads_of_another_shards_campaign_with_421(
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
             other = await http.get(f"/v1/campaigns/{OTHER}")
             assert other.status_code == 421
-            assert other.json()["error"] == "wrong_shard"
+            assert other.json()["error"] == "invalid"
             assert "belongs to shard 1/2" in other.json()["message"]
             assert (await http.get(f"/v1/campaigns/{MINE}")).status_code == 200
     finally:

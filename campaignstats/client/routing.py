@@ -135,7 +135,7 @@ class RoutingStatistics:
     resent: int  # increments given again: to the next replica, or to a restarted one
     unprotected: int  # forgotten by a full journal (or none kept) before any acknowledgement
     dropped: int  # given up by the replicas' clients (their queue full, or closed)
-    server_errors: int  # err replies to casts (e.g. wrong_shard items)
+    server_errors: int  # err replies to casts (e.g. items of another shard)
 
 
 #: a server process's start, as an interval of this machine's clock (from ``info``'s uptime)

@@ -149,12 +149,12 @@ def _matches(if_none_match: str, etag: str) -> bool:
 def _status_of(exc: StatsError) -> int:
     if isinstance(exc, Unauthorized):
         return 401
+    if isinstance(exc, WrongShard):  # an Invalid: before the 400s
+        return 421  # Misdirected Request: another shard owns it (docs/scale.md)
     if isinstance(exc, BadFrame | BadMessage | Invalid):
         return 400
     if isinstance(exc, Overloaded | ActorStopped):
         return 503
-    if isinstance(exc, WrongShard):
-        return 421  # Misdirected Request: another shard owns it (docs/scale.md)
     return 500
 
 
