@@ -642,19 +642,6 @@ class StatsState:
                     continue
             org_id, action_type, area = inc.org_id, inc.action_type, inc.area
             new_supporter, count = inc.new_supporter, inc.count
-            page = inc.page
-            if page is not None:
-                known = pages.get(page)
-                if known is None:
-                    if len(self.pages_of.get(cid, ())) >= max_keys:
-                        # Pages are keys of their campaign: past max_keys, none is created.
-                        self.pages_over_limit += 1
-                        page = None
-                elif known.campaign_id != cid or known.org_id != org_id:
-                    # A page of another campaign or org: the campaign counts the change (its
-                    # totals must not depend on which client came first), the page does not.
-                    self.page_mismatches += 1
-                    page = None
             stats = campaigns.get(cid)
             if stats is None:
                 if self.max_campaigns is not None and len(campaigns) >= self.max_campaigns:
@@ -725,8 +712,21 @@ class StatsState:
                 if timeline is None:
                     timeline = timelines[cid] = Timeline()
                 timeline.add(t, new_supporter, count)
-            if page is not None:
-                self._page_add(page, inc, t)
+            page = inc.page
+            if page is not None:  # after the campaign's checks: only an applied change counts
+                known = pages.get(page)
+                if known is None:
+                    if len(self.pages_of.get(cid, ())) >= max_keys:
+                        # Pages are keys of their campaign: past max_keys, none is created.
+                        self.pages_over_limit += 1
+                    else:
+                        self._page_add(page, inc, t, None)
+                elif known.campaign_id != cid or known.org_id != org_id:
+                    # A page of another campaign or org: the campaign counts the change (its
+                    # totals must not depend on which client came first), the page does not.
+                    self.page_mismatches += 1
+                else:
+                    self._page_add(page, inc, t, known)
             if horizon is not None:
                 self._record(cid, horizon, inc.action_id, True)
             if journal is not None and (only is None or cid in only):
@@ -774,9 +774,8 @@ class StatsState:
         else:
             campaigns.add(cid)
 
-    def _page_add(self, page: int, inc: IncrementLike, t: float) -> None:
-        """Count an applied increment in its page too (created by its first change)."""
-        ps = self.pages.get(page)
+    def _page_add(self, page: int, inc: IncrementLike, t: float, ps: PageStats | None) -> None:
+        """Count an applied increment in its page ``ps`` too (None: created by this change)."""
         if ps is None:
             ps = PageStats(inc.campaign_id, inc.org_id)
             self._install_page(page, ps)

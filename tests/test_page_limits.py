@@ -47,3 +47,20 @@ def test_forget_absent_drops_an_org_left_with_no_campaign_and_keeps_the_others()
     assert state.forget_absent(result) == [2]
     state.stop_journal()
     assert state.org_campaigns == {50: {1}}
+
+
+def test_a_change_the_campaign_refuses_counts_nothing_in_the_page_figures() -> None:
+    state = StatsState(max_keys=1, max_campaigns=1)
+    state.clock = lambda: 1_750_000_000.0
+    state.apply_many([Increment(7, 1, "sign", None, True, page=1)])
+    rejected = state.apply_many(
+        [
+            Increment(8, 1, "sign", None, True, page=2),  # over max_campaigns
+            Increment(7, 1, "share", None, False, page=3),  # over max_keys action types
+            Increment(7, 2, "sign", None, True, page=1),  # over max_keys orgs
+        ]
+    )
+    assert [i for i, _ in rejected] == [0, 1, 2]
+    assert (state.pages_over_limit, state.page_mismatches) == (0, 0)
+    assert sorted(state.pages) == [1]
+    assert state.pages[1].stats.supporters == 1
