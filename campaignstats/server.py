@@ -39,6 +39,7 @@ from typing import Any, cast
 
 import structlog
 
+from campaignstats.actor.actor import NOT_NOW
 from campaignstats.errors import InternalError, Overloaded, StatsError
 from campaignstats.model import WireStats
 from campaignstats.protocol import Limits
@@ -83,6 +84,9 @@ class ServerConfig:
     #: bytes taken from a socket in one read: what one read decodes on the event loop, while
     #: other connections' queries wait (docs/design.md, "One read, one batch")
     read_size: int = DEFAULT_READ_SIZE
+    #: answer read-only queries in the read callback through the actor's read door when the
+    #: ordering rule allows it (docs/design.md, "Queries inline"); False: always the mailbox
+    inline_reads: bool = True
 
 
 @dataclass(slots=True)
@@ -91,6 +95,8 @@ class ServerCounters(SessionCounters):
     closed_slow: int = 0
     refused_connections: int = 0
     closed_idle: int = 0
+    #: queries answered in the read callback, through the actor's read door
+    reads_inline: int = 0
 
 
 def _hello_extra(service: StatsService) -> dict[str, Any] | None:
@@ -112,7 +118,7 @@ class Connection(asyncio.BufferedProtocol):
         self.server = server
         self.service = server.service
         config = server.config
-        self.producer = server.service.producer()
+        self.producer = server.service.producer(inline_reads=config.inline_reads)
         self.session = ServerSession(
             config.limits,
             token=config.token,
@@ -247,6 +253,8 @@ class Connection(asyncio.BufferedProtocol):
             self.session.fail(slot, InternalError("the stats actor is not running"))
             return
         transform = self.server.add_info if type(request) is Info else None
+        if self._read_now(slot, request, transform):
+            return
         answered = functools.partial(self._answered, slot, transform)
         try:
             # The actor calls ``answered`` as it answers (the reply goes out in its turn of the
@@ -259,6 +267,21 @@ class Connection(asyncio.BufferedProtocol):
         self._calls.add(reply)
         reply.add_done_callback(answered)
 
+    def _read_now(self, slot: Slot, request: Any, transform: Callable[[Any], Any] | None) -> bool:
+        """A read-only query answered here, in the read callback, when the producer may
+        (nothing of this connection's is still queued): no message, no task switch, and the
+        reply leaves with this read's other output, in one write. False: ask the actor."""
+        try:
+            result = self.producer.read_now(request)
+        except Exception as exc:  # the request's error, as the actor would have answered it
+            self.session.fail(slot, exc)
+        else:
+            if result is NOT_NOW:
+                return False
+            self._reply(slot, transform, result)
+        self.server.counters.reads_inline += 1
+        return True
+
     def _answered(
         self, slot: Slot, transform: Callable[[Any], Any] | None, reply: asyncio.Future[Any]
     ) -> None:
@@ -270,15 +293,19 @@ class Connection(asyncio.BufferedProtocol):
             session.fail(slot, InternalError("cancelled"))
         elif (exc := reply.exception()) is not None:
             session.fail(slot, exc)
-        elif transform is None:
-            session.answer(slot, reply.result())
         else:
-            try:
-                session.answer(slot, transform(reply.result()))
-            except Exception as error:
-                log.exception("reply.transform_failed", peer=self.peer)
-                session.fail(slot, InternalError(repr(error)))
+            self._reply(slot, transform, reply.result())
         self._send()
+
+    def _reply(self, slot: Slot, transform: Callable[[Any], Any] | None, result: Any) -> None:
+        if transform is None:
+            self.session.answer(slot, result)
+            return
+        try:
+            self.session.answer(slot, transform(result))
+        except Exception as error:
+            log.exception("reply.transform_failed", peer=self.peer)
+            self.session.fail(slot, InternalError(repr(error)))
 
     def _rejected(self, event: MessageRejected) -> None:
         self._log_rejected(event.code, event.reason)

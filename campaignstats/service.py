@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from campaignstats.actor.actor import ActorConfig, Source
+from campaignstats.actor.actor import NOT_NOW, ActorConfig, Source
 from campaignstats.actor.mailbox import DEFAULT_MAILBOX_SIZE, Mailbox
 from campaignstats.actor.messages import Ask, Message, RejectedCallback, Stop, Tell
 from campaignstats.actor.subscriptions import Subscriber, Subscription
@@ -155,15 +155,22 @@ class Producer:
     stops reading its socket and awaits :meth:`drain`.
     """
 
-    __slots__ = ("_backlog", "_last", "_mailbox", "origin")
+    __slots__ = ("_backlog", "_door", "_last", "_mailbox", "origin")
 
-    def __init__(self, mailbox: Mailbox, origin: int | None = None) -> None:
+    def __init__(
+        self,
+        mailbox: Mailbox,
+        origin: int | None = None,
+        door: Callable[[Request], Any] | None = None,
+    ) -> None:
         self._mailbox = mailbox
         #: names this producer in its messages (a socket connection's number: docs/metrics.md,
         #: "A failed commit"); None: the embedding process
         self.origin = origin
         self._last = 0  # sequence number of this producer's last message in the normal lane
         self._backlog: deque[Message] = deque()
+        #: the actor's read door (:meth:`StatsService.read_door`), for :meth:`read_now`
+        self._door = door
 
     # -- the embedding API's way: wait, or raise --------------------------------------------------
 
@@ -177,6 +184,22 @@ class Producer:
         """Queue ``message``, waiting for room."""
         await self.drain()
         self._last = await self._mailbox.put(message)
+
+    def read_now(self, request: Request) -> Any:
+        """Answer a read-only call at once through the actor's read door, with no message and
+        no task switch (docs/design.md, "Queries inline"), when the rule of the read lane
+        allows it: nothing of this producer's is waiting (no backlog, and the actor has taken,
+        whole, the last message this producer put in the normal lane). Returns
+        :data:`~campaignstats.actor.actor.NOT_NOW` when it may not (or the door is closed):
+        then :meth:`call` it. Raises the error the actor would have answered with."""
+        if (
+            self._door is None
+            or self._backlog
+            or not isinstance(request, READS)
+            or not self._mailbox.taken_up_to(self._last)
+        ):
+            return NOT_NOW
+        return self._door(request)
 
     def read_lane(self, ask: Ask) -> bool:
         """Put a read-only call in the read lane if it may go there; False: it may not."""
@@ -365,10 +388,19 @@ class StatsService:
 
     # -- the mailbox ----------------------------------------------------------------------------
 
-    def producer(self) -> Producer:
+    def producer(self, *, inline_reads: bool = True) -> Producer:
         """A stream of messages of its own (one per connection of the socket server), named
-        by a number of its own."""
-        return Producer(self._mailbox, next(_ORIGINS))
+        by a number of its own. With ``inline_reads``, its :meth:`Producer.read_now` answers
+        read-only calls through the actor's read door; without, it always says NOT_NOW."""
+        return Producer(self._mailbox, next(_ORIGINS), self.read_door if inline_reads else None)
+
+    def read_door(self, request: Request) -> Any:
+        """The live actor's read door (:meth:`~campaignstats.actor.actor.StatsActor.read`):
+        a read-only request answered now, or NOT_NOW when no actor is serving."""
+        actor = self.supervisor.actor
+        if actor is None:
+            return NOT_NOW
+        return actor.read(request)
 
     @property
     def mailbox(self) -> Mailbox:

@@ -35,6 +35,7 @@ from campaignstats.model import (
     scope_name,
 )
 from campaignstats.requests import (
+    READS,
     Decrements,
     Flush,
     GetGoals,
@@ -70,6 +71,19 @@ from .subscriptions import DEFAULT_PUBLISH_INTERVAL, Registry
 GOALS_TICK = 0.1
 #: campaigns looked at in one step (a few milliseconds)
 GOALS_SLICE = 5_000
+
+
+class NotNow:
+    """What :meth:`StatsActor.read` returns when its door is closed: ask through the mailbox."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOT_NOW"
+
+
+#: the read door is closed (see :meth:`StatsActor.read`)
+NOT_NOW = NotNow()
 
 log = structlog.get_logger(__name__)
 
@@ -229,6 +243,8 @@ class StatsActor:
         self._next_metrics_tick = 0.0
         #: the message being handled, for the crash report
         self.current: Message | None = None
+        #: the read door is open (:meth:`read`): the loop runs and has not stopped
+        self._serving = False
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -270,9 +286,12 @@ class StatsActor:
             self._next_goals_at = time.monotonic() + GOALS_TICK
         self._start_calculation("all")
         self._next_calc_at = time.monotonic() + self.config.sync_interval
+        # The fault hook (tests) sees every message: its queries stay messages.
+        self._serving = self.config.fault_hook is None
         try:
             await self._loop()
         finally:
+            self._serving = False
             self.abandon()
 
     def _load_goals(self, campaigns: dict[int, Any], goals: dict[str, Any] | None) -> None:
@@ -391,6 +410,7 @@ class StatsActor:
         }
 
     def _stop(self, _: Stop) -> bool:
+        self._serving = False  # the state is final: what comes later is ActorStopped's
         self._drain_and_stop()
         return True
 
@@ -529,6 +549,27 @@ class StatsActor:
                 ask.then(reply)
             except Exception:  # the caller's, not the actor's: logged, never a crash
                 log.exception("actor.reply_callback_failed")
+
+    # -- the read door (docs/design.md, "Queries inline") -----------------------------------------
+
+    def read(self, request: Request) -> Any:
+        """Answer a read-only request (``READS``) now, in the caller's turn of the event loop,
+        with the answer the mailbox would give; raises the error it would give. Returns
+        :data:`NOT_NOW` when the door is closed (the actor is not serving: not started yet,
+        stopping, stopped, or a test's fault hook watches every message).
+
+        The only way into the state from outside the actor's own task, and a narrow one: only
+        requests that read, and only while the actor waits in its loop. Its handlers never
+        await, so whenever another callback runs, the actor is between two messages or between
+        two slices of a batch (each increment applied whole: the state is the one a query in
+        the read lane would see there). Whether the caller may overtake what is queued is the
+        caller's rule to keep (:meth:`~campaignstats.service.Producer.read_now`).
+        """
+        if not self._serving:
+            return NOT_NOW
+        if not isinstance(request, READS):
+            raise UsageError(f"{type(request).__name__} is not a read-only request")
+        return self._call(request)
 
     def _call(self, request: Request) -> Any:
         handler = self._requests.get(type(request))
@@ -913,4 +954,4 @@ class StatsActor:
         return self.state.stats(campaign_id)
 
 
-__all__ = ["ActorConfig", "ActorStopped", "Lifetime", "Source", "StatsActor"]
+__all__ = ["NOT_NOW", "ActorConfig", "ActorStopped", "Lifetime", "NotNow", "Source", "StatsActor"]
