@@ -1,6 +1,7 @@
 """The server process of ``python -m bench.run``: StatsService + StatsServer on 127.0.0.1.
 
     python -m bench._server [--port 0] [--loop asyncio|uvloop|auto] [--source empty|unreachable]
+                            [--no-inline-reads] [--read-size N] [--apply-slice N]
 
 Prints ``PORT <n>`` on stdout once it listens, then serves until SIGTERM or SIGINT.
 
@@ -45,9 +46,15 @@ async def serve(args: argparse.Namespace) -> None:
         from campaignstats.db.source import PostgresSource
 
         source = PostgresSource("postgresql://nobody@127.0.0.1:9/none", connect_timeout=0.2)
-    service = StatsService(source, ActorConfig(sync_interval=3600, backoff_initial=3600))
+    actor = ActorConfig(sync_interval=3600, backoff_initial=3600)
+    if args.apply_slice is not None:
+        actor.apply_slice = args.apply_slice
+    service = StatsService(source, actor)
     await service.start()
-    server = StatsServer(service, ServerConfig(host="127.0.0.1", port=args.port))
+    config = ServerConfig(host="127.0.0.1", port=args.port, inline_reads=args.inline_reads)
+    if args.read_size is not None:
+        config.read_size = args.read_size
+    server = StatsServer(service, config)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -65,6 +72,14 @@ def main() -> None:
     parser.add_argument("--loop", choices=LOOPS, default="asyncio", help="as serve --loop")
     parser.add_argument("--uvloop", action="store_const", const="uvloop", dest="loop")
     parser.add_argument("--source", choices=("empty", "unreachable"), default="empty")
+    parser.add_argument(
+        "--no-inline-reads",
+        action="store_false",
+        dest="inline_reads",
+        help="every query through the mailbox (ServerConfig.inline_reads=False), for A/B runs",
+    )
+    parser.add_argument("--read-size", type=int, help="ServerConfig.read_size, bytes")
+    parser.add_argument("--apply-slice", type=int, help="ActorConfig.apply_slice, increments")
     args = parser.parse_args()
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),

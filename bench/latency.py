@@ -1,0 +1,225 @@
+"""Query latency A/B: queries answered inline (the actor's read door) against the mailbox path.
+
+    python -m bench.latency                      # 3 rounds, asyncio and uvloop, about 3 minutes
+    python -m bench.latency --rounds 5 --loops asyncio --queries 10000
+
+Each round starts a fresh server process (bench/_server.py) for every configuration, in turn
+(loop x ``--inline-reads`` on/off), so that the configurations share the machine's state of the
+moment; it loads the same 100,000 increments (1,000 campaigns) into it, then times, from a
+forked client process:
+
+- ``stats()`` through :class:`~campaignstats.client.StatsClient` (the README's row), idle;
+- ``stats`` over a bare socket (no client), idle, and ``ping`` (answered without the actor);
+- ``stats()`` through ``StatsClient`` while another process sends ``incs`` of 1,000 at half
+  the server's one-connection rate (measured once at the start, on the mailbox path).
+
+Prints, per configuration, the median over the rounds of each percentile (nearest-rank, of
+``--queries`` sequential calls after 500 warm-up calls), the min-max, the load average before
+and after, and the targets (docs: README, "Performance"). Appends the figures to
+bench/results/latency-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from bench import _data, _harness, _workers
+from bench._harness import percentiles
+
+SEED = 42
+ROOT = Path(__file__).parent.parent
+
+#: (row, label, target µs or None): the targets of the query rows
+TARGETS: dict[str, float] = {
+    "client.idle.p50": 60,
+    "client.idle.p99": 150,
+    "client.load.p99": 1000,
+}
+ROWS = [
+    ("client.idle", "stats() via StatsClient, idle"),
+    ("socket.idle", "stats over a bare socket, idle"),
+    ("ping.idle", "ping over a bare socket (no actor), idle"),
+    ("client.load", "stats() via StatsClient, at half load"),
+]
+
+
+class Server:
+    def __init__(self, loop: str, inline: bool, extra: list[str] | None = None) -> None:
+        cmd = [sys.executable, "-m", "bench._server", "--port", "0", "--loop", loop]
+        cmd.extend(extra or [])
+        if not inline:
+            cmd.append("--no-inline-reads")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("PORT "):
+            self.stop()
+            raise RuntimeError(f"the server did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--queries", type=int, default=5_000, help="timed calls per run")
+    parser.add_argument("--loops", default="asyncio,uvloop", help="comma-separated")
+    parser.add_argument("--rate", type=float, help="load in inc/s (default: half of measured)")
+    parser.add_argument("--limit", type=float, default=30.0, help="seconds a timed loop may take")
+    parser.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="ARGS",
+        help="server options to compare, e.g. --server '--read-size 8192' (repeatable; each is "
+        "run with inline reads on and off; default: the server's defaults)",
+    )
+    parser.add_argument(
+        "--work", default=",".join(k for k, _ in ROWS), help="rows to measure, comma-separated"
+    )
+    parser.add_argument("--inline-only", action="store_true", help="skip the mailbox runs")
+    args = parser.parse_args()
+    loops = [name for name in args.loops.split(",") if name]
+    if "uvloop" in loops and importlib.util.find_spec("uvloop") is None:
+        sys.exit("uvloop is not installed (pip install -e '.[bench]')")
+    variants = args.server or [""]
+    modes = (True,) if args.inline_only else (False, True)
+    configs = [(loop, inline, v) for loop in loops for v in variants for inline in modes]
+    t0 = time.monotonic()
+
+    def say(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:5.0f}s] {msg}", flush=True)
+
+    items = _data.generate(200_000, SEED)
+    fill = [_data.encode_incs(items[:100_000], 1000)]
+    batches = [_data.encode_incs(items[i : i + 1000], 1000) for i in range(0, 200_000, 1000)]
+    load_before = os.getloadavg()
+    say(f"load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
+
+    rate = args.rate
+    if rate is None:
+        server = Server(loops[0], False)
+        try:
+            r = _harness.in_child(
+                _workers.raw_blast, server.port, [b"".join(batches)], 200_000, 60, timeout=90
+            )
+        finally:
+            server.stop()
+        rate = r["n"] / r["seconds"] / 2
+        say(f"one connection, incs of 1,000: {2 * rate:,.0f} inc/s; load at {rate:,.0f} inc/s")
+
+    Config = tuple[str, bool, str]
+    runs: dict[Config, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+
+    def named(loop: str, inline: bool, variant: str) -> str:
+        return f"{loop}, {'inline' if inline else 'mailbox'}" + (f", {variant}" if variant else "")
+
+    failures: list[str] = []
+    for round_ in range(args.rounds):
+        for loop, inline, variant in configs:
+            name = named(loop, inline, variant)
+            server = Server(loop, inline, variant.split())
+            try:
+                _harness.in_child(_workers.raw_blast, server.port, fill, 100_000, 60, timeout=90)
+                seed = SEED + round_
+                ping = functools.partial(_workers.socket_query_latency, op="ping")
+                work: list[tuple[str, Any, tuple[Any, ...] | None]] = [
+                    ("client.idle", _workers.query_latency, None),
+                    ("socket.idle", _workers.socket_query_latency, None),
+                    ("ping.idle", ping, None),
+                    ("client.load", _workers.query_latency, (batches, 1000, rate)),
+                ]
+                line = []
+                wanted = args.work.split(",")
+                for key, fn, load in (w for w in work if w[0] in wanted):
+                    wait_load = None
+                    if load is not None:
+                        stop = _harness.event()
+                        wait_load = _harness.fork(
+                            _workers.paced_load, server.port, *load, stop, args.limit
+                        )
+                        time.sleep(0.5)
+                    r = _harness.in_child(
+                        fn, server.port, args.queries, seed, args.limit, timeout=args.limit + 30
+                    )
+                    if wait_load is not None:
+                        stop.set()
+                        wait_load(args.limit + 30)
+                    if "error" in r or r.get("cut"):
+                        failures.append(f"{name} {key} round {round_ + 1}: {r.get('error', 'cut')}")
+                        continue
+                    for p, value in percentiles(r["latencies"]).items():
+                        runs[loop, inline, variant][f"{key}.{p}"].append(value)
+                    got = runs[loop, inline, variant]
+                    line.append(f"{key} {got[key + '.p50'][-1]:.0f}/{got[key + '.p99'][-1]:.0f}")
+                say(f"round {round_ + 1} {name}: " + ", ".join(line) + " µs (p50/p99)")
+            finally:
+                server.stop()
+    load_after = os.getloadavg()
+    say(f"load average {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+
+    print()
+    print(
+        f"query latency, medians of {args.rounds} rounds (min-max), {args.queries:,} calls "
+        f"each, µs; load at {rate:,.0f} inc/s; {os.cpu_count()} cores, load average "
+        f"{load_before[0]:.2f} before, {load_after[0]:.2f} after"
+    )
+    table: dict[str, Any] = {}
+    for loop, inline, variant in configs:
+        got = runs[loop, inline, variant]
+        name = named(loop, inline, variant)
+        table[name] = {}
+        print(f"  {name}")
+        for key, label in ROWS:
+            cells = []
+            for p in ("p50", "p99", "p99.9"):
+                values = got.get(f"{key}.{p}", [])
+                if not values:
+                    cells.append(f"{p} --")
+                    continue
+                med = statistics.median(values)
+                table[name][f"{key}.{p}"] = {"median": med, "values": values}
+                cells.append(f"{p} {med:,.0f} ({min(values):,.0f}-{max(values):,.0f})")
+            print(f"    {label:45s} " + ", ".join(cells))
+        for key, goal in TARGETS.items():
+            values = got.get(key, [])
+            if values:
+                med = statistics.median(values)
+                mark = "MET " if med <= goal else "MISS"
+                print(f"    [{mark}] {key}: {med:,.0f} µs (target <= {goal:,.0f} µs)")
+    for failure in failures:
+        print(f"  failed: {failure}")
+    out = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": _harness.machine(),
+        "rounds": args.rounds,
+        "queries": args.queries,
+        "rate": rate,
+        "loadavg": {"before": load_before, "after": load_after},
+        "table": table,
+        "failures": failures,
+    }
+    path = _harness.append_result(f"latency-{dt.date.today():%Y-%m-%d}", out)
+    print(f"appended to {path}; {time.monotonic() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
