@@ -192,6 +192,38 @@ def query_latency(port: int, n: int, seed: int, limit: float) -> dict[str, Any]:
     return result
 
 
+def aio_query_latency(port: int, n: int, seed: int, limit: float) -> dict[str, Any]:
+    """Like :func:`query_latency` through :class:`~campaignstats.client.AsyncStatsClient`, on
+    asyncio's own loop in this process: the same warm-up, clock and deadline as ``time_each``."""
+    import asyncio
+
+    from campaignstats.client import AsyncStatsClient
+
+    rng = random.Random(seed)
+    cids = [rng.randint(1, 1000) for _ in range(n)]
+
+    async def run() -> dict[str, Any]:
+        client = AsyncStatsClient(f"tcp://127.0.0.1:{port}", timeout=10)
+        try:
+            stats = client.stats
+            for cid in cids[:500]:
+                await stats(cid)
+            clock = time.perf_counter
+            out: list[float] = []
+            deadline = clock() + limit
+            for cid in cids:
+                t = clock()
+                await stats(cid)
+                out.append((clock() - t) * 1e6)
+                if t > deadline:
+                    break
+            return {"latencies": out, "cut": len(out) < len(cids)}
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
 def raw_query_latency(port: int, n: int, seed: int, limit: float) -> dict[str, Any]:
     """Like :func:`query_latency` on one connection of the client, without its pool: the
     difference between the two figures is what taking and giving back a connection costs."""

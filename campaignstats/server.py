@@ -15,6 +15,12 @@ protocol and 89-90 us with an anyio ``SocketStream`` (receive and send awaited);
 ``data_received`` costs about 8 us for a read of one ``inc`` (6.5 us before the session layer
 was added) and about 300 us for one ``incs`` of 1,000 (unchanged).
 
+A read-only query is answered in the read callback itself when its connection has nothing of
+its own still queued (docs/design.md, "Queries inline"): through the service's
+:meth:`~campaignstats.service.Producer.read_now` and the actor's read door, with no mailbox
+message and no task switch; its reply leaves in the read's one write. Otherwise it goes to the
+mailbox and its reply is written in the actor's turn.
+
 Writes never block: what a client does not read piles up in the transport's buffer, which is
 bounded: past ``max_output`` bytes, error replies to casts and ``pub`` updates are dropped (and
 counted) by the session, and a connection whose call replies cannot be delivered is closed. When
