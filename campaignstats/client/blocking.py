@@ -133,6 +133,9 @@ class _Connection:
         self._readable = select.poll()
         self._readable.register(sock, select.POLLIN)
         self._writable: select.poll | None = None  # made when a send first has to wait
+        #: replies are read into this buffer (a bytes object of _RECV_SIZE per recv() would be
+        #: allocated and shrunk on every call) and copied out at their own size
+        self._buffer = memoryview(bytearray(_RECV_SIZE))
 
     @classmethod
     def open(cls, address: Address, session: ClientSession, timeout: float) -> _Connection:
@@ -209,7 +212,7 @@ class _Connection:
             try:
                 if not self._readable.poll(None if deadline is None else _poll_ms(deadline)):
                     raise TimeoutError
-                data = self.sock.recv(_RECV_SIZE)
+                size = self.sock.recv_into(self._buffer)
             except BlockingIOError:
                 continue  # woken for nothing: wait again
             except TimeoutError:
@@ -219,10 +222,10 @@ class _Connection:
             except OSError as exc:
                 self.close()
                 raise ServerUnavailable(f"connection to {self.address} lost: {exc}") from exc
-            if not data:
+            if not size:
                 self.close()
                 raise ServerUnavailable(f"{self.address} closed the connection")
-            session.receive_data(data)
+            session.receive_data(self._buffer[:size].tobytes())
 
     def call(self, request: CallRequest, deadline: float, on_event: OnEvent) -> Any:
         """Send ``request`` and wait for its reply; other events go to ``on_event``."""
