@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,6 +26,7 @@ import msgpack
 import pytest
 
 from campaignstats.actor.actor import NOT_NOW, ActorConfig
+from campaignstats.client import AsyncStatsClient, StatsClient
 from campaignstats.errors import UsageError
 from campaignstats.model import Increment
 from campaignstats.requests import Flush, Increments, Info, Stats, StatsMany
@@ -354,5 +356,41 @@ async def test_a_test_fault_hook_sees_every_query_as_a_message() -> None:
                 await conn.close()
             assert server.counters.reads_inline == 0
         assert any(getattr(m, "request", None) == Stats(5) for m in seen)
+    finally:
+        await service.stop(5)
+
+
+# -- TCP_NODELAY on both ends ---------------------------------------------------------------------
+
+
+def nodelay(sock: Any) -> bool:
+    return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+async def test_both_clients_and_the_server_send_small_replies_without_delay() -> None:
+    service = await started()
+    try:
+        async with fronts(service) as (server, _):
+            assert server.port is not None
+            url = f"tcp://127.0.0.1:{server.port}"
+            async with AsyncStatsClient(url) as aio:
+                assert (await aio.stats(1))["supporters"] == 0
+                conn = aio._conn
+                assert conn is not None
+                assert conn.transport is not None
+                assert nodelay(conn.transport.get_extra_info("socket"))
+
+            def blocking() -> bool:
+                with StatsClient(url) as client:
+                    client.stats(1)
+                    idle = client._pool._idle
+                    return len(idle) == 1 and nodelay(idle[0].sock)
+
+            assert await asyncio.to_thread(blocking)
+            connections = list(server.connections)
+            assert connections
+            for connection in connections:
+                assert connection.transport is not None
+                assert nodelay(connection.transport.get_extra_info("socket"))
     finally:
         await service.stop(5)
