@@ -379,6 +379,10 @@ async def test_both_clients_and_the_server_send_small_replies_without_delay() ->
                 assert conn is not None
                 assert conn.transport is not None
                 assert nodelay(conn.transport.get_extra_info("socket"))
+                # The server's end of this connection, while it is open.
+                [connection] = list(server.connections)
+                assert connection.transport is not None
+                assert nodelay(connection.transport.get_extra_info("socket"))
 
             def blocking() -> bool:
                 with StatsClient(url) as client:
@@ -387,10 +391,5 @@ async def test_both_clients_and_the_server_send_small_replies_without_delay() ->
                     return len(idle) == 1 and nodelay(idle[0].sock)
 
             assert await asyncio.to_thread(blocking)
-            connections = list(server.connections)
-            assert connections
-            for connection in connections:
-                assert connection.transport is not None
-                assert nodelay(connection.transport.get_extra_info("socket"))
     finally:
         await service.stop(5)
