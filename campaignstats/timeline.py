@@ -152,14 +152,19 @@ class Timeline:
 
     ``add``/``take`` move all three series together, so that a sum over the days of a range
     equals the sum over its hours and minutes wherever they are kept.
+
+    Lazy (docs/design.md, "Memory"): while every count is in one minute, that minute's two
+    ints are the whole timeline (one minute, its hour and its day); the three series are
+    created when a second minute comes, or a bucket of an hour or a day, or a decrement. Most
+    campaigns of a server are small, and three series cost about 700 bytes before they hold
+    anything.
     """
 
-    __slots__ = ("days", "hours", "last_action_at", "minute", "minutes", "pending_a", "pending_s")
+    __slots__ = ("_series", "last_action_at", "minute", "pending_a", "pending_s")
 
     def __init__(self) -> None:
-        self.minutes = Series(MINUTE, MINUTES_KEPT // MINUTE)
-        self.hours = Series(HOUR, HOURS_KEPT // HOUR)
-        self.days = Series(DAY, None)
+        #: minutes, hours and days; None while the pending minute is the only bucket
+        self._series: tuple[Series, Series, Series] | None = None
         self.last_action_at: float = -1.0  # -1: none (see last_action)
         # The hot path: counts of the current minute are summed here, in two ints, and filed
         # into the three series when another minute comes or anything reads them (flush).
@@ -176,22 +181,58 @@ class Timeline:
         """Count ``supporters`` and ``actions`` at time ``t`` (epoch seconds, >= 0)."""
         m = int(t) // MINUTE
         if m != self.minute:
-            self.flush()
+            if self.pending_s or self.pending_a:
+                self._materialize()  # a second minute: the series are needed now
+                self.flush()
             self.minute = m
         self.pending_s += supporters
         self.pending_a += actions
         if actions and t > self.last_action_at:
             self.last_action_at = t
 
+    def _materialize(self) -> tuple[Series, Series, Series]:
+        """The three series, created (empty) on first need; the pending minute stays pending
+        until :meth:`flush` files it."""
+        series = self._series
+        if series is None:
+            series = self._series = (
+                Series(MINUTE, MINUTES_KEPT // MINUTE),
+                Series(HOUR, HOURS_KEPT // HOUR),
+                Series(DAY, None),
+            )
+        return series
+
     def flush(self) -> None:
-        """File the pending minute's counts into the series."""
+        """File the pending minute's counts into the series (while there are none, the
+        pending minute is the only bucket and stays where it is)."""
         s, a = self.pending_s, self.pending_a
-        if s or a:
+        series = self._series
+        if (s or a) and series is not None:
             m = self.minute
-            self.minutes.add(m, s, a)
-            self.hours.add(m // 60, s, a)
-            self.days.add(m // 1440, s, a)
+            minutes, hours, days = series
+            minutes.add(m, s, a)
+            hours.add(m // 60, s, a)
+            days.add(m // 1440, s, a)
             self.pending_s = self.pending_a = 0
+
+    def _filed(self) -> tuple[Series, Series, Series]:
+        """The series with everything filed (created if needed): for changes other than the
+        pending minute's sums."""
+        series = self._materialize()
+        self.flush()
+        return series
+
+    @property
+    def minutes(self) -> Series:
+        return self.series_for(MINUTE)
+
+    @property
+    def hours(self) -> Series:
+        return self.series_for(HOUR)
+
+    @property
+    def days(self) -> Series:
+        return self.series_for(DAY)
 
     def take(self, t: float, supporters: int, actions: int, now: float) -> bool:
         """Take back what ``add(t, ...)`` counted; True when clamped.
@@ -201,9 +242,9 @@ class Timeline:
         answers from, and what a calculation rebuilds) is taken, and the same from the coarser
         ones, so that an hour stays the sum of its minutes and a day the sum of its hours.
         """
-        self.flush()
+        minutes, hours, days = self._filed()
         m = int(t) // MINUTE
-        levels = ((self.minutes, m), (self.hours, m // 60), (self.days, m // 1440))
+        levels = ((minutes, m), (hours, m // 60), (days, m // 1440))
         finest = 0 if t >= now - 48 * HOUR else 1 if t >= now - 90 * DAY else 2
         series, index = levels[finest]
         have_s, have_a = series.get(index)
@@ -220,22 +261,31 @@ class Timeline:
         if unit == MINUTE:
             self.add(start, supporters, actions)
             return
+        _, hours, days = self._materialize()
         if unit == HOUR:
-            self.hours.add(start // HOUR, supporters, actions)
-        self.days.add(start // DAY, supporters, actions)
+            hours.add(start // HOUR, supporters, actions)
+        days.add(start // DAY, supporters, actions)
 
     def copy(self) -> Timeline:
         self.flush()
         new = Timeline()
-        new.minutes = self.minutes.copy()
-        new.hours = self.hours.copy()
-        new.days = self.days.copy()
+        series = self._series
+        if series is not None:
+            new._series = (series[0].copy(), series[1].copy(), series[2].copy())
+        new.minute = self.minute
+        new.pending_s = self.pending_s
+        new.pending_a = self.pending_a
         new.last_action_at = self.last_action_at
         return new
 
     def nbytes(self) -> int:
+        """Bytes of the buckets held, 24 each (a pending minute alone stands for three: its
+        minute, hour and day)."""
         self.flush()
-        return self.minutes.nbytes() + self.hours.nbytes() + self.days.nbytes()
+        series = self._series
+        if series is None:
+            return 3 * 24 if self.pending_s or self.pending_a else 0
+        return sum(s.nbytes() for s in series)
 
     def views(self, now: float) -> dict[str, list[list[int]]]:
         """Every bucket a query can see at ``now``, by unit: what two timelines must agree on
@@ -245,8 +295,17 @@ class Timeline:
     # -- queries --------------------------------------------------------------------------------
 
     def series_for(self, unit: int) -> Series:
+        """The series of ``unit`` (seconds), everything filed: to read, not to change (while
+        the pending minute is the only bucket, a new series holding it)."""
         self.flush()
-        return self.minutes if unit == MINUTE else self.hours if unit == HOUR else self.days
+        series = self._series
+        if series is not None:
+            return series[0] if unit == MINUTE else series[1] if unit == HOUR else series[2]
+        keep = MINUTES_KEPT // MINUTE if unit == MINUTE else HOURS_KEPT // HOUR
+        alone = Series(unit, None if unit == DAY else keep)
+        if self.pending_s or self.pending_a:
+            alone.add(self.minute * MINUTE // unit, self.pending_s, self.pending_a)
+        return alone
 
     def history(
         self, unit: str, start: float | None, end: float | None, now: float
@@ -312,7 +371,6 @@ def recent(timeline: Timeline | None, now: float, tz: ZoneInfo) -> dict[str, obj
             "last_7_days": list(zero),
             "last_action_at": None,
         }
-    timeline.flush()
     minute_now = math.floor(now) // MINUTE
     hour_now = minute_now // 60
     today, yesterday = day_starts(now, tz)

@@ -1,0 +1,124 @@
+"""What a campaign costs in memory (docs/design.md, "Memory"): one string object per distinct
+action type or area for the whole state, and a timeline whose three series exist only once it
+holds more than one minute, answering every query as if they existed."""
+
+from __future__ import annotations
+
+from zoneinfo import ZoneInfo
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from campaignstats.model import CalculationResult, CampaignStats, Increment, StatsState
+from campaignstats.timeline import DAY, HOUR, MINUTE, Timeline, recent
+
+NOW = 1_750_000_000.0
+
+
+def fresh(text: str) -> str:
+    """An equal string that is another object (as each decoded message makes its own)."""
+    copy = (text + ".")[:-1]
+    assert copy is not text
+    return copy
+
+
+def keys(stats: CampaignStats) -> list[str]:
+    return [*stats.action, *stats.area]
+
+
+def test_equal_action_types_and_areas_of_different_campaigns_are_one_object() -> None:
+    state = StatsState()
+    for cid in (1, 2, 3):
+        state.apply(Increment(cid, 1, fresh("petition"), fresh("DE"), True))
+        state.apply(Increment(cid, 1, fresh("share"), fresh("FR"), True))
+    first = keys(state.campaigns[1])
+    for cid in (2, 3):
+        assert all(a is b for a, b in zip(first, keys(state.campaigns[cid]), strict=True))
+
+
+def test_a_merged_calculation_and_a_loaded_snapshot_hold_interned_keys_too() -> None:
+    state = StatsState()
+    state.apply(Increment(1, 1, "petition", "DE", True))
+    held = keys(state.campaigns[1])
+    result = CalculationResult(
+        "ids",
+        {2: CampaignStats(1, {fresh("petition"): 1}, {fresh("DE"): 1}, {1: 1})},
+        max_action_id=0,
+    )
+    state.merge(result)
+    assert all(a is b for a, b in zip(held, keys(state.campaigns[2]), strict=True))
+    wire = {"supporters": 1, "action": {fresh("petition"): 1}, "area": {fresh("DE"): 1}}
+    loaded = CampaignStats.from_wire({**wire, "org": {1: 1}, "extra_supporters": 0})
+    assert all(a is b for a, b in zip(held, keys(loaded), strict=True))
+
+
+def test_replayed_and_page_counts_use_the_interned_keys() -> None:
+    state = StatsState()
+    state.apply(Increment(1, 1, "petition", "DE", True))
+    held = keys(state.campaigns[1])
+    state.apply(Increment(2, 1, fresh("petition"), fresh("DE"), True, page=5))
+    assert all(a is b for a, b in zip(held, keys(state.pages[5].stats), strict=True))
+    stats = CampaignStats()
+    stats.add(Increment(3, 1, fresh("petition"), fresh("DE"), True))
+    assert all(a is b for a, b in zip(held, keys(stats), strict=True))
+
+
+def test_a_timeline_with_one_minute_holds_no_series_and_answers_every_query() -> None:
+    state = StatsState()
+    state.clock = lambda: NOW
+    for _ in range(10):
+        state.apply(Increment(1, 1, "sign", "DE", True, at=NOW - 5))
+    timeline = state.timelines[1]
+    timeline.flush()
+    assert timeline._series is None
+    minute = int(NOW - 5) // MINUTE * MINUTE
+    assert timeline.history("minute", None, None, NOW) == [[minute, 10, 10]]
+    assert timeline.history("hour", None, None, NOW) == [[minute // HOUR * HOUR, 10, 10]]
+    assert timeline.history("day", None, None, NOW) == [[minute // DAY * DAY, 10, 10]]
+    assert timeline.nbytes() == 3 * 24
+    figures = recent(timeline, NOW, ZoneInfo("Europe/Berlin"))
+    assert figures["last_hour"] == figures["today"] == figures["last_7_days"] == [10, 10]
+    assert state.top("last_hour", 5) == [[1, 10]]
+    assert state.top("today", 5) == [[1, 10]]
+    assert timeline._series is None  # reading created nothing
+    state.apply(Increment(1, 1, "sign", "DE", True, at=NOW - 5 * MINUTE))
+    timeline.flush()
+    assert timeline._series is not None
+    assert timeline.history("minute", None, None, NOW) == [
+        [minute - 5 * MINUTE, 1, 1],
+        [minute, 10, 10],
+    ]
+
+
+#: a change: ("add" or "take", seconds before NOW, supporters, actions)
+changes = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "add", "take"]),
+        st.sampled_from([0, 10, 59, 61, 3_000, 4 * HOUR, 3 * DAY, 100 * DAY]),
+        st.integers(0, 3),
+        st.integers(0, 3),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(changes)
+def test_a_lazy_timeline_answers_as_one_whose_series_exist_from_the_start(
+    steps: list[tuple[str, int, int, int]],
+) -> None:
+    lazy, eager = Timeline(), Timeline()
+    eager._materialize()
+    for op, back, s, a in steps:
+        t = NOW - back
+        if op == "add":
+            lazy.add(t, s, a)
+            eager.add(t, s, a)
+        else:
+            assert lazy.take(t, s, a, NOW) == eager.take(t, s, a, NOW)  # clamped alike
+        assert lazy.views(NOW) == eager.views(NOW)
+        assert lazy.nbytes() == eager.nbytes()
+        assert lazy.last_action == eager.last_action
+        assert lazy.copy().views(NOW) == eager.views(NOW)
+        for tz in ("UTC", "America/New_York"):
+            assert recent(lazy, NOW, ZoneInfo(tz)) == recent(eager, NOW, ZoneInfo(tz))
