@@ -2,6 +2,7 @@
 
     python -m bench.memory                    # 10,000 typical campaigns, about 10 seconds
     python -m bench.memory --campaigns 100000 --spread 10 --top
+    python -m bench.memory --redis            # bench.run's memory rows alone, Redis included
 
 In one process, on StatsState directly: the typical campaign of ``bench.run``'s memory row (10
 new supporters, 5 action types, 10 areas, 3 orgs; fresh strings, as decoded), applied one
@@ -13,7 +14,10 @@ campaign per batch as the bench does. Then, per campaign:
 
 ``--spread M`` files the campaign's 10 actions over M distinct minutes (the buckets of a
 campaign that was active for a while); ``--top`` calls ``top`` once, so that the ranking holds
-every campaign (as on a server that answers it). Writes JSON to bench/results/memory.json.
+every campaign (as on a server that answers it). ``--redis`` measures only ``bench.run``'s
+memory rows (workload 6, each size in a forked child, as bench.run does) and Redis's
+``used_memory`` for the same campaigns, one hash each, in the same run. Writes JSON to
+bench/results/memory.json.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import tracemalloc
 from collections.abc import Iterable
 from typing import Any
 
-from bench._harness import append_result, machine, rss_bytes
+from bench import _redis, _workers
+from bench._harness import append_result, in_child, machine, rss_bytes
 from bench._workers import typical_campaign
 from campaignstats.model import Increment, StatsState
 
@@ -64,7 +69,7 @@ def breakdown(state: StatsState, n: int) -> dict[str, float]:
         if series is not None:
             inner.append(series)
             for s in series:
-                inner.extend((s, s.keys, s.counts))
+                inner.extend((s, s.data))
     parts["timelines dict"] = _size([state.timelines], seen)
     parts["Timeline objects"] = _size(timelines, seen)
     parts["series and arrays"] = _size(inner, seen)
@@ -115,12 +120,38 @@ def measure(campaigns: int, spread: int, top: bool) -> dict[str, Any]:
     }
 
 
+def rows(sizes: tuple[int, ...]) -> dict[str, Any]:
+    """bench.run's memory rows: ours (RSS growth) and Redis's (used_memory), same run."""
+    out: dict[str, Any] = {}
+    for size in sizes:
+        ours = in_child(_workers.memory, size, timeout=300)
+        out[f"mem.{size}"] = ours.get("bytes_per_campaign", ours.get("error"))
+    why = _redis.ensure_redis(print)
+    if why is not None:
+        out["redis"] = why
+        return out
+    with _redis.redis_server() as port:
+        for size in sizes:
+            theirs = in_child(_redis.memory, port, size, timeout=300)
+            out[f"redis.mem.{size}"] = theirs.get("bytes_per_campaign", theirs.get("error"))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--campaigns", type=int, default=10_000)
     parser.add_argument("--spread", type=int, default=1, help="distinct minutes of the actions")
     parser.add_argument("--top", action="store_true", help="call top once (ranking filled)")
+    parser.add_argument("--redis", action="store_true", help="bench.run's memory rows and Redis")
     args = parser.parse_args()
+    if args.redis:
+        result = rows((10_000, 100_000))
+        for size in (10_000, 100_000):
+            ours, theirs = result[f"mem.{size}"], result.get(f"redis.mem.{size}")
+            ratio = f"{ours / theirs:.1f}x" if isinstance(theirs, float) else "-"
+            print(f"{size:,} campaigns: ours {ours:,.0f} B, Redis {theirs} B, ratio {ratio}")
+        append_result("memory", {**machine(), "rows": result})
+        return
     if not 1 <= args.spread <= 10 or args.campaigns < 1:
         parser.error("--spread is 1 to 10 minutes, --campaigns at least 1")
     result = measure(args.campaigns, args.spread, args.top)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from campaignstats.model import CalculationResult, CampaignStats, Increment, StatsState
-from campaignstats.timeline import DAY, HOUR, MINUTE, Timeline, recent
+from campaignstats.timeline import DAY, HOUR, MINUTE, Series, Timeline, recent
 
 NOW = 1_750_000_000.0
 
@@ -122,3 +122,64 @@ def test_a_lazy_timeline_answers_as_one_whose_series_exist_from_the_start(
         assert lazy.copy().views(NOW) == eager.views(NOW)
         for tz in ("UTC", "America/New_York"):
             assert recent(lazy, NOW, ZoneInfo(tz)) == recent(eager, NOW, ZoneInfo(tz))
+
+
+class ReferenceSeries:
+    """What a series means, in a plain dict: bucket index -> [supporters, actions]."""
+
+    def __init__(self, keep: int | None) -> None:
+        self.keep = keep
+        self.buckets: dict[int, list[int]] = {}
+
+    def add(self, index: int, s: int, a: int) -> None:
+        newest = max(self.buckets, default=None)
+        if newest is not None and self.keep is not None and index <= newest - self.keep:
+            return  # older than what is kept
+        bucket = self.buckets.setdefault(index, [0, 0])
+        bucket[0] += s
+        bucket[1] += a
+        if self.keep is not None:
+            for old in [i for i in self.buckets if i <= max(self.buckets) - self.keep]:
+                del self.buckets[old]
+
+    def take(self, index: int, s: int, a: int) -> None:
+        bucket = self.buckets.get(index)
+        if bucket is not None:
+            bucket[0], bucket[1] = max(0, bucket[0] - s), max(0, bucket[1] - a)
+            if bucket == [0, 0]:
+                del self.buckets[index]
+
+    def rows(self) -> list[tuple[int, int, int]]:
+        return [(i, s, a) for i, (s, a) in sorted(self.buckets.items()) if s or a]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([None, 1, 5]),
+    st.lists(
+        st.tuples(st.booleans(), st.integers(0, 12), st.integers(0, 3), st.integers(0, 3)),
+        max_size=40,
+    ),
+)
+def test_a_series_in_one_array_holds_what_a_dict_of_buckets_holds(
+    keep: int | None, steps: list[tuple[bool, int, int, int]]
+) -> None:
+    series, reference = Series(MINUTE, keep), ReferenceSeries(keep)
+    for add, index, s, a in steps:
+        if add:
+            series.add(index, s, a)
+            reference.add(index, s, a)
+        else:
+            series.take(index, s, a)
+            reference.take(index, s, a)
+        assert series.rows() == reference.rows()
+        assert list(series.keys) == sorted(reference.buckets)
+        for lo in range(0, 14, 3):
+            expected = [r for r in reference.rows() if lo <= r[0] < lo + 4]
+            assert list(series.buckets(lo, lo + 4)) == expected
+            assert series.total(lo, lo + 4) == (
+                sum(r[1] for r in expected),
+                sum(r[2] for r in expected),
+            )
+            assert series.get(lo) == tuple(reference.buckets.get(lo, (0, 0)))
+    assert series.copy().rows() == series.rows()
