@@ -75,8 +75,14 @@ class Series:
 
     def _find(self, index: int) -> int:
         """Position (in buckets) of the first bucket whose index is ``index`` or more."""
-        with memoryview(self.data) as view, view[0::3] as keys:
-            return bisect_left(keys, index)
+        data = self.data
+        if not data or data[-3] < index:
+            return len(data) // 3  # past the newest: the common case, and no view to make
+        if data[0] >= index:
+            return 0
+        # A strided view of the indexes, bisected in C; the temporary views go when the call
+        # returns (nothing else holds them), so the array can grow again.
+        return bisect_left(memoryview(data)[0::3], index)
 
     def keeps(self, index: int) -> bool:
         """Whether the bucket of ``index`` is within what this series keeps."""
@@ -105,7 +111,9 @@ class Series:
             data[i + 1] = min(data[i + 1] + supporters, BUCKET_MAX)
             data[i + 2] = min(data[i + 2] + actions, BUCKET_MAX)
         else:
-            data[i:i] = array("q", (index, min(supporters, BUCKET_MAX), min(actions, BUCKET_MAX)))
+            data.insert(i, min(actions, BUCKET_MAX))
+            data.insert(i, min(supporters, BUCKET_MAX))
+            data.insert(i, index)
 
     def get(self, index: int) -> tuple[int, int]:
         data = self.data
