@@ -242,8 +242,8 @@ class CampaignStats:
     def from_wire(cls, stats: Mapping[str, Any]) -> CampaignStats:
         return cls(
             int(stats["supporters"]),
-            {intern(k): n for k, n in stats["action"].items()},
-            {intern(k): n for k, n in stats["area"].items()},
+            dict(stats["action"]),
+            dict(stats["area"]),
             dict(stats["org"]),
             int(stats["extra_supporters"]),
             int(stats.get("messages", 0)),
