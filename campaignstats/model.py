@@ -11,6 +11,7 @@ the database compare equal key for key.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,10 @@ from zoneinfo import ZoneInfo
 from campaignstats.errors import BadMessage, Invalid, ProtocolError
 from campaignstats.ranking import TOUCHED_HOURS, SupporterRanking, leaders
 from campaignstats.timeline import DAY, HOUR, Timeline, recent
+
+#: one str object per distinct action type or area for the whole process, not one per campaign
+#: (docs/design.md, "Memory"): ``sys.intern`` forgets a string once nothing holds it
+intern = sys.intern
 
 #: Wire STATS map: ``{"supporters", "action", "area", "org", "extra_supporters"}``.
 WireStats = dict[str, Any]
@@ -212,10 +217,11 @@ class CampaignStats:
     messages: int = 0
 
     def copy(self) -> CampaignStats:
+        """A copy whose keys are interned (a calculation's come one per database row)."""
         return CampaignStats(
             self.supporters,
-            dict(self.action),
-            dict(self.area),
+            {intern(k): n for k, n in self.action.items()},
+            {intern(k): n for k, n in self.area.items()},
             dict(self.org),
             self.extra_supporters,
             self.messages,
@@ -245,12 +251,23 @@ class CampaignStats:
 
     def add(self, inc: IncrementLike) -> None:
         """Apply one increment with no limit checks (used when replaying a journal)."""
-        self.action[inc.action_type] = self.action.get(inc.action_type, 0) + inc.count
+        action, key = self.action, inc.action_type
+        n = action.get(key)
+        if n is None:
+            action[intern(key)] = inc.count
+        else:
+            action[key] = n + inc.count
         if inc.new_supporter:
             self.supporters += 1
             self.org[inc.org_id] = self.org.get(inc.org_id, 0) + 1
-            if inc.area is not None:
-                self.area[inc.area] = self.area.get(inc.area, 0) + 1
+            area = inc.area
+            if area is not None:
+                areas = self.area
+                a = areas.get(area)
+                if a is None:
+                    areas[intern(area)] = 1
+                else:
+                    areas[area] = a + 1
         if inc.messages:
             self.messages += inc.messages
 
@@ -657,6 +674,7 @@ class StatsState:
                     rejected.append((i, f"campaign {cid}: over {max_keys} action types"))
                     continue
                 n = 0
+                action_type = intern(action_type)
             total = n + count
             messages = inc.messages
             if total > MAX_ID or stats.messages + messages > MAX_ID:  # totals stay int64
@@ -679,6 +697,7 @@ class StatsState:
                             rejected.append((i, f"campaign {cid}: over {max_keys} areas"))
                             continue
                         a = 0
+                        area = intern(area)
                     areas[area] = a + 1
                 org[org_id] = o + 1
                 stats.supporters += 1

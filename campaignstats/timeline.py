@@ -6,12 +6,13 @@ Plain Python with no I/O, like :mod:`campaignstats.model`. Three series of UTC b
 * hours, kept for the last 91 days (at least 90);
 * days, for the campaign's whole life.
 
-Storage is compact and lazy: a series is two ``array('q')``, the indexes of its non-zero buckets
-in ascending order and their counts, so a campaign pays 24 bytes for each minute, hour or day
-in which it was active and nothing for the others (a campaign with one action holds three
-buckets, not 48 hours of minute slots). A series drops the buckets that fall out of its
-retention as newer ones are appended. The current minute's counts are summed in two plain
-ints first (:meth:`Timeline.add`), which keeps the hot path to a few attribute updates.
+Storage is compact and lazy (docs/design.md, "Memory"): a series is one ``array('q')`` of its
+non-zero buckets in ascending order, each an index and two counts, so a campaign pays 24 bytes
+for each minute, hour or day in which it was active and nothing for the others. A series drops
+the buckets that fall out of its retention as newer ones are appended. The current minute's
+counts are summed in two plain ints first (:meth:`Timeline.add`), which keeps the hot path to a
+few attribute updates; and while all of a timeline's counts are in one minute, those two ints
+are the whole timeline: its three series are created when a second minute comes.
 
 Times are epoch seconds (UTC); a bucket is named by its start. Counts never go below zero in
 a bucket: a decrement that finds less there than it takes back is clamped, as the totals are.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections.abc import Iterator
 from datetime import date, datetime, time, timedelta
 from typing import Literal
@@ -43,24 +44,45 @@ HOURS_KEPT = 91 * DAY
 BUCKET_MAX = 2**63 - 1
 
 
-class Series:
-    """The non-zero buckets of one unit, as two sorted arrays (see the module doc): ``keys``
-    holds bucket indexes (bucket start // unit) ascending, ``counts`` the supporters and actions
-    of each, interleaved. Appending the newest bucket, the common case, is O(1); an older one is
-    a bisection and an insertion."""
+#: buckets kept behind the newest, per series (one int object shared by every series)
+MINUTE_KEEP = MINUTES_KEPT // MINUTE
+HOUR_KEEP = HOURS_KEPT // HOUR
 
-    __slots__ = ("counts", "keep", "keys", "unit")
+
+class Series:
+    """The non-zero buckets of one unit, in one sorted ``array('q')`` (see the module doc):
+    ``data`` holds ``index, supporters, actions`` for each bucket, by ascending index (bucket
+    start // unit). One array rather than one for the indexes and one for the counts: an array
+    costs 64 bytes before its first item, and most series hold a few buckets. Appending the
+    newest bucket, the common case, is O(1); an older one is a bisection and an insertion."""
+
+    __slots__ = ("data", "keep", "unit")
 
     def __init__(self, unit: int, keep: int | None) -> None:
         self.unit = unit  # seconds per bucket
         self.keep = keep  # buckets kept behind the newest (None: all)
-        self.keys: array[int] = array("q")
-        self.counts: array[int] = array("q")
+        self.data: array[int] = array("q")
+
+    @property
+    def keys(self) -> array[int]:
+        """The indexes of the buckets, ascending (a copy)."""
+        return self.data[0::3]
 
     @property
     def newest(self) -> int:
-        keys = self.keys
-        return keys[-1] if keys else -(2**62)
+        data = self.data
+        return data[-3] if data else -(2**62)
+
+    def _find(self, index: int) -> int:
+        """Position (in buckets) of the first bucket whose index is ``index`` or more."""
+        data = self.data
+        if not data or data[-3] < index:
+            return len(data) // 3  # past the newest: the common case, and no view to make
+        if data[0] >= index:
+            return 0
+        # A strided view of the indexes, bisected in C; the temporary views go when the call
+        # returns (nothing else holds them), so the array can grow again.
+        return bisect_left(memoryview(data)[0::3], index)
 
     def keeps(self, index: int) -> bool:
         """Whether the bucket of ``index`` is within what this series keeps."""
@@ -68,79 +90,75 @@ class Series:
 
     def add(self, index: int, supporters: int, actions: int) -> None:
         """Add to the bucket of ``index``."""
-        keys, counts = self.keys, self.counts
-        if keys and keys[-1] == index:
-            counts[-2] = min(counts[-2] + supporters, BUCKET_MAX)
-            counts[-1] = min(counts[-1] + actions, BUCKET_MAX)
+        data = self.data
+        if data and data[-3] == index:
+            data[-2] = min(data[-2] + supporters, BUCKET_MAX)
+            data[-1] = min(data[-1] + actions, BUCKET_MAX)
             return
-        if not keys or index > keys[-1]:
-            keys.append(index)
-            counts.append(min(supporters, BUCKET_MAX))
-            counts.append(min(actions, BUCKET_MAX))
+        if not data or index > data[-3]:
+            data.append(index)
+            data.append(min(supporters, BUCKET_MAX))
+            data.append(min(actions, BUCKET_MAX))
             keep = self.keep
-            if keep is not None and keys[0] <= index - keep:
-                cut = bisect_right(keys, index - keep)
-                del keys[:cut]
-                del counts[: 2 * cut]
+            if keep is not None and data[0] <= index - keep:
+                cut = self._find(index - keep + 1)
+                del data[: 3 * cut]
             return
         if not self.keeps(index):
             return  # older than what this series keeps
-        i = bisect_left(keys, index)
-        if keys[i] == index:
-            counts[2 * i] = min(counts[2 * i] + supporters, BUCKET_MAX)
-            counts[2 * i + 1] = min(counts[2 * i + 1] + actions, BUCKET_MAX)
+        i = 3 * self._find(index)
+        if data[i] == index:
+            data[i + 1] = min(data[i + 1] + supporters, BUCKET_MAX)
+            data[i + 2] = min(data[i + 2] + actions, BUCKET_MAX)
         else:
-            keys.insert(i, index)
-            counts.insert(2 * i, min(actions, BUCKET_MAX))
-            counts.insert(2 * i, min(supporters, BUCKET_MAX))
+            data.insert(i, min(actions, BUCKET_MAX))
+            data.insert(i, min(supporters, BUCKET_MAX))
+            data.insert(i, index)
 
     def get(self, index: int) -> tuple[int, int]:
-        keys = self.keys
-        i = bisect_left(keys, index)
-        if i < len(keys) and keys[i] == index:
-            return self.counts[2 * i], self.counts[2 * i + 1]
+        data = self.data
+        i = 3 * self._find(index)
+        if i < len(data) and data[i] == index:
+            return data[i + 1], data[i + 2]
         return 0, 0
 
     def take(self, index: int, supporters: int, actions: int) -> None:
         """Subtract from the bucket of ``index`` (clamped at zero; the caller has checked that
         it holds that much, Timeline.take). A bucket that reaches zero is dropped."""
-        keys, counts = self.keys, self.counts
-        i = bisect_left(keys, index)
-        if i < len(keys) and keys[i] == index:
-            s = max(0, counts[2 * i] - supporters)
-            a = max(0, counts[2 * i + 1] - actions)
+        data = self.data
+        i = 3 * self._find(index)
+        if i < len(data) and data[i] == index:
+            s = max(0, data[i + 1] - supporters)
+            a = max(0, data[i + 2] - actions)
             if s or a:
-                counts[2 * i], counts[2 * i + 1] = s, a
+                data[i + 1], data[i + 2] = s, a
             else:
-                del keys[i]
-                del counts[2 * i : 2 * i + 2]
+                del data[i : i + 3]
 
     def buckets(self, lo: int, hi: int) -> Iterator[tuple[int, int, int]]:
         """``(index, supporters, actions)`` of non-zero buckets with ``lo <= index < hi``,
         ascending."""
-        keys, counts = self.keys, self.counts
-        for i in range(bisect_left(keys, lo), bisect_left(keys, hi)):
-            s, a = counts[2 * i], counts[2 * i + 1]
+        data = self.data
+        for i in range(3 * self._find(lo), 3 * self._find(hi), 3):
+            s, a = data[i + 1], data[i + 2]
             if s or a:
-                yield keys[i], s, a
+                yield data[i], s, a
 
     def total(self, lo: int, hi: int) -> tuple[int, int]:
-        keys, counts = self.keys, self.counts
-        i, j = bisect_left(keys, lo), bisect_left(keys, hi)
+        i, j = self._find(lo), self._find(hi)
         if i == j:
             return 0, 0
-        part = counts[2 * i : 2 * j]
-        return min(sum(part[0::2]), BUCKET_MAX), min(sum(part[1::2]), BUCKET_MAX)
+        part = self.data[3 * i : 3 * j]
+        return min(sum(part[1::3]), BUCKET_MAX), min(sum(part[2::3]), BUCKET_MAX)
 
     def copy(self) -> Series:
         new = Series(self.unit, self.keep)
-        new.keys = array("q", self.keys)
-        new.counts = array("q", self.counts)
+        new.data = array("q", self.data)
         return new
 
     def nbytes(self) -> int:
-        """Bytes of the arrays' items (what they hold; allocation slack aside)."""
-        return (len(self.keys) + len(self.counts)) * 8
+        """Bytes of the array's items (what it holds; allocation slack aside)."""
+        return len(self.data) * 8
 
     def rows(self) -> list[tuple[int, int, int]]:
         """Every non-zero bucket, for the snapshot file and for comparisons."""
@@ -152,14 +170,19 @@ class Timeline:
 
     ``add``/``take`` move all three series together, so that a sum over the days of a range
     equals the sum over its hours and minutes wherever they are kept.
+
+    Lazy (docs/design.md, "Memory"): while every count is in one minute, that minute's two
+    ints are the whole timeline (one minute, its hour and its day); the three series are
+    created when a second minute comes, or a bucket of an hour or a day, or a decrement. Most
+    campaigns of a server are small, and three series cost about 700 bytes before they hold
+    anything.
     """
 
-    __slots__ = ("days", "hours", "last_action_at", "minute", "minutes", "pending_a", "pending_s")
+    __slots__ = ("_series", "last_action_at", "minute", "pending_a", "pending_s")
 
     def __init__(self) -> None:
-        self.minutes = Series(MINUTE, MINUTES_KEPT // MINUTE)
-        self.hours = Series(HOUR, HOURS_KEPT // HOUR)
-        self.days = Series(DAY, None)
+        #: minutes, hours and days; None while the pending minute is the only bucket
+        self._series: tuple[Series, Series, Series] | None = None
         self.last_action_at: float = -1.0  # -1: none (see last_action)
         # The hot path: counts of the current minute are summed here, in two ints, and filed
         # into the three series when another minute comes or anything reads them (flush).
@@ -176,22 +199,58 @@ class Timeline:
         """Count ``supporters`` and ``actions`` at time ``t`` (epoch seconds, >= 0)."""
         m = int(t) // MINUTE
         if m != self.minute:
-            self.flush()
+            if self.pending_s or self.pending_a:
+                self._materialize()  # a second minute: the series are needed now
+                self.flush()
             self.minute = m
         self.pending_s += supporters
         self.pending_a += actions
         if actions and t > self.last_action_at:
             self.last_action_at = t
 
+    def _materialize(self) -> tuple[Series, Series, Series]:
+        """The three series, created (empty) on first need; the pending minute stays pending
+        until :meth:`flush` files it."""
+        series = self._series
+        if series is None:
+            series = self._series = (
+                Series(MINUTE, MINUTE_KEEP),
+                Series(HOUR, HOUR_KEEP),
+                Series(DAY, None),
+            )
+        return series
+
     def flush(self) -> None:
-        """File the pending minute's counts into the series."""
+        """File the pending minute's counts into the series (while there are none, the
+        pending minute is the only bucket and stays where it is)."""
         s, a = self.pending_s, self.pending_a
-        if s or a:
+        series = self._series
+        if (s or a) and series is not None:
             m = self.minute
-            self.minutes.add(m, s, a)
-            self.hours.add(m // 60, s, a)
-            self.days.add(m // 1440, s, a)
+            minutes, hours, days = series
+            minutes.add(m, s, a)
+            hours.add(m // 60, s, a)
+            days.add(m // 1440, s, a)
             self.pending_s = self.pending_a = 0
+
+    def _filed(self) -> tuple[Series, Series, Series]:
+        """The series with everything filed (created if needed): for changes other than the
+        pending minute's sums."""
+        series = self._materialize()
+        self.flush()
+        return series
+
+    @property
+    def minutes(self) -> Series:
+        return self.series_for(MINUTE)
+
+    @property
+    def hours(self) -> Series:
+        return self.series_for(HOUR)
+
+    @property
+    def days(self) -> Series:
+        return self.series_for(DAY)
 
     def take(self, t: float, supporters: int, actions: int, now: float) -> bool:
         """Take back what ``add(t, ...)`` counted; True when clamped.
@@ -201,9 +260,9 @@ class Timeline:
         answers from, and what a calculation rebuilds) is taken, and the same from the coarser
         ones, so that an hour stays the sum of its minutes and a day the sum of its hours.
         """
-        self.flush()
+        minutes, hours, days = self._filed()
         m = int(t) // MINUTE
-        levels = ((self.minutes, m), (self.hours, m // 60), (self.days, m // 1440))
+        levels = ((minutes, m), (hours, m // 60), (days, m // 1440))
         finest = 0 if t >= now - 48 * HOUR else 1 if t >= now - 90 * DAY else 2
         series, index = levels[finest]
         have_s, have_a = series.get(index)
@@ -220,22 +279,31 @@ class Timeline:
         if unit == MINUTE:
             self.add(start, supporters, actions)
             return
+        _, hours, days = self._materialize()
         if unit == HOUR:
-            self.hours.add(start // HOUR, supporters, actions)
-        self.days.add(start // DAY, supporters, actions)
+            hours.add(start // HOUR, supporters, actions)
+        days.add(start // DAY, supporters, actions)
 
     def copy(self) -> Timeline:
         self.flush()
         new = Timeline()
-        new.minutes = self.minutes.copy()
-        new.hours = self.hours.copy()
-        new.days = self.days.copy()
+        series = self._series
+        if series is not None:
+            new._series = (series[0].copy(), series[1].copy(), series[2].copy())
+        new.minute = self.minute
+        new.pending_s = self.pending_s
+        new.pending_a = self.pending_a
         new.last_action_at = self.last_action_at
         return new
 
     def nbytes(self) -> int:
+        """Bytes of the buckets held, 24 each (a pending minute alone stands for three: its
+        minute, hour and day)."""
         self.flush()
-        return self.minutes.nbytes() + self.hours.nbytes() + self.days.nbytes()
+        series = self._series
+        if series is None:
+            return 3 * 24 if self.pending_s or self.pending_a else 0
+        return sum(s.nbytes() for s in series)
 
     def views(self, now: float) -> dict[str, list[list[int]]]:
         """Every bucket a query can see at ``now``, by unit: what two timelines must agree on
@@ -245,8 +313,16 @@ class Timeline:
     # -- queries --------------------------------------------------------------------------------
 
     def series_for(self, unit: int) -> Series:
+        """The series of ``unit`` (seconds), everything filed: to read, not to change (while
+        the pending minute is the only bucket, a new series holding it)."""
         self.flush()
-        return self.minutes if unit == MINUTE else self.hours if unit == HOUR else self.days
+        series = self._series
+        if series is not None:
+            return series[0] if unit == MINUTE else series[1] if unit == HOUR else series[2]
+        alone = Series(unit, MINUTE_KEEP if unit == MINUTE else HOUR_KEEP if unit == HOUR else None)
+        if self.pending_s or self.pending_a:
+            alone.add(self.minute * MINUTE // unit, self.pending_s, self.pending_a)
+        return alone
 
     def history(
         self, unit: str, start: float | None, end: float | None, now: float
@@ -312,7 +388,6 @@ def recent(timeline: Timeline | None, now: float, tz: ZoneInfo) -> dict[str, obj
             "last_7_days": list(zero),
             "last_action_at": None,
         }
-    timeline.flush()
     minute_now = math.floor(now) // MINUTE
     hour_now = minute_now // 60
     today, yesterday = day_starts(now, tz)
