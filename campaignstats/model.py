@@ -993,6 +993,15 @@ class StatsState:
         self.journal = None
         self.journal_only = None
 
+    def journal_figures(self) -> dict[str, int]:
+        """The journal's size now: changes kept one by one (``listed``), and in all
+        (``size``, what ``journal_limit`` bounds)."""
+        journal = self.journal or {}
+        return {
+            "listed": sum(len(entries) for entries in journal.values()),
+            "size": self.journal_size,
+        }
+
     def merge(
         self, result: CalculationResult, campaign_ids: Iterable[int] | None = None
     ) -> list[CampaignDrift]:

@@ -775,6 +775,7 @@ class StatsActor:
         gone = self.state.forget_absent(result)
         if gone:
             log.info("calculation.campaigns_gone", campaigns=gone[:20], count=len(gone))
+        journal = self.state.journal_figures()  # what the merge replayed, for info and the soak
         self.state.stop_journal()
         self._running = None
         self._calc_task = None
@@ -805,6 +806,7 @@ class StatsActor:
             "campaigns": len(result.campaigns),
             "max_action_id": result.max_action_id,
             "drift": drift,
+            "journal": journal,
         }
         log.info(
             "calculation.merged",
