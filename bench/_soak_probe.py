@@ -13,7 +13,8 @@ line as ``campaignstats`` would (bench/soak.py starts the server this way).
 
 The thread reads the server's objects without the event loop (found once through ``gc``); a
 read that races with the loop (a dict changing size) is retried at the next sample. Each
-sample holds the GIL for a few milliseconds (``gc.get_objects`` and the allocator's report).
+sample holds the GIL for a few milliseconds (the allocator's report); every sixth also walks
+every object (``gc.get_objects``, counts by type), which takes longer with more objects.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class _Finder:
     def __init__(self) -> None:
         self.server: Any = None
         self.state: Any = None
+        self.samples = 0
 
     def find(self) -> None:
         if self.server is not None and self.state is not None:
@@ -129,6 +131,7 @@ def sample(finder: _Finder, t0: float) -> dict[str, Any]:
     t = time.monotonic()
     row: dict[str, Any] = {"t": round(t - t0, 1), "rss_bytes": _rss_bytes()}
     stats = _malloc_stats()
+    row["malloc_stats_ms"] = round((time.monotonic() - t) * 1000, 1)
     row["py_allocated_bytes"] = stats.get("bytes in allocated blocks", 0)
     row["py_free_in_pools_bytes"] = stats.get("bytes in available blocks", 0)
     row["py_arenas_bytes"] = stats["arenas bytes"]
@@ -136,11 +139,13 @@ def sample(finder: _Finder, t0: float) -> dict[str, Any]:
     row["py_arenas_highwater"] = stats.get("arenas highwater mark", 0)
     row["py_allocated_blocks"] = sys.getallocatedblocks()
     row["gc_counts"] = list(gc.get_count())
-    objects = gc.get_objects()
-    row["gc_objects"] = len(objects)
-    kinds = Counter(type(o).__name__ for o in objects)
-    del objects
-    row["gc_top_types"] = dict(kinds.most_common(8))
+    if finder.samples % 6 == 0:  # a walk over every object: not every sample
+        objects = gc.get_objects()
+        row["gc_objects"] = len(objects)
+        kinds = Counter(type(o).__name__ for o in objects)
+        del objects
+        row["gc_top_types"] = dict(kinds.most_common(8))
+    finder.samples += 1
     try:
         finder.find()
         if finder.server is not None:

@@ -26,7 +26,7 @@ from campaignstats.timeline import DAY, HOUR, Timeline, recent
 WireStats = dict[str, Any]
 
 DEFAULT_MAX_KEYS = 10_000
-DEFAULT_JOURNAL_LIMIT = 5_000_000  # increments: about 500 MB at worst
+DEFAULT_JOURNAL_LIMIT = 5_000_000  # changes kept one by one (about 200 bytes each) + folded keys
 MAX_ID = 2**63 - 1
 DEFAULT_MAX_STRING = 64  # bytes of UTF-8, for action_type and area
 
