@@ -11,8 +11,10 @@ connections; subscribers follow the busiest campaigns; a prober queries a random
 query. Postgres is stopped and started again ``--restarts`` times, evenly spaced. At the end the
 server's counts must equal the calculation from the database, campaign by campaign.
 
-Results: bench/results/soak-<date>.json, and a PNG chart when matplotlib (the [bench] extra) is
-installed. Percentiles are nearest-rank (bench/_harness.py), as in every benchmark here.
+Results: bench/results/soak-<date>.json (summary, samples, merges, the probe's samples),
+soak-<date>-server.csv (the probe's samples, flat), and a PNG chart when matplotlib (the
+[bench] extra) is installed. Percentiles are nearest-rank (bench/_harness.py), as in every
+benchmark here.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import csv
 import json
 import os
 import random
@@ -68,6 +71,10 @@ class SoakReport:
     calculations: dict[str, Any] = field(default_factory=dict)
     samples: list[Sample] = field(default_factory=list)
     mismatched_campaigns: list[int] = field(default_factory=list)
+    #: the probe's samples from inside the server (bench/_soak_probe.py)
+    server_samples: list[dict[str, Any]] = field(default_factory=list)
+    #: each merged calculation as ``info`` reported it (``last_calculation``), with its time
+    merges: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def exact(self) -> bool:
@@ -96,7 +103,40 @@ class SoakReport:
             "pubs_received": self.pubs_received,
             "exact": self.exact,
             "mismatched_campaigns": self.mismatched_campaigns[:10],
+            "rss_after_first_minute": self.flatness(),
+            "journal_at_merges": _journal_figures(self.merges),
         }
+
+    def flatness(self, after: float = 60.0, within: float = 0.10) -> dict[str, Any]:
+        """RSS at the start, after ``after`` seconds, and its median and maximum from then on;
+        flat when the maximum is within ``within`` of the value at ``after``."""
+        rss = [(s.t, s.rss_mb) for s in self.samples if s.rss_mb > 0]
+        if not rss:
+            return {}
+        later = [mb for t, mb in rss if t >= after] or [rss[-1][1]]
+        base = later[0]
+        peak = max(later)
+        return {
+            "start_mb": round(rss[0][1], 1),
+            "at_first_minute_mb": round(base, 1),
+            "median_mb": round(statistics.median(later), 1),
+            "max_mb": round(peak, 1),
+            "end_mb": round(rss[-1][1], 1),
+            "max_over_first_minute": round(peak / base, 3) if base else None,
+            "flat_within_10pct": peak <= base * (1 + within),
+        }
+
+
+def _journal_figures(merges: list[dict[str, Any]]) -> dict[str, Any]:
+    """The journal's size at the merges: changes kept one by one, folded keys, in all."""
+    journals = [m["journal"] for m in merges if isinstance(m.get("journal"), dict)]
+    out: dict[str, Any] = {"merges": len(merges)}
+    for key in ("listed", "folded_keys", "size"):
+        values = [j[key] for j in journals if key in j]
+        if values:
+            out[f"{key}_max"] = max(values)
+            out[f"{key}_median"] = statistics.median(values)
+    return out
 
 
 def _rss_mb(pid: int) -> float:
@@ -222,6 +262,7 @@ async def soak(
     data_dir: Path,
     seed: int = 1,
     progress: bool = True,
+    probe_every: float | None = 5.0,
 ) -> SoakReport:
     pg = EmbeddedPostgres(data_dir)
     admin = pg.start()
@@ -230,12 +271,23 @@ async def soak(
     campaigns = await _setup(dsn)
     port = free_port()
     log_fd = os.open(data_dir / "server.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    probe_out = data_dir / "server-samples.jsonl"
+    probe_out.unlink(missing_ok=True)
+    entry = ["-m", "campaignstats.cli"]
+    env = None
+    if probe_every is not None:
+        entry = ["-m", "bench._soak_probe", str(probe_out), str(probe_every)]
+        root = str(Path(__file__).resolve().parents[1])  # where `bench` is importable from
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (root, os.environ.get("PYTHONPATH")) if p
+        )}  # fmt: skip
     server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "campaignstats.cli", "--log-format", "json",
+        sys.executable, *entry, "--log-format", "json",
         "--log-level", "warning", "serve", "--dsn", dsn, "--port", str(port),
         "--sync-interval", "10",
         stdout=asyncio.subprocess.DEVNULL,
         stderr=log_fd,
+        env=env,
     )  # fmt: skip
     os.close(log_fd)  # the server has its own copy
     url = f"tcp://127.0.0.1:{port}"
@@ -281,6 +333,11 @@ async def soak(
                 query_ms = (time.perf_counter() - q0) * 1000
             except Exception:
                 info, query_ms = {"mailbox": {"depth": -1}, "increments_applied": -1}, -1.0
+            merged = info.get("last_calculation")
+            if merged and (
+                not report.merges or report.merges[-1]["started_at"] != merged.get("started_at")
+            ):
+                report.merges.append({"t": round(now - t0, 1), **merged})
             report.samples.append(
                 Sample(round(now - t0, 1), _rss_mb(server.pid), info["mailbox"]["depth"], query_ms,
                        info["increments_applied"])
@@ -337,6 +394,10 @@ async def soak(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.wait(), 30)
         pg.close()
+        if probe_out.exists():
+            for line in probe_out.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    report.server_samples.append(json.loads(line))
     if progress:
         print(file=sys.stderr)
     return report
@@ -366,6 +427,27 @@ def _chart(report: SoakReport, path: Path) -> bool:
     return True
 
 
+def _flat(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        elif isinstance(value, list):
+            out[prefix + key] = " ".join(str(v) for v in value)
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    flat = [_flat(r) for r in rows]
+    columns = list(dict.fromkeys(k for r in flat for k in r))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(flat)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0)
@@ -375,12 +457,17 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=100)
     parser.add_argument("--restarts", type=int, default=2, help="Postgres restarts during the run")
     parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument(
+        "--probe-every", type=float, default=5.0,
+        help="seconds between the probe's samples inside the server (0: no probe)",
+    )  # fmt: skip
     args = parser.parse_args()
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="soak-"))
     data_dir.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(
         soak(seconds=args.minutes * 60, rate=args.rate, connections=args.connections,
-             restarts=args.restarts, data_dir=data_dir)
+             restarts=args.restarts, data_dir=data_dir,
+             probe_every=args.probe_every or None)
     )  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now().strftime("%Y-%m-%d-%H%M")
@@ -388,8 +475,14 @@ def main() -> int:
     where = machine()
     samples = [asdict(s) for s in report.samples]
     out.write_text(
-        json.dumps({"machine": where, "summary": report.summary(), "samples": samples}, indent=1)
-    )
+        json.dumps(
+            {"machine": where, "summary": report.summary(), "samples": samples,
+             "merges": report.merges, "server_samples": report.server_samples},
+            indent=1,
+        )
+    )  # fmt: skip
+    if report.server_samples:
+        _write_csv(report.server_samples, RESULTS / f"soak-{stamp}-server.csv")
     chart = RESULTS / f"soak-{stamp}.png"
     print(json.dumps({"machine": where, **report.summary()}, indent=2))
     print(

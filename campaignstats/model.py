@@ -19,6 +19,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 from zoneinfo import ZoneInfo
 
 from campaignstats.errors import BadMessage, Invalid, ProtocolError
+from campaignstats.journal import EarlyHorizon, Fold, apply_page
 from campaignstats.ranking import TOUCHED_HOURS, SupporterRanking, leaders
 from campaignstats.timeline import DAY, HOUR, Timeline, recent
 
@@ -30,7 +31,7 @@ intern = sys.intern
 WireStats = dict[str, Any]
 
 DEFAULT_MAX_KEYS = 10_000
-DEFAULT_JOURNAL_LIMIT = 5_000_000  # increments: about 500 MB at worst
+DEFAULT_JOURNAL_LIMIT = 5_000_000  # changes kept one by one (about 200 bytes each) + folded keys
 MAX_ID = 2**63 - 1
 DEFAULT_MAX_STRING = 64  # bytes of UTF-8, for action_type and area
 
@@ -539,6 +540,8 @@ class StatsState:
         "counted_now",
         "decremented",
         "journal",
+        "journal_folds",
+        "journal_horizon",
         "journal_limit",
         "journal_only",
         "journal_overflow",
@@ -573,10 +576,15 @@ class StatsState:
         #: of ``top`` by the last hour and by today (the last TOUCHED_HOURS hours are kept)
         self.touched: dict[int, set[int]] = {}
         self.journal: dict[int, list[IncrementLike | Decrement | Arrived]] | None = None
+        #: once the calculation's snapshot is taken (campaignstats.journal): what it is known to
+        #: hold, and per campaign the running net of the changes it cannot contain
+        self.journal_horizon: EarlyHorizon | None = None
+        self.journal_folds: dict[int, Fold] | None = None
         #: campaigns worth journaling (the calculation's scope when known), None: all
         self.journal_only: frozenset[int] | None = None
-        #: the journal is bounded: past this many changes it is dropped, and the calculation
-        #: it was for cannot be merged exactly (it is then treated as failed and retried)
+        #: the journal is bounded: past this many changes kept one by one and folded keys it
+        #: is dropped, and the calculation it was for cannot be merged exactly (it is then
+        #: treated as failed and retried)
         self.journal_limit = DEFAULT_JOURNAL_LIMIT
         self.journal_size = 0
         self.journal_overflow = False
@@ -749,13 +757,17 @@ class StatsState:
             if horizon is not None:
                 self._record(cid, horizon, inc.action_id, True)
             if journal is not None and (only is None or cid in only):
-                entry: IncrementLike | Arrived = inc if t == at else Arrived(inc, t)
-                entries = journal.get(cid)
-                if entries is None:
-                    journal[cid] = [entry]
-                else:
-                    entries.append(entry)
-                journaled += 1
+                early = self.journal_horizon
+                if early is None or (reflected := early.decides(inc, False)) is None:
+                    entry: IncrementLike | Arrived = inc if t == at else Arrived(inc, t)
+                    entries = journal.get(cid)
+                    if entries is None:
+                        journal[cid] = [entry]
+                    else:
+                        entries.append(entry)
+                    journaled += 1
+                elif not reflected:
+                    journaled += self._fold(cid, inc, False, t)
         self.applied += applied
         if journaled:
             self._journaled(journaled)
@@ -877,19 +889,36 @@ class StatsState:
                 # Journaled even when clamped: the database value it will be replayed on may
                 # hold what memory did not. In the same list as the increments, in order: a
                 # rejection and a re-acceptance replay in the order they happened.
-                entries = journal.get(cid)
-                if entries is None:
-                    journal[cid] = [Decrement(dec, t)]
-                else:
-                    entries.append(Decrement(dec, t))
-                journaled += 1
+                early = self.journal_horizon
+                if early is None or (reflected := early.decides(dec, True)) is None:
+                    entries = journal.get(cid)
+                    if entries is None:
+                        journal[cid] = [Decrement(dec, t)]
+                    else:
+                        entries.append(Decrement(dec, t))
+                    journaled += 1
+                elif not reflected:
+                    journaled += self._fold(cid, dec, True, t)
         if journaled:
             self._journaled(journaled)
+
+    def _fold(self, cid: int, change: IncrementLike, decrement: bool, t: float) -> int:
+        """Add a change the snapshot cannot contain to its campaign's running fold; returns
+        the keys it created (campaignstats.journal)."""
+        folds = self.journal_folds
+        assert folds is not None  # set with journal_horizon
+        fold = folds.get(cid)
+        if fold is None:
+            fold = folds[cid] = Fold()
+            return 1 + fold.add(change, decrement, t)
+        return fold.add(change, decrement, t)
 
     def _journaled(self, n: int) -> None:
         self.journal_size += n
         if self.journal_size > self.journal_limit:
             self.journal = None
+            self.journal_folds = None
+            self.journal_horizon = None
             self.journal_overflow = True
 
     # -- queries --------------------------------------------------------------------------------
@@ -1007,10 +1036,43 @@ class StatsState:
         self.journal_only = None if only is None else frozenset(only)
         self.journal_size = 0
         self.journal_overflow = False
+        self.journal_horizon = None
+        self.journal_folds = None
 
     def stop_journal(self) -> None:
         self.journal = None
         self.journal_only = None
+        self.journal_horizon = None
+        self.journal_folds = None
+
+    def fold_journal(self, early: EarlyHorizon) -> None:
+        """The calculation's snapshot is taken and ``early`` is what it is known to hold:
+        from now on a change it decides is dropped or folded into its campaign's running net
+        instead of kept (campaignstats.journal; docs/design.md, "The journal, folded").
+        What the journal holds already stays as it is."""
+        if self.journal is None or self.journal_horizon is not None:
+            return  # no calculation (or an overflowed one), or told already
+        self.journal_horizon = early
+        self.journal_folds = {}
+
+    def journal_fits(self, result: CalculationResult) -> bool:
+        """Whether the changes folded so far were decided by ``result``'s own snapshot (else
+        the result cannot be merged exactly)."""
+        early = self.journal_horizon
+        return early is None or early.fits(result.horizon)
+
+    def journal_figures(self) -> dict[str, int]:
+        """The journal's size now: changes kept one by one (``listed``), keys of the running
+        folds (``folded_keys``) and campaigns folded, and in all (``size``, what
+        ``journal_limit`` bounds)."""
+        journal = self.journal or {}
+        folds = self.journal_folds or {}
+        return {
+            "listed": sum(len(entries) for entries in journal.values()),
+            "folded_keys": sum(1 + fold.keys for fold in folds.values()),
+            "folded_campaigns": len(folds),
+            "size": self.journal_size,
+        }
 
     def merge(
         self, result: CalculationResult, campaign_ids: Iterable[int] | None = None
@@ -1021,21 +1083,25 @@ class StatsState:
         (:meth:`Horizon.reflects`): a ``txid`` the snapshot does not see; an ``action_id``
         above its highest, or one it did not count; an ``at`` after it; and every change with
         none of these; and, for actions the snapshot knows, a change that the earlier ones
-        already made (a repeat). The journal replays in the order the changes arrived. From
-        then on, a change of this
+        already made (a repeat). The journal is decided in the order the changes arrived, and
+        what the snapshot cannot contain is added as one net per count, clamped at zero once
+        (with the running folds: campaignstats.journal). From then on, a change of this
         campaign that the snapshot holds is skipped (see :meth:`apply_many`), so none counts
         twice. ``campaign_ids`` selects a part of the result, so that the actor can merge a
         large result in slices and keep serving between them; the journal keeps recording
         meanwhile, so a campaign merged in a later slice also gets the changes that arrived in
         between. Returns the non-zero drifts.
         """
+        if not self.journal_fits(result):
+            raise ValueError("the journal was folded by another snapshot than this result's")
         journal = self.journal or {}
+        folds = self.journal_folds or {}
         horizon = result.horizon
         ids = result.campaigns.keys() if campaign_ids is None else campaign_ids
         drifts: list[CampaignDrift] = []
         now = self.clock()
         for cid in ids:
-            truth = result.campaigns[cid].copy()
+            truth = result.campaigns[cid]
             db_timeline = result.timelines.get(cid)
             timeline = Timeline() if db_timeline is None else db_timeline.copy()
             counted_now: dict[int, bool] = {}
@@ -1045,6 +1111,9 @@ class StatsState:
                 db_page_timeline = result.page_timelines.get(pid)
                 if db_page_timeline is not None:
                     page_timelines[pid] = db_page_timeline.copy()
+            # The unseen changes as one net per count (campaignstats.journal): the list,
+            # decided in the order the changes arrived, then the running fold's.
+            fold = Fold()
             for entry in journal.get(cid, ()):
                 change: IncrementLike
                 t: float | None
@@ -1058,40 +1127,34 @@ class StatsState:
                     continue
                 if t is None:  # journaled before buckets existed: filed as arriving now
                     t = now
-                if decrement:
-                    if truth.subtract(change):
-                        self.clamped += 1
-                    timeline.take(t, change.new_supporter, change.count, now)
-                else:
-                    truth.add(change)
-                    timeline.add(t, change.new_supporter, change.count)
-                page = change.page
-                if page is not None:
-                    # The page replays what the campaign replays (docs/design.md, "Action
-                    # pages and orgs"): the same changes, the same rules.
-                    pt = page_truth.get(page)
-                    page_timeline = page_timelines.get(page)
-                    elsewhere = pt is None and (
-                        page in result.pages
-                        or (page in self.pages and self.pages[page].campaign_id != cid)
-                    )
-                    if elsewhere or (pt is not None and pt.org_id != change.org_id):
-                        pass  # a page of another campaign or org: as when it was applied
-                    elif decrement:
-                        if pt is not None:
-                            pt.stats.subtract(change)
-                            if page_timeline is not None:
-                                page_timeline.take(t, change.new_supporter, change.count, now)
-                    elif pt is not None or len(page_truth) < self.max_keys:
-                        if pt is None:
-                            pt = page_truth[page] = PageStats(cid, change.org_id)
-                        pt.stats.add(change)
-                        if page_timeline is None:
-                            page_timeline = page_timelines[page] = Timeline()
-                        page_timeline.add(t, change.new_supporter, change.count)
+                fold.add(change, decrement, t)
                 aid = change.action_id
                 if aid is not None and horizon.knows(aid):
                     counted_now[aid] = not decrement
+            running = folds.get(cid)
+            if running is not None:
+                fold.absorb(running)
+            truth, clamped = fold.apply(truth)
+            self.clamped += clamped
+            fold.apply_buckets(timeline, now)
+            # The pages replay what the campaign replays (docs/design.md, "Action pages and
+            # orgs"): the same changes, the same rules as when they were applied.
+            for (page, org_id), page_fold in (fold.pages or {}).items():
+                elsewhere = page not in page_truth and (
+                    page in result.pages
+                    or (page in self.pages and self.pages[page].campaign_id != cid)
+                )
+                apply_page(
+                    page_fold,
+                    page,
+                    org_id,
+                    page_truth,
+                    page_timelines,
+                    campaign_id=cid,
+                    elsewhere=elsewhere,
+                    max_keys=self.max_keys,
+                    now=now,
+                )
             before = self.campaigns.get(cid)
             # Drift only means something for a campaign memory had loaded before (from a merge or
             # a snapshot); increments alone before the first load are not "drift".
@@ -1136,9 +1199,12 @@ class StatsState:
         if result.kind != "all" or result.snapshot is None:
             return []
         journal = self.journal or {}
+        folds = self.journal_folds or {}
         horizon = result.horizon
         gone = []
         for cid in self.campaigns.keys() - result.campaigns.keys():
+            if cid in folds:
+                continue  # it got a change the snapshot does not hold (folded)
             entries = journal.get(cid, ())
             if any(
                 not horizon.reflects(

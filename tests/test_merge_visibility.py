@@ -18,11 +18,12 @@ memory equals the database, with no repair by a later calculation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from campaignstats.journal import EarlyHorizon
 from campaignstats.model import (
     CalculationResult,
     CampaignStats,
@@ -213,6 +214,11 @@ def play(data: st.DataObject, actions: int, rejections: bool, with_txid: bool) -
             snapshot = world.snapshot()
             pending_result = result_for(changes, snapshot, world, actions)
             calculation = ("taken", snapshot)
+            if data.draw(st.booleans()):
+                # The calculation tells what its snapshot holds as soon as it is taken, all but
+                # the window's ids: the journal folds from then on (campaignstats/journal.py).
+                known = replace(pending_result.horizon, uncounted=frozenset())
+                state.fold_journal(EarlyHorizon(known))
         else:
             assert pending_result is not None
             assert calculation is not None

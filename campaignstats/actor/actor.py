@@ -18,13 +18,14 @@ import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import structlog
 
 from campaignstats._version import __version__
 from campaignstats.errors import ActorStopped, CalculationError, InternalError, UsageError
 from campaignstats.goals import Event, GoalKeeper
+from campaignstats.journal import EarlyHorizon
 from campaignstats.model import (
     DEFAULT_MAX_KEYS,
     CalculationResult,
@@ -92,6 +93,16 @@ class Source(Protocol):
     """Where calculations come from (:class:`campaignstats.db.source.PostgresSource`)."""
 
     async def calculate(self, scope: Scope) -> CalculationResult: ...
+
+
+class HorizonSource(Protocol):
+    """A source that tells what its snapshot holds as soon as it is taken, so that the
+    journal is folded from then on (campaignstats.journal); it says so with
+    ``reports_horizon = True``."""
+
+    async def calculate(
+        self, scope: Scope, *, on_horizon: Callable[[EarlyHorizon], None] | None = None
+    ) -> CalculationResult: ...
 
 
 @dataclass(slots=True)
@@ -758,8 +769,19 @@ class StatsActor:
 
     async def _calculate(self, generation: int, scope: Any, kind: str) -> None:
         """Runs in its own task: the actor keeps serving while Postgres works."""
+
+        def on_horizon(early: EarlyHorizon) -> None:
+            # Called by the calculation's task on the loop, between two steps of the actor:
+            # only this calculation's journal takes it.
+            if generation == self._generation and self._running is not None:
+                self.state.fold_journal(early)
+
         try:
-            result = await self.source.calculate(scope)
+            if getattr(self.source, "reports_horizon", False):
+                source = cast(HorizonSource, self.source)
+                result = await source.calculate(scope, on_horizon=on_horizon)
+            else:
+                result = await self.source.calculate(scope)
             if self._shard is not None:  # whatever the source covered: the shard's only
                 result = self._shard.restrict(result)
         except asyncio.CancelledError:
@@ -777,6 +799,13 @@ class StatsActor:
             error = CalculationError(
                 f"journal over {self.state.journal_limit} increments while the calculation ran: "
                 "its result cannot be merged exactly"
+            )
+            self._on_failure(CalculationFailed(msg.generation, msg.result.kind, error))
+            return
+        if not self.state.journal_fits(msg.result):
+            error = CalculationError(
+                "the snapshot the calculation reported before its result is not its result's: "
+                "the journal folded by it cannot be merged"
             )
             self._on_failure(CalculationFailed(msg.generation, msg.result.kind, error))
             return
@@ -816,6 +845,7 @@ class StatsActor:
         gone = self.state.forget_absent(result)
         if gone:
             log.info("calculation.campaigns_gone", campaigns=gone[:20], count=len(gone))
+        journal = self.state.journal_figures()  # what the merge replayed, for info and the soak
         self.state.stop_journal()
         self._running = None
         self._calc_task = None
@@ -846,6 +876,7 @@ class StatsActor:
             "campaigns": len(result.campaigns),
             "max_action_id": result.max_action_id,
             "drift": drift,
+            "journal": journal,
         }
         log.info(
             "calculation.merged",

@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import structlog
 
 from campaignstats.errors import CalculationError
+from campaignstats.journal import EarlyHorizon
 from campaignstats.model import (
     CalculationResult,
     CampaignStats,
+    Horizon,
     PageStats,
     Scope,
     TxSnapshot,
@@ -57,6 +59,7 @@ async def calculate(
     work_mem: str = "256MB",
     helper_conn: asyncpg.Connection | None = None,
     owns: Callable[[int], bool] | None = None,
+    on_horizon: Callable[[EarlyHorizon], None] | None = None,
 ) -> CalculationResult:
     """Recompute the covered campaigns' counts; raises :class:`CalculationError` on any failure.
 
@@ -71,6 +74,10 @@ async def calculate(
 
     ``owns`` (a shard's, docs/scale.md) keeps the covered campaigns it owns: the rest of the
     statements get them as their list of ids, whatever the scope.
+
+    ``on_horizon`` is told what the snapshot holds as soon as that is known (its transactions,
+    its clock, its highest action id: all but the window's ids), so that the actor can fold
+    its journal from then on (campaignstats.journal).
     """
     import asyncpg
 
@@ -122,6 +129,10 @@ async def calculate(
                 ids = covered
             max_action_id = await conn.fetchval(queries.max_action_id)
             low = max(0, max_action_id - ACTION_WINDOW)
+            if on_horizon is not None:
+                tx = TxSnapshot.parse(tx_snapshot_text)
+                early = Horizon(int(max_action_id), low, frozenset(), tx, float(taken_at))
+                on_horizon(EarlyHorizon(early))
             recent_rows: list[asyncpg.Record] = []
             message_rows: list[asyncpg.Record] = []
             has_messages = bool(await conn.fetchval(queries.messages_table))

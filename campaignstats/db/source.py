@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from campaignstats.errors import CalculationError
+from campaignstats.journal import EarlyHorizon
 from campaignstats.model import CalculationResult, Scope, scope_name
 
 from .calculation import DEFAULT_STATEMENT_TIMEOUT, calculate
@@ -32,8 +33,13 @@ class PostgresSource:
     parallel: bool = True
     #: a shard's ownership test (docs/scale.md): calculations cover its campaigns only
     owns: Callable[[int], bool] | None = None
+    #: it tells the actor what its snapshot holds as soon as it is taken (the journal folds)
+    reports_horizon: ClassVar[bool] = True
 
-    async def calculate(self, scope: Scope) -> CalculationResult:
+    async def calculate(
+        self, scope: Scope, *, on_horizon: Callable[[EarlyHorizon], None] | None = None
+    ) -> CalculationResult:
+        """One calculation; ``on_horizon``: see :func:`campaignstats.db.calculation.calculate`."""
         import asyncpg
 
         conns: list[asyncpg.Connection] = []
@@ -66,6 +72,7 @@ class PostgresSource:
                 statement_timeout=self.statement_timeout,
                 helper_conn=conns[1] if len(conns) > 1 else None,
                 owns=self.owns,
+                on_horizon=on_horizon,
             )
         finally:
             await _close_all(conns)
