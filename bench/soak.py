@@ -285,6 +285,7 @@ async def soak(
         sys.executable, *entry, "--log-format", "json",
         "--log-level", "warning", "serve", "--dsn", dsn, "--port", str(port),
         "--sync-interval", "10",
+        "--no-http",  # the soak is about the socket server; and port 7401 may be taken
         stdout=asyncio.subprocess.DEVNULL,
         stderr=log_fd,
         env=env,
