@@ -22,9 +22,33 @@ from campaignstats.errors import BadMessage, Invalid, ProtocolError
 from campaignstats.ranking import TOUCHED_HOURS, SupporterRanking, leaders
 from campaignstats.timeline import DAY, HOUR, Timeline, recent
 
+
+def _interned_strings_are_freed() -> bool:
+    """Whether ``sys.intern`` forgets a string once nothing else holds it: not on CPython
+    3.12, whose interned strings are immortal (PEP 683; mortal again from 3.13)."""
+    probe = sys.intern("".join(("campaignstats", ".intern-probe")))  # a string made now
+    return sys.getrefcount(probe) < 1 << 30
+
+
+#: where interned strings would stay for ever: at most this many keys are shared, the first
+#: ones seen (an action type or an area is any string a client sends)
+SHARED_KEYS_MAX = 1024
+_shared_keys: dict[str, str] = {}
+
+
+def _share(key: str) -> str:
+    held = _shared_keys.get(key)
+    if held is not None:
+        return held
+    if len(_shared_keys) < SHARED_KEYS_MAX:
+        _shared_keys[key] = key
+    return key
+
+
 #: one str object per distinct action type or area for the whole process, not one per campaign
-#: (docs/design.md, "Memory"): ``sys.intern`` forgets a string once nothing holds it
-intern = sys.intern
+#: (docs/design.md, "Memory"): ``sys.intern``, which forgets a string once nothing holds it;
+#: on a Python where it would keep every string any client ever sent, a bounded table
+intern: Callable[[str], str] = sys.intern if _interned_strings_are_freed() else _share
 
 #: Wire STATS map: ``{"supporters", "action", "area", "org", "extra_supporters"}``.
 WireStats = dict[str, Any]

@@ -47,7 +47,7 @@ print(sys.version_info[:2], tracemalloc.get_traced_memory()[0] - base)
 
 
 @pytest.mark.parametrize("python", _interpreters())
-def test_action_types_and_areas_nothing_holds_any_more_are_freed_on_every_supported_python(
+def test_action_types_and_areas_nothing_holds_any_more_do_not_stay_on_any_supported_python(
     python: str,
 ) -> None:
     version = subprocess.run(
@@ -66,7 +66,8 @@ def test_action_types_and_areas_nothing_holds_any_more_are_freed_on_every_suppor
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         timeout=120,
     ).stdout
-    # 20,000 distinct keys of about 220 bytes went through: 4.4 MB if they stayed. What may
-    # stay is the intern table's own slack (on 3.11 and 3.13, about 400 KB at most here).
+    # 20,000 distinct keys of about 220 bytes went through: 5.4 MB if they stayed. What may
+    # stay is the intern table's own slack (on 3.11 and 3.13, about 400 KB at most here), or
+    # on 3.12 the bounded table of shared keys (1,024 keys: about 300 KB here).
     retained = int(out.split()[-1])
     assert retained < 1_500_000, out
