@@ -993,7 +993,7 @@ class StatsState:
                 timeline = self.timelines.get(cid)
                 if timeline is None:
                     return 0
-                return timeline.series_for(60).total(minute - 59, minute + 1)[0]
+                return timeline.unit_total(60, minute - 59, minute + 1)[0]
 
         elif by == "today":
             day = int(now) // DAY
@@ -1001,7 +1001,7 @@ class StatsState:
 
             def value(cid: int) -> int:
                 timeline = self.timelines.get(cid)
-                return 0 if timeline is None else timeline.series_for(DAY).total(day, day + 1)[0]
+                return 0 if timeline is None else timeline.unit_total(DAY, day, day + 1)[0]
 
         else:
             raise ValueError(f"top by {by!r}: 'supporters', 'last_hour' or 'today'")
