@@ -107,3 +107,25 @@ def test_top_by_the_last_hour_or_today_is_no_slower_over_lazy_timelines_than_ove
     # A read of a lazy timeline made a series (an array and its object) for each campaign:
     # about 1.75x the time of the filed ones before.
     assert _top_seconds(lazy, by) <= 1.25 * _top_seconds(filed, by)
+
+
+def _design_memory_section() -> str:
+    text = (ROOT / "docs" / "design.md").read_text()
+    return text.split("\n## Memory\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_memory_figures_of_the_design_and_the_readme_are_what_bench_memory_measures() -> None:
+    # bench.memory's breakdown is sys.getsizeof of what the state holds: the same bytes on every
+    # run of one tree, so the documents can state them exactly.
+    from bench.memory import breakdown, fill
+
+    typical = breakdown(fill(10_000, 1), 10_000)
+    spread_state = fill(10_000, 10)
+    spread_state.top("supporters", 10)
+    spread = breakdown(spread_state, 10_000)
+    section = _design_memory_section()
+    readme = (ROOT / "README.md").read_text()
+    assert f"| total | 2,726 | {round(typical['total']):,} |" in section
+    series = round(spread["series and arrays"])
+    assert f"{round(spread['total']):,} now (the series 1,192 and {series})" in section
+    assert f"{round(spread['total']):,} B now (its series 1,192 B and " in readme
