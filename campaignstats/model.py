@@ -23,9 +23,33 @@ from campaignstats.journal import EarlyHorizon, Fold, apply_page
 from campaignstats.ranking import TOUCHED_HOURS, SupporterRanking, leaders
 from campaignstats.timeline import DAY, HOUR, Timeline, recent
 
+
+def _interned_strings_are_freed() -> bool:
+    """Whether ``sys.intern`` forgets a string once nothing else holds it: not on CPython
+    3.12, whose interned strings are immortal (PEP 683; mortal again from 3.13)."""
+    probe = sys.intern("".join(("campaignstats", ".intern-probe")))  # a string made now
+    return sys.getrefcount(probe) < 1 << 28  # immortal: 2**30 - 1 or more (32-bit builds)
+
+
+#: where interned strings would stay for ever: at most this many keys are shared, the first
+#: ones seen (an action type or an area is any string a client sends)
+SHARED_KEYS_MAX = 1024
+_shared_keys: dict[str, str] = {}
+
+
+def _share(key: str) -> str:
+    held = _shared_keys.get(key)
+    if held is not None:
+        return held
+    if len(_shared_keys) < SHARED_KEYS_MAX:
+        _shared_keys[key] = key
+    return key
+
+
 #: one str object per distinct action type or area for the whole process, not one per campaign
-#: (docs/design.md, "Memory"): ``sys.intern`` forgets a string once nothing holds it
-intern = sys.intern
+#: (docs/design.md, "Memory"): ``sys.intern``, which forgets a string once nothing holds it;
+#: on a Python where it would keep every string any client ever sent, a bounded table
+intern: Callable[[str], str] = sys.intern if _interned_strings_are_freed() else _share
 
 #: Wire STATS map: ``{"supporters", "action", "area", "org", "extra_supporters"}``.
 WireStats = dict[str, Any]
@@ -998,7 +1022,7 @@ class StatsState:
                 timeline = self.timelines.get(cid)
                 if timeline is None:
                     return 0
-                return timeline.series_for(60).total(minute - 59, minute + 1)[0]
+                return timeline.unit_total(60, minute - 59, minute + 1)[0]
 
         elif by == "today":
             day = int(now) // DAY
@@ -1006,7 +1030,7 @@ class StatsState:
 
             def value(cid: int) -> int:
                 timeline = self.timelines.get(cid)
-                return 0 if timeline is None else timeline.series_for(DAY).total(day, day + 1)[0]
+                return 0 if timeline is None else timeline.unit_total(DAY, day, day + 1)[0]
 
         else:
             raise ValueError(f"top by {by!r}: 'supporters', 'last_hour' or 'today'")

@@ -324,6 +324,20 @@ class Timeline:
             alone.add(self.minute * MINUTE // unit, self.pending_s, self.pending_a)
         return alone
 
+    def unit_total(self, unit: int, lo: int, hi: int) -> tuple[int, int]:
+        """``series_for(unit).total(lo, hi)`` (bucket indexes ``lo <= index < hi``), without
+        building a series to read a lazy timeline: ``top`` and ``recent`` ask it of many."""
+        self.flush()
+        series = self._series
+        if series is not None:
+            return (
+                series[0] if unit == MINUTE else series[1] if unit == HOUR else series[2]
+            ).total(lo, hi)
+        s, a = self.pending_s, self.pending_a
+        if (s or a) and lo <= self.minute * MINUTE // unit < hi:
+            return min(s, BUCKET_MAX), min(a, BUCKET_MAX)
+        return 0, 0
+
     def history(
         self, unit: str, start: float | None, end: float | None, now: float
     ) -> list[list[int]]:
@@ -355,7 +369,7 @@ class Timeline:
             unit = HOUR
         else:
             unit = DAY
-        return self.series_for(unit).total(math.ceil(start / unit), math.ceil(end / unit))
+        return self.unit_total(unit, math.ceil(start / unit), math.ceil(end / unit))
 
 
 def day_starts(now: float, tz: ZoneInfo) -> tuple[float, float]:
@@ -392,9 +406,9 @@ def recent(timeline: Timeline | None, now: float, tz: ZoneInfo) -> dict[str, obj
     hour_now = minute_now // 60
     today, yesterday = day_starts(now, tz)
     return {
-        "last_hour": list(timeline.minutes.total(minute_now - 59, minute_now + 1)),
+        "last_hour": list(timeline.unit_total(MINUTE, minute_now - 59, minute_now + 1)),
         "today": list(timeline.total(today, now + 1, now)),
         "yesterday": list(timeline.total(yesterday, today, now)),
-        "last_7_days": list(timeline.hours.total(hour_now - 167, hour_now + 1)),
+        "last_7_days": list(timeline.unit_total(HOUR, hour_now - 167, hour_now + 1)),
         "last_action_at": timeline.last_action,
     }
