@@ -125,3 +125,41 @@ async def test_queries_inline_after_a_slow_readers_close_are_not_answered_into_m
                 await slow.close()
     finally:
         await service.stop(5)
+
+
+# -- read-only queries must not take what the goals are owed ---------------------------------------
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "mailbox"])
+async def test_a_top_query_right_after_increments_does_not_lose_the_milestone_they_reached(
+    tmp_path: Path, inline: bool
+) -> None:
+    # ``top`` is read-only (it may be answered inline, or in the read lane), but refreshing
+    # the supporters' ranking took the set of moved campaigns that the goals look at
+    # (SupporterRanking.take_moved): the milestone was then never reached, not even by
+    # get_goals, until the campaign moved again (docs/protocol.md, "Goals and events").
+    service = await started()
+    try:
+        path = tmp_path / "s.sock"
+        async with unix_server(service, path, inline_reads=inline):
+            watcher, writer = await Raw.unix(path), await Raw.unix(path)
+            try:
+                assert await watcher.call("set_goals", 1, 1, {"supporters": [5]}) == [
+                    "ok",
+                    1,
+                    None,
+                ]
+                assert await watcher.call("sub", 2, 1) == ["ok", 2, None]
+                items = [[1, 3, "register", "DE", True] for _ in range(5)]
+                await writer.send(["incs", items], ["top", 1, {"by": "supporters", "limit": 3}])
+                assert await writer.recv() == [["ok", 1, [[1, 5]]]]
+                goals = await writer.call("get_goals", 2, 1)
+                assert goals[2]["reached"] == [5], goals
+                pushed = await watcher.recv(2, within=5)  # the pub and the event, any order
+                events = [m for m in pushed if m[0] == "event"]
+                assert [e[2]["threshold"] for e in events] == [5], pushed
+            finally:
+                await watcher.close()
+                await writer.close()
+    finally:
+        await service.stop(5)
