@@ -163,3 +163,26 @@ async def test_a_top_query_right_after_increments_does_not_lose_the_milestone_th
                 await writer.close()
     finally:
         await service.stop(5)
+
+
+# -- counters ---------------------------------------------------------------------------------------
+
+
+async def test_info_tells_how_many_queries_were_answered_inline(tmp_path: Path) -> None:
+    # ServerCounters.reads_inline is counted (commit 3e8e6f8: "counted in reads_inline") but
+    # reached no one: info's ``server`` map, the operators' view of the listener, left it out,
+    # so nobody could tell whether the inline path is taken in production.
+    service = await started()
+    try:
+        path = tmp_path / "s.sock"
+        async with unix_server(service, path) as server:
+            conn = await Raw.unix(path)
+            try:
+                for rid in range(1, 4):
+                    assert (await conn.call("stats", rid, 1))[0] == "ok"
+                info = (await conn.call("info", 9))[2]
+                assert info["server"]["reads_inline"] == server.counters.reads_inline == 4
+            finally:
+                await conn.close()
+    finally:
+        await service.stop(5)
