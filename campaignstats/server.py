@@ -289,12 +289,13 @@ class Connection(asyncio.BufferedProtocol):
         try:
             result = self.producer.read_now(request)
         except Exception as exc:  # the request's error, as the actor would have answered it
+            self.server.counters.reads_inline += 1
             self.session.fail(slot, exc)
         else:
             if result is NOT_NOW:
                 return False
+            self.server.counters.reads_inline += 1  # before the reply: an info counts itself
             self._reply(slot, transform, result)
-        self.server.counters.reads_inline += 1
         if self.session.output_size + self._unsent() > self.server.config.max_output:
             self._send()
         return True
@@ -558,6 +559,7 @@ class StatsServer:
             "refused_connections": counters.refused_connections,
             "unauthorized": counters.unauthorized,
             "closed_idle": counters.closed_idle,
+            "reads_inline": counters.reads_inline,
             "auth": self.config.token is not None,  # never the token itself
             "limits": {
                 "max_message": self.config.limits.max_message,
