@@ -53,7 +53,7 @@ async def fill_wide_campaign(path: Path, cid: int) -> int:
         await conn.close()
 
 
-# -- the output bound ------------------------------------------------------------------------------
+# -- the output bound -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "mailbox"])
@@ -127,7 +127,7 @@ async def test_queries_inline_after_a_slow_readers_close_are_not_answered_into_m
         await service.stop(5)
 
 
-# -- read-only queries must not take what the goals are owed ---------------------------------------
+# -- read-only queries must not take what the goals are owed --------------------------------------
 
 
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "mailbox"])
@@ -165,7 +165,7 @@ async def test_a_top_query_right_after_increments_does_not_lose_the_milestone_th
         await service.stop(5)
 
 
-# -- counters ---------------------------------------------------------------------------------------
+# -- counters -------------------------------------------------------------------------------------
 
 
 async def test_info_tells_how_many_queries_were_answered_inline(tmp_path: Path) -> None:
