@@ -31,7 +31,7 @@ class SupporterRanking:
     entries outnumber the live ones.
     """
 
-    __slots__ = ("dirty", "heap", "taken", "values")
+    __slots__ = ("dirty", "heap", "owed", "taken", "values")
 
     def __init__(self) -> None:
         self.heap: list[tuple[int, int]] = []
@@ -39,16 +39,28 @@ class SupporterRanking:
         self.dirty: set[int] = set()  # campaigns whose value may have moved since
         #: moved campaigns handed to the goals (take_moved) and not refreshed yet
         self.taken: set[int] = set()
+        #: moved campaigns refreshed (a ``top`` call) and not handed to the goals yet
+        self.owed: set[int] = set()
+
+    @property
+    def moved(self) -> bool:
+        """Some campaign moved that :meth:`take_moved` has not handed out yet."""
+        return bool(self.dirty or self.owed)
 
     def take_moved(self) -> set[int]:
         """The campaigns that may have moved since the last call, for a second reader (the
-        goals: campaignstats.goals), at no cost to the hot path; still owed to :meth:`refresh`."""
+        goals: campaignstats.goals), at no cost to the hot path; still owed to :meth:`refresh`.
+        Each reader gets every moved campaign, whichever looks first."""
         moved, self.dirty = self.dirty, set()
         self.taken |= moved
+        if self.owed:
+            moved |= self.owed
+            self.owed = set()
         return moved
 
     def refresh(self, value_of: Callable[[int], int]) -> None:
         dirty, self.dirty = self.dirty, set()
+        self.owed |= dirty  # the goals have not seen these: take_moved hands them out
         if self.taken:
             dirty |= self.taken
             self.taken = set()

@@ -49,7 +49,7 @@ from campaignstats.actor.actor import NOT_NOW
 from campaignstats.errors import InternalError, Overloaded, StatsError
 from campaignstats.model import WireStats
 from campaignstats.protocol import Limits
-from campaignstats.requests import Info
+from campaignstats.requests import READS, Info
 from campaignstats.service import StatsService, TaskHost
 from campaignstats.sessions.server import (
     CallReceived,
@@ -276,16 +276,28 @@ class Connection(asyncio.BufferedProtocol):
     def _read_now(self, slot: Slot, request: Any, transform: Callable[[Any], Any] | None) -> bool:
         """A read-only query answered here, in the read callback, when the producer may
         (nothing of this connection's is still queued): no message, no task switch, and the
-        reply leaves with this read's other output, in one write. False: ask the actor."""
+        reply leaves with this read's other output, in one write. False: ask the actor.
+
+        The output bound holds as on the mailbox path, where each answer is written as it comes
+        and a slow reader is closed past ``max_output``: once this read's replies and the
+        transport's unsent bytes pass it, they are written now (and the next time, a reader
+        that took none of them is closed). A query of a connection closed meanwhile is dropped
+        (its answer would be, as in :meth:`_answered`); its other calls go on as before.
+        """
+        if self.closed and isinstance(request, READS):
+            return True  # closed as a slow reader earlier in this read: no one to answer
         try:
             result = self.producer.read_now(request)
         except Exception as exc:  # the request's error, as the actor would have answered it
+            self.server.counters.reads_inline += 1
             self.session.fail(slot, exc)
         else:
             if result is NOT_NOW:
                 return False
+            self.server.counters.reads_inline += 1  # before the reply: an info counts itself
             self._reply(slot, transform, result)
-        self.server.counters.reads_inline += 1
+        if self.session.output_size + self._unsent() > self.server.config.max_output:
+            self._send()
         return True
 
     def _answered(
@@ -547,6 +559,7 @@ class StatsServer:
             "refused_connections": counters.refused_connections,
             "unauthorized": counters.unauthorized,
             "closed_idle": counters.closed_idle,
+            "reads_inline": counters.reads_inline,
             "auth": self.config.token is not None,  # never the token itself
             "limits": {
                 "max_message": self.config.limits.max_message,

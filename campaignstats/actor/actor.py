@@ -293,7 +293,7 @@ class StatsActor:
             self.lifetime.goals_started = True
             if self.lifetime.outbox is not None:
                 self.lifetime.outbox.replay_into(self.lifetime.goals)
-        if self.state.ranking.dirty:  # kept across a restart: looked at soon
+        if self.state.ranking.moved:  # kept across a restart: looked at soon
             self._next_goals_at = time.monotonic() + GOALS_TICK
         self._start_calculation("all")
         self._next_calc_at = time.monotonic() + self.config.sync_interval
@@ -520,7 +520,7 @@ class StatsActor:
         reported = rejected if foreign is None else foreign.report(rejected)
         if reported:
             self.rejected += len(reported)
-        if self._next_goals_at is None and self.state.ranking.dirty:
+        if self._next_goals_at is None and self.state.ranking.moved:
             self._next_goals_at = time.monotonic() + GOALS_TICK
         if tell.on_rejected is not None and (reported or tell.report_empty):
             try:

@@ -469,6 +469,11 @@ class ServerSession:
         return bool(self._out)
 
     @property
+    def output_size(self) -> int:
+        """Bytes waiting in :meth:`data_to_send`."""
+        return self._out_size
+
+    @property
     def pending_calls(self) -> int:
         """Calls not yet answered (or answered but waiting behind an earlier one)."""
         return len(self._pending)
