@@ -47,7 +47,7 @@ DEFAULT_STATEMENT_TIMEOUT = 60.0  # seconds, per statement
 ACTION_WINDOW = 100_000
 _YIELD_EVERY = 5_000
 #: rows read and folded at a time from a big result (see _stream)
-_CHUNK = 5_000
+CHUNK_ROWS = 5_000
 
 
 async def calculate(
@@ -59,6 +59,7 @@ async def calculate(
     work_mem: str = "256MB",
     helper_conn: asyncpg.Connection | None = None,
     owns: Callable[[int], bool] | None = None,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> CalculationResult:
     """Recompute the covered campaigns' counts; raises :class:`CalculationError` on any failure.
 
@@ -73,9 +74,14 @@ async def calculate(
 
     ``owns`` (a shard's, docs/scale.md) keeps the covered campaigns it owns: the rest of the
     statements get them as their list of ids, whatever the scope.
+
+    The big results (the action buckets, the supporter counts) are read ``chunk_rows`` rows at a
+    time and folded as they arrive: memory holds the counts, never the rows.
     """
     import asyncpg
 
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, not {chunk_rows!r}")
     kind = scope_name(scope)
     if not isinstance(scope, str) and not all(isinstance(c, int) for c in scope):
         raise TypeError("scope must be 'all', 'live' or a sequence of campaign ids")
@@ -140,7 +146,7 @@ async def calculate(
                 page_rows = await conn.fetch(queries.page_orgs, ids)
                 built.page_orgs = _page_orgs_of(page_rows)
                 streamed += await _stream(
-                    conn, queries.action_buckets, (ids, *cutoffs), built.fold_actions
+                    conn, queries.action_buckets, (ids, *cutoffs), built.fold_actions, chunk_rows
                 )
                 await _set_local(conn, supporter_settings)
                 shared_args = await _shared_args(conn, queries, streaming)
@@ -149,6 +155,7 @@ async def calculate(
                     supporter_sql,
                     (ids, None, None, *cutoffs, *shared_args),
                     built.fold_supporters,
+                    chunk_rows,
                 )
             elif ids != [] and helper_conn is not None:
                 await stack.enter_async_context(
@@ -177,6 +184,8 @@ async def calculate(
                 # calculation's split").
                 loop = asyncio.get_running_loop()
                 ready: asyncio.Future[tuple[object, ...]] = loop.create_future()
+                # A helper's failure is raised by _both, whether or not the main part waited.
+                ready.add_done_callback(lambda f: f.cancelled() or f.exception())
 
                 async def main_part() -> int:
                     if split is None:  # the main connection counts the supporters whole
@@ -188,9 +197,14 @@ async def calculate(
                             supporter_sql,
                             (ids, None, None, *cutoffs, *shared),
                             built.fold_supporters,
+                            chunk_rows,
                         )
                     n = await _stream(
-                        conn, queries.action_buckets, (ids, *cutoffs), built.fold_actions
+                        conn,
+                        queries.action_buckets,
+                        (ids, *cutoffs),
+                        built.fold_actions,
+                        chunk_rows,
                     )
                     shared = await asyncio.shield(ready)
                     await _set_local(conn, supporter_settings)
@@ -199,6 +213,7 @@ async def calculate(
                         supporter_sql,
                         (ids, None, split, *cutoffs, *shared),
                         built.fold_supporters,
+                        chunk_rows,
                     )
 
                 async def helper_part() -> tuple[Rows, Rows, Rows, Rows, int]:
@@ -223,7 +238,11 @@ async def calculate(
                     ready.set_result(shared)
                     if split is None:
                         n = await _stream(
-                            helper, queries.action_buckets, (ids, *cutoffs), built.fold_actions
+                            helper,
+                            queries.action_buckets,
+                            (ids, *cutoffs),
+                            built.fold_actions,
+                            chunk_rows,
                         )
                     else:
                         n = await _stream(
@@ -231,6 +250,7 @@ async def calculate(
                             supporter_sql,
                             (ids, split, None, *cutoffs, *shared),
                             built.fold_supporters,
+                            chunk_rows,
                         )
                     return extra, pages, recent, messages, n
 
@@ -465,19 +485,30 @@ async def _stream(
     sql: str,
     args: Sequence[object],
     fold: Callable[[list[asyncpg.Record]], None],
+    chunk: int,
 ) -> int:
-    """Run ``sql`` and fold its rows a chunk of :data:`_CHUNK` at a time, as they arrive (a
-    cursor, in the calculation's transaction); returns how many rows there were. Memory holds one
-    chunk, never the whole result, and folding one chunk is one short step of the event loop."""
+    """Run ``sql`` and fold its rows ``chunk`` at a time, as they arrive (a
+    cursor, in the calculation's transaction); returns how many rows there were. Memory holds two
+    chunks, never the whole result, and folding one chunk is one short step of the event loop.
+    The next chunk is asked for before this one is folded, so Postgres sends it meanwhile."""
     cursor = await conn.cursor(sql, *args)
     count = 0
-    while True:
-        rows = await cursor.fetch(_CHUNK)
-        if rows:
-            fold(rows)
-            count += len(rows)
-        if len(rows) < _CHUNK:
-            return count
+    pending = asyncio.ensure_future(cursor.fetch(chunk))
+    try:
+        while True:
+            rows = await pending
+            more = len(rows) == chunk
+            if more:
+                pending = asyncio.ensure_future(cursor.fetch(chunk))
+                await asyncio.sleep(0)  # the request goes out before the fold
+            if rows:
+                fold(rows)
+                count += len(rows)
+            if not more:
+                return count
+    finally:
+        if not pending.done():  # the fold failed: the transaction ends with the error
+            pending.cancel()
 
 
 async def _shared_args(
