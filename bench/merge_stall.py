@@ -7,10 +7,12 @@ database of bench/calculation.py, as ``serve`` does), with increments arriving d
 calculation (``--rate`` per second, bounded: they are journaled and replayed by the merge), and a
 probe task that sleeps 1 ms at a time and records how late it wakes: the longest lateness is the
 longest stall of the event loop. Figures per calculation: the longest stall while the calculation
-ran (it folds its rows in this loop, a chunk at a time), the longest stall in the merge window
-(from the result's arrival to the end of the merge, as the actor measures it:
-``last_calculation.merge_duration``), and the actor's own longest merge step
-(``longest_merge_step``: one slice of ``merge_slice`` campaigns, run without yielding).
+ran (it folds its rows in this loop, a chunk at a time), the longest stall that began while the
+result was merged (from the result's arrival to the end of the merge: the service's
+``calculation.merged`` log event, captured here, minus ``last_calculation.merge_duration``), and
+the actor's own longest merge step (``longest_merge_step``: one step of at most
+``merge_budget`` seconds, run without yielding). On a loaded machine a stall also holds the time
+the process waited for a core.
 """
 
 from __future__ import annotations
@@ -49,8 +51,23 @@ class Probe:
             self.samples.append((now, now - t - PROBE_INTERVAL))
 
     def longest(self, since: float, until: float) -> float:
-        """The longest lateness of a wake-up in [since, until] (a stall that ends in it)."""
-        return max((lag for t, lag in self.samples if since <= t <= until), default=0.0)
+        """The longest lateness of a wake-up late by a stall that began in [since, until]."""
+        return max(
+            (lag for t, lag in self.samples if since <= t - lag - PROBE_INTERVAL <= until),
+            default=0.0,
+        )
+
+
+class Events:
+    """When the service logged each event (perf_counter), kept here instead of printed: the
+    merge's end is ``calculation.merged``, its start that minus the merge's duration."""
+
+    def __init__(self) -> None:
+        self.at: dict[str, list[float]] = {}
+
+    def __call__(self, logger: Any, method: str, event_dict: Any) -> Any:
+        self.at.setdefault(str(event_dict.get("event")), []).append(time.perf_counter())
+        raise structlog.DropEvent
 
 
 async def send_increments(
@@ -71,7 +88,7 @@ async def send_increments(
     return sent
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+async def run(args: argparse.Namespace, events: Events) -> dict[str, Any]:
     import asyncpg
 
     pg = EmbeddedPostgres(args.data_dir)
@@ -102,11 +119,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     if info["calculations"]["completed"] > i:
                         break
                     await asyncio.sleep(0.005)
-                seen = time.perf_counter()
                 done.set()
                 sent = await sender
                 last = info["last_calculation"]
-                merge_from = seen - last["merge_duration"] - 0.01
+                merged_at = events.at["calculation.merged"][i]
+                merge_from = merged_at - last["merge_duration"]
                 runs.append(
                     {
                         "calculation_s": last["duration"],
@@ -115,7 +132,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         "increments_sent": sent,
                         "merge_s": last["merge_duration"],
                         "longest_merge_step_ms": 1000 * last["longest_merge_step"],
-                        "longest_stall_merging_ms": 1000 * probe.longest(merge_from, seen),
+                        "longest_stall_merging_ms": 1000 * probe.longest(merge_from, merged_at),
                         "longest_stall_calculating_ms": 1000 * probe.longest(started, merge_from),
                     }
                 )
@@ -146,8 +163,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.calculations < 1 or args.rate <= 0:
         parser.error("--calculations and --rate must be positive")
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    out = asyncio.run(run(args))
+    events = Events()
+    structlog.configure(
+        processors=[events], wrapper_class=structlog.make_filtering_bound_logger(logging.INFO)
+    )
+    out = asyncio.run(run(args, events))
     for i, r in enumerate(out["runs"]):
         print(
             f"calculation {i + 1}: {r['calculation_s']:.2f} s, {r['rows']:,} rows, "

@@ -432,7 +432,9 @@ class _Built:
         # page's), then added oldest first: each an append, never an insertion.
         by_campaign: dict[int, dict[int, int]] = {}
         by_page: dict[int, dict[int, int]] = {}
-        for (cid, page, start), n in self._action_buckets.items():
+        for i, ((cid, page, start), n) in enumerate(self._action_buckets.items()):
+            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # a big result must not stall the actor's event loop
             if cid in campaigns:
                 starts = by_campaign.get(cid)
                 if starts is None:
