@@ -4,9 +4,10 @@
 
 The machine is shared and noisy, so both run in the same process on the same demo database (built
 once by bench/calculation.py's ``ensure_database``), alternately, with one untimed warm-up each,
-and the figures are medians. The base commit's ``db/calculation.py`` and ``db/queries.py`` are
-read with ``git show`` into a temporary package and run against this tree's model (their result
-type only gained fields since). 3fb2bf4 is the last commit before the time buckets.
+and the figures are medians. The base commit's ``db/`` modules (``calculation.py``,
+``queries.py`` and what they import) are read with ``git show`` into a temporary package and run
+against this tree's model (their result type only gained fields since). 3fb2bf4 is the last
+commit before the time buckets.
 """
 
 from __future__ import annotations
@@ -37,7 +38,15 @@ def load_base(commit: str, into: Path) -> Any:
     package = into / f"calc_{commit}"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    for name in ("calculation.py", "queries.py"):
+    listed = subprocess.run(
+        ["git", "ls-tree", "--name-only", commit, "campaignstats/db/"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    # calculation.py, queries.py and what they import from the package (shared_people.py)
+    names = [p.rsplit("/", 1)[1] for p in listed if p.endswith(".py")]
+    for name in names:
         text = subprocess.run(
             ["git", "show", f"{commit}:campaignstats/db/{name}"],
             check=True,

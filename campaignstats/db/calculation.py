@@ -48,6 +48,8 @@ DEFAULT_STATEMENT_TIMEOUT = 60.0  # seconds, per statement
 #: window is settled exactly; below it, it is applied and the next calculation confirms it
 ACTION_WINDOW = 100_000
 _YIELD_EVERY = 5_000
+#: rows read and folded at a time from a big result (see _stream)
+CHUNK_ROWS = 5_000
 
 
 async def calculate(
@@ -60,6 +62,7 @@ async def calculate(
     helper_conn: asyncpg.Connection | None = None,
     owns: Callable[[int], bool] | None = None,
     on_horizon: Callable[[EarlyHorizon], None] | None = None,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> CalculationResult:
     """Recompute the covered campaigns' counts; raises :class:`CalculationError` on any failure.
 
@@ -78,9 +81,14 @@ async def calculate(
     ``on_horizon`` is told what the snapshot holds as soon as that is known (its transactions,
     its clock, its highest action id: all but the window's ids), so that the actor can fold
     its journal from then on (campaignstats.journal).
+
+    The big results (the action buckets, the supporter counts) are read ``chunk_rows`` rows at a
+    time and folded as they arrive: memory holds the counts, never the rows.
     """
     import asyncpg
 
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, not {chunk_rows!r}")
     kind = scope_name(scope)
     if not isinstance(scope, str) and not all(isinstance(c, int) for c in scope):
         raise TypeError("scope must be 'all', 'live' or a sequence of campaign ids")
@@ -127,6 +135,7 @@ async def calculate(
             if owns is not None:
                 covered = [cid for cid in covered if owns(cid)]
                 ids = covered
+            built = _Built(_campaigns_of(covered), {}, *unit_cutoffs)
             max_action_id = await conn.fetchval(queries.max_action_id)
             low = max(0, max_action_id - ACTION_WINDOW)
             if on_horizon is not None:
@@ -136,24 +145,28 @@ async def calculate(
             recent_rows: list[asyncpg.Record] = []
             message_rows: list[asyncpg.Record] = []
             has_messages = bool(await conn.fetchval(queries.messages_table))
-            if helper_conn is None or ids == []:  # else the helper reads them, in its first round
+            if helper_conn is None or ids == []:  # else the helper reads them, first thing
                 recent_rows = await conn.fetch(queries.recent_counted_action_ids, low)
                 if ids != [] and has_messages:
                     message_rows = await conn.fetch(queries.message_counts, ids)
-            supporter_rows: Sequence[Sequence[Any]] = []
             extra_rows: list[asyncpg.Record] = []
-            action_buckets: list[asyncpg.Record] = []
             page_rows: list[asyncpg.Record] = []
-            built: _Built | None = None
-            buckets_read = 0  # action bucket rows already read into `built`
+            streamed = 0  # action bucket and supporter rows, folded as they arrived
             if ids != [] and helper_conn is None:
                 extra_rows = await conn.fetch(queries.extra_supporters, ids)
                 page_rows = await conn.fetch(queries.page_orgs, ids)
-                action_buckets = await conn.fetch(queries.action_buckets, ids, *cutoffs)
+                built.page_orgs = _page_orgs_of(page_rows)
+                streamed += await _stream(
+                    conn, queries.action_buckets, (ids, *cutoffs), built.fold_actions, chunk_rows
+                )
                 await _set_local(conn, supporter_settings)
                 shared_args = await _shared_args(conn, queries, streaming)
-                supporter_rows = await conn.fetch(
-                    supporter_sql, ids, None, None, *cutoffs, *shared_args
+                streamed += await _stream(
+                    conn,
+                    supporter_sql,
+                    (ids, None, None, *cutoffs, *shared_args),
+                    built.fold_supporters,
+                    chunk_rows,
                 )
             elif ids != [] and helper_conn is not None:
                 await stack.enter_async_context(
@@ -175,55 +188,86 @@ async def calculate(
 
                 Rows = list[asyncpg.Record]
                 helper = helper_conn
+                # What the helper reads first and the main connection's half waits for: the
+                # pages (the supporter rows of pages are folded by them) and the shared
+                # fingerprints (the supporter query's $6). No wait between two rounds: each
+                # connection goes on with its next statement (docs/design.md, "The
+                # calculation's split").
+                loop = asyncio.get_running_loop()
+                ready: asyncio.Future[tuple[object, ...]] = loop.create_future()
+                # A helper's failure is raised by _both, whether or not the main part waited.
+                ready.add_done_callback(lambda f: f.cancelled() or f.exception())
 
-                # Two rounds, each on both connections at once. The first: the action buckets
-                # beside the shared fingerprints (the supporter query's $6), the page lists.
-                async def main_first() -> tuple[Rows, tuple[object, ...]]:
+                async def main_part() -> int:
                     if split is None:  # the main connection counts the supporters whole
                         await _set_local(conn, supporter_settings)
-                        return [], await _shared_args(conn, queries, streaming)
-                    return await conn.fetch(queries.action_buckets, ids, *cutoffs), ()
-
-                async def helper_first() -> tuple[Rows, Rows, tuple[object, ...], Rows, Rows]:
-                    recent = await helper.fetch(queries.recent_counted_action_ids, low)
-                    messages: Rows = []
-                    if has_messages:
-                        messages = await helper.fetch(queries.message_counts, ids)
-                    extra = await helper.fetch(queries.extra_supporters, ids)
-                    pages = await helper.fetch(queries.page_orgs, ids)
-                    shared: tuple[object, ...] = ()
-                    if split is not None:
-                        await _set_local(helper, supporter_settings)
-                        shared = await _shared_args(helper, queries, streaming)
-                    return extra, pages, shared, recent, messages
-
-                (buckets_main, shared_main), first = await _both(main_first(), helper_first())
-                extra_rows, page_rows, shared_helper, recent_rows, message_rows = first
-                shared_args = shared_main or shared_helper
-
-                # The second: the supporters, split.
-                async def main_second() -> Rows:
+                        shared = await _shared_args(conn, queries, streaming)
+                        await asyncio.shield(ready)
+                        return await _stream(
+                            conn,
+                            supporter_sql,
+                            (ids, None, None, *cutoffs, *shared),
+                            built.fold_supporters,
+                            chunk_rows,
+                        )
+                    n = await _stream(
+                        conn,
+                        queries.action_buckets,
+                        (ids, *cutoffs),
+                        built.fold_actions,
+                        chunk_rows,
+                    )
+                    shared = await asyncio.shield(ready)
                     await _set_local(conn, supporter_settings)
-                    rows: Rows = await conn.fetch(
-                        supporter_sql, ids, None, split, *cutoffs, *shared_args
+                    return n + await _stream(
+                        conn,
+                        supporter_sql,
+                        (ids, None, split, *cutoffs, *shared),
+                        built.fold_supporters,
+                        chunk_rows,
                     )
-                    return rows
 
-                async def helper_second() -> tuple[Rows, Rows]:
+                async def helper_part() -> tuple[Rows, Rows, Rows, Rows, int]:
+                    try:
+                        pages = await helper.fetch(queries.page_orgs, ids)
+                        built.page_orgs = _page_orgs_of(pages)
+                        extra = await helper.fetch(queries.extra_supporters, ids)
+                        recent = await helper.fetch(queries.recent_counted_action_ids, low)
+                        messages: Rows = []
+                        if has_messages:
+                            messages = await helper.fetch(queries.message_counts, ids)
+                        shared: tuple[object, ...] = ()
+                        if split is not None:
+                            await _set_local(helper, supporter_settings)
+                            shared = await _shared_args(helper, queries, streaming)
+                    except BaseException as exc:
+                        if isinstance(exc, Exception):
+                            ready.set_exception(exc)
+                        else:
+                            ready.cancel()
+                        raise
+                    ready.set_result(shared)
                     if split is None:
-                        return [], await helper.fetch(queries.action_buckets, ids, *cutoffs)
-                    rows = await helper.fetch(
-                        supporter_sql, ids, split, None, *cutoffs, *shared_args
-                    )
-                    return rows, []
+                        n = await _stream(
+                            helper,
+                            queries.action_buckets,
+                            (ids, *cutoffs),
+                            built.fold_actions,
+                            chunk_rows,
+                        )
+                    else:
+                        n = await _stream(
+                            helper,
+                            supporter_sql,
+                            (ids, split, None, *cutoffs, *shared),
+                            built.fold_supporters,
+                            chunk_rows,
+                        )
+                    return extra, pages, recent, messages, n
 
-                # Meanwhile this process reads the first round's action buckets into memory.
-                built = _Built(_campaigns_of(covered), _page_orgs_of(page_rows), *unit_cutoffs)
-                (rows_lo, (rows_hi, action_buckets)), _ = await _both(
-                    _both(main_second(), helper_second()), built.actions(buckets_main)
-                )
-                buckets_read = len(buckets_main)
-                supporter_rows = [*rows_lo, *rows_hi]
+                n_main, helper_out = await _both(main_part(), helper_part())
+                extra_rows, page_rows, recent_rows, message_rows, n_helper = helper_out
+                streamed += n_main + n_helper
     except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
         # A connection lost mid-query surfaces as the rollback's InterfaceError; the reason
         # worth logging (admin shutdown, terminated backend...) is the error it interrupted.
@@ -237,18 +281,14 @@ async def calculate(
     # back) when the snapshot was taken, and actions not accepted yet.
     counted = {r[0] for r in recent_rows}
     uncounted = frozenset(range(low + 1, max_action_id + 1)).difference(counted)
-    if built is None:
-        built = _Built(_campaigns_of(covered), _page_orgs_of(page_rows), *unit_cutoffs)
     campaigns = built.campaigns
     # The people who share a fingerprint, counted distinct over both connections' rows.
-    supporter_rows = shared_people.combine(supporter_rows)
-    await built.supporters(supporter_rows)
+    shared_rows = shared_people.combine(built.shared_rows)
+    built.fold_supporters(shared_rows)
     built.extras(extra_rows)
-    await built.actions(action_buckets)  # those not read yet (the order changes no sum)
     built.messages(message_rows)
-    built.flush()
-    rows = len(covered) + len(supporter_rows) + len(extra_rows) + len(page_rows)
-    rows += len(message_rows) + len(action_buckets) + buckets_read
+    await built.flush()
+    rows = len(covered) + streamed + len(extra_rows) + len(page_rows) + len(message_rows)
     duration = time.perf_counter() - t0
     log.info(
         "calculation.done",
@@ -278,8 +318,9 @@ async def calculate(
 
 
 class _Built:
-    """The covered campaigns, their pages and both's buckets, built from the rows of one
-    calculation (docs/design.md, "Action pages and orgs" and "Time")."""
+    """The covered campaigns, their pages and both's buckets, folded from the rows of one
+    calculation as they arrive, a chunk at a time (docs/design.md, "Action pages and orgs" and
+    "Time"): memory holds the folded counts, never the whole result."""
 
     def __init__(
         self,
@@ -289,12 +330,20 @@ class _Built:
         hour_cutoff: int,
     ) -> None:
         self.campaigns = campaigns
-        self.page_orgs = page_orgs  # page -> (campaign, org)
+        self.page_orgs = page_orgs  # page -> (campaign, org); set before any supporter row
         self.minute_cutoff = minute_cutoff
         self.hour_cutoff = hour_cutoff
         self.timelines: dict[int, Timeline] = {}
         self.pages: dict[int, PageStats] = {}
         self.page_timelines: dict[int, Timeline] = {}
+        #: the shared people's rows (level 7), kept until every part has come
+        self.shared_rows: list[Sequence[Any]] = []
+        # The action buckets, summed by (campaign, page, bucket start) and (campaign, page,
+        # action type) as they arrive, with the latest action per (campaign, page): filed into
+        # the campaigns, pages and timelines by flush(), each timeline's buckets in order.
+        self._action_buckets: dict[tuple[int, int, int], int] = {}
+        self._action_types: dict[tuple[int, int, str], int] = {}
+        self._action_last: dict[tuple[int, int], float] = {}
 
     def unit(self, start: int) -> int:
         if start >= self.minute_cutoff:
@@ -321,11 +370,12 @@ class _Built:
             timeline = timelines[key] = Timeline()
         return timeline
 
-    async def supporters(self, rows: Sequence[shared_people.Row]) -> None:
+    def fold_supporters(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Add up one chunk of the supporter query's partial counts; a shared person's row
+        (level 7) is kept for :func:`shared_people.combine`."""
         campaigns = self.campaigns
-        for i, (cid, key, area, n, level, start) in enumerate(rows):
-            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
-                await asyncio.sleep(0)  # a big result must not stall the actor's event loop
+        for row in rows:
+            cid, key, area, n, level, start = row[:6]
             # Partial counts (disjoint sets of people): add them up. A page's levels (3, 4, 6)
             # need only the page's campaign covered, whatever the row's campaign.
             if level in (0, 1, 2, 5):
@@ -340,6 +390,8 @@ class _Built:
                     stats.area[area] = stats.area.get(area, 0) + n
                 else:
                     self.timeline(self.timelines, cid).add_bucket(self.unit(start), start, n, 0)
+            elif level == shared_people.SHARED:
+                self.shared_rows.append(row)
             else:
                 ps = self.page(key)
                 if ps is None:
@@ -364,23 +416,62 @@ class _Built:
                 counts.supporters += extra
                 counts.org[org_id] = counts.org.get(org_id, 0) + extra
 
-    async def actions(self, rows: Sequence[asyncpg.Record]) -> None:
-        for i, (cid, page, action_type, start, n, last) in enumerate(rows):
-            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
-                await asyncio.sleep(0)
-            stats = self.campaigns.get(cid)
-            ps = self.page(page)
-            unit = self.unit(start)
-            pairs = []
+    def fold_actions(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Sum one chunk of the action buckets (filed by :meth:`flush`). A row is one
+        (campaign, page, action type, bucket): the same (campaign, page, bucket) comes once per
+        action type, so the timelines get a quarter of the rows, each bucket once."""
+        buckets, types, latest = self._action_buckets, self._action_types, self._action_last
+        for cid, page, action_type, start, n, last in rows:
+            key = (cid, page, start)
+            buckets[key] = buckets.get(key, 0) + n
+            key_t = (cid, page, action_type)
+            types[key_t] = types.get(key_t, 0) + n
+            pair = (cid, page)
+            if last > latest.get(pair, -1.0):
+                latest[pair] = last
+
+    async def _file_actions(self) -> None:
+        campaigns = self.campaigns
+        for (cid, page, action_type), n in self._action_types.items():
+            stats = campaigns.get(cid)
             if stats is not None:
-                pairs.append((stats, self.timeline(self.timelines, cid)))
+                stats.action[action_type] = stats.action.get(action_type, 0) + n
+            ps = self.page(page)
             if ps is not None:
-                pairs.append((ps.stats, self.timeline(self.page_timelines, page)))
-            for counts, timeline in pairs:
-                counts.action[action_type] = counts.action.get(action_type, 0) + n
-                timeline.add_bucket(unit, start, 0, n)
-                if last > timeline.last_action_at:
-                    timeline.last_action_at = last
+                ps.stats.action[action_type] = ps.stats.action.get(action_type, 0) + n
+        # Per timeline, its buckets summed over pages (a campaign's) or campaigns (a moved
+        # page's), then added oldest first: each an append, never an insertion.
+        by_campaign: dict[int, dict[int, int]] = {}
+        by_page: dict[int, dict[int, int]] = {}
+        for i, ((cid, page, start), n) in enumerate(self._action_buckets.items()):
+            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # a big result must not stall the actor's event loop
+            if cid in campaigns:
+                starts = by_campaign.get(cid)
+                if starts is None:
+                    starts = by_campaign[cid] = {}
+                starts[start] = starts.get(start, 0) + n
+            if self.page(page) is not None:
+                starts = by_page.get(page)
+                if starts is None:
+                    starts = by_page[page] = {}
+                starts[start] = starts.get(start, 0) + n
+        self._action_buckets = {}
+        done = 0
+        for timelines, by_key in ((self.timelines, by_campaign), (self.page_timelines, by_page)):
+            for key, starts in by_key.items():
+                timeline = self.timeline(timelines, key)
+                for start in sorted(starts):
+                    timeline.add_bucket(self.unit(start), start, 0, starts[start])
+                done += len(starts)
+                if done >= _YIELD_EVERY:
+                    done = 0
+                    await asyncio.sleep(0)  # a big result must not stall the actor's event loop
+        for (cid, page), last in self._action_last.items():
+            for timelines, key in ((self.timelines, cid), (self.page_timelines, page)):
+                held = timelines.get(key)
+                if held is not None and last > held.last_action_at:
+                    held.last_action_at = last
 
     def messages(self, rows: Sequence[asyncpg.Record]) -> None:
         for cid, page, n in rows:
@@ -391,7 +482,8 @@ class _Built:
             if ps is not None:
                 ps.stats.messages += n
 
-    def flush(self) -> None:
+    async def flush(self) -> None:
+        await self._file_actions()
         # Every page of a covered campaign, counted or not: its campaign is known to page_stats.
         for page in self.page_orgs:
             self.page(page)
@@ -399,6 +491,37 @@ class _Built:
             timeline.flush()
         for timeline in self.page_timelines.values():
             timeline.flush()
+
+
+async def _stream(
+    conn: asyncpg.Connection,
+    sql: str,
+    args: Sequence[object],
+    fold: Callable[[list[asyncpg.Record]], None],
+    chunk: int,
+) -> int:
+    """Run ``sql`` and fold its rows ``chunk`` at a time, as they arrive (a
+    cursor, in the calculation's transaction); returns how many rows there were. Memory holds two
+    chunks, never the whole result, and folding one chunk is one short step of the event loop.
+    The next chunk is asked for before this one is folded, so Postgres sends it meanwhile."""
+    cursor = await conn.cursor(sql, *args)
+    count = 0
+    pending = asyncio.ensure_future(cursor.fetch(chunk))
+    try:
+        while True:
+            rows = await pending
+            more = len(rows) == chunk
+            if more:
+                pending = asyncio.ensure_future(cursor.fetch(chunk))
+                await asyncio.sleep(0)  # the request goes out before the fold
+            if rows:
+                fold(rows)
+                count += len(rows)
+            if not more:
+                return count
+    finally:
+        if not pending.done():  # the fold failed: the transaction ends with the error
+            pending.cancel()
 
 
 async def _shared_args(

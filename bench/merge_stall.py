@@ -1,0 +1,185 @@
+"""Event-loop stalls while a real service calculates and merges, on a demo database.
+
+    python -m bench.merge_stall --actions 5000000 --calculations 3 --data-dir /tmp/pages-calcbench
+
+Runs the stats service in this process (``StatsService`` with a ``PostgresSource`` on the demo
+database of bench/calculation.py, as ``serve`` does), with increments arriving during each
+calculation (``--rate`` per second, bounded: they are journaled and replayed by the merge), and a
+probe task that sleeps 1 ms at a time and records how late it wakes: the longest lateness is the
+longest stall of the event loop. Figures per calculation: the longest stall while the calculation
+ran (it folds its rows in this loop, a chunk at a time), the longest stall that began while the
+result was merged (from the result's arrival to the end of the merge: the service's
+``calculation.merged`` log event, captured here, minus ``last_calculation.merge_duration``), and
+the actor's own longest merge step (``longest_merge_step``: one step of at most
+``merge_budget`` seconds, run without yielding). On a loaded machine a stall also holds the time
+the process waited for a core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import time
+from typing import Any
+
+import structlog
+
+from bench._harness import append_result, machine
+from bench.calculation import ensure_database
+from campaignstats.actor.actor import ActorConfig
+from campaignstats.db.embedded import EmbeddedPostgres
+from campaignstats.db.source import PostgresSource
+from campaignstats.service import StatsService
+
+PROBE_INTERVAL = 0.001
+
+
+class Probe:
+    """Wakes every millisecond and records (when, how late) for each wake-up."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self.running = True
+
+    async def run(self) -> None:
+        while self.running:
+            t = time.perf_counter()
+            await asyncio.sleep(PROBE_INTERVAL)
+            now = time.perf_counter()
+            self.samples.append((now, now - t - PROBE_INTERVAL))
+
+    def longest(self, since: float, until: float) -> float:
+        """The longest lateness of a wake-up late by a stall that began in [since, until]."""
+        return max(
+            (lag for t, lag in self.samples if since <= t - lag - PROBE_INTERVAL <= until),
+            default=0.0,
+        )
+
+
+class Events:
+    """When the service logged each event (perf_counter), kept here instead of printed: the
+    merge's end is ``calculation.merged``, its start that minus the merge's duration."""
+
+    def __init__(self) -> None:
+        self.at: dict[str, list[float]] = {}
+
+    def __call__(self, logger: Any, method: str, event_dict: Any) -> Any:
+        self.at.setdefault(str(event_dict.get("event")), []).append(time.perf_counter())
+        raise structlog.DropEvent
+
+
+async def send_increments(
+    service: StatsService, pages: list[tuple[int, int, int]], rate: float, until: asyncio.Event
+) -> int:
+    """``rate`` increments a second on the demo's pages until ``until`` is set; at most
+    ``rate`` x 600 in all (bounded)."""
+    sent = 0
+    step = 0.01
+    per_step = max(1, round(rate * step))
+    limit = int(rate * 600)
+    while not until.is_set() and sent < limit:
+        for _ in range(per_step):
+            cid, org, page = random.choice(pages)
+            service.increment(cid, org, "register", new_supporter=True, page=page, at=time.time())
+            sent += 1
+        await asyncio.sleep(step)
+    return sent
+
+
+async def run(args: argparse.Namespace, events: Events) -> dict[str, Any]:
+    import asyncpg
+
+    pg = EmbeddedPostgres(args.data_dir)
+    admin = pg.start()
+    try:
+        dsn = await ensure_database(admin, args.actions, args.seed)
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch("SELECT campaign_id, org_id, id FROM action_pages")
+        finally:
+            await conn.close()
+        pages = [(r[0], r[1], r[2]) for r in rows]
+        # One calculation at start ("all"), then one per resync: never one by the clock.
+        service = StatsService(PostgresSource(dsn), ActorConfig(sync_interval=86_400.0))
+        probe = Probe()
+        probe_task = asyncio.create_task(probe.run())
+        runs: list[dict[str, Any]] = []
+        await service.start()
+        try:
+            for i in range(args.calculations):
+                started = time.perf_counter()
+                if i > 0:
+                    assert await service.resync("all")
+                done = asyncio.Event()
+                sender = asyncio.create_task(send_increments(service, pages, args.rate, done))
+                while True:
+                    info = await service.info()
+                    if info["calculations"]["completed"] > i:
+                        break
+                    await asyncio.sleep(0.005)
+                done.set()
+                sent = await sender
+                last = info["last_calculation"]
+                merged_at = events.at["calculation.merged"][i]
+                merge_from = merged_at - last["merge_duration"]
+                runs.append(
+                    {
+                        "calculation_s": last["duration"],
+                        "rows": last["rows"],
+                        "campaigns": last["campaigns"],
+                        "increments_sent": sent,
+                        "merge_s": last["merge_duration"],
+                        "longest_merge_step_ms": 1000 * last["longest_merge_step"],
+                        "longest_stall_merging_ms": 1000 * probe.longest(merge_from, merged_at),
+                        "longest_stall_calculating_ms": 1000 * probe.longest(started, merge_from),
+                    }
+                )
+        finally:
+            probe.running = False
+            await probe_task
+            await service.stop()
+    finally:
+        pg.close()
+    return {
+        "machine": machine(),
+        "actions": args.actions,
+        "rate": args.rate,
+        "runs": runs,
+        "longest_stall_merging_ms": max(r["longest_stall_merging_ms"] for r in runs),
+        "longest_merge_step_ms": max(r["longest_merge_step_ms"] for r in runs),
+        "longest_stall_calculating_ms": max(r["longest_stall_calculating_ms"] for r in runs),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--actions", type=int, default=5_000_000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--calculations", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=1000.0, help="increments per second")
+    parser.add_argument("--data-dir", default="/tmp/calcbench")
+    args = parser.parse_args()
+    if args.calculations < 1 or args.rate <= 0:
+        parser.error("--calculations and --rate must be positive")
+    events = Events()
+    structlog.configure(
+        processors=[events], wrapper_class=structlog.make_filtering_bound_logger(logging.INFO)
+    )
+    out = asyncio.run(run(args, events))
+    for i, r in enumerate(out["runs"]):
+        print(
+            f"calculation {i + 1}: {r['calculation_s']:.2f} s, {r['rows']:,} rows, "
+            f"{r['campaigns']} campaigns, {r['increments_sent']:,} increments during it; "
+            f"merge {1000 * r['merge_s']:.1f} ms, "
+            f"longest step {r['longest_merge_step_ms']:.1f} ms; "
+            f"longest stall merging {r['longest_stall_merging_ms']:.1f} ms, "
+            f"calculating {r['longest_stall_calculating_ms']:.1f} ms"
+        )
+    path = append_result("merge_stall", out)
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
