@@ -265,10 +265,12 @@ class CampaignStats:
 
     @classmethod
     def from_wire(cls, stats: Mapping[str, Any]) -> CampaignStats:
+        """From a STATS map, with its keys interned (the merge builds a campaign's new counts
+        through it: docs/design.md, "Memory")."""
         return cls(
             int(stats["supporters"]),
-            dict(stats["action"]),
-            dict(stats["area"]),
+            {intern(k): n for k, n in stats["action"].items()},
+            {intern(k): n for k, n in stats["area"].items()},
             dict(stats["org"]),
             int(stats["extra_supporters"]),
             int(stats.get("messages", 0)),
