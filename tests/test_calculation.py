@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from campaignstats.db.calculation import calculate
+from campaignstats.db.calculation import ACTION_WINDOW, calculate
 from campaignstats.db.demo import fill_demo
-from campaignstats.model import CampaignStats
+from campaignstats.model import CalculationResult, CampaignStats
 
 from .conftest import truncate_all
 from .recount import recount
@@ -113,6 +113,7 @@ def test_the_calculation_equals_a_brute_force_recount_of_any_small_database(
             result = await calculate(conn, "all")
             assert result.campaigns == expected
             assert result.max_action_id == len(actions)
+            assert result.uncounted_ids == await uncounted_by_sql(conn, result)
             live = [i + 1 for i, s in enumerate(statuses) if s == 1]
             result = await calculate(conn, "live")
             assert result.campaigns == await recount(conn, live)
@@ -123,6 +124,17 @@ def test_the_calculation_equals_a_brute_force_recount_of_any_small_database(
 
     # Hypothesis drives a plain function; each example runs on its own short event loop.
     asyncio.run(check())
+
+
+async def uncounted_by_sql(conn: asyncpg.Connection, result: CalculationResult) -> frozenset[int]:
+    """The ids of the window the calculation should call uncounted, straight from the tables:
+    every id in it but those of counted (accepted, not testing) actions."""
+    low = max(0, result.max_action_id - ACTION_WINDOW)
+    counted = await conn.fetch(
+        "SELECT id FROM actions WHERE id > $1 AND processing_status IN (3, 4) AND NOT testing",
+        low,
+    )
+    return frozenset(range(low + 1, result.max_action_id + 1)) - {r[0] for r in counted}
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +157,9 @@ async def test_the_calculation_equals_a_brute_force_recount_of_a_50000_action_de
         result = await calculate(conn, "all")
         assert result.campaigns == expected
         assert result.max_action_id == await conn.fetchval("SELECT max(id) FROM actions")
+        # the window's uncounted ids, read as runs (rejected, pending and testing actions)
+        assert result.uncounted_ids == await uncounted_by_sql(conn, result)
+        assert result.uncounted_ids
         # The demo holds every case the rules care about; check they are really there.
         facts = await conn.fetchrow(
             """SELECT

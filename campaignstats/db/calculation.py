@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
+from itertools import chain
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import structlog
@@ -146,7 +147,9 @@ async def calculate(
             message_rows: list[asyncpg.Record] = []
             has_messages = bool(await conn.fetchval(queries.messages_table))
             if helper_conn is None or ids == []:  # else the helper reads them, first thing
-                recent_rows = await conn.fetch(queries.recent_counted_action_ids, low)
+                recent_rows = await conn.fetch(
+                    queries.recent_uncounted_action_runs, low, max_action_id
+                )
                 if ids != [] and has_messages:
                     message_rows = await conn.fetch(queries.message_counts, ids)
             extra_rows: list[asyncpg.Record] = []
@@ -232,7 +235,9 @@ async def calculate(
                         pages = await helper.fetch(queries.page_orgs, ids)
                         built.page_orgs = _page_orgs_of(pages)
                         extra = await helper.fetch(queries.extra_supporters, ids)
-                        recent = await helper.fetch(queries.recent_counted_action_ids, low)
+                        recent = await helper.fetch(
+                            queries.recent_uncounted_action_runs, low, max_action_id
+                        )
                         messages: Rows = []
                         if has_messages:
                             messages = await helper.fetch(queries.message_counts, ids)
@@ -279,8 +284,7 @@ async def calculate(
 
     # Ids below the highest that these counts do not hold: transactions still running (or rolled
     # back) when the snapshot was taken, and actions not accepted yet.
-    counted = {r[0] for r in recent_rows}
-    uncounted = frozenset(range(low + 1, max_action_id + 1)).difference(counted)
+    uncounted = frozenset(chain.from_iterable(range(r[0], r[1] + 1) for r in recent_rows))
     campaigns = built.campaigns
     # The people who share a fingerprint, counted distinct over both connections' rows.
     shared_rows = shared_people.combine(built.shared_rows)

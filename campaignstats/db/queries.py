@@ -215,9 +215,11 @@ class Queries:
     snapshot_info: str
     #: the highest action id the snapshot sees (increments above it are replayed after a merge)
     max_action_id: str
-    #: ids of the actions above $1 (the newest ones) that the calculation counts, to find those
-    #: it does not (not visible yet, or not accepted yet)
-    recent_counted_action_ids: str
+    #: (first, last): the runs of action ids in ($1, $2] (the newest ones, up to the highest the
+    #: snapshot sees) that the calculation does NOT count: not visible to it (running or rolled
+    #: back), or not accepted yet. Runs, not the counted ids one by one: a handful of rows
+    #: rather than one per recent action (docs/design.md, "Exact by transaction id")
+    recent_uncounted_action_runs: str
     #: (campaign_id, action page id, messages): mail-to-target messages of counted actions; run
     #: only when the database has the table (``messages_table``)
     message_counts: str
@@ -300,9 +302,21 @@ PROCA_QUERIES = Queries(
         "SELECT pg_current_snapshot()::text, extract(epoch FROM clock_timestamp())::float8"
     ),
     max_action_id="SELECT coalesce(max(id), 0) FROM actions",
-    recent_counted_action_ids=(
-        "SELECT id FROM actions WHERE id > $1 AND processing_status IN (3, 4) AND NOT testing"
-    ),
+    # The gaps between counted ids, in id order (the primary key's index gives the order): each
+    # counted id with the one before it (or $1); then the run after the last counted id, if any.
+    recent_uncounted_action_runs="""
+    SELECT prev + 1, id - 1 FROM (
+      SELECT id, lag(id, 1, $1::bigint) OVER (ORDER BY id) AS prev
+      FROM actions
+      WHERE id > $1 AND id <= $2 AND processing_status IN (3, 4) AND NOT testing
+    ) AS counted
+    WHERE id > prev + 1
+    UNION ALL
+    SELECT coalesce(max(id), $1::bigint) + 1, $2::bigint
+    FROM actions
+    WHERE id > $1 AND id <= $2 AND processing_status IN (3, 4) AND NOT testing
+    HAVING coalesce(max(id), $1::bigint) < $2::bigint
+    """,
     messages_table="SELECT to_regclass('messages') IS NOT NULL",
     message_counts="""
     SELECT a.campaign_id, a.action_page_id, count(*)
