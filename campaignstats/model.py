@@ -422,8 +422,10 @@ class Horizon:
             # below the window: unknown by the id; the time may still say
         elif txid is not None and self.snapshot is not None:
             return False
+        # The time says only for an increment: a decrement's ``at`` is the time of the action it
+        # takes back (its bucket), not of the rejection, which may come after the snapshot.
         at = inc.at
-        if at is not None and self.taken_at is not None:
+        if at is not None and self.taken_at is not None and not decrement:
             return at < self.taken_at - AT_MARGIN
         return False
 
