@@ -21,7 +21,7 @@ from campaignstats.service import StatsService
 
 from .conftest import truncate_all
 from .helpers import completed, loaded, memory_of, wait_for
-from .recount import recount
+from .recount import recount, recount_timelines
 from .test_journal_fold import Gated
 
 
@@ -273,3 +273,46 @@ async def test_a_rejection_with_the_actions_time_after_the_snapshot_is_kept_by_t
 
     await wait_for(merged)
     assert await memory_of(service, [1]) == await recount(conn, [1])
+
+
+async def test_the_buckets_after_a_folded_merge_equal_the_recount_of_the_database(
+    conn: asyncpg.Connection, gated: tuple[Gated, StatsService]
+) -> None:
+    """Signatures and rejections at their own times (hours and minutes ago, now), after a real
+    snapshot, folded: the merged minute and hour buckets equal a row-by-row recount."""
+    source, service = gated
+    await _setup(conn)
+    now = float(int(time.time()))
+    old = [await _sign_at(conn, n, now - 3 * 3600 - n) for n in (1, 2)]
+    await _sign_at(conn, 3, now - 1800)
+    await service.start()
+    await wait_for(lambda: loaded(service))
+    before = await completed(service)
+    source.release.clear()
+    source.told.clear()
+    assert await service.resync("all")
+    await asyncio.wait_for(source.told.wait(), 20)
+
+    def change(at: float, aid: int | None, txid: int | None, *, dec: bool = False) -> None:
+        call = service.decrement if dec else service.increment
+        call(1, 1, "register", "DE", True, action_id=aid, txid=txid, at=at, page=1)
+
+    change(now - 3 * 3600 - 1, old[0], await _set_status(conn, old[0], 2), dec=True)
+    fresh = await _sign_at(conn, 4, now - 600)
+    change(now - 600, fresh, None)
+    change(now - 600, fresh, await _set_status(conn, fresh, 2), dec=True)
+    change(now - 7200, await _sign_at(conn, 6, now - 7200), None)
+    change(now - 60, await _sign_at(conn, 7, now - 60), None)
+    await service.flush()
+    source.release.set()
+
+    async def merged() -> bool:
+        return await completed(service) > before
+
+    await wait_for(merged)
+    assert await memory_of(service, [1]) == await recount(conn, [1])
+    truth = (await recount_timelines(conn))[1]
+    start, end = now - 4 * 3600, now + 3600
+    for unit in ("minute", "hour"):
+        mine = (await service.history(1, unit, start, end))["buckets"]
+        assert mine == truth.history(unit, start, end, time.time()), unit
