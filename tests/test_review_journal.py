@@ -13,10 +13,12 @@ import asyncpg
 import pytest
 
 from campaignstats.actor.actor import ActorConfig
+from campaignstats.actor.messages import Ask, Message
 from campaignstats.db.source import PostgresSource
-from campaignstats.errors import CalculationError
+from campaignstats.errors import CalculationError, InternalError
 from campaignstats.journal import EarlyHorizon
 from campaignstats.model import CalculationResult
+from campaignstats.requests import Stats
 from campaignstats.service import StatsService
 
 from .conftest import truncate_all
@@ -316,3 +318,51 @@ async def test_the_buckets_after_a_folded_merge_equal_the_recount_of_the_databas
     for unit in ("minute", "hour"):
         mine = (await service.history(1, unit, start, end))["buckets"]
         assert mine == truth.history(unit, start, end, time.time()), unit
+
+
+async def test_an_actor_restarted_after_its_calculations_horizon_merges_the_next_one_exactly(
+    conn: asyncpg.Connection, module_dsn: str
+) -> None:
+    """The actor crashes while its calculation waits with changes folded by that calculation's
+    horizon: the new actor's calculation folds by its own, and its merge equals the recount."""
+
+    def crash(msg: Message) -> None:
+        if isinstance(msg, Ask) and msg.request == Stats(666):
+            raise RuntimeError("injected crash in a call")
+
+    source = Gated(PostgresSource(module_dsn))
+    source.release.set()
+    service = StatsService(source, ActorConfig(sync_interval=3600, fault_hook=crash))
+    try:
+        await _setup(conn)
+        first = await _sign(conn, 1, "DE")
+        await service.start()
+        await wait_for(lambda: loaded(service))
+        source.release.clear()
+        source.told.clear()
+        assert await service.resync("all")
+        await asyncio.wait_for(source.told.wait(), 20)
+        second = await _sign(conn, 2, "FR")
+        service.increment(1, 1, "register", "FR", True, action_id=second, page=1)  # folded
+        service.increment(1, 1, "register", "DE", True, action_id=first, page=1)  # a repeat
+        await service.flush()
+        source.told.clear()
+        with pytest.raises(InternalError):
+            await service.stats(666)
+        await asyncio.wait_for(source.told.wait(), 20)  # the new actor's calculation
+        third = await _sign(conn, 3, "PL")
+        service.increment(1, 1, "register", "PL", True, action_id=third, page=1)
+        await service.flush()
+        source.release.set()
+
+        async def merged() -> bool:
+            calculations = (await service.info())["calculations"]
+            return calculations["running"] is None and calculations["completed"] >= 1
+
+        await wait_for(merged)
+        assert (await service.info())["restarts"] == 1
+        assert (await service.stats(1))["supporters"] == 3
+        assert await memory_of(service, [1]) == await recount(conn, [1])
+    finally:
+        source.release.set()
+        await service.stop()
