@@ -14,7 +14,9 @@ memory is compared with the database. Each mode announces changes with different
 * ``action_id, below window``: only the action id, with a window smaller than the ids in play;
 * ``action_id, any order``: only the action id, an action's changes announced in any order (a
   rejection before the acceptance it takes back);
-* ``at``: only the time of the change (clock of the backend = clock of the database here);
+* ``at``: only the time of the action (when it was first committed; a rejection and a
+  re-acceptance carry it too, as docs/protocol.md says; clock of the backend = clock of the
+  database here);
 * ``none``: no id at all.
 
 Prints, per mode, the share of runs that end inexact and the error in supporters (memory minus
@@ -84,6 +86,10 @@ def play(rng: random.Random, mode: Mode, actions: int, p_reject: float) -> int:
             last[c.action] = not c.decrement
         return {action for action, yes in last.items() if yes}
 
+    #: when each action happened (its first commit): the ``at`` of all its changes, as
+    #: docs/protocol.md says (a decrement carries the same fields as its increment)
+    made: dict[int, float] = {}
+
     def announce(c: Change) -> None:
         c.announced = True
         inc = Increment(
@@ -94,7 +100,7 @@ def play(rng: random.Random, mode: Mode, actions: int, p_reject: float) -> int:
             True,
             action_id=c.action if mode.action_id else None,
             txid=c.txid if mode.txid else None,
-            at=c.committed_at if mode.at else None,
+            at=made[c.action] if mode.at else None,
         )
         state.apply(inc, decrement=c.decrement)
 
@@ -129,6 +135,7 @@ def play(rng: random.Random, mode: Mode, actions: int, p_reject: float) -> int:
         elif move == "commit" and c.txid is not None:
             running.discard(c.txid)
             c.committed_at = clock
+            made.setdefault(c.action, clock)
         elif move == "announce":
             announce(c)
         elif move == "flip":
@@ -166,6 +173,7 @@ def play(rng: random.Random, mode: Mode, actions: int, p_reject: float) -> int:
         if c.committed_at is None:
             clock += 10.0
             c.committed_at = clock
+            made.setdefault(c.action, clock)
     late = [c for c in changes if not c.announced]  # in order: each action's changes in order
     if mode.any_order:
         rng.shuffle(late)

@@ -465,8 +465,10 @@ class Horizon:
             # below the window: unknown by the id; the time may still say
         elif txid is not None and self.snapshot is not None:
             return False
+        # The time says only for an increment: a decrement's ``at`` is the time of the action it
+        # takes back (its bucket), not of the rejection, which may come after the snapshot.
         at = inc.at
-        if at is not None and self.taken_at is not None:
+        if at is not None and self.taken_at is not None and not decrement:
             return at < self.taken_at - AT_MARGIN
         return False
 
@@ -1138,49 +1140,26 @@ class StatsState:
                 if db_page_timeline is not None:
                     page_timelines[pid] = db_page_timeline.copy()
             # The unseen changes as one net per count (campaignstats.journal): the list,
-            # decided in the order the changes arrived, then the running fold's.
-            fold = Fold()
-            for entry in journal.get(cid, ()):
-                change: IncrementLike
-                t: float | None
-                if isinstance(entry, Decrement):
-                    change, decrement, t = entry.change, True, entry.t
-                elif isinstance(entry, Arrived):
-                    change, decrement, t = entry.change, False, entry.t
-                else:
-                    change, decrement, t = entry, False, entry.at
-                if horizon.reflects(change, decrement, counted_now):
-                    continue
-                if t is None:  # journaled before buckets existed: filed as arriving now
-                    t = now
-                fold.add(change, decrement, t)
-                aid = change.action_id
-                if aid is not None and horizon.knows(aid):
-                    counted_now[aid] = not decrement
+            # decided in the order the changes arrived, then the running fold's. A campaign
+            # with none (most of a large result) is the database value as it is: building a
+            # fold and copying through it cost about as much again as the rest of its merge.
+            entries = journal.get(cid)
             running = folds.get(cid)
-            if running is not None:
-                fold.absorb(running)
-            truth, clamped = fold.apply(truth)
-            self.clamped += clamped
-            fold.apply_buckets(timeline, now)
-            # The pages replay what the campaign replays (docs/design.md, "Action pages and
-            # orgs"): the same changes, the same rules as when they were applied.
-            for (page, org_id), page_fold in (fold.pages or {}).items():
-                elsewhere = page not in page_truth and (
-                    page in result.pages
-                    or (page in self.pages and self.pages[page].campaign_id != cid)
-                )
-                apply_page(
-                    page_fold,
-                    page,
-                    org_id,
+            if entries or running is not None:
+                truth = self._replay(
+                    cid,
+                    truth,
+                    entries or (),
+                    running,
+                    result,
+                    counted_now,
+                    timeline,
                     page_truth,
                     page_timelines,
-                    campaign_id=cid,
-                    elsewhere=elsewhere,
-                    max_keys=self.max_keys,
-                    now=now,
+                    now,
                 )
+            else:
+                truth = truth.copy()
             before = self.campaigns.get(cid)
             # Drift only means something for a campaign memory had loaded before (from a merge or
             # a snapshot); increments alone before the first load are not "drift".
@@ -1214,6 +1193,67 @@ class StatsState:
             else:
                 self.counted_now.pop(cid, None)
         return drifts
+
+    def _replay(
+        self,
+        cid: int,
+        truth: CampaignStats,
+        entries: Iterable[IncrementLike | Decrement | Arrived],
+        running: Fold | None,
+        result: CalculationResult,
+        counted_now: dict[int, bool],
+        timeline: Timeline,
+        page_truth: dict[int, PageStats],
+        page_timelines: dict[int, Timeline],
+        now: float,
+    ) -> CampaignStats:
+        """Campaign ``cid``'s database value ``truth`` plus its unseen changes: the listed
+        ``entries`` decided in the order they arrived (recording in ``counted_now`` the
+        actions of the window they changed) and the ``running`` fold, as one net per count,
+        clamped once; the same on ``timeline`` and on its pages (docs/design.md, "The journal,
+        folded")."""
+        horizon = result.horizon
+        fold = Fold()
+        for entry in entries:
+            change: IncrementLike
+            t: float | None
+            if isinstance(entry, Decrement):
+                change, decrement, t = entry.change, True, entry.t
+            elif isinstance(entry, Arrived):
+                change, decrement, t = entry.change, False, entry.t
+            else:
+                change, decrement, t = entry, False, entry.at
+            if horizon.reflects(change, decrement, counted_now):
+                continue
+            if t is None:  # journaled before buckets existed: filed as arriving now
+                t = now
+            fold.add(change, decrement, t)
+            aid = change.action_id
+            if aid is not None and horizon.knows(aid):
+                counted_now[aid] = not decrement
+        if running is not None:
+            fold.absorb(running)
+        truth, clamped = fold.apply(truth)
+        self.clamped += clamped
+        fold.apply_buckets(timeline, now)
+        # The pages replay what the campaign replays (docs/design.md, "Action pages and
+        # orgs"): the same changes, the same rules as when they were applied.
+        for (page, org_id), page_fold in (fold.pages or {}).items():
+            elsewhere = page not in page_truth and (
+                page in result.pages or (page in self.pages and self.pages[page].campaign_id != cid)
+            )
+            apply_page(
+                page_fold,
+                page,
+                org_id,
+                page_truth,
+                page_timelines,
+                campaign_id=cid,
+                elsewhere=elsewhere,
+                max_keys=self.max_keys,
+                now=now,
+            )
+        return truth
 
     def forget_absent(self, result: CalculationResult) -> list[int]:
         """After a merge of an ``all`` calculation of a database (one that says which
