@@ -58,3 +58,37 @@ async def test_a_statement_read_by_cursor_is_bounded_by_the_statement_timeout_as
     finally:
         if helper is not None:
             await helper.close()
+
+
+def _slow(sql: str) -> str:
+    """``sql`` with each row 20 ms late."""
+    return f"SELECT q.* FROM ({sql}) q WHERE pg_sleep(0.02)::text = ''"
+
+
+async def test_a_failure_on_the_main_connection_ends_the_calculation_without_waiting_for_the_helper(
+    conn: asyncpg.Connection, module_dsn: str
+) -> None:
+    """The two connections' parts were gathered to the end whatever happened: when the main
+    connection failed at its first big statement, the calculation still waited for the helper
+    to read its whole half of the supporters (here about a minute of slow rows; 5-10 s at the
+    5M demo) before reporting the failure and retrying. The failure must end the other part at
+    once, and both connections stay usable."""
+    await demo_database(conn)
+    queries = replace(
+        PROCA_QUERIES,
+        action_buckets="SELECT 1 FROM no_such_table WHERE $1::bigint[] IS NULL "
+        "AND $2::timestamp IS NULL AND $3::timestamp IS NULL",
+        supporter_counts=_slow(PROCA_QUERIES.supporter_counts),
+    )
+    helper = await asyncpg.connect(module_dsn)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(CalculationError, match="no_such_table"):
+            await asyncio.wait_for(
+                calculate(conn, "all", helper_conn=helper, queries=queries, chunk_rows=1), 120
+            )
+        assert time.monotonic() - t0 < 5
+        result = await calculate(conn, "all", helper_conn=helper)
+        assert result.campaigns == await recount(conn)
+    finally:
+        await helper.close()
