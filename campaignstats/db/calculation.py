@@ -623,12 +623,20 @@ async def _shared_args(
 
 
 async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
-    """Both results; both finish before either transaction ends, even when one fails."""
-    results = await asyncio.gather(first, second, return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return cast("A", results[0]), cast("B", results[1])
+    """Both results. When one part fails, the other is cancelled (its statement too) instead
+    of being waited for; either way both have ended before either transaction does."""
+    tasks = [asyncio.ensure_future(first), asyncio.ensure_future(second)]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        # Cancelled from outside, or one failed: end the other part, and wait for it to end.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    failed = [t.exception() for t in tasks if not t.cancelled() and t.exception() is not None]
+    if failed:
+        raise cast("BaseException", failed[0])
+    return cast("A", tasks[0].result()), cast("B", tasks[1].result())
 
 
 def _campaigns_of(covered: Sequence[int]) -> dict[int, CampaignStats]:
