@@ -92,3 +92,32 @@ async def test_a_failure_on_the_main_connection_ends_the_calculation_without_wai
         assert result.campaigns == await recount(conn)
     finally:
         await helper.close()
+
+
+@pytest.mark.parametrize("with_helper", [False, True], ids=["one-connection", "two-connections"])
+async def test_the_uncounted_action_ids_of_the_window_are_exactly_those_not_counted(
+    conn: asyncpg.Connection, module_dsn: str, with_helper: bool
+) -> None:
+    """The newest action ids are read by cursor into one bit each (a set of 100,000 ints was
+    walked by every full pass of the garbage collector): the ids of the window the counts do
+    not hold are still exactly the gaps and the actions not accepted (or testing)."""
+    await demo_database(conn)
+    await conn.execute("DELETE FROM actions WHERE id % 97 = 0")  # gaps in the ids
+    helper = await asyncpg.connect(module_dsn) if with_helper else None
+    try:
+        result = await calculate(conn, "all", helper_conn=helper, chunk_rows=333)
+    finally:
+        if helper is not None:
+            await helper.close()
+    top = await conn.fetchval("SELECT max(id) FROM actions")
+    counted = {
+        r[0]
+        for r in await conn.fetch(
+            "SELECT id FROM actions WHERE id > $1 AND processing_status IN (3, 4) AND NOT testing",
+            result.window_low,
+        )
+    }
+    assert result.max_action_id == top
+    assert result.uncounted_ids == frozenset(range(result.window_low + 1, top + 1)) - counted
+    assert any(i % 97 == 0 for i in result.uncounted_ids)
+    assert len(result.uncounted_ids) > len(range(result.window_low + 1, top + 1)) // 97

@@ -149,11 +149,11 @@ async def calculate(
                 tx = TxSnapshot.parse(tx_snapshot_text)
                 early = Horizon(int(max_action_id), low, frozenset(), tx, float(taken_at))
                 on_horizon(EarlyHorizon(early))
-            counted: set[int] = set()  # of the actions above low
+            counted = _IdBits(low, int(max_action_id))  # the actions above low it counts
             message_rows: list[asyncpg.Record] = []
             has_messages = bool(await conn.fetchval(queries.messages_table))
             if helper_conn is None or ids == []:  # else the helper reads them, first thing
-                counted = await _ids_of(conn, queries.recent_counted_action_ids, low, reading)
+                await _ids_of(conn, queries.recent_counted_action_ids, counted, reading)
                 if ids != [] and has_messages:
                     message_rows = await conn.fetch(queries.message_counts, ids)
             extra_rows: list[asyncpg.Record] = []
@@ -234,14 +234,12 @@ async def calculate(
                         reading,
                     )
 
-                async def helper_part() -> tuple[Rows, Rows, set[int], Rows, int]:
+                async def helper_part() -> tuple[Rows, Rows, Rows, int]:
                     try:
                         pages = await helper.fetch(queries.page_orgs, ids)
                         built.page_orgs = _page_orgs_of(pages)
                         extra = await helper.fetch(queries.extra_supporters, ids)
-                        recent_ids = await _ids_of(
-                            helper, queries.recent_counted_action_ids, low, reading
-                        )
+                        await _ids_of(helper, queries.recent_counted_action_ids, counted, reading)
                         messages: Rows = []
                         if has_messages:
                             messages = await helper.fetch(queries.message_counts, ids)
@@ -272,10 +270,10 @@ async def calculate(
                             built.fold_supporters,
                             reading,
                         )
-                    return extra, pages, recent_ids, messages, n
+                    return extra, pages, messages, n
 
                 n_main, helper_out = await _both(main_part(), helper_part())
-                extra_rows, page_rows, counted, message_rows, n_helper = helper_out
+                extra_rows, page_rows, message_rows, n_helper = helper_out
                 streamed += n_main + n_helper
     except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
         # A connection lost mid-query surfaces as the rollback's InterfaceError; the reason
@@ -293,10 +291,10 @@ async def calculate(
     missing: list[int] = []
     for at in range(low + 1, max_action_id + 1, 10 * FOLD_PART):
         ids_here = range(at, min(at + 10 * FOLD_PART, max_action_id + 1))
-        missing.extend(i for i in ids_here if i not in counted)
+        missing.extend(i for i in ids_here if not counted.has(i))
         await pacer.step()
     uncounted = frozenset(missing)
-    del counted, missing
+    del missing
     campaigns = built.campaigns
     # The people who share a fingerprint, counted distinct over both connections' rows.
     shared_rows = built.shared.rows()
@@ -600,16 +598,34 @@ class _Pacer:
             self._since = time.perf_counter()
 
 
-async def _ids_of(conn: asyncpg.Connection, sql: str, low: int, reading: _Reading) -> set[int]:
-    """The ids ``sql`` returns (the first column), read by cursor like the big results: up to
-    ACTION_WINDOW of them, never held as records all at once."""
-    ids: set[int] = set()
+class _IdBits:
+    """The action ids in (low, high] a calculation counts, one bit each: a set of 100,000 ints
+    would be walked by every full pass of the garbage collector (in the actor's loop), a
+    bytearray is not."""
 
-    def fold(rows: Sequence[Sequence[Any]]) -> None:
-        ids.update(r[0] for r in rows)
+    __slots__ = ("_bits", "_low", "low")
 
-    await _stream(conn, sql, (low,), fold, reading)
-    return ids
+    def __init__(self, low: int, high: int) -> None:
+        self.low = low
+        self._low = low + 1
+        self._bits = bytearray((max(0, high - low) + 7) // 8)
+
+    def add(self, ids: Sequence[Sequence[Any]]) -> None:
+        bits, low, size = self._bits, self._low, 8 * len(self._bits)
+        for r in ids:
+            i = r[0] - low
+            if 0 <= i < size:
+                bits[i >> 3] |= 1 << (i & 7)
+
+    def has(self, action_id: int) -> bool:
+        i = action_id - self._low
+        return 0 <= i < 8 * len(self._bits) and bool(self._bits[i >> 3] & (1 << (i & 7)))
+
+
+async def _ids_of(conn: asyncpg.Connection, sql: str, into: _IdBits, reading: _Reading) -> None:
+    """The ids ``sql`` returns (the first column) above the window's low end, into ``into``,
+    read by cursor like the big results: never held as records all at once."""
+    await _stream(conn, sql, (into.low,), into.add, reading)
 
 
 async def _shared_args(
