@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
+import os
 import random
 import time
 from typing import Any
@@ -37,23 +39,31 @@ PROBE_INTERVAL = 0.001
 
 
 class Probe:
-    """Wakes every millisecond and records (when, how late) for each wake-up."""
+    """Wakes every millisecond and records (when, how late, the CPU time this thread used
+    meanwhile) for each wake-up: the lateness holds the time the process waited for a core on
+    a loaded machine, the CPU time only the work that held the event loop."""
 
     def __init__(self) -> None:
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, float, float]] = []
         self.running = True
 
     async def run(self) -> None:
         while self.running:
             t = time.perf_counter()
+            c = time.thread_time()
             await asyncio.sleep(PROBE_INTERVAL)
             now = time.perf_counter()
-            self.samples.append((now, now - t - PROBE_INTERVAL))
+            self.samples.append((now, now - t - PROBE_INTERVAL, time.thread_time() - c))
 
-    def longest(self, since: float, until: float) -> float:
-        """The longest lateness of a wake-up late by a stall that began in [since, until]."""
+    def longest(self, since: float, until: float, *, cpu: bool = False) -> float:
+        """The longest lateness (``cpu``: the longest CPU time between two wake-ups) of a
+        wake-up late by a stall that began in [since, until]."""
         return max(
-            (lag for t, lag in self.samples if since <= t - lag - PROBE_INTERVAL <= until),
+            (
+                busy if cpu else lag
+                for t, lag, busy in self.samples
+                if since <= t - lag - PROBE_INTERVAL <= until
+            ),
             default=0.0,
         )
 
@@ -106,6 +116,8 @@ async def run(args: argparse.Namespace, events: Events) -> dict[str, Any]:
         probe = Probe()
         probe_task = asyncio.create_task(probe.run())
         runs: list[dict[str, Any]] = []
+        if not args.no_freeze:
+            gc.freeze()  # as serve does before the service starts
         await service.start()
         try:
             for i in range(args.calculations):
@@ -134,6 +146,10 @@ async def run(args: argparse.Namespace, events: Events) -> dict[str, Any]:
                         "longest_merge_step_ms": 1000 * last["longest_merge_step"],
                         "longest_stall_merging_ms": 1000 * probe.longest(merge_from, merged_at),
                         "longest_stall_calculating_ms": 1000 * probe.longest(started, merge_from),
+                        "longest_cpu_stall_calculating_ms": 1000
+                        * probe.longest(started, merge_from, cpu=True),
+                        "longest_cpu_stall_merging_ms": 1000
+                        * probe.longest(merge_from, merged_at, cpu=True),
                     }
                 )
         finally:
@@ -146,10 +162,15 @@ async def run(args: argparse.Namespace, events: Events) -> dict[str, Any]:
         "machine": machine(),
         "actions": args.actions,
         "rate": args.rate,
+        "gc_freeze": not args.no_freeze,
         "runs": runs,
         "longest_stall_merging_ms": max(r["longest_stall_merging_ms"] for r in runs),
         "longest_merge_step_ms": max(r["longest_merge_step_ms"] for r in runs),
         "longest_stall_calculating_ms": max(r["longest_stall_calculating_ms"] for r in runs),
+        "longest_cpu_stall_calculating_ms": max(
+            r["longest_cpu_stall_calculating_ms"] for r in runs
+        ),
+        "load_average": os.getloadavg(),
     }
 
 
@@ -160,6 +181,9 @@ def main() -> None:
     parser.add_argument("--calculations", type=int, default=3)
     parser.add_argument("--rate", type=float, default=1000.0, help="increments per second")
     parser.add_argument("--data-dir", default="/tmp/calcbench")
+    parser.add_argument(
+        "--no-freeze", action="store_true", help="no gc.freeze() before the start (serve does)"
+    )
     args = parser.parse_args()
     if args.calculations < 1 or args.rate <= 0:
         parser.error("--calculations and --rate must be positive")
@@ -175,7 +199,9 @@ def main() -> None:
             f"merge {1000 * r['merge_s']:.1f} ms, "
             f"longest step {r['longest_merge_step_ms']:.1f} ms; "
             f"longest stall merging {r['longest_stall_merging_ms']:.1f} ms, "
-            f"calculating {r['longest_stall_calculating_ms']:.1f} ms"
+            f"calculating {r['longest_stall_calculating_ms']:.1f} ms; "
+            f"of which CPU of this process: merging {r['longest_cpu_stall_merging_ms']:.1f} ms, "
+            f"calculating {r['longest_cpu_stall_calculating_ms']:.1f} ms"
         )
     path = append_result("merge_stall", out)
     print(f"written to {path}")

@@ -11,9 +11,11 @@ of the tables: all aggregation happens in Postgres.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import chain
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -48,9 +50,13 @@ DEFAULT_STATEMENT_TIMEOUT = 60.0  # seconds, per statement
 #: (docs/design.md, "Exact by action id"): a late change carrying only an action id in that
 #: window is settled exactly; below it, it is applied and the next calculation confirms it
 ACTION_WINDOW = 100_000
-_YIELD_EVERY = 5_000
-#: rows read and folded at a time from a big result (see _stream)
+#: rows read at a time from a big result (see _stream)
 CHUNK_ROWS = 5_000
+#: rows of a chunk folded between two turns of the event loop (a few ms of Python at most: the
+#: calculation runs in the actor's loop, which must never stall 20 ms)
+FOLD_PART = 500
+#: seconds of Python between two turns of the event loop in the calculation's other loops
+STEP_BUDGET = 0.004
 
 
 async def calculate(
@@ -95,6 +101,7 @@ async def calculate(
         raise TypeError("scope must be 'all', 'live' or a sequence of campaign ids")
     started_at = time.time()
     t0 = time.perf_counter()
+    reading = _Reading(chunk_rows, statement_timeout)
     settings = (
         f"statement_timeout = {int(statement_timeout * 1000)}",
         f"work_mem = '{_safe_setting(work_mem)}'",
@@ -143,6 +150,7 @@ async def calculate(
                 tx = TxSnapshot.parse(tx_snapshot_text)
                 early = Horizon(int(max_action_id), low, frozenset(), tx, float(taken_at))
                 on_horizon(EarlyHorizon(early))
+            # the runs of ids in the window that the snapshot does not count (a few rows)
             recent_rows: list[asyncpg.Record] = []
             message_rows: list[asyncpg.Record] = []
             has_messages = bool(await conn.fetchval(queries.messages_table))
@@ -160,7 +168,7 @@ async def calculate(
                 page_rows = await conn.fetch(queries.page_orgs, ids)
                 built.page_orgs = _page_orgs_of(page_rows)
                 streamed += await _stream(
-                    conn, queries.action_buckets, (ids, *cutoffs), built.fold_actions, chunk_rows
+                    conn, queries.action_buckets, (ids, *cutoffs), built.fold_actions, reading
                 )
                 await _set_local(conn, supporter_settings)
                 shared_args = await _shared_args(conn, queries, streaming)
@@ -169,7 +177,7 @@ async def calculate(
                     supporter_sql,
                     (ids, None, None, *cutoffs, *shared_args),
                     built.fold_supporters,
-                    chunk_rows,
+                    reading,
                 )
             elif ids != [] and helper_conn is not None:
                 await stack.enter_async_context(
@@ -211,14 +219,14 @@ async def calculate(
                             supporter_sql,
                             (ids, None, None, *cutoffs, *shared),
                             built.fold_supporters,
-                            chunk_rows,
+                            reading,
                         )
                     n = await _stream(
                         conn,
                         queries.action_buckets,
                         (ids, *cutoffs),
                         built.fold_actions,
-                        chunk_rows,
+                        reading,
                     )
                     shared = await asyncio.shield(ready)
                     await _set_local(conn, supporter_settings)
@@ -227,15 +235,16 @@ async def calculate(
                         supporter_sql,
                         (ids, None, split, *cutoffs, *shared),
                         built.fold_supporters,
-                        chunk_rows,
+                        reading,
                     )
 
-                async def helper_part() -> tuple[Rows, Rows, Rows, Rows, int]:
+                async def helper_part() -> tuple[Rows, Rows, Rows, int]:
+                    nonlocal recent_rows
                     try:
                         pages = await helper.fetch(queries.page_orgs, ids)
                         built.page_orgs = _page_orgs_of(pages)
                         extra = await helper.fetch(queries.extra_supporters, ids)
-                        recent = await helper.fetch(
+                        recent_rows = await helper.fetch(
                             queries.recent_uncounted_action_runs, low, max_action_id
                         )
                         messages: Rows = []
@@ -258,7 +267,7 @@ async def calculate(
                             queries.action_buckets,
                             (ids, *cutoffs),
                             built.fold_actions,
-                            chunk_rows,
+                            reading,
                         )
                     else:
                         n = await _stream(
@@ -266,12 +275,12 @@ async def calculate(
                             supporter_sql,
                             (ids, split, None, *cutoffs, *shared),
                             built.fold_supporters,
-                            chunk_rows,
+                            reading,
                         )
-                    return extra, pages, recent, messages, n
+                    return extra, pages, messages, n
 
                 n_main, helper_out = await _both(main_part(), helper_part())
-                extra_rows, page_rows, recent_rows, message_rows, n_helper = helper_out
+                extra_rows, page_rows, message_rows, n_helper = helper_out
                 streamed += n_main + n_helper
     except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
         # A connection lost mid-query surfaces as the rollback's InterfaceError; the reason
@@ -282,16 +291,20 @@ async def calculate(
             f"{kind} calculation failed: {type(reason).__name__}: {reason}"
         ) from reason
 
+    # Every loop from here on takes turns with the event loop (a few ms each): see _Pacer.
+    pacer = _Pacer()
     # Ids below the highest that these counts do not hold: transactions still running (or rolled
     # back) when the snapshot was taken, and actions not accepted yet.
     uncounted = frozenset(chain.from_iterable(range(r[0], r[1] + 1) for r in recent_rows))
     campaigns = built.campaigns
     # The people who share a fingerprint, counted distinct over both connections' rows.
-    shared_rows = shared_people.combine(built.shared_rows)
-    built.fold_supporters(shared_rows)
+    shared_rows = built.shared.rows()
+    while part := list(itertools.islice(shared_rows, FOLD_PART)):
+        built.fold_supporters(part)
+        await pacer.step()
     built.extras(extra_rows)
     built.messages(message_rows)
-    await built.flush()
+    await built.flush(pacer)
     rows = len(covered) + streamed + len(extra_rows) + len(page_rows) + len(message_rows)
     duration = time.perf_counter() - t0
     log.info(
@@ -340,13 +353,15 @@ class _Built:
         self.timelines: dict[int, Timeline] = {}
         self.pages: dict[int, PageStats] = {}
         self.page_timelines: dict[int, Timeline] = {}
-        #: the shared people's rows (level 7), kept until every part has come
-        self.shared_rows: list[Sequence[Any]] = []
+        #: the shared people's rows (level 7), counted distinct as they come, whichever part
+        self.shared = shared_people.Combiner()
         # The action buckets, summed by (campaign, page, bucket start) and (campaign, page,
         # action type) as they arrive, with the latest action per (campaign, page): filed into
         # the campaigns, pages and timelines by flush(), each timeline's buckets in order.
-        self._action_buckets: dict[tuple[int, int, int], int] = {}
-        self._action_types: dict[tuple[int, int, str], int] = {}
+        # Keyed by (campaign, page), one small dict each of plain ints and strings: the
+        # garbage collector skips those, however many buckets they hold.
+        self._action_buckets: dict[tuple[int, int], dict[int, int]] = {}
+        self._action_types: dict[tuple[int, int], dict[str, int]] = {}
         self._action_last: dict[tuple[int, int], float] = {}
 
     def unit(self, start: int) -> int:
@@ -376,7 +391,7 @@ class _Built:
 
     def fold_supporters(self, rows: Sequence[Sequence[Any]]) -> None:
         """Add up one chunk of the supporter query's partial counts; a shared person's row
-        (level 7) is kept for :func:`shared_people.combine`."""
+        (level 7) goes to :attr:`shared`, counted once every part has come."""
         campaigns = self.campaigns
         for row in rows:
             cid, key, area, n, level, start = row[:6]
@@ -395,7 +410,7 @@ class _Built:
                 else:
                     self.timeline(self.timelines, cid).add_bucket(self.unit(start), start, n, 0)
             elif level == shared_people.SHARED:
-                self.shared_rows.append(row)
+                self.shared.add(row)
             else:
                 ps = self.page(key)
                 if ps is None:
@@ -426,52 +441,57 @@ class _Built:
         action type, so the timelines get a quarter of the rows, each bucket once."""
         buckets, types, latest = self._action_buckets, self._action_types, self._action_last
         for cid, page, action_type, start, n, last in rows:
-            key = (cid, page, start)
-            buckets[key] = buckets.get(key, 0) + n
-            key_t = (cid, page, action_type)
-            types[key_t] = types.get(key_t, 0) + n
             pair = (cid, page)
-            if last > latest.get(pair, -1.0):
+            starts = buckets.get(pair)
+            if starts is None:
+                starts = buckets[pair] = {}
+                types[pair] = {}
                 latest[pair] = last
+            elif last > latest[pair]:
+                latest[pair] = last
+            starts[start] = starts.get(start, 0) + n
+            kinds = types[pair]
+            kinds[action_type] = kinds.get(action_type, 0) + n
 
-    async def _file_actions(self) -> None:
+    async def _file_actions(self, pacer: _Pacer) -> None:
         campaigns = self.campaigns
-        for (cid, page, action_type), n in self._action_types.items():
+        for (cid, page), kinds in self._action_types.items():
+            await pacer.step()
             stats = campaigns.get(cid)
-            if stats is not None:
-                stats.action[action_type] = stats.action.get(action_type, 0) + n
             ps = self.page(page)
-            if ps is not None:
-                ps.stats.action[action_type] = ps.stats.action.get(action_type, 0) + n
+            for action_type, n in kinds.items():
+                if stats is not None:
+                    stats.action[action_type] = stats.action.get(action_type, 0) + n
+                if ps is not None:
+                    ps.stats.action[action_type] = ps.stats.action.get(action_type, 0) + n
         # Per timeline, its buckets summed over pages (a campaign's) or campaigns (a moved
         # page's), then added oldest first: each an append, never an insertion.
         by_campaign: dict[int, dict[int, int]] = {}
         by_page: dict[int, dict[int, int]] = {}
-        for i, ((cid, page, start), n) in enumerate(self._action_buckets.items()):
-            if i % _YIELD_EVERY == _YIELD_EVERY - 1:
-                await asyncio.sleep(0)  # a big result must not stall the actor's event loop
-            if cid in campaigns:
-                starts = by_campaign.get(cid)
+        for (cid, page), summed in self._action_buckets.items():
+            await pacer.step()  # a big result must not stall the actor's event loop
+            for by_key, key, counted in (
+                (by_campaign, cid, cid in campaigns),
+                (by_page, page, self.page(page) is not None),
+            ):
+                if not counted:
+                    continue
+                starts = by_key.get(key)
                 if starts is None:
-                    starts = by_campaign[cid] = {}
-                starts[start] = starts.get(start, 0) + n
-            if self.page(page) is not None:
-                starts = by_page.get(page)
-                if starts is None:
-                    starts = by_page[page] = {}
-                starts[start] = starts.get(start, 0) + n
+                    by_key[key] = dict(summed)
+                    continue
+                for start, n in summed.items():
+                    starts[start] = starts.get(start, 0) + n
         self._action_buckets = {}
-        done = 0
         for timelines, by_key in ((self.timelines, by_campaign), (self.page_timelines, by_page)):
             for key, starts in by_key.items():
                 timeline = self.timeline(timelines, key)
-                for start in sorted(starts):
+                for i, start in enumerate(sorted(starts)):
+                    if not i % 64:
+                        await pacer.step()
                     timeline.add_bucket(self.unit(start), start, 0, starts[start])
-                done += len(starts)
-                if done >= _YIELD_EVERY:
-                    done = 0
-                    await asyncio.sleep(0)  # a big result must not stall the actor's event loop
         for (cid, page), last in self._action_last.items():
+            await pacer.step()
             for timelines, key in ((self.timelines, cid), (self.page_timelines, page)):
                 held = timelines.get(key)
                 if held is not None and last > held.last_action_at:
@@ -486,15 +506,27 @@ class _Built:
             if ps is not None:
                 ps.stats.messages += n
 
-    async def flush(self) -> None:
-        await self._file_actions()
+    async def flush(self, pacer: _Pacer) -> None:
+        await self._file_actions(pacer)
         # Every page of a covered campaign, counted or not: its campaign is known to page_stats.
-        for page in self.page_orgs:
+        for i, page in enumerate(self.page_orgs):
+            if not i % 64:
+                await pacer.step()
             self.page(page)
-        for timeline in self.timelines.values():
-            timeline.flush()
-        for timeline in self.page_timelines.values():
-            timeline.flush()
+        for timelines in (self.timelines, self.page_timelines):
+            for i, timeline in enumerate(timelines.values()):
+                if not i % 64:
+                    await pacer.step()
+                timeline.flush()
+
+
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    """How _stream reads a big result: ``chunk`` rows at a time, the whole statement within
+    ``timeout`` seconds (the server's statement_timeout bounds each fetch of a cursor only)."""
+
+    chunk: int
+    timeout: float
 
 
 async def _stream(
@@ -502,30 +534,69 @@ async def _stream(
     sql: str,
     args: Sequence[object],
     fold: Callable[[list[asyncpg.Record]], None],
-    chunk: int,
+    reading: _Reading,
 ) -> int:
     """Run ``sql`` and fold its rows ``chunk`` at a time, as they arrive (a
     cursor, in the calculation's transaction); returns how many rows there were. Memory holds two
     chunks, never the whole result, and folding one chunk is one short step of the event loop.
     The next chunk is asked for before this one is folded, so Postgres sends it meanwhile."""
+    chunk = reading.chunk
+    # A cursor's statement runs fetch by fetch, and Postgres' statement_timeout counts each
+    # fetch on its own: the statement as a whole is bounded here, by the same timeout.
+    deadline = time.monotonic() + reading.timeout
+
+    def fetch() -> asyncio.Future[list[asyncpg.Record]]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise CalculationError(_timed_out(sql, reading.timeout))
+        rows: Awaitable[list[asyncpg.Record]] = cursor.fetch(chunk, timeout=left)
+        return asyncio.ensure_future(rows)
+
     cursor = await conn.cursor(sql, *args)
     count = 0
-    pending = asyncio.ensure_future(cursor.fetch(chunk))
+    pending = fetch()
     try:
         while True:
-            rows = await pending
+            try:
+                rows = await pending
+            except TimeoutError:
+                raise CalculationError(_timed_out(sql, reading.timeout)) from None
             more = len(rows) == chunk
             if more:
-                pending = asyncio.ensure_future(cursor.fetch(chunk))
+                pending = fetch()
                 await asyncio.sleep(0)  # the request goes out before the fold
-            if rows:
-                fold(rows)
-                count += len(rows)
+            # A chunk is folded in parts, the event loop served in between (FOLD_PART).
+            for at in range(0, len(rows), FOLD_PART):
+                if at:
+                    await asyncio.sleep(0)
+                fold(rows[at : at + FOLD_PART])
+            count += len(rows)
             if not more:
                 return count
     finally:
         if not pending.done():  # the fold failed: the transaction ends with the error
             pending.cancel()
+
+
+def _timed_out(sql: str, timeout: float) -> str:
+    first = " ".join(sql.split())[:60]
+    return f"statement timeout: a statement read by cursor ran over {timeout:g} s: {first}..."
+
+
+class _Pacer:
+    """Turns of the event loop between the steps of a long loop: :meth:`step` yields once
+    ``STEP_BUDGET`` seconds have passed since the last turn (the actor serves its clients in
+    the same loop)."""
+
+    __slots__ = ("_since",)
+
+    def __init__(self) -> None:
+        self._since = time.perf_counter()
+
+    async def step(self) -> None:
+        if time.perf_counter() - self._since >= STEP_BUDGET:
+            await asyncio.sleep(0)
+            self._since = time.perf_counter()
 
 
 async def _shared_args(
@@ -539,12 +610,20 @@ async def _shared_args(
 
 
 async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
-    """Both results; both finish before either transaction ends, even when one fails."""
-    results = await asyncio.gather(first, second, return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return cast("A", results[0]), cast("B", results[1])
+    """Both results. When one part fails, the other is cancelled (its statement too) instead
+    of being waited for; either way both have ended before either transaction does."""
+    tasks = [asyncio.ensure_future(first), asyncio.ensure_future(second)]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        # Cancelled from outside, or one failed: end the other part, and wait for it to end.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    failed = [t.exception() for t in tasks if not t.cancelled() and t.exception() is not None]
+    if failed:
+        raise cast("BaseException", failed[0])
+    return cast("A", tasks[0].result()), cast("B", tasks[1].result())
 
 
 def _campaigns_of(covered: Sequence[int]) -> dict[int, CampaignStats]:

@@ -13,7 +13,7 @@ calculation's split").
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 #: the level of a shared person's row in the supporter query's result
@@ -34,32 +34,62 @@ def combine(rows: Iterable[Sequence[Any]]) -> list[Row]:
     action over all their rows). Rows of other levels pass unchanged (their first six fields).
     """
     out: list[Row] = []
-    seen: set[tuple[Any, ...]] = set()  # (level, campaign, key, area, fingerprint)
-    first_c: dict[tuple[Any, Any], int] = {}  # (campaign, fingerprint) -> earliest bucket
-    first_p: dict[tuple[Any, Any, Any], int] = {}  # (campaign, page, fingerprint) -> same
+    shared = Combiner()
     for r in rows:
         if len(r) <= 6 or r[4] != SHARED:
             out.append((r[0], r[1], r[2], r[3], r[4], r[5]))
-            continue
-        cid, page, area, _, _, start, org, fp = r[:8]
-        seen.add((0, cid, None, None, fp))
-        seen.add((1, cid, org, None, fp))
-        seen.add((3, cid, page, None, fp))
-        if area is not None:
-            seen.add((2, cid, None, area, fp))
-            seen.add((4, cid, page, area, fp))
-        key_c = (cid, fp)
-        if start < first_c.get(key_c, start + 1):
-            first_c[key_c] = start
-        key_p = (cid, page, fp)
-        if start < first_p.get(key_p, start + 1):
-            first_p[key_p] = start
-    counts = Counter((level, cid, key, area) for level, cid, key, area, _ in seen)
-    out.extend((cid, key, area, n, level, None) for (level, cid, key, area), n in counts.items())
-    in_time: Counter[tuple[int, Any, Any, int]] = Counter()
-    for (cid, _), start in first_c.items():
-        in_time[5, cid, None, start] += 1
-    for (cid, page, _), start in first_p.items():
-        in_time[6, cid, page, start] += 1
-    out.extend((cid, key, None, n, level, start) for (level, cid, key, start), n in in_time.items())
+        else:
+            shared.add(r)
+    out.extend(shared.rows())
     return out
+
+
+class Combiner:
+    """The shared people's level-7 rows counted as they arrive, in any order and over any
+    number of parts (what :func:`combine` does with them): memory holds one entry per distinct
+    (level, campaign, key, area, fingerprint), and :meth:`rows` gives the partial-count rows."""
+
+    __slots__ = ("_counts", "_first_c", "_first_p", "_in_time", "_seen")
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[Any, ...]] = set()  # (level, campaign, key, area, fingerprint)
+        self._counts: Counter[tuple[Any, Any, Any, Any]] = Counter()
+        #: (campaign, fingerprint) and (campaign, page, fingerprint) -> earliest bucket
+        self._first_c: dict[tuple[Any, ...], int] = {}
+        self._first_p: dict[tuple[Any, ...], int] = {}
+        #: (5, campaign, None, bucket) and (6, campaign, page, bucket) -> people
+        self._in_time: Counter[tuple[int, Any, Any, int]] = Counter()
+
+    def add(self, r: Sequence[Any]) -> None:
+        """One level-7 row."""
+        cid, page, area, _, _, start, org, fp = r[:8]
+        seen, counts = self._seen, self._counts
+        keys = [(0, cid, None, None), (1, cid, org, None), (3, cid, page, None)]
+        if area is not None:
+            keys.append((2, cid, None, area))
+            keys.append((4, cid, page, area))
+        for key in keys:
+            one = (*key, fp)
+            if one not in seen:
+                seen.add(one)
+                counts[key] += 1
+        # Each person in the bucket of their earliest row so far (moved when an earlier comes).
+        in_time = self._in_time
+        for first, key_t, where in (
+            (self._first_c, (cid, fp), (5, cid, None)),
+            (self._first_p, (cid, page, fp), (6, cid, page)),
+        ):
+            held = first.get(key_t)
+            if held is None or start < held:
+                first[key_t] = start
+                if held is not None:
+                    in_time[(*where, held)] -= 1
+                in_time[(*where, start)] += 1
+
+    def rows(self) -> Iterator[Row]:
+        """The shared people's partial counts (levels 0 to 6), once every part has come."""
+        for (level, cid, key, area), n in self._counts.items():
+            yield (cid, key, area, n, level, None)
+        for (level, cid, key, start), n in self._in_time.items():
+            if n:
+                yield (cid, key, None, n, level, start)
