@@ -804,8 +804,8 @@ class StatsActor:
             return  # from a calculation this actor no longer waits for
         if self.state.journal_overflow:
             error = CalculationError(
-                f"journal over {self.state.journal_limit} increments while the calculation ran: "
-                "its result cannot be merged exactly"
+                f"journal over {self.state.journal_limit} changes and folded keys while the "
+                "calculation ran: its result cannot be merged exactly"
             )
             self._on_failure(CalculationFailed(msg.generation, msg.result.kind, error))
             return
