@@ -202,6 +202,12 @@ def _check_signed(delivery: Delivery) -> None:
     assert delivery.headers["x-campaignstats-event-id"] == delivery.event["id"]
 
 
+async def _delivered(raw: Raw, n: int) -> bool:
+    """Whether the server has counted ``n`` deliveries as acknowledged (and owes none)."""
+    hooks = (await raw.call("info", 99))[2]["goals"]["webhooks"]
+    return bool(hooks["delivered"] == n and hooks["pending"] == 0)
+
+
 async def test_deliveries_are_signed_retried_after_a_500_and_never_repeated_after_a_restart(
     module_dsn: str,
     tmp_path: Path,
@@ -232,6 +238,8 @@ async def test_deliveries_are_signed_retried_after_a_500_and_never_repeated_afte
     assert events[2]["area"] == "DE"
     for delivery in receiver.delivered():
         _check_signed(delivery)
+    # The receiver records a delivery before the server reads its 200: wait for the server's count.
+    await wait_for(lambda: _delivered(raw, 3), timeout=30)
     info = (await raw.call("info", 4))[2]["goals"]
     assert info["fired"] == 3
     assert info["webhooks"]["delivered"] == 3
@@ -335,6 +343,7 @@ async def test_a_receiver_that_is_down_gets_the_event_once_it_comes_up(
     await receiver.start()
     await wait_for(lambda: receiver.thresholds() == [2], timeout=30)
     _check_signed(receiver.delivered()[0])
+    await wait_for(lambda: _delivered(raw, 1), timeout=30)
     hooks = (await raw.call("info", 5))[2]["goals"]["webhooks"]
     assert hooks["delivered"] == 1
     assert hooks["pending"] == 0
