@@ -259,9 +259,18 @@ class Timeline:
         at ``now`` (minutes for the last 48 hours, hours for 90 days: what :meth:`history`
         answers from, and what a calculation rebuilds) is taken, and the same from the coarser
         ones, so that an hour stays the sum of its minutes and a day the sum of its hours.
+
+        A lazy timeline (its pending minute the only bucket) stays lazy when the change is in
+        that minute, or in another minute of the last 48 hours (nothing there to take).
         """
-        minutes, hours, days = self._filed()
         m = int(t) // MINUTE
+        if self._series is None and (m == self.minute or t >= now - 48 * HOUR):
+            s = min(supporters, self.pending_s) if m == self.minute else 0
+            a = min(actions, self.pending_a) if m == self.minute else 0
+            self.pending_s -= s
+            self.pending_a -= a
+            return s < supporters or a < actions
+        minutes, hours, days = self._filed()
         levels = ((minutes, m), (hours, m // 60), (days, m // 1440))
         finest = 0 if t >= now - 48 * HOUR else 1 if t >= now - 90 * DAY else 2
         series, index = levels[finest]

@@ -91,6 +91,24 @@ def test_a_timeline_with_one_minute_holds_no_series_and_answers_every_query() ->
     ]
 
 
+def test_a_decrement_of_a_one_minute_timeline_keeps_it_without_series() -> None:
+    state = StatsState()
+    state.clock = lambda: NOW
+    state.apply(Increment(1, 1, "sign", "DE", True, count=3, at=NOW - 5))
+    # One in its minute, one in another minute of the last 48 hours (nothing there to take).
+    state.apply(Increment(1, 1, "sign", "DE", True, at=NOW - 5), decrement=True)
+    state.apply(Increment(1, 1, "sign", "DE", False, at=NOW - HOUR), decrement=True)
+    timeline = state.timelines[1]
+    assert timeline._series is None
+    minute = int(NOW - 5) // MINUTE * MINUTE
+    assert timeline.history("minute", None, None, NOW) == [[minute, 0, 2]]
+    assert timeline.nbytes() == 3 * 24
+    state.apply(Increment(1, 1, "sign", "DE", False, count=2, at=NOW - 5), decrement=True)
+    assert timeline.history("day", None, None, NOW) == []
+    assert timeline.nbytes() == 0
+    assert timeline._series is None
+
+
 #: a change: ("add" or "take", seconds before NOW, supporters, actions)
 changes = st.lists(
     st.tuples(
