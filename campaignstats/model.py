@@ -677,8 +677,8 @@ class StatsState:
         ``page``, and no ``action_id`` or ``txid`` that a merged calculation may have
         counted) while no journal is folded: what :meth:`apply_each` does, in the same order
         with the same checks, without asking what only another kind of increment needs
-        (docs/design.md, "The hot path"). From the first increment that is not plain, the
-        rest of the batch goes through :meth:`apply_each`."""
+        (docs/design.md, "Per-campaign state"). From the first increment that is not plain,
+        the rest of the batch goes through :meth:`apply_each`."""
         campaigns = self.campaigns
         timelines = self.timelines
         max_keys = self.max_keys
