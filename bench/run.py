@@ -4,6 +4,7 @@
     python -m bench.run --quick    # smoke version, 1-2 minutes
     python -m bench.run --uvloop   # the server on uvloop
     python -m bench.run --queries-only   # the query latency rows alone, with their targets
+    python -m bench.run --ingest-only    # the ingest rows alone: ceilings, increment_many, raw incs
     make bench                     # installs what the bench needs, then python -m bench.run
 
 A real server process (bench/_server.py: StatsService + StatsServer on 127.0.0.1, with an

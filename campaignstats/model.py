@@ -693,6 +693,7 @@ class StatsState:
         touched = self._touched(now_minute // 60)
         if touched is None:  # the clock went back more than a day: noted nowhere
             touched = set()
+        new_tuple = tuple.__new__
         applied = 0
         rest = -1
         for i, inc in enumerate(incs):
@@ -773,11 +774,13 @@ class StatsState:
                     timeline = timelines[cid] = Timeline()
                 timeline.add(now, new_supporter, count)
             if journal is not None and (only is None or cid in only):
+                # Arrived(inc, now), without the Python-level __new__ of a NamedTuple
+                entry = new_tuple(Arrived, (inc, now))
                 entries = journal.get(cid)
                 if entries is None:
-                    journal[cid] = [Arrived(inc, now)]
+                    journal[cid] = [entry]
                 else:
-                    entries.append(Arrived(inc, now))
+                    entries.append(entry)
                 journaled += 1
         self.applied += applied
         if rest >= 0:
