@@ -13,15 +13,22 @@ both), and batches are given as lists, tuples, generators or the codec's decoded
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 from typing import Any
 
+import asyncpg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from campaignstats.actor.actor import ActorConfig
+from campaignstats.client.aio import AsyncStatsClient
 from campaignstats.journal import EarlyHorizon
 from campaignstats.model import Increment, StatsState
 
+from .conftest import truncate_all
+from .helpers import Start, completed, loaded, memory_of, wait_for
+from .recount import recount
 from .test_apply_paths import NOW, _calculation, _result, decoded, increments, snapshot
 
 plain = increments.map(lambda inc: inc._replace(at=None, page=None, txid=None))
@@ -146,3 +153,100 @@ def test_a_long_plain_run_after_a_merge_then_a_repeat_inside_the_window_is_count
     assert fast.journal is None
     assert fast.journal_overflow
     assert fast.journal_size == 202
+
+
+# -- end to end: a real server, a real socket, real calculations against Postgres --------------
+
+
+class _Backend:
+    """Proca's way with actions (tests/test_exact_for_real.py), announced in batches over a
+    socket: actions inserted accepted (their ids above every snapshot's highest: the fast path)
+    and actions inserted ``new`` and accepted later (ids inside the window: the general path),
+    so that each batch runs the fast path a long way before it hands over."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.person = 0
+        self.pending: list[tuple[int, str]] = []
+        self.counted: list[tuple[int, str]] = []
+
+    async def setup(self) -> None:
+        await truncate_all(self.conn)
+        await self.conn.execute("INSERT INTO orgs (id, name) VALUES (1, 'org')")
+        await self.conn.execute("INSERT INTO campaigns (id, name, status) VALUES (1, 'c', 1)")
+        await self.conn.execute(
+            "INSERT INTO action_pages (id, name, campaign_id, org_id) VALUES (1, 'p', 1, 1)"
+        )
+
+    async def insert(self, area: str, status: int) -> int:
+        self.person += 1
+        async with self.conn.transaction():
+            sid = await self.conn.fetchval(
+                "INSERT INTO supporters (campaign_id, action_page_id, fingerprint, area, "
+                "processing_status, dupe_rank) VALUES (1, 1, $1, $2, 3, 0) RETURNING id",
+                self.person.to_bytes(8, "big"),
+                area,
+            )
+            aid: int = await self.conn.fetchval(
+                "INSERT INTO actions (supporter_id, action_type, campaign_id, action_page_id, "
+                "processing_status) VALUES ($1, 'register', 1, 1, $2) RETURNING id",
+                sid,
+                status,
+            )
+        return aid
+
+    async def set_status(self, aid: int, status: int) -> None:
+        await self.conn.execute(
+            "UPDATE actions SET processing_status = $2 WHERE id = $1", aid, status
+        )
+
+
+async def test_batches_of_new_actions_then_late_acceptances_over_a_socket_equal_a_recount(
+    conn: asyncpg.Connection, start: Start
+) -> None:
+    """Each round: actions inserted accepted and actions accepted late, announced in one
+    ``increment_many`` (the new ones first), some rejections in a ``decrement_many``, while a
+    calculation merges every 100 ms. After a flush memory equals a recount of the database."""
+    backend = _Backend(conn)
+    await backend.setup()
+    running = await start(ActorConfig(sync_interval=0.1, publish_interval=0.3))
+    service = running.service
+    await service.resync("all")
+    await wait_for(lambda: loaded(service))
+    rng = random.Random(16)
+    areas = ["DE", "FR", "PL"]
+    async with AsyncStatsClient(f"unix://{running.unix}") as client:
+        before = await completed(service)
+        for _ in range(10):
+            fresh: list[Increment] = []
+            for _ in range(40):
+                area = rng.choice(areas)
+                aid = await backend.insert(area, 3)
+                fresh.append(Increment(1, 1, "register", area, True, action_id=aid))
+                backend.counted.append((aid, area))
+            late: list[Increment] = []
+            for _ in range(min(10, len(backend.pending))):
+                aid, area = backend.pending.pop(rng.randrange(len(backend.pending)))
+                await backend.set_status(aid, 3)
+                late.append(Increment(1, 1, "register", area, True, action_id=aid))
+                backend.counted.append((aid, area))
+            for _ in range(15):
+                area = rng.choice(areas)
+                backend.pending.append((await backend.insert(area, 1), area))
+            client.increment_many(fresh[::-1] + late)  # highest ids first
+            gone: list[Increment] = []
+            for _ in range(3):
+                aid, area = backend.counted.pop(rng.randrange(len(backend.counted)))
+                await backend.set_status(aid, 2)
+                gone.append(Increment(1, 1, "register", area, True, action_id=aid))
+            client.decrement_many(gone)
+            await client.flush()
+            seen = await completed(service)
+
+            async def another(seen: int = seen) -> bool:
+                return await completed(service) > seen
+
+            await wait_for(another)
+        await client.flush()
+    assert await memory_of(service, [1]) == await recount(conn, [1])
+    assert await completed(service) - before >= 10
