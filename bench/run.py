@@ -4,6 +4,7 @@
     python -m bench.run --quick    # smoke version, 1-2 minutes
     python -m bench.run --uvloop   # the server on uvloop
     python -m bench.run --queries-only   # the query latency rows alone, with their targets
+    python -m bench.run --ingest-only    # the ingest rows alone: ceilings, increment_many, raw incs
     make bench                     # installs what the bench needs, then python -m bench.run
 
 A real server process (bench/_server.py: StatsService + StatsServer on 127.0.0.1, with an
@@ -182,7 +183,7 @@ class Bench:
         )
         self.expected(p.n_raw)
 
-    def in_process(self) -> None:
+    def in_process(self, memory: bool = True) -> None:
         p = self.p
         stream = self.streams[1000, 1][0]
         self.say(f"workload 5: in-process ceiling over the incs-1000 stream ({p.n_raw:,} items)")
@@ -204,6 +205,8 @@ class Bench:
                 f"  {mode}: {_med(self.metrics[key]):,.0f} inc/s, totals "
                 f"{'match' if all(oks) else 'DO NOT MATCH'}"
             )
+        if not memory:
+            return
         self.say(
             "workload 6: memory per campaign (StatsState, typical campaign: 10 supporters, "
             "5 action types, 10 areas, 3 orgs)"
@@ -218,6 +221,43 @@ class Bench:
                 ["error" not in r],
             )
             self.say(f"  {size:,} campaigns: {r.get('bytes_per_campaign', r.get('error'))} B each")
+
+    def ingest_only(self) -> None:
+        """``--ingest-only``: the ingest rows alone (workload 2, and workload 3's incs of 1,000
+        on 1 and 16 connections; the in-process ceilings were measured before the server
+        started); no latency, no memory, no Redis, no profile."""
+        p = self.p
+        self.say(
+            f"workload 2: {p.n_batch:,} increments through StatsClient.increment_many() "
+            "in batches of 1,000, then flush()"
+        )
+        self.run_ours(
+            "client.batches",
+            "client: increment_many() of 1,000, flush",
+            p.n_batch,
+            _workers.client_batches,
+            self.items[: p.n_batch],
+            1000,
+            p.limit,
+        )
+        runs = self.metrics["client.batches"]["runs_raw"]
+        self.record(
+            "client.batches.cpu",
+            "client: increment_many() of 1,000, per s of client CPU",
+            "inc/s",
+            [r["n"] / r["cpu"] for r in runs if r.get("cpu")],
+            [bool(r.get("cpu")) for r in runs],
+        )
+        for conns in (1, 16):
+            self.run_ours(
+                f"raw.b1000.c{conns}",
+                f"raw: incs of 1,000, {conns} conn",
+                p.n_raw,
+                _workers.raw_blast,
+                self.streams[1000, conns],
+                p.n_raw,
+                p.limit,
+            )
 
     def start_server(self) -> None:
         cmd = [sys.executable, "-m", "bench._server", "--port", "0"]
@@ -710,6 +750,11 @@ def main() -> None:
         action="store_true",
         help="only the query latency rows (after the 1-connection ingest that sets their load)",
     )
+    parser.add_argument(
+        "--ingest-only",
+        action="store_true",
+        help="only the ingest rows: the in-process ceilings, increment_many, raw incs of 1,000",
+    )
     args = parser.parse_args()
     bench = Bench(args)
     if args.runs:
@@ -728,6 +773,13 @@ def main() -> None:
         bench.start_server()
         try:
             bench.queries_only()
+        finally:
+            bench.stop_server()
+    elif args.ingest_only:
+        bench.in_process(memory=False)
+        bench.start_server()
+        try:
+            bench.ingest_only()
         finally:
             bench.stop_server()
     else:
@@ -758,6 +810,8 @@ def main() -> None:
     goals = targets(m)
     if args.queries_only:
         goals = [goal for goal in goals if goal[0].startswith("query")]
+    if args.ingest_only:
+        goals = [goal for goal in goals if not goal[0].startswith("query")]
     for name, text, met in goals:
         mark = "MET " if met else ("MISS" if met is not None else " -- ")
         print(f"  [{mark}] {name}: {text}")
@@ -766,6 +820,7 @@ def main() -> None:
 
     RESULTS.mkdir(exist_ok=True)
     suffix = ("-quick" if args.quick else "") + ("-uvloop" if args.uvloop else "")
+    suffix += "-ingest" if args.ingest_only else ""
     stem = f"run-{date:%Y-%m-%d}{suffix}"
     chart_msg = chart(m, RESULTS / f"{stem}.png")
     print(chart_msg)

@@ -667,6 +667,135 @@ class StatsState:
         if decrement:
             self._decrement_many(incs)
             return []
+        if self.journal_horizon is None:  # no journal, or one that lists every change
+            batch = incs if isinstance(incs, list | tuple) else list(incs)
+            return self._apply_plain(batch, self.clock())
+        return self.apply_each(incs)
+
+    def _apply_plain(self, incs: Sequence[IncrementLike], now: float) -> list[tuple[int, str]]:
+        """:meth:`apply_many` for the commonest batch, plain increments (no ``at``, no
+        ``page``, and no ``action_id`` or ``txid`` that a merged calculation may have
+        counted) while no journal is folded: what :meth:`apply_each` does, in the same order
+        with the same checks, without asking what only another kind of increment needs
+        (docs/design.md, "Per-campaign state"). From the first increment that is not plain,
+        the rest of the batch goes through :meth:`apply_each`."""
+        campaigns = self.campaigns
+        timelines = self.timelines
+        max_keys = self.max_keys
+        max_campaigns = self.max_campaigns
+        seen = self.seen
+        journal = self.journal
+        only = self.journal_only
+        journaled = 0
+        rejected: list[tuple[int, str]] = []
+        now_minute = int(now) // 60
+        ranked = self.ranking.dirty
+        touched = self._touched(now_minute // 60)
+        if touched is None:  # the clock went back more than a day: noted nowhere
+            touched = set()
+        new_tuple = tuple.__new__
+        applied = 0
+        rest = -1
+        for i, inc in enumerate(incs):
+            if inc.at is not None or inc.page is not None:
+                rest = i
+                break
+            cid = inc.campaign_id
+            if seen and (inc.action_id is not None or inc.txid is not None):
+                horizon = seen.get(cid)
+                if horizon is not None and (
+                    inc.txid is not None or inc.action_id <= horizon.max_action_id  # type: ignore[operator]
+                ):
+                    rest = i  # the horizon may skip it, or record it: one by one
+                    break
+            stats = campaigns.get(cid)
+            if stats is None:
+                if max_campaigns is not None and len(campaigns) >= max_campaigns:
+                    rejected.append(
+                        (i, f"campaign {cid}: over the limit of {max_campaigns} campaigns")
+                    )
+                    continue
+                stats = campaigns[cid] = CampaignStats()
+            action = stats.action
+            action_type = inc.action_type
+            n = action.get(action_type)
+            if n is None:
+                if len(action) >= max_keys:
+                    rejected.append((i, f"campaign {cid}: over {max_keys} action types"))
+                    continue
+                n = 0
+                action_type = intern(action_type)
+            count = inc.count
+            total = n + count
+            messages = inc.messages
+            if total > MAX_ID or (messages and stats.messages + messages > MAX_ID):
+                rejected.append((i, f"campaign {cid}: {action_type!r} count would overflow"))
+                continue
+            new_supporter = inc.new_supporter
+            if new_supporter:
+                org = stats.org
+                org_id = inc.org_id
+                o = org.get(org_id)
+                if o is None:
+                    if len(org) >= max_keys:
+                        rejected.append((i, f"campaign {cid}: over {max_keys} orgs"))
+                        continue
+                    o = 0
+                    self._org_in(org_id, cid)
+                area = inc.area
+                if area is not None:
+                    areas = stats.area
+                    a = areas.get(area)
+                    if a is None:
+                        if len(areas) >= max_keys:
+                            rejected.append((i, f"campaign {cid}: over {max_keys} areas"))
+                            continue
+                        a = 0
+                        area = intern(area)
+                    areas[area] = a + 1
+                org[org_id] = o + 1
+                stats.supporters += 1
+                ranked.add(cid)
+                touched.add(cid)
+            action[action_type] = total
+            if messages:
+                stats.messages += messages
+            applied += 1
+            # Filed at its arrival (it has no ``at``): Timeline.add, inlined, as in apply_each
+            timeline = timelines.get(cid)
+            if timeline is not None and timeline.minute == now_minute:
+                if new_supporter:
+                    timeline.pending_s += 1
+                timeline.pending_a += count
+                if now > timeline.last_action_at:
+                    timeline.last_action_at = now
+            else:
+                if timeline is None:
+                    timeline = timelines[cid] = Timeline()
+                timeline.add(now, new_supporter, count)
+            if journal is not None and (only is None or cid in only):
+                # Arrived(inc, now), without the Python-level __new__ of a NamedTuple
+                entry = new_tuple(Arrived, (inc, now))
+                entries = journal.get(cid)
+                if entries is None:
+                    journal[cid] = [entry]
+                else:
+                    entries.append(entry)
+                journaled += 1
+        self.applied += applied
+        if rest >= 0:
+            tail = self.apply_each(incs[rest:], now=now)
+            rejected.extend((rest + j, reason) for j, reason in tail)
+        if journaled:  # after the rest's: the journal is bounded by the whole batch's size
+            self._journaled(journaled)
+        return rejected
+
+    def apply_each(
+        self, incs: Iterable[IncrementLike], *, now: float | None = None
+    ) -> list[tuple[int, str]]:
+        """:meth:`apply_many` one increment after the other: the general path (every rule:
+        horizons, pages, the journal), and the reference the grouped path is tested against.
+        ``now``: the batch's clock (read here when None)."""
         campaigns = self.campaigns
         journal = self.journal
         only = self.journal_only
@@ -677,7 +806,8 @@ class StatsState:
         applied = 0
         timelines = self.timelines
         pages = self.pages
-        now = self.clock()
+        if now is None:
+            now = self.clock()
         now_minute = int(now) // 60
         ranked = self.ranking.dirty
         touched_now = self._touched(now_minute // 60)
