@@ -57,13 +57,17 @@ CHUNK_ROWS = 5_000
 FOLD_PART = 500
 #: seconds of Python between two turns of the event loop in the calculation's other loops
 STEP_BUDGET = 0.004
-#: a list of campaigns (``live``, or a shard's) covering at least this share of all the
-#: campaigns is not given to the action buckets and supporter counts: they read every campaign
-#: (the plan of ``all``) and the rows of the others are dropped as they are folded. Given a long
-#: list, the planner costs ``campaign_id = ANY($1)`` as a comparison per element and row,
-#: prefers reading actions_campaign_id_index (each row then fetched from the table, in campaign
-#: order), and took 2-3 times as long as reading everything at the 5M-action demo
-#: (docs/design.md, "The calculation's split"); a short list still gains from that index.
+#: a list of campaigns (``live``, or a shard's) holding at least this share of the actions
+#: (``Queries.listed_action_share``, from the planner's statistics; without them, this share
+#: of all the campaigns) is not given to the action buckets and supporter counts: they read
+#: every campaign (the plan of ``all``) and the rows of the others are dropped as they are
+#: folded. Given a long list, the planner costs ``campaign_id = ANY($1)`` as a comparison per
+#: element and row, prefers reading actions_campaign_id_index (each row then fetched from the
+#: table, in campaign order), and took 2-3 times as long as reading everything at the
+#: 5M-action demo (docs/design.md, "A long list of campaigns"). A list holding a small share
+#: of the actions still gains from that index, however many campaigns it names: many small
+#: live campaigns beside a big closed one read whole took 2.5-4 times as long as read by
+#: their list (tests/test_review_calc_read_all.py).
 READ_ALL_SHARE = 0.5
 
 
@@ -101,9 +105,10 @@ async def calculate(
     The big results (the action buckets, the supporter counts) are read ``chunk_rows`` rows at a
     time and folded as they arrive: memory holds the counts, never the rows.
 
-    ``read_all_share``: when ``live`` or a shard's list covers at least that share of all the
-    campaigns, those two statements read every campaign and the rows of the others are dropped
-    here (see READ_ALL_SHARE); the counts are the same either way.
+    ``read_all_share``: when ``live`` or a shard's list holds at least that share of the
+    actions (estimated from the planner's statistics; without them, of the campaigns), those
+    two statements read every campaign and the rows of the others are dropped here (see
+    READ_ALL_SHARE); the counts are the same either way.
     """
     import asyncpg
 
@@ -165,10 +170,14 @@ async def calculate(
             Fold = Callable[[list[asyncpg.Record]], None]
             fold_actions: Fold = built.fold_actions
             fold_supporters: Fold = built.fold_supporters
-            if streaming and ids and len(ids) >= read_all_share * every:
-                big_ids = None
-                fold_actions = _keeping(set(ids), fold_actions)
-                fold_supporters = _keeping(set(ids), fold_supporters)
+            if streaming and ids:
+                listed: float | None = await conn.fetchval(queries.listed_action_share, ids)
+                if listed is None:  # no statistics: the share of the campaigns
+                    listed = len(ids) / max(every, len(ids))
+                if listed >= read_all_share:
+                    big_ids = None
+                    fold_actions = _keeping(set(ids), fold_actions)
+                    fold_supporters = _keeping(set(ids), fold_supporters)
             max_action_id = await conn.fetchval(queries.max_action_id)
             low = max(0, max_action_id - ACTION_WINDOW)
             if on_horizon is not None:

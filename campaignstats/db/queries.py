@@ -255,8 +255,33 @@ class Queries:
     #: (campaign_id, page, action_type, bucket start, actions, latest action time): $1 ids,
     #: $2/$3 the cutoffs of minutes and hours (see _BUCKET); the action counts are their sums
     action_buckets: str = _ACTION_BUCKETS
-    #: how many campaigns there are (to tell how much of them ``live`` covers)
+    #: how many campaigns there are (to tell how much of them ``live`` covers, where
+    #: ``listed_action_share`` has no statistics to go by)
     campaign_count: str = "SELECT count(*) FROM campaigns"
+    #: $1, campaign ids: the share of the actions those campaigns hold, estimated from the
+    #: planner's statistics of ``actions.campaign_id`` (pg_stats, no scan) as the planner does:
+    #: each listed most common value its frequency, every other listed id an equal part of the
+    #: rest; NULL without statistics. It only picks how the list is read (READ_ALL_SHARE in
+    #: db/calculation.py), never the counts.
+    listed_action_share: str = """
+    SELECT least(1.0, coalesce((SELECT sum(f) FROM unnest(mcv, freqs) AS m(v, f)
+                                WHERE v = ANY($1::bigint[])), 0)
+           + (cardinality($1::bigint[])
+              - (SELECT count(*) FROM unnest(mcv) AS m(v) WHERE v = ANY($1::bigint[])))
+             * greatest(1.0 - null_frac - coalesce((SELECT sum(f) FROM unnest(freqs) f), 0), 0)
+             / greatest(distinct_values - coalesce(cardinality(mcv), 0), 1))::float8
+    FROM (SELECT most_common_vals::text::bigint[] AS mcv, most_common_freqs AS freqs,
+                 null_frac,
+                 CASE WHEN n_distinct >= 0 THEN n_distinct
+                      ELSE -n_distinct * (SELECT greatest(reltuples, 0) FROM pg_class
+                                          WHERE oid = 'actions'::regclass) END
+                   AS distinct_values
+          FROM pg_stats
+          WHERE tablename = 'actions' AND attname = 'campaign_id'
+            AND schemaname = (SELECT relnamespace::regnamespace::text FROM pg_class
+                              WHERE oid = 'actions'::regclass)
+          ORDER BY inherited LIMIT 1) st
+    """
     #: (action page id, campaign_id, org_id) of the covered campaigns' pages: $1 ids
     page_orgs: str = """
     SELECT id, campaign_id, org_id FROM action_pages
