@@ -57,6 +57,18 @@ CHUNK_ROWS = 5_000
 FOLD_PART = 500
 #: seconds of Python between two turns of the event loop in the calculation's other loops
 STEP_BUDGET = 0.004
+#: a list of campaigns (``live``, or a shard's) holding at least this share of the actions
+#: (``Queries.listed_action_share``, from the planner's statistics; without them, this share
+#: of all the campaigns) is not given to the action buckets and supporter counts: they read
+#: every campaign (the plan of ``all``) and the rows of the others are dropped as they are
+#: folded. Given a long list, the planner costs ``campaign_id = ANY($1)`` as a comparison per
+#: element and row, prefers reading actions_campaign_id_index (each row then fetched from the
+#: table, in campaign order), and took 2-3 times as long as reading everything at the
+#: 5M-action demo (docs/design.md, "A long list of campaigns"). A list holding a small share
+#: of the actions still gains from that index, however many campaigns it names: many small
+#: live campaigns beside a big closed one read whole took 2.5-4 times as long as read by
+#: their list (tests/test_review_calc_read_all.py).
+READ_ALL_SHARE = 0.5
 
 
 async def calculate(
@@ -70,6 +82,7 @@ async def calculate(
     owns: Callable[[int], bool] | None = None,
     on_horizon: Callable[[EarlyHorizon], None] | None = None,
     chunk_rows: int = CHUNK_ROWS,
+    read_all_share: float = READ_ALL_SHARE,
 ) -> CalculationResult:
     """Recompute the covered campaigns' counts; raises :class:`CalculationError` on any failure.
 
@@ -91,6 +104,11 @@ async def calculate(
 
     The big results (the action buckets, the supporter counts) are read ``chunk_rows`` rows at a
     time and folded as they arrive: memory holds the counts, never the rows.
+
+    ``read_all_share``: when ``live`` or a shard's list holds at least that share of the
+    actions (estimated from the planner's statistics; without them, of the campaigns), those
+    two statements read every campaign and the rows of the others are dropped here (see
+    READ_ALL_SHARE); the counts are the same either way.
     """
     import asyncpg
 
@@ -130,11 +148,14 @@ async def calculate(
             if helper_conn is not None:
                 snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
             await _set_local(conn, settings)
+            every = 0  # how many campaigns there are (for "all" and "live")
             if kind == "all":
                 covered = [r[0] for r in await conn.fetch(queries.all_campaigns)]
+                every = len(covered)
                 ids: list[int] | None = None
             elif kind == "live":
                 covered = [r[0] for r in await conn.fetch(queries.live_campaigns)]
+                every = await conn.fetchval(queries.campaign_count)
                 ids = covered
             else:
                 ids = sorted(set(cast("Sequence[int]", scope)))
@@ -144,6 +165,19 @@ async def calculate(
                 covered = [cid for cid in covered if owns(cid)]
                 ids = covered
             built = _Built(_campaigns_of(covered), {}, *unit_cutoffs)
+            # What the two big statements are given as $1, and how their rows are folded.
+            big_ids = ids
+            Fold = Callable[[list[asyncpg.Record]], None]
+            fold_actions: Fold = built.fold_actions
+            fold_supporters: Fold = built.fold_supporters
+            if streaming and ids:
+                listed: float | None = await conn.fetchval(queries.listed_action_share, ids)
+                if listed is None:  # no statistics: the share of the campaigns
+                    listed = len(ids) / max(every, len(ids))
+                if listed >= read_all_share:
+                    big_ids = None
+                    fold_actions = _keeping(set(ids), fold_actions)
+                    fold_supporters = _keeping(set(ids), fold_supporters)
             max_action_id = await conn.fetchval(queries.max_action_id)
             low = max(0, max_action_id - ACTION_WINDOW)
             if on_horizon is not None:
@@ -168,15 +202,15 @@ async def calculate(
                 page_rows = await conn.fetch(queries.page_orgs, ids)
                 built.page_orgs = _page_orgs_of(page_rows)
                 streamed += await _stream(
-                    conn, queries.action_buckets, (ids, *cutoffs), built.fold_actions, reading
+                    conn, queries.action_buckets, (big_ids, *cutoffs), fold_actions, reading
                 )
                 await _set_local(conn, supporter_settings)
                 shared_args = await _shared_args(conn, queries, streaming)
                 streamed += await _stream(
                     conn,
                     supporter_sql,
-                    (ids, None, None, *cutoffs, *shared_args),
-                    built.fold_supporters,
+                    (big_ids, None, None, *cutoffs, *shared_args),
+                    fold_supporters,
                     reading,
                 )
             elif ids != [] and helper_conn is not None:
@@ -217,15 +251,15 @@ async def calculate(
                         return await _stream(
                             conn,
                             supporter_sql,
-                            (ids, None, None, *cutoffs, *shared),
-                            built.fold_supporters,
+                            (big_ids, None, None, *cutoffs, *shared),
+                            fold_supporters,
                             reading,
                         )
                     n = await _stream(
                         conn,
                         queries.action_buckets,
-                        (ids, *cutoffs),
-                        built.fold_actions,
+                        (big_ids, *cutoffs),
+                        fold_actions,
                         reading,
                     )
                     shared = await asyncio.shield(ready)
@@ -233,8 +267,8 @@ async def calculate(
                     return n + await _stream(
                         conn,
                         supporter_sql,
-                        (ids, None, split, *cutoffs, *shared),
-                        built.fold_supporters,
+                        (big_ids, None, split, *cutoffs, *shared),
+                        fold_supporters,
                         reading,
                     )
 
@@ -265,16 +299,16 @@ async def calculate(
                         n = await _stream(
                             helper,
                             queries.action_buckets,
-                            (ids, *cutoffs),
-                            built.fold_actions,
+                            (big_ids, *cutoffs),
+                            fold_actions,
                             reading,
                         )
                     else:
                         n = await _stream(
                             helper,
                             supporter_sql,
-                            (ids, split, None, *cutoffs, *shared),
-                            built.fold_supporters,
+                            (big_ids, split, None, *cutoffs, *shared),
+                            fold_supporters,
                             reading,
                         )
                     return extra, pages, messages, n
@@ -624,6 +658,21 @@ async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
     if failed:
         raise cast("BaseException", failed[0])
     return cast("A", tasks[0].result()), cast("B", tasks[1].result())
+
+
+def _keeping(
+    campaigns: set[int], fold: Callable[[list[asyncpg.Record]], None]
+) -> Callable[[list[asyncpg.Record]], None]:
+    """``fold`` of the rows whose campaign (their first column) is one of ``campaigns``: what
+    the statement's own filter on ``actions.campaign_id`` would have kept. Every row of the two
+    big statements carries its actions' campaign, and everything they compute is per campaign
+    (per supporter and campaign in the supporter query), so dropping a campaign's rows here
+    gives the rows the filter would have given."""
+
+    def folding(rows: list[asyncpg.Record]) -> None:
+        fold([row for row in rows if row[0] in campaigns])
+
+    return folding
 
 
 def _campaigns_of(covered: Sequence[int]) -> dict[int, CampaignStats]:
