@@ -55,6 +55,12 @@ class Probe:
             now = time.perf_counter()
             self.samples.append((now, now - t - PROBE_INTERVAL, time.thread_time() - c))
 
+    def worst(self, since: float, until: float) -> tuple[float, float, float] | None:
+        """The sample of the longest stall that began in [since, until]: (woke at, lateness,
+        CPU time)."""
+        inside = [s for s in self.samples if since <= s[0] - s[1] - PROBE_INTERVAL <= until]
+        return max(inside, key=lambda s: s[1], default=None)
+
     def longest(self, since: float, until: float, *, cpu: bool = False) -> float:
         """The longest lateness (``cpu``: the longest CPU time between two wake-ups) of a
         wake-up late by a stall that began in [since, until]."""
@@ -66,6 +72,37 @@ class Probe:
             ),
             default=0.0,
         )
+
+
+class GcPasses:
+    """Every pass of Python's garbage collector (``gc.callbacks``): (start, end, generation,
+    objects collected), perf_counter seconds, to tell which stalls held one."""
+
+    def __init__(self) -> None:
+        self.passes: list[tuple[float, float, int, int]] = []
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.passes.append(
+                (self._start, time.perf_counter(), info["generation"], info["collected"])
+            )
+
+    def within(self, since: float, until: float, generation: int) -> list[float]:
+        """The durations of the passes of ``generation`` that began in [since, until]."""
+        return [
+            end - start
+            for start, end, gen, _ in self.passes
+            if gen == generation and since <= start <= until
+        ]
+
+    def during(self, woke: float, lateness: float) -> float:
+        """Seconds of gc passes inside the stall that ended with a wake-up at ``woke``, late by
+        ``lateness``."""
+        began = woke - lateness - PROBE_INTERVAL
+        return sum(max(0.0, min(end, woke) - max(start, began)) for start, end, _, _ in self.passes)
 
 
 class Events:
@@ -112,8 +149,11 @@ async def run(args: argparse.Namespace, events: Events) -> dict[str, Any]:
             await conn.close()
         pages = [(r[0], r[1], r[2]) for r in rows]
         # One calculation at start ("all"), then one per resync: never one by the clock.
-        service = StatsService(PostgresSource(dsn), ActorConfig(sync_interval=86_400.0))
+        config = ActorConfig(sync_interval=86_400.0, gc_policy=not args.no_gc_policy)
+        service = StatsService(PostgresSource(dsn), config)
         probe = Probe()
+        passes = GcPasses()
+        gc.callbacks.append(passes)
         probe_task = asyncio.create_task(probe.run())
         runs: list[dict[str, Any]] = []
         if not args.no_freeze:
@@ -136,6 +176,21 @@ async def run(args: argparse.Namespace, events: Events) -> dict[str, Any]:
                 last = info["last_calculation"]
                 merged_at = events.at["calculation.merged"][i]
                 merge_from = merged_at - last["merge_duration"]
+                windows = {"calculating": (started, merge_from), "merging": (merge_from, merged_at)}
+                gc_figures: dict[str, Any] = {}
+                for name, (since, until) in windows.items():
+                    worst = probe.worst(since, until)
+                    gc_figures[f"gc_in_longest_stall_{name}_ms"] = (
+                        0.0 if worst is None else 1000 * passes.during(worst[0], worst[1])
+                    )
+                    for generation in (0, 1, 2):
+                        took = passes.within(since, until, generation)
+                        gc_figures[f"gc{generation}_passes_{name}"] = len(took)
+                        gc_figures[f"gc{generation}_longest_{name}_ms"] = 1000 * max(
+                            took, default=0.0
+                        )
+                # After the merge, until the next calculation: the policy's own pass
+                # (campaignstats.gcpolicy) runs then, at a quiet moment.
                 runs.append(
                     {
                         "calculation_s": last["duration"],
@@ -150,11 +205,21 @@ async def run(args: argparse.Namespace, events: Events) -> dict[str, Any]:
                         * probe.longest(started, merge_from, cpu=True),
                         "longest_cpu_stall_merging_ms": 1000
                         * probe.longest(merge_from, merged_at, cpu=True),
+                        **gc_figures,
                     }
                 )
+            # the quiet moment after the last merge (the policy's own pass, if any)
+            after = time.perf_counter()
+            await asyncio.sleep(1.0)
+            quiet = {
+                "longest_stall_after_ms": 1000 * probe.longest(after, time.perf_counter()),
+                "gc2_longest_after_ms": 1000
+                * max(passes.within(after, time.perf_counter(), 2), default=0.0),
+            }
         finally:
             probe.running = False
             await probe_task
+            gc.callbacks.remove(passes)
             await service.stop()
     finally:
         pg.close()
@@ -163,7 +228,9 @@ async def run(args: argparse.Namespace, events: Events) -> dict[str, Any]:
         "actions": args.actions,
         "rate": args.rate,
         "gc_freeze": not args.no_freeze,
+        "gc_policy": not args.no_gc_policy,
         "runs": runs,
+        **quiet,
         "longest_stall_merging_ms": max(r["longest_stall_merging_ms"] for r in runs),
         "longest_merge_step_ms": max(r["longest_merge_step_ms"] for r in runs),
         "longest_stall_calculating_ms": max(r["longest_stall_calculating_ms"] for r in runs),
@@ -184,6 +251,12 @@ def main() -> None:
     parser.add_argument(
         "--no-freeze", action="store_true", help="no gc.freeze() before the start (serve does)"
     )
+    parser.add_argument(
+        "--no-gc-policy",
+        action="store_true",
+        help="full gc passes whenever allocations call for them (serve holds them while a "
+        "calculation runs or merges, and runs one after: campaignstats.actor.gcpolicy)",
+    )
     args = parser.parse_args()
     if args.calculations < 1 or args.rate <= 0:
         parser.error("--calculations and --rate must be positive")
@@ -201,8 +274,17 @@ def main() -> None:
             f"longest stall merging {r['longest_stall_merging_ms']:.1f} ms, "
             f"calculating {r['longest_stall_calculating_ms']:.1f} ms; "
             f"of which CPU of this process: merging {r['longest_cpu_stall_merging_ms']:.1f} ms, "
-            f"calculating {r['longest_cpu_stall_calculating_ms']:.1f} ms"
+            f"calculating {r['longest_cpu_stall_calculating_ms']:.1f} ms; "
+            f"gc in the longest stall: merging {r['gc_in_longest_stall_merging_ms']:.1f} ms, "
+            f"calculating {r['gc_in_longest_stall_calculating_ms']:.1f} ms; full gc passes "
+            f"calculating {r['gc2_passes_calculating']} (longest "
+            f"{r['gc2_longest_calculating_ms']:.1f} ms), merging {r['gc2_passes_merging']} "
+            f"(longest {r['gc2_longest_merging_ms']:.1f} ms)"
         )
+    print(
+        f"after the last merge (1 s): longest stall {out['longest_stall_after_ms']:.1f} ms, "
+        f"longest full gc pass {out['gc2_longest_after_ms']:.1f} ms"
+    )
     path = append_result("merge_stall", out)
     print(f"written to {path}")
 

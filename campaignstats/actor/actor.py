@@ -62,6 +62,7 @@ from campaignstats.requests import (
 from campaignstats.shards import Refused, Shard, ShardFilter
 from campaignstats.webhooks import Outbox, WebhookConfig
 
+from .gcpolicy import GcPolicy
 from .mailbox import Mailbox
 from .messages import Ask, CalculationDone, CalculationFailed, Message, Stop, Tell
 from .metrics import COMMIT_DELAY, TICK, MetricsConfig, MetricsKeeper
@@ -133,6 +134,10 @@ class ActorConfig:
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     #: this server's part of the campaigns (``serve --shard K/N``, docs/scale.md); None: all
     shard: Shard | None = None
+    #: no automatic full pass of the garbage collector while a calculation runs or merges, one
+    #: full pass after (campaignstats.actor.gcpolicy; docs/design.md, "Memory"): the process's
+    #: collector, so ``serve``'s choice (``--no-gc-policy``), off for an embedding process
+    gc_policy: bool = False
     #: test-only: called with every message before it is handled; raising crashes the actor
     fault_hook: Callable[[Message], None] | None = None
 
@@ -178,6 +183,9 @@ class Lifetime:
     outbox: Outbox | None = None
     #: the snapshot's goals and the log have been read into ``goals`` (by the first actor)
     goals_started: bool = False
+    #: the garbage collector's policy (campaignstats.actor.gcpolicy): created by the first
+    #: actor, so that a calculation's held passes are released by the actor that merges next
+    gc: GcPolicy | None = None
 
 
 @dataclass(slots=True)
@@ -256,6 +264,9 @@ class StatsActor:
         self._next_publish_at: float | None = None
         self._next_goals_at: float | None = None
         self._goals_backlog: list[int] = []
+        if lifetime.gc is None:
+            lifetime.gc = GcPolicy(config.gc_policy)
+        self.gc: GcPolicy = lifetime.gc
         # custom metrics (opened in run(): a restarted actor keeps its predecessor's)
         self.metrics: MetricsKeeper = lifetime.metrics  # type: ignore[assignment]
         self._next_metrics_tick = 0.0
@@ -383,6 +394,8 @@ class StatsActor:
             deadline = min(deadline, self._next_publish_at)
         if self._next_goals_at is not None:
             deadline = min(deadline, self._next_goals_at)
+        if self.gc.due_at is not None:
+            deadline = min(deadline, self.gc.due_at)
         return max(0.0, deadline - now)
 
     def _check_timers(self, now: float) -> None:
@@ -400,6 +413,7 @@ class StatsActor:
             metrics.tick(now)
         if metrics.copying and now >= metrics.next_slice_at:
             metrics.copy_step(now)
+        self.gc.collect_if_due(now)  # after a merge, in a turn of its own (COLLECT_DELAY)
 
     # -- messages -------------------------------------------------------------------------------
 
@@ -770,6 +784,7 @@ class StatsActor:
         # Journal from now on: the snapshot is taken after this point, so anything applied from
         # here may or may not be in it, and the merge sorts that out by action id.
         self.state.start_journal(None if isinstance(scope, str) else scope)
+        self.gc.hold()  # no full pass of the collector until the merge is done
         self._running = (kind, time.time())
         log.info("calculation.started", kind=kind, generation=generation)
         self._calc_task = self._spawn(self._calculate(generation, scope, kind))
@@ -866,6 +881,7 @@ class StatsActor:
             log.info("calculation.campaigns_gone", campaigns=gone[:20], count=len(gone))
         journal = self.state.journal_figures()  # what the merge replayed, for info and the soak
         self.state.stop_journal()
+        self.gc.release(time.monotonic())
         self._running = None
         self._calc_task = None
         self.completed += 1
@@ -913,6 +929,7 @@ class StatsActor:
         if msg.generation != self._generation or self._running is None:
             return
         self.state.stop_journal()
+        self.gc.release(time.monotonic())
         self._running = None
         self._calc_task = None
         self.failed += 1
@@ -993,6 +1010,7 @@ class StatsActor:
                 "webhooks": None if self.lifetime.outbox is None else self.lifetime.outbox.info(),
             },
             "shard": None if self.config.shard is None else self.config.shard.to_wire(),
+            "gc": self.gc.info(),
             "limits": {
                 "max_keys": self.config.max_keys,
                 "max_campaigns": self.config.max_campaigns,

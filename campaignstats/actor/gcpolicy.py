@@ -1,0 +1,118 @@
+"""When Python's garbage collector may walk the service's objects (docs/design.md, "Memory").
+
+A full (generation 2) pass walks every object the collector tracks and not frozen: the
+service's counts, timelines, pages, rankings and indexes, and while a calculation runs, the
+result it builds, of the same size. Left to itself, the collector runs such a pass whenever a
+calculation's allocations call for one, inside whatever step of the actor's loop allocated
+last: the pass and that step stall the loop together.
+
+The policy, when on (``ActorConfig.gc_policy``, ``serve`` by default):
+
+- while a calculation runs and while its result is merged, no automatic full pass: the
+  threshold of the oldest generation is set out of reach (the young generations are still
+  collected as usual, so short-lived cycles are freed as they were);
+- once the merge is done (or the calculation failed), one full pass at a quiet moment, a turn
+  of its own (:meth:`GcPolicy.collect_if_due`), and the thresholds as they were;
+- between calculations, the collector as usual.
+
+Nothing is frozen by the policy (``serve`` freezes what is alive at start, once): every object
+the service creates is walked by every full pass, so a cycle that became garbage at any moment
+is freed by the next pass, at the latest the one after the next merge. The policy bounds when
+full passes run, never what they free.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+#: the oldest generation's threshold while full passes are held: full passes need this many
+#: collections of the middle generation first (about 7,000 allocations each): never, in
+#: practice, within a calculation
+HELD_THRESHOLD = 1 << 30
+#: seconds from the end of a merge to the full pass: a turn of the event loop of its own
+COLLECT_DELAY = 0.01
+
+
+class GcPolicy:
+    """The process's garbage collector around calculations; does nothing when not ``enabled``.
+
+    One per service (kept across actor restarts in the actor's ``Lifetime``): the collector's
+    thresholds are the process's."""
+
+    __slots__ = ("_saved", "collected", "due_at", "enabled", "held_since", "last_pass", "passes")
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        #: the thresholds held full passes replaced; None: not holding
+        self._saved: tuple[int, int, int] | None = None
+        #: monotonic time when full passes were held (None: not held)
+        self.held_since: float | None = None
+        #: monotonic time the full pass is due (None: none due)
+        self.due_at: float | None = None
+        #: full passes run by the policy, objects they freed, and the last one's seconds
+        self.passes = 0
+        self.collected = 0
+        self.last_pass: float | None = None
+
+    @property
+    def holding(self) -> bool:
+        return self._saved is not None
+
+    def hold(self) -> None:
+        """A calculation starts: no automatic full pass until :meth:`release`."""
+        if not self.enabled:
+            return
+        self.due_at = None  # the pass after the next merge covers the one still due
+        if self._saved is None:
+            self._saved = gc.get_threshold()
+            young, middle, _ = self._saved
+            gc.set_threshold(young, middle, HELD_THRESHOLD)
+            self.held_since = time.monotonic()
+
+    def release(self, now: float) -> None:
+        """The merge is done (or the calculation failed): the full pass is due soon."""
+        if self._saved is not None:
+            self.due_at = now + COLLECT_DELAY
+
+    def collect_if_due(self, now: float) -> bool:
+        """Run the due full pass (one step of the loop), restore the thresholds; True if it ran."""
+        if self.due_at is None or now < self.due_at:
+            return False
+        self.due_at = None
+        t0 = time.perf_counter()
+        collected = gc.collect()
+        took = time.perf_counter() - t0
+        self._restore()
+        self.passes += 1
+        self.collected += collected
+        self.last_pass = took
+        log.info("gc.full_pass", collected=collected, seconds=round(took, 4))
+        return True
+
+    def close(self) -> None:
+        """The service stops: the thresholds as they were, nothing due."""
+        self.due_at = None
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._saved is not None:
+            gc.set_threshold(*self._saved)
+            self._saved = None
+            self.held_since = None
+
+    def info(self) -> dict[str, object]:
+        return {
+            "enabled": self.enabled,
+            "holding": self.holding,
+            "passes": self.passes,
+            "collected": self.collected,
+            "last_pass": None if self.last_pass is None else round(self.last_pass, 4),
+        }
+
+
+__all__ = ["COLLECT_DELAY", "HELD_THRESHOLD", "GcPolicy"]
