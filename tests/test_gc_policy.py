@@ -302,3 +302,85 @@ async def test_the_uncounted_ids_built_in_parts_are_every_id_of_every_run(
 ) -> None:
     expected = frozenset(i for first, last in runs for i in range(first, last + 1))
     assert await _uncounted_ids(runs, _Pacer()) == expected
+
+
+# -- the other interpreters on the machine ------------------------------------------------------
+
+_ON_ANOTHER_PYTHON = """
+import gc, importlib.util, sys, time, weakref
+spec = importlib.util.spec_from_file_location("gcpolicy", sys.argv[1])
+policy = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(policy)
+
+class Node:
+    pass
+
+def old_cycle():
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    gc.collect(1)
+    watch = weakref.ref(a)
+    del a, b
+    return watch
+
+def full_passes_during_churn():
+    passes = []
+    def count(phase, info):
+        if phase == "start" and info["generation"] == 2:
+            passes.append(1)
+    gc.callbacks.append(count)
+    pile = [[i] for i in range(max(200_000, len(gc.get_objects()) // 3))]
+    del pile
+    gc.callbacks.remove(count)
+    return len(passes)
+
+state = [{"k": [i]} for i in range(100_000)]  # long-lived objects, as a service's
+before = gc.get_threshold()
+p = policy.GcPolicy(True)
+p.hold()
+watch = old_cycle()
+held = full_passes_during_churn()
+alive = watch() is not None
+p.release(time.monotonic())
+time.sleep(policy.COLLECT_DELAY)
+ran = p.collect_if_due(time.monotonic())
+print(held, alive, ran, watch() is None, gc.get_threshold() == before)
+"""
+
+
+def _other_pythons() -> list[str]:
+    root = "/root/.pyenv/versions"
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in sorted(os.listdir(root)):
+        python = os.path.join(root, name, "bin", "python")
+        if re.fullmatch(r"3\.1[2-9]\.\d+", name) and os.path.exists(python):
+            found.append(python)
+    return found
+
+
+@pytest.mark.skipif(not _other_pythons(), reason="no Python 3.12+ interpreter on this machine")
+@pytest.mark.parametrize("python", _other_pythons())
+async def test_the_policy_holds_full_passes_and_frees_old_cycles_on_later_pythons_too(
+    python: str, tmp_path: Any
+) -> None:
+    """3.12 and 3.13 decide full passes as 3.11 does (the oldest generation's threshold and the
+    survivors' quarter); the policy freezes nothing, so no version keeps a cycle past its pass."""
+    import structlog
+
+    import campaignstats.actor.gcpolicy as module
+
+    script = tmp_path / "check.py"
+    script.write_text(_ON_ANOTHER_PYTHON)
+    # structlog is pure Python: the other interpreter imports it from this environment
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(structlog.__file__))}
+    proc = await asyncio.create_subprocess_exec(
+        python, str(script), module.__file__,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    held, alive, ran, freed, restored = out.decode().split()[-5:]
+    assert (held, alive) == ("0", "True"), "a full pass ran while held"
+    assert (ran, freed, restored) == ("True", "True", "True")
