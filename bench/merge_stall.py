@@ -135,6 +135,43 @@ async def send_increments(
     return sent
 
 
+def _figures(
+    probe: Probe,
+    passes: GcPasses,
+    last: dict[str, Any],
+    sent: int,
+    started: float,
+    merge_from: float,
+    merged_at: float,
+) -> dict[str, Any]:
+    """One calculation's figures: its stalls while calculating and while merging, their CPU
+    time, and the garbage collector's passes in each window."""
+    windows = {"calculating": (started, merge_from), "merging": (merge_from, merged_at)}
+    gc_figures: dict[str, Any] = {}
+    for name, (since, until) in windows.items():
+        worst = probe.worst(since, until)
+        gc_figures[f"gc_in_longest_stall_{name}_ms"] = (
+            0.0 if worst is None else 1000 * passes.during(worst[0], worst[1])
+        )
+        for generation in (0, 1, 2):
+            took = passes.within(since, until, generation)
+            gc_figures[f"gc{generation}_passes_{name}"] = len(took)
+            gc_figures[f"gc{generation}_longest_{name}_ms"] = 1000 * max(took, default=0.0)
+    return {
+        "calculation_s": last["duration"],
+        "rows": last["rows"],
+        "campaigns": last["campaigns"],
+        "increments_sent": sent,
+        "merge_s": last["merge_duration"],
+        "longest_merge_step_ms": 1000 * last["longest_merge_step"],
+        "longest_stall_merging_ms": 1000 * probe.longest(merge_from, merged_at),
+        "longest_stall_calculating_ms": 1000 * probe.longest(started, merge_from),
+        "longest_cpu_stall_calculating_ms": 1000 * probe.longest(started, merge_from, cpu=True),
+        "longest_cpu_stall_merging_ms": 1000 * probe.longest(merge_from, merged_at, cpu=True),
+        **gc_figures,
+    }
+
+
 async def run(args: argparse.Namespace, events: Events) -> dict[str, Any]:
     import asyncpg
 
@@ -155,8 +192,8 @@ async def run(args: argparse.Namespace, events: Events) -> dict[str, Any]:
         passes = GcPasses()
         gc.callbacks.append(passes)
         probe_task = asyncio.create_task(probe.run())
-        runs: list[dict[str, Any]] = []
-        ends: list[float] = []  # when each merge ended
+        #: per calculation: last_calculation, increments sent, its start, its merge's start, end
+        raw: list[tuple[dict[str, Any], int, float, float, float]] = []
         if not args.no_freeze:
             gc.freeze()  # as serve does before the service starts
         await service.start()
@@ -180,54 +217,12 @@ async def run(args: argparse.Namespace, events: Events) -> dict[str, Any]:
                 sent = await sender
                 last = info["last_calculation"]
                 merged_at = events.at["calculation.merged"][i]
-                merge_from = merged_at - last["merge_duration"]
-                windows = {"calculating": (started, merge_from), "merging": (merge_from, merged_at)}
-                gc_figures: dict[str, Any] = {}
-                for name, (since, until) in windows.items():
-                    worst = probe.worst(since, until)
-                    gc_figures[f"gc_in_longest_stall_{name}_ms"] = (
-                        0.0 if worst is None else 1000 * passes.during(worst[0], worst[1])
-                    )
-                    for generation in (0, 1, 2):
-                        took = passes.within(since, until, generation)
-                        gc_figures[f"gc{generation}_passes_{name}"] = len(took)
-                        gc_figures[f"gc{generation}_longest_{name}_ms"] = 1000 * max(
-                            took, default=0.0
-                        )
-                # After the merge, until the next calculation: the policy's own pass
-                # (campaignstats.gcpolicy) runs then, at a quiet moment.
-                runs.append(
-                    {
-                        "calculation_s": last["duration"],
-                        "rows": last["rows"],
-                        "campaigns": last["campaigns"],
-                        "increments_sent": sent,
-                        "merge_s": last["merge_duration"],
-                        "longest_merge_step_ms": 1000 * last["longest_merge_step"],
-                        "longest_stall_merging_ms": 1000 * probe.longest(merge_from, merged_at),
-                        "longest_stall_calculating_ms": 1000 * probe.longest(started, merge_from),
-                        "longest_cpu_stall_calculating_ms": 1000
-                        * probe.longest(started, merge_from, cpu=True),
-                        "longest_cpu_stall_merging_ms": 1000
-                        * probe.longest(merge_from, merged_at, cpu=True),
-                        **gc_figures,
-                    }
-                )
-                ends.append(merged_at)
+                # the figures are worked out once the probe has stopped: going through its
+                # samples here would stall the loop it measures (tens of ms at 5M)
+                raw.append((last, sent, started, merged_at - last["merge_duration"], merged_at))
             await asyncio.sleep(0.5)
-            # The policy's full pass runs just after each merge (campaignstats.actor.gcpolicy:
-            # COLLECT_DELAY), before the next calculation: the full passes and the stalls that
-            # began in the 100 ms after each merge's end.
-            after = [(end, end + 0.1) for end in ends]
-            quiet: dict[str, Any] = {
-                "longest_stall_after_ms": 1000 * max(probe.longest(a, b) for a, b in after),
-                "longest_cpu_stall_after_ms": 1000
-                * max(probe.longest(a, b, cpu=True) for a, b in after),
-                "gc2_longest_after_ms": 1000
-                * max((t for a, b in after for t in passes.within(a, b, 2)), default=0.0),
-            }
             # the policy's passes: how many, the objects they freed (cycles), the last one's time
-            quiet["gc_policy_passes"] = (await service.info())["gc"]
+            quiet: dict[str, Any] = {"gc_policy_passes": (await service.info())["gc"]}
         finally:
             probe.running = False
             await probe_task
@@ -235,6 +230,20 @@ async def run(args: argparse.Namespace, events: Events) -> dict[str, Any]:
             await service.stop()
     finally:
         pg.close()
+    runs = [_figures(probe, passes, *r) for r in raw]
+    # The policy's full pass runs just after each merge (campaignstats.actor.gcpolicy:
+    # COLLECT_DELAY), before the next calculation: the full passes and the stalls that began in
+    # the 100 ms after each merge's end.
+    after = [(end, end + 0.1) for *_, end in raw]
+    quiet.update(
+        {
+            "longest_stall_after_ms": 1000 * max(probe.longest(a, b) for a, b in after),
+            "longest_cpu_stall_after_ms": 1000
+            * max(probe.longest(a, b, cpu=True) for a, b in after),
+            "gc2_longest_after_ms": 1000
+            * max((t for a, b in after for t in passes.within(a, b, 2)), default=0.0),
+        }
+    )
     return {
         "machine": machine(),
         "actions": args.actions,
