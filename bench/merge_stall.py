@@ -222,7 +222,7 @@ async def run(args: argparse.Namespace, events: Events) -> dict[str, Any]:
                 raw.append((last, sent, started, merged_at - last["merge_duration"], merged_at))
             await asyncio.sleep(0.5)
             # the policy's passes: how many, the objects they freed (cycles), the last one's time
-            quiet: dict[str, Any] = {"gc_policy_passes": (await service.info())["gc"]}
+            quiet: dict[str, Any] = {"gc_policy_passes": (await service.info()).get("gc")}
         finally:
             probe.running = False
             await probe_task

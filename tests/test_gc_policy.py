@@ -104,7 +104,9 @@ async def gated(
     module_dsn: str, thresholds: tuple[int, int, int]
 ) -> AsyncIterator[tuple[StatsService, GatedSource]]:
     source = GatedSource(module_dsn)
-    service = StatsService(source, ActorConfig(sync_interval=3600, gc_policy=True))
+    # no retry of a failed calculation within a test (it would hold the collector again)
+    config = ActorConfig(sync_interval=3600, backoff_initial=600, backoff_max=600, gc_policy=True)
+    service = StatsService(source, config)
     await service.start()
     try:
         yield service, source
