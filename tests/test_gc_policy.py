@@ -209,6 +209,33 @@ async def test_an_embedding_process_keeps_its_collector_as_it_is_unless_it_asks(
         await service.stop(10)
 
 
+def test_a_calculation_started_before_the_due_pass_does_not_cancel_it(
+    thresholds: tuple[int, int, int],
+) -> None:
+    """Calculations back to back (a resync right after a merge) still get a full pass each: the
+    due pass runs while the next one holds, which keeps holding after it."""
+    from campaignstats.actor.gcpolicy import COLLECT_DELAY, GcPolicy
+
+    policy = GcPolicy(True)
+    try:
+        policy.hold()
+        now = time.monotonic()
+        policy.release(now)
+        watch = old_cycle()
+        policy.hold()  # the next calculation, before the pass
+        assert policy.collect_if_due(now + COLLECT_DELAY)
+        assert watch() is None
+        assert policy.holding
+        assert gc.get_threshold()[2] == HELD_THRESHOLD
+        policy.release(now)
+        assert policy.collect_if_due(now + COLLECT_DELAY)
+        assert not policy.holding
+        assert policy.passes == 2
+        assert gc.get_threshold() == thresholds
+    finally:
+        policy.close()
+
+
 # -- a real server process ------------------------------------------------------------------------
 
 

@@ -44,12 +44,23 @@ class GcPolicy:
     One per service (kept across actor restarts in the actor's ``Lifetime``): the collector's
     thresholds are the process's."""
 
-    __slots__ = ("_saved", "collected", "due_at", "enabled", "held_since", "last_pass", "passes")
+    __slots__ = (
+        "_calculating",
+        "_saved",
+        "collected",
+        "due_at",
+        "enabled",
+        "held_since",
+        "last_pass",
+        "passes",
+    )
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         #: the thresholds held full passes replaced; None: not holding
         self._saved: tuple[int, int, int] | None = None
+        #: a calculation runs or merges (from :meth:`hold` to :meth:`release`)
+        self._calculating = False
         #: monotonic time when full passes were held (None: not held)
         self.held_since: float | None = None
         #: monotonic time the full pass is due (None: none due)
@@ -67,7 +78,9 @@ class GcPolicy:
         """A calculation starts: no automatic full pass until :meth:`release`."""
         if not self.enabled:
             return
-        self.due_at = None  # the pass after the next merge covers the one still due
+        # A pass still due is not cancelled: it runs meanwhile, a turn of its own early in this
+        # calculation, so that one calculation after another never goes without one.
+        self._calculating = True
         if self._saved is None:
             self._saved = gc.get_threshold()
             young, middle, _ = self._saved
@@ -77,17 +90,20 @@ class GcPolicy:
     def release(self, now: float) -> None:
         """The merge is done (or the calculation failed): the full pass is due soon."""
         if self._saved is not None:
+            self._calculating = False
             self.due_at = now + COLLECT_DELAY
 
     def collect_if_due(self, now: float) -> bool:
-        """Run the due full pass (one step of the loop), restore the thresholds; True if it ran."""
+        """Run the due full pass (one step of the loop), restore the thresholds unless another
+        calculation has started; True if it ran."""
         if self.due_at is None or now < self.due_at:
             return False
         self.due_at = None
         t0 = time.perf_counter()
         collected = gc.collect()
         took = time.perf_counter() - t0
-        self._restore()
+        if not self._calculating:
+            self._restore()
         self.passes += 1
         self.collected += collected
         self.last_pass = took
@@ -97,6 +113,7 @@ class GcPolicy:
     def close(self) -> None:
         """The service stops: the thresholds as they were, nothing due."""
         self.due_at = None
+        self._calculating = False
         self._restore()
 
     def _restore(self) -> None:
