@@ -135,8 +135,7 @@ async def test_no_full_pass_runs_while_a_calculation_runs_and_one_after_its_merg
     assert held["passes"] == 0
     watch = old_cycle()
     # Allocations that call for full passes (they run one without the policy: see the
-    # embedding test below): none
-    # runs, the old cycle stays.
+    # embedding test below): none runs, the old cycle stays.
     assert full_passes_during_churn() == 0
     assert watch() is not None
     source.gate.set()
