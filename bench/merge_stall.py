@@ -13,6 +13,13 @@ result was merged (from the result's arrival to the end of the merge: the servic
 the actor's own longest merge step (``longest_merge_step``: one step of at most
 ``merge_budget`` seconds, run without yielding). On a loaded machine a stall also holds the time
 the process waited for a core.
+
+The service runs with the gc policy, as ``serve`` does (``--no-gc-policy``: without it;
+campaignstats.actor.gcpolicy), calculations 0.2 s apart. Every pass of the garbage collector is
+recorded (``gc.callbacks``): per window, the passes of each generation and the longest, and the
+collector's time inside the longest stall; and the stalls and full passes in the 100 ms after
+each merge, where the policy's own pass runs. The figures are worked out once the probe has
+stopped (going through its samples in the loop would stall what it measures).
 """
 
 from __future__ import annotations
