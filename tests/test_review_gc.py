@@ -30,7 +30,7 @@ async def _passes(service: StatsService) -> int:
     return int((await service.info())["gc"]["passes"])
 
 
-async def test_two_services_of_one_process_that_hold_the_collector_leave_its_thresholds_as_they_were(
+async def test_two_services_of_one_process_holding_the_collector_leave_its_thresholds_as_they_were(
     module_dsn: str, thresholds: tuple[int, int, int]
 ) -> None:
     """The collector is the process's: one service's merge must not give back the threshold that

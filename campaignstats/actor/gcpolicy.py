@@ -12,7 +12,8 @@ The policy, when on (``ActorConfig.gc_policy``, ``serve`` by default):
   threshold of the oldest generation is set out of reach (the young generations are still
   collected as usual, so short-lived cycles are freed as they were);
 - once the merge is done (or the calculation failed), one full pass at a quiet moment, a turn
-  of its own (:meth:`GcPolicy.collect_if_due`), and the thresholds as they were;
+  of its own (:meth:`GcPolicy.collect_if_due`), and the threshold as it was (the hold is the
+  process's, shared by every policy in it: put back by the last release, :class:`_Process`);
 - between calculations, the collector as usual.
 
 Nothing is frozen by the policy (``serve`` freezes what is alive at start, once): every object
@@ -38,6 +39,32 @@ HELD_THRESHOLD = 1 << 30
 COLLECT_DELAY = 0.01
 
 
+class _Process:
+    """The hold on the process's collector, shared by every policy of the process (two services
+    embedded in one process): the threshold is raised by the first hold and put back by the
+    last release only, and only if it is still the held value (a threshold the process set
+    meanwhile stays)."""
+
+    holders = 0
+    #: the oldest generation's threshold the first hold replaced
+    saved = 0
+
+    @classmethod
+    def hold(cls) -> None:
+        if cls.holders == 0:
+            young, middle, cls.saved = gc.get_threshold()
+            gc.set_threshold(young, middle, HELD_THRESHOLD)
+        cls.holders += 1
+
+    @classmethod
+    def release(cls) -> None:
+        cls.holders -= 1
+        if cls.holders == 0:
+            young, middle, oldest = gc.get_threshold()
+            if oldest == HELD_THRESHOLD:
+                gc.set_threshold(young, middle, cls.saved)
+
+
 class GcPolicy:
     """The process's garbage collector around calculations; does nothing when not ``enabled``.
 
@@ -46,7 +73,7 @@ class GcPolicy:
 
     __slots__ = (
         "_calculating",
-        "_saved",
+        "_holding",
         "collected",
         "due_at",
         "enabled",
@@ -57,8 +84,8 @@ class GcPolicy:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        #: the thresholds held full passes replaced; None: not holding
-        self._saved: tuple[int, int, int] | None = None
+        #: this policy holds the process's collector (_Process)
+        self._holding = False
         #: a calculation runs or merges (from :meth:`hold` to :meth:`release`)
         self._calculating = False
         #: monotonic time when full passes were held (None: not held)
@@ -72,7 +99,7 @@ class GcPolicy:
 
     @property
     def holding(self) -> bool:
-        return self._saved is not None
+        return self._holding
 
     def hold(self) -> None:
         """A calculation starts: no automatic full pass until :meth:`release`."""
@@ -81,15 +108,14 @@ class GcPolicy:
         # A pass still due is not cancelled: it runs meanwhile, a turn of its own early in this
         # calculation, so that one calculation after another never goes without one.
         self._calculating = True
-        if self._saved is None:
-            self._saved = gc.get_threshold()
-            young, middle, _ = self._saved
-            gc.set_threshold(young, middle, HELD_THRESHOLD)
+        if not self._holding:
+            _Process.hold()
+            self._holding = True
             self.held_since = time.monotonic()
 
     def release(self, now: float) -> None:
         """The merge is done (or the calculation failed): the full pass is due soon."""
-        if self._saved is not None:
+        if self._holding:
             self._calculating = False
             self.due_at = now + COLLECT_DELAY
 
@@ -117,9 +143,9 @@ class GcPolicy:
         self._restore()
 
     def _restore(self) -> None:
-        if self._saved is not None:
-            gc.set_threshold(*self._saved)
-            self._saved = None
+        if self._holding:
+            _Process.release()
+            self._holding = False
             self.held_since = None
 
     def info(self) -> dict[str, object]:
