@@ -196,6 +196,8 @@ class _Merge:
     t0: float
     drifts: list[CampaignDrift] = field(default_factory=list)
     longest_step: float = 0.0
+    #: steps taken so far (``info``'s ``last_calculation.merge_steps``)
+    steps: int = 0
     #: the longest one campaign's merge took so far: a step stops early enough for another
     longest_campaign: float = 0.0
 
@@ -854,6 +856,7 @@ class StatsActor:
             self._on_failure(CalculationFailed(self._generation, merge.result.kind, error))
             return
         t0 = time.perf_counter()
+        merge.steps += 1
         # At most merge_slice campaigns, a few at a time until merge_budget is spent: a step's
         # length is bounded by time, whatever a campaign's pages, buckets and journal cost.
         taken = 0
@@ -922,6 +925,7 @@ class StatsActor:
             "duration": round(result.duration, 4),
             "merge_duration": round(time.perf_counter() - merge.t0, 4),
             "longest_merge_step": round(merge.longest_step, 4),
+            "merge_steps": merge.steps,
             "rows": result.rows,
             "campaigns": len(result.campaigns),
             "max_action_id": result.max_action_id,
