@@ -6,10 +6,12 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator
 
+import asyncpg
 import pytest
 
 from campaignstats.actor.actor import ActorConfig
 from campaignstats.actor.gcpolicy import HELD_THRESHOLD
+from campaignstats.db.source import PostgresSource
 from campaignstats.service import StatsService
 
 from .helpers import wait_for
@@ -87,3 +89,61 @@ async def test_thresholds_the_embedding_process_sets_while_a_calculation_runs_st
         source.gate.set()
         await service.stop(10)
     assert gc.get_threshold() == (5_000, 20, 30)
+
+
+# -- the merge step's rule ------------------------------------------------------------------------
+
+SMALL = 20_000
+LARGE_PAGES = 20_000
+
+
+async def _one_large_campaign_then_many_small(conn: asyncpg.Connection) -> None:
+    """Campaign 1 with ``LARGE_PAGES`` pages of one signature each (its merge copies them all:
+    well over any step's budget), then ``SMALL`` campaigns of one page and one signature."""
+    await conn.execute(
+        "TRUNCATE actions, supporters, action_pages, campaigns, orgs RESTART IDENTITY CASCADE"
+    )
+    await conn.execute("INSERT INTO orgs (name) VALUES ('org')")
+    await conn.execute(
+        "INSERT INTO campaigns (name, org_id) SELECT 'c' || i, 1 FROM generate_series(1, $1) i",
+        SMALL + 1,
+    )
+    await conn.execute(
+        "INSERT INTO action_pages (name, campaign_id, org_id) "
+        "SELECT 'p' || i, CASE WHEN i <= $1::int THEN 1 ELSE i - $1::int + 1 END, 1 "
+        "FROM generate_series(1, $1::int + $2::int) i",
+        LARGE_PAGES,
+        SMALL,
+    )
+    await conn.execute(
+        "INSERT INTO supporters (campaign_id, action_page_id, fingerprint, area, "
+        "processing_status, dupe_rank) "
+        "SELECT campaign_id, id, int8send(id), 'DE', 3, 0 FROM action_pages"
+    )
+    await conn.execute(
+        "INSERT INTO actions (supporter_id, action_type, campaign_id, action_page_id, "
+        "processing_status) SELECT id, 'register', campaign_id, action_page_id, 3 FROM supporters"
+    )
+
+
+async def test_one_campaign_over_the_budget_does_not_make_every_later_step_merge_one_campaign(
+    conn: asyncpg.Connection, module_dsn: str
+) -> None:
+    """The step rule stops before a campaign when the longest so far would take the step past
+    the budget. A longest campaign over the budget (a large campaign's pages) then stopped every
+    later step after its first campaign: a merge of N campaigns took N steps, each a turn of the
+    event loop, however small the rest."""
+    await _one_large_campaign_then_many_small(conn)
+    config = ActorConfig(sync_interval=3600, merge_budget=0.005)
+    service = StatsService(PostgresSource(module_dsn), config)
+    await service.start()
+    try:
+        await service.loaded()
+        last = (await service.info())["last_calculation"]
+        assert last["campaigns"] == SMALL + 1
+        assert last["longest_merge_step"] > config.merge_budget  # the large campaign's step
+        assert last["merge_steps"] < (SMALL + 1) / 10
+        stats = await service.stats_many([1, 2, SMALL + 1])
+        assert [stats[c]["supporters"] for c in (1, 2, SMALL + 1)] == [LARGE_PAGES, 1, 1]
+    finally:
+        await service.stop(10)
