@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -147,3 +148,17 @@ async def test_one_campaign_over_the_budget_does_not_make_every_later_step_merge
         assert [stats[c]["supporters"] for c in (1, 2, SMALL + 1)] == [LARGE_PAGES, 1, 1]
     finally:
         await service.stop(10)
+
+
+async def test_every_key_of_info_is_named_in_the_protocol_document(module_dsn: str) -> None:
+    """docs/protocol.md's "Info" lists what ``info`` answers, and says keys may be added: an added
+    key is named there too (``gc`` was not)."""
+    doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    service = StatsService(PostgresSource(module_dsn), ActorConfig(sync_interval=3600))
+    await service.start()
+    try:
+        await service.loaded()
+        info = await service.info()
+    finally:
+        await service.stop(10)
+    assert [key for key in info if f"`{key}`" not in doc and f'"{key}"' not in doc] == []
