@@ -795,7 +795,8 @@ class StatsActor:
         # Journal from now on: the snapshot is taken after this point, so anything applied from
         # here may or may not be in it, and the merge sorts that out by action id.
         self.state.start_journal(None if isinstance(scope, str) else scope)
-        self.gc.hold()  # no full pass of the collector until the merge is done
+        if isinstance(scope, str):  # "all", "live": no full pass until the merge is done
+            self.gc.hold()  # (a few campaigns allocate little: the collector as usual)
         self._running = (kind, time.time())
         log.info("calculation.started", kind=kind, generation=generation)
         self._calc_task = self._spawn(self._calculate(generation, scope, kind))

@@ -14,7 +14,9 @@ The policy, when on (``ActorConfig.gc_policy``, ``serve`` by default):
 - once the merge is done (or the calculation failed), one full pass at a quiet moment, a turn
   of its own (:meth:`GcPolicy.collect_if_due`), and the threshold as it was (the hold is the
   process's, shared by every policy in it: put back by the last release, :class:`_Process`);
-- between calculations, the collector as usual.
+- between calculations, the collector as usual; and during a calculation of a few campaigns
+  (``resync [ids]``, the follower's page changes), which allocates little: it holds nothing and
+  gets no pass of its own (one after each doubled what such calculations cost the loop).
 
 Nothing is frozen by the policy (``serve`` freezes what is alive at start, once): every object
 the service creates is walked by every full pass, so a cycle that became garbage at any moment
@@ -117,7 +119,8 @@ class GcPolicy:
         """The merge is done (or the calculation failed): the full pass is due soon."""
         if self._holding:
             self._calculating = False
-            self.due_at = now + COLLECT_DELAY
+            if self.due_at is None:  # a pass already due is not put off by a later release
+                self.due_at = now + COLLECT_DELAY
 
     def collect_if_due(self, now: float) -> bool:
         """Run the due full pass (one step of the loop), restore the thresholds unless another
