@@ -171,6 +171,7 @@ def _figures(
         "increments_sent": sent,
         "merge_s": last["merge_duration"],
         "longest_merge_step_ms": 1000 * last["longest_merge_step"],
+        "merge_steps": last.get("merge_steps"),
         "longest_stall_merging_ms": 1000 * probe.longest(merge_from, merged_at),
         "longest_stall_calculating_ms": 1000 * probe.longest(started, merge_from),
         "longest_cpu_stall_calculating_ms": 1000 * probe.longest(started, merge_from, cpu=True),
