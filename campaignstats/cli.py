@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-gc-policy",
         action="store_true",
         help="leave Python's garbage collector as it is: by default, what is alive at start is "
-        "frozen and no full pass runs while a calculation runs or merges, one runs after "
+        "frozen and no full pass runs while a calculation of all or the live campaigns runs or "
+        "merges, one runs after "
         '(docs/design.md, "Memory")',
     )
     p.add_argument(
