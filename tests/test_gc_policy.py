@@ -203,6 +203,7 @@ async def test_an_embedding_process_keeps_its_collector_as_it_is_unless_it_asks(
             "passes": 0,
             "collected": 0,
             "last_pass": None,
+            "seconds": 0.0,
         }
     finally:
         await service.stop(10)
@@ -305,6 +306,7 @@ async def test_serve_with_no_gc_policy_leaves_the_collector_alone(module_dsn: st
             "passes": 0,
             "collected": 0,
             "last_pass": None,
+            "seconds": 0.0,
         }
     finally:
         await _stop(proc)

@@ -82,6 +82,7 @@ class GcPolicy:
         "held_since",
         "last_pass",
         "passes",
+        "seconds",
     )
 
     def __init__(self, enabled: bool) -> None:
@@ -98,6 +99,8 @@ class GcPolicy:
         self.passes = 0
         self.collected = 0
         self.last_pass: float | None = None
+        #: seconds of every pass the policy ran
+        self.seconds = 0.0
 
     @property
     def holding(self) -> bool:
@@ -135,6 +138,7 @@ class GcPolicy:
             self._restore()
         self.passes += 1
         self.collected += collected
+        self.seconds += took
         self.last_pass = took
         log.info("gc.full_pass", collected=collected, seconds=round(took, 4))
         return True
@@ -158,6 +162,7 @@ class GcPolicy:
             "passes": self.passes,
             "collected": self.collected,
             "last_pass": None if self.last_pass is None else round(self.last_pass, 4),
+            "seconds": round(self.seconds, 4),
         }
 
 
