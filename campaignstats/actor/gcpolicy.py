@@ -39,6 +39,10 @@ log = structlog.get_logger(__name__)
 HELD_THRESHOLD = 1 << 30
 #: seconds from the end of a merge to the full pass: a turn of the event loop of its own
 COLLECT_DELAY = 0.01
+#: a pass is not due before this many times the last pass's length has passed since its end:
+#: the policy's passes take at most a tenth of the loop, however often calculations end (a
+#: resync asked again and again while Postgres is down fails each at once)
+PASS_SPACING = 9.0
 
 
 class _Process:
@@ -76,6 +80,7 @@ class GcPolicy:
     __slots__ = (
         "_calculating",
         "_holding",
+        "_last_end",
         "collected",
         "due_at",
         "enabled",
@@ -101,6 +106,8 @@ class GcPolicy:
         self.last_pass: float | None = None
         #: seconds of every pass the policy ran
         self.seconds = 0.0
+        #: monotonic time the last pass ended
+        self._last_end: float | None = None
 
     @property
     def holding(self) -> bool:
@@ -123,7 +130,10 @@ class GcPolicy:
         if self._holding:
             self._calculating = False
             if self.due_at is None:  # a pass already due is not put off by a later release
-                self.due_at = now + COLLECT_DELAY
+                due = now + COLLECT_DELAY
+                if self._last_end is not None and self.last_pass is not None:
+                    due = max(due, self._last_end + PASS_SPACING * self.last_pass)
+                self.due_at = due
 
     def collect_if_due(self, now: float) -> bool:
         """Run the due full pass (one step of the loop), restore the thresholds unless another
@@ -134,6 +144,7 @@ class GcPolicy:
         t0 = time.perf_counter()
         collected = gc.collect()
         took = time.perf_counter() - t0
+        self._last_end = time.monotonic()
         if not self._calculating:
             self._restore()
         self.passes += 1
@@ -166,4 +177,4 @@ class GcPolicy:
         }
 
 
-__all__ = ["COLLECT_DELAY", "HELD_THRESHOLD", "GcPolicy"]
+__all__ = ["COLLECT_DELAY", "HELD_THRESHOLD", "PASS_SPACING", "GcPolicy"]
