@@ -14,6 +14,8 @@ The policy, when on (``ActorConfig.gc_policy``, ``serve`` by default):
 - once the merge is done (or the calculation failed), one full pass at a quiet moment, a turn
   of its own (:meth:`GcPolicy.collect_if_due`), and the threshold as it was (the hold is the
   process's, shared by every policy in it: put back by the last release, :class:`_Process`);
+  a later release does not put a due pass off, and passes are spaced (``PASS_SPACING``) so that
+  they take at most a tenth of the loop however often calculations end;
 - between calculations, the collector as usual; and during a calculation of a few campaigns
   (``resync [ids]``, the follower's page changes), which allocates little: it holds nothing and
   gets no pass of its own (one after each doubled what such calculations cost the loop).
