@@ -139,6 +139,11 @@ def sample(finder: _Finder, t0: float) -> dict[str, Any]:
     row["py_arenas_highwater"] = stats.get("arenas highwater mark", 0)
     row["py_allocated_blocks"] = sys.getallocatedblocks()
     row["gc_counts"] = list(gc.get_count())
+    # objects frozen (serve freezes what is alive at start, once: a count that grows would be
+    # objects the collector no longer walks), and passes run per generation since start
+    row["gc_frozen"] = gc.get_freeze_count()
+    row["gc_passes"] = [g["collections"] for g in gc.get_stats()]
+    row["gc_collected"] = [g["collected"] for g in gc.get_stats()]
     if finder.samples % 6 == 0:  # a walk over every object: not every sample
         objects = gc.get_objects()
         row["gc_objects"] = len(objects)

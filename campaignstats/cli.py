@@ -295,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="campaigns in memory; increments creating more are invalid (default: no cap)",
     )
     p.add_argument(
+        "--no-gc-policy",
+        action="store_true",
+        help="leave Python's garbage collector as it is: by default, what is alive at start is "
+        "frozen and no full pass runs while a calculation of all or the live campaigns runs or "
+        "merges, one runs after "
+        '(docs/design.md, "Memory")',
+    )
+    p.add_argument(
         "--demo-if-empty",
         type=_positive_int,
         default=0,
@@ -728,6 +736,7 @@ async def serve(args: argparse.Namespace) -> int:
                 ),
                 goals_log=_goals_log(args.snapshot),
                 webhooks=webhooks,
+                gc_policy=not args.no_gc_policy,
             ),
             mailbox_size=args.mailbox_size,
             max_string=args.max_string,
@@ -752,10 +761,11 @@ async def serve(args: argparse.Namespace) -> int:
         http_server = None if args.no_http else _http_server(args, service, server)
         # What is alive now (modules, classes, configuration) lives as long as the process: the
         # garbage collector's full passes skip it from here on. They run in the actor's event
-        # loop whenever allocations call for one (a calculation's folding does), and each
-        # walked all of it: 25-46 ms of CPU at the 5M demo, 10-16 ms without it (README,
-        # "Event-loop stalls").
-        gc.freeze()
+        # loop, and each walked all of it: 25-46 ms of CPU at the 5M demo, 10-16 ms without it
+        # (README, "Event-loop stalls"); the policy also keeps them out of calculations and
+        # merges (campaignstats.actor.gcpolicy).
+        if not args.no_gc_policy:
+            gc.freeze()
         await service.start()
         await server.start()
         following = follow_commands.start_following(follower, service, server.tasks)

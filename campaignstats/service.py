@@ -322,6 +322,9 @@ class StatsService:
         try:
             await self.supervisor.run()
         finally:
+            gc = self.supervisor.lifetime.gc
+            if gc is not None:  # the collector's thresholds as they were (a held pass too)
+                gc.close()
             # Whatever is still queued will never be answered: say so instead of hanging callers.
             self._mailbox.close()
             self._fail_queued()

@@ -62,6 +62,7 @@ from campaignstats.requests import (
 from campaignstats.shards import Refused, Shard, ShardFilter
 from campaignstats.webhooks import Outbox, WebhookConfig
 
+from .gcpolicy import GcPolicy
 from .mailbox import Mailbox
 from .messages import Ask, CalculationDone, CalculationFailed, Message, Stop, Tell
 from .metrics import COMMIT_DELAY, TICK, MetricsConfig, MetricsKeeper
@@ -73,7 +74,8 @@ GOALS_TICK = 0.1
 #: campaigns looked at in one step (a few milliseconds)
 GOALS_SLICE = 5_000
 #: campaigns merged between two looks at the clock (ActorConfig.merge_budget): one, so that a
-#: step ends at most one campaign past the budget (4 measured 8-14 ms steps at the 5M demo)
+#: step ends at most one campaign past the budget (4 measured 8-14 ms steps at the 5M demo); a
+#: step also stops before a campaign as long as the longest so far would take it past
 MERGE_GROUP = 1
 
 
@@ -133,6 +135,10 @@ class ActorConfig:
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     #: this server's part of the campaigns (``serve --shard K/N``, docs/scale.md); None: all
     shard: Shard | None = None
+    #: no automatic full pass of the garbage collector while a calculation runs or merges, one
+    #: full pass after (campaignstats.actor.gcpolicy; docs/design.md, "Memory"): the process's
+    #: collector, so ``serve``'s choice (``--no-gc-policy``), off for an embedding process
+    gc_policy: bool = False
     #: test-only: called with every message before it is handled; raising crashes the actor
     fault_hook: Callable[[Message], None] | None = None
 
@@ -178,6 +184,9 @@ class Lifetime:
     outbox: Outbox | None = None
     #: the snapshot's goals and the log have been read into ``goals`` (by the first actor)
     goals_started: bool = False
+    #: the garbage collector's policy (campaignstats.actor.gcpolicy): created by the first
+    #: actor, so that a calculation's held passes are released by the actor that merges next
+    gc: GcPolicy | None = None
 
 
 @dataclass(slots=True)
@@ -187,6 +196,10 @@ class _Merge:
     t0: float
     drifts: list[CampaignDrift] = field(default_factory=list)
     longest_step: float = 0.0
+    #: steps taken so far (``info``'s ``last_calculation.merge_steps``)
+    steps: int = 0
+    #: the longest one campaign's merge took so far: a step stops early enough for another
+    longest_campaign: float = 0.0
 
 
 def open_outbox(config: ActorConfig, lifetime: Lifetime) -> None:
@@ -256,6 +269,9 @@ class StatsActor:
         self._next_publish_at: float | None = None
         self._next_goals_at: float | None = None
         self._goals_backlog: list[int] = []
+        if lifetime.gc is None:
+            lifetime.gc = GcPolicy(config.gc_policy)
+        self.gc: GcPolicy = lifetime.gc
         # custom metrics (opened in run(): a restarted actor keeps its predecessor's)
         self.metrics: MetricsKeeper = lifetime.metrics  # type: ignore[assignment]
         self._next_metrics_tick = 0.0
@@ -334,6 +350,13 @@ class StatsActor:
         handle = self._handle
         get_read_nowait = mailbox.get_read_nowait
         while True:
+            if self.gc.due_at is not None and time.monotonic() >= self.gc.due_at:
+                # The collector's full pass after a merge (campaignstats.actor.gcpolicy), in a
+                # turn of the loop of its own: not after a step of ours in the same turn.
+                await asyncio.sleep(0)
+                self.gc.collect_if_due(time.monotonic())
+                await asyncio.sleep(0)
+                continue
             if self._slicing is not None:
                 # A large batch: the queries that came meanwhile (only those: the normal lane
                 # waits for the rest of the batch), then one slice, then the event loop. Queries
@@ -383,6 +406,8 @@ class StatsActor:
             deadline = min(deadline, self._next_publish_at)
         if self._next_goals_at is not None:
             deadline = min(deadline, self._next_goals_at)
+        if self.gc.due_at is not None:
+            deadline = min(deadline, self.gc.due_at)
         return max(0.0, deadline - now)
 
     def _check_timers(self, now: float) -> None:
@@ -770,6 +795,8 @@ class StatsActor:
         # Journal from now on: the snapshot is taken after this point, so anything applied from
         # here may or may not be in it, and the merge sorts that out by action id.
         self.state.start_journal(None if isinstance(scope, str) else scope)
+        if isinstance(scope, str):  # "all", "live": no full pass until the merge is done
+            self.gc.hold()  # (a few campaigns allocate little: the collector as usual)
         self._running = (kind, time.time())
         log.info("calculation.started", kind=kind, generation=generation)
         self._calc_task = self._spawn(self._calculate(generation, scope, kind))
@@ -830,6 +857,7 @@ class StatsActor:
             self._on_failure(CalculationFailed(self._generation, merge.result.kind, error))
             return
         t0 = time.perf_counter()
+        merge.steps += 1
         # At most merge_slice campaigns, a few at a time until merge_budget is spent: a step's
         # length is bounded by time, whatever a campaign's pages, buckets and journal cost.
         taken = 0
@@ -838,13 +866,22 @@ class StatsActor:
             ids = [cid for _, cid in zip(range(want), merge.ids, strict=False)]
             if ids:
                 taken += len(ids)
+                t1 = time.perf_counter()
                 self._merge_campaigns(merge, ids)
+                merge.longest_campaign = max(merge.longest_campaign, time.perf_counter() - t1)
             if len(ids) < want:  # the result is merged whole
+                if taken and time.perf_counter() - t0 >= self.config.merge_budget / 2:
+                    break  # finished in the next step (a few ms at the 5M demo); small: now
                 merge.longest_step = max(merge.longest_step, time.perf_counter() - t0)
                 self._merge = None
                 self._finish_calculation(merge)
                 return
-            if time.perf_counter() - t0 >= self.config.merge_budget:
+            # Not one more if the longest campaign so far would take the step past the budget: a
+            # step ran the budget plus one large campaign (12 ms of CPU at the 5M demo). Counted
+            # as at most half the budget: a campaign longer than the whole budget would otherwise
+            # stop every later step after its first campaign (a merge of N campaigns, N steps).
+            budget = self.config.merge_budget
+            if time.perf_counter() - t0 + min(merge.longest_campaign, budget / 2) >= budget:
                 break
         merge.longest_step = max(merge.longest_step, time.perf_counter() - t0)
 
@@ -866,6 +903,7 @@ class StatsActor:
             log.info("calculation.campaigns_gone", campaigns=gone[:20], count=len(gone))
         journal = self.state.journal_figures()  # what the merge replayed, for info and the soak
         self.state.stop_journal()
+        self.gc.release(time.monotonic())
         self._running = None
         self._calc_task = None
         self.completed += 1
@@ -891,6 +929,7 @@ class StatsActor:
             "duration": round(result.duration, 4),
             "merge_duration": round(time.perf_counter() - merge.t0, 4),
             "longest_merge_step": round(merge.longest_step, 4),
+            "merge_steps": merge.steps,
             "rows": result.rows,
             "campaigns": len(result.campaigns),
             "max_action_id": result.max_action_id,
@@ -913,6 +952,7 @@ class StatsActor:
         if msg.generation != self._generation or self._running is None:
             return
         self.state.stop_journal()
+        self.gc.release(time.monotonic())
         self._running = None
         self._calc_task = None
         self.failed += 1
@@ -993,6 +1033,7 @@ class StatsActor:
                 "webhooks": None if self.lifetime.outbox is None else self.lifetime.outbox.info(),
             },
             "shard": None if self.config.shard is None else self.config.shard.to_wire(),
+            "gc": self.gc.info(),
             "limits": {
                 "max_keys": self.config.max_keys,
                 "max_campaigns": self.config.max_campaigns,

@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from itertools import chain
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import structlog
@@ -329,7 +328,7 @@ async def calculate(
     pacer = _Pacer()
     # Ids below the highest that these counts do not hold: transactions still running (or rolled
     # back) when the snapshot was taken, and actions not accepted yet.
-    uncounted = frozenset(chain.from_iterable(range(r[0], r[1] + 1) for r in recent_rows))
+    uncounted = await _uncounted_ids(recent_rows, pacer)
     campaigns = built.campaigns
     # The people who share a fingerprint, counted distinct over both connections' rows.
     shared_rows = built.shared.rows()
@@ -631,6 +630,27 @@ class _Pacer:
         if time.perf_counter() - self._since >= STEP_BUDGET:
             await asyncio.sleep(0)
             self._since = time.perf_counter()
+
+
+#: ids of the window added to the uncounted set between two looks at the pacer
+UNCOUNTED_PART = 2_000
+
+
+async def _uncounted_ids(runs: Sequence[Sequence[int]], pacer: _Pacer) -> frozenset[int]:
+    """The ids of the runs ``(first, last)``, taking turns with the event loop: up to the whole
+    window (100,000 ids in thousands of runs) took 15-90 ms in one step; the set is built
+    ``UNCOUNTED_PART`` ids at a time, and its frozen copy is one step of a few ms."""
+    ids: set[int] = set()
+    part = 0
+    for first, last in runs:
+        for start in range(first, last + 1, UNCOUNTED_PART):
+            stop = min(start + UNCOUNTED_PART, last + 1)
+            ids.update(range(start, stop))
+            part += stop - start + 16  # a run costs a little whatever its length
+            if part >= UNCOUNTED_PART:
+                part = 0
+                await pacer.step()
+    return frozenset(ids)
 
 
 async def _shared_args(
