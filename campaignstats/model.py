@@ -387,6 +387,11 @@ class CampaignDrift:
 #: is replayed (the next calculation confirms), since the backend's clock and the database's
 #: may disagree by a little
 AT_MARGIN = 1.0  # seconds
+#: an ``at`` up to this far ahead of the server's clock is filed in its own bucket, as the
+#: database files it: Proca's ``timestamp(0)`` rounds ``inserted_at`` to the nearest second (up
+#: to half a second after the clock that made it), and clocks disagree by a little. Further
+#: ahead, a change is filed at its arrival (a far-future minute would push the kept minutes out)
+AT_AHEAD = 60.0  # seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -871,9 +876,11 @@ class StatsState:
             if messages:
                 stats.messages += messages
             applied += 1
-            # Its bucket: its own time, or its arrival; never ahead of the server's clock.
+            # Its bucket: its own time, or its arrival; never more than AT_AHEAD ahead of the
+            # server's clock. (An ``at`` equal to the clock takes the clock's float: the same
+            # value, shared by the timelines, as bench.memory's figures count it.)
             at = inc.at
-            if at is None or at >= now:
+            if at is None or at == now or at > now + AT_AHEAD:
                 t, minute = now, now_minute
             else:
                 t, minute = at, int(at) // 60
@@ -1034,7 +1041,7 @@ class StatsState:
             # Taken from the bucket of its ``at`` (the time of the action it takes back); with
             # none, from the bucket of its arrival, clamped there like any count.
             at = dec.at
-            t = now if at is None or at > now else at
+            t = now if at is None or at > now + AT_AHEAD else at
             timeline = timelines.get(cid)
             if timeline is not None:
                 timeline.take(t, dec.new_supporter, dec.count, now)

@@ -24,6 +24,7 @@ from campaignstats.db.calculation import calculate
 from campaignstats.db.source import PostgresSource
 from campaignstats.journal import EarlyHorizon
 from campaignstats.model import (
+    AT_AHEAD,
     CalculationResult,
     CampaignStats,
     Horizon,
@@ -79,8 +80,8 @@ changes = st.builds(
     st.sampled_from([None, None, 10, 33, 35, 40, 45, 60, 61]),
     # seen (below xmin; below xmax, not in progress), unseen (in progress, above xmax)
     st.sampled_from([None, None, 5, 14, 12, 25]),
-    # before the snapshot's clock (held), after it, in the future
-    st.sampled_from([None, None, NOW - 3600, NOW - 50, NOW - 1, NOW + 30]),
+    # before the snapshot's clock (held), after it, a little ahead of the clock, too far ahead
+    st.sampled_from([None, None, NOW - 3600, NOW - 50, NOW - 1, NOW + 30, NOW + 600]),
     st.sampled_from([None, None, 10, 11, 12, 13]),
     st.integers(0, 2),
     st.booleans(),
@@ -178,9 +179,10 @@ class Run:
         }
 
 
-def filed_at(inc: Increment, decrement: bool) -> float:
-    """The time of a change's bucket, as apply_many files it (the clock is NOW)."""
-    if inc.at is None or inc.at > NOW or (inc.at == NOW and not decrement):
+def filed_at(inc: Increment) -> float:
+    """The time of a change's bucket, as apply_many files it (the clock is NOW): its ``at``,
+    unless it has none or is more than AT_AHEAD ahead of the clock (docs/design.md, "Time")."""
+    if inc.at is None or inc.at > NOW + AT_AHEAD:
         return NOW
     return inc.at
 
@@ -207,7 +209,7 @@ def replayed(
     for inc, dec in journaled:
         if horizon.reflects(inc, dec, counted_now):
             continue
-        unseen.append((inc, dec, filed_at(inc, dec)))
+        unseen.append((inc, dec, filed_at(inc)))
         if inc.action_id is not None and horizon.knows(inc.action_id):
             counted_now[inc.action_id] = not dec
     ordered = [u for u in unseen if not u[1]] + [u for u in unseen if u[1]]
