@@ -222,10 +222,10 @@ class Bench:
             )
             self.say(f"  {size:,} campaigns: {r.get('bytes_per_campaign', r.get('error'))} B each")
 
-    def ingest_only(self) -> None:
-        """``--ingest-only``: the ingest rows alone (workload 2, and workload 3's incs of 1,000
-        on 1 and 16 connections; the in-process ceilings were measured before the server
-        started); no latency, no memory, no Redis, no profile."""
+    def client_batches(self) -> None:
+        """Workload 2: increments through ``StatsClient.increment_many()``, and what the client
+        process alone could carry: increments per second of its own CPU (checking, queueing,
+        encoding, writing), whatever the server and the machine allowed."""
         p = self.p
         self.say(
             f"workload 2: {p.n_batch:,} increments through StatsClient.increment_many() "
@@ -248,6 +248,13 @@ class Bench:
             [r["n"] / r["cpu"] for r in runs if r.get("cpu")],
             [bool(r.get("cpu")) for r in runs],
         )
+
+    def ingest_only(self) -> None:
+        """``--ingest-only``: the ingest rows alone (workload 2, and workload 3's incs of 1,000
+        on 1 and 16 connections; the in-process ceilings were measured before the server
+        started); no latency, no memory, no Redis, no profile."""
+        p = self.p
+        self.client_batches()
         for conns in (1, 16):
             self.run_ours(
                 f"raw.b1000.c{conns}",
@@ -295,29 +302,7 @@ class Bench:
             self.items[: p.n_client],
             p.limit,
         )
-        self.say(
-            f"workload 2: {p.n_batch:,} increments through StatsClient.increment_many() "
-            "in batches of 1,000, then flush()"
-        )
-        self.run_ours(
-            "client.batches",
-            "client: increment_many() of 1,000, flush",
-            p.n_batch,
-            _workers.client_batches,
-            self.items[: p.n_batch],
-            1000,
-            p.limit,
-        )
-        # What the client process alone could carry: increments per second of its own CPU
-        # (checking, queueing, encoding, writing), whatever the server and the machine allowed.
-        runs = self.metrics["client.batches"]["runs_raw"]
-        self.record(
-            "client.batches.cpu",
-            "client: increment_many() of 1,000, per s of client CPU",
-            "inc/s",
-            [r["n"] / r["cpu"] for r in runs if r.get("cpu")],
-            [bool(r.get("cpu")) for r in runs],
-        )
+        self.client_batches()
         self.say("workload 3: raw capacity, pre-encoded streams, then flush")
         for (batch, conns), streams in self.streams.items():
             n = p.n_small if batch <= 10 else p.n_raw
