@@ -86,7 +86,6 @@ class GcPolicy:
         "collected",
         "due_at",
         "enabled",
-        "held_since",
         "last_pass",
         "passes",
         "seconds",
@@ -98,8 +97,6 @@ class GcPolicy:
         self._holding = False
         #: a calculation runs or merges (from :meth:`hold` to :meth:`release`)
         self._calculating = False
-        #: monotonic time when full passes were held (None: not held)
-        self.held_since: float | None = None
         #: monotonic time the full pass is due (None: none due)
         self.due_at: float | None = None
         #: full passes run by the policy, objects they freed, and the last one's seconds
@@ -125,7 +122,6 @@ class GcPolicy:
         if not self._holding:
             _Process.hold()
             self._holding = True
-            self.held_since = time.monotonic()
 
     def release(self, now: float) -> None:
         """The merge is done (or the calculation failed): the full pass is due soon."""
@@ -166,7 +162,6 @@ class GcPolicy:
         if self._holding:
             _Process.release()
             self._holding = False
-            self.held_since = None
 
     def info(self) -> dict[str, object]:
         return {
