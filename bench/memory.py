@@ -90,8 +90,9 @@ def fill(campaigns: int, spread: int) -> StatsState:
     state = StatsState()
     state.clock = lambda: NOW
     for cid in range(1, campaigns + 1):
+        # The actions of the current minute arrive now (no ``at``); the others carry theirs.
         incs = [
-            Increment(*item, at=NOW - 60.0 * (j % spread))
+            Increment(*item, at=NOW - 60.0 * (j % spread) if j % spread else None)
             for j, item in enumerate(typical_campaign(cid))
         ]
         state.apply_many(incs)

@@ -877,10 +877,9 @@ class StatsState:
                 stats.messages += messages
             applied += 1
             # Its bucket: its own time, or its arrival; never more than AT_AHEAD ahead of the
-            # server's clock. (An ``at`` equal to the clock takes the clock's float: the same
-            # value, shared by the timelines, as bench.memory's figures count it.)
+            # server's clock.
             at = inc.at
-            if at is None or at == now or at > now + AT_AHEAD:
+            if at is None or at > now + AT_AHEAD:
                 t, minute = now, now_minute
             else:
                 t, minute = at, int(at) // 60
