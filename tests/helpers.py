@@ -1,10 +1,14 @@
-"""Helpers shared by the test modules: polling, a bare protocol peer, a running server."""
+"""Helpers shared by the test modules: polling, a bare protocol peer, a running server, a server
+process."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,3 +114,37 @@ class Running:
 
 
 Start = Callable[..., Awaitable[Running]]
+
+
+#: what ``campaignstats serve`` prints once its TCP listener is open
+LISTENING = re.compile(r"listening on tcp://127\.0\.0\.1:(\d+)")
+
+
+async def serve_process(
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    stderr: int = asyncio.subprocess.PIPE,
+) -> tuple[asyncio.subprocess.Process, int]:
+    """``campaignstats serve ARGS`` in a process of its own, and its TCP port once it listens.
+
+    It runs without ``CAMPAIGNSTATS_TOKEN`` (the tests' peers send none), with ``env`` added.
+    Its stdout is a pipe the caller may go on reading; if it exits before listening, the error
+    carries the end of its stderr (when that is a pipe)."""
+    environ = {k: v for k, v in os.environ.items() if k != "CAMPAIGNSTATS_TOKEN"}
+    environ.update(env or {})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "campaignstats.cli", "serve", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=stderr, env=environ,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    async with asyncio.timeout(30):
+        while True:
+            line = (await proc.stdout.readline()).decode()
+            if not line:
+                error = ""
+                if proc.stderr is not None:
+                    error = (await proc.stderr.read()).decode(errors="replace")[-2000:]
+                code = await proc.wait()
+                raise AssertionError(f"serve exited before listening ({code}): {error}")
+            if m := LISTENING.search(line):
+                return proc, int(m.group(1))

@@ -11,7 +11,6 @@ import asyncio
 import gc
 import os
 import re
-import sys
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -28,7 +27,7 @@ from campaignstats.errors import CalculationError
 from campaignstats.model import CalculationResult, Scope
 from campaignstats.service import StatsService
 
-from .helpers import wait_for
+from .helpers import serve_process, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -242,20 +241,10 @@ def test_a_calculation_started_before_the_due_pass_does_not_cancel_it(
 
 
 async def _serve(module_dsn: str, *extra: str) -> tuple[asyncio.subprocess.Process, int]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "campaignstats.cli", "serve", "--dsn", module_dsn,
-        "--host", "127.0.0.1", "--port", "0", "--no-http", *extra,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        env={k: v for k, v in os.environ.items() if k != "CAMPAIGNSTATS_TOKEN"},
+    return await serve_process(
+        "--dsn", module_dsn, "--host", "127.0.0.1", "--port", "0", "--no-http", *extra,
+        stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
-    assert proc.stdout is not None
-    async with asyncio.timeout(30):
-        while True:
-            line = (await proc.stdout.readline()).decode()
-            if not line:
-                raise AssertionError(f"serve exited before listening ({await proc.wait()})")
-            if m := re.search(r"listening on tcp://127\.0\.0\.1:(\d+)", line):
-                return proc, int(m.group(1))
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> None:

@@ -8,10 +8,7 @@ a crash-restart that keeps them, and invalid updates refused with the wire's cod
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +22,7 @@ from campaignstats.http import HttpConfig, HttpServer, app
 from campaignstats.metrics.update import MetricLimits
 from campaignstats.requests import MetricUpdates
 
-from .helpers import Raw, Start, completed, wait_for
+from .helpers import Raw, Start, completed, serve_process, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -239,22 +236,9 @@ async def test_http_writes_metrics_and_reads_them_as_the_socket_does(
 
 
 async def _serve(module_dsn: str, log: Path, *extra: str) -> tuple[Any, int]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "campaignstats.cli", "serve", "--dsn", module_dsn,
-        "--port", "0", "--no-http", "--appendonly", str(log), *extra,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={k: v for k, v in os.environ.items() if k != "CAMPAIGNSTATS_TOKEN"},
-    )  # fmt: skip
-    assert proc.stdout is not None
-    async with asyncio.timeout(30):
-        while True:
-            line = (await proc.stdout.readline()).decode()
-            if not line:
-                assert proc.stderr is not None
-                error = (await proc.stderr.read()).decode()[-2000:]
-                raise AssertionError(f"serve exited before listening: {error}")
-            if m := re.search(r"listening on tcp://127\.0\.0\.1:(\d+)", line):
-                return proc, int(m.group(1))
+    return await serve_process(
+        "--dsn", module_dsn, "--port", "0", "--no-http", "--appendonly", str(log), *extra
+    )
 
 
 async def test_a_flush_reply_means_durable_a_sigkill_after_it_loses_nothing(

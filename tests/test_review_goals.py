@@ -340,26 +340,9 @@ class _LoggedServer(Server):
 
     lines: list[str]
 
-    async def start(self) -> None:
-        import os
-        import re
-
-        env = {k: v for k, v in os.environ.items() if k != "CAMPAIGNSTATS_TOKEN"}
-        env["CAMPAIGNSTATS_WEBHOOK_SECRET"] = "s3cret-for-tests"
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
-        )
+    async def start(self, stderr: int = asyncio.subprocess.PIPE) -> None:
+        await super().start(stderr)
         self._logs = asyncio.create_task(self._read_logs())
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(30):
-            while True:
-                line = (await self.proc.stdout.readline()).decode()
-                if not line:
-                    raise AssertionError("serve exited before listening")
-                if m := re.search(r"listening on tcp://127\.0\.0\.1:(\d+)", line):
-                    self.port = int(m.group(1))
-                    break
-        self._drain = asyncio.create_task(self._read_rest())
 
     async def _read_logs(self) -> None:
         assert self.proc.stderr is not None

@@ -23,15 +23,20 @@ from hypothesis import strategies as st
 
 from campaignstats.actor.actor import ActorConfig
 from campaignstats.client.aio import AsyncStatsClient
-from campaignstats.journal import EarlyHorizon
 from campaignstats.model import Increment, StatsState
 
 from .conftest import truncate_all
 from .helpers import Start, completed, loaded, memory_of, wait_for
 from .recount import recount
-from .test_apply_paths import NOW, _calculation, _result, decoded, increments, snapshot
+from .test_apply_paths import (
+    NOW,
+    _result,
+    increments,
+    plain,
+    run_both_ways,
+    snapshot,
+)
 
-plain = increments.map(lambda inc: inc._replace(at=None, page=None, txid=None))
 #: mostly plain, so that the fast path runs a long way before an increment hands the rest over
 long_batches = st.one_of(
     st.lists(st.one_of(*([plain] * 12), increments), min_size=0, max_size=48),
@@ -93,39 +98,16 @@ def test_long_mostly_plain_batches_leave_the_state_apply_each_leaves_whatever_th
     as_decoded: bool,
     how: str,
 ) -> None:
-    window_low, max_action_id = window
-    clock = [NOW]
-    fast = StatsState(max_keys=max_keys, max_campaigns=max_campaigns)
-    each = StatsState(max_keys=max_keys, max_campaigns=max_campaigns)
-    for state in (fast, each):
-        state.clock = lambda: clock[0]
-        state.journal_limit = journal_limit
-    for op, arg in program:
-        if op in ("incs", "decs"):
-            batch = decoded(arg) if as_decoded and arg else arg
-            if op == "decs":
-                fast.apply_many(batch, decrement=True)
-                each.apply_many(batch, decrement=True)
-            else:
-                assert fast.apply_many(_given_as(batch, how)) == each.apply_each(batch)
-        elif op == "start_journal":
-            for state in (fast, each):
-                state.start_journal(arg)
-        elif op == "fold":
-            for state in (fast, each):
-                state.fold_journal(EarlyHorizon(_calculation(max_action_id, window_low)))
-        elif op == "merge":
-            result = _result(arg, max_action_id, window_low, uncounted)
-            if fast.journal_fits(result):
-                assert fast.merge(result) == each.merge(result)
-                for state in (fast, each):
-                    state.stop_journal()
-        elif op == "stop_journal":
-            for state in (fast, each):
-                state.stop_journal()
-        else:
-            clock[0] += arg
-        assert snapshot(fast) == snapshot(each), op
+    run_both_ways(
+        program,
+        max_keys=max_keys,
+        max_campaigns=max_campaigns,
+        journal_limit=journal_limit,
+        window=window,
+        uncounted=uncounted,
+        as_decoded=as_decoded,
+        given_as=lambda batch: _given_as(batch, how),
+    )
 
 
 def test_a_long_plain_run_after_a_merge_then_a_repeat_inside_the_window_is_counted_once() -> None:

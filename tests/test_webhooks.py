@@ -9,8 +9,6 @@ import contextlib
 import hashlib
 import hmac
 import json
-import os
-import re
 import signal
 import socket
 import sys
@@ -30,7 +28,7 @@ from campaignstats.webhooks import (
     redact_url,
 )
 
-from .helpers import Raw, wait_for
+from .helpers import Raw, serve_process, wait_for
 from .test_goals import Signatures
 
 SECRET = "s3cret-for-tests"
@@ -120,31 +118,18 @@ class Server:
 
     def __init__(self, module_dsn: str, snapshot: Path, hook: str) -> None:
         self.args = [
-            sys.executable, "-m", "campaignstats.cli", "serve", "--dsn", module_dsn,
-            "--port", "0", "--no-http", "--snapshot", str(snapshot), "--webhook", hook,
-            "--sync-interval", "3600", "--webhook-retry-max", "2",
+            "--dsn", module_dsn, "--port", "0", "--no-http", "--snapshot", str(snapshot),
+            "--webhook", hook, "--sync-interval", "3600", "--webhook-retry-max", "2",
         ]  # fmt: skip
         self.proc: Any = None
         self.port = 0
 
-    async def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "CAMPAIGNSTATS_TOKEN"}
-        env["CAMPAIGNSTATS_WEBHOOK_SECRET"] = SECRET  # the secret through its variable
-        self.proc = await asyncio.create_subprocess_exec(
+    async def start(self, stderr: int = asyncio.subprocess.DEVNULL) -> None:
+        self.proc, self.port = await serve_process(
             *self.args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-            env=env,
+            env={"CAMPAIGNSTATS_WEBHOOK_SECRET": SECRET},  # the secret through its variable
+            stderr=stderr,
         )
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(30):
-            while True:
-                line = (await self.proc.stdout.readline()).decode()
-                if not line:
-                    raise AssertionError("serve exited before listening")
-                if m := re.search(r"listening on tcp://127\.0\.0\.1:(\d+)", line):
-                    self.port = int(m.group(1))
-                    break
         # keep reading its output, so that a full pipe never blocks it
         self._drain = asyncio.create_task(self._read_rest())
 
