@@ -12,6 +12,7 @@ them; after every step the whole states must be equal, down to the order of the 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -195,6 +196,18 @@ def decoded(batch: list[Increment]) -> list[Any]:
     return list(message.items)
 
 
+@dataclass(frozen=True)
+class Setting:
+    """The limits and the calculation under which a program runs."""
+
+    max_keys: int
+    max_campaigns: int | None
+    journal_limit: int
+    window: tuple[int, int]  # the calculation's window: its lowest and highest action id
+    uncounted: frozenset[int]  # ids in the window that the calculation did not count
+    as_decoded: bool  # the batches as the server's codec decodes them, or as Increments
+
+
 @settings(
     max_examples=300,
     deadline=None,
@@ -202,56 +215,39 @@ def decoded(batch: list[Increment]) -> list[Any]:
 )
 @given(
     program=st.lists(steps, min_size=1, max_size=14),
-    max_keys=st.sampled_from([1, 2, 3, 10_000]),
-    max_campaigns=st.sampled_from([None, 2, 4]),
-    journal_limit=st.sampled_from([6, 40, 5_000_000]),
-    window=st.sampled_from([(0, 10), (4, 12), (8, 8), (0, 0)]),
-    uncounted=st.frozensets(st.integers(1, 14), max_size=6),
-    as_decoded=st.booleans(),
+    setting=st.builds(
+        Setting,
+        max_keys=st.sampled_from([1, 2, 3, 10_000]),
+        max_campaigns=st.sampled_from([None, 2, 4]),
+        journal_limit=st.sampled_from([6, 40, 5_000_000]),
+        window=st.sampled_from([(0, 10), (4, 12), (8, 8), (0, 0)]),
+        uncounted=st.frozensets(st.integers(1, 14), max_size=6),
+        as_decoded=st.booleans(),
+    ),
 )
 def test_apply_many_leaves_the_state_apply_each_leaves_after_any_sequence_of_batches(
-    program: list[tuple[str, Any]],
-    max_keys: int,
-    max_campaigns: int | None,
-    journal_limit: int,
-    window: tuple[int, int],
-    uncounted: frozenset[int],
-    as_decoded: bool,
+    program: list[tuple[str, Any]], setting: Setting
 ) -> None:
-    run_both_ways(
-        program,
-        max_keys=max_keys,
-        max_campaigns=max_campaigns,
-        journal_limit=journal_limit,
-        window=window,
-        uncounted=uncounted,
-        as_decoded=as_decoded,
-    )
+    run_both_ways(program, setting)
 
 
 def run_both_ways(
     program: list[tuple[str, Any]],
-    *,
-    max_keys: int,
-    max_campaigns: int | None,
-    journal_limit: int,
-    window: tuple[int, int],
-    uncounted: frozenset[int],
-    as_decoded: bool,
+    setting: Setting,
     given_as: Callable[[list[Any]], Iterable[Any]] = lambda batch: batch,
 ) -> None:
     """Run ``program`` on a state through ``apply_many`` (each batch passed as ``given_as``
     makes it) and on one through ``apply_each``; after every step the states are equal."""
-    window_low, max_action_id = window
+    window_low, max_action_id = setting.window
     clock = [NOW]
-    fast = StatsState(max_keys=max_keys, max_campaigns=max_campaigns)
-    each = StatsState(max_keys=max_keys, max_campaigns=max_campaigns)
+    fast = StatsState(max_keys=setting.max_keys, max_campaigns=setting.max_campaigns)
+    each = StatsState(max_keys=setting.max_keys, max_campaigns=setting.max_campaigns)
     for state in (fast, each):
         state.clock = lambda: clock[0]
-        state.journal_limit = journal_limit
+        state.journal_limit = setting.journal_limit
     for op, arg in program:
         if op in ("incs", "decs"):
-            batch = decoded(arg) if as_decoded and arg else arg
+            batch = decoded(arg) if setting.as_decoded and arg else arg
             if op == "decs":
                 fast.apply_many(batch, decrement=True)
                 each.apply_many(batch, decrement=True)
@@ -264,7 +260,7 @@ def run_both_ways(
             for state in (fast, each):
                 state.fold_journal(EarlyHorizon(_calculation(max_action_id, window_low)))
         elif op == "merge":
-            result = _result(arg, max_action_id, window_low, uncounted)
+            result = _result(arg, max_action_id, window_low, setting.uncounted)
             if fast.journal_fits(result):
                 assert fast.merge(result) == each.merge(result)
                 for state in (fast, each):

@@ -31,6 +31,16 @@ from .helpers import serve_process, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
+#: the info's ``gc`` entry of a process whose collector the policy leaves alone
+LEFT_ALONE = {
+    "enabled": False,
+    "holding": False,
+    "passes": 0,
+    "collected": 0,
+    "last_pass": None,
+    "seconds": 0.0,
+}
+
 
 class GatedSource:
     """Postgres, but each calculation waits until the test opens the gate; ``fail`` makes the
@@ -195,15 +205,7 @@ async def test_an_embedding_process_keeps_its_collector_as_it_is_unless_it_asks(
         assert watch() is None
         source.gate.set()
         await service.loaded()
-        info = await gc_info(service)
-        assert info == {
-            "enabled": False,
-            "holding": False,
-            "passes": 0,
-            "collected": 0,
-            "last_pass": None,
-            "seconds": 0.0,
-        }
+        assert await gc_info(service) == LEFT_ALONE
     finally:
         await service.stop(10)
 
@@ -291,14 +293,7 @@ async def test_serve_with_no_gc_policy_leaves_the_collector_alone(module_dsn: st
     proc, port = await _serve(module_dsn, "--no-gc-policy")
     try:
         info = await _calculations(port, 2)
-        assert info["gc"] == {
-            "enabled": False,
-            "holding": False,
-            "passes": 0,
-            "collected": 0,
-            "last_pass": None,
-            "seconds": 0.0,
-        }
+        assert info["gc"] == LEFT_ALONE
     finally:
         await _stop(proc)
     assert proc.returncode == 0

@@ -30,6 +30,7 @@ from .helpers import Start, completed, loaded, memory_of, wait_for
 from .recount import recount
 from .test_apply_paths import (
     NOW,
+    Setting,
     _result,
     increments,
     plain,
@@ -80,34 +81,21 @@ def _given_as(batch: list[Any], how: str) -> Iterable[Any]:
 )
 @given(
     program=st.lists(steps, min_size=1, max_size=16),
-    max_keys=st.sampled_from([1, 2, 3, 10_000]),
-    max_campaigns=st.sampled_from([None, 1, 2, 4]),
-    journal_limit=st.sampled_from([0, 1, 6, 40, 5_000_000]),
-    window=st.sampled_from([(0, 10), (4, 12), (8, 8), (0, 0), (10, 13)]),
-    uncounted=st.frozensets(st.integers(1, 14), max_size=6),
-    as_decoded=st.booleans(),
+    setting=st.builds(
+        Setting,
+        max_keys=st.sampled_from([1, 2, 3, 10_000]),
+        max_campaigns=st.sampled_from([None, 1, 2, 4]),
+        journal_limit=st.sampled_from([0, 1, 6, 40, 5_000_000]),
+        window=st.sampled_from([(0, 10), (4, 12), (8, 8), (0, 0), (10, 13)]),
+        uncounted=st.frozensets(st.integers(1, 14), max_size=6),
+        as_decoded=st.booleans(),
+    ),
     how=st.sampled_from(["list", "tuple", "generator"]),
 )
 def test_long_mostly_plain_batches_leave_the_state_apply_each_leaves_whatever_the_clock_does(
-    program: list[tuple[str, Any]],
-    max_keys: int,
-    max_campaigns: int | None,
-    journal_limit: int,
-    window: tuple[int, int],
-    uncounted: frozenset[int],
-    as_decoded: bool,
-    how: str,
+    program: list[tuple[str, Any]], setting: Setting, how: str
 ) -> None:
-    run_both_ways(
-        program,
-        max_keys=max_keys,
-        max_campaigns=max_campaigns,
-        journal_limit=journal_limit,
-        window=window,
-        uncounted=uncounted,
-        as_decoded=as_decoded,
-        given_as=lambda batch: _given_as(batch, how),
-    )
+    run_both_ways(program, setting, lambda batch: _given_as(batch, how))
 
 
 def test_a_long_plain_run_after_a_merge_then_a_repeat_inside_the_window_is_counted_once() -> None:
