@@ -77,8 +77,13 @@ def breakdown(state: StatsState, n: int) -> dict[str, float]:
     parts["ranking (dirty, values, heap)"] = _size(
         [ranking.dirty, ranking.taken, ranking.values, ranking.heap, *ranking.heap], seen
     )
-    parts["touched (top by hour)"] = _size([state.touched, *state.touched.values()], seen)
-    parts["org_campaigns"] = _size([state.org_campaigns, *state.org_campaigns.values()], seen)
+    hours = [listed for listed in state.touched.values() if listed is not None]
+    parts["touched (top by hour)"] = _size([state.touched, *hours], seen)
+    org_campaigns: Any = state.org_campaigns
+    if hasattr(org_campaigns, "containers"):  # arrays of ids (campaignstats.orgindex)
+        parts["org_campaigns"] = _size([org_campaigns, *org_campaigns.containers()], seen)
+    else:  # a tree before: a dict of sets
+        parts["org_campaigns"] = _size([org_campaigns, *org_campaigns.values()], seen)
     parts["seen, counted_now"] = _size([state.seen, state.counted_now], seen)
     parts["pages"] = _size([state.pages, state.page_timelines, state.pages_of], seen)
     out = {name: round(b / n, 1) for name, b in parts.items()}

@@ -1,0 +1,86 @@
+"""Org -> the campaigns that have (or had) it in their ``org`` map: the index ``org_stats``
+walks instead of every campaign (docs/protocol.md, "org_stats"; docs/design.md, "Memory").
+
+Plain Python, no I/O. One ``array('q')`` of campaign ids per org instead of a set: 8 bytes an
+entry instead of a set's 27 to 53 (a hash table kept at most 60% full, resized by 2x or 4x)
+and no int object held. Entries are appended when a campaign gains the org (a new key on the
+hot path; every org of a merged campaign), so an array may hold an id more than once: it is
+deduplicated when it has grown to twice its last deduplicated length, which keeps it within
+2x of its distinct ids (plus a few) at an amortised O(1) per append. Readers get the distinct
+ids.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator, Set
+
+#: appends allowed past twice the deduplicated length before the next deduplication (so that
+#: an org of one campaign merged again and again is not deduplicated at every merge)
+SLACK = 8
+
+
+class OrgCampaigns:
+    """``org_id -> campaign ids`` (a superset: a campaign stays listed after its count for the
+    org went back to zero, until it is forgotten)."""
+
+    __slots__ = ("_clean", "_ids")
+
+    def __init__(self) -> None:
+        self._ids: dict[int, array[int]] = {}
+        #: per org, the length of its array when it was last deduplicated
+        self._clean: dict[int, int] = {}
+
+    def add(self, org_id: int, campaign_id: int) -> None:
+        ids = self._ids.get(org_id)
+        if ids is None:
+            self._ids[org_id] = array("q", (campaign_id,))
+            self._clean[org_id] = 1
+            return
+        if ids[-1] == campaign_id:
+            return  # the commonest repeat: the same campaign again (its pages, a merge)
+        ids.append(campaign_id)
+        if len(ids) > 2 * self._clean[org_id] + SLACK:
+            distinct = array("q", sorted(set(ids)))
+            self._ids[org_id] = distinct
+            self._clean[org_id] = len(distinct)
+
+    def campaigns(self, org_id: int) -> Set[int]:
+        """The distinct campaigns listed for ``org_id`` (empty for an unknown org)."""
+        ids = self._ids.get(org_id)
+        return frozenset() if ids is None else set(ids)
+
+    def forget(self, campaign_ids: Set[int]) -> None:
+        """Take ``campaign_ids`` out of every org; an org left with none goes."""
+        for org_id, ids in list(self._ids.items()):
+            kept = array("q", sorted({cid for cid in ids if cid not in campaign_ids}))
+            if kept:
+                self._ids[org_id] = kept
+                self._clean[org_id] = len(kept)
+            else:
+                del self._ids[org_id]
+                del self._clean[org_id]
+
+    def as_dict(self) -> dict[int, set[int]]:
+        """``{org_id: {campaign_id, ...}}``: for tests and comparisons."""
+        return {org_id: set(ids) for org_id, ids in self._ids.items()}
+
+    def containers(self) -> list[object]:
+        """The objects this index holds (bench.memory sizes them)."""
+        return [self._ids, self._clean, *self._ids.values()]
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._ids)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, OrgCampaigns):
+            return self.as_dict() == other.as_dict()
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return f"OrgCampaigns({self.as_dict()!r})"
