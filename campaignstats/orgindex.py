@@ -61,6 +61,11 @@ class OrgCampaigns:
                 del self._ids[org_id]
                 del self._clean[org_id]
 
+    def held(self, org_id: int) -> int:
+        """Entries held for ``org_id``, repeats included (what its array costs)."""
+        ids = self._ids.get(org_id)
+        return 0 if ids is None else len(ids)
+
     def as_dict(self) -> dict[int, set[int]]:
         """``{org_id: {campaign_id, ...}}``: for tests and comparisons."""
         return {org_id: set(ids) for org_id, ids in self._ids.items()}
