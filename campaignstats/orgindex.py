@@ -1,9 +1,11 @@
 """Org -> the campaigns that have (or had) it in their ``org`` map: the index ``org_stats``
 walks instead of every campaign (docs/protocol.md, "org_stats"; docs/design.md, "Memory").
 
-Plain Python, no I/O. One ``array('q')`` of campaign ids per org instead of a set: 8 bytes an
-entry instead of a set's 27 to 53 (a hash table kept at most 60% full, resized by 2x or 4x)
-and no int object held. Entries are appended when a campaign gains the org (a new key on the
+Plain Python, no I/O. An org of one campaign (most orgs: real campaigns have their own) is
+that campaign's id, no container (a set of one costs 216 bytes, an array 72); an org of more is
+one ``array('q')`` of their ids instead of a set: 8 bytes an entry instead of a set's 27 to 53
+(a hash table kept at most 60% full, resized by 2x or 4x), and no int object held. Entries
+are appended when a campaign gains the org (a new key on the
 hot path; every org of a merged campaign), so an array may hold an id more than once: it is
 deduplicated when it has grown to twice its last deduplicated length, which keeps it within
 2x of its distinct ids (plus a few) at an amortised O(1) per append. Readers get the distinct
@@ -27,15 +29,20 @@ class OrgCampaigns:
     __slots__ = ("_clean", "_ids")
 
     def __init__(self) -> None:
-        self._ids: dict[int, array[int]] = {}
-        #: per org, the length of its array when it was last deduplicated
+        #: per org, its campaign's id (one) or an array of their ids (more)
+        self._ids: dict[int, int | array[int]] = {}
+        #: per org with an array, the array's length when it was last deduplicated
         self._clean: dict[int, int] = {}
 
     def add(self, org_id: int, campaign_id: int) -> None:
         ids = self._ids.get(org_id)
         if ids is None:
-            self._ids[org_id] = array("q", (campaign_id,))
-            self._clean[org_id] = 1
+            self._ids[org_id] = campaign_id
+            return
+        if isinstance(ids, int):
+            if ids != campaign_id:
+                self._ids[org_id] = array("q", (ids, campaign_id))
+                self._clean[org_id] = 2
             return
         if ids[-1] == campaign_id:
             return  # the commonest repeat: the same campaign again (its pages, a merge)
@@ -48,30 +55,37 @@ class OrgCampaigns:
     def campaigns(self, org_id: int) -> Set[int]:
         """The distinct campaigns listed for ``org_id`` (empty for an unknown org)."""
         ids = self._ids.get(org_id)
-        return frozenset() if ids is None else set(ids)
+        if ids is None:
+            return frozenset()
+        return {ids} if isinstance(ids, int) else set(ids)
 
     def forget(self, campaign_ids: Set[int]) -> None:
         """Take ``campaign_ids`` out of every org; an org left with none goes."""
-        for org_id, ids in list(self._ids.items()):
-            kept = array("q", sorted({cid for cid in ids if cid not in campaign_ids}))
-            if kept:
-                self._ids[org_id] = kept
-                self._clean[org_id] = len(kept)
-            else:
+        for org_id in list(self._ids):
+            kept = sorted(self.campaigns(org_id) - campaign_ids)
+            self._clean.pop(org_id, None)
+            if not kept:
                 del self._ids[org_id]
-                del self._clean[org_id]
+            elif len(kept) == 1:
+                self._ids[org_id] = kept[0]
+            else:
+                self._ids[org_id] = array("q", kept)
+                self._clean[org_id] = len(kept)
 
     def held(self, org_id: int) -> int:
         """Entries held for ``org_id``, repeats included (what its array costs)."""
         ids = self._ids.get(org_id)
-        return 0 if ids is None else len(ids)
+        if ids is None:
+            return 0
+        return 1 if isinstance(ids, int) else len(ids)
 
     def as_dict(self) -> dict[int, set[int]]:
         """``{org_id: {campaign_id, ...}}``: for tests and comparisons."""
-        return {org_id: set(ids) for org_id, ids in self._ids.items()}
+        return {org_id: set(self.campaigns(org_id)) for org_id in self._ids}
 
     def containers(self) -> list[object]:
-        """The objects this index holds (bench.memory sizes them)."""
+        """The objects this index holds (bench.memory sizes them; an id that is also a key of
+        the campaigns is counted there)."""
         return [self._ids, self._clean, *self._ids.values()]
 
     def __len__(self) -> int:
