@@ -953,7 +953,7 @@ class StatsState:
         self.applied += applied
         if journaled:
             self._journaled(journaled)
-        self._bound(now_minute // 60)
+        self._bound(None)  # an ``at`` may have touched any kept hour
         return rejected
 
     def _touched(self, hour: int) -> set[int] | None:
