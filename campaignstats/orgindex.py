@@ -5,11 +5,10 @@ Plain Python, no I/O. An org of one campaign (most orgs: real campaigns have the
 that campaign's id, no container (a set of one costs 216 bytes, an array 72); an org of more is
 one ``array('q')`` of their ids instead of a set: 8 bytes an entry instead of a set's 27 to 53
 (a hash table kept at most 60% full, resized by 2x or 4x), and no int object held. Entries
-are appended when a campaign gains the org (a new key on the
-hot path; every org of a merged campaign), so an array may hold an id more than once: it is
-deduplicated when it has grown to twice its last deduplicated length, which keeps it within
-2x of its distinct ids (plus a few) at an amortised O(1) per append. Readers get the distinct
-ids.
+are appended when a campaign gains the org (a new key on the hot path; every org of a merged
+campaign), so an array may hold an id more than once: it is deduplicated when it has grown to
+twice its last deduplicated length (plus ``SLACK``), which keeps it within about 2x of its
+distinct ids at an amortised O(1) per append. Readers get the distinct ids.
 """
 
 from __future__ import annotations
@@ -61,9 +60,25 @@ class OrgCampaigns:
 
     def forget(self, campaign_ids: Set[int]) -> None:
         """Take ``campaign_ids`` out of every org; an org left with none goes."""
-        for org_id in list(self._ids):
-            kept = sorted(self.campaigns(org_id) - campaign_ids)
-            self._clean.pop(org_id, None)
+        for org_id, ids in list(self._ids.items()):
+            # An org none of them is in is left as it is (a check in C, no copy).
+            if isinstance(ids, int):
+                if ids in campaign_ids:
+                    del self._ids[org_id]
+                continue
+            if campaign_ids.isdisjoint(ids):
+                continue
+            if len(campaign_ids) <= SLACK:  # a few: taken out in place (C scans, no copy)
+                for cid in campaign_ids:
+                    while cid in ids:
+                        ids.remove(cid)
+                if len(ids) > 1:
+                    self._clean[org_id] = min(self._clean[org_id], len(ids))
+                    continue
+                kept = list(ids)
+            else:
+                kept = sorted(set(ids) - campaign_ids)
+            del self._clean[org_id]
             if not kept:
                 del self._ids[org_id]
             elif len(kept) == 1:

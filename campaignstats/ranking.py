@@ -100,6 +100,7 @@ class SupporterRanking:
             self.taken |= moved
         if self.all_for_goals:
             self.all_for_goals = False
+            moved |= self.owed  # forgotten campaigns, kept listed by bound
             self.owed = set()
             moved.update(self.everyone())
             return moved

@@ -24,7 +24,7 @@ from tests.test_ranking import NOW, scan
 org_ops = st.lists(
     st.one_of(
         st.tuples(st.just("add"), st.integers(1, 4), st.integers(1, 30)),
-        st.tuples(st.just("forget"), st.frozensets(st.integers(1, 30), max_size=6), st.none()),
+        st.tuples(st.just("forget"), st.frozensets(st.integers(1, 30), max_size=12), st.none()),
     ),
     max_size=300,
 )
