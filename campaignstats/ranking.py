@@ -113,6 +113,9 @@ class SupporterRanking:
         dirty, self.dirty = self.dirty, set()
         if not self.all_for_goals:
             self.owed |= dirty  # the goals have not seen these: take_moved hands them out
+        else:  # the goals get every campaign: owed only the ids that are not (forgotten ones)
+            everyone = self.everyone()
+            self.owed.update(cid for cid in dirty if cid not in everyone)
         if self.taken:
             dirty |= self.taken
             self.taken = set()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from campaignstats.model import (
@@ -137,13 +137,16 @@ def test_a_campaign_forgotten_after_the_collapse_leaves_the_ranking() -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 2**32), st.integers(1, 8))
+@example(193, 1)  # top while the goals were owed every campaign dropped the moved non-campaigns
 def test_top_and_the_goals_see_every_move_whether_the_sets_collapsed_or_not(
     seed: int, limit: int
 ) -> None:
     rng = random.Random(seed)
     state = StatsState()
     state.clock = lambda: NOW
-    moved: set[int] = set()  # new supporters since the goals last looked (a reference)
+    # New supporters since the goals last looked (a reference): a decrement of a campaign
+    # memory does not hold counts too (the goals were always handed those ids).
+    moved: set[int] = set()
     for _ in range(12):
         size = rng.choice((1, 20, 250, 900))
         ids = [rng.randint(1, MANY + 300) for _ in range(size)]
