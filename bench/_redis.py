@@ -23,7 +23,7 @@ from typing import Any
 
 from bench._data import CAMPAIGNS, Item, Totals
 from bench._harness import free_port, time_each
-from bench._workers import typical_campaign
+from bench._workers import typical_campaign, varied_campaign
 
 
 def ensure_redis(say: Any) -> str | None:
@@ -295,9 +295,12 @@ def paced_load(
     return {"sent": sent, "seconds": elapsed, "rate": sent / elapsed}
 
 
-def memory(port: int, campaigns: int) -> dict[str, Any]:
-    """used_memory growth of Redis holding ``campaigns`` typical campaigns (as in our test)."""
+def memory(port: int, campaigns: int, varied: bool = False) -> dict[str, Any]:
+    """used_memory growth of Redis holding ``campaigns`` typical campaigns (as in our test;
+    ``varied``: with their own orgs and areas, bench._workers.varied_campaign)."""
     import redis
+
+    make = varied_campaign if varied else typical_campaign
 
     r = redis.Redis(port=port)
     r.flushall()
@@ -305,7 +308,7 @@ def memory(port: int, campaigns: int) -> dict[str, Any]:
     pipe = r.pipeline(transaction=False)
     for cid in range(1, campaigns + 1):
         fields: dict[str | bytes, int] = {}
-        for item in typical_campaign(cid):
+        for item in make(cid):
             for _, field, by in commands(item):
                 fields[field] = fields.get(field, 0) + by
         pipe.hset(f"c:{cid}", mapping=fields)  # type: ignore[arg-type]  # Mapping is invariant

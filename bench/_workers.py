@@ -325,13 +325,27 @@ def typical_campaign(cid: int) -> list[tuple[int, int, str, str | None, bool, in
     ]
 
 
-def memory(campaigns: int) -> dict[str, Any]:
-    """Workload 6: RSS growth of a StatsState holding ``campaigns`` typical campaigns."""
+def varied_campaign(cid: int) -> list[tuple[int, int, str, str | None, bool, int, None]]:
+    """The typical campaign's counts (10 new supporters, 5 action types, 10 areas, 3 orgs),
+    but with key sets of its own, as real campaigns have: 3 orgs no other campaign has (ids
+    above 256, as real ones are) and its own 10 of the 30 areas (seeded by the id)."""
+    areas = random.Random(cid).sample(AREAS, 10)
+    orgs = [100_000 + 3 * cid + k for k in range(3)]
+    return [
+        (cid, orgs[j % 3], (ACTION_TYPES[j % 5] + ".")[:-1], (areas[j] + ".")[:-1], True, 1, None)
+        for j in range(10)
+    ]
+
+
+def memory(campaigns: int, varied: bool = False) -> dict[str, Any]:
+    """Workload 6: RSS growth of a StatsState holding ``campaigns`` typical campaigns
+    (``varied``: campaigns with their own orgs and areas, :func:`varied_campaign`)."""
+    make = varied_campaign if varied else typical_campaign
     gc.collect()
     before = rss_bytes()
     state = StatsState()
     for cid in range(1, campaigns + 1):
-        state.apply_many([Increment(*item) for item in typical_campaign(cid)])
+        state.apply_many([Increment(*item) for item in make(cid)])
     gc.collect()
     after = rss_bytes()
     assert len(state.campaigns) == campaigns

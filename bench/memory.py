@@ -14,10 +14,13 @@ campaign per batch as the bench does. Then, per campaign:
 
 ``--spread M`` files the campaign's 10 actions over M distinct minutes (the buckets of a
 campaign that was active for a while); ``--top`` calls ``top`` once, so that the ranking holds
-every campaign (as on a server that answers it). ``--redis`` measures only ``bench.run``'s
-memory rows (workload 6, each size in a forked child, as bench.run does) and Redis's
-``used_memory`` for the same campaigns, one hash each, in the same run. Writes JSON to
-bench/results/memory.json.
+every campaign (as on a server that answers it). ``--varied``: campaigns with the same
+counts but key sets of their own (3 orgs no other campaign has, their own 10 of 30 areas:
+``bench._workers.varied_campaign``), as real campaigns have; a layout that only campaigns
+sharing key sets benefit from shows here. ``--redis`` measures only ``bench.run``'s memory
+rows (workload 6, each size in a forked child, as bench.run does) and Redis's ``used_memory``
+for the same campaigns, one hash each, in the same run; then the same for varied campaigns.
+Writes JSON to bench/results/memory.json.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 
 from bench import _redis, _workers
 from bench._harness import append_result, in_child, machine, rss_bytes
-from bench._workers import typical_campaign
+from bench._workers import typical_campaign, varied_campaign
 from campaignstats.model import Increment, StatsState
 
 NOW = 1_750_000_000.0
@@ -77,8 +80,13 @@ def breakdown(state: StatsState, n: int) -> dict[str, float]:
     parts["ranking (dirty, values, heap)"] = _size(
         [ranking.dirty, ranking.taken, ranking.values, ranking.heap, *ranking.heap], seen
     )
-    parts["touched (top by hour)"] = _size([state.touched, *state.touched.values()], seen)
-    parts["org_campaigns"] = _size([state.org_campaigns, *state.org_campaigns.values()], seen)
+    hours = [listed for listed in state.touched.values() if listed is not None]
+    parts["touched (top by hour)"] = _size([state.touched, *hours], seen)
+    org_campaigns: Any = state.org_campaigns
+    if hasattr(org_campaigns, "containers"):  # arrays of ids (campaignstats.orgindex)
+        parts["org_campaigns"] = _size([org_campaigns, *org_campaigns.containers()], seen)
+    else:  # a tree before: a dict of sets
+        parts["org_campaigns"] = _size([org_campaigns, *org_campaigns.values()], seen)
     parts["seen, counted_now"] = _size([state.seen, state.counted_now], seen)
     parts["pages"] = _size([state.pages, state.page_timelines, state.pages_of], seen)
     out = {name: round(b / n, 1) for name, b in parts.items()}
@@ -86,23 +94,24 @@ def breakdown(state: StatsState, n: int) -> dict[str, float]:
     return out
 
 
-def fill(campaigns: int, spread: int) -> StatsState:
+def fill(campaigns: int, spread: int, varied: bool = False) -> StatsState:
     state = StatsState()
     state.clock = lambda: NOW
+    make = varied_campaign if varied else typical_campaign
     for cid in range(1, campaigns + 1):
         # The actions of the current minute arrive now (no ``at``); the others carry theirs.
         incs = [
             Increment(*item, at=NOW - 60.0 * (j % spread) if j % spread else None)
-            for j, item in enumerate(typical_campaign(cid))
+            for j, item in enumerate(make(cid))
         ]
         state.apply_many(incs)
     return state
 
 
-def measure(campaigns: int, spread: int, top: bool) -> dict[str, Any]:
+def measure(campaigns: int, spread: int, top: bool, varied: bool = False) -> dict[str, Any]:
     gc.collect()
     rss0 = rss_bytes()
-    state = fill(campaigns, spread)
+    state = fill(campaigns, spread, varied)
     if top:
         state.top("supporters", 10)
     gc.collect()
@@ -111,7 +120,7 @@ def measure(campaigns: int, spread: int, top: bool) -> dict[str, Any]:
     gc.collect()
     tracemalloc.start()  # a second state: tracing costs memory of its own, kept out of the RSS
     traced0 = tracemalloc.get_traced_memory()[0]
-    state = fill(campaigns, spread)
+    state = fill(campaigns, spread, varied)
     if top:
         state.top("supporters", 10)
     gc.collect()
@@ -121,6 +130,7 @@ def measure(campaigns: int, spread: int, top: bool) -> dict[str, Any]:
         "campaigns": campaigns,
         "spread_minutes": spread,
         "top": top,
+        "varied": varied,
         "rss_per_campaign": round(rss / campaigns, 1),
         "traced_per_campaign": round(traced / campaigns, 1),
         "by_structure": breakdown(state, campaigns),
@@ -128,19 +138,23 @@ def measure(campaigns: int, spread: int, top: bool) -> dict[str, Any]:
 
 
 def rows(sizes: tuple[int, ...]) -> dict[str, Any]:
-    """bench.run's memory rows: ours (RSS growth) and Redis's (used_memory), same run."""
+    """bench.run's memory rows: ours (RSS growth) and Redis's (used_memory), same run; and the
+    same for campaigns with key sets of their own (``varied.``: their own orgs and areas)."""
     out: dict[str, Any] = {}
-    for size in sizes:
-        ours = in_child(_workers.memory, size, timeout=300)
-        out[f"mem.{size}"] = ours.get("bytes_per_campaign", ours.get("error"))
+    for prefix, varied in (("", False), ("varied.", True)):
+        for size in sizes:
+            ours = in_child(_workers.memory, size, varied, timeout=300)
+            out[f"{prefix}mem.{size}"] = ours.get("bytes_per_campaign", ours.get("error"))
     why = _redis.ensure_redis(print)
     if why is not None:
         out["redis"] = why
         return out
     with _redis.redis_server() as port:
-        for size in sizes:
-            theirs = in_child(_redis.memory, port, size, timeout=300)
-            out[f"redis.mem.{size}"] = theirs.get("bytes_per_campaign", theirs.get("error"))
+        for prefix, varied in (("", False), ("varied.", True)):
+            for size in sizes:
+                theirs = in_child(_redis.memory, port, size, varied, timeout=300)
+                key = f"{prefix}redis.mem.{size}"
+                out[key] = theirs.get("bytes_per_campaign", theirs.get("error"))
     return out
 
 
@@ -150,21 +164,30 @@ def main() -> None:
     parser.add_argument("--spread", type=int, default=1, help="distinct minutes of the actions")
     parser.add_argument("--top", action="store_true", help="call top once (ranking filled)")
     parser.add_argument("--redis", action="store_true", help="bench.run's memory rows and Redis")
+    parser.add_argument(
+        "--varied", action="store_true", help="campaigns with their own orgs and areas"
+    )
     args = parser.parse_args()
     if args.redis:
         result = rows((10_000, 100_000))
-        for size in (10_000, 100_000):
-            ours, theirs = result[f"mem.{size}"], result.get(f"redis.mem.{size}")
-            ratio = f"{ours / theirs:.1f}x" if isinstance(theirs, float) else "-"
-            print(f"{size:,} campaigns: ours {ours:,.0f} B, Redis {theirs} B, ratio {ratio}")
+        for prefix, name in (("", "typical"), ("varied.", "varied (own orgs, areas)")):
+            for size in (10_000, 100_000):
+                ours = result[f"{prefix}mem.{size}"]
+                theirs = result.get(f"{prefix}redis.mem.{size}")
+                ratio = f"{ours / theirs:.1f}x" if isinstance(theirs, float) else "-"
+                shown = f"{theirs:,.0f}" if isinstance(theirs, float) else theirs
+                print(
+                    f"{name}, {size:,} campaigns: ours {ours:,.0f} B, Redis {shown} B, "
+                    f"ratio {ratio}"
+                )
         append_result("memory", {**machine(), "rows": result})
         return
     if not 1 <= args.spread <= 10 or args.campaigns < 1:
         parser.error("--spread is 1 to 10 minutes, --campaigns at least 1")
-    result = measure(args.campaigns, args.spread, args.top)
+    result = measure(args.campaigns, args.spread, args.top, args.varied)
     print(
-        f"{args.campaigns:,} campaigns, actions over {args.spread} minute(s), "
-        f"top {'called' if args.top else 'not called'}:"
+        f"{args.campaigns:,} {'varied' if args.varied else 'typical'} campaigns, actions over "
+        f"{args.spread} minute(s), top {'called' if args.top else 'not called'}:"
     )
     print(f"  RSS growth        {result['rss_per_campaign']:8.1f} B per campaign")
     print(f"  tracemalloc       {result['traced_per_campaign']:8.1f} B per campaign")

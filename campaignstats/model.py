@@ -20,7 +20,8 @@ from zoneinfo import ZoneInfo
 
 from campaignstats.errors import BadMessage, Invalid, ProtocolError
 from campaignstats.journal import EarlyHorizon, Fold, apply_page
-from campaignstats.ranking import TOUCHED_HOURS, SupporterRanking, leaders
+from campaignstats.orgindex import OrgCampaigns
+from campaignstats.ranking import TOUCHED_HOURS, SupporterRanking, leaders, too_many
 from campaignstats.timeline import DAY, HOUR, Timeline, recent
 
 
@@ -604,10 +605,11 @@ class StatsState:
         #: the clock that files a change without ``at`` (epoch seconds); tests set their own
         self.clock: Callable[[], float] = time.time
         #: campaigns by total supporters, kept current for ``top`` (campaignstats.ranking)
-        self.ranking = SupporterRanking()
+        self.ranking = self._new_ranking()
         #: per UTC hour (epoch hours), the campaigns that got a supporter in it: the candidates
-        #: of ``top`` by the last hour and by today (the last TOUCHED_HOURS hours are kept)
-        self.touched: dict[int, set[int]] = {}
+        #: of ``top`` by the last hour and by today (the last TOUCHED_HOURS hours are kept);
+        #: None: too many to list, every campaign is a candidate (campaignstats.ranking)
+        self.touched: dict[int, set[int] | None] = {}
         self.journal: dict[int, list[IncrementLike | Decrement | Arrived]] | None = None
         #: once the calculation's snapshot is taken (campaignstats.journal): what it is known to
         #: hold, and per campaign the running net of the changes it cannot contain
@@ -636,7 +638,7 @@ class StatsState:
         #: (or had) it in their ``org`` (a superset: org_stats leaves zeros out)
         self.pages_of: dict[int, set[int]] = {}
         self.org_pages: dict[int, set[int]] = {}
-        self.org_campaigns: dict[int, set[int]] = {}
+        self.org_campaigns = OrgCampaigns()  # arrays of ids (docs/design.md, "Memory")
         self.max_keys = max_keys
         self.max_campaigns = max_campaigns
         self.applied = 0  # increments applied since start (each counts once, whatever its count)
@@ -649,6 +651,21 @@ class StatsState:
         #: changes naming a new page of a campaign that has ``max_keys`` pages already: counted
         #: in their campaign, no page created (docs/design.md, "Action pages and orgs")
         self.pages_over_limit = 0
+
+    def _new_ranking(self) -> SupporterRanking:
+        return SupporterRanking(lambda: self.campaigns.keys())
+
+    def _bound(self, hour: int | None) -> None:
+        """After a batch: the sets of moved and touched campaigns become a flag once they list
+        too many campaigns (campaignstats.ranking; docs/design.md, "Memory"); ``hour``: the
+        hour whose set to look at, None: every hour's (after a merge)."""
+        campaigns = len(self.campaigns)
+        self.ranking.bound(campaigns)
+        touched = self.touched
+        for h in touched if hour is None else (hour,):
+            listed = touched.get(h)
+            if listed is not None and too_many(len(listed), campaigns):
+                touched[h] = None
 
     # -- increments -----------------------------------------------------------------------------
 
@@ -793,6 +810,7 @@ class StatsState:
             rejected.extend((rest + j, reason) for j, reason in tail)
         if journaled:  # after the rest's: the journal is bounded by the whole batch's size
             self._journaled(journaled)
+        self._bound(now_minute // 60)
         return rejected
 
     def apply_each(
@@ -935,19 +953,21 @@ class StatsState:
         self.applied += applied
         if journaled:
             self._journaled(journaled)
+        self._bound(None)  # an ``at`` may have touched any kept hour
         return rejected
 
     def _touched(self, hour: int) -> set[int] | None:
         """The campaigns that got a supporter in ``hour`` (allocated for a new hour), or None
-        when that hour is older than what is kept."""
-        touched = self.touched.get(hour)
-        if touched is None:
-            newest = max(self.touched, default=hour)
-            if hour <= newest - TOUCHED_HOURS:
-                return None
-            touched = self.touched[hour] = set()
-            for old in [h for h in self.touched if h <= hour - TOUCHED_HOURS]:
-                del self.touched[old]
+        when that hour is older than what is kept, or when every campaign counts as touched
+        in it (too many to list: :meth:`_bound`)."""
+        if hour in self.touched:
+            return self.touched[hour]
+        newest = max(self.touched, default=hour)
+        if hour <= newest - TOUCHED_HOURS:
+            return None
+        touched = self.touched[hour] = set()
+        for old in [h for h in self.touched if h <= hour - TOUCHED_HOURS]:
+            del self.touched[old]
         return touched
 
     def _record(self, cid: int, horizon: Horizon, aid: int | None, counted: bool) -> None:
@@ -963,11 +983,7 @@ class StatsState:
 
     def _org_in(self, org_id: int, cid: int) -> None:
         """Note that campaign ``cid`` has (or had) org ``org_id`` in its ``org`` (org_stats)."""
-        campaigns = self.org_campaigns.get(org_id)
-        if campaigns is None:
-            self.org_campaigns[org_id] = {cid}
-        else:
-            campaigns.add(cid)
+        self.org_campaigns.add(org_id, cid)
 
     def _page_add(self, page: int, inc: IncrementLike, t: float, ps: PageStats | None) -> None:
         """Count an applied increment in its page ``ps`` too (None: created by this change)."""
@@ -1065,6 +1081,7 @@ class StatsState:
                     journaled += self._fold(cid, dec, True, t)
         if journaled:
             self._journaled(journaled)
+        self.ranking.bound(len(campaigns))
 
     def _fold(self, cid: int, change: IncrementLike, decrement: bool, t: float) -> int:
         """Add a change the snapshot cannot contain to its campaign's running fold; returns
@@ -1102,7 +1119,7 @@ class StatsState:
         entries in its campaigns' ``org`` (zeros left out) and the counted actions of its pages
         (docs/protocol.md, "org_stats"). An unknown org is zeros."""
         per_campaign: dict[int, int] = {}
-        for cid in self.org_campaigns.get(org_id, ()):
+        for cid in self.org_campaigns.campaigns(org_id):
             stats = self.campaigns.get(cid)
             n = 0 if stats is None else stats.org.get(org_id, 0)
             if n:
@@ -1176,7 +1193,10 @@ class StatsState:
             raise ValueError(f"top by {by!r}: 'supporters', 'last_hour' or 'today'")
         candidates: set[int] = set()
         for h in range(first_hour, hour + 1):
-            candidates.update(self.touched.get(h, ()))
+            listed = self.touched.get(h, ())
+            if listed is None:  # too many to list: every campaign is a candidate
+                return leaders(self.campaigns.keys(), value, limit)
+            candidates.update(listed)
         return leaders(candidates, value, limit)
 
     def _touch_recent(self, cid: int, timeline: Timeline, now: float) -> None:
@@ -1328,6 +1348,7 @@ class StatsState:
                 self.counted_now[cid] = counted_now
             else:
                 self.counted_now.pop(cid, None)
+        self._bound(None)
         return drifts
 
     def _replay(
@@ -1428,12 +1449,7 @@ class StatsState:
             self.ranking.dirty.add(cid)
         if gone:
             # Out of org_stats too: an org left with no campaign goes (memory stays bounded).
-            forgotten = set(gone)
-            for org_id in list(self.org_campaigns):
-                cids = self.org_campaigns[org_id]
-                cids -= forgotten
-                if not cids:
-                    del self.org_campaigns[org_id]
+            self.org_campaigns.forget(set(gone))
         return gone
 
     def _merge_pages(
@@ -1477,5 +1493,6 @@ class StatsState:
         # Loaded, so drift is measured at the first merge; an empty horizon skips nothing.
         self.seen = dict.fromkeys(campaigns, NO_HORIZON)
         self.counted_now = {}
-        self.ranking = SupporterRanking()
+        self.ranking = self._new_ranking()
         self.ranking.dirty.update(self.campaigns)
+        self._bound(None)

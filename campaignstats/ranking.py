@@ -11,15 +11,32 @@ thousands), so:
   that got a supporter in that time. The hot path notes each campaign that gets one in the set of
   its UTC hour (the last 26 hours are kept); a call computes the figure of those candidates only,
   from their buckets.
+
+Both sets are bounded (docs/design.md, "Memory"): once more than a quarter of the campaigns
+(and more than ``COLLAPSE_MIN``) are in one, listing them costs more memory than it saves work
+(a set entry costs 27 to 53 bytes, and a call would walk a quarter of the campaigns anyway),
+so the set is dropped for a flag that says "every campaign" (:meth:`SupporterRanking.bound`;
+an hour's set becomes None in ``StatsState.touched``).
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 #: hours of candidate sets kept: today (UTC) is at most 24 of them, the last hour 2
 TOUCHED_HOURS = 26
+#: a set of campaigns this large or smaller is never collapsed into "every campaign"
+COLLAPSE_MIN = 1024
+
+
+def too_many(listed: int, campaigns: int) -> bool:
+    """Whether a set of ``listed`` campaigns out of ``campaigns`` is better as a flag."""
+    return listed > COLLAPSE_MIN and listed * 4 > campaigns
+
+
+def _no_campaigns() -> Collection[int]:
+    return ()
 
 
 class SupporterRanking:
@@ -31,9 +48,20 @@ class SupporterRanking:
     entries outnumber the live ones.
     """
 
-    __slots__ = ("dirty", "heap", "owed", "taken", "values")
+    __slots__ = (
+        "all_for_goals",
+        "all_for_top",
+        "dirty",
+        "everyone",
+        "heap",
+        "owed",
+        "taken",
+        "values",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, everyone: Callable[[], Collection[int]] = _no_campaigns) -> None:
+        #: every campaign there is (read only when the moved ones were too many to list)
+        self.everyone = everyone
         self.heap: list[tuple[int, int]] = []
         self.values: dict[int, int] = {}  # the live value of each campaign in the heap
         self.dirty: set[int] = set()  # campaigns whose value may have moved since
@@ -41,18 +69,41 @@ class SupporterRanking:
         self.taken: set[int] = set()
         #: moved campaigns refreshed (a ``top`` call) and not handed to the goals yet
         self.owed: set[int] = set()
+        #: every campaign may have moved, for :meth:`refresh` and for :meth:`take_moved`: set
+        #: by :meth:`bound` instead of listing most campaigns in ``dirty``
+        self.all_for_top = False
+        self.all_for_goals = False
 
     @property
     def moved(self) -> bool:
         """Some campaign moved that :meth:`take_moved` has not handed out yet."""
-        return bool(self.dirty or self.owed)
+        return bool(self.dirty or self.owed or self.all_for_goals)
+
+    def bound(self, campaigns: int) -> None:
+        """When ``dirty`` lists too many of the ``campaigns`` (:func:`too_many`), every
+        campaign has moved for both readers instead: the set is dropped but for the ids that
+        are no longer campaigns (forgotten: their entries must still go)."""
+        dirty = self.dirty
+        if too_many(len(dirty), campaigns):
+            everyone = self.everyone()
+            self.dirty = {cid for cid in dirty if cid not in everyone}
+            self.taken = {cid for cid in self.taken if cid not in everyone}
+            self.owed = {cid for cid in self.owed if cid not in everyone}
+            self.all_for_top = self.all_for_goals = True
 
     def take_moved(self) -> set[int]:
         """The campaigns that may have moved since the last call, for a second reader (the
         goals: campaignstats.goals), at no cost to the hot path; still owed to :meth:`refresh`.
         Each reader gets every moved campaign, whichever looks first."""
         moved, self.dirty = self.dirty, set()
-        self.taken |= moved
+        if not self.all_for_top:
+            self.taken |= moved
+        if self.all_for_goals:
+            self.all_for_goals = False
+            moved |= self.owed  # forgotten campaigns, kept listed by bound
+            self.owed = set()
+            moved.update(self.everyone())
+            return moved
         if self.owed:
             moved |= self.owed
             self.owed = set()
@@ -60,11 +111,19 @@ class SupporterRanking:
 
     def refresh(self, value_of: Callable[[int], int]) -> None:
         dirty, self.dirty = self.dirty, set()
-        self.owed |= dirty  # the goals have not seen these: take_moved hands them out
+        if not self.all_for_goals:
+            self.owed |= dirty  # the goals have not seen these: take_moved hands them out
+        else:  # the goals get every campaign: owed only the ids that are not (forgotten ones)
+            everyone = self.everyone()
+            self.owed.update(cid for cid in dirty if cid not in everyone)
         if self.taken:
             dirty |= self.taken
             self.taken = set()
         values, heap = self.values, self.heap
+        if self.all_for_top:
+            self.all_for_top = False
+            dirty.update(self.everyone())
+            dirty.update(values)  # a campaign gone since has its entry dropped
         bulk = len(dirty) * 4 > len(values)
         for cid in dirty:
             new = value_of(cid)

@@ -165,6 +165,10 @@ class Series:
         return list(self.buckets(-(2**62), 2**62))
 
 
+#: the minute :meth:`Timeline.add` filed last: its int object, shared
+_recent_minute = -1
+
+
 class Timeline:
     """One campaign's (or page's) counts in time: minutes, hours and days, and the last action.
 
@@ -202,6 +206,13 @@ class Timeline:
             if self.pending_s or self.pending_a:
                 self._materialize()  # a second minute: the series are needed now
                 self.flush()
+            # One int object for the minute that every campaign of the moment shares (one per
+            # timeline was 32 bytes each: docs/design.md, "Memory").
+            global _recent_minute
+            if m == _recent_minute:
+                m = _recent_minute
+            else:
+                _recent_minute = m
             self.minute = m
         self.pending_s += supporters
         self.pending_a += actions

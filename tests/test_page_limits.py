@@ -46,7 +46,7 @@ def test_forget_absent_drops_an_org_left_with_no_campaign_and_keeps_the_others()
     state.merge(result)
     assert state.forget_absent(result) == [2]
     state.stop_journal()
-    assert state.org_campaigns == {50: {1}}
+    assert state.org_campaigns.as_dict() == {50: {1}}
 
 
 def test_a_change_the_campaign_refuses_counts_nothing_in_the_page_figures() -> None:

@@ -120,7 +120,14 @@ def test_the_memory_figures_of_the_design_and_the_readme_are_what_bench_memory_m
     spread = breakdown(spread_state, 10_000)
     section = _design_memory_section()
     readme = (ROOT / "README.md").read_text()
-    assert f"| total | 2,726 | {round(typical['total']):,} |" in section
+    assert f"| total | 2,726 | 1,181 | {round(typical['total']):,} |" in section
+    assert (
+        f"| `org_campaigns` (3 entries) | 157 | 157 | {round(typical['org_campaigns'])} |"
+        in section
+    )
+    varied = breakdown(fill(10_000, 1, varied=True), 10_000)
+    orgs = round(varied["org_campaigns"])
+    assert f"{round(varied['total']):,} B now ({orgs} B), at 10,000 campaigns" in section
     series = round(spread["series and arrays"])
     assert f"{round(spread['total']):,} now (the series 1,192 and {series})" in section
     assert f"{round(spread['total']):,} B now (its series 1,192 B and " in readme

@@ -107,7 +107,7 @@ def test_org_campaigns_keeps_every_forgotten_campaign_forever() -> None:
         assert len(state.forget_absent(result)) == 10
         state.stop_journal()
     assert state.campaigns == {}
-    entries = sum(len(cids) for cids in state.org_campaigns.values())
+    entries = sum(len(cids) for cids in state.org_campaigns.as_dict().values())
     assert entries == 0, f"{entries} entries for {len(state.org_campaigns)} orgs, no campaign"
 
 

@@ -1,0 +1,120 @@
+"""Org -> the campaigns that have (or had) it in their ``org`` map: the index ``org_stats``
+walks instead of every campaign (docs/protocol.md, "org_stats"; docs/design.md, "Memory").
+
+Plain Python, no I/O. An org of one campaign (most orgs: real campaigns have their own) is
+that campaign's id, no container (a set of one costs 216 bytes, an array 72); an org of more is
+one ``array('q')`` of their ids instead of a set: 8 bytes an entry instead of a set's 27 to 53
+(a hash table kept at most 60% full, resized by 2x or 4x), and no int object held. Entries
+are appended when a campaign gains the org (a new key on the hot path; every org of a merged
+campaign), so an array may hold an id more than once: it is deduplicated when it has grown to
+twice its last deduplicated length (plus ``SLACK``), which keeps it within about 2x of its
+distinct ids at an amortised O(1) per append. Readers get the distinct ids.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator, Set
+
+#: appends allowed past twice the deduplicated length before the next deduplication (so that
+#: an org of one campaign merged again and again is not deduplicated at every merge)
+SLACK = 8
+
+
+class OrgCampaigns:
+    """``org_id -> campaign ids`` (a superset: a campaign stays listed after its count for the
+    org went back to zero, until it is forgotten)."""
+
+    __slots__ = ("_clean", "_ids")
+
+    def __init__(self) -> None:
+        #: per org, its campaign's id (one) or an array of their ids (more)
+        self._ids: dict[int, int | array[int]] = {}
+        #: per org with an array, the array's length when it was last deduplicated
+        self._clean: dict[int, int] = {}
+
+    def add(self, org_id: int, campaign_id: int) -> None:
+        ids = self._ids.get(org_id)
+        if ids is None:
+            self._ids[org_id] = campaign_id
+            return
+        if isinstance(ids, int):
+            if ids != campaign_id:
+                self._ids[org_id] = array("q", (ids, campaign_id))
+                self._clean[org_id] = 2
+            return
+        if ids[-1] == campaign_id:
+            return  # the commonest repeat: the same campaign again (its pages, a merge)
+        ids.append(campaign_id)
+        if len(ids) > 2 * self._clean[org_id] + SLACK:
+            distinct = array("q", sorted(set(ids)))
+            self._ids[org_id] = distinct
+            self._clean[org_id] = len(distinct)
+
+    def campaigns(self, org_id: int) -> Set[int]:
+        """The distinct campaigns listed for ``org_id`` (empty for an unknown org)."""
+        ids = self._ids.get(org_id)
+        if ids is None:
+            return frozenset()
+        return {ids} if isinstance(ids, int) else set(ids)
+
+    def forget(self, campaign_ids: Set[int]) -> None:
+        """Take ``campaign_ids`` out of every org; an org left with none goes."""
+        for org_id, ids in list(self._ids.items()):
+            # An org none of them is in is left as it is (a check in C, no copy).
+            if isinstance(ids, int):
+                if ids in campaign_ids:
+                    del self._ids[org_id]
+                continue
+            if campaign_ids.isdisjoint(ids):
+                continue
+            if len(campaign_ids) <= SLACK:  # a few: taken out in place (C scans, no copy)
+                for cid in campaign_ids:
+                    while cid in ids:
+                        ids.remove(cid)
+                if len(ids) > 1:
+                    self._clean[org_id] = min(self._clean[org_id], len(ids))
+                    continue
+                kept = list(ids)
+            else:
+                kept = sorted(set(ids) - campaign_ids)
+            del self._clean[org_id]
+            if not kept:
+                del self._ids[org_id]
+            elif len(kept) == 1:
+                self._ids[org_id] = kept[0]
+            else:
+                self._ids[org_id] = array("q", kept)
+                self._clean[org_id] = len(kept)
+
+    def held(self, org_id: int) -> int:
+        """Entries held for ``org_id``, repeats included (what its array costs)."""
+        ids = self._ids.get(org_id)
+        if ids is None:
+            return 0
+        return 1 if isinstance(ids, int) else len(ids)
+
+    def as_dict(self) -> dict[int, set[int]]:
+        """``{org_id: {campaign_id, ...}}``: for tests and comparisons."""
+        return {org_id: set(self.campaigns(org_id)) for org_id in self._ids}
+
+    def containers(self) -> list[object]:
+        """The objects this index holds (bench.memory sizes them; an id that is also a key of
+        the campaigns is counted there)."""
+        return [self._ids, self._clean, *self._ids.values()]
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._ids)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, OrgCampaigns):
+            return self.as_dict() == other.as_dict()
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return f"OrgCampaigns({self.as_dict()!r})"

@@ -1,0 +1,166 @@
+"""The per-campaign indexes kept small (docs/design.md, "Memory"): ``org_campaigns`` as arrays
+of ids, and the sets of moved and touched campaigns that become "every campaign" once they list
+more than a quarter of them. Each answers what the plain sets answered."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from campaignstats.model import (
+    CalculationResult,
+    CampaignStats,
+    Increment,
+    StatsState,
+    TxSnapshot,
+)
+from campaignstats.orgindex import SLACK, OrgCampaigns
+from campaignstats.ranking import COLLAPSE_MIN
+from tests.test_ranking import NOW, scan
+
+org_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(1, 4), st.integers(1, 30)),
+        st.tuples(st.just("forget"), st.frozensets(st.integers(1, 30), max_size=12), st.none()),
+    ),
+    max_size=300,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(org_ops)
+def test_the_org_index_lists_the_same_campaigns_as_a_dict_of_sets(
+    ops: list[tuple[str, Any, Any]],
+) -> None:
+    index = OrgCampaigns()
+    reference: dict[int, set[int]] = {}
+    for op, a, b in ops:
+        if op == "add":
+            index.add(a, b)
+            reference.setdefault(a, set()).add(b)
+        else:
+            index.forget(a)
+            for org in list(reference):
+                reference[org] -= a
+                if not reference[org]:
+                    del reference[org]
+        assert index.as_dict() == reference
+        for org in range(1, 6):
+            assert index.campaigns(org) == reference.get(org, set())
+        assert len(index) == len(reference)
+        # Repeats are kept within twice the distinct ids (plus the slack) by deduplication.
+        for org, ids in reference.items():
+            assert index.held(org) <= 2 * len(ids) + SLACK + 1
+
+
+def test_org_stats_stays_exact_and_its_index_small_over_many_merges() -> None:
+    state = StatsState()
+    state.clock = lambda: NOW
+    state.apply_many([Increment(c, 7, "sign", None, True) for c in range(1, 51)])
+    for round_ in range(40):  # every merge notes each org of each merged campaign again
+        truth = {c: CampaignStats(2, {"sign": 2}, {}, {7: 1, 8: 1}) for c in range(1, 51)}
+        state.merge(CalculationResult("ids", truth, round_))
+    assert state.org_stats(7)["campaigns"] == dict.fromkeys(range(1, 51), 1)
+    assert state.org_stats(8)["supporters"] == 50
+    for org in (7, 8):
+        assert state.org_campaigns.held(org) <= 2 * 50 + SLACK + 1
+
+
+def test_forgetting_campaigns_takes_them_out_of_the_org_index() -> None:
+    state = StatsState()
+    state.clock = lambda: NOW
+    state.apply_many([Increment(c, 1 + c % 2, "sign", None, True) for c in range(1, 11)])
+    state.start_journal()
+    result = CalculationResult(
+        "all",
+        {c: CampaignStats(1, {"sign": 1}, {}, {1 + c % 2: 1}) for c in (2, 3)},
+        10,
+        snapshot=TxSnapshot(400, 400),
+    )
+    state.merge(result)
+    assert sorted(state.forget_absent(result)) == [1, 4, 5, 6, 7, 8, 9, 10]
+    state.stop_journal()
+    assert state.org_campaigns.as_dict() == {1: {2}, 2: {3}}
+    assert state.org_stats(2) == {"supporters": 1, "actions": 0, "campaigns": {3: 1}}
+
+
+MANY = COLLAPSE_MIN + 200  # campaigns: enough that the sets collapse
+
+
+def _many(state: StatsState) -> None:
+    """Every campaign gets a supporter, in the actor's slices of 250."""
+    incs = [Increment(c, 1, "sign", None, True) for c in range(1, MANY + 1)]
+    for i in range(0, len(incs), 250):
+        state.apply_many(incs[i : i + 250])
+
+
+def test_the_moved_and_touched_sets_become_a_flag_when_most_campaigns_are_in_them() -> None:
+    state = StatsState()
+    state.clock = lambda: NOW
+    _many(state)
+    assert state.ranking.all_for_top
+    assert state.ranking.all_for_goals
+    assert len(state.ranking.dirty) * 4 <= MANY  # the set was dropped at the collapse
+    hour = int(NOW) // 3600
+    assert state.touched[hour] is None
+    # Every campaign is answered for: the goals get them all, top finds the leaders.
+    assert state.ranking.take_moved() == set(range(1, MANY + 1))
+    state.apply_many([Increment(5, 1, "sign", None, True)] * 3)
+    for by in ("supporters", "last_hour", "today"):
+        assert state.top(by, 3) == scan(state, by, 3), by
+    assert state.top("supporters", 1) == [[5, 4]]
+    assert state.ranking.take_moved() == {5}
+    assert not state.ranking.all_for_top
+    assert not state.ranking.all_for_goals
+
+
+def test_a_campaign_forgotten_after_the_collapse_leaves_the_ranking() -> None:
+    state = StatsState()
+    state.clock = lambda: NOW
+    _many(state)
+    state.apply_many([Increment(MANY, 1, "sign", None, True)] * 5)
+    assert state.top("supporters", 1) == [[MANY, 6]]
+    _many(state)  # collapsed again
+    state.start_journal()
+    kept = {c: CampaignStats(1, {"sign": 1}, {}, {1: 1}) for c in range(1, MANY)}
+    result = CalculationResult("all", kept, 10, snapshot=TxSnapshot(400, 400))
+    state.merge(result)
+    assert state.forget_absent(result) == [MANY]
+    state.stop_journal()
+    assert MANY not in state.campaigns
+    assert state.top("supporters", 2) == scan(state, "supporters", 2)
+    assert all(cid != MANY for cid, _ in state.top("supporters", MANY))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32), st.integers(1, 8))
+@example(193, 1)  # top while the goals were owed every campaign dropped the moved non-campaigns
+def test_top_and_the_goals_see_every_move_whether_the_sets_collapsed_or_not(
+    seed: int, limit: int
+) -> None:
+    rng = random.Random(seed)
+    state = StatsState()
+    state.clock = lambda: NOW
+    # New supporters since the goals last looked (a reference): a decrement of a campaign
+    # memory does not hold counts too (the goals were always handed those ids).
+    moved: set[int] = set()
+    for _ in range(12):
+        size = rng.choice((1, 20, 250, 900))
+        ids = [rng.randint(1, MANY + 300) for _ in range(size)]
+        decrement = rng.random() < 0.2
+        incs = [Increment(c, rng.randint(1, 3), "sign", None, rng.random() < 0.8) for c in ids]
+        state.apply_many(incs, decrement=decrement)
+        moved.update(i.campaign_id for i in incs if i.new_supporter)
+        what = rng.random()
+        if what < 0.3:
+            for by in ("supporters", "last_hour", "today"):
+                assert state.top(by, limit) == scan(state, by, limit), by
+        elif what < 0.6:
+            assert state.ranking.take_moved() >= moved
+            moved = set()
+    assert state.ranking.take_moved() >= moved
+    for by in ("supporters", "last_hour", "today"):
+        assert state.top(by, limit) == scan(state, by, limit), by
