@@ -8,6 +8,19 @@ and the figures are medians. The base commit's ``db/`` modules (``calculation.py
 ``queries.py`` and what they import) are read with ``git show`` into a temporary package and run
 against this tree's model (their result type only gained fields since). 3fb2bf4 is the last
 commit before the time buckets.
+
+What each figure is (every one printed with the load average before and after the runs):
+
+- wall: seconds of one ``calculate()`` call, as the caller waits for it;
+- database CPU: user + system CPU seconds of the two database backends (``/proc/<pid>/stat``)
+  during the call, both connections added up: the work the calculation asks of Postgres, less
+  sensitive than wall time to the other load of a shared machine; also given per connection
+  (main, helper), whose larger one bounds the wall time on two cores;
+- client CPU: this process's own CPU seconds during the call (reading and folding the rows);
+- the ratio of medians (each tree's median over its runs, divided), and the median and min of the
+  per-pair ratios: run ``i`` of this tree against run ``i`` of each base, which ran next to
+  it (the order alternates every round), so a slow spell of the machine weighs on both sides of
+  a pair rather than on one tree's median.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ import asyncio
 import importlib
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,16 +76,40 @@ def load_base(commit: str, into: Path) -> Any:
 def backend_cpu(pids: list[int]) -> float:
     """CPU seconds the database backends of ``pids`` have used (user + system, from /proc):
     less sensitive than wall time to the other load of a shared machine."""
-    total = 0
+    return sum(backend_cpus(pids))
+
+
+def backend_cpus(pids: list[int]) -> list[float]:
+    """CPU seconds (user + system, from /proc) each database backend of ``pids`` has used."""
+    per: list[float] = []
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+        per.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return per
+
+
+def client_cpu() -> float:
+    """This process's CPU seconds (user + system)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def pair_ratios(ours: list[float], base: list[float]) -> list[float]:
+    """Run ``i`` of one tree over run ``i`` of the base: the two ran next to each other."""
+    return [a / b for a, b in zip(ours, base, strict=True) if b > 0]
+
+
+def load() -> str:
+    """The load average (1, 5, 15 minutes), as uptime prints it."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+Figures = dict[str, list[float]]
 
 
 async def run(
     args: argparse.Namespace, bases: dict[str, Any]
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+) -> tuple[Figures, Figures, dict[str, list[list[float]]], Figures]:
     import asyncpg
 
     pg = EmbeddedPostgres(args.data_dir)
@@ -79,6 +117,8 @@ async def run(
     names = [*bases, "ours"]
     times: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
+    per_conn: dict[str, list[list[float]]] = {name: [] for name in names}
+    client: dict[str, list[float]] = {name: [] for name in names}
     try:
         dsn = await ensure_database(admin, args.actions, args.seed)
         conns = [await asyncpg.connect(dsn) for _ in range(2)]
@@ -94,16 +134,20 @@ async def run(
                 await runners[name]()  # warm-up, untimed
             for i in range(args.runs):
                 for name in names if i % 2 == 0 else names[::-1]:
-                    c, t = backend_cpu(pids), time.perf_counter()
+                    c, py, t = backend_cpus(pids), client_cpu(), time.perf_counter()
                     await runners[name]()
                     times[name].append(time.perf_counter() - t)
-                    cpu[name].append(backend_cpu(pids) - c)
+                    py_after, c_after = client_cpu(), backend_cpus(pids)
+                    used = [b - a for a, b in zip(c, c_after, strict=True)]
+                    cpu[name].append(sum(used))
+                    per_conn[name].append(used)
+                    client[name].append(py_after - py)
         finally:
             for conn in conns:
                 await conn.close()
     finally:
         pg.close()
-    return times, cpu
+    return times, cpu, per_conn, client
 
 
 def main() -> None:
@@ -120,8 +164,11 @@ def main() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     with tempfile.TemporaryDirectory() as tmp:
         bases = {c: load_base(c, Path(tmp)) for c in args.base.split(",")}
-        times, cpu = asyncio.run(run(args, bases))
+        load_before = load()
+        times, cpu, per_conn, client = asyncio.run(run(args, bases))
+        load_after = load()
     print(f"{args.actions:,} actions, scope {args.scope}, {args.runs} runs, interleaved")
+    print(f"load average before: {load_before}; after: {load_after}")
     print(f"{'':8s}{'median':>9s}{'min':>9s}{'max':>9s}")
     for name in times:
         s = summary(times[name])
@@ -136,6 +183,20 @@ def main() -> None:
         ratio = summary(cpu[name])["median"] / summary(cpu[first])["median"]
         print(f"  {name:8s}{summary(cpu[name])['median']:7.2f}  ({ratio:.2f} x {first})")
     print("cpu runs:", {k: [round(t, 2) for t in v] for k, v in cpu.items()})
+    print("per connection (main, helper) and client CPU seconds, medians:")
+    for name in cpu:
+        main_s = statistics.median(u[0] for u in per_conn[name])
+        helper_s = statistics.median(u[1] for u in per_conn[name])
+        py = statistics.median(client[name])
+        print(f"  {name:8s}main {main_s:6.2f}  helper {helper_s:6.2f}  client {py:6.2f}")
+    print("per-pair ratios of ours (run i against the base's run i): median, min, each")
+    for base in bases:
+        for what, runs in (("wall", times), ("database CPU", cpu)):
+            ratios = pair_ratios(runs["ours"], runs[base])
+            print(
+                f"  ours / {base} {what:13s} {statistics.median(ratios):.2f}"
+                f"  {min(ratios):.2f}   {[round(r, 2) for r in ratios]}"
+            )
 
 
 if __name__ == "__main__":

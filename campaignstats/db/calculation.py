@@ -396,6 +396,12 @@ class _Built:
         self._action_buckets: dict[tuple[int, int], dict[int, int]] = {}
         self._action_types: dict[tuple[int, int], dict[str, int]] = {}
         self._action_last: dict[tuple[int, int], float] = {}
+        # The supporters' buckets (levels 5 and 6), summed by campaign and by page as they
+        # arrive (in Postgres' hash order), and filed with the action buckets, oldest first:
+        # added to the timelines row by row, each out-of-order bucket was a bisect and an
+        # insertion into the series (README, "Action pages and orgs").
+        self._supporter_buckets: dict[int, dict[int, int]] = {}
+        self._page_supporter_buckets: dict[int, dict[int, int]] = {}
 
     def unit(self, start: int) -> int:
         if start >= self.minute_cutoff:
@@ -441,7 +447,10 @@ class _Built:
                 elif level == 2:
                     stats.area[area] = stats.area.get(area, 0) + n
                 else:
-                    self.timeline(self.timelines, cid).add_bucket(self.unit(start), start, n, 0)
+                    starts = self._supporter_buckets.get(cid)
+                    if starts is None:
+                        starts = self._supporter_buckets[cid] = {}
+                    starts[start] = starts.get(start, 0) + n
             elif level == shared_people.SHARED:
                 self.shared.add(row)
             else:
@@ -454,8 +463,10 @@ class _Built:
                 elif level == 4:
                     ps.stats.area[area] = ps.stats.area.get(area, 0) + n
                 else:
-                    timeline = self.timeline(self.page_timelines, key)
-                    timeline.add_bucket(self.unit(start), start, n, 0)
+                    starts = self._page_supporter_buckets.get(key)
+                    if starts is None:
+                        starts = self._page_supporter_buckets[key] = {}
+                    starts[start] = starts.get(start, 0) + n
 
     def extras(self, rows: Sequence[asyncpg.Record]) -> None:
         for cid, page, org_id, extra in rows:
@@ -516,13 +527,22 @@ class _Built:
                 for start, n in summed.items():
                     starts[start] = starts.get(start, 0) + n
         self._action_buckets = {}
-        for timelines, by_key in ((self.timelines, by_campaign), (self.page_timelines, by_page)):
-            for key, starts in by_key.items():
+        # Each timeline's buckets, supporters and actions together, oldest first.
+        for timelines, by_key, people in (
+            (self.timelines, by_campaign, self._supporter_buckets),
+            (self.page_timelines, by_page, self._page_supporter_buckets),
+        ):
+            for key in by_key.keys() | people.keys():
                 timeline = self.timeline(timelines, key)
-                for i, start in enumerate(sorted(starts)):
+                acted = by_key.get(key, {})
+                joined = people.get(key, {})
+                for i, start in enumerate(sorted(acted.keys() | joined.keys())):
                     if not i % 64:
                         await pacer.step()
-                    timeline.add_bucket(self.unit(start), start, 0, starts[start])
+                    unit = self.unit(start)
+                    timeline.add_bucket(unit, start, joined.get(start, 0), acted.get(start, 0))
+        self._supporter_buckets = {}
+        self._page_supporter_buckets = {}
         for (cid, page), last in self._action_last.items():
             await pacer.step()
             for timelines, key in ((self.timelines, cid), (self.page_timelines, page)):

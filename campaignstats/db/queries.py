@@ -314,10 +314,13 @@ class Queries:
     #: with a helper connection, for ``supporter_counts``: the share of the counted actions the
     #: main connection counts (the supporters below ``supporter_split_id``'s answer; the helper
     #: counts the rest). None: no split, the main connection counts the supporters whole.
-    #: 0.42: the main connection also reads the action buckets, the helper the shared
-    #: fingerprints, which take less (5M-action demo: 2.8 s against 1.9 s; 0.42 against 0.5: 5
-    #: interleaved pairs, each faster, medians 34.4 s against 38.4 s at a load average of 9)
-    supporter_split: float | None = 0.42
+    #: 0.5: the main connection also reads the action buckets, the helper the shared
+    #: fingerprints and then starts its half at once (no rounds since), which left the helper
+    #: the longer at 0.42 (5M-action demo, 2026-12-02, load average 2-3: 8.9 s of CPU
+    #: against 7.6 s, medians of 7). At 0.5, 0.91x the wall time and 0.92x the database CPU
+    #: of 0.42 (5 interleaved pairs, each faster; at 1M no difference: 1.00x, 1.03x of 9);
+    #: README, "Action pages and orgs"
+    supporter_split: float | None = 0.5
     #: $1, a share in [0, 1]: the supporter id below which about that share of the actions lies,
     #: from the planner's statistics (pg_stats, no scan), else the middle of the supporter ids;
     #: the split only balances the work, exactness does not depend on it
