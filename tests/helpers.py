@@ -1,5 +1,5 @@
 """Helpers shared by the test modules: polling, a bare protocol peer, a running server, a server
-process."""
+process, the lines a piece of code runs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -148,3 +149,33 @@ async def serve_process(
                 raise AssertionError(f"serve exited before listening ({code}): {error}")
             if m := LISTENING.search(line):
                 return proc, int(m.group(1))
+
+
+T = TypeVar("T")
+
+
+def lines_run(code: Path, work: Callable[[], T]) -> tuple[T, int]:
+    """``work()``'s result, and how many lines of the Python files under ``code`` it ran.
+
+    A count of the work done that is the same on every run and every machine: the tests that
+    guard how an operation grows with its input compare these, never seconds (a timed test
+    flakes on a loaded machine; speed is measured in bench/)."""
+    where = str(code)
+    lines = 0
+
+    def count(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal lines
+        if event == "line":
+            lines += 1
+        return count
+
+    def enter(frame: FrameType, event: str, arg: object) -> Any:
+        return count if frame.f_code.co_filename.startswith(where) else None
+
+    previous = sys.gettrace()
+    sys.settrace(enter)
+    try:
+        result = work()
+    finally:
+        sys.settrace(previous)
+    return result, lines
