@@ -6,6 +6,7 @@ equals the recount."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
 import pytest
@@ -19,9 +20,12 @@ from .test_pages import demo_database
 SUPPORTER_QUERY = "%WITH x AS%"
 
 
-async def _hit_when_streaming(observer: asyncpg.Connection, pid: int, function: str) -> None:
+async def _hit_when_streaming(
+    observer: asyncpg.Connection, pid: int, function: str, task: asyncio.Future[Any]
+) -> None:
     """``function`` (pg_terminate_backend or pg_cancel_backend) on ``pid`` once it is reading
-    the supporter query by cursor."""
+    the supporter query by cursor; a cancel again and again until the calculation ends (one
+    that reaches the backend between two fetches, idle, does nothing)."""
     async with asyncio.timeout(30):
         while not await observer.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND query LIKE $2",
@@ -29,7 +33,10 @@ async def _hit_when_streaming(observer: asyncpg.Connection, pid: int, function: 
             SUPPORTER_QUERY,
         ):
             await asyncio.sleep(0.005)
-    assert await observer.fetchval(f"SELECT {function}($1)", pid)
+        assert await observer.fetchval(f"SELECT {function}($1)", pid)
+        while function == "pg_cancel_backend" and not task.done():
+            await observer.fetchval(f"SELECT {function}($1)", pid)
+            await asyncio.sleep(0.002)
 
 
 @pytest.mark.parametrize("victim", ["main", "helper"])
@@ -45,7 +52,7 @@ async def test_a_connection_killed_or_cancelled_mid_stream_fails_it_and_frees_th
         target = main if victim == "main" else helper
         other = helper if victim == "main" else main
         task = asyncio.ensure_future(calculate(main, "all", helper_conn=helper, chunk_rows=1))
-        await _hit_when_streaming(observer, target.get_server_pid(), function)
+        await _hit_when_streaming(observer, target.get_server_pid(), function, task)
         with pytest.raises(CalculationError) as failed:
             await asyncio.wait_for(task, 30)
         text = str(failed.value).lower()
