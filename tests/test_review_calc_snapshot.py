@@ -87,7 +87,9 @@ async def test_changes_committed_during_a_split_calculation_are_in_all_its_state
     assert result.snapshot is not None
     unseen = [undo for txid, undo in done if not result.snapshot.sees(txid)]
     seen = len(done) - len(unseen)
-    assert unseen and seen  # the writer committed both before and during/after
+    # the writer committed both before the snapshot and during or after it
+    assert unseen
+    assert seen
     for undo in reversed(unseen):
         for statement in undo:
             await conn.execute(statement)
