@@ -4,10 +4,13 @@ sets of moved and touched campaigns that collapse into an "every campaign" flag.
 from __future__ import annotations
 
 import asyncio
+import random
 
+from campaignstats.model import Increment, StatsState
 from campaignstats.ranking import COLLAPSE_MIN
 from tests.helpers import Raw, wait_for
 from tests.conftest import Start
+from tests.test_ranking import NOW, scan
 
 
 async def test_a_server_that_checks_goals_but_is_never_asked_top_keeps_its_moved_sets_bounded(
@@ -41,3 +44,45 @@ async def test_a_server_that_checks_goals_but_is_never_asked_top_keeps_its_moved
         assert len(top) == 3
     finally:
         await c.close()
+
+
+def test_top_and_the_goals_see_every_move_when_the_goals_drain_the_moved_set_after_each_batch() -> (
+    None
+):
+    """As on a server: the goals take the moved campaigns after nearly every batch, ``top`` is
+    asked now and then, so ``taken`` (and ``owed``) are what collapse; both readers still see
+    every campaign that moved, and the sets stay within a quarter of the campaigns."""
+    many = COLLAPSE_MIN * 8
+    for seed in range(6):
+        rng = random.Random(seed)
+        state = StatsState()
+        state.clock = lambda: NOW
+        moved: set[int] = set()
+
+        def apply(incs: list[Increment], decrement: bool = False) -> None:
+            state.apply_many(incs, decrement=decrement)
+            # after a batch (StatsState._bound): each set within a quarter of the campaigns
+            ranking = state.ranking
+            limit = max(COLLAPSE_MIN, len(state.campaigns) // 4)
+            for listed in (ranking.dirty, ranking.taken, ranking.owed):
+                assert len(listed) <= limit, seed
+
+        for _ in range(80):
+            ids = [rng.randint(1, many) for _ in range(rng.choice((20, 250)))]
+            incs = [Increment(c, 1, "sign", None, rng.random() < 0.9) for c in ids]
+            apply(incs, rng.random() < 0.1)
+            moved.update(i.campaign_id for i in incs if i.new_supporter)
+            what = rng.random()
+            if what < 0.15:
+                assert state.top("supporters", 5) == scan(state, "supporters", 5)
+            elif what < 0.2:  # a top that leaves the goals owed: owed grows instead
+                for _ in range(3):
+                    more = [Increment(rng.randint(1, many), 1, "sign", None, True)] * 250
+                    apply(more)
+                    moved.update(i.campaign_id for i in more)
+                    state.top("supporters", 1)
+            else:
+                assert state.ranking.take_moved() >= moved
+                moved = set()
+        assert state.ranking.take_moved() >= moved
+        assert state.top("supporters", 8) == scan(state, "supporters", 8)
