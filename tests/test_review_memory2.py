@@ -8,8 +8,8 @@ import random
 
 from campaignstats.model import Increment, StatsState
 from campaignstats.ranking import COLLAPSE_MIN
-from tests.helpers import Raw, wait_for
 from tests.conftest import Start
+from tests.helpers import Raw, wait_for
 from tests.test_ranking import NOW, scan
 
 
@@ -46,6 +46,15 @@ async def test_a_server_that_checks_goals_but_is_never_asked_top_keeps_its_moved
         await c.close()
 
 
+def _apply_bounded(state: StatsState, incs: list[Increment], decrement: bool = False) -> None:
+    state.apply_many(incs, decrement=decrement)
+    # after a batch (StatsState._bound): each set within a quarter of the campaigns
+    ranking = state.ranking
+    limit = max(COLLAPSE_MIN, len(state.campaigns) // 4)
+    for listed in (ranking.dirty, ranking.taken, ranking.owed):
+        assert len(listed) <= limit
+
+
 def test_top_and_the_goals_see_every_move_when_the_goals_drain_the_moved_set_after_each_batch() -> (
     None
 ):
@@ -59,18 +68,10 @@ def test_top_and_the_goals_see_every_move_when_the_goals_drain_the_moved_set_aft
         state.clock = lambda: NOW
         moved: set[int] = set()
 
-        def apply(incs: list[Increment], decrement: bool = False) -> None:
-            state.apply_many(incs, decrement=decrement)
-            # after a batch (StatsState._bound): each set within a quarter of the campaigns
-            ranking = state.ranking
-            limit = max(COLLAPSE_MIN, len(state.campaigns) // 4)
-            for listed in (ranking.dirty, ranking.taken, ranking.owed):
-                assert len(listed) <= limit, seed
-
         for _ in range(80):
             ids = [rng.randint(1, many) for _ in range(rng.choice((20, 250)))]
             incs = [Increment(c, 1, "sign", None, rng.random() < 0.9) for c in ids]
-            apply(incs, rng.random() < 0.1)
+            _apply_bounded(state, incs, rng.random() < 0.1)
             moved.update(i.campaign_id for i in incs if i.new_supporter)
             what = rng.random()
             if what < 0.15:
@@ -78,7 +79,7 @@ def test_top_and_the_goals_see_every_move_when_the_goals_drain_the_moved_set_aft
             elif what < 0.2:  # a top that leaves the goals owed: owed grows instead
                 for _ in range(3):
                     more = [Increment(rng.randint(1, many), 1, "sign", None, True)] * 250
-                    apply(more)
+                    _apply_bounded(state, more)
                     moved.update(i.campaign_id for i in more)
                     state.top("supporters", 1)
             else:
