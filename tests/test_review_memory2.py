@@ -8,8 +8,7 @@ import random
 
 from campaignstats.model import Increment, StatsState
 from campaignstats.ranking import COLLAPSE_MIN
-from tests.conftest import Start
-from tests.helpers import Raw, wait_for
+from tests.helpers import Raw, Start, wait_for
 from tests.test_ranking import NOW, scan
 
 
