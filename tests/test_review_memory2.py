@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 from campaignstats.model import Increment, StatsState
 from campaignstats.ranking import COLLAPSE_MIN
@@ -86,3 +87,46 @@ def test_top_and_the_goals_see_every_move_when_the_goals_drain_the_moved_set_aft
                 moved = set()
         assert state.ranking.take_moved() >= moved
         assert state.top("supporters", 8) == scan(state, "supporters", 8)
+
+
+async def test_after_the_moved_and_touched_sets_collapse_a_server_still_fires_goals_and_ranks_right(
+    start: Start,
+) -> None:
+    """More campaigns than COLLAPSE_MIN, most of them moving in one batch: the sets become
+    flags on a running server; a goal crossed in that batch fires, and ``top`` by supporters,
+    the last hour and today names the same leaders as the counts do."""
+    running = await start()
+    c = await Raw.tcp(running.port)
+    try:
+        campaigns = 3_000
+        for first in range(1, campaigns + 1, 250):
+            await c.send(["incs", [[cid, 1, "a", None, True] for cid in range(first, first + 250)]])
+        assert (await c.call("flush", 1))[0] == "ok"
+        assert (await c.call("set_goals", 2, 7, {"supporters": [5], "area": None}))[0] == "ok"
+        assert (await c.call("sub", 3, 7))[0] == "ok"
+        # one batch that moves more than a quarter of the campaigns, 7 past its goal among them
+        items: list[list[Any]] = [[cid, 2, "b", None, True] for cid in range(1, 1_600)]
+        items += [[7, 2, "b", None, True]] * 4 + [[11, 2, "b", None, True]] * 2
+        await c.send(["incs", items], ["flush", 4])
+        actor = running.service.supervisor.actor
+        assert actor is not None
+        events: list[Any] = []
+        flushed = False
+        async with asyncio.timeout(10):
+            while not (events and flushed):
+                for message in await c.recv():
+                    if message[0] == "event":
+                        events.append(message)
+                    flushed = flushed or message[:2] == ["ok", 4]
+        hour = int(actor.state.clock()) // 3600
+        assert actor.state.touched.get(hour, set()) is None  # collapsed: the case under test
+        assert events[0][1] == 7
+        assert events[0][2]["threshold"] == 5
+        expected = [[7, 6], [11, 4]]
+        for rid, by in enumerate(("supporters", "last_hour", "today"), 10):
+            reply = await c.call("top", rid, {"by": by, "limit": 2})
+            while reply[0] != "ok":  # a pub or the event pushed in between
+                [reply] = await c.recv()
+            assert reply[2] == expected, by
+    finally:
+        await c.close()
