@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 from typing import Any
 
 from campaignstats.model import CalculationResult, CampaignStats, Increment, StatsState
+from campaignstats.orgindex import OrgCampaigns
 from campaignstats.ranking import COLLAPSE_MIN
 from tests.helpers import Raw, Start, wait_for
 from tests.test_ranking import NOW, scan
@@ -151,3 +153,26 @@ def test_merging_campaigns_that_already_list_an_org_appends_nothing_to_its_array
             state.merge(CalculationResult("ids", truth, generation), ids)
         assert state.org_campaigns.held(1) == n, generation
     assert state.org_stats(1)["supporters"] == n
+
+
+def test_an_org_that_new_campaigns_join_in_order_is_never_sorted_on_the_hot_path() -> None:
+    """Campaigns that gain an org for the first time append distinct ids (ascending, as new
+    campaigns' ids are): no deduplication is needed, yet one ran each time the array doubled,
+    a set and a sort of all of it inside one increment (123 ms at 300,000 campaigns on the
+    review's machine, against the set's O(1) add). Observed by counting the sorts."""
+    sorts = 0
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        nonlocal sorts
+        if event == "c_call" and arg is sorted:
+            sorts += 1
+
+    index = OrgCampaigns()
+    sys.setprofile(count)
+    try:
+        for cid in range(1, 20_001):
+            index.add(1, cid)
+    finally:
+        sys.setprofile(None)
+    assert index.campaigns(1) == set(range(1, 20_001))
+    assert sorts == 0
