@@ -4,6 +4,7 @@ sets of moved and touched campaigns that collapse into an "every campaign" flag.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import sys
 from typing import Any
@@ -176,3 +177,31 @@ def test_an_org_that_new_campaigns_join_in_order_is_never_sorted_on_the_hot_path
         sys.setprofile(None)
     assert index.campaigns(1) == set(range(1, 20_001))
     assert sorts == 0
+
+
+def test_an_org_array_marked_ascending_is_ascending_after_any_adds_and_forgets() -> None:
+    """The fast path above trusts ``_clean == len``: after random adds and forgets (a few, in
+    place; many, rebuilt) it must still mean strictly ascending, and the index must still list
+    what a dict of sets lists, within twice the distinct ids."""
+    for seed in range(200):
+        rng = random.Random(seed)
+        index = OrgCampaigns()
+        reference: dict[int, set[int]] = {}
+        for _ in range(300):
+            if rng.random() < 0.85:
+                org, cid = rng.randint(1, 3), rng.randint(1, 40)
+                index.add(org, cid)
+                reference.setdefault(org, set()).add(cid)
+            else:
+                gone = set(rng.sample(range(1, 41), rng.choice((1, 3, 12))))
+                index.forget(gone)
+                for org in list(reference):
+                    reference[org] -= gone
+                    if not reference[org]:
+                        del reference[org]
+            assert index.as_dict() == reference, seed
+            for org, ids in index._ids.items():
+                if not isinstance(ids, int):
+                    if index._clean[org] == len(ids):
+                        assert all(a < b for a, b in itertools.pairwise(ids)), seed
+                    assert len(ids) <= 2 * len(reference[org]) + 8 + 1, seed
