@@ -1334,8 +1334,13 @@ class StatsState:
                     held = self.pages.get(pid)
                     pt.stats.messages = held.stats.messages if held is not None else 0
             self.campaigns[cid] = truth
+            # Only the orgs it gains: one it has in memory is listed already (every path that
+            # adds an org key notes it), and appending each again at every calculation doubled
+            # the org's array, whose deduplication (a sort of all of it) then fell in one slice.
+            had = () if before is None else before.org
             for org_id in truth.org:
-                self._org_in(org_id, cid)
+                if org_id not in had:
+                    self._org_in(org_id, cid)
             self._merge_pages(cid, page_truth, page_timelines)
             if timeline.last_action_at < 0 and not timeline.nbytes():
                 self.timelines.pop(cid, None)

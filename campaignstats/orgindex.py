@@ -8,7 +8,9 @@ one ``array('q')`` of their ids instead of a set: 8 bytes an entry instead of a 
 are appended when a campaign gains the org (a new key on the hot path; every org of a merged
 campaign), so an array may hold an id more than once: it is deduplicated when it has grown to
 twice its last deduplicated length (plus ``SLACK``), which keeps it within about 2x of its
-distinct ids at an amortised O(1) per append. Readers get the distinct ids.
+distinct ids at an amortised O(1) per append. An array still in ascending order (``_clean``
+equal to its length: campaigns joining in the order of their ids) holds no repeat and is never
+deduplicated. Readers get the distinct ids.
 """
 
 from __future__ import annotations
@@ -40,11 +42,20 @@ class OrgCampaigns:
             return
         if isinstance(ids, int):
             if ids != campaign_id:
-                self._ids[org_id] = array("q", (ids, campaign_id))
+                pair = (ids, campaign_id) if ids < campaign_id else (campaign_id, ids)
+                self._ids[org_id] = array("q", pair)  # ascending (see below)
                 self._clean[org_id] = 2
             return
-        if ids[-1] == campaign_id:
+        last = ids[-1]
+        if last == campaign_id:
             return  # the commonest repeat: the same campaign again (its pages, a merge)
+        clean = self._clean[org_id]
+        if campaign_id > last and clean == len(ids):
+            # Still ascending, so still distinct: nothing to deduplicate, ever (a new campaign
+            # joining; a sort of the whole org at each doubling fell in one increment).
+            ids.append(campaign_id)
+            self._clean[org_id] = clean + 1
+            return
         ids.append(campaign_id)
         if len(ids) > 2 * self._clean[org_id] + SLACK:
             distinct = array("q", sorted(set(ids)))
@@ -69,11 +80,17 @@ class OrgCampaigns:
             if campaign_ids.isdisjoint(ids):
                 continue
             if len(campaign_ids) <= SLACK:  # a few: taken out in place (C scans, no copy)
+                removed = 0
                 for cid in campaign_ids:
                     while cid in ids:
                         ids.remove(cid)
+                        removed += 1
                 if len(ids) > 1:
-                    self._clean[org_id] = min(self._clean[org_id], len(ids))
+                    # ``_clean`` equal to the length means "ascending" (see add): kept only
+                    # when it was (removals keep the order), else below the length.
+                    clean = self._clean[org_id]
+                    ascending = clean == len(ids) + removed
+                    self._clean[org_id] = len(ids) if ascending else min(clean, len(ids) - 1)
                     continue
                 kept = list(ids)
             else:

@@ -90,6 +90,18 @@ class SupporterRanking:
             self.taken = {cid for cid in self.taken if cid not in everyone}
             self.owed = {cid for cid in self.owed if cid not in everyone}
             self.all_for_top = self.all_for_goals = True
+            return
+        # Each reader's own backlog too: on a server the goals take the moved campaigns a few
+        # times a second, long before ``dirty`` lists a quarter of them, and what ``top`` is
+        # owed (``taken``) then grows until the next ``top``; the other way round, ``owed``.
+        if too_many(len(self.taken), campaigns):
+            everyone = self.everyone()
+            self.taken = {cid for cid in self.taken if cid not in everyone}
+            self.all_for_top = True
+        if too_many(len(self.owed), campaigns):
+            everyone = self.everyone()
+            self.owed = {cid for cid in self.owed if cid not in everyone}
+            self.all_for_goals = True
 
     def take_moved(self) -> set[int]:
         """The campaigns that may have moved since the last call, for a second reader (the
