@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
@@ -89,6 +90,42 @@ async def load(
         "processing_status, testing) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         action_rows,
     )
+
+
+# Seconds back from now for action id i: a spread over minutes, hours, days and months.
+SPREAD = """
+UPDATE actions SET inserted_at = (now() AT TIME ZONE 'UTC') - make_interval(secs =>
+    CASE id % 4 WHEN 0 THEN (id * $1) % 3600
+                WHEN 1 THEN (id * $1) % 172800
+                WHEN 2 THEN (id * $1) % 8000000
+                ELSE (id * $1) % 60000000 END)
+"""
+
+
+@dataclass(frozen=True)
+class SmallDatabase:
+    """A small database drawn whole: campaigns of these statuses, their pages, supporters and
+    actions (see :func:`load`), the actions' times spread by ``spread`` (SPREAD)."""
+
+    statuses: list[int]
+    pages: list[tuple[int, int, int]]
+    supporters: list[tuple[int, int, str | None, int, int | None]]
+    actions: list[tuple[int, int, str, int, bool]]
+    spread: int
+
+    async def load(self, conn: asyncpg.Connection) -> None:
+        await load(conn, self.statuses, self.pages, self.supporters, self.actions)
+        await conn.execute(SPREAD, self.spread)
+
+
+small_databases = st.builds(
+    SmallDatabase,
+    statuses=st.lists(st.integers(0, 3), min_size=1, max_size=4),
+    pages=pages_st,
+    supporters=supporters_st,
+    actions=actions_st,
+    spread=st.integers(1, 100_000),
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

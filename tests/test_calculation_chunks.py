@@ -21,9 +21,9 @@ from campaignstats.db.queries import PROCA_QUERIES
 from campaignstats.errors import CalculationError
 
 from .recount import recount, recount_timelines
-from .test_calculation import actions_st, load, pages_st, supporters_st
+from .test_calculation import SmallDatabase, small_databases
 from .test_pages import StateReader, check_against_reference, demo_database, state_of
-from .test_time_calculation import SPREAD, views
+from .test_time_calculation import views
 
 #: every way the supporter work can be shared by the two connections: split by supporter id
 #: (the middle, all on the helper, all on the main connection), not split (the main connection
@@ -39,23 +39,12 @@ SPLITS = [
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    statuses=st.lists(st.integers(0, 3), min_size=1, max_size=4),
-    pages=pages_st,
-    supporters=supporters_st,
-    actions=actions_st,
-    spread=st.integers(1, 100_000),
+    database=small_databases,
     chunk_rows=st.integers(1, 4),
     split=st.sampled_from(SPLITS),
 )
 def test_counts_and_buckets_read_a_row_or_a_few_at_a_time_equal_a_recount_of_any_small_database(
-    module_dsn: str,
-    statuses: list[int],
-    pages: list[tuple[int, int, int]],
-    supporters: list[tuple[int, int, str | None, int, int | None]],
-    actions: list[tuple[int, int, str, int, bool]],
-    spread: int,
-    chunk_rows: int,
-    split: object,
+    module_dsn: str, database: SmallDatabase, chunk_rows: int, split: object
 ) -> None:
     """Small databases share fingerprints between supporter rows (a pool of six), so the shared
     people's rows (kept until both halves have come) and the partial counts (folded chunk by
@@ -66,8 +55,7 @@ def test_counts_and_buckets_read_a_row_or_a_few_at_a_time_equal_a_recount_of_any
         conn = await asyncpg.connect(module_dsn)
         helper = await asyncpg.connect(module_dsn)
         try:
-            await load(conn, statuses, pages, supporters, actions)
-            await conn.execute(SPREAD, spread)
+            await database.load(conn)
             now = time.time()
             expected_timelines = await recount_timelines(conn)
             for scope, covered in (("all", None), ([1, 3, 99], [1, 3])):

@@ -38,9 +38,8 @@ from campaignstats.service import StatsService
 
 from .conftest import truncate_all
 from .helpers import Raw, Running, completed, loaded, wait_for
-from .test_calculation import actions_st, load, pages_st, supporters_st
+from .test_calculation import SPREAD, SmallDatabase, small_databases
 from .test_follower import dsn, following, logical_cluster  # noqa: F401 (fixtures)
-from .test_time_calculation import SPREAD
 from .test_time_calls import _cli
 
 COUNTED = "a.processing_status IN (3, 4)"
@@ -213,29 +212,15 @@ async def check_against_reference(
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    statuses=st.lists(st.integers(0, 3), min_size=1, max_size=4),
-    pages=pages_st,
-    supporters=supporters_st,
-    actions=actions_st,
-    spread=st.integers(1, 100_000),
-    helper=st.booleans(),
-)
+@given(database=small_databases, helper=st.booleans())
 def test_pages_and_orgs_of_any_small_database_equal_the_reference_sql(
-    module_dsn: str,
-    statuses: list[int],
-    pages: list[tuple[int, int, int]],
-    supporters: list[tuple[int, int, str | None, int, int | None]],
-    actions: list[tuple[int, int, str, int, bool]],
-    spread: int,
-    helper: bool,
+    module_dsn: str, database: SmallDatabase, helper: bool
 ) -> None:
     async def check() -> None:
         conn = await asyncpg.connect(module_dsn)
         helper_conn = await asyncpg.connect(module_dsn) if helper else None
         try:
-            await load(conn, statuses, pages, supporters, actions)
-            await conn.execute(SPREAD, spread)
+            await database.load(conn)
             result = await calculate(conn, "all", helper_conn=helper_conn)
             await check_against_reference(conn, StateReader(state_of(result)))
             # A list of campaign ids takes the hashing plan: the same figures for its pages.

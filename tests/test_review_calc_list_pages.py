@@ -16,9 +16,8 @@ from hypothesis import strategies as st
 from campaignstats.db.calculation import calculate
 from campaignstats.db.queries import PROCA_QUERIES
 
-from .test_calculation import actions_st, load, pages_st, supporters_st
+from .test_calculation import SmallDatabase, small_databases
 from .test_pages import StateReader, check_against_reference, state_of
-from .test_time_calculation import SPREAD
 
 SPLITS = [
     PROCA_QUERIES,
@@ -30,25 +29,13 @@ SPLITS = [
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    statuses=st.lists(st.integers(0, 3), min_size=1, max_size=4),
-    pages=pages_st,
-    supporters=supporters_st,
-    actions=actions_st,
-    spread=st.integers(1, 100_000),
+    database=small_databases,
     chunk_rows=st.integers(1, 4),
     split=st.sampled_from(SPLITS),
     helper=st.booleans(),
 )
 def test_every_pages_counts_and_history_of_a_list_of_all_campaigns_equal_the_reference_sql(
-    module_dsn: str,
-    statuses: list[int],
-    pages: list[tuple[int, int, int]],
-    supporters: list[tuple[int, int, str | None, int, int | None]],
-    actions: list[tuple[int, int, str, int, bool]],
-    spread: int,
-    chunk_rows: int,
-    split: object,
-    helper: bool,
+    module_dsn: str, database: SmallDatabase, chunk_rows: int, split: object, helper: bool
 ) -> None:
     assert isinstance(split, type(PROCA_QUERIES))
 
@@ -56,8 +43,7 @@ def test_every_pages_counts_and_history_of_a_list_of_all_campaigns_equal_the_ref
         conn = await asyncpg.connect(module_dsn)
         helper_conn = await asyncpg.connect(module_dsn) if helper else None
         try:
-            await load(conn, statuses, pages, supporters, actions)
-            await conn.execute(SPREAD, spread)
+            await database.load(conn)
             ids = [r[0] for r in await conn.fetch("SELECT id FROM campaigns")]
             result = await calculate(
                 conn, ids, helper_conn=helper_conn, chunk_rows=chunk_rows, queries=split

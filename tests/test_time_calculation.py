@@ -21,16 +21,7 @@ from campaignstats.timeline import Timeline
 
 from .conftest import truncate_all
 from .recount import recount_timelines
-from .test_calculation import actions_st, load, pages_st, supporters_st
-
-# Seconds back from now for action id i: a spread over minutes, hours, days and months.
-SPREAD = """
-UPDATE actions SET inserted_at = (now() AT TIME ZONE 'UTC') - make_interval(secs =>
-    CASE id % 4 WHEN 0 THEN (id * $1) % 3600
-                WHEN 1 THEN (id * $1) % 172800
-                WHEN 2 THEN (id * $1) % 8000000
-                ELSE (id * $1) % 60000000 END)
-"""
+from .test_calculation import SPREAD, SmallDatabase, small_databases
 
 
 def views(timelines: dict[int, Timeline], now: float) -> dict[int, object]:
@@ -64,28 +55,14 @@ async def _check(dsn: str, helper: bool) -> dict[int, Timeline]:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    statuses=st.lists(st.integers(0, 3), min_size=1, max_size=4),
-    pages=pages_st,
-    supporters=supporters_st,
-    actions=actions_st,
-    spread=st.integers(1, 100_000),
-    helper=st.booleans(),
-)
+@given(database=small_databases, helper=st.booleans())
 def test_buckets_equal_a_recount_of_any_small_database_spread_over_months(
-    module_dsn: str,
-    statuses: list[int],
-    pages: list[tuple[int, int, int]],
-    supporters: list[tuple[int, int, str | None, int, int | None]],
-    actions: list[tuple[int, int, str, int, bool]],
-    spread: int,
-    helper: bool,
+    module_dsn: str, database: SmallDatabase, helper: bool
 ) -> None:
     async def check() -> None:
         conn = await asyncpg.connect(module_dsn)
         try:
-            await load(conn, statuses, pages, supporters, actions)
-            await conn.execute(SPREAD, spread)
+            await database.load(conn)
         finally:
             await conn.close()
         await _check(module_dsn, helper)
