@@ -14,6 +14,7 @@ import pytest
 
 from campaignstats.db.calculation import calculate
 
+from .helpers import wait_for
 from .recount import recount, recount_timelines
 from .test_pages import demo_database
 from .test_time_calculation import views
@@ -77,9 +78,12 @@ async def test_changes_committed_during_a_split_calculation_are_in_all_its_state
     done: list[tuple[int, list[str]]] = []
     writer = asyncio.ensure_future(_write(module_dsn, stop, done))
     try:
-        await asyncio.sleep(0.05)
+        # commits before the snapshot, and after it (not a fixed sleep: a loaded machine's
+        # writer may not have committed one in it)
+        await wait_for(lambda: len(done) >= 3)
         result = await calculate(conn, "all", helper_conn=helper, chunk_rows=chunk_rows)
-        await asyncio.sleep(0.05)
+        after = len(done)
+        await wait_for(lambda: len(done) >= after + 3)
     finally:
         stop.set()
         await writer
