@@ -802,8 +802,10 @@ async def serve(args: argparse.Namespace) -> int:
         waiter.cancel()
         if http_server is not None:
             await http_server.close()  # ends the event streams, lets requests in flight finish
-        await server.close()  # stop accepting first, so nothing new arrives while we drain
+        # The follower runs in the server's task group, which close() waits for: stopped first
+        # (it never ends on its own; the slot keeps what it had not applied for the next start).
         await follow_commands.stop_following(following)
+        await server.close()  # stop accepting first, so nothing new arrives while we drain
         await service.stop()
         supervisor.cancel()
         return code
