@@ -713,8 +713,8 @@ class StatsState:
         now_minute = int(now) // 60
         ranked = self.ranking.dirty
         touched = self._touched(now_minute // 60)
-        if touched is None:  # the clock went back more than a day: noted nowhere
-            touched = set()
+        if touched is None:  # every campaign counts as touched (collapsed), or the clock went
+            touched = set()  # back more than a day (noted nowhere): the notes go nowhere
         new_tuple = tuple.__new__
         applied = 0
         rest = -1

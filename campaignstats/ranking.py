@@ -83,25 +83,27 @@ class SupporterRanking:
         """When ``dirty`` lists too many of the ``campaigns`` (:func:`too_many`), every
         campaign has moved for both readers instead: the set is dropped but for the ids that
         are no longer campaigns (forgotten: their entries must still go)."""
-        dirty = self.dirty
-        if too_many(len(dirty), campaigns):
-            everyone = self.everyone()
-            self.dirty = {cid for cid in dirty if cid not in everyone}
-            self.taken = {cid for cid in self.taken if cid not in everyone}
-            self.owed = {cid for cid in self.owed if cid not in everyone}
+        if too_many(len(self.dirty), campaigns):
+            self.dirty = self._gone(self.dirty)
+            self.taken = self._gone(self.taken)
+            self.owed = self._gone(self.owed)
             self.all_for_top = self.all_for_goals = True
             return
         # Each reader's own backlog too: on a server the goals take the moved campaigns a few
         # times a second, long before ``dirty`` lists a quarter of them, and what ``top`` is
         # owed (``taken``) then grows until the next ``top``; the other way round, ``owed``.
         if too_many(len(self.taken), campaigns):
-            everyone = self.everyone()
-            self.taken = {cid for cid in self.taken if cid not in everyone}
+            self.taken = self._gone(self.taken)
             self.all_for_top = True
         if too_many(len(self.owed), campaigns):
-            everyone = self.everyone()
-            self.owed = {cid for cid in self.owed if cid not in everyone}
+            self.owed = self._gone(self.owed)
             self.all_for_goals = True
+
+    def _gone(self, ids: Iterable[int]) -> set[int]:
+        """Those of ``ids`` that are no longer campaigns: what a flag for "every campaign"
+        does not cover (a forgotten campaign's entry must still go)."""
+        everyone = self.everyone()
+        return {cid for cid in ids if cid not in everyone}
 
     def take_moved(self) -> set[int]:
         """The campaigns that may have moved since the last call, for a second reader (the
@@ -126,8 +128,7 @@ class SupporterRanking:
         if not self.all_for_goals:
             self.owed |= dirty  # the goals have not seen these: take_moved hands them out
         else:  # the goals get every campaign: owed only the ids that are not (forgotten ones)
-            everyone = self.everyone()
-            self.owed.update(cid for cid in dirty if cid not in everyone)
+            self.owed |= self._gone(dirty)
         if self.taken:
             dirty |= self.taken
             self.taken = set()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -400,8 +401,8 @@ class _Built:
         # arrive (in Postgres' hash order), and filed with the action buckets, oldest first:
         # added to the timelines row by row, each out-of-order bucket was a bisect and an
         # insertion into the series (README, "Action pages and orgs").
-        self._supporter_buckets: dict[int, dict[int, int]] = {}
-        self._page_supporter_buckets: dict[int, dict[int, int]] = {}
+        self._supporter_buckets: defaultdict[int, dict[int, int]] = defaultdict(dict)
+        self._page_supporter_buckets: defaultdict[int, dict[int, int]] = defaultdict(dict)
 
     def unit(self, start: int) -> int:
         if start >= self.minute_cutoff:
@@ -447,9 +448,7 @@ class _Built:
                 elif level == 2:
                     stats.area[area] = stats.area.get(area, 0) + n
                 else:
-                    starts = self._supporter_buckets.get(cid)
-                    if starts is None:
-                        starts = self._supporter_buckets[cid] = {}
+                    starts = self._supporter_buckets[cid]
                     starts[start] = starts.get(start, 0) + n
             elif level == shared_people.SHARED:
                 self.shared.add(row)
@@ -463,9 +462,7 @@ class _Built:
                 elif level == 4:
                     ps.stats.area[area] = ps.stats.area.get(area, 0) + n
                 else:
-                    starts = self._page_supporter_buckets.get(key)
-                    if starts is None:
-                        starts = self._page_supporter_buckets[key] = {}
+                    starts = self._page_supporter_buckets[key]
                     starts[start] = starts.get(start, 0) + n
 
     def extras(self, rows: Sequence[asyncpg.Record]) -> None:
@@ -541,8 +538,8 @@ class _Built:
                         await pacer.step()
                     unit = self.unit(start)
                     timeline.add_bucket(unit, start, joined.get(start, 0), acted.get(start, 0))
-        self._supporter_buckets = {}
-        self._page_supporter_buckets = {}
+        self._supporter_buckets = defaultdict(dict)
+        self._page_supporter_buckets = defaultdict(dict)
         for (cid, page), last in self._action_last.items():
             await pacer.step()
             for timelines, key in ((self.timelines, cid), (self.page_timelines, page)):
