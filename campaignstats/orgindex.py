@@ -16,7 +16,7 @@ deduplicated. Readers get the distinct ids.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterator, Set
+from collections.abc import Callable, Iterable, Iterator, Set
 
 #: appends allowed past twice the deduplicated length before the next deduplication (so that
 #: an org of one campaign merged again and again is not deduplicated at every merge)
@@ -71,7 +71,34 @@ class OrgCampaigns:
 
     def forget(self, campaign_ids: Set[int]) -> None:
         """Take ``campaign_ids`` out of every org; an org left with none goes."""
-        for org_id, ids in list(self._ids.items()):
+        self._forget_in(list(self._ids), campaign_ids)
+
+    def forget_steps(
+        self, campaign_ids: Set[int], still_gone: Callable[[int], bool], orgs_per_step: int
+    ) -> Iterator[int]:
+        """:meth:`forget`, ``orgs_per_step`` orgs at a time: the caller takes one step per turn
+        of its loop, and others may read and add between steps (docs/design.md, "Memory").
+        Each step yields the orgs left to look at. An id for which ``still_gone`` turns False
+        meanwhile (a campaign that came back) is left where it is: the orgs it joined again
+        keep it. The orgs are those of when the first step runs; an org added later lists no
+        campaign of ``campaign_ids`` that is still gone."""
+        if orgs_per_step < 1:
+            raise ValueError("orgs_per_step is at least 1")
+        orgs = list(self._ids)
+        gone = campaign_ids
+        for start in range(0, len(orgs), orgs_per_step):
+            gone = {cid for cid in gone if still_gone(cid)}
+            if not gone:
+                return
+            self._forget_in(orgs[start : start + orgs_per_step], gone)
+            yield max(0, len(orgs) - start - orgs_per_step)
+
+    def _forget_in(self, orgs: Iterable[int], campaign_ids: Set[int]) -> None:
+        """Take ``campaign_ids`` out of the ``orgs`` still indexed; an org left with none goes."""
+        for org_id in orgs:
+            ids = self._ids.get(org_id)
+            if ids is None:
+                continue
             # An org none of them is in is left as it is (a check in C, no copy).
             if isinstance(ids, int):
                 if ids in campaign_ids:

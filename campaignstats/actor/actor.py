@@ -408,6 +408,8 @@ class StatsActor:
             deadline = min(deadline, self._next_goals_at)
         if self.gc.due_at is not None:
             deadline = min(deadline, self.gc.due_at)
+        if self.state.org_forgetting is not None:  # steps left: the next one at once
+            deadline = now
         return max(0.0, deadline - now)
 
     def _check_timers(self, now: float) -> None:
@@ -425,6 +427,8 @@ class StatsActor:
             metrics.tick(now)
         if metrics.copying and now >= metrics.next_slice_at:
             metrics.copy_step(now)
+        if self.state.org_forgetting is not None:
+            self.state.forget_step()  # forgotten campaigns leaving the org index, a step a turn
 
     # -- messages -------------------------------------------------------------------------------
 
