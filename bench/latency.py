@@ -15,7 +15,7 @@ forked client process:
 
 Prints, per configuration, the median over the rounds of each percentile (nearest-rank, of
 ``--queries`` sequential calls after 500 warm-up calls), the min-max, the load average before
-and after, and the targets (docs: README, "Performance"). Appends the figures to
+and after, and the targets (README, "Measured"). Appends the figures to
 bench/results/latency-<date>.json.
 """
 

@@ -675,7 +675,7 @@ def targets(metrics: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool | N
         share = 100 * raw / ceiling if raw and ceiling else None
         check(f"raw capacity incs-1000 {label} / in-process ceiling", share, 75, "%", True)
     # The query targets hold for stats() through either client (docs/design.md, "Queries
-    # inline"; the README's performance section).
+    # inline"; README, "Measured").
     for client, key in (("StatsClient", "lat"), ("AsyncStatsClient", "lat.aio")):
         check(f"query p50 idle, {client}", med(f"{key}.idle.p50"), 60, "µs", False)
         check(f"query p99 idle, {client}", med(f"{key}.idle.p99"), 150, "µs", False)

@@ -762,8 +762,8 @@ async def serve(args: argparse.Namespace) -> int:
         # What is alive now (modules, classes, configuration) lives as long as the process: the
         # garbage collector's full passes skip it from here on. They run in the actor's event
         # loop, and each walked all of it: 25-46 ms of CPU at the 5M demo, 10-16 ms without it
-        # (README, "Event-loop stalls"); the policy also keeps them out of calculations and
-        # merges (campaignstats.actor.gcpolicy).
+        # (docs/measurements.md, "Event-loop stalls"); the policy also keeps them out of
+        # calculations and merges (campaignstats.actor.gcpolicy).
         if not args.no_gc_policy:
             gc.freeze()
         await service.start()

@@ -400,7 +400,7 @@ class _Built:
         # The supporters' buckets (levels 5 and 6), summed by campaign and by page as they
         # arrive (in Postgres' hash order), and filed with the action buckets, oldest first:
         # added to the timelines row by row, each out-of-order bucket was a bisect and an
-        # insertion into the series (README, "Action pages and orgs").
+        # insertion into the series (docs/measurements.md, "The calculation's budget").
         self._supporter_buckets: defaultdict[int, dict[int, int]] = defaultdict(dict)
         self._page_supporter_buckets: defaultdict[int, dict[int, int]] = defaultdict(dict)
 

@@ -319,7 +319,7 @@ class Queries:
     #: the longer at 0.42 (5M-action demo, 2026-12-02, load average 2-3: 8.9 s of CPU
     #: against 7.6 s, medians of 7). At 0.5, 0.91x the wall time and 0.92x the database CPU
     #: of 0.42 (5 interleaved pairs, each faster; at 1M no difference: 1.00x, 1.03x of 9);
-    #: README, "Action pages and orgs"
+    #: docs/measurements.md, "The calculation's budget against 3fb2bf4"
     supporter_split: float | None = 0.5
     #: $1, a share in [0, 1]: the supporter id below which about that share of the actions lies,
     #: from the planner's statistics (pg_stats, no scan), else the middle of the supporter ids;
