@@ -720,6 +720,7 @@ class StatsState:
         rejected: list[tuple[int, str]] = []
         now_minute = int(now) // 60
         ranked = self.ranking.dirty
+        org_in = self.org_campaigns.add  # a frame less than _org_in per new org of a campaign
         touched = self._touched(now_minute // 60)
         if touched is None:  # every campaign counts as touched (collapsed), or the clock went
             touched = set()  # back more than a day (noted nowhere): the notes go nowhere
@@ -771,7 +772,7 @@ class StatsState:
                         rejected.append((i, f"campaign {cid}: over {max_keys} orgs"))
                         continue
                     o = 0
-                    self._org_in(org_id, cid)
+                    org_in(org_id, cid)
                 area = inc.area
                 if area is not None:
                     areas = stats.area

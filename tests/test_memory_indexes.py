@@ -164,3 +164,21 @@ def test_top_and_the_goals_see_every_move_whether_the_sets_collapsed_or_not(
     assert state.ranking.take_moved() >= moved
     for by in ("supporters", "last_hour", "today"):
         assert state.top(by, limit) == scan(state, by, limit), by
+
+
+def test_an_org_that_campaigns_join_out_of_order_is_not_copied_while_it_holds_no_repeat() -> None:
+    index = OrgCampaigns()
+    order = random.Random(7).sample(range(1, 2_001), 2_000)
+    index.add(1, order[0])
+    index.add(1, order[1])
+    first = index._ids[1]  # the array, once the org has two campaigns
+    for cid in order[2:]:
+        index.add(1, cid)
+    assert index._ids[1] is first  # checked at each doubling, never sorted and copied
+    assert index.campaigns(1) == set(order)
+    assert index.held(1) == 2_000
+    for cid in order + order:  # repeats (campaigns that lost the org and gained it again)
+        index.add(1, cid)
+    assert index._ids[1] is not first  # a check found them: rebuilt, each id once
+    assert index.held(1) <= 2 * 2_000 + SLACK + 1
+    assert index.campaigns(1) == set(order)
