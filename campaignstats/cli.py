@@ -11,6 +11,7 @@ import asyncio
 import gc
 import json
 import os
+import select
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -654,6 +655,17 @@ def print_table(campaigns: dict[int, Any], limit: int = 20) -> None:
         print(f"{cid:>9} {s.supporters:>11,} {s.extra_supporters:>7,} {actions:>9,}  {areas}")
 
 
+def _stdout_gone() -> bool:
+    """True when stdout is a pipe whose reader has closed it (a broken pipe there is the
+    reader's doing, not the server's)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no stdout, or not a file
+        return False
+
+
 def _serve_on_loop(args: argparse.Namespace) -> int:
     """``serve`` on the event loop ``--loop`` names (campaignstats/loops.py)."""
     from campaignstats.loops import runner
@@ -1081,6 +1093,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except BrokenPipeError as exc:
+        if _stdout_gone():
+            # The reader of our output went away (`campaignstats stats ... | head`): stop
+            # quietly, as cat does, with the exit status of a process SIGPIPE ended.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + 13
+        print(f"cannot reach the server: {exc}", file=sys.stderr)
+        return 1
     except ConnectionError as exc:
         print(f"cannot reach the server: {exc}", file=sys.stderr)
         return 1
