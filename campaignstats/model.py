@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 from zoneinfo import ZoneInfo
 
-import msgpack
-
 from campaignstats.errors import BadMessage, Invalid, ProtocolError
 from campaignstats.journal import EarlyHorizon, Fold, apply_page
 from campaignstats.orgindex import OrgCampaigns
@@ -240,13 +238,27 @@ def scope_name(scope: Scope) -> str:
 #: the three maps of a campaign, as :meth:`CampaignStats.maps` gives them
 Maps = tuple[dict[str, int], dict[str, int], dict[int, int]]
 
-_packb = msgpack.Packer().pack  # stateless between calls (autoreset): shared
-#: the packed form of three empty maps: one bytes object for every empty packed campaign
-_EMPTY_PACKED: bytes = _packb(({}, {}, {}))
+#: the packed form of three empty maps (a MessagePack array of three empty maps): one bytes
+#: object for every empty packed campaign
+_EMPTY_PACKED = b"\x93\x80\x80\x80"
+_pack: Callable[[object], bytes] | None = None
+
+
+def _packb(maps: tuple[Mapping[Any, int], ...]) -> bytes:
+    """MessagePack of a campaign's three maps. msgpack is imported at the first pack: the model
+    imports with the standard library alone (tests/test_review_memory.py runs it so)."""
+    global _pack
+    if _pack is None:
+        import msgpack
+
+        _pack = msgpack.Packer().pack  # resets after every call: one for the process
+    return _pack(maps)
 
 
 def _unpack_maps(packed: bytes) -> Maps:
     """The three maps of a packed campaign, as fresh dicts (keys not interned)."""
+    import msgpack  # only a packed campaign gets here (see _packb)
+
     action, area, org = msgpack.unpackb(packed, strict_map_key=False)
     return action, area, org
 
