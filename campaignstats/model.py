@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol
 from zoneinfo import ZoneInfo
 
 from campaignstats.errors import BadMessage, Invalid, ProtocolError
@@ -263,16 +263,17 @@ def _unpack_maps(packed: bytes) -> Maps:
     return action, area, org
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class CampaignStats:
     """Counts of one campaign. ``supporters`` and ``org`` include ``extra_supporters``.
 
     An idle campaign may be *packed* (docs/design.md, "Memory", round 3): its three maps are
-    then one MessagePack ``bytes`` in ``packed`` and the ``action``, ``area`` and ``org``
-    slots are unset (no dict held). Reading one of those attributes unpacks it for good
-    (``__getattr__``, only called for an unset slot): every write path stays exact and costs
-    nothing more while unpacked. Code that only reads uses :meth:`maps` or :meth:`to_wire`,
-    which leave a packed campaign packed.
+    then one MessagePack ``bytes`` (``packed``) and it holds no dict. It is then of the class
+    :class:`PackedCampaignStats`, whose ``action``, ``area`` and ``org`` unpack it for good
+    (its class back to this one) and return the dict: every write path stays exact, and costs
+    nothing more while unpacked (this class has no hook: its slot reads are the interpreter's
+    fastest). Code that only reads uses :meth:`maps` or :meth:`to_wire`, which leave a packed
+    campaign packed.
     """
 
     supporters: int = 0
@@ -281,29 +282,21 @@ class CampaignStats:
     org: dict[int, int] = field(default_factory=dict)
     extra_supporters: int = 0
     messages: int = 0
-    #: the three maps as MessagePack while packed, else None
-    packed: bytes | None = field(default=None, compare=False, repr=False)
 
-    if not TYPE_CHECKING:  # mypy keeps checking attribute names
-
-        def __getattr__(self, name: str) -> Any:
-            # Only reached for an unset slot: ``action``, ``area`` or ``org`` of a packed
-            # campaign, which a writer is about to change (readers call maps()).
-            if name in ("action", "area", "org") and self.packed is not None:
-                self.unpack()
-                return object.__getattribute__(self, name)
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    #: the three maps as MessagePack while packed (:class:`PackedCampaignStats`), else None
+    packed: ClassVar[bytes | None] = None
 
     def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
+        if not isinstance(other, CampaignStats):
             return NotImplemented
-        assert isinstance(other, CampaignStats)
         return (
             self.supporters == other.supporters
             and self.extra_supporters == other.extra_supporters
             and self.messages == other.messages
             and self.maps() == other.maps()
         )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass had it
 
     def __repr__(self) -> str:
         action, area, org = self.maps()
@@ -313,16 +306,16 @@ class CampaignStats:
             f"messages={self.messages!r}{', packed' if self.packed is not None else ''})"
         )
 
-    @classmethod
+    @staticmethod
     def from_packed(
-        cls, supporters: int, packed: bytes, extra_supporters: int = 0, messages: int = 0
+        supporters: int, packed: bytes, extra_supporters: int = 0, messages: int = 0
     ) -> CampaignStats:
         """A packed campaign: no dict is made."""
-        stats = cls.__new__(cls)
+        stats = PackedCampaignStats.__new__(PackedCampaignStats)
         stats.supporters = supporters
         stats.extra_supporters = extra_supporters
         stats.messages = messages
-        stats.packed = _EMPTY_PACKED if packed == _EMPTY_PACKED else packed
+        _MAPS_SLOT.__set__(stats, _EMPTY_PACKED if packed == _EMPTY_PACKED else packed)
         return stats
 
     def maps(self) -> Maps:
@@ -339,8 +332,10 @@ class CampaignStats:
         if self.packed is not None:
             return False
         packed = _packb((self.action, self.area, self.org))
-        self.packed = _EMPTY_PACKED if packed == _EMPTY_PACKED else packed
-        del self.action, self.area, self.org
+        del self.area, self.org
+        # The bytes live in the ``action`` slot, which PackedCampaignStats reads as ``packed``.
+        _MAPS_SLOT.__set__(self, _EMPTY_PACKED if packed == _EMPTY_PACKED else packed)
+        self.__class__ = PackedCampaignStats
         return True
 
     def unpack(self) -> None:
@@ -349,10 +344,10 @@ class CampaignStats:
         if packed is None:
             return
         action, area, org = _unpack_maps(packed)
+        self.__class__ = CampaignStats
         self.action = {intern(k): n for k, n in action.items()}
         self.area = {intern(k): n for k, n in area.items()}
         self.org = org
-        self.packed = None
 
     def packed_copy(self) -> CampaignStats:
         """A packed copy (the same bytes when packed already)."""
@@ -453,6 +448,36 @@ class CampaignStats:
                 self.messages = 0
                 clamped = True
         return clamped
+
+
+#: the ``action`` slot itself: a packed campaign keeps its bytes there
+_MAPS_SLOT: Any = CampaignStats.__dict__["action"]
+
+
+def _unpacked(name: str) -> Any:
+    def read(self: CampaignStats) -> Any:
+        self.unpack()  # its class is CampaignStats from here: the slot is read directly
+        return getattr(self, name)
+
+    read.__name__ = name
+    return property(read, doc=f"``{name}``, after unpacking the campaign for good")
+
+
+class PackedCampaignStats(CampaignStats):
+    """A packed :class:`CampaignStats` (the same slots: an object changes class in place).
+    Its maps are the MessagePack bytes in ``packed`` (kept in the ``action`` slot; ``area``
+    and ``org`` are unset); reading ``action``, ``area`` or ``org`` unpacks it."""
+
+    __slots__ = ()
+
+    if not TYPE_CHECKING:  # mypy keeps the dict types of CampaignStats for these names
+        action = _unpacked("action")
+        area = _unpacked("area")
+        org = _unpacked("org")
+
+        @property
+        def packed(self) -> bytes:
+            return _MAPS_SLOT.__get__(self, CampaignStats)
 
 
 def _take(counts: dict[Any, int], key: Any, n: int) -> bool:
@@ -1630,7 +1655,7 @@ class StatsState:
         """What is wrong with the counts, or None: every count a non-negative int, every
         key of the right type. Used before a restarted actor keeps its predecessor's state."""
         for cid, stats in self.campaigns.items():
-            if type(stats) is not CampaignStats:
+            if not isinstance(stats, CampaignStats):
                 return f"campaign {cid}: not CampaignStats"
             for name in ("supporters", "extra_supporters", "messages"):
                 n = getattr(stats, name)

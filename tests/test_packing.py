@@ -26,7 +26,13 @@ from campaignstats.client import AsyncStatsClient
 from campaignstats.errors import UsageError
 from campaignstats.goals import GoalKeeper, GoalsSpec
 from campaignstats.journal import EarlyHorizon
-from campaignstats.model import CalculationResult, CampaignStats, Increment, StatsState
+from campaignstats.model import (
+    CalculationResult,
+    CampaignStats,
+    Increment,
+    PackedCampaignStats,
+    StatsState,
+)
 
 from .helpers import serve_process
 from .test_apply_paths import NOW, _calculation, _result, batches, decoded, snapshot
@@ -148,14 +154,16 @@ def test_a_packed_campaign_holds_no_dicts_and_its_first_write_unpacks_it() -> No
     assert stats.pack() is True
     assert stats.pack() is False  # packed already
     assert isinstance(stats.packed, bytes)
-    for name in ("action", "area", "org"):  # the slots are unset: no dict is held
-        assert getattr(type(stats), name).__get__ is not None
+    assert type(stats) is PackedCampaignStats
+    for name in ("area", "org"):  # the slots themselves: unset, no dict is held
         with pytest.raises(AttributeError):
-            object.__getattribute__(stats, name)
+            CampaignStats.__dict__[name].__get__(stats, CampaignStats)
+    assert CampaignStats.__dict__["action"].__get__(stats, CampaignStats) is stats.packed
     assert stats.to_wire() == wire
     assert stats.packed is not None
     state.apply_many([Increment(1, 9, "sign", "FR", True)])
     assert stats.packed is None
+    assert type(stats) is CampaignStats
     assert state.stats(1) == {
         "supporters": 2,
         "action": {"sign": 2, "share": 1},
