@@ -33,8 +33,9 @@ from campaignstats.model import (
     PackedCampaignStats,
     StatsState,
 )
+from campaignstats.service import StatsService
 
-from .helpers import serve_process
+from .helpers import serve_process, wait_for
 from .test_apply_paths import NOW, _calculation, _result, batches, decoded, snapshot
 
 PACK_IDLE = 60.0
@@ -396,3 +397,63 @@ async def test_a_server_with_a_short_pack_idle_answers_the_same_before_and_after
     loaded = load_snapshot(snapshot_path)  # written at stop, packed campaigns included
     assert loaded is not None
     assert {cid: loaded[cid].to_wire() for cid in ids} == after
+
+
+class _EmptyDatabase:
+    """The first calculation finds nothing (no transaction snapshot: nothing is forgotten);
+    the later ones wait, so that what an actor answers is what it holds."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.release = asyncio.Event()
+
+    async def calculate(self, scope: Any) -> CalculationResult:
+        self.calls += 1
+        if self.calls > 1:
+            await self.release.wait()
+        return CalculationResult("all" if scope == "all" else "live", {}, 0)
+
+
+async def test_a_restarted_actor_keeps_its_predecessors_packed_campaigns(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot.msgpack"
+    save_snapshot(
+        path,
+        {
+            1: CampaignStats(2, {"sign": 2}, {"DE": 2}, {7: 2}),
+            2: CampaignStats(1, {"share": 1}, {}, {8: 1}),
+        },
+    )
+    crash = False
+
+    def hook(message: object) -> None:
+        if crash:
+            raise RuntimeError("injected crash")
+
+    source = _EmptyDatabase()
+    config = ActorConfig(sync_interval=3600, snapshot_path=path, pack_idle=300, fault_hook=hook)
+    service = StatsService(source, config)
+    await service.start()
+    try:
+        await wait_for(lambda: source.calls == 1)
+        before = await service.stats_many([1, 2])
+        actor = service.supervisor.actor
+        assert actor is not None
+        assert _packed(actor.state) == {1, 2}  # a snapshot file's counts are loaded packed
+        crash = True
+        with pytest.raises(Exception, match="crashed"):
+            await service.stats(1)
+        crash = False
+        assert (await service.info())["restarts"] == 1
+        successor = service.supervisor.actor
+        assert successor is not None
+        assert successor is not actor
+        assert successor.state is actor.state  # kept: check() read the packed campaigns
+        assert _packed(successor.state) == {1, 2}
+        assert await service.stats_many([1, 2]) == before
+        service.increment(1, 7, "sign", "DE", True)
+        await service.flush()
+        assert (await service.stats(1))["area"] == {"DE": 3}
+        assert _packed(successor.state) == {2}
+    finally:
+        source.release.set()
+        await service.stop(timeout=5)
