@@ -18,6 +18,7 @@ import msgpack
 
 from bench._data import ACTION_TYPES, AREAS, Item
 from bench._harness import rss_bytes, time_each
+from campaignstats.actor.packing import Packing  # imported before any RSS is read
 from campaignstats.client import StatsClient
 from campaignstats.client._common import Address
 from campaignstats.client.blocking import _Connection
@@ -337,16 +338,46 @@ def varied_campaign(cid: int) -> list[tuple[int, int, str, str | None, bool, int
     ]
 
 
-def memory(campaigns: int, varied: bool = False) -> dict[str, Any]:
+#: campaigns filled between two sweeps of ``memory(idle=True)``
+IDLE_CHUNK = 1_000
+
+
+def sweep_idle(state: StatsState) -> dict[str, Any]:
+    """Advance ``state``'s clock past ``pack_idle`` and run the actor's sweep
+    (campaignstats.actor.packing) to its end; returns its figures."""
+    now = state.clock() + state.pack_idle + 1
+    state.clock = lambda: now
+    packing = Packing(idle_after=state.pack_idle)
+    packing.start_if_due(state, packing.next_at)
+    while not packing.step(state):
+        pass
+    assert packing.last is not None
+    return packing.last
+
+
+def memory(campaigns: int, varied: bool = False, idle: bool = False) -> dict[str, Any]:
     """Workload 6: RSS growth of a StatsState holding ``campaigns`` typical campaigns
-    (``varied``: campaigns with their own orgs and areas, :func:`varied_campaign`)."""
+    (``varied``: campaigns with their own orgs and areas, :func:`varied_campaign`).
+
+    ``idle``: every campaign packed, as the actor packs idle ones (docs/design.md, "Memory",
+    round 3): the campaigns go idle a thousand at a time (filled, then swept with the clock
+    past ``pack_idle``), as on a server, where the memory of the dicts packing frees is
+    reused by the next campaigns' (swept all at once at the end, the process keeps what the
+    dicts took, and the RSS measures the hot state)."""
     make = varied_campaign if varied else typical_campaign
     gc.collect()
     before = rss_bytes()
     state = StatsState()
+    if idle:
+        state.clock = lambda: 1_750_000_000.0
+        state.pack_idle = 300.0
     for cid in range(1, campaigns + 1):
         state.apply_many([Increment(*item) for item in make(cid)])
+        if idle and (cid % IDLE_CHUNK == 0 or cid == campaigns):
+            sweep_idle(state)
     gc.collect()
     after = rss_bytes()
     assert len(state.campaigns) == campaigns
+    if idle:
+        assert state.packed_count() == campaigns
     return {"campaigns": campaigns, "bytes_per_campaign": (after - before) / campaigns}

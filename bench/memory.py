@@ -3,6 +3,7 @@
     python -m bench.memory                    # 10,000 typical campaigns, about 10 seconds
     python -m bench.memory --campaigns 100000 --spread 10 --top
     python -m bench.memory --redis            # bench.run's memory rows alone, Redis included
+    python -m bench.memory --idle             # the same campaigns once the sweep packed them
 
 In one process, on StatsState directly: the typical campaign of ``bench.run``'s memory row (10
 new supporters, 5 action types, 10 areas, 3 orgs; fresh strings, as decoded), applied one
@@ -17,9 +18,14 @@ campaign that was active for a while); ``--top`` calls ``top`` once, so that the
 every campaign (as on a server that answers it). ``--varied``: campaigns with the same
 counts but key sets of their own (3 orgs no other campaign has, their own 10 of 30 areas:
 ``bench._workers.varied_campaign``), as real campaigns have; a layout that only campaigns
-sharing key sets benefit from shows here. ``--redis`` measures only ``bench.run``'s memory
+sharing key sets benefit from shows here. ``--idle``: then the clock goes past
+``pack_idle`` and the actor's sweep packs every campaign (docs/design.md, "Memory", round 3);
+the figures are those of the packed state (tracemalloc and the breakdown: live bytes; the RSS
+keeps what the freed dicts took). ``--redis`` measures only ``bench.run``'s memory
 rows (workload 6, each size in a forked child, as bench.run does) and Redis's ``used_memory``
-for the same campaigns, one hash each, in the same run; then the same for varied campaigns.
+for the same campaigns, one hash each, in the same run; then the same for varied campaigns;
+and ours once idle (``idle.`` rows: ``bench._workers.memory(idle=True)``, the campaigns going
+idle a thousand at a time).
 Writes JSON to bench/results/memory.json.
 """
 
@@ -34,7 +40,7 @@ from typing import Any
 
 from bench import _redis, _workers
 from bench._harness import append_result, in_child, machine, rss_bytes
-from bench._workers import typical_campaign, varied_campaign
+from bench._workers import sweep_idle, typical_campaign, varied_campaign
 from campaignstats.model import Increment, StatsState
 
 NOW = 1_750_000_000.0
@@ -57,7 +63,10 @@ def breakdown(state: StatsState, n: int) -> dict[str, float]:
     parts: dict[str, int] = {}
     parts["campaigns dict + ids"] = _size([state.campaigns], seen) + _size(state.campaigns, seen)
     parts["CampaignStats"] = _size(campaigns, seen)
-    maps = [m for s in campaigns for m in (s.action, s.area, s.org)]
+    # A packed campaign's maps are one bytes object (read through maps() they stay packed).
+    hot = [s for s in campaigns if getattr(s, "packed", None) is None]
+    parts["packed maps (bytes)"] = _size((s.packed for s in campaigns if s not in hot), seen)
+    maps = [m for s in hot for m in (s.action, s.area, s.org)]
     parts["action/area/org maps"] = _size(maps, seen)
     for m in maps:  # a compact map's parts: its values and its (shared) layout
         parts["action/area/org maps"] += _size(getattr(m, "__dict__", {}).values(), seen)
@@ -108,10 +117,21 @@ def fill(campaigns: int, spread: int, varied: bool = False) -> StatsState:
     return state
 
 
-def measure(campaigns: int, spread: int, top: bool, varied: bool = False) -> dict[str, Any]:
+def fill_idle(campaigns: int, spread: int, varied: bool = False) -> StatsState:
+    """:func:`fill`, then the clock past ``pack_idle`` and the actor's sweep to its end."""
+    state = fill(campaigns, spread, varied)
+    state.pack_idle = 300.0
+    sweep_idle(state)
+    assert state.packed_count() == campaigns
+    return state
+
+
+def measure(
+    campaigns: int, spread: int, top: bool, varied: bool = False, idle: bool = False
+) -> dict[str, Any]:
     gc.collect()
     rss0 = rss_bytes()
-    state = fill(campaigns, spread, varied)
+    state = (fill_idle if idle else fill)(campaigns, spread, varied)
     if top:
         state.top("supporters", 10)
     gc.collect()
@@ -120,7 +140,7 @@ def measure(campaigns: int, spread: int, top: bool, varied: bool = False) -> dic
     gc.collect()
     tracemalloc.start()  # a second state: tracing costs memory of its own, kept out of the RSS
     traced0 = tracemalloc.get_traced_memory()[0]
-    state = fill(campaigns, spread, varied)
+    state = (fill_idle if idle else fill)(campaigns, spread, varied)
     if top:
         state.top("supporters", 10)
     gc.collect()
@@ -131,6 +151,7 @@ def measure(campaigns: int, spread: int, top: bool, varied: bool = False) -> dic
         "spread_minutes": spread,
         "top": top,
         "varied": varied,
+        "idle": idle,
         "rss_per_campaign": round(rss / campaigns, 1),
         "traced_per_campaign": round(traced / campaigns, 1),
         "by_structure": breakdown(state, campaigns),
@@ -145,6 +166,8 @@ def rows(sizes: tuple[int, ...]) -> dict[str, Any]:
         for size in sizes:
             ours = in_child(_workers.memory, size, varied, timeout=300)
             out[f"{prefix}mem.{size}"] = ours.get("bytes_per_campaign", ours.get("error"))
+            idle = in_child(_workers.memory, size, varied, True, timeout=300)
+            out[f"idle.{prefix}mem.{size}"] = idle.get("bytes_per_campaign", idle.get("error"))
     why = _redis.ensure_redis(print)
     if why is not None:
         out["redis"] = why
@@ -167,26 +190,31 @@ def main() -> None:
     parser.add_argument(
         "--varied", action="store_true", help="campaigns with their own orgs and areas"
     )
+    parser.add_argument(
+        "--idle", action="store_true", help="then every campaign packed by the actor's sweep"
+    )
     args = parser.parse_args()
     if args.redis:
         result = rows((10_000, 100_000))
         for prefix, name in (("", "typical"), ("varied.", "varied (own orgs, areas)")):
             for size in (10_000, 100_000):
-                ours = result[f"{prefix}mem.{size}"]
                 theirs = result.get(f"{prefix}redis.mem.{size}")
-                ratio = f"{ours / theirs:.1f}x" if isinstance(theirs, float) else "-"
                 shown = f"{theirs:,.0f}" if isinstance(theirs, float) else theirs
-                print(
-                    f"{name}, {size:,} campaigns: ours {ours:,.0f} B, Redis {shown} B, "
-                    f"ratio {ratio}"
-                )
+                for state, key in (("hot", f"{prefix}mem.{size}"), ("idle", f"idle.{prefix}mem")):
+                    ours = result[key if state == "hot" else f"{key}.{size}"]
+                    ratio = f"{ours / theirs:.1f}x" if isinstance(theirs, float) else "-"
+                    print(
+                        f"{name}, {size:,} campaigns, {state}: ours {ours:,.0f} B, "
+                        f"Redis {shown} B, ratio {ratio}"
+                    )
         append_result("memory", {**machine(), "rows": result})
         return
     if not 1 <= args.spread <= 10 or args.campaigns < 1:
         parser.error("--spread is 1 to 10 minutes, --campaigns at least 1")
-    result = measure(args.campaigns, args.spread, args.top, args.varied)
+    result = measure(args.campaigns, args.spread, args.top, args.varied, args.idle)
     print(
-        f"{args.campaigns:,} {'varied' if args.varied else 'typical'} campaigns, actions over "
+        f"{args.campaigns:,} {'varied' if args.varied else 'typical'} campaigns"
+        f"{', idle (packed)' if args.idle else ''}, actions over "
         f"{args.spread} minute(s), top {'called' if args.top else 'not called'}:"
     )
     print(f"  RSS growth        {result['rss_per_campaign']:8.1f} B per campaign")

@@ -26,7 +26,7 @@ from campaignstats.follower import commands as follow_commands
 from campaignstats.logs import configure_logging
 from campaignstats.metrics.update import DEFAULT_LIMITS as DEFAULT_METRIC_LIMITS
 from campaignstats.metrics.update import MetricLimits
-from campaignstats.model import Scope
+from campaignstats.model import DEFAULT_PACK_IDLE, DEFAULT_PACK_INTERVAL, Scope
 
 log = structlog.get_logger(__name__)
 
@@ -294,6 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="campaigns in memory; increments creating more are invalid (default: no cap)",
+    )
+    p.add_argument(
+        "--pack-idle",
+        type=_seconds_or_zero,
+        default=DEFAULT_PACK_IDLE,
+        metavar="SECONDS",
+        help="keep the counts of a campaign with no change for this long packed in a few bytes, "
+        "unpacked by its next change; reads leave it packed; 0: never pack "
+        '(default: %(default)s; docs/design.md, "Memory")',
     )
     p.add_argument(
         "--no-gc-policy",
@@ -650,8 +659,9 @@ def print_table(campaigns: dict[int, Any], limit: int = 20) -> None:
     rows = sorted(campaigns.items(), key=lambda kv: -kv[1].supporters)[:limit]
     print(f"{'campaign':>9} {'supporters':>11} {'extra':>7} {'actions':>9}  top areas")
     for cid, s in rows:
-        areas = ", ".join(f"{a} {n}" for a, n in sorted(s.area.items(), key=lambda kv: -kv[1])[:3])
-        actions = sum(s.action.values())
+        action, area, _ = s.maps()
+        areas = ", ".join(f"{a} {n}" for a, n in sorted(area.items(), key=lambda kv: -kv[1])[:3])
+        actions = sum(action.values())
         print(f"{cid:>9} {s.supporters:>11,} {s.extra_supporters:>7,} {actions:>9,}  {areas}")
 
 
@@ -749,6 +759,8 @@ async def serve(args: argparse.Namespace) -> int:
                 goals_log=_goals_log(args.snapshot),
                 webhooks=webhooks,
                 gc_policy=not args.no_gc_policy,
+                pack_idle=args.pack_idle,
+                pack_interval=min(DEFAULT_PACK_INTERVAL, args.pack_idle or DEFAULT_PACK_INTERVAL),
             ),
             mailbox_size=args.mailbox_size,
             max_string=args.max_string,

@@ -203,7 +203,7 @@ class GoalKeeper:
         if passed:
             self._reach(campaign_id, passed)
         for area, t in self.quorums.get(campaign_id, {}).items():
-            if stats.area.get(area, 0) >= t:
+            if stats.maps()[1].get(area, 0) >= t:  # a read: a packed campaign stays packed
                 self.area_reached.setdefault(campaign_id, {}).setdefault(area, set()).add(t)
         self._next.pop(campaign_id, None)
         if not self.loaded:
@@ -292,7 +292,7 @@ class GoalKeeper:
     def _quorums(
         self, cid: int, stats: CampaignStats, now: float, events: list[tuple[int, Event]]
     ) -> None:
-        counts = stats.area
+        counts = stats.maps()[1]  # a read: a packed campaign stays packed
         mine = self.area_reached.get(cid)
         crossed: list[tuple[int, str, int]] = []
         for area, t in self.quorums[cid].items():

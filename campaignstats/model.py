@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol
 from zoneinfo import ZoneInfo
 
 from campaignstats.errors import BadMessage, Invalid, ProtocolError
@@ -62,6 +62,10 @@ FORGET_ORGS_PER_STEP = 20_000
 DEFAULT_JOURNAL_LIMIT = 5_000_000  # changes kept one by one (about 200 bytes each) + folded keys
 MAX_ID = 2**63 - 1
 DEFAULT_MAX_STRING = 64  # bytes of UTF-8, for action_type and area
+#: idle campaigns packed (docs/design.md, "Memory", round 3): seconds with no change after
+#: which a campaign is packed (``serve --pack-idle``), and seconds between two sweeps, at most
+DEFAULT_PACK_IDLE = 300.0
+DEFAULT_PACK_INTERVAL = 60.0
 
 
 class Increment(NamedTuple):
@@ -234,9 +238,46 @@ def scope_name(scope: Scope) -> str:
     return scope if isinstance(scope, str) else "ids"
 
 
-@dataclass(slots=True)
+#: the three maps of a campaign, as :meth:`CampaignStats.maps` gives them
+Maps = tuple[dict[str, int], dict[str, int], dict[int, int]]
+
+#: the packed form of three empty maps (a MessagePack array of three empty maps): one bytes
+#: object for every empty packed campaign
+_EMPTY_PACKED = b"\x93\x80\x80\x80"
+_pack: Callable[[object], bytes] | None = None
+
+
+def _packb(maps: tuple[Mapping[Any, int], ...]) -> bytes:
+    """MessagePack of a campaign's three maps. msgpack is imported at the first pack: the model
+    imports with the standard library alone (tests/test_review_memory.py runs it so)."""
+    global _pack
+    if _pack is None:
+        import msgpack
+
+        _pack = msgpack.Packer().pack  # resets after every call: one for the process
+    return _pack(maps)
+
+
+def _unpack_maps(packed: bytes) -> Maps:
+    """The three maps of a packed campaign, as fresh dicts (keys not interned)."""
+    import msgpack  # only a packed campaign gets here (see _packb)
+
+    action, area, org = msgpack.unpackb(packed, strict_map_key=False)
+    return action, area, org
+
+
+@dataclass(slots=True, eq=False)
 class CampaignStats:
-    """Counts of one campaign. ``supporters`` and ``org`` include ``extra_supporters``."""
+    """Counts of one campaign. ``supporters`` and ``org`` include ``extra_supporters``.
+
+    An idle campaign may be *packed* (docs/design.md, "Memory", round 3): its three maps are
+    then one MessagePack ``bytes`` (``packed``) and it holds no dict. It is then of the class
+    :class:`PackedCampaignStats`, whose ``action``, ``area`` and ``org`` unpack it for good
+    (its class back to this one) and return the dict: every write path stays exact, and costs
+    nothing more while unpacked (this class has no hook: its slot reads are the interpreter's
+    fastest). Code that only reads uses :meth:`maps` or :meth:`to_wire`, which leave a packed
+    campaign packed.
+    """
 
     supporters: int = 0
     action: dict[str, int] = field(default_factory=dict)
@@ -245,8 +286,86 @@ class CampaignStats:
     extra_supporters: int = 0
     messages: int = 0
 
+    #: the three maps as MessagePack while packed (:class:`PackedCampaignStats`), else None
+    packed: ClassVar[bytes | None] = None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CampaignStats):
+            return NotImplemented
+        return (
+            self.supporters == other.supporters
+            and self.extra_supporters == other.extra_supporters
+            and self.messages == other.messages
+            and self.maps() == other.maps()
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass had it
+
+    def __repr__(self) -> str:
+        action, area, org = self.maps()
+        return (
+            f"CampaignStats(supporters={self.supporters!r}, action={action!r}, area={area!r}, "
+            f"org={org!r}, extra_supporters={self.extra_supporters!r}, "
+            f"messages={self.messages!r}{', packed' if self.packed is not None else ''})"
+        )
+
+    @staticmethod
+    def from_packed(
+        supporters: int, packed: bytes, extra_supporters: int = 0, messages: int = 0
+    ) -> CampaignStats:
+        """A packed campaign: no dict is made."""
+        stats = PackedCampaignStats.__new__(PackedCampaignStats)
+        stats.supporters = supporters
+        stats.extra_supporters = extra_supporters
+        stats.messages = messages
+        _MAPS_SLOT.__set__(stats, _EMPTY_PACKED if packed == _EMPTY_PACKED else packed)
+        return stats
+
+    def maps(self) -> Maps:
+        """``(action, area, org)`` for reading: the live dicts, or, while packed, fresh ones
+        decoded for the caller (the campaign stays packed). Never change them."""
+        packed = self.packed
+        if packed is None:
+            return self.action, self.area, self.org
+        return _unpack_maps(packed)
+
+    def pack(self) -> bool:
+        """Keep the three maps as one MessagePack ``bytes`` (empty ones too: three empty dicts
+        cost 192 bytes); False when packed already."""
+        if self.packed is not None:
+            return False
+        packed = _packb((self.action, self.area, self.org))
+        del self.area, self.org
+        # The bytes live in the ``action`` slot, which PackedCampaignStats reads as ``packed``.
+        _MAPS_SLOT.__set__(self, _EMPTY_PACKED if packed == _EMPTY_PACKED else packed)
+        self.__class__ = PackedCampaignStats
+        return True
+
+    def unpack(self) -> None:
+        """Install the maps again (keys interned, as the hot path interns them)."""
+        packed = self.packed
+        if packed is None:
+            return
+        action, area, org = _unpack_maps(packed)
+        self.__class__ = CampaignStats
+        self.action = {intern(k): n for k, n in action.items()}
+        self.area = {intern(k): n for k, n in area.items()}
+        self.org = org
+
+    def packed_copy(self) -> CampaignStats:
+        """A packed copy (the same bytes when packed already)."""
+        packed = self.packed
+        if packed is None:
+            packed = _packb((self.action, self.area, self.org))
+        return CampaignStats.from_packed(
+            self.supporters, packed, self.extra_supporters, self.messages
+        )
+
     def copy(self) -> CampaignStats:
-        """A copy whose keys are interned (a calculation's come one per database row)."""
+        """A copy whose keys are interned (a calculation's come one per database row); a
+        packed campaign's copy is packed (the bytes are shared)."""
+        if self.packed is not None:
+            return self.packed_copy()
         return CampaignStats(
             self.supporters,
             {intern(k): n for k, n in self.action.items()},
@@ -257,12 +376,18 @@ class CampaignStats:
         )
 
     def to_wire(self) -> WireStats:
-        """The STATS map of the wire. Copies, so the caller may keep it while the state moves on."""
+        """The STATS map of the wire. Copies, so the caller may keep it while the state moves on;
+        a packed campaign stays packed."""
+        packed = self.packed
+        if packed is None:
+            action, area, org = dict(self.action), dict(self.area), dict(self.org)
+        else:
+            action, area, org = _unpack_maps(packed)  # fresh dicts already
         return {
             "supporters": self.supporters,
-            "action": dict(self.action),
-            "area": dict(self.area),
-            "org": dict(self.org),
+            "action": action,
+            "area": area,
+            "org": org,
             "extra_supporters": self.extra_supporters,
             "messages": self.messages,
         }
@@ -326,6 +451,36 @@ class CampaignStats:
                 self.messages = 0
                 clamped = True
         return clamped
+
+
+#: the ``action`` slot itself: a packed campaign keeps its bytes there
+_MAPS_SLOT: Any = CampaignStats.__dict__["action"]
+
+
+def _unpacked(name: str) -> Any:
+    def read(self: CampaignStats) -> Any:
+        self.unpack()  # its class is CampaignStats from here: the slot is read directly
+        return getattr(self, name)
+
+    read.__name__ = name
+    return property(read, doc=f"``{name}``, after unpacking the campaign for good")
+
+
+class PackedCampaignStats(CampaignStats):
+    """A packed :class:`CampaignStats` (the same slots: an object changes class in place).
+    Its maps are the MessagePack bytes in ``packed`` (kept in the ``action`` slot; ``area``
+    and ``org`` are unset); reading ``action``, ``area`` or ``org`` unpacks it."""
+
+    __slots__ = ()
+
+    if not TYPE_CHECKING:  # mypy keeps the dict types of CampaignStats for these names
+        action = _unpacked("action")
+        area = _unpacked("area")
+        org = _unpacked("org")
+
+        @property
+        def packed(self) -> bytes:
+            return _MAPS_SLOT.__get__(self, CampaignStats)
 
 
 def _take(counts: dict[Any, int], key: Any, n: int) -> bool:
@@ -589,6 +744,7 @@ class StatsState:
         "org_campaigns",
         "org_forgetting",
         "org_pages",
+        "pack_idle",
         "page_mismatches",
         "page_timelines",
         "pages",
@@ -659,6 +815,10 @@ class StatsState:
         #: changes naming a new page of a campaign that has ``max_keys`` pages already: counted
         #: in their campaign, no page created (docs/design.md, "Action pages and orgs")
         self.pages_over_limit = 0
+        #: seconds with no change after which a campaign may be packed (docs/design.md,
+        #: "Memory", round 3); 0: never packed (here: the merge and a snapshot's load install
+        #: idle campaigns packed; the actor's sweep packs the others)
+        self.pack_idle = 0.0
 
     def _new_ranking(self) -> SupporterRanking:
         return SupporterRanking(lambda: self.campaigns.keys())
@@ -1130,12 +1290,12 @@ class StatsState:
         per_campaign: dict[int, int] = {}
         for cid in self.org_campaigns.campaigns(org_id):
             stats = self.campaigns.get(cid)
-            n = 0 if stats is None else stats.org.get(org_id, 0)
+            n = 0 if stats is None else stats.maps()[2].get(org_id, 0)
             if n:
                 per_campaign[cid] = n
         actions = 0
         for page in self.org_pages.get(org_id, ()):
-            actions += sum(self.pages[page].stats.action.values())
+            actions += sum(self.pages[page].stats.maps()[0].values())
         return {
             "supporters": sum(per_campaign.values()),
             "actions": actions,
@@ -1323,19 +1483,30 @@ class StatsState:
                     page_timelines,
                     now,
                 )
-            else:
-                truth = truth.copy()
             before = self.campaigns.get(cid)
+            before_maps = None if before is None else before.maps()  # read: stays packed
+            idle = self._stays_idle(before, bool(entries) or running is not None, timeline, now)
             # Drift only means something for a campaign memory had loaded before (from a merge or
             # a snapshot); increments alone before the first load are not "drift".
             if before is not None and cid in self.seen:
                 drift = CampaignDrift(
                     cid,
                     before.supporters - truth.supporters,
-                    sum(before.action.values()) - sum(truth.action.values()),
+                    sum(before_maps[0].values()) - sum(truth.action.values()),  # type: ignore[index]
                 )
                 if not drift.is_zero:
                     drifts.append(drift)
+            # Only the orgs it gains: one it has in memory is listed already (every path that
+            # adds an org key notes it), and appending each again at every calculation doubled
+            # the org's array, whose deduplication (a sort of all of it) then fell in one slice.
+            had = () if before_maps is None else before_maps[2]
+            for org_id in truth.org:
+                if org_id not in had:
+                    self._org_in(org_id, cid)
+            if idle:  # an idle campaign stays idle: packed straight from the truth, no dicts
+                truth = truth.packed_copy()
+            elif truth is result.campaigns[cid]:  # the database value as it is (no replay)
+                truth = truth.copy()
             if not result.messages_counted:
                 # The database has no messages table: memory is their only record.
                 truth.messages = before.messages if before is not None else 0
@@ -1343,13 +1514,6 @@ class StatsState:
                     held = self.pages.get(pid)
                     pt.stats.messages = held.stats.messages if held is not None else 0
             self.campaigns[cid] = truth
-            # Only the orgs it gains: one it has in memory is listed already (every path that
-            # adds an org key notes it), and appending each again at every calculation doubled
-            # the org's array, whose deduplication (a sort of all of it) then fell in one slice.
-            had = () if before is None else before.org
-            for org_id in truth.org:
-                if org_id not in had:
-                    self._org_in(org_id, cid)
             self._merge_pages(cid, page_truth, page_timelines)
             if timeline.last_action_at < 0 and not timeline.nbytes():
                 self.timelines.pop(cid, None)
@@ -1364,6 +1528,20 @@ class StatsState:
                 self.counted_now.pop(cid, None)
         self._bound(None)
         return drifts
+
+    def _stays_idle(
+        self, before: CampaignStats | None, changed: bool, timeline: Timeline, now: float
+    ) -> bool:
+        """Whether a merge installs a campaign packed (docs/design.md, "Memory", round 3): it
+        is packed now (nothing wrote to it since it was packed: a write unpacks), or memory
+        did not hold it, nothing was journaled for it (``changed``) and its last action is
+        older than ``pack_idle`` (a first calculation). A campaign that memory holds
+        unpacked stays unpacked: the sweep decides."""
+        if not self.pack_idle:
+            return False
+        if before is not None:
+            return before.packed is not None
+        return not changed and timeline.last_action_at < now - self.pack_idle
 
     def _replay(
         self,
@@ -1510,23 +1688,68 @@ class StatsState:
         """What is wrong with the counts, or None: every count a non-negative int, every
         key of the right type. Used before a restarted actor keeps its predecessor's state."""
         for cid, stats in self.campaigns.items():
-            if type(stats) is not CampaignStats:
+            if not isinstance(stats, CampaignStats):
                 return f"campaign {cid}: not CampaignStats"
             for name in ("supporters", "extra_supporters", "messages"):
                 n = getattr(stats, name)
                 if type(n) is not int or n < 0:
                     return f"campaign {cid}: {name} is {n!r}"
-            for name, key_type in (("action", str), ("area", str), ("org", int)):
-                for key, n in getattr(stats, name).items():
+            packed = stats.packed
+            if packed is not None and type(packed) is not bytes:
+                return f"campaign {cid}: packed is {type(packed).__name__}"
+            try:
+                maps = stats.maps()  # a packed campaign stays packed
+            except Exception as exc:
+                return f"campaign {cid}: its packed maps do not decode ({exc!r})"
+            for name, key_type, counts in zip(
+                ("action", "area", "org"), (str, str, int), maps, strict=True
+            ):
+                if type(counts) is not dict:
+                    return f"campaign {cid}: {name} is {type(counts).__name__}"
+                for key, n in counts.items():
                     if type(key) is not key_type or type(n) is not int or n <= 0:
                         return f"campaign {cid}: {name}[{key!r}] is {n!r}"
         return None
 
+    # -- idle campaigns packed (docs/design.md, "Memory", round 3) --------------------------------
+
+    def pack_idle_campaigns(self, ids: Iterable[int], now: float) -> tuple[int, int]:
+        """Pack each of these campaigns that is unpacked and had no change for ``pack_idle``
+        seconds before ``now``; returns how many it packed, and how many of them are packed
+        now (packed before, or just now). "No change" is read off the
+        campaign's timeline (its last action's time, which the hot path keeps anyway); a
+        wrong guess (a decrement, which files no action time) only costs an unpack at the
+        next write, never a count."""
+        if not self.pack_idle:
+            return 0, 0
+        campaigns = self.campaigns
+        timelines = self.timelines
+        idle_before = now - self.pack_idle
+        packed_now = packed = 0
+        for cid in ids:
+            stats = campaigns.get(cid)
+            if stats is None:
+                continue  # forgotten since the list was made
+            if stats.packed is None:
+                timeline = timelines.get(cid)
+                if timeline is not None and timeline.last_action_at >= idle_before:
+                    continue
+                stats.pack()
+                packed_now += 1
+            packed += 1
+        return packed_now, packed
+
+    def packed_count(self) -> int:
+        """Campaigns packed now (a scan of every campaign: tests and benchmarks)."""
+        return sum(1 for stats in self.campaigns.values() if stats.packed is not None)
+
     def replace_all(self, campaigns: Mapping[int, CampaignStats]) -> None:
         """Load a snapshot file's content (before any calculation)."""
-        self.campaigns = {cid: stats.copy() for cid, stats in campaigns.items()}
-        for cid, stats in self.campaigns.items():
-            for org_id in stats.org:
+        # Loaded counts are idle: packed at once when packing is on (docs/design.md, "Memory").
+        copy = CampaignStats.packed_copy if self.pack_idle else CampaignStats.copy
+        self.campaigns = {cid: copy(stats) for cid, stats in campaigns.items()}
+        for cid, stats in campaigns.items():
+            for org_id in stats.maps()[2]:
                 self._org_in(org_id, cid)
         # Loaded, so drift is measured at the first merge; an empty horizon skips nothing.
         self.seen = dict.fromkeys(campaigns, NO_HORIZON)

@@ -28,6 +28,8 @@ from campaignstats.goals import Event, GoalKeeper
 from campaignstats.journal import EarlyHorizon
 from campaignstats.model import (
     DEFAULT_MAX_KEYS,
+    DEFAULT_PACK_IDLE,
+    DEFAULT_PACK_INTERVAL,
     CalculationResult,
     CampaignDrift,
     Scope,
@@ -66,6 +68,7 @@ from .gcpolicy import GcPolicy
 from .mailbox import Mailbox
 from .messages import Ask, CalculationDone, CalculationFailed, Message, Stop, Tell
 from .metrics import COMMIT_DELAY, TICK, MetricsConfig, MetricsKeeper
+from .packing import Packing
 from .snapshot import load_snapshot_with_goals, save_snapshot
 from .subscriptions import DEFAULT_PUBLISH_INTERVAL, Registry
 
@@ -139,6 +142,11 @@ class ActorConfig:
     #: full pass after (campaignstats.actor.gcpolicy; docs/design.md, "Memory"): the process's
     #: collector, so ``serve``'s choice (``--no-gc-policy``), off for an embedding process
     gc_policy: bool = False
+    #: seconds with no change after which a campaign's counts are packed, 0: never; and
+    #: seconds between two sweeps that pack them (campaignstats.actor.packing;
+    #: docs/design.md, "Memory", round 3)
+    pack_idle: float = DEFAULT_PACK_IDLE
+    pack_interval: float = DEFAULT_PACK_INTERVAL
     #: test-only: called with every message before it is handled; raising crashes the actor
     fault_hook: Callable[[Message], None] | None = None
 
@@ -150,6 +158,12 @@ class ActorConfig:
             value = getattr(self, name)
             if not value > 0 or value == float("inf"):
                 raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
+        if not 0 <= self.pack_idle < float("inf"):
+            raise UsageError(f"pack_idle must be 0 or a positive number, not {self.pack_idle!r}")
+        if not 0 < self.pack_interval < float("inf"):
+            raise UsageError(
+                f"pack_interval must be a positive number of seconds, not {self.pack_interval!r}"
+            )
         if self.merge_slice < 1:
             raise UsageError(f"merge_slice must be at least 1, not {self.merge_slice!r}")
         if self.apply_slice < 1:
@@ -248,6 +262,10 @@ class StatsActor:
         self.state = state or StatsState(
             max_keys=config.max_keys, max_campaigns=config.max_campaigns
         )
+        #: idle campaigns packed (campaignstats.actor.packing): the merge and a snapshot's load
+        #: read ``pack_idle`` off the state, the sweep packs the rest
+        self.state.pack_idle = config.pack_idle
+        self.packing = Packing(config.pack_idle, config.pack_interval, config.merge_budget)
         self.rejected = 0
         #: refuses changes and calls of campaigns another shard owns (docs/scale.md)
         self._shard = None if config.shard is None else ShardFilter(config.shard)
@@ -320,6 +338,7 @@ class StatsActor:
             self._next_goals_at = time.monotonic() + GOALS_TICK
         self._start_calculation("all")
         self._next_calc_at = time.monotonic() + self.config.sync_interval
+        self.packing.schedule(time.monotonic())
         # The fault hook (tests) sees every message: its queries stay messages.
         self._serving = self.config.fault_hook is None
         try:
@@ -382,6 +401,21 @@ class StatsActor:
                 self._check_timers(time.monotonic())
                 await asyncio.sleep(0)
                 continue
+            if self.packing.sweep is not None:
+                # Idle campaigns packed a slice at a time, serving what arrived in between, as
+                # the merge does (a write to a campaign packed in an earlier slice unpacks it).
+                self.packing.step(self.state)
+                for _ in range(1_000):
+                    msg = get_nowait()
+                    if msg is None:
+                        break
+                    if handle(msg):
+                        return
+                    if self._slicing is not None or self._merge is not None:
+                        break  # a large batch or a merge began: it comes first
+                self._check_timers(time.monotonic())
+                await asyncio.sleep(0)
+                continue
             msg = get_nowait()
             if msg is None:
                 # Idle: what was applied is written before the wait (Redis writes its AOF
@@ -408,6 +442,8 @@ class StatsActor:
             deadline = min(deadline, self._next_goals_at)
         if self.gc.due_at is not None:
             deadline = min(deadline, self.gc.due_at)
+        if self.packing.enabled:
+            deadline = min(deadline, self.packing.next_at)
         if self.state.org_forgetting is not None:  # steps left: the next one at once
             deadline = now
         return max(0.0, deadline - now)
@@ -427,6 +463,7 @@ class StatsActor:
             metrics.tick(now)
         if metrics.copying and now >= metrics.next_slice_at:
             metrics.copy_step(now)
+        self.packing.start_if_due(self.state, now)
         if self.state.org_forgetting is not None:
             self.state.forget_step()  # forgotten campaigns leaving the org index, a step a turn
 
@@ -1038,6 +1075,7 @@ class StatsActor:
             },
             "shard": None if self.config.shard is None else self.config.shard.to_wire(),
             "gc": self.gc.info(),
+            "packing": self.packing.info(),
             "limits": {
                 "max_keys": self.config.max_keys,
                 "max_campaigns": self.config.max_campaigns,

@@ -29,7 +29,7 @@ def save_snapshot(
     path: Path, campaigns: dict[int, CampaignStats], goals: dict[str, Any] | None = None
 ) -> None:
     rows = [
-        (cid, s.supporters, s.action, s.area, s.org, s.extra_supporters, s.messages)
+        (cid, s.supporters, *s.maps(), s.extra_supporters, s.messages)  # packed stay packed
         for cid, s in campaigns.items()
     ]
     content: dict[str, Any] = {"format": FORMAT, "saved_at": time.time(), "campaigns": rows}
