@@ -75,6 +75,8 @@ class SoakReport:
     server_samples: list[dict[str, Any]] = field(default_factory=list)
     #: each merged calculation as ``info`` reported it (``last_calculation``), with its time
     merges: list[dict[str, Any]] = field(default_factory=list)
+    #: ``info``'s ``packing`` at the end: the idle sweeps and what the last one packed
+    packing: dict[str, Any] | None = None
 
     @property
     def exact(self) -> bool:
@@ -105,6 +107,7 @@ class SoakReport:
             "mismatched_campaigns": self.mismatched_campaigns[:10],
             "rss_after_first_minute": self.flatness(),
             "journal_at_merges": _journal_figures(self.merges),
+            "packing": self.packing,
         }
 
     def flatness(self, after: float = 60.0, within: float = 0.10) -> dict[str, Any]:
@@ -263,6 +266,7 @@ async def soak(
     seed: int = 1,
     progress: bool = True,
     probe_every: float | None = 5.0,
+    pack_idle: float | None = None,
 ) -> SoakReport:
     pg = EmbeddedPostgres(data_dir)
     admin = pg.start()
@@ -286,6 +290,7 @@ async def soak(
         "--log-level", "warning", "serve", "--dsn", dsn, "--port", str(port),
         "--sync-interval", "10",
         "--no-http",  # the soak is about the socket server; and port 7401 may be taken
+        *(["--pack-idle", str(pack_idle)] if pack_idle is not None else []),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=log_fd,
         env=env,
@@ -378,6 +383,7 @@ async def soak(
         report.calculations = {
             k: info["calculations"][k] for k in ("completed", "failed", "skipped")
         }
+        report.packing = info.get("packing")  # what the idle sweeps did (docs/protocol.md)
         memory = await probe.stats_many(campaigns)
         conn = await asyncpg.connect(dsn)
         try:
@@ -462,13 +468,18 @@ def main() -> int:
         "--probe-every", type=float, default=5.0,
         help="seconds between the probe's samples inside the server (0: no probe)",
     )  # fmt: skip
+    parser.add_argument(
+        "--pack-idle", type=float, default=None, metavar="SECONDS",
+        help="the server's --pack-idle (default: serve's); a fraction of a second packs and "
+        "unpacks the campaigns of the tail all the time, merges included (docs/design.md, Memory)",
+    )  # fmt: skip
     args = parser.parse_args()
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="soak-"))
     data_dir.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(
         soak(seconds=args.minutes * 60, rate=args.rate, connections=args.connections,
              restarts=args.restarts, data_dir=data_dir,
-             probe_every=args.probe_every or None)
+             probe_every=args.probe_every or None, pack_idle=args.pack_idle)
     )  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now().strftime("%Y-%m-%d-%H%M")
