@@ -7,7 +7,10 @@ Each test failed before its fix; its docstring says what was wrong and what must
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -95,15 +98,19 @@ async def test_a_call_with_an_id_too_large_for_the_wire_raises_invalid_and_the_c
     (no :class:`~campaignstats.errors.StatsError`: a caller catching the library's errors
     missed it), and a ``subscribe`` of such an id was kept for re-subscription. It must raise
     :class:`~campaignstats.errors.Invalid` and leave the client as it was."""
-    client = StatsClient(f"tcp://127.0.0.1:{server.port}")
-    try:
-        with pytest.raises(Invalid, match=r"2\*\*63-1"):
-            client.stats(2**64, timeout=5)
-        with pytest.raises(Invalid, match=r"2\*\*63-1"):
-            client.history(2**70, timeout=5)
-        assert client.stats(1, timeout=5)["supporters"] == 0
-    finally:
-        client.close()
+
+    def use() -> int:
+        client = StatsClient(f"tcp://127.0.0.1:{server.port}")
+        try:
+            with pytest.raises(Invalid, match=r"2\*\*63-1"):
+                client.stats(2**64, timeout=5)
+            with pytest.raises(Invalid, match=r"2\*\*63-1"):
+                client.history(2**70, timeout=5)
+            return client.stats(1, timeout=5)["supporters"]
+        finally:
+            client.close()
+
+    assert await asyncio.to_thread(use) == 0  # the server runs in this test's event loop
 
 
 async def test_serve_takes_log_format_after_the_command_as_the_readme_lists_it(
@@ -118,3 +125,53 @@ async def test_serve_takes_log_format_after_the_command_as_the_readme_lists_it(
     )  # fmt: skip
     proc.terminate()
     assert await proc.wait() == 0
+
+
+def _processes_using(path: Path) -> list[str]:
+    """The command lines of the processes that name ``path`` (the embedded Postgres names its
+    data directory)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(path) in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+async def test_a_sigterm_while_serve_starts_stops_it_and_leaves_no_embedded_postgres_behind(
+    tmp_path: Path,
+) -> None:
+    """README: "Ctrl-C (or SIGTERM) stops the server gracefully". ``make run`` starts with the
+    embedded Postgres and, on first use, loads demo data; a SIGTERM then (systemd, docker
+    stop, a supervisor giving up on a slow start) killed the Python process at once, as the
+    handler was installed only once it listened, and left the embedded Postgres running with
+    no one to stop it (its data directory held by an orphan). A SIGTERM at any time must stop
+    ``serve`` and the Postgres it started."""
+    data_dir = tmp_path / "pg"
+    environ = {k: v for k, v in os.environ.items() if k != "CAMPAIGNSTATS_TOKEN"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "campaignstats.cli", "serve", "--data-dir", str(data_dir),
+        "--demo-if-empty", "100000", "--port", "0", "--no-http",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=environ,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(60):
+            while b"empty database: adding" not in (line := await proc.stdout.readline()):
+                assert line, "serve ended before loading its demo data"
+        proc.send_signal(signal.SIGTERM)  # while the demo data is loading
+        async with asyncio.timeout(60):
+            await proc.communicate()
+        assert proc.returncode == 0, "SIGTERM is a graceful stop, not a kill by the signal"
+        assert _processes_using(data_dir) == []
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for line in _processes_using(data_dir):  # never leave a Postgres to the next test
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
