@@ -440,6 +440,16 @@ def build_parser() -> argparse.ArgumentParser:
         elif name in ("page", "org"):
             p.add_argument("id", type=int, metavar="ID")
 
+    # The logging options after the command too (``serve --log-format json``, ``python run.py
+    # --log-format json``); SUPPRESS: given before the command and not after, the first holds.
+    for command in sub.choices.values():
+        logging_options = command.add_argument_group("logging (also before the command)")
+        logging_options.add_argument(
+            "--log-format", choices=["json", "console", "auto"], default=argparse.SUPPRESS
+        )
+        logging_options.add_argument(
+            "--log-level", choices=["debug", "info", "warning", "error"], default=argparse.SUPPRESS
+        )
     return parser
 
 
@@ -676,8 +686,40 @@ def _serve_on_loop(args: argparse.Namespace) -> int:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    """``campaignstats serve``. SIGTERM and SIGINT stop it gracefully once it has started, and
+    while it starts (the embedded Postgres, demo data, the slot) they stop the start-up where it
+    is, the embedded Postgres included (as ``asyncio.run`` does for Ctrl-C)."""
     import signal
 
+    main = asyncio.current_task()
+    assert main is not None
+    stop = asyncio.Event()
+    starting = True
+
+    def on_signal() -> None:
+        stop.set()
+        if starting:
+            main.cancel()
+
+    def started() -> None:  # from here on a signal only sets ``stop``: the graceful stop
+        nonlocal starting
+        starting = False
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        return await _serve(args, stop, started)
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise
+        log.info("serve.stopped_while_starting")
+        return 0
+
+
+async def _serve(
+    args: argparse.Namespace, stop: asyncio.Event, started: Callable[[], None]
+) -> int:
     from campaignstats.actor.actor import ActorConfig
     from campaignstats.actor.metrics import MetricsConfig
     from campaignstats.actor.supervisor import SupervisorGaveUp
@@ -778,6 +820,7 @@ async def serve(args: argparse.Namespace) -> int:
         # calculations and merges (campaignstats.actor.gcpolicy).
         if not args.no_gc_policy:
             gc.freeze()
+        started()  # a signal from here on is the graceful stop below, once all has started
         await service.start()
         await server.start()
         following = follow_commands.start_following(follower, service, server.tasks)
@@ -797,10 +840,6 @@ async def serve(args: argparse.Namespace) -> int:
             print(f"  HTTP:      {base}/v1/campaigns/1 (docs/http.md)", flush=True)
             print(f"  demo page: {base}/", flush=True)
         print("  stop it:   Ctrl-C (or SIGTERM)", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         waiter = asyncio.create_task(stop.wait())
         supervisor = asyncio.create_task(service.wait())
         await asyncio.wait({waiter, supervisor}, return_when=asyncio.FIRST_COMPLETED)
