@@ -717,9 +717,7 @@ async def serve(args: argparse.Namespace) -> int:
         return 0
 
 
-async def _serve(
-    args: argparse.Namespace, stop: asyncio.Event, started: Callable[[], None]
-) -> int:
+async def _serve(args: argparse.Namespace, stop: asyncio.Event, started: Callable[[], None]) -> int:
     from campaignstats.actor.actor import ActorConfig
     from campaignstats.actor.metrics import MetricsConfig
     from campaignstats.actor.supervisor import SupervisorGaveUp
