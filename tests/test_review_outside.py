@@ -16,9 +16,10 @@ import pytest
 
 from campaignstats.client import StatsClient
 from campaignstats.errors import Invalid
+from campaignstats.http import HttpConfig, HttpServer, app
 
 # ruff: noqa: F811  (the fixtures of tests/test_http.py, imported, are parameters here)
-from .helpers import Running, serve_process
+from .helpers import Raw, Running, serve_process
 from .test_http import Http, http, make_http  # noqa: F401
 
 pytestmark = pytest.mark.timeout(90)
@@ -175,3 +176,79 @@ async def test_a_sigterm_while_serve_starts_stops_it_and_leaves_no_embedded_post
             await proc.wait()
         for line in _processes_using(data_dir):  # never leave a Postgres to the next test
             os.kill(int(line.split(":")[0]), signal.SIGKILL)
+
+
+async def test_http_server_runs_and_closes_an_application_that_mounts_the_stats_app(
+    server: Running,
+) -> None:
+    """docs/http.md, "Embedding": mount the stats app in the application's own (FastAPI,
+    Starlette) and serve that "with uvicorn in this event loop"; ``HttpServer(app, host, port)``
+    "runs an app with uvicorn inside the running event loop". With the mounting application it
+    served, but its ``close()`` raised ``AttributeError: 'Starlette' object has no attribute
+    'close'`` (it called the stats app's ``close()`` on whatever it was given), so a program
+    doing what the page says ended in a traceback at shutdown."""
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    stats_app = app(server.service, HttpConfig())
+    api = Starlette(routes=[Mount("/stats", app=stats_app)])
+    http_server = HttpServer(api, "127.0.0.1", 0)  # type: ignore[arg-type]
+    await http_server.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_server.port}") as client:
+            r = await client.get("/stats/v1/campaigns/1/count")
+            assert r.json() == {"campaign_id": 1, "supporters": 0}
+    finally:
+        await stats_app.close()  # the application's part, as the page says
+        await http_server.close()
+
+
+async def test_history_of_a_page_of_another_campaign_names_the_campaign_the_page_is_in(
+    server: Running,
+) -> None:
+    """README: ``campaignstats history 1 --page 5  # page 5's supporters and actions by day``.
+    On the demo data page 5 is campaign 2's, and the command printed "no supporters or
+    actions in that range", as if page 5 had none: a page is looked up within the campaign
+    given. When the page is known under another campaign, the command must say which."""
+    raw = await Raw.tcp(server.port)
+    try:
+        item = {"campaign": 2, "org": 1, "type": "sign", "new": True, "page": 5}
+        await raw.send(["inc", item])
+        assert (await raw.call("flush", 1))[:2] == ["ok", 1]
+    finally:
+        await raw.close()
+    rc, out = await _cli_out(server, "history", "1", "--page", "5")
+    assert rc == 0
+    assert "campaign 2" in out, out
+    rc, out = await _cli_out(server, "history", "2", "--page", "5")
+    assert rc == 0
+    assert out.splitlines()[0].split() == ["UTC", "supporters", "actions"]
+
+
+async def test_top_prints_what_its_columns_are(server: Running) -> None:
+    """``campaignstats top`` printed bare number pairs (``1  12,889``) where ``stats`` prints a
+    header: nothing said which number is the campaign and which the count (supporters, last
+    hour or today, as ``--by`` chose)."""
+    raw = await Raw.tcp(server.port)
+    try:
+        await raw.send(["inc", {"campaign": 3, "org": 1, "type": "sign", "new": True}])
+        assert (await raw.call("flush", 1))[:2] == ["ok", 1]
+    finally:
+        await raw.close()
+    rc, out = await _cli_out(server, "top", "--by", "today")
+    assert rc == 0
+    lines = [line.split() for line in out.splitlines()]
+    assert lines[0] == ["campaign", "today"], out
+    assert ["3", "1"] in lines[1:]
+
+
+async def _cli_out(running: Running, *args: str) -> tuple[int, str]:
+    """``campaignstats ARGS --url ...``: its status and its stdout."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "campaignstats.cli", *args,
+        "--url", f"tcp://127.0.0.1:{running.port}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    return await proc.wait(), out.decode()
