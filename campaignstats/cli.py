@@ -993,9 +993,18 @@ def run_client_command(args: argparse.Namespace) -> int:
                 print(json.dumps(history))
             else:
                 print_history(history)
+                if args.page is not None and not history["buckets"]:
+                    # A page is looked up within the campaign given: say where it is.
+                    owner = client.page_stats(args.page).get("campaign_id")
+                    if owner and owner != args.campaign_id:
+                        print(
+                            f"page {args.page} is an action page of campaign {owner}: "
+                            f"campaignstats history {owner} --page {args.page}"
+                        )
         elif args.command == "recent":
             print(json.dumps(client.recent(args.campaign_id, args.tz), indent=2))
         elif args.command == "top":
+            print(f"{'campaign':>12}  {args.by:>12}")
             for cid, value in client.top(args.by, args.limit):
                 print(f"{cid:>12}  {value:>12,}")
         elif args.command == "page":

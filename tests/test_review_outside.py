@@ -193,7 +193,7 @@ async def test_http_server_runs_and_closes_an_application_that_mounts_the_stats_
 
     stats_app = app(server.service, HttpConfig())
     api = Starlette(routes=[Mount("/stats", app=stats_app)])
-    http_server = HttpServer(api, "127.0.0.1", 0)  # type: ignore[arg-type]
+    http_server = HttpServer(api, "127.0.0.1", 0)
     await http_server.start()
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_server.port}") as client:
