@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,6 +34,7 @@ async def _cli(running: Running, *args: str) -> tuple[int, str]:
         sys.executable, "-m", "campaignstats.cli", *args,
         "--url", f"tcp://127.0.0.1:{running.port}",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if k != "CAMPAIGNSTATS_TOKEN"},
     )  # fmt: skip
     _, err = await proc.communicate()
     return await proc.wait(), err.decode(errors="replace")
@@ -252,3 +254,19 @@ async def _cli_out(running: Running, *args: str) -> tuple[int, str]:
     )  # fmt: skip
     out, _ = await proc.communicate()
     return await proc.wait(), out.decode()
+
+
+@pytest.mark.parametrize(
+    ("given", "said"), [("wrong", "wrong token"), (None, "needs a token")], ids=["wrong", "none"]
+)
+async def test_a_client_with_a_wrong_or_no_token_is_told_which_not_to_send_a_hello_first(
+    start: Any, given: str | None, said: str
+) -> None:
+    """``campaignstats stats 1 --token wrong`` against a server with a token said "a hello
+    with the server's token must come first": the client had sent a hello first, with a token.
+    A wrong token must be called wrong, and a missing one missing."""
+    running = await start(token="sekret")
+    rc, err = await _cli(running, "stats", "1", *(["--token", given] if given else []))
+    assert rc == 1
+    assert said in err, err
+    assert "must come first" not in err, err
