@@ -270,3 +270,50 @@ async def test_a_client_with_a_wrong_or_no_token_is_told_which_not_to_send_a_hel
     assert rc == 1
     assert said in err, err
     assert "must come first" not in err, err
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("serve", "--port", "70000"),
+        ("serve", "--http-port", "-1"),
+        ("serve", "--mailbox-size", "0"),
+        ("serve", "--max-connections", "0"),
+        ("serve", "--max-message", "0"),
+        ("serve", "--max-batch", "0"),
+        ("serve", "--max-string", "0"),
+        ("serve", "--max-keys", "0"),
+        ("serve", "--max-output", "-1"),
+        ("serve", "--statement-timeout", "0"),
+        ("serve", "--idle-timeout", "-1"),
+        ("calculate", "--statement-timeout", "-1"),
+    ],
+    ids=lambda option: " ".join(option),
+)
+async def test_an_option_out_of_its_range_is_refused_by_name_before_anything_starts(
+    module_dsn: str, option: tuple[str, str, str]
+) -> None:
+    """``serve --port 70000`` listened on port 4464 (70000 modulo 65536) and said so;
+    ``--mailbox-size 0`` and ``--http-port -1`` ended in tracebacks; ``--statement-timeout 0``
+    started a server whose every calculation failed ("ran over 0 s"), retried for ever; a limit
+    of 0 (``--max-batch``, ``--max-string``, ``--max-message``, ``--max-keys``,
+    ``--max-connections``) started a server that refused everything. Like ``--sync-interval``
+    and ``--http-max-age``, each must be refused at once, naming the option (status 2)."""
+    command, *rest = option
+    environ = {k: v for k, v in os.environ.items() if k != "CAMPAIGNSTATS_TOKEN"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "campaignstats.cli", command, "--dsn", module_dsn, *rest,
+        *(["--port", "0", "--no-http"] if command == "serve" and rest[0] != "--port" else []),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=environ,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(30):  # a server that started instead runs until killed
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = err.decode(errors="replace")
+    assert proc.returncode == 2, text
+    assert f"argument {rest[0]}" in text, text
+    assert "Traceback" not in text, text
