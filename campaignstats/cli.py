@@ -115,7 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db_options(p)
     p.add_argument("scope", nargs="*", default=["all"], metavar="SCOPE")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--statement-timeout", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument(
+        "--statement-timeout",
+        type=_positive_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="per SQL statement (default: %(default)s)",
+    )
     p = sub.add_parser(
         "serve",
         help="run the stats server",
@@ -125,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_db_options(p)
     p.add_argument("--host", default="127.0.0.1", help="TCP address (default: %(default)s)")
-    p.add_argument("--port", type=int, default=7400, help="TCP port (default: %(default)s)")
+    p.add_argument("--port", type=_port, default=7400, help="TCP port (default: %(default)s)")
     p.add_argument("--no-tcp", action="store_true", help="listen on the Unix socket only")
     p.add_argument("--unix", type=Path, metavar="PATH", help="also listen on this Unix socket")
     p.add_argument(
@@ -138,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     http = p.add_argument_group("HTTP (docs/http.md): JSON reads, event streams, widget, metrics")
     http.add_argument(
         "--http-port",
-        type=int,
+        type=_port,
         default=7401,
         metavar="PORT",
         help="HTTP port, on --host (default: %(default)s)",
@@ -258,24 +264,60 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow listening on a non-loopback address without a token",
     )
-    p.add_argument("--statement-timeout", type=float, default=60.0, metavar="SECONDS")
-    p.add_argument("--mailbox-size", type=int, default=10_000, help="bounded mailbox, in messages")
+    p.add_argument(
+        "--statement-timeout",
+        type=_positive_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="per SQL statement of a calculation (default: %(default)s)",
+    )
+    p.add_argument(
+        "--mailbox-size",
+        type=_at_least_one,
+        default=10_000,
+        metavar="N",
+        help="bounded mailbox, in messages (default: %(default)s)",
+    )
     limits = p.add_argument_group("limits (rejected input gets an error and changes nothing)")
-    limits.add_argument("--max-connections", type=int, default=10_000, metavar="N")
+    limits.add_argument(
+        "--max-connections",
+        type=_at_least_one,
+        default=10_000,
+        metavar="N",
+        help="open connections (and event streams); more get overloaded (default: %(default)s)",
+    )
     limits.add_argument(
         "--idle-timeout",
-        type=float,
+        type=_seconds_or_zero,
         default=900.0,
         metavar="SECONDS",
         help="close connections silent this long, subscribers excepted; 0: never "
         "(default: %(default)s)",
     )
-    limits.add_argument("--max-message", type=int, default=1 << 20, metavar="BYTES")
-    limits.add_argument("--max-batch", type=int, default=10_000, metavar="N", help="items per incs")
-    limits.add_argument("--max-string", type=int, default=64, metavar="BYTES")
+    limits.add_argument(
+        "--max-message",
+        type=_at_least_one,
+        default=1 << 20,
+        metavar="BYTES",
+        help="bytes of one message or HTTP body (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-batch",
+        type=_at_least_one,
+        default=10_000,
+        metavar="N",
+        help="items per incs (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-string",
+        type=_at_least_one,
+        default=64,
+        metavar="BYTES",
+        help="bytes of UTF-8 of an action type or area (default: %(default)s)",
+    )
     limits.add_argument(
         "--max-output",
-        type=int,
+        type=_at_least_one,
         default=4 << 20,
         metavar="BYTES",
         help="unread replies per connection before pubs and cast errors are dropped and "
@@ -283,10 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     limits.add_argument(
         "--max-keys",
-        type=int,
+        type=_at_least_one,
         default=10_000,
         metavar="N",
-        help="distinct action types, areas or orgs per campaign",
+        help="distinct action types, areas or orgs per campaign (default: %(default)s)",
     )
     limits.add_argument(
         "--max-campaigns",
@@ -476,6 +518,26 @@ def _shard(text: str) -> Any:
         return Shard.parse(text)
     except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be 0 to 65535 (0: any free port)")
+    return value
 
 
 def _non_negative_int(text: str) -> int:
