@@ -317,3 +317,24 @@ async def test_an_option_out_of_its_range_is_refused_by_name_before_anything_sta
     assert proc.returncode == 2, text
     assert f"argument {rest[0]}" in text, text
     assert "Traceback" not in text, text
+
+
+async def test_run_py_started_by_another_python_runs_in_the_projects_venv() -> None:
+    """run.py's docstring and README: ``python run.py`` works once ``.venv`` exists, as it
+    re-executes itself there. It compared the two interpreters' resolved paths, and a venv's
+    ``python`` is a symlink to the very interpreter that made it: started by that one
+    (``python3 run.py``, the usual case), it never re-executed and said "campaignstats is not
+    installed here: run `make run`" with ``.venv`` in place."""
+    root = Path(__file__).resolve().parents[1]
+    base = getattr(sys, "_base_executable", None)
+    if base is None or not (root / ".venv" / "bin" / "python").exists():
+        pytest.skip("needs the project's .venv and the interpreter it was made from")
+    environ = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    proc = await asyncio.create_subprocess_exec(
+        base, str(root / "run.py"), "--help",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=environ, cwd="/",
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "usage: campaignstats serve" in text, text
