@@ -338,3 +338,20 @@ async def test_run_py_started_by_another_python_runs_in_the_projects_venv() -> N
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text
     assert "usage: campaignstats serve" in text, text
+
+
+async def test_serve_with_no_tcp_and_no_unix_socket_says_what_is_missing(module_dsn: str) -> None:
+    """``serve --no-tcp`` ("listen on the Unix socket only") without ``--unix PATH`` started
+    the database side, then ended in a traceback (``ValueError: nothing to listen on``). It
+    must be refused at once, naming ``--unix``, with status 2."""
+    environ = {k: v for k, v in os.environ.items() if k != "CAMPAIGNSTATS_TOKEN"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "campaignstats.cli", "serve", "--dsn", module_dsn,
+        "--no-tcp", "--no-http",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=environ,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    text = err.decode(errors="replace")
+    assert proc.returncode == 2, text
+    assert "--unix" in text, text
+    assert "Traceback" not in text, text
