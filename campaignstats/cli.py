@@ -790,6 +790,9 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, started: Callabl
     from campaignstats.webhooks import WebhookConfig
 
     host = None if args.no_tcp else args.host
+    if host is None and args.unix is None:
+        print("--no-tcp listens on the Unix socket only: give it --unix PATH", file=sys.stderr)
+        return 2
     exposed = args.host if host is not None or not args.no_http else None  # TCP or HTTP
     if exposed is not None and not _is_loopback(exposed) and not args.token:
         if not args.insecure:
