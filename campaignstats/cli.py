@@ -31,9 +31,10 @@ from campaignstats.model import Scope
 log = structlog.get_logger(__name__)
 
 EPILOG = """\
-database (serve, init-db, demo, calculate): --dsn URL, else $DATABASE_URL, else an embedded
-Postgres in --data-dir. Client commands (stats, inc, metric, metrics, history, recent, top,
-info, resync) take --url.
+database (serve, init-db, demo, calculate, slots): --dsn URL, else $DATABASE_URL, else an
+embedded Postgres in --data-dir. Client commands (stats, inc, dec, metric, metrics, guard,
+history, recent, top, page, org, info, goals, resync) take --url (default:
+$CAMPAIGNSTATS_URL, else tcp://127.0.0.1:7400).
 examples:
   campaignstats serve --snapshot stats.snapshot --appendonly metrics.aof
   campaignstats stats 1 2 3
