@@ -791,9 +791,6 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, started: Callabl
     from campaignstats.webhooks import WebhookConfig
 
     host = None if args.no_tcp else args.host
-    if host is None and args.unix is None:
-        print("--no-tcp listens on the Unix socket only: give it --unix PATH", file=sys.stderr)
-        return 2
     exposed = args.host if host is not None or not args.no_http else None  # TCP or HTTP
     if exposed is not None and not _is_loopback(exposed) and not args.token:
         if not args.insecure:
@@ -826,6 +823,9 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, started: Callabl
     )
     if (problem := webhooks.check()) is not None:  # before anything is opened
         print(f"--webhook: {problem}", file=sys.stderr)
+        return 2
+    if host is None and args.unix is None:
+        print("--no-tcp listens on the Unix socket only: give it --unix PATH", file=sys.stderr)
         return 2
     dsn, embedded = await resolve_dsn(args.dsn, args.data_dir)
     try:
