@@ -355,3 +355,45 @@ async def test_serve_with_no_tcp_and_no_unix_socket_says_what_is_missing(module_
     assert proc.returncode == 2, text
     assert "--unix" in text, text
     assert "Traceback" not in text, text
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_the_command_serve_prints_to_query_it_works_on_an_ipv6_host(module_dsn: str) -> None:
+    """``serve --host ::1`` printed ``listening on tcp://::1:PORT`` and ``query it:
+    campaignstats stats 1 --url tcp://::1:PORT``; run as printed, that command failed with
+    "bad port in 'tcp://::1:PORT'" (an IPv6 address in a URL is written in brackets, as the
+    HTTP line beside it was)."""
+    environ = {k: v for k, v in os.environ.items() if k != "CAMPAIGNSTATS_TOKEN"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "campaignstats.cli", "serve", "--dsn", module_dsn,
+        "--host", "::1", "--port", "0", "--no-http",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=environ,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(30):
+            while "query it:" not in (line := (await proc.stdout.readline()).decode()):
+                assert line, "serve ended before listening"
+        command = line.split("query it:", 1)[1].split()
+        assert command[:3] == ["campaignstats", "stats", "1"], line
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "campaignstats.cli", *command[1:],
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=environ,
+        )  # fmt: skip
+        out, err = await client.communicate()
+        assert client.returncode == 0, err.decode(errors="replace")
+        assert "supporters" in out.decode()
+    finally:
+        proc.terminate()
+        await proc.wait()
