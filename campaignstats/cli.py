@@ -892,7 +892,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, started: Callabl
             await http_server.start()
         where = []
         if host is not None:
-            where.append(f"tcp://{host}:{server.port}")
+            where.append(f"tcp://{_url_host(host)}:{server.port}")
         if args.unix is not None:
             where.append(f"unix://{args.unix.resolve()}")
         print(f"campaignstats {__version__} listening on {', '.join(where)}", flush=True)
