@@ -397,3 +397,32 @@ async def test_the_command_serve_prints_to_query_it_works_on_an_ipv6_host(module
     finally:
         proc.terminate()
         await proc.wait()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("slots",),
+        ("calculate", "1"),
+        ("init-db",),
+        ("demo", "--actions", "10"),
+        ("serve", "--follow", "--slot", "rux", "--port", "0", "--no-http"),
+    ],
+)
+async def test_a_database_command_that_cannot_reach_the_database_does_not_blame_a_server(
+    command: tuple[str, ...],
+) -> None:
+    """``campaignstats calculate 1 --dsn postgresql://...`` (and ``slots``, ``init-db``,
+    ``demo``, and ``serve --follow``, which sets its slot up first) with the database down said
+    "cannot reach the server": these commands talk to no campaignstats server (or are it), so a
+    user goes looking for one. They must say it is the database they cannot reach."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "campaignstats.cli", *command,
+        "--dsn", "postgresql://nobody@127.0.0.1:1/nothing",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    text = err.decode(errors="replace")
+    assert proc.returncode == 1, text
+    assert "cannot reach the database" in text, text
+    assert "cannot reach the server" not in text, text
