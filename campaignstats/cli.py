@@ -1169,6 +1169,15 @@ _SERVER_MODULES = frozenset(
 )
 
 
+#: the commands that talk to Postgres, not to a campaignstats server
+_DATABASE_COMMANDS = frozenset({"init-db", "demo", "calculate", "slots", "serve"})
+
+
+def _peer_of(command: str) -> str:
+    """What a command that failed to connect could not reach, for its error message."""
+    return "database" if command in _DATABASE_COMMANDS else "server"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_format, args.log_level)
@@ -1211,10 +1220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # quietly, as cat does, with the exit status of a process SIGPIPE ended.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 128 + 13
-        print(f"cannot reach the server: {exc}", file=sys.stderr)
+        print(f"cannot reach the {_peer_of(args.command)}: {exc}", file=sys.stderr)
         return 1
     except ConnectionError as exc:
-        print(f"cannot reach the server: {exc}", file=sys.stderr)
+        print(f"cannot reach the {_peer_of(args.command)}: {exc}", file=sys.stderr)
         return 1
     except StatsError as exc:
         log.error("command_failed", command=args.command, error=str(exc))
