@@ -426,3 +426,39 @@ async def test_a_database_command_that_cannot_reach_the_database_does_not_blame_
     assert proc.returncode == 1, text
     assert "cannot reach the database" in text, text
     assert "cannot reach the server" not in text, text
+
+
+@pytest.mark.parametrize("which", ["--port", "--http-port"])
+async def test_serve_on_a_port_already_taken_says_so_in_one_line(
+    module_dsn: str, which: str
+) -> None:
+    """A port in use (a second ``make run``, another program on 7400) ended ``serve`` in a
+    traceback: ``OSError: [Errno 98] error while attempting to bind ...`` for the socket, and
+    ``OSError: cannot listen on 127.0.0.1:7401`` from deep in the HTTP server. It must be one
+    line saying it cannot listen there, and stop what it had started."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        ports = ["--port", port, "--no-http"] if which == "--port" else ["--port", "0"]
+        if which == "--http-port":
+            ports += ["--http-port", port]
+        environ = {k: v for k, v in os.environ.items() if k != "CAMPAIGNSTATS_TOKEN"}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "campaignstats.cli", "serve", "--dsn", module_dsn, *ports,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=environ,
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(60):
+                _, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    text = err.decode(errors="replace")
+    assert proc.returncode == 1, text
+    assert "cannot listen" in text, text
+    assert port in text, text
+    assert "Traceback" not in text, text
