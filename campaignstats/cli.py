@@ -886,10 +886,17 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, started: Callabl
             gc.freeze()
         started()  # a signal from here on is the graceful stop below, once all has started
         await service.start()
-        await server.start()
-        following = follow_commands.start_following(follower, service, server.tasks)
+        try:
+            await server.start()  # closes what it opened when it fails
+        except OSError as exc:
+            return await _cannot_listen(exc, service)
         if http_server is not None:
-            await http_server.start()
+            try:
+                await http_server.start()
+            except OSError as exc:
+                await server.close()
+                return await _cannot_listen(exc, service)
+        following = follow_commands.start_following(follower, service, server.tasks)
         where = []
         if host is not None:
             where.append(f"tcp://{_url_host(host)}:{server.port}")
@@ -927,6 +934,15 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, started: Callabl
     finally:
         if embedded is not None:
             embedded.close()
+
+
+async def _cannot_listen(exc: OSError, service: Any) -> int:
+    """A listener that cannot open (a port in use, an address not here): one line, and the
+    service stopped (its snapshot written, as at any stop)."""
+    text = str(exc)
+    print(text if text.startswith("cannot listen") else f"cannot listen: {text}", file=sys.stderr)
+    await service.stop()
+    return 1
 
 
 def _shard_filter(shard: Any) -> Any:
