@@ -19,7 +19,9 @@ def main() -> int:
     try:
         from campaignstats.cli import main as cli_main
     except ImportError:
-        if VENV_PYTHON.exists() and Path(sys.executable).resolve() != VENV_PYTHON.resolve():
+        # Not the venv yet: by its prefix, as a venv's python is a symlink to the interpreter
+        # that made it (the same file once resolved).
+        if VENV_PYTHON.exists() and Path(sys.prefix).resolve() != (HERE / ".venv").resolve():
             os.execv(VENV_PYTHON, [str(VENV_PYTHON), __file__, *sys.argv[1:]])
         print("campaignstats is not installed here: run `make run` (it sets everything up)")
         return 2

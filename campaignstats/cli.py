@@ -31,9 +31,10 @@ from campaignstats.model import DEFAULT_PACK_IDLE, DEFAULT_PACK_INTERVAL, Scope
 log = structlog.get_logger(__name__)
 
 EPILOG = """\
-database (serve, init-db, demo, calculate): --dsn URL, else $DATABASE_URL, else an embedded
-Postgres in --data-dir. Client commands (stats, inc, metric, metrics, history, recent, top,
-info, resync) take --url.
+database (serve, init-db, demo, calculate, slots): --dsn URL, else $DATABASE_URL, else an
+embedded Postgres in --data-dir. Client commands (stats, inc, dec, metric, metrics, guard,
+history, recent, top, page, org, info, goals, resync) take --url (default:
+$CAMPAIGNSTATS_URL, else tcp://127.0.0.1:7400).
 examples:
   campaignstats serve --snapshot stats.snapshot --appendonly metrics.aof
   campaignstats stats 1 2 3
@@ -115,7 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db_options(p)
     p.add_argument("scope", nargs="*", default=["all"], metavar="SCOPE")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--statement-timeout", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument(
+        "--statement-timeout",
+        type=_positive_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="per SQL statement (default: %(default)s)",
+    )
     p = sub.add_parser(
         "serve",
         help="run the stats server",
@@ -125,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_db_options(p)
     p.add_argument("--host", default="127.0.0.1", help="TCP address (default: %(default)s)")
-    p.add_argument("--port", type=int, default=7400, help="TCP port (default: %(default)s)")
+    p.add_argument("--port", type=_port, default=7400, help="TCP port (default: %(default)s)")
     p.add_argument("--no-tcp", action="store_true", help="listen on the Unix socket only")
     p.add_argument("--unix", type=Path, metavar="PATH", help="also listen on this Unix socket")
     p.add_argument(
@@ -138,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     http = p.add_argument_group("HTTP (docs/http.md): JSON reads, event streams, widget, metrics")
     http.add_argument(
         "--http-port",
-        type=int,
+        type=_port,
         default=7401,
         metavar="PORT",
         help="HTTP port, on --host (default: %(default)s)",
@@ -258,24 +265,60 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow listening on a non-loopback address without a token",
     )
-    p.add_argument("--statement-timeout", type=float, default=60.0, metavar="SECONDS")
-    p.add_argument("--mailbox-size", type=int, default=10_000, help="bounded mailbox, in messages")
+    p.add_argument(
+        "--statement-timeout",
+        type=_positive_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="per SQL statement of a calculation (default: %(default)s)",
+    )
+    p.add_argument(
+        "--mailbox-size",
+        type=_at_least_one,
+        default=10_000,
+        metavar="N",
+        help="bounded mailbox, in messages (default: %(default)s)",
+    )
     limits = p.add_argument_group("limits (rejected input gets an error and changes nothing)")
-    limits.add_argument("--max-connections", type=int, default=10_000, metavar="N")
+    limits.add_argument(
+        "--max-connections",
+        type=_at_least_one,
+        default=10_000,
+        metavar="N",
+        help="open connections (and event streams); more get overloaded (default: %(default)s)",
+    )
     limits.add_argument(
         "--idle-timeout",
-        type=float,
+        type=_seconds_or_zero,
         default=900.0,
         metavar="SECONDS",
         help="close connections silent this long, subscribers excepted; 0: never "
         "(default: %(default)s)",
     )
-    limits.add_argument("--max-message", type=int, default=1 << 20, metavar="BYTES")
-    limits.add_argument("--max-batch", type=int, default=10_000, metavar="N", help="items per incs")
-    limits.add_argument("--max-string", type=int, default=64, metavar="BYTES")
+    limits.add_argument(
+        "--max-message",
+        type=_at_least_one,
+        default=1 << 20,
+        metavar="BYTES",
+        help="bytes of one message or HTTP body (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-batch",
+        type=_at_least_one,
+        default=10_000,
+        metavar="N",
+        help="items per incs (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-string",
+        type=_at_least_one,
+        default=64,
+        metavar="BYTES",
+        help="bytes of UTF-8 of an action type or area (default: %(default)s)",
+    )
     limits.add_argument(
         "--max-output",
-        type=int,
+        type=_at_least_one,
         default=4 << 20,
         metavar="BYTES",
         help="unread replies per connection before pubs and cast errors are dropped and "
@@ -283,10 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     limits.add_argument(
         "--max-keys",
-        type=int,
+        type=_at_least_one,
         default=10_000,
         metavar="N",
-        help="distinct action types, areas or orgs per campaign",
+        help="distinct action types, areas or orgs per campaign (default: %(default)s)",
     )
     limits.add_argument(
         "--max-campaigns",
@@ -449,6 +492,16 @@ def build_parser() -> argparse.ArgumentParser:
         elif name in ("page", "org"):
             p.add_argument("id", type=int, metavar="ID")
 
+    # The logging options after the command too (``serve --log-format json``, ``python run.py
+    # --log-format json``); SUPPRESS: given before the command and not after, the first holds.
+    for command in sub.choices.values():
+        logging_options = command.add_argument_group("logging (also before the command)")
+        logging_options.add_argument(
+            "--log-format", choices=["json", "console", "auto"], default=argparse.SUPPRESS
+        )
+        logging_options.add_argument(
+            "--log-level", choices=["debug", "info", "warning", "error"], default=argparse.SUPPRESS
+        )
     return parser
 
 
@@ -475,6 +528,26 @@ def _shard(text: str) -> Any:
         return Shard.parse(text)
     except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be 0 to 65535 (0: any free port)")
+    return value
 
 
 def _non_negative_int(text: str) -> int:
@@ -686,8 +759,38 @@ def _serve_on_loop(args: argparse.Namespace) -> int:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    """``campaignstats serve``. SIGTERM and SIGINT stop it gracefully once it has started, and
+    while it starts (the embedded Postgres, demo data, the slot) they stop the start-up where it
+    is, the embedded Postgres included (as ``asyncio.run`` does for Ctrl-C)."""
     import signal
 
+    main = asyncio.current_task()
+    assert main is not None
+    stop = asyncio.Event()
+    starting = True
+
+    def on_signal() -> None:
+        stop.set()
+        if starting:
+            main.cancel()
+
+    def started() -> None:  # from here on a signal only sets ``stop``: the graceful stop
+        nonlocal starting
+        starting = False
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        return await _serve(args, stop, started)
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise
+        log.info("serve.stopped_while_starting")
+        return 0
+
+
+async def _serve(args: argparse.Namespace, stop: asyncio.Event, started: Callable[[], None]) -> int:
     from campaignstats.actor.actor import ActorConfig
     from campaignstats.actor.metrics import MetricsConfig
     from campaignstats.actor.supervisor import SupervisorGaveUp
@@ -730,6 +833,9 @@ async def serve(args: argparse.Namespace) -> int:
     )
     if (problem := webhooks.check()) is not None:  # before anything is opened
         print(f"--webhook: {problem}", file=sys.stderr)
+        return 2
+    if host is None and args.unix is None:
+        print("--no-tcp listens on the Unix socket only: give it --unix PATH", file=sys.stderr)
         return 2
     dsn, embedded = await resolve_dsn(args.dsn, args.data_dir)
     try:
@@ -790,14 +896,22 @@ async def serve(args: argparse.Namespace) -> int:
         # calculations and merges (campaignstats.actor.gcpolicy).
         if not args.no_gc_policy:
             gc.freeze()
+        started()  # a signal from here on is the graceful stop below, once all has started
         await service.start()
-        await server.start()
-        following = follow_commands.start_following(follower, service, server.tasks)
+        try:
+            await server.start()  # closes what it opened when it fails
+        except OSError as exc:
+            return await _cannot_listen(exc, service)
         if http_server is not None:
-            await http_server.start()
+            try:
+                await http_server.start()
+            except OSError as exc:
+                await server.close()
+                return await _cannot_listen(exc, service)
+        following = follow_commands.start_following(follower, service, server.tasks)
         where = []
         if host is not None:
-            where.append(f"tcp://{host}:{server.port}")
+            where.append(f"tcp://{_url_host(host)}:{server.port}")
         if args.unix is not None:
             where.append(f"unix://{args.unix.resolve()}")
         print(f"campaignstats {__version__} listening on {', '.join(where)}", flush=True)
@@ -809,10 +923,6 @@ async def serve(args: argparse.Namespace) -> int:
             print(f"  HTTP:      {base}/v1/campaigns/1 (docs/http.md)", flush=True)
             print(f"  demo page: {base}/", flush=True)
         print("  stop it:   Ctrl-C (or SIGTERM)", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         waiter = asyncio.create_task(stop.wait())
         supervisor = asyncio.create_task(service.wait())
         await asyncio.wait({waiter, supervisor}, return_when=asyncio.FIRST_COMPLETED)
@@ -836,6 +946,15 @@ async def serve(args: argparse.Namespace) -> int:
     finally:
         if embedded is not None:
             embedded.close()
+
+
+async def _cannot_listen(exc: OSError, service: Any) -> int:
+    """A listener that cannot open (a port in use, an address not here): one line, and the
+    service stopped (its snapshot written, as at any stop)."""
+    text = str(exc)
+    print(text if text.startswith("cannot listen") else f"cannot listen: {text}", file=sys.stderr)
+    await service.stop()
+    return 1
 
 
 def _shard_filter(shard: Any) -> Any:
@@ -968,9 +1087,18 @@ def run_client_command(args: argparse.Namespace) -> int:
                 print(json.dumps(history))
             else:
                 print_history(history)
+                if args.page is not None and not history["buckets"]:
+                    # A page is looked up within the campaign given: say where it is.
+                    owner = client.page_stats(args.page).get("campaign_id")
+                    if owner and owner != args.campaign_id:
+                        print(
+                            f"page {args.page} is an action page of campaign {owner}: "
+                            f"campaignstats history {owner} --page {args.page}"
+                        )
         elif args.command == "recent":
             print(json.dumps(client.recent(args.campaign_id, args.tz), indent=2))
         elif args.command == "top":
+            print(f"{'campaign':>12}  {args.by:>12}")
             for cid, value in client.top(args.by, args.limit):
                 print(f"{cid:>12}  {value:>12,}")
         elif args.command == "page":
@@ -1069,6 +1197,15 @@ _SERVER_MODULES = frozenset(
 )
 
 
+#: the commands that talk to Postgres, not to a campaignstats server
+_DATABASE_COMMANDS = frozenset({"init-db", "demo", "calculate", "slots", "serve"})
+
+
+def _peer_of(command: str) -> str:
+    """What a command that failed to connect could not reach, for its error message."""
+    return "database" if command in _DATABASE_COMMANDS else "server"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_format, args.log_level)
@@ -1111,10 +1248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # quietly, as cat does, with the exit status of a process SIGPIPE ended.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 128 + 13
-        print(f"cannot reach the server: {exc}", file=sys.stderr)
+        print(f"cannot reach the {_peer_of(args.command)}: {exc}", file=sys.stderr)
         return 1
     except ConnectionError as exc:
-        print(f"cannot reach the server: {exc}", file=sys.stderr)
+        print(f"cannot reach the {_peer_of(args.command)}: {exc}", file=sys.stderr)
         return 1
     except StatsError as exc:
         log.error("command_failed", command=args.command, error=str(exc))

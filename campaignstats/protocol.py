@@ -940,7 +940,12 @@ class ClientCodec:
         return self._decoder.error
 
     def call(self, op: str, req_id: int, *args: Any) -> bytes:
-        return self._pack([op, req_id, *args])  # type: ignore[no-any-return]
+        try:
+            return self._pack([op, req_id, *args])  # type: ignore[no-any-return]
+        except OverflowError:
+            # An integer MessagePack cannot carry (2**64 and past, below -2**63): no id or
+            # count the server would take either, so the server's own answer, said here.
+            raise Invalid(f"{op}: ids must be between 1 and 2**63-1") from None
 
     def inc(self, inc: Sequence[Any]) -> bytes:
         return self._pack(["inc", *inc])  # type: ignore[no-any-return]

@@ -166,5 +166,9 @@ async def resolve_dsn(
         return dsn, None
     pg = EmbeddedPostgres(data_dir)
     admin = pg.start()
-    await create_database(admin, EMBEDDED_DATABASE)
+    try:
+        await create_database(admin, EMBEDDED_DATABASE)
+    except BaseException:  # a failure, or a stop (serve's SIGTERM) while it starts
+        pg.close()
+        raise
     return with_database(admin, EMBEDDED_DATABASE), pg

@@ -60,7 +60,7 @@ log = structlog.get_logger(__name__)
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
-_DIGITS = re.compile(r"[0-9]{1,19}")
+_DIGITS = re.compile(r"[0-9]+")
 #: the counter reads, answered before the router (StatsHttpApp._hot_read)
 _HOT = re.compile(r"/v1/campaigns/([0-9]{1,19})(/count)?")
 
@@ -129,7 +129,9 @@ def parse_id(text: str, name: str) -> int:
     """An id from a path or a query: decimal digits, 1 to 2**63-1."""
     if not _DIGITS.fullmatch(text):
         raise BadMessage(f"{name} must be a decimal integer, not {text[:40]!r}")
-    value = int(text)
+    # Decimal digits but too many of them is out of range (``invalid``), as 2**63 is; the
+    # length is checked first so that no huge string is converted.
+    value = int(text) if len(text.lstrip("0")) <= 19 else MAX_ID + 1
     if not 0 < value <= MAX_ID:
         raise Invalid(f"{name} must be between 1 and 2**63-1")
     return value

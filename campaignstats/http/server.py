@@ -15,6 +15,7 @@ import logging
 
 import structlog
 import uvicorn
+from starlette.types import ASGIApp
 
 from campaignstats.http.app import StatsHttpApp
 from campaignstats.service import TaskHost
@@ -33,7 +34,7 @@ class _DroppedReaders(logging.Filter):
 class HttpServer:
     def __init__(
         self,
-        app: StatsHttpApp,
+        app: StatsHttpApp | ASGIApp,
         host: str = "127.0.0.1",
         port: int = 7401,
         *,
@@ -92,7 +93,11 @@ class HttpServer:
         if server is None:
             return
         self._server = None
-        await self.app.close()
+        # The stats app's event streams end here; an application that mounts it (docs/http.md,
+        # "Embedding") has no close() of its own and ends them with the stats app's.
+        close = getattr(self.app, "close", None)
+        if close is not None:
+            await close()
         server.should_exit = True
         if self._ticker is not None:
             with contextlib.suppress(asyncio.CancelledError):

@@ -384,11 +384,12 @@ class ClientSession:
             raise LocalProtocolError(f"a call in state {self.state.value}")
         if isinstance(request, Hello):
             raise LocalProtocolError("hello is sent by connect()")
+        sent = self._call(request)  # first: a request that cannot be encoded changes nothing
         if isinstance(request, Subscribe):
             self.subscriptions.add(request.campaign_id)  # its pubs may come before its reply
         elif isinstance(request, Unsubscribe) and request.campaign_id is not None:
             self.subscriptions.discard(request.campaign_id)
-        return self._call(request)
+        return sent
 
     def _call(self, request: CallRequest, *, internal: bool = False) -> tuple[int, bytes]:
         req_id = next(self._req_ids)

@@ -308,7 +308,13 @@ class ServerSession:
         if token is not None and not (
             hello.token is not None and hmac.compare_digest(hello.token.encode(), token)
         ):
-            self._refuse(events, req_id)
+            self._refuse(
+                events,
+                req_id,
+                "wrong token in hello"
+                if hello.token is not None
+                else "this server needs a token in hello",
+            )
             return
         self.state = SessionState.OPEN
         self._reply_now(
@@ -355,9 +361,14 @@ class ServerSession:
             self._best_effort(self.codec.err(None, error), errors=True)
         # else the error is held until the actor has judged the rest (cast_rejected)
 
-    def _refuse(self, events: list[Event], req_id: int | None) -> None:
+    def _refuse(
+        self,
+        events: list[Event],
+        req_id: int | None,
+        why: str = "a hello with the server's token must come first",
+    ) -> None:
         self.counters.unauthorized += 1
-        error = Unauthorized("a hello with the server's token must come first")
+        error = Unauthorized(why)
         self._close_with(req_id, error)
         events.append(Closing(error))
 
