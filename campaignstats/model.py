@@ -157,7 +157,7 @@ def check_increment(inc: Increment, max_string: int = DEFAULT_MAX_STRING) -> Pro
     if type(count) is not int:
         return BadMessage("count must be an integer")
     if not 0 < count <= MAX_ID:
-        return Invalid("count must be >= 1")
+        return Invalid(f"count must be between 1 and 2**63-1 (count={count})")
     error = (
         _optional_id(action_id, "action_id")
         or _optional_id(txid, "txid")

@@ -462,3 +462,17 @@ async def test_serve_on_a_port_already_taken_says_so_in_one_line(
     assert "cannot listen" in text, text
     assert port in text, text
     assert "Traceback" not in text, text
+
+
+async def test_a_count_past_the_largest_says_so_instead_of_asking_for_at_least_one(
+    server: Running,
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "campaignstats.cli", "inc", "1", "7", "register",
+        "--count", "99999999999999999999", "--url", f"tcp://127.0.0.1:{server.port}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    assert proc.returncode != 0
+    assert b"count must be between 1 and 2**63-1" in err, err
+    assert (await server.service.stats(1))["supporters"] == 0  # nothing applied
