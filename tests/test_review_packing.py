@@ -1,0 +1,113 @@
+"""Review of idle campaigns packed (docs/design.md, "Memory", round 3): the sweep's budget with
+large campaigns, the snapshot file's memory at save, copies and pickles of a packed campaign."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import tracemalloc
+from pathlib import Path
+
+from campaignstats.actor.packing import Packing
+from campaignstats.actor.snapshot import load_snapshot, save_snapshot
+from campaignstats.model import CampaignStats, PackedCampaignStats, StatsState
+
+NOW = 1_700_000_000.0
+
+
+def _large(keys: int) -> CampaignStats:
+    return CampaignStats(
+        keys,
+        {f"action-{i}": i + 1 for i in range(keys)},
+        {f"area-{i:05d}": 1 for i in range(keys)},
+        {i: 1 for i in range(1, keys + 1)},
+    )
+
+
+def _state_of_large_campaigns(campaigns: int, keys: int) -> StatsState:
+    state = StatsState()
+    state.clock = lambda: NOW
+    state.pack_idle = 300.0
+    for cid in range(1, campaigns + 1):
+        state.campaigns[cid] = _large(keys)  # loaded, no timeline: idle
+    return state
+
+
+def test_a_sweep_step_with_no_budget_left_packs_one_large_campaign_not_a_group_of_250() -> None:
+    state = _state_of_large_campaigns(300, 200)
+    packing = Packing(idle_after=300.0, interval=60.0, budget=0.0)
+    packing.start_if_due(state, 1e9)
+    assert packing.sweep is not None
+    packing.step(state)
+    assert state.packed_count() == 1
+    while not packing.step(state):
+        pass
+    assert state.packed_count() == 300
+
+
+def test_a_sweep_over_large_campaigns_keeps_each_step_near_its_budget() -> None:
+    # 250 campaigns of 3 x 1,000 keys took one step of about 200 ms (the clock was read once
+    # per group of 250 campaigns, whatever their size); the loop's stall bound is 20 ms.
+    state = _state_of_large_campaigns(400, 1_000)
+    packing = Packing(idle_after=300.0, interval=60.0, budget=0.005)
+    packing.start_if_due(state, 1e9)
+    while not packing.step(state):
+        pass
+    assert state.packed_count() == 400
+    assert packing.last is not None
+    assert packing.last["longest_step"] < 0.020
+
+
+def test_saving_a_snapshot_of_packed_campaigns_does_not_unpack_them_all_at_once(
+    tmp_path: Path,
+) -> None:
+    # Every packed campaign was decoded into three fresh dicts, all held until the file was
+    # encoded: at shutdown, the memory of every campaign hot again (the peak packing saves).
+    state = _state_of_large_campaigns(2_000, 30)
+    state.pack_idle_campaigns(list(state.campaigns), NOW)
+    assert state.packed_count() == 2_000
+    packed_bytes = sum(len(s.packed or b"") for s in state.campaigns.values())
+    path = tmp_path / "s.msgpack"
+    tracemalloc.start()
+    try:
+        save_snapshot(path, state.campaigns)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # the file's bytes (about the packed bytes) and a list of rows, not the dicts again
+    assert peak < 4 * packed_bytes
+    loaded = load_snapshot(path)
+    assert loaded is not None
+    assert loaded == {cid: _large(30) for cid in range(1, 2_001)}
+    assert state.packed_count() == 2_000
+
+
+def test_a_snapshot_mixing_packed_and_unpacked_campaigns_loads_as_it_was_saved(
+    tmp_path: Path,
+) -> None:
+    campaigns = {
+        1: CampaignStats(2, {"sign": 2}, {"DE": 1}, {7: 2}, 1, 3),
+        2: CampaignStats(1, {"sign": 1, "share": 4}, {}, {9: 1}),
+        3: CampaignStats(),
+        4: CampaignStats(5, {"ü-sign": 9}, {"ÖS": 5}, {2**62: 5}, 0, 2**40),
+    }
+    expected = {cid: copy.deepcopy(s) for cid, s in campaigns.items()}
+    campaigns[2].pack()
+    campaigns[3].pack()
+    campaigns[4].pack()
+    save_snapshot(tmp_path / "s.msgpack", campaigns, {"goals": {}})
+    assert load_snapshot(tmp_path / "s.msgpack") == expected
+    assert {cid for cid, s in campaigns.items() if s.packed is not None} == {2, 3, 4}
+
+
+def test_a_packed_campaign_copies_deep_copies_and_pickles_as_the_same_counts() -> None:
+    unpacked = CampaignStats(3, {"sign": 2}, {"DE": 1}, {7: 3}, 1, 4)
+    stats = CampaignStats(3, {"sign": 2}, {"DE": 1}, {7: 3}, 1, 4)
+    stats.pack()
+    for twin in (copy.copy(stats), copy.deepcopy(stats), pickle.loads(pickle.dumps(stats))):
+        assert twin == unpacked
+        assert type(twin) is PackedCampaignStats  # a copy of a packed campaign stays packed
+        twin.action["share"] = 1  # and its first write unpacks it
+        assert twin.to_wire()["action"] == {"sign": 2, "share": 1}
+    assert type(stats) is PackedCampaignStats  # the original was left packed
+    assert stats == unpacked
