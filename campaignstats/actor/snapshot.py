@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgpack
 import structlog
@@ -25,19 +25,53 @@ FORMAT = 3
 _READABLE = (1, 2, 3)
 
 
+#: bytes gathered before one write to the file while saving
+_WRITE_CHUNK = 1 << 20
+#: MessagePack's header of an array of three (a packed campaign's maps) and of seven (a row)
+_ARRAY_OF_3 = 0x93
+_ROW_HEADER = b"\x97"
+
+
 def save_snapshot(
     path: Path, campaigns: dict[int, CampaignStats], goals: dict[str, Any] | None = None
 ) -> None:
-    rows = [
-        (cid, s.supporters, *s.maps(), s.extra_supporters, s.messages)  # packed stay packed
-        for cid, s in campaigns.items()
-    ]
-    content: dict[str, Any] = {"format": FORMAT, "saved_at": time.time(), "campaigns": rows}
-    if goals is not None:
-        content["goals"] = goals
-    data = msgpack.packb(content)
-    atomic_write(path, data)
-    log.info("snapshot.saved", path=str(path), campaigns=len(rows), bytes=len(data))
+    """Write the campaigns (and the goals part) atomically. The file is streamed row by row,
+    and a packed campaign's maps are copied from its bytes (the same MessagePack a row holds),
+    never decoded: decoding them all at once, with the whole file in memory, brought back at
+    shutdown the memory of every campaign hot (docs/design.md, "Memory", round 3)."""
+    packer = msgpack.Packer()
+    pack = packer.pack
+    written = 0
+
+    def write(f: BinaryIO) -> None:
+        nonlocal written
+        out = bytearray()
+        out += packer.pack_map_header(3 if goals is None else 4)
+        out += pack("format") + pack(FORMAT) + pack("saved_at") + pack(time.time())
+        out += pack("campaigns") + packer.pack_array_header(len(campaigns))
+        for cid, s in campaigns.items():
+            packed = s.packed
+            if packed is None:
+                packed = pack((s.action, s.area, s.org))
+            if packed[0] != _ARRAY_OF_3:
+                raise ValueError(f"campaign {cid}: its packed maps are not an array of three")
+            out += _ROW_HEADER
+            out += pack(cid)
+            out += pack(s.supporters)
+            out += memoryview(packed)[1:]
+            out += pack(s.extra_supporters)
+            out += pack(s.messages)
+            if len(out) >= _WRITE_CHUNK:
+                f.write(out)
+                written += len(out)
+                out.clear()
+        if goals is not None:
+            out += pack("goals") + pack(goals)
+        f.write(out)
+        written += len(out)
+
+    atomic_write(path, write)
+    log.info("snapshot.saved", path=str(path), campaigns=len(campaigns), bytes=written)
 
 
 def load_snapshot(path: Path) -> dict[int, CampaignStats] | None:
