@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import copy
 import pickle
+import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from campaignstats.actor.packing import Packing
 from campaignstats.actor.snapshot import load_snapshot, save_snapshot
-from campaignstats.model import CampaignStats, PackedCampaignStats, StatsState
+from campaignstats.model import CampaignStats, Increment, PackedCampaignStats, StatsState
 
 NOW = 1_700_000_000.0
 
@@ -111,3 +115,46 @@ def test_a_packed_campaign_copies_deep_copies_and_pickles_as_the_same_counts() -
         assert twin.to_wire()["action"] == {"sign": 2, "share": 1}
     assert type(stats) is PackedCampaignStats  # the original was left packed
     assert stats == unpacked
+
+
+def _org_in_many_campaigns(campaigns: int) -> StatsState:
+    state = StatsState()
+    state.clock = lambda: NOW
+    state.apply_many(
+        [
+            Increment(cid, 1 if i == 0 else 1_000 + cid * 10 + i, f"action-{i}", f"AR{i}", True)
+            for cid in range(1, campaigns + 1)
+            for i in range(6)
+        ]
+    )
+    return state
+
+
+def _best_of_3(read: Callable[[], object]) -> float:
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        read()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="org_stats decodes each packed campaign's three maps to read one org's count: "
+    "about 9x the unpacked read (89 ms against 12 ms for an org in 20,000 campaigns on the "
+    "loaded host, one stall of the actor); a decode costs about 2 us whatever its size, so "
+    "skipping the action and area maps does not help; not fixed",
+)
+def test_org_stats_of_an_org_in_many_packed_campaigns_costs_about_what_the_unpacked_read_does() -> (
+    None
+):
+    state = _org_in_many_campaigns(10_000)
+    want = state.org_stats(1)
+    unpacked = _best_of_3(lambda: state.org_stats(1))
+    state.pack_idle = 300.0
+    state.pack_idle_campaigns(list(state.campaigns), NOW + 1_000)
+    assert state.packed_count() == 10_000
+    assert state.org_stats(1) == want
+    packed = _best_of_3(lambda: state.org_stats(1))
+    assert packed < 3 * unpacked
