@@ -184,13 +184,16 @@ def test_a_snapshot_loaded_for_a_state_that_packs_never_holds_every_campaigns_di
     tracemalloc.start()
     try:
         loaded = load_snapshot(path, packed=True)
-        _, peak = tracemalloc.get_traced_memory()
+        held, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert loaded is not None
     assert all(type(s) is PackedCampaignStats for s in loaded.values())
     assert loaded == campaigns
-    assert peak < 3 * size  # the file, the packed bytes and the campaigns, no dicts
+    # what it holds once loaded (the packed bytes, the objects), and the file's bytes while
+    # reading: not every campaign's dicts (the unpacked load peaks at 12.7 times the file)
+    assert peak - held < 2 * size
+    assert peak < 6 * size
     state = StatsState()
     state.pack_idle = 300.0
     state.replace_all(loaded)
