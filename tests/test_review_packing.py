@@ -191,9 +191,10 @@ def test_a_snapshot_loaded_for_a_state_that_packs_never_holds_every_campaigns_di
     assert all(type(s) is PackedCampaignStats for s in loaded.values())
     assert loaded == campaigns
     # what it holds once loaded (the packed bytes, the objects), and the file's bytes while
-    # reading: not every campaign's dicts (the unpacked load peaks at 12.7 times the file)
-    assert peak - held < 2 * size
-    assert peak < 6 * size
+    # reading: not every campaign's dicts (the unpacked load peaks at 12.7 times the file, 6.4
+    # above what it holds; read row by row, about 4.5 and 1.7 alone, 5.8 and 2.3 in the suite)
+    assert peak - held < 4 * size
+    assert peak < 8 * size
     state = StatsState()
     state.pack_idle = 300.0
     state.replace_all(loaded)
