@@ -482,6 +482,14 @@ class PackedCampaignStats(CampaignStats):
         def packed(self) -> bytes:
             return _MAPS_SLOT.__get__(self, CampaignStats)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # copy, deepcopy and pickle: the default state is read slot by slot through the
+        # properties (which unpack) and set back through them (which have no setter)
+        return (
+            CampaignStats.from_packed,
+            (self.supporters, self.packed, self.extra_supporters, self.messages),
+        )
+
 
 def _take(counts: dict[Any, int], key: Any, n: int) -> bool:
     """Subtract ``n`` from ``counts[key]``, dropping the key at zero; True if clamped."""
@@ -1713,20 +1721,35 @@ class StatsState:
 
     # -- idle campaigns packed (docs/design.md, "Memory", round 3) --------------------------------
 
-    def pack_idle_campaigns(self, ids: Iterable[int], now: float) -> tuple[int, int]:
+    def pack_idle_campaigns(self, ids: Sequence[int], now: float) -> tuple[int, int]:
         """Pack each of these campaigns that is unpacked and had no change for ``pack_idle``
         seconds before ``now``; returns how many it packed, and how many of them are packed
         now (packed before, or just now). "No change" is read off the
         campaign's timeline (its last action's time, which the hot path keeps anyway); a
         wrong guess (a decrement, which files no action time) only costs an unpack at the
         next write, never a count."""
+        _, packed_now, packed = self.pack_idle_slice(ids, 0, len(ids), now, float("inf"))
+        return packed_now, packed
+
+    def pack_idle_slice(
+        self, ids: Sequence[int], start: int, end: int, now: float, deadline: float
+    ) -> tuple[int, int, int]:
+        """:meth:`pack_idle_campaigns` of ``ids[start:end]``, stopping after the first campaign
+        it packs once ``time.perf_counter()`` has reached ``deadline`` (a campaign of many keys
+        takes a millisecond or more to pack: the clock is read after each one packed, not per
+        group of campaigns). Returns the index it stopped at, how many it packed, and how many
+        of those it looked at are packed now."""
         if not self.pack_idle:
-            return 0, 0
+            return end, 0, 0
         campaigns = self.campaigns
         timelines = self.timelines
         idle_before = now - self.pack_idle
+        clock = time.perf_counter
         packed_now = packed = 0
-        for cid in ids:
+        i = start
+        while i < end:
+            cid = ids[i]
+            i += 1
             stats = campaigns.get(cid)
             if stats is None:
                 continue  # forgotten since the list was made
@@ -1736,8 +1759,12 @@ class StatsState:
                     continue
                 stats.pack()
                 packed_now += 1
+                packed += 1
+                if clock() >= deadline:
+                    break
+                continue
             packed += 1
-        return packed_now, packed
+        return i, packed_now, packed
 
     def packed_count(self) -> int:
         """Campaigns packed now (a scan of every campaign: tests and benchmarks)."""

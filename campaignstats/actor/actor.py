@@ -313,7 +313,10 @@ class StatsActor:
         if self._inherited:
             log.info("actor.kept_counts", campaigns=len(self.state.campaigns))
         elif self.config.snapshot_path is not None:
-            loaded = load_snapshot_with_goals(self.config.snapshot_path)
+            # A state that packs gets them packed row by row (never every campaign's dicts)
+            loaded = load_snapshot_with_goals(
+                self.config.snapshot_path, packed=self.state.pack_idle > 0
+            )
             if loaded is not None:
                 campaigns, goals = loaded
                 if self._shard is not None:  # a file of another layout: only this shard's
