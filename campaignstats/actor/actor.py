@@ -393,30 +393,16 @@ class StatsActor:
                 # Merge one slice, then serve what arrived meanwhile: no long stall, and the
                 # journal keeps the not-yet-merged campaigns exact.
                 self._merge_step()
-                for _ in range(1_000):
-                    msg = get_nowait()
-                    if msg is None:
-                        break
-                    if handle(msg):
-                        return
-                    if self._slicing is not None:
-                        break  # a large batch began: its slices come first
-                self._check_timers(time.monotonic())
+                if self._serve_between_steps(merging=True):
+                    return
                 await asyncio.sleep(0)
                 continue
             if self.packing.sweep is not None:
                 # Idle campaigns packed a slice at a time, serving what arrived in between, as
                 # the merge does (a write to a campaign packed in an earlier slice unpacks it).
                 self.packing.step(self.state)
-                for _ in range(1_000):
-                    msg = get_nowait()
-                    if msg is None:
-                        break
-                    if handle(msg):
-                        return
-                    if self._slicing is not None or self._merge is not None:
-                        break  # a large batch or a merge began: it comes first
-                self._check_timers(time.monotonic())
+                if self._serve_between_steps(merging=False):
+                    return
                 await asyncio.sleep(0)
                 continue
             msg = get_nowait()
@@ -434,6 +420,22 @@ class StatsActor:
             if handle(msg):
                 return
             self._check_timers(time.monotonic())
+
+    def _serve_between_steps(self, *, merging: bool) -> bool:
+        """Between two steps of a merge or a sweep: what arrived meanwhile (up to 1,000
+        messages), until a large batch begins (its slices come first) or, during a sweep, a
+        merge; then the timers. True when a message said to stop."""
+        get_nowait = self.mailbox.get_nowait
+        for _ in range(1_000):
+            msg = get_nowait()
+            if msg is None:
+                break
+            if self._handle(msg):
+                return True
+            if self._slicing is not None or (not merging and self._merge is not None):
+                break
+        self._check_timers(time.monotonic())
+        return False
 
     def _until_next_deadline(self, now: float) -> float:
         deadline = min(self._next_calc_at, self._next_metrics_tick)
