@@ -95,6 +95,8 @@ class WebhookConfig:
         for url in self.urls:
             shown = redact_url(url)
             if not url.startswith(("http://", "https://")):
+                if "://" not in url:  # no URL at all: redact_url would make one up
+                    return "a webhook must be an http:// or https:// URL (one was not a URL)"
                 return f"a webhook must be an http:// or https:// URL, not {shown!r}"
             problem = _url_problem(url)
             if problem is not None:

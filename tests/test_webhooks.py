@@ -419,6 +419,13 @@ async def test_serve_refuses_a_webhook_without_a_snapshot_or_with_a_bad_url(tmp_
     assert "a webhook must be an http:// or https:// URL" in text
     assert not (tmp_path / "s.events").exists()  # refused before anything was opened
     code, text = await _serve_exit(
+        "--webhook", "hooktoken@example.org/h", "--snapshot", str(tmp_path / "s"),
+        "--dsn", "postgresql://nobody@127.0.0.1:1/none",
+    )  # fmt: skip
+    assert code == 2
+    assert "(one was not a URL)" in text  # not '://hooktoken@...', a URL it never was
+    assert "hooktoken" not in text
+    code, text = await _serve_exit(
         "--webhook", "http://hookuser:pw-never-shown@[::1/h", "--snapshot", str(tmp_path / "s"),
         "--dsn", "postgresql://nobody@127.0.0.1:1/none",
     )  # fmt: skip
