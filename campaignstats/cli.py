@@ -1228,7 +1228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "resync",
             "goals",
         ):
-            return run_client_command(args)
+            code = run_client_command(args)
+            # What is still in stdout's buffer (a short output, block-buffered in a pipe) is
+            # written here, where a reader that has gone is handled, not at the exit's flush.
+            sys.stdout.flush()
+            return code
         if args.command == "serve":
             return _serve_on_loop(args)
         return int(asyncio.run(_with_db(args)))
