@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
+from pathlib import Path
+
+import pytest
 
 from .helpers import Running
 
@@ -44,3 +48,159 @@ async def test_info_whose_reader_has_gone_ends_quietly(server: Running) -> None:
     rc, err = await _cli_reader_gone(server, "info")
     assert b"Exception ignored" not in err, err
     assert rc == 141, err
+
+
+# -- signals ------------------------------------------------------------------------------------
+
+
+def _processes_using(path: Path) -> list[str]:
+    """The processes whose command line names ``path`` (an embedded Postgres names its data
+    directory)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(path) in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+async def _signalled(
+    args: list[str], data_dir: Path, wait_for: bytes, sig: int, *, on_stderr: bool = False
+) -> tuple[int | None, bytes]:
+    """Runs ``campaignstats ARGS``, sends ``sig`` once ``wait_for`` is printed (on stdout, or on
+    stderr), and returns its status and what it printed; no Postgres of ``data_dir`` is left
+    running whatever happens."""
+    environ = {k: v for k, v in os.environ.items() if k != "CAMPAIGNSTATS_TOKEN"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "campaignstats.cli", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=environ,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    stream = proc.stderr if on_stderr else proc.stdout
+    seen = b""
+    try:
+        async with asyncio.timeout(90):
+            while wait_for not in seen:
+                chunk = await stream.read(4096)
+                assert chunk, f"ended before {wait_for!r}: {seen[-2000:]!r}"
+                seen += chunk
+        proc.send_signal(sig)
+        async with asyncio.timeout(90):
+            out, err = await proc.communicate()
+        return proc.returncode, seen + out + err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for line in _processes_using(data_dir):  # never leave a Postgres to the next test
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+
+
+@pytest.mark.timeout(240)
+async def test_a_sigterm_during_the_first_calculation_stops_serve_cleanly(tmp_path: Path) -> None:
+    """A signal after the demo data, while the first calculation runs: serve stops with 0, its
+    snapshot written, its Unix socket removed, the embedded Postgres stopped."""
+    data_dir = tmp_path / "pg"
+    sock = tmp_path / "s.sock"
+    snapshot = tmp_path / "snap.bin"
+    args = [
+        "serve", "--data-dir", str(data_dir), "--demo-if-empty", "20000", "--port", "0",
+        "--no-http", "--unix", str(sock), "--snapshot", str(snapshot),
+    ]  # fmt: skip
+    rc, text = await _signalled(
+        args, data_dir, b"calculation.started", signal.SIGTERM, on_stderr=True
+    )
+    running = _processes_using(data_dir)
+    assert rc == 0, text[-3000:]
+    assert running == []
+    assert not sock.exists()
+    assert b"Traceback" not in text, text[-3000:]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_while_demo_loads_leaves_no_embedded_postgres_behind(
+    tmp_path: Path, sig: int
+) -> None:
+    """``campaignstats demo`` on the embedded Postgres (README: ``campaignstats demo --actions
+    1000000``): serve was fixed so that a SIGTERM while it loads demo data stops the Postgres
+    it started (tests/test_review_outside.py); the demo command itself must too, and leave
+    nothing loaded (one transaction)."""
+    data_dir = tmp_path / "pg"
+    args = ["demo", "--data-dir", str(data_dir), "--actions", "2000000"]
+    rc, text = await _signalled(args, data_dir, b"demo:", sig, on_stderr=True)
+    running = _processes_using(data_dir)
+    assert running == [], f"status {rc}: {text[-2000:]!r}"
+    assert b"Traceback" not in text, text[-3000:]
+
+
+# -- options ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        # Postgres' statement_timeout is an int of milliseconds: past 2**31-1 ms (24.8 days)
+        # every calculation failed ('Value exceeds integer range'), as 0 did before the review
+        ("serve", "--statement-timeout", "3000000"),
+        ("calculate", "--statement-timeout", "1e12"),
+        # under a millisecond it was sent as statement_timeout = 0: no timeout at all
+        ("serve", "--statement-timeout", "0.0004"),
+        ("calculate", "--statement-timeout", "0.0009"),
+        # past what a MessagePack reader takes: an OverflowError traceback on every connection
+        # (no client could say hello), the server running on
+        ("serve", "--max-message", "99999999999999999999"),
+    ],
+    ids=lambda option: " ".join(option),
+)
+@pytest.mark.timeout(60)
+async def test_an_option_past_what_it_can_mean_is_refused_by_name(
+    module_dsn: str, option: tuple[str, str, str]
+) -> None:
+    """The outside review's range checks (tests/test_review_outside.py) stop at the low end;
+    values too large (or too small for the unit they are sent in) started a server that
+    failed every calculation, had no timeout, or answered no connection. Each must be refused
+    at once, naming the option (status 2)."""
+    command, *rest = option
+    environ = {k: v for k, v in os.environ.items() if k != "CAMPAIGNSTATS_TOKEN"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "campaignstats.cli", command, "--dsn", module_dsn, *rest,
+        *(["--port", "0", "--no-http"] if command == "serve" else []),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=environ,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(20):  # a server that started instead runs until killed
+            _, err = await proc.communicate()
+    except TimeoutError:
+        err = b"(still running)"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = err.decode(errors="replace")
+    assert proc.returncode == 2, text[-2000:]
+    assert f"argument {rest[0]}" in text, text[-2000:]
+    assert "Traceback" not in text, text[-2000:]
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("serve", "--statement-timeout", "0.001"),
+        ("serve", "--statement-timeout", "2147483"),
+        ("calculate", "--statement-timeout", "60"),
+        ("serve", "--max-message", str(1 << 20)),
+    ],
+    ids=lambda option: " ".join(option),
+)
+def test_the_ends_of_those_ranges_and_the_defaults_are_taken(option: tuple[str, str, str]) -> None:
+    from campaignstats.cli import build_parser
+
+    args = build_parser().parse_args(list(option))
+    assert getattr(args, option[1].lstrip("-").replace("-", "_")) == float(option[2])
