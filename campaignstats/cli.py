@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
         "--statement-timeout",
-        type=_positive_seconds,
+        type=_statement_timeout,
         default=60.0,
         metavar="SECONDS",
         help="per SQL statement (default: %(default)s)",
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--statement-timeout",
-        type=_positive_seconds,
+        type=_statement_timeout,
         default=60.0,
         metavar="SECONDS",
         help="per SQL statement of a calculation (default: %(default)s)",
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     limits.add_argument(
         "--max-message",
-        type=_at_least_one,
+        type=_message_bytes,
         default=1 << 20,
         metavar="BYTES",
         help="bytes of one message or HTTP body (default: %(default)s)",
@@ -517,6 +517,30 @@ def _positive_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
+
+
+#: Postgres' statement_timeout is an int of milliseconds, and 0 there means none
+_STATEMENT_TIMEOUT_RANGE = (0.001, (2**31 - 1) / 1000)
+
+#: the largest --max-message: the longest a MessagePack string, binary or container declares
+_MAX_MESSAGE = 2**32 - 1
+
+
+def _statement_timeout(text: str) -> float:
+    value = _positive_seconds(text)
+    low, high = _STATEMENT_TIMEOUT_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(
+            f"must be {low} to {high} seconds (Postgres' statement_timeout, in milliseconds)"
+        )
+    return value
+
+
+def _message_bytes(text: str) -> int:
+    value = _at_least_one(text)
+    if value > _MAX_MESSAGE:
+        raise argparse.ArgumentTypeError(f"must be 1 to {_MAX_MESSAGE}")
     return value
 
 
