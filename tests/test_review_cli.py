@@ -204,3 +204,23 @@ def test_the_ends_of_those_ranges_and_the_defaults_are_taken(option: tuple[str, 
 
     args = build_parser().parse_args(list(option))
     assert getattr(args, option[1].lstrip("-").replace("-", "_")) == float(option[2])
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        # a cap of 0 or less: 'over the limit of -1 campaigns' for every increment, as the
+        # review found for the other limits of 0 (--max-keys, --max-batch ...)
+        ("serve", "--max-campaigns", "0"),
+        ("serve", "--max-campaigns", "-1"),
+        # refused only once the embedded Postgres had started, as a failed command (status 1,
+        # 'archive_every must be at least 1 second'), not by the option's name
+        ("serve", "--archive-every", "0"),
+    ],
+    ids=lambda option: " ".join(option),
+)
+@pytest.mark.timeout(60)
+async def test_a_limit_the_review_left_unchecked_is_refused_by_name_too(
+    module_dsn: str, option: tuple[str, str, str]
+) -> None:
+    await test_an_option_past_what_it_can_mean_is_refused_by_name(module_dsn, option)
