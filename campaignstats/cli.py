@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     metrics.add_argument(
         "--archive-every",
-        type=int,
+        type=_at_least_one,
         default=600,
         metavar="SECONDS",
         help="one archive file per period of this many seconds (default: %(default)s)",
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     limits.add_argument(
         "--max-campaigns",
-        type=int,
+        type=_at_least_one,
         default=None,
         metavar="N",
         help="campaigns in memory; increments creating more are invalid (default: no cap)",
