@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from campaignstats.client import StatsClient
+from campaignstats.errors import Invalid, UsageError
+
 from .helpers import Running
 
 
@@ -224,3 +227,52 @@ async def test_a_limit_the_review_left_unchecked_is_refused_by_name_too(
     module_dsn: str, option: tuple[str, str, str]
 ) -> None:
     await test_an_option_past_what_it_can_mean_is_refused_by_name(module_dsn, option)
+
+
+# -- the client ---------------------------------------------------------------------------------
+
+
+async def test_a_messages_count_past_the_largest_is_told_its_range_not_at_least_zero(
+    server: Running,
+) -> None:
+    """docs/protocol.md: ``messages`` is an int, 0 to 2**63-1. One past it was refused as
+    'messages must be >= 0' (the count had the same wrong message, fixed in 3138843)."""
+
+    def use() -> int:
+        client = StatsClient(f"tcp://127.0.0.1:{server.port}")
+        try:
+            with pytest.raises(Invalid, match=r"messages must be between 0 and 2\*\*63-1"):
+                client.increment(1, 1, "petition", messages=2**63)
+            with pytest.raises(Invalid, match=r"messages must be between 0 and 2\*\*63-1"):
+                client.increment(1, 1, "petition", messages=-1)
+            client.increment(1, 1, "petition", messages=2**63 - 1)
+            client.flush()
+            return client.stats(1, timeout=5)["messages"]
+        finally:
+            client.close()
+
+    assert await asyncio.to_thread(use) == 2**63 - 1
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf")])
+def test_a_client_timeout_that_is_not_a_finite_number_is_a_usage_error(timeout: float) -> None:
+    """'timeouts must be positive' let NaN and infinity through: the first call then ended in
+    'ValueError: Invalid value NaN' or 'OverflowError: cannot convert float infinity to
+    integer' (``campaignstats info --timeout inf``: a traceback)."""
+    with pytest.raises(UsageError, match="timeouts"):
+        StatsClient("tcp://127.0.0.1:9", timeout=timeout)
+
+
+@pytest.mark.parametrize("timeout", ["nan", "inf"])
+async def test_a_client_command_with_a_timeout_not_finite_says_so_without_a_traceback(
+    server: Running, timeout: str
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "campaignstats.cli", "info", "--timeout", timeout,
+        "--url", f"tcp://127.0.0.1:{server.port}",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    assert b"Traceback" not in err, err
+    assert b"timeout" in err, err
+    assert proc.returncode in (1, 2), err
