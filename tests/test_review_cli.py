@@ -276,3 +276,37 @@ async def test_a_client_command_with_a_timeout_not_finite_says_so_without_a_trac
     assert b"Traceback" not in err, err
     assert b"timeout" in err, err
     assert proc.returncode in (1, 2), err
+
+
+# -- listening ----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+async def test_a_unix_socket_another_server_holds_stops_serve_as_a_port_in_use_does(
+    module_dsn: str, tmp_path: Path, server: Running
+) -> None:
+    """A port in use says 'cannot listen: ...' and stops the service, its snapshot written
+    (tests/test_review_outside.py). A Unix socket that another server listens on (a second
+    ``serve --unix`` on the same path) went another way: 'command_failed' logged, the service
+    (started, its first calculation running) abandoned, no snapshot written. It must be the
+    same stop, and the other server's socket left in place."""
+    assert server.unix is not None
+    snapshot = tmp_path / "snap.bin"
+    environ = {k: v for k, v in os.environ.items() if k != "CAMPAIGNSTATS_TOKEN"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "campaignstats.cli", "serve", "--dsn", module_dsn, "--port", "0",
+        "--no-http", "--unix", str(server.unix), "--snapshot", str(snapshot),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=environ,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(60):
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = err.decode(errors="replace")
+    assert proc.returncode == 1, text[-2000:]
+    assert f"cannot listen: another server is listening on {server.unix}" in text, text[-2000:]
+    assert snapshot.exists(), text[-2000:]
+    assert server.unix.exists()
