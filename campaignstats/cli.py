@@ -819,6 +819,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, started: Callabl
     from campaignstats.actor.metrics import MetricsConfig
     from campaignstats.actor.supervisor import SupervisorGaveUp
     from campaignstats.db.source import PostgresSource
+    from campaignstats.errors import StatsError
     from campaignstats.protocol import Limits
     from campaignstats.server import ServerConfig, StatsServer
     from campaignstats.service import StatsService
@@ -924,7 +925,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, started: Callabl
         await service.start()
         try:
             await server.start()  # closes what it opened when it fails
-        except OSError as exc:
+        except (OSError, StatsError) as exc:  # StatsError: a Unix socket path not ours to take
             return await _cannot_listen(exc, service)
         if http_server is not None:
             try:
@@ -972,7 +973,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, started: Callabl
             embedded.close()
 
 
-async def _cannot_listen(exc: OSError, service: Any) -> int:
+async def _cannot_listen(exc: Exception, service: Any) -> int:
     """A listener that cannot open (a port in use, an address not here): one line, and the
     service stopped (its snapshot written, as at any stop)."""
     text = str(exc)
