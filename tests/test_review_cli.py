@@ -310,3 +310,38 @@ async def test_a_unix_socket_another_server_holds_stops_serve_as_a_port_in_use_d
     assert f"cannot listen: another server is listening on {server.unix}" in text, text[-2000:]
     assert snapshot.exists(), text[-2000:]
     assert server.unix.exists()
+
+
+# -- run.py -------------------------------------------------------------------------------------
+
+
+async def test_run_py_switches_to_the_venv_even_when_the_other_python_can_import_the_cli(
+    tmp_path: Path,
+) -> None:
+    """run.py re-executed itself in ``.venv`` only when ``campaignstats.cli`` failed to
+    import. Its own folder is on ``sys.path``, so with the other interpreter able to import
+    structlog (a distribution's python3-structlog, a ``pip install --user``) the import
+    succeeded and serve ran outside the venv: 'ModuleNotFoundError: No module named msgpack',
+    a traceback, with ``.venv`` in place. The switch must go by the interpreter, as the
+    comment says."""
+    root = Path(__file__).resolve().parents[1]
+    base = getattr(sys, "_base_executable", None)
+    if base is None or not (root / ".venv" / "bin" / "python").exists():
+        pytest.skip("needs the project's .venv and the interpreter it was made from")
+    import structlog
+
+    (tmp_path / "structlog").symlink_to(Path(structlog.__file__).parent)
+    environ = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    environ["PYTHONPATH"] = str(tmp_path)  # the other python imports structlog, nothing else
+    environ.pop("CAMPAIGNSTATS_TOKEN", None)
+    proc = await asyncio.create_subprocess_exec(
+        base, str(root / "run.py"), "--dsn", "postgresql://nobody@127.0.0.1:1/none",
+        "--port", "0", "--no-http",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=environ, cwd="/",
+    )  # fmt: skip
+    async with asyncio.timeout(60):
+        out, _ = await proc.communicate()
+    text = out.decode(errors="replace")
+    assert "Traceback" not in text, text[-2000:]
+    assert "cannot reach the database" in text, text[-2000:]
+    assert proc.returncode == 1, text[-2000:]
