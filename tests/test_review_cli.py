@@ -345,3 +345,24 @@ async def test_run_py_switches_to_the_venv_even_when_the_other_python_can_import
     assert "Traceback" not in text, text[-2000:]
     assert "cannot reach the database" in text, text[-2000:]
     assert proc.returncode == 1, text[-2000:]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_a_signal_while_serve_loads_its_demo_data_stops_it_with_nothing_left(
+    tmp_path: Path, sig: int
+) -> None:
+    """The review tested SIGTERM during the demo load; Ctrl-C (SIGINT) is the README's first
+    way to stop, and a Unix socket must not be left behind either."""
+    data_dir = tmp_path / "pg"
+    sock = tmp_path / "s.sock"
+    args = [
+        "serve", "--data-dir", str(data_dir), "--demo-if-empty", "2000000", "--port", "0",
+        "--no-http", "--unix", str(sock),
+    ]  # fmt: skip
+    rc, text = await _signalled(args, data_dir, b"demo:", sig, on_stderr=True)
+    running = _processes_using(data_dir)
+    assert rc == 0, text[-3000:]
+    assert running == []
+    assert not sock.exists()
+    assert b"Traceback" not in text, text[-3000:]
