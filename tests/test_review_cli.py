@@ -74,10 +74,10 @@ def _processes_using(path: Path) -> list[str]:
 
 async def _signalled(
     args: list[str], data_dir: Path, wait_for: bytes, sig: int, *, on_stderr: bool = False
-) -> tuple[int | None, bytes]:
+) -> tuple[int | None, bytes, list[str]]:
     """Runs ``campaignstats ARGS``, sends ``sig`` once ``wait_for`` is printed (on stdout, or on
-    stderr), and returns its status and what it printed; no Postgres of ``data_dir`` is left
-    running whatever happens."""
+    stderr), and returns its status, what it printed and the processes of ``data_dir`` still
+    running once it ended (found before they are killed: none is left to the next test)."""
     environ = {k: v for k, v in os.environ.items() if k != "CAMPAIGNSTATS_TOKEN"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "campaignstats.cli", *args,
@@ -96,7 +96,8 @@ async def _signalled(
         proc.send_signal(sig)
         async with asyncio.timeout(90):
             out, err = await proc.communicate()
-        return proc.returncode, seen + out + err
+        await asyncio.sleep(0.5)  # a Postgres told to stop by it, stopping
+        return proc.returncode, seen + out + err, _processes_using(data_dir)
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -116,10 +117,9 @@ async def test_a_sigterm_during_the_first_calculation_stops_serve_cleanly(tmp_pa
         "serve", "--data-dir", str(data_dir), "--demo-if-empty", "20000", "--port", "0",
         "--no-http", "--unix", str(sock), "--snapshot", str(snapshot),
     ]  # fmt: skip
-    rc, text = await _signalled(
+    rc, text, running = await _signalled(
         args, data_dir, b"calculation.started", signal.SIGTERM, on_stderr=True
     )
-    running = _processes_using(data_dir)
     assert rc == 0, text[-3000:]
     assert running == []
     assert not sock.exists()
@@ -137,8 +137,7 @@ async def test_a_signal_while_demo_loads_leaves_no_embedded_postgres_behind(
     nothing loaded (one transaction)."""
     data_dir = tmp_path / "pg"
     args = ["demo", "--data-dir", str(data_dir), "--actions", "2000000"]
-    rc, text = await _signalled(args, data_dir, b"demo:", sig, on_stderr=True)
-    running = _processes_using(data_dir)
+    rc, text, running = await _signalled(args, data_dir, b"demo:", sig, on_stderr=True)
     assert running == [], f"status {rc}: {text[-2000:]!r}"
     assert b"Traceback" not in text, text[-3000:]
 
@@ -360,8 +359,7 @@ async def test_a_signal_while_serve_loads_its_demo_data_stops_it_with_nothing_le
         "serve", "--data-dir", str(data_dir), "--demo-if-empty", "2000000", "--port", "0",
         "--no-http", "--unix", str(sock),
     ]  # fmt: skip
-    rc, text = await _signalled(args, data_dir, b"demo:", sig, on_stderr=True)
-    running = _processes_using(data_dir)
+    rc, text, running = await _signalled(args, data_dir, b"demo:", sig, on_stderr=True)
     assert rc == 0, text[-3000:]
     assert running == []
     assert not sock.exists()
