@@ -696,6 +696,30 @@ def parse_scope(words: Sequence[str]) -> Scope:
 
 
 async def _with_db(args: argparse.Namespace) -> Any:
+    """A database command (init-db, demo, calculate, slots). SIGTERM stops it as Ctrl-C does,
+    where it is, the embedded Postgres it started included (killed by the signal, it left that
+    Postgres running); the status is then 143, as for a process the signal ended."""
+    import signal
+
+    main = asyncio.current_task()
+    assert main is not None
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        main.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        return await _with_db_connected(args)
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        return 128 + signal.SIGTERM
+
+
+async def _with_db_connected(args: argparse.Namespace) -> Any:
     import asyncpg
 
     dsn, embedded = await resolve_dsn(args.dsn, args.data_dir)
