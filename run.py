@@ -16,13 +16,14 @@ VENV_PYTHON = HERE / ".venv" / "bin" / "python"
 
 
 def main() -> int:
+    # Not the venv: told by the prefix, as a venv's python is a symlink to the interpreter that
+    # made it (the same file once resolved). Before any import: this folder is on sys.path, so
+    # another python that has structlog imports campaignstats.cli, and fails later, in serve.
+    if VENV_PYTHON.exists() and Path(sys.prefix).resolve() != (HERE / ".venv").resolve():
+        os.execv(VENV_PYTHON, [str(VENV_PYTHON), __file__, *sys.argv[1:]])
     try:
         from campaignstats.cli import main as cli_main
     except ImportError:
-        # Not the venv yet: by its prefix, as a venv's python is a symlink to the interpreter
-        # that made it (the same file once resolved).
-        if VENV_PYTHON.exists() and Path(sys.prefix).resolve() != (HERE / ".venv").resolve():
-            os.execv(VENV_PYTHON, [str(VENV_PYTHON), __file__, *sys.argv[1:]])
         print("campaignstats is not installed here: run `make run` (it sets everything up)")
         return 2
     os.chdir(HERE)

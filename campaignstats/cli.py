@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
         "--statement-timeout",
-        type=_positive_seconds,
+        type=_statement_timeout,
         default=60.0,
         metavar="SECONDS",
         help="per SQL statement (default: %(default)s)",
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     metrics.add_argument(
         "--archive-every",
-        type=int,
+        type=_at_least_one,
         default=600,
         metavar="SECONDS",
         help="one archive file per period of this many seconds (default: %(default)s)",
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--statement-timeout",
-        type=_positive_seconds,
+        type=_statement_timeout,
         default=60.0,
         metavar="SECONDS",
         help="per SQL statement of a calculation (default: %(default)s)",
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     limits.add_argument(
         "--max-message",
-        type=_at_least_one,
+        type=_message_bytes,
         default=1 << 20,
         metavar="BYTES",
         help="bytes of one message or HTTP body (default: %(default)s)",
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     limits.add_argument(
         "--max-campaigns",
-        type=int,
+        type=_at_least_one,
         default=None,
         metavar="N",
         help="campaigns in memory; increments creating more are invalid (default: no cap)",
@@ -520,6 +520,30 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+#: Postgres' statement_timeout is an int of milliseconds, and 0 there means none
+_STATEMENT_TIMEOUT_RANGE = (0.001, (2**31 - 1) / 1000)
+
+#: the largest --max-message: the longest a MessagePack string, binary or container declares
+_MAX_MESSAGE = 2**32 - 1
+
+
+def _statement_timeout(text: str) -> float:
+    value = _positive_seconds(text)
+    low, high = _STATEMENT_TIMEOUT_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(
+            f"must be {low} to {high} seconds (Postgres' statement_timeout, in milliseconds)"
+        )
+    return value
+
+
+def _message_bytes(text: str) -> int:
+    value = _at_least_one(text)
+    if value > _MAX_MESSAGE:
+        raise argparse.ArgumentTypeError(f"must be 1 to {_MAX_MESSAGE}")
+    return value
+
+
 def _shard(text: str) -> Any:
     from campaignstats.errors import UsageError
     from campaignstats.shards import Shard
@@ -672,6 +696,30 @@ def parse_scope(words: Sequence[str]) -> Scope:
 
 
 async def _with_db(args: argparse.Namespace) -> Any:
+    """A database command (init-db, demo, calculate, slots). SIGTERM stops it as Ctrl-C does,
+    where it is, the embedded Postgres it started included (killed by the signal, it left that
+    Postgres running); the status is then 143, as for a process the signal ended."""
+    import signal
+
+    main = asyncio.current_task()
+    assert main is not None
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        main.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        return await _with_db_connected(args)
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        return 128 + signal.SIGTERM
+
+
+async def _with_db_connected(args: argparse.Namespace) -> Any:
     import asyncpg
 
     dsn, embedded = await resolve_dsn(args.dsn, args.data_dir)
@@ -795,6 +843,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, started: Callabl
     from campaignstats.actor.metrics import MetricsConfig
     from campaignstats.actor.supervisor import SupervisorGaveUp
     from campaignstats.db.source import PostgresSource
+    from campaignstats.errors import StatsError
     from campaignstats.protocol import Limits
     from campaignstats.server import ServerConfig, StatsServer
     from campaignstats.service import StatsService
@@ -900,7 +949,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, started: Callabl
         await service.start()
         try:
             await server.start()  # closes what it opened when it fails
-        except OSError as exc:
+        except (OSError, StatsError) as exc:  # StatsError: a Unix socket path not ours to take
             return await _cannot_listen(exc, service)
         if http_server is not None:
             try:
@@ -948,7 +997,7 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event, started: Callabl
             embedded.close()
 
 
-async def _cannot_listen(exc: OSError, service: Any) -> int:
+async def _cannot_listen(exc: Exception, service: Any) -> int:
     """A listener that cannot open (a port in use, an address not here): one line, and the
     service stopped (its snapshot written, as at any stop)."""
     text = str(exc)
@@ -1228,7 +1277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "resync",
             "goals",
         ):
-            return run_client_command(args)
+            code = run_client_command(args)
+            # What is still in stdout's buffer (a short output, block-buffered in a pipe) is
+            # written here, where a reader that has gone is handled, not at the exit's flush.
+            sys.stdout.flush()
+            return code
         if args.command == "serve":
             return _serve_on_loop(args)
         return int(asyncio.run(_with_db(args)))

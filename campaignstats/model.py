@@ -173,7 +173,7 @@ def check_increment(inc: Increment, max_string: int = DEFAULT_MAX_STRING) -> Pro
     if type(messages) is not int:
         return BadMessage("messages must be an integer")
     if not 0 <= messages <= MAX_ID:
-        return Invalid("messages must be >= 0")
+        return Invalid(f"messages must be between 0 and 2**63-1 (messages={messages})")
     return None
 
 

@@ -124,8 +124,13 @@ class ClientOptions:
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT
 
     def __post_init__(self) -> None:
-        if self.timeout <= 0 or self.connect_timeout <= 0 or self.close_timeout < 0:
-            raise UsageError("timeouts must be positive")
+        # NaN fails every comparison, and infinity cannot be a poll's milliseconds
+        if not (
+            0 < self.timeout < _INF
+            and 0 < self.connect_timeout < _INF
+            and 0 <= self.close_timeout < _INF
+        ):
+            raise UsageError("timeouts must be positive numbers of seconds (finite)")
         if self.queue_size < 1:
             raise UsageError("queue_size must be at least 1")
         if not 1 <= self.batch_size <= DEFAULT_MAX_BATCH:
@@ -135,12 +140,15 @@ class ClientOptions:
             raise UsageError("backoff must satisfy 0 < backoff_min <= backoff_max")
 
 
+_INF = float("inf")
+
+
 def call_timeout(timeout: float | None, default: float) -> float:
     """A per-call timeout, or the client's."""
     if timeout is None:
         return default
-    if not timeout > 0:
-        raise UsageError(f"timeout must be positive, not {timeout!r}")
+    if not 0 < timeout < _INF:
+        raise UsageError(f"timeout must be a positive number of seconds, not {timeout!r}")
     return timeout
 
 
