@@ -179,3 +179,19 @@ def lines_run(code: Path, work: Callable[[], T]) -> tuple[T, int]:
     finally:
         sys.settrace(previous)
     return result, lines
+
+
+def processes_using(path: Path) -> list[str]:
+    """The command lines of the processes that name ``path`` (an embedded Postgres names its
+    data directory): what a stopped command left running."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(path) in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 from .helpers import Running
@@ -21,6 +22,8 @@ async def _cli(running: Running, *args: str, read: bool) -> tuple[int, bytes, by
         f"tcp://127.0.0.1:{running.port}",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        # as in a user's shell: stdout block-buffered (this machine sets PYTHONUNBUFFERED)
+        env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
     )
     assert proc.stdout is not None
     assert proc.stderr is not None
@@ -65,3 +68,17 @@ async def test_a_server_that_is_not_there_is_still_said_to_be_unreachable(server
     _, err = await proc.communicate()
     assert proc.returncode == 1
     assert b"cannot reach the server" in err, err
+
+
+async def test_a_short_output_whose_reader_has_gone_ends_quietly_too(server: Running) -> None:
+    # The output fits in stdout's buffer: the print succeeds, the flush at exit does not.
+    rc, _, err = await _cli(server, "stats", "--json", "1", read=False)
+    assert b"Exception ignored" not in err, err
+    assert b"Traceback" not in err, err
+    assert rc == 141, err
+
+
+async def test_info_whose_reader_has_gone_ends_quietly(server: Running) -> None:
+    rc, _, err = await _cli(server, "info", read=False)
+    assert b"Exception ignored" not in err, err
+    assert rc == 141, err

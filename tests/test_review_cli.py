@@ -14,62 +14,9 @@ import pytest
 from campaignstats.client import StatsClient
 from campaignstats.errors import Invalid, UsageError
 
-from .helpers import Running
-
-
-async def _cli_reader_gone(running: Running, *args: str) -> tuple[int, bytes]:
-    """``campaignstats ARGS --url ...`` whose stdout is a pipe whose reader has gone before it
-    writes (``campaignstats stats 1 | true``)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "campaignstats.cli",
-        *args,
-        "--url",
-        f"tcp://127.0.0.1:{running.port}",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        # as in a user's shell: stdout block-buffered (this machine sets PYTHONUNBUFFERED)
-        env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
-    )
-    assert proc.stderr is not None
-    transport = proc._transport  # type: ignore[attr-defined]
-    transport.get_pipe_transport(1).close()
-    err = await proc.stderr.read()
-    return await proc.wait(), err
-
-
-async def test_a_short_output_whose_reader_has_gone_ends_quietly_too(server: Running) -> None:
-    # The output fits in stdout's buffer: the print succeeds, the flush at exit does not.
-    rc, err = await _cli_reader_gone(server, "stats", "--json", "1")
-    assert b"Exception ignored" not in err, err
-    assert b"Traceback" not in err, err
-    assert rc == 141, err
-
-
-async def test_info_whose_reader_has_gone_ends_quietly(server: Running) -> None:
-    rc, err = await _cli_reader_gone(server, "info")
-    assert b"Exception ignored" not in err, err
-    assert rc == 141, err
-
+from .helpers import Running, processes_using
 
 # -- signals ------------------------------------------------------------------------------------
-
-
-def _processes_using(path: Path) -> list[str]:
-    """The processes whose command line names ``path`` (an embedded Postgres names its data
-    directory)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if str(path) in cmdline:
-            found.append(f"{entry.name}: {cmdline}")
-    return found
 
 
 async def _signalled(
@@ -97,12 +44,12 @@ async def _signalled(
         async with asyncio.timeout(90):
             out, err = await proc.communicate()
         await asyncio.sleep(0.5)  # a Postgres told to stop by it, stopping
-        return proc.returncode, seen + out + err, _processes_using(data_dir)
+        return proc.returncode, seen + out + err, processes_using(data_dir)
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        for line in _processes_using(data_dir):  # never leave a Postgres to the next test
+        for line in processes_using(data_dir):  # never leave a Postgres to the next test
             os.kill(int(line.split(":")[0]), signal.SIGKILL)
 
 

@@ -20,7 +20,7 @@ from campaignstats.errors import Invalid
 from campaignstats.http import HttpConfig, HttpServer, app
 
 # ruff: noqa: F811  (the fixtures of tests/test_http.py, imported, are parameters here)
-from .helpers import Raw, Running, serve_process
+from .helpers import Raw, Running, processes_using, serve_process
 from .test_http import Http, http, make_http  # noqa: F401
 
 pytestmark = pytest.mark.timeout(90)
@@ -130,22 +130,6 @@ async def test_serve_takes_log_format_after_the_command_as_the_readme_lists_it(
     assert await proc.wait() == 0
 
 
-def _processes_using(path: Path) -> list[str]:
-    """The command lines of the processes that name ``path`` (the embedded Postgres names its
-    data directory)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if str(path) in cmdline:
-            found.append(f"{entry.name}: {cmdline}")
-    return found
-
-
 async def test_a_sigterm_while_serve_starts_stops_it_and_leaves_no_embedded_postgres_behind(
     tmp_path: Path,
 ) -> None:
@@ -171,12 +155,12 @@ async def test_a_sigterm_while_serve_starts_stops_it_and_leaves_no_embedded_post
         async with asyncio.timeout(60):
             await proc.communicate()
         assert proc.returncode == 0, "SIGTERM is a graceful stop, not a kill by the signal"
-        assert _processes_using(data_dir) == []
+        assert processes_using(data_dir) == []
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        for line in _processes_using(data_dir):  # never leave a Postgres to the next test
+        for line in processes_using(data_dir):  # never leave a Postgres to the next test
             os.kill(int(line.split(":")[0]), signal.SIGKILL)
 
 
