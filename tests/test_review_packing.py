@@ -9,9 +9,11 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.org_stats import NOW as ORGS_NOW
+from bench.org_stats import filled as org_in_many_campaigns
 from campaignstats.actor.packing import Packing
 from campaignstats.actor.snapshot import load_snapshot, save_snapshot
-from campaignstats.model import CampaignStats, Increment, PackedCampaignStats, StatsState
+from campaignstats.model import CampaignStats, PackedCampaignStats, StatsState
 
 NOW = 1_700_000_000.0
 
@@ -101,29 +103,16 @@ def test_a_packed_campaign_copies_deep_copies_and_pickles_as_the_same_counts() -
     assert stats == unpacked
 
 
-def _org_in_many_campaigns(campaigns: int) -> StatsState:
-    state = StatsState()
-    state.clock = lambda: NOW
-    state.apply_many(
-        [
-            Increment(cid, 1 if i == 0 else 1_000 + cid * 10 + i, f"action-{i}", f"AR{i}", True)
-            for cid in range(1, campaigns + 1)
-            for i in range(6)
-        ]
-    )
-    return state
-
-
 def test_org_stats_of_an_org_in_many_packed_campaigns_reads_their_org_maps_alone() -> None:
     # It decoded each packed campaign's three maps to read one org's count: about 9x the
     # unpacked read (89 ms against 12 ms for an org in 20,000 campaigns on the loaded host,
     # one stall of the actor). Now one reader skips the action and area maps in C
     # (StatsState._packed_org; timed by `python -m bench.org_stats`, not here).
-    state = _org_in_many_campaigns(2_000)
+    state = org_in_many_campaigns(2_000)
     orgs = [1, *(1_000 + cid * 10 + i for cid in (1, 77, 2_000) for i in range(1, 6))]
     want = {org: state.org_stats(org) for org in orgs}
     state.pack_idle = 300.0
-    state.pack_idle_campaigns(list(state.campaigns), NOW + 1_000)
+    state.pack_idle_campaigns(list(state.campaigns), ORGS_NOW + 1_000)
     assert state.packed_count() == 2_000
     for _ in range(2):  # the reader's second use starts where its first left
         assert {org: state.org_stats(org) for org in orgs} == want
@@ -140,10 +129,10 @@ def _error(call: Callable[[], object]) -> ValueError:
 
 
 def test_a_damaged_packed_campaign_fails_its_org_stats_and_not_the_next_ones() -> None:
-    state = _org_in_many_campaigns(3)
+    state = org_in_many_campaigns(3)
     want = state.org_stats(1)
     state.pack_idle = 300.0
-    state.pack_idle_campaigns(list(state.campaigns), NOW + 1_000)
+    state.pack_idle_campaigns(list(state.campaigns), ORGS_NOW + 1_000)
     good = state.campaigns[2].packed
     assert good is not None
     for damaged in (good + b"\x01", good[:-1], b"\x92\x80\x80"):
