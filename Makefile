@@ -32,7 +32,7 @@ define pytest
 	exit $$rc
 endef
 
-# The whole suite, the tests marked slow included (8 to 9 minutes on 2 cores): the README's test
+# The whole suite, the tests marked slow included (8 to 10 minutes on 2 cores): the README's test
 # command, and what CI runs (.ci/run).
 test: $(STAMP)
 	$(call pytest,)
