@@ -64,8 +64,9 @@ def breakdown(state: StatsState, n: int) -> dict[str, float]:
     parts["campaigns dict + ids"] = _size([state.campaigns], seen) + _size(state.campaigns, seen)
     parts["CampaignStats"] = _size(campaigns, seen)
     # A packed campaign's maps are one bytes object (read through maps() they stay packed).
+    packed = [s.packed for s in campaigns if getattr(s, "packed", None) is not None]
     hot = [s for s in campaigns if getattr(s, "packed", None) is None]
-    parts["packed maps (bytes)"] = _size((s.packed for s in campaigns if s not in hot), seen)
+    parts["packed maps (bytes)"] = _size(packed, seen)
     maps = [m for s in hot for m in (s.action, s.area, s.org)]
     parts["action/area/org maps"] = _size(maps, seen)
     for m in maps:  # a compact map's parts: its values and its (shared) layout
