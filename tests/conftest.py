@@ -17,15 +17,13 @@ from campaignstats.db.source import PostgresSource
 from campaignstats.server import ServerConfig, StatsServer
 from campaignstats.service import StatsService
 
-from .helpers import Running, Start, loaded, wait_for
+from .helpers import Running, Start, loaded, throwaway_cluster, wait_for
 
 
 @pytest.fixture(scope="session")
 def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg"), delete_on_close=True)
-    pg.start()
-    yield pg
-    pg.close()
+    with throwaway_cluster(tmp_path_factory, "pg") as pg:
+        yield pg
 
 
 @pytest.fixture(scope="module")

@@ -117,11 +117,15 @@ async def test_increments_racing_with_calculations_end_equal_to_the_database_and
             await asyncio.sleep(0.001)
 
     watcher = asyncio.create_task(watch())
-    for i in range(300):
+    # At least 300 signatures, and on until 3 calculations have completed among them (a fast
+    # database signs 300 within two calculations); bounded.
+    for i in range(3_000):
         inc = await world.sign(1 + i % 2, area="DE" if i % 3 else None)
         service.increment(*inc)
         if i % 20 == 0:
             await service.resync("live")
+            if i >= 300 and await completed(service) >= 3:
+                break
     done.set()
     await watcher
     await service.flush()

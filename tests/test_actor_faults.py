@@ -21,7 +21,7 @@ from campaignstats.db.source import PostgresSource
 from campaignstats.model import CampaignStats
 from campaignstats.service import StatsService
 
-from .helpers import completed, loaded, memory_of, wait_for
+from .helpers import completed, loaded, memory_of, throwaway_cluster, wait_for
 from .recount import recount
 from .test_actor import World
 
@@ -34,11 +34,8 @@ FAST_RETRIES = dict(backoff_initial=0.05, backoff_max=0.2)
 
 @pytest.fixture(scope="module")
 def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("faults"), delete_on_close=True)
-    pg.start()
-    yield pg
-    pg.start()  # a test may have left it stopped
-    pg.close()
+    with throwaway_cluster(tmp_path_factory, "faults") as pg:
+        yield pg
 
 
 @pytest.fixture

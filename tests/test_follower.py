@@ -51,7 +51,7 @@ from campaignstats.follower.pgoutput import (
 from campaignstats.model import CampaignStats
 from campaignstats.service import StatsService
 
-from .helpers import loaded, memory_of, wait_for
+from .helpers import loaded, memory_of, throwaway_cluster, wait_for
 from .recount import recount
 
 CAMPAIGNS = (1, 2)
@@ -59,11 +59,8 @@ CAMPAIGNS = (1, 2)
 
 @pytest.fixture(scope="module")
 def logical_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("follow"), delete_on_close=True)
-    pg.start()
-    pg.enable_logical_replication()
-    yield pg
-    pg.close()
+    with throwaway_cluster(tmp_path_factory, "follow", logical=True) as pg:
+        yield pg
 
 
 @pytest.fixture

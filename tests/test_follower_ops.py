@@ -21,7 +21,7 @@ from campaignstats.follower import Follower, SlotBusy, drop_slot, list_slots
 from campaignstats.follower.changes import ActionRow, RowChange, Transaction, plan
 from campaignstats.service import StatsService
 
-from .helpers import loaded, memory_of, wait_for
+from .helpers import loaded, memory_of, throwaway_cluster, wait_for
 from .recount import recount
 
 CAMPAIGNS = (1, 2)
@@ -29,11 +29,8 @@ CAMPAIGNS = (1, 2)
 
 @pytest.fixture(scope="module")
 def logical_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("follower_ops"), delete_on_close=True)
-    pg.start()
-    pg.enable_logical_replication()
-    yield pg
-    pg.close()
+    with throwaway_cluster(tmp_path_factory, "follower_ops", logical=True) as pg:
+        yield pg
 
 
 @pytest.fixture

@@ -32,24 +32,16 @@ from campaignstats.follower.changes import (
 )
 from campaignstats.service import StatsService
 
-from .helpers import lines_run, loaded, memory_of, wait_for
+from .helpers import lines_run, loaded, memory_of, throwaway_cluster, wait_for
 from .recount import recount
 
 CAMPAIGNS = (1, 2)
 
 
-def _cluster(tmp: Any) -> EmbeddedPostgres:
-    pg = EmbeddedPostgres(tmp, delete_on_close=True)
-    pg.start()
-    pg.enable_logical_replication()
-    return pg
-
-
 @pytest.fixture(scope="module")
 def logical_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    pg = _cluster(tmp_path_factory.mktemp("review_follow"))
-    yield pg
-    pg.close()
+    with throwaway_cluster(tmp_path_factory, "review_follow", logical=True) as pg:
+        yield pg
 
 
 async def _fresh(admin: str) -> str:
@@ -279,8 +271,7 @@ async def test_a_postgres_crash_does_not_double_what_was_already_applied(
     the start snapshot sees). The follower should remember the end LSN it applied up to
     (stats.confirmed_lsn), skip transactions that end at or before it, and advance the slot
     there again after reconnecting."""
-    pg = _cluster(tmp_path_factory.mktemp("crash"))
-    try:
+    with throwaway_cluster(tmp_path_factory, "crash", logical=True) as pg:
         dsn = await _fresh(pg.dsn())
         conn = await asyncpg.connect(dsn)
         try:
@@ -300,8 +291,6 @@ async def test_a_postgres_crash_does_not_double_what_was_already_applied(
                 await _memory_equals_truth(service, conn, 2)
         finally:
             await conn.close()
-    finally:
-        pg.close()
 
 
 async def test_two_servers_given_the_same_slot_do_not_silently_lose_changes(dsn: str) -> None:

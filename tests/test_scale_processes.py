@@ -27,7 +27,7 @@ from campaignstats.follower import drop_slot, list_slots
 from campaignstats.model import CampaignStats, Increment
 from campaignstats.shards import shard_of
 
-from .helpers import wait_for
+from .helpers import throwaway_cluster, wait_for
 from .recount import recount
 
 pytestmark = pytest.mark.slow
@@ -37,11 +37,8 @@ CAMPAIGNS = range(1, 21)
 
 @pytest.fixture(scope="module")
 def logical_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("scale"), delete_on_close=True)
-    pg.start()
-    pg.enable_logical_replication()
-    yield pg
-    pg.close()
+    with throwaway_cluster(tmp_path_factory, "scale", logical=True) as pg:
+        yield pg
 
 
 @pytest.fixture

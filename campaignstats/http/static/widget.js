@@ -5,12 +5,12 @@
  * supporters formatted for the page's language, and with `goal` a progress bar toward the next
  * goal ("auto": the campaign's goals, read from GET /v1/campaigns/{id}/goals, by default Proca's
  * ladder; a number: that goal). It follows the campaign's event
- * stream and polls `/count` every 10 s while the stream is not open (or where EventSource does
- * not exist). The number it shows is its `value` property and `data-value` attribute (a plain
+ * stream and polls `/count` every 10 s (the `poll` attribute, in seconds, at least 1) while the
+ * stream is not open (or where EventSource does not exist). The number it shows is its `value` property and `data-value` attribute (a plain
  * integer), and each change fires `campaign-counter:update` with the value as `detail`.
  *
  * Attributes: campaign (required), goal ("auto" or a number; none: no bar), server (the base URL
- * of the campaignstats HTTP server; default: where this script was loaded from), lang.
+ * of the campaignstats HTTP server; default: where this script was loaded from), lang, poll.
  * Styling: --campaign-counter-color, --campaign-counter-font, --campaign-counter-font-size,
  * --campaign-counter-font-weight, --campaign-counter-bar-color, --campaign-counter-bar-background,
  * --campaign-counter-bar-height, --campaign-counter-bar-radius, --campaign-counter-goal-color;
@@ -26,6 +26,7 @@
   var LADDER = [100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000, 500000,
     1000000, 2000000, 5000000];
   var POLL_MS = 10000;
+  var POLL_MS_MIN = 1000;  // a page cannot make its visitors ask more often than once a second
   var script = document.currentScript;
   var DEFAULT_SERVER = script && script.src ? script.src.replace(/\/widget\.js(\?.*)?$/, "") : "";
 
@@ -116,11 +117,18 @@
       if (this._timer !== null) return;
       var self = this;
       this._poll();
-      this._timer = setInterval(function () { self._poll(); }, POLL_MS);
+      this._timer = setInterval(function () { self._poll(); }, this._pollMs());
     }
 
     _stopPolling() {
       if (this._timer !== null) { clearInterval(this._timer); this._timer = null; }
+    }
+
+    // The `poll` attribute in seconds: a number of at least 1, else the default of 10.
+    _pollMs() {
+      var seconds = Number((this.getAttribute("poll") || "").trim());
+      if (!isFinite(seconds) || seconds <= 0) return POLL_MS;
+      return Math.max(POLL_MS_MIN, Math.round(seconds * 1000));
     }
 
     _poll() {
