@@ -247,9 +247,10 @@ _EMPTY_PACKED = b"\x93\x80\x80\x80"
 _pack: Callable[[object], bytes] | None = None
 
 
-def _packb(maps: tuple[Mapping[Any, int], ...]) -> bytes:
-    """MessagePack of a campaign's three maps. msgpack is imported at the first pack: the model
-    imports with the standard library alone (tests/test_review_memory.py runs it so)."""
+def _packb(maps: tuple[object, ...]) -> bytes:
+    """MessagePack of a campaign's three maps (or of a folded timeline's four numbers). msgpack
+    is imported at the first pack: the model imports with the standard library alone
+    (tests/test_review_memory.py runs it so)."""
     global _pack
     if _pack is None:
         import msgpack
@@ -489,6 +490,48 @@ class PackedCampaignStats(CampaignStats):
             CampaignStats.from_packed,
             (self.supporters, self.packed, self.extra_supporters, self.messages),
         )
+
+
+#: the ``area`` and ``org`` slots: a packed campaign with its timeline folded in keeps its state
+#: and its id there (:class:`FoldedCampaignStats`)
+_AREA_SLOT: Any = CampaignStats.__dict__["area"]
+_ORG_SLOT: Any = CampaignStats.__dict__["org"]
+
+
+class FoldedCampaignStats(PackedCampaignStats):
+    """A packed campaign whose lazy timeline is folded into its bytes too (docs/design.md,
+    "Memory", round 4): its state's ``timelines`` holds no entry and no :class:`Timeline` for
+    it. The ``action`` slot holds the maps' MessagePack followed by the timeline's four numbers
+    (:meth:`Timeline.lazy_state`, MessagePack) and their length in one byte; ``packed`` is the
+    maps' bytes alone (a copy). The ``area`` slot holds the :class:`StatsState` and ``org``
+    the campaign's id: the first write unpacks it as any packed campaign, and puts its
+    timeline back in the state's ``timelines``. Reads of the timeline rebuild a copy
+    (:meth:`StatsState.timeline_of`)."""
+
+    __slots__ = ()
+
+    if not TYPE_CHECKING:
+
+        @property
+        def packed(self) -> bytes:
+            raw = _MAPS_SLOT.__get__(self, CampaignStats)
+            return raw[: -1 - raw[-1]]
+
+    def folded_timeline(self) -> Timeline:
+        """A copy of the folded timeline, to read."""
+        raw = _MAPS_SLOT.__get__(self, CampaignStats)
+        import msgpack  # imported already: the campaign was packed
+
+        minute, supporters, actions, last = msgpack.unpackb(raw[-1 - raw[-1] : -1])
+        return Timeline.from_lazy_state(minute, supporters, actions, last)
+
+    def unpack(self) -> None:
+        state = _AREA_SLOT.__get__(self, CampaignStats)
+        cid = _ORG_SLOT.__get__(self, CampaignStats)
+        timeline = self.folded_timeline()
+        CampaignStats.unpack(self)  # its class is CampaignStats from here, its slots the maps
+        if state.campaigns.get(cid) is self and cid not in state.timelines:
+            state.timelines[cid] = timeline
 
 
 def _take(counts: dict[Any, int], key: Any, n: int) -> bool:
@@ -1353,7 +1396,7 @@ class StatsState:
         "history"): an unknown campaign, or one with no action, has no bucket. With ``page``,
         that page's buckets (when it is a page of this campaign)."""
         if page is None:
-            timeline = self.timelines.get(campaign_id)
+            timeline = self.timeline_of(campaign_id)
         else:
             ps = self.pages.get(page)
             on_campaign = ps is not None and ps.campaign_id == campaign_id
@@ -1363,7 +1406,18 @@ class StatsState:
 
     def recent(self, campaign_id: int, tz: str) -> dict[str, object]:
         """docs/protocol.md, "recent": ``tz`` an IANA name (checked by the caller)."""
-        return recent(self.timelines.get(campaign_id), self.clock(), ZoneInfo(tz))
+        return recent(self.timeline_of(campaign_id), self.clock(), ZoneInfo(tz))
+
+    def timeline_of(self, campaign_id: int) -> Timeline | None:
+        """A campaign's timeline, to read, never to change: its own, or, for an idle campaign
+        whose timeline is folded into its packed form, a copy rebuilt from it (docs/design.md,
+        "Memory", round 4); None when it has none."""
+        timeline = self.timelines.get(campaign_id)
+        if timeline is None:
+            stats = self.campaigns.get(campaign_id)
+            if type(stats) is FoldedCampaignStats:
+                return stats.folded_timeline()
+        return timeline
 
     def top(self, by: str, limit: int) -> list[list[int]]:
         """``[[campaign_id, value], ...]``, highest first: the leading campaigns by total
@@ -1380,11 +1434,12 @@ class StatsState:
             return self.ranking.head(limit)
         now = self.clock()
         hour = int(now) // HOUR
+        timelines, timeline_of = self.timelines, self.timeline_of
         if by == "last_hour":
             first_hour, minute = hour - 1, int(now) // 60
 
             def value(cid: int) -> int:
-                timeline = self.timelines.get(cid)
+                timeline = timelines.get(cid) or timeline_of(cid)
                 if timeline is None:
                     return 0
                 return timeline.unit_total(60, minute - 59, minute + 1)[0]
@@ -1394,7 +1449,7 @@ class StatsState:
             first_hour = day * 24
 
             def value(cid: int) -> int:
-                timeline = self.timelines.get(cid)
+                timeline = timelines.get(cid) or timeline_of(cid)
                 return 0 if timeline is None else timeline.unit_total(DAY, day, day + 1)[0]
 
         else:
@@ -1789,13 +1844,37 @@ class StatsState:
                 if timeline is not None and timeline.last_action_at >= idle_before:
                     continue
                 stats.pack()
+                if timeline is not None:
+                    self._fold_timeline(cid, stats, timeline)
                 packed_now += 1
                 packed += 1
                 if clock() >= deadline:
                     break
                 continue
+            if type(stats) is PackedCampaignStats:  # packed by a merge or a load: not folded
+                timeline = timelines.get(cid)
+                if timeline is not None:
+                    self._fold_timeline(cid, stats, timeline)
             packed += 1
         return i, packed_now, packed
+
+    def _fold_timeline(self, cid: int, stats: CampaignStats, timeline: Timeline) -> None:
+        """Fold a packed campaign's lazy timeline into its packed form (docs/design.md,
+        "Memory", round 4): its entry in ``timelines`` goes, and the :class:`Timeline` with it
+        (a timeline with series stays as it is). ``cid`` is the campaign's key in
+        ``campaigns`` (the same int object, kept in the campaign)."""
+        lazy = timeline.lazy_state()
+        if lazy is None or type(stats) is not PackedCampaignStats:
+            return
+        if lazy[1] > MAX_ID or lazy[2] > MAX_ID:  # past what MessagePack's integers carry
+            return
+        tail = _packb(lazy)
+        raw = _MAPS_SLOT.__get__(stats, CampaignStats) + tail + bytes((len(tail),))
+        _MAPS_SLOT.__set__(stats, raw)
+        _AREA_SLOT.__set__(stats, self)
+        _ORG_SLOT.__set__(stats, cid)
+        stats.__class__ = FoldedCampaignStats
+        del self.timelines[cid]
 
     def packed_count(self) -> int:
         """Campaigns packed now (a scan of every campaign: tests and benchmarks)."""

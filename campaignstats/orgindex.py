@@ -1,5 +1,5 @@
-"""Org -> the campaigns that have (or had) it in their ``org`` map: the index ``org_stats``
-walks instead of every campaign (docs/protocol.md, "org_stats"; docs/design.md, "Memory").
+"""Org -> the campaigns that have (or had) it in their ``org`` map: the index ``org_stats`` walks
+instead of every campaign (docs/protocol.md, "org_stats"; docs/design.md, "Memory").
 
 Plain Python, no I/O. An org of one campaign (most orgs: real campaigns have their own) is one
 pair ``org, campaign`` in an ``array('q')`` of the orgs of one campaign whose ids share a
@@ -8,14 +8,14 @@ where a dict entry of its own cost about 76 (the entry, its share of the table, 
 int object: docs/design.md, "Memory", round 4). Org ids are a database's serial ids, so a bucket
 holds many; ids a bucket apart from any other cost more than before (a bucket of one pair, about
 150 bytes). An org of more campaigns is one ``array('q')`` of their ids instead of a set: 8
-bytes an entry instead of a set's 27 to 53 (a hash table kept at most 60% full, resized by 2x
-or 4x), and no int object held. Entries are appended when a campaign gains the org (a new key
-on the hot path; every org of a merged campaign), so an array may hold an id more than once: it is checked for repeats when it has
-grown to twice its length at the last check (plus ``SLACK``), and rebuilt (sorted, each id
-once) only when it holds some, which keeps it within about 2x of its distinct ids at an
-amortised O(1) per append. An array still in ascending order (``_clean`` equal to its length:
-campaigns joining in the order of their ids) holds no repeat and is never checked. Readers get
-the distinct ids.
+bytes an entry instead of a set's 27 to 53 (a hash table kept at most 60% full, resized by 2x or
+4x), and no int object held. Entries are appended when a campaign gains the org (a new key on
+the hot path; every org of a merged campaign), so an array may hold an id more than once: it is
+checked for repeats when it has grown to twice its length at the last check (plus ``SLACK``),
+and rebuilt (sorted, each id once) only when it holds some, which keeps it within about 2x of
+its distinct ids at an amortised O(1) per append. An array still in ascending order (``_clean``
+equal to its length: campaigns joining in the order of their ids) holds no repeat and is never
+checked. Readers get the distinct ids.
 """
 
 from __future__ import annotations
@@ -251,12 +251,12 @@ class OrgCampaigns:
         return {org_id: set(self.campaigns(org_id)) for org_id in self}
 
     def containers(self) -> list[object]:
-        """The objects this index holds, its keys included (bench.memory sizes them; an id
-        that is also a key of the campaigns is counted there)."""
+        """The objects this index holds (bench.memory sizes them; an id that is also a key of
+        the campaigns is counted there; the org ids that are keys of the dict are not counted:
+        an org of one campaign is in a bucket, and those of more are few)."""
         return [
             self._ids,
             self._clean,
-            *self._ids,
             *self._ids.values(),
             self._singles,
             *self._singles,

@@ -36,7 +36,15 @@ from campaignstats.model import (
 from campaignstats.service import StatsService
 
 from .helpers import serve_process, wait_for
-from .test_apply_paths import NOW, _calculation, _result, batches, decoded, snapshot
+from .test_apply_paths import (
+    NOW,
+    _calculation,
+    _result,
+    _timeline,
+    batches,
+    decoded,
+    snapshot,
+)
 
 PACK_IDLE = 60.0
 
@@ -56,7 +64,12 @@ pack_steps = st.one_of(
 
 
 def _counts(state: StatsState) -> Any:
-    """The state as test_apply_paths compares it, its campaigns read through ``maps``."""
+    """The state as test_apply_paths compares it, its campaigns read through ``maps``, and the
+    timelines through ``timeline_of`` (an idle campaign's is folded into its packed form:
+    ``timelines`` has no entry for it, and one put back goes after the others)."""
+    timelines = {
+        cid: state.timeline_of(cid) for cid in sorted({*state.campaigns, *state.timelines})
+    }
     held = state.campaigns
     state.campaigns = {
         cid: CampaignStats(
@@ -65,9 +78,11 @@ def _counts(state: StatsState) -> Any:
         for cid, s in held.items()
     }
     try:
-        return snapshot(state)
+        counts = snapshot(state)
     finally:
         state.campaigns = held
+    counts["timelines"] = [(cid, _timeline(t)) for cid, t in timelines.items() if t is not None]
+    return counts
 
 
 def _reads(state: StatsState) -> Any:
@@ -80,6 +95,11 @@ def _reads(state: StatsState) -> Any:
             (cid, unit): state.history(cid, unit, None, None)
             for cid in range(1, 7)
             for unit in ("minute", "hour", "day")
+        },
+        "recent": {
+            (cid, tz): state.recent(cid, tz)
+            for cid in range(1, 7)
+            for tz in ("UTC", "Pacific/Kiritimati")
         },
     }
 
