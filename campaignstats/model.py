@@ -501,12 +501,12 @@ _ORG_SLOT: Any = CampaignStats.__dict__["org"]
 class FoldedCampaignStats(PackedCampaignStats):
     """A packed campaign whose lazy timeline is folded into its bytes too (docs/design.md,
     "Memory", round 4): its state's ``timelines`` holds no entry and no :class:`Timeline` for
-    it. The ``action`` slot holds the maps' MessagePack followed by the timeline's four numbers
-    (:meth:`Timeline.lazy_state`, MessagePack) and their length in one byte; ``packed`` is the
-    maps' bytes alone (a copy). The ``area`` slot holds the :class:`StatsState` and ``org``
-    the campaign's id: the first write unpacks it as any packed campaign, and puts its
-    timeline back in the state's ``timelines``. Reads of the timeline rebuild a copy
-    (:meth:`StatsState.timeline_of`)."""
+    it. The ``action`` slot holds the maps' MessagePack followed by one MessagePack array of the
+    timeline's four numbers (:meth:`Timeline.lazy_state`) and the array's own length in bytes
+    (its last byte); ``packed`` is the maps' bytes alone (a copy). The ``area`` slot holds the
+    :class:`StatsState` and ``org`` the campaign's id: the first write unpacks it as any packed
+    campaign, and puts its timeline back in the state's ``timelines``. Reads of the timeline
+    rebuild a copy (:meth:`StatsState.timeline_of`)."""
 
     __slots__ = ()
 
@@ -515,14 +515,14 @@ class FoldedCampaignStats(PackedCampaignStats):
         @property
         def packed(self) -> bytes:
             raw = _MAPS_SLOT.__get__(self, CampaignStats)
-            return raw[: -1 - raw[-1]]
+            return raw[: -raw[-1]]
 
     def folded_timeline(self) -> Timeline:
         """A copy of the folded timeline, to read."""
         raw = _MAPS_SLOT.__get__(self, CampaignStats)
         import msgpack  # imported already: the campaign was packed
 
-        minute, supporters, actions, last = msgpack.unpackb(raw[-1 - raw[-1] : -1])
+        minute, supporters, actions, last, _ = msgpack.unpackb(raw[-raw[-1] :])
         return Timeline.from_lazy_state(minute, supporters, actions, last)
 
     def unpack(self) -> None:
@@ -1346,8 +1346,11 @@ class StatsState:
             stats = self.campaigns.get(cid)
             if stats is None:
                 continue
-            packed = stats.packed
-            orgs = stats.org if packed is None else self._packed_org(packed)
+            kind = type(stats)
+            if kind is CampaignStats:
+                orgs = stats.org
+            else:  # its bytes as they are in the slot: no copy of a folded one's maps
+                orgs = self._packed_org(_MAPS_SLOT.__get__(stats), kind is FoldedCampaignStats)
             n = orgs.get(org_id, 0)
             if n:
                 per_campaign[cid] = n
@@ -1360,11 +1363,13 @@ class StatsState:
             "campaigns": dict(sorted(per_campaign.items())),
         }
 
-    def _packed_org(self, packed: bytes) -> dict[int, int]:
+    def _packed_org(self, packed: bytes, folded: bool = False) -> dict[int, int]:
         """The org map of a packed campaign, the action and area maps skipped in C: one
         MessagePack reader kept for the state, so that ``org_stats`` over an org's many packed
         campaigns decodes one small map each instead of three (about 0.5 µs a campaign against
-        2.5; docs/design.md, "Memory", round 3). The campaign stays packed."""
+        2.5; docs/design.md, "Memory", round 3). The campaign stays packed. ``folded``: the
+        bytes of a :class:`FoldedCampaignStats`, its timeline after the maps (one MessagePack
+        array too), skipped as well."""
         reader = self.org_reader
         if reader is None:
             import msgpack  # a packed campaign exists, so msgpack was imported already
@@ -1377,12 +1382,14 @@ class StatsState:
                 reader.skip()
                 reader.skip()
                 orgs = reader.unpack()
+                if folded:
+                    reader.skip()
                 if reader.tell() - start == len(packed) and type(orgs) is dict:
                     return orgs
         except Exception:  # any damage: read the long way, whose error says what it is
             pass
         self.org_reader = None  # what a damaged or longer one left in its buffer goes with it
-        return _unpack_maps(packed)[2]
+        return _unpack_maps(packed[: -packed[-1]] if folded else packed)[2]
 
     def history(
         self,
@@ -1868,8 +1875,10 @@ class StatsState:
             return
         if lazy[1] > MAX_ID or lazy[2] > MAX_ID:  # past what MessagePack's integers carry
             return
-        tail = _packb(lazy)
-        raw = _MAPS_SLOT.__get__(stats, CampaignStats) + tail + bytes((len(tail),))
+        # One MessagePack array: the four numbers and the array's own length in bytes, a
+        # positive fixint (under 128: at most 38), so its last byte says where it starts.
+        tail = _packb((*lazy, 0))
+        raw = _MAPS_SLOT.__get__(stats, CampaignStats) + tail[:-1] + bytes((len(tail),))
         _MAPS_SLOT.__set__(stats, raw)
         _AREA_SLOT.__set__(stats, self)
         _ORG_SLOT.__set__(stats, cid)
