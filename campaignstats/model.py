@@ -22,7 +22,7 @@ from campaignstats.errors import BadMessage, Invalid, ProtocolError
 from campaignstats.journal import EarlyHorizon, Fold, apply_page
 from campaignstats.orgindex import OrgCampaigns
 from campaignstats.ranking import TOUCHED_HOURS, SupporterRanking, leaders, too_many
-from campaignstats.timeline import DAY, HOUR, Timeline, recent
+from campaignstats.timeline import BUCKET_MAX, DAY, HOUR, MINUTE, Timeline, recent
 
 
 def _interned_strings_are_freed() -> bool:
@@ -247,15 +247,26 @@ _EMPTY_PACKED = b"\x93\x80\x80\x80"
 _pack: Callable[[object], bytes] | None = None
 
 
+def _unpackb_first(data: bytes) -> Any:
+    import msgpack
+
+    return msgpack.unpackb(data)
+
+
+#: msgpack.unpackb (set at the first pack): a folded timeline is read through it
+_unpackb: Callable[[bytes], Any] = _unpackb_first
+
+
 def _packb(maps: tuple[object, ...]) -> bytes:
     """MessagePack of a campaign's three maps (or of a folded timeline's four numbers). msgpack
     is imported at the first pack: the model imports with the standard library alone
     (tests/test_review_memory.py runs it so)."""
-    global _pack
+    global _pack, _unpackb
     if _pack is None:
         import msgpack
 
         _pack = msgpack.Packer().pack  # resets after every call: one for the process
+        _unpackb = msgpack.unpackb
     return _pack(maps)
 
 
@@ -502,11 +513,12 @@ class FoldedCampaignStats(PackedCampaignStats):
     """A packed campaign whose lazy timeline is folded into its bytes too (docs/design.md,
     "Memory", round 4): its state's ``timelines`` holds no entry and no :class:`Timeline` for
     it. The ``action`` slot holds the maps' MessagePack followed by one MessagePack array of the
-    timeline's four numbers (:meth:`Timeline.lazy_state`) and the array's own length in bytes
-    (its last byte); ``packed`` is the maps' bytes alone (a copy). The ``area`` slot holds the
-    :class:`StatsState` and ``org`` the campaign's id: the first write unpacks it as any packed
-    campaign, and puts its timeline back in the state's ``timelines``. Reads of the timeline
-    rebuild a copy (:meth:`StatsState.timeline_of`)."""
+    timeline's four numbers (:meth:`Timeline.lazy_state`; the minute as a uint32, in the four
+    bytes before the last) and the array's own length in bytes (its last byte); ``packed`` is
+    the maps' bytes alone (a copy). The ``area`` slot holds the :class:`StatsState` and ``org``
+    the campaign's id: the first write unpacks it as any packed campaign, and puts its timeline
+    back in the state's ``timelines``. Reads of the timeline rebuild a copy
+    (:meth:`StatsState.timeline_of`)."""
 
     __slots__ = ()
 
@@ -517,13 +529,26 @@ class FoldedCampaignStats(PackedCampaignStats):
             raw = _MAPS_SLOT.__get__(self, CampaignStats)
             return raw[: -raw[-1]]
 
+    def folded_state(self) -> tuple[int, int, int, float]:
+        """The folded timeline's :meth:`Timeline.lazy_state`."""
+        raw = _MAPS_SLOT.__get__(self, CampaignStats)
+        supporters, actions, last, minute, _ = _unpackb(raw[-raw[-1] :])
+        return minute, supporters, actions, last
+
     def folded_timeline(self) -> Timeline:
         """A copy of the folded timeline, to read."""
-        raw = _MAPS_SLOT.__get__(self, CampaignStats)
-        import msgpack  # imported already: the campaign was packed
+        return Timeline.from_lazy_state(*self.folded_state())
 
-        minute, supporters, actions, last, _ = msgpack.unpackb(raw[-raw[-1] :])
-        return Timeline.from_lazy_state(minute, supporters, actions, last)
+    def folded_supporters(self, unit: int, lo: int, hi: int) -> int:
+        """``folded_timeline().unit_total(unit, lo, hi)[0]`` without building the timeline
+        (``top`` by the last hour or today asks it of every candidate): the lazy branch of
+        :meth:`Timeline.unit_total`. The minute is read first, in its four bytes: most idle
+        campaigns' is out of the range."""
+        raw = _MAPS_SLOT.__get__(self, CampaignStats)
+        if not lo <= int.from_bytes(raw[-5:-1], "big") * MINUTE // unit < hi:
+            return 0
+        supporters, actions, _, _, _ = _unpackb(raw[-raw[-1] :])
+        return min(supporters, BUCKET_MAX) if supporters or actions else 0
 
     def unpack(self) -> None:
         state = _AREA_SLOT.__get__(self, CampaignStats)
@@ -1441,14 +1466,23 @@ class StatsState:
             return self.ranking.head(limit)
         now = self.clock()
         hour = int(now) // HOUR
-        timelines, timeline_of = self.timelines, self.timeline_of
+        timelines, campaigns = self.timelines, self.campaigns
+
+        def folded(cid: int, unit: int, lo: int, hi: int) -> int:
+            """Supporters in ``[lo, hi)`` of a campaign with no timeline of its own: its folded
+            one's (docs/design.md, "Memory", round 4), or none."""
+            stats = campaigns.get(cid)
+            if type(stats) is FoldedCampaignStats:
+                return stats.folded_supporters(unit, lo, hi)
+            return 0
+
         if by == "last_hour":
             first_hour, minute = hour - 1, int(now) // 60
 
             def value(cid: int) -> int:
-                timeline = timelines.get(cid) or timeline_of(cid)
+                timeline = timelines.get(cid)
                 if timeline is None:
-                    return 0
+                    return folded(cid, 60, minute - 59, minute + 1)
                 return timeline.unit_total(60, minute - 59, minute + 1)[0]
 
         elif by == "today":
@@ -1456,8 +1490,10 @@ class StatsState:
             first_hour = day * 24
 
             def value(cid: int) -> int:
-                timeline = timelines.get(cid) or timeline_of(cid)
-                return 0 if timeline is None else timeline.unit_total(DAY, day, day + 1)[0]
+                timeline = timelines.get(cid)
+                if timeline is None:
+                    return folded(cid, DAY, day, day + 1)
+                return timeline.unit_total(DAY, day, day + 1)[0]
 
         else:
             raise ValueError(f"top by {by!r}: 'supporters', 'last_hour' or 'today'")
@@ -1873,12 +1909,17 @@ class StatsState:
         lazy = timeline.lazy_state()
         if lazy is None or type(stats) is not PackedCampaignStats:
             return
-        if lazy[1] > MAX_ID or lazy[2] > MAX_ID:  # past what MessagePack's integers carry
-            return
-        # One MessagePack array: the four numbers and the array's own length in bytes, a
-        # positive fixint (under 128: at most 38), so its last byte says where it starts.
-        tail = _packb((*lazy, 0))
-        raw = _MAPS_SLOT.__get__(stats, CampaignStats) + tail[:-1] + bytes((len(tail),))
+        if lazy[1] > MAX_ID or lazy[2] > MAX_ID or not 0 <= lazy[0] < 2**32:
+            return  # past what MessagePack's integers carry, or the minute's four bytes
+        # One MessagePack array: supporters, actions, the last action's time, the minute as a
+        # uint32 (its four bytes at a fixed place: top reads it alone) and the array's own
+        # length in bytes, a positive fixint (at most 34), so its last byte says where it
+        # starts.
+        minute, supporters, actions, last = lazy
+        counts = _packb((supporters, actions, last))  # an array of three: one header byte
+        length = len(counts) + 6
+        tail = b"\x95" + counts[1:] + b"\xce" + minute.to_bytes(4, "big") + bytes((length,))
+        raw = _MAPS_SLOT.__get__(stats, CampaignStats) + tail
         _MAPS_SLOT.__set__(stats, raw)
         _AREA_SLOT.__set__(stats, self)
         _ORG_SLOT.__set__(stats, cid)

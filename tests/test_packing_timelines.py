@@ -127,3 +127,21 @@ def test_a_folded_campaign_no_longer_in_its_state_puts_no_timeline_there_when_un
     assert gone.action == {"sign": 1, "share": 3}  # unpacked: its maps are all there
     assert 1 not in packing.timelines
     assert packing.timeline_of(1) is None
+
+
+def test_top_reads_a_folded_timeline_as_the_timeline_itself_answers() -> None:
+    packing, plain, clock = _twins()
+    packing.pack_idle_campaigns(list(packing.campaigns), clock[0])
+    for cid in (1, 3):
+        stats = packing.campaigns[cid]
+        assert isinstance(stats, FoldedCampaignStats)
+        timeline = plain.timelines[cid]
+        assert stats.folded_timeline().views(clock[0]) == timeline.views(clock[0])
+        minute = int(NOW) // 60
+        for unit in (60, 3600, 86400):
+            at = minute * 60 // unit
+            for lo, hi in ((at, at + 1), (at - 5, at), (at + 1, at + 9), (at - 59, at + 1)):
+                want = timeline.unit_total(unit, lo, hi)[0]
+                assert stats.folded_supporters(unit, lo, hi) == want, (cid, unit, lo, hi)
+    for by in ("last_hour", "today"):
+        assert packing.top(by, 10) == plain.top(by, 10)
