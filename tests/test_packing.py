@@ -390,10 +390,13 @@ async def test_a_server_with_a_short_pack_idle_answers_the_same_before_and_after
                     client.increment(cid, 1 + j % 3, ("sign", "share")[j % 2], f"A{j}", True)
             await client.flush()
             before = await client.stats_many(ids)
+            in_time = await _time_reads(client, ids[:3])
             info = await _wait_packed(client, len(ids))
             assert info["packing"]["idle_after"] == 0.5
             assert info["packing"]["packed"] >= len(ids)
             assert await client.stats_many(ids) == before
+            # their timelines folded into the packed form (docs/design.md, "Memory", round 4)
+            assert await _time_reads(client, ids[:3]) == in_time
             assert (await client.org_stats(1))["supporters"] == sum(
                 s["org"].get(1, 0) for s in before.values()
             )
@@ -402,6 +405,10 @@ async def test_a_server_with_a_short_pack_idle_answers_the_same_before_and_after
                 client.increment(cid, 1, "sign", "A0", True)
             await client.flush()
             after = await client.stats_many(ids)
+            in_time_after = await _time_reads(client, ids[:3])
+            for cid in ids[:3]:  # the write put the timeline back, and counted in it
+                days = in_time_after[("history", cid)]
+                assert sum(b[1] for b in days) == sum(b[1] for b in in_time[("history", cid)]) + 1
             for cid in ids:
                 assert after[cid]["supporters"] == before[cid]["supporters"] + 1
                 assert after[cid]["action"]["sign"] == before[cid]["action"]["sign"] + 1
@@ -409,6 +416,7 @@ async def test_a_server_with_a_short_pack_idle_answers_the_same_before_and_after
                 assert after[cid]["org"][1] == before[cid]["org"][1] + 1
             await _wait_packed(client, len(ids))  # idle again, packed again
             assert await client.stats_many(ids) == after
+            assert await _time_reads(client, ids[:3]) == in_time_after
     finally:
         if proc.returncode is None:
             proc.terminate()
@@ -417,6 +425,18 @@ async def test_a_server_with_a_short_pack_idle_answers_the_same_before_and_after
     loaded = load_snapshot(snapshot_path)  # written at stop, packed campaigns included
     assert loaded is not None
     assert {cid: loaded[cid].to_wire() for cid in ids} == after
+
+
+async def _time_reads(client: AsyncStatsClient, ids: list[int]) -> dict[Any, Any]:
+    """What a client reads of these campaigns' timelines: their day buckets, their recent
+    figures, and the leaders by the last hour and today."""
+    reads: dict[Any, Any] = {}
+    for cid in ids:
+        reads["history", cid] = (await client.history(cid, "day"))["buckets"]
+        reads["recent", cid] = await client.recent(cid, "UTC")
+    for by in ("last_hour", "today"):
+        reads["top", by] = await client.top(by, 50)
+    return reads
 
 
 class _EmptyDatabase:
