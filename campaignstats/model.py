@@ -22,7 +22,7 @@ from campaignstats.errors import BadMessage, Invalid, ProtocolError
 from campaignstats.journal import EarlyHorizon, Fold, apply_page
 from campaignstats.orgindex import OrgCampaigns
 from campaignstats.ranking import TOUCHED_HOURS, SupporterRanking, leaders, too_many
-from campaignstats.timeline import DAY, HOUR, Timeline, recent
+from campaignstats.timeline import BUCKET_MAX, DAY, HOUR, MINUTE, Timeline, recent
 
 
 def _interned_strings_are_freed() -> bool:
@@ -247,14 +247,26 @@ _EMPTY_PACKED = b"\x93\x80\x80\x80"
 _pack: Callable[[object], bytes] | None = None
 
 
-def _packb(maps: tuple[Mapping[Any, int], ...]) -> bytes:
-    """MessagePack of a campaign's three maps. msgpack is imported at the first pack: the model
-    imports with the standard library alone (tests/test_review_memory.py runs it so)."""
-    global _pack
+def _unpackb_first(data: bytes) -> Any:
+    import msgpack
+
+    return msgpack.unpackb(data)
+
+
+#: msgpack.unpackb (set at the first pack): a folded timeline is read through it
+_unpackb: Callable[[bytes], Any] = _unpackb_first
+
+
+def _packb(maps: tuple[object, ...]) -> bytes:
+    """MessagePack of a campaign's three maps (or of a folded timeline's four numbers). msgpack
+    is imported at the first pack: the model imports with the standard library alone
+    (tests/test_review_memory.py runs it so)."""
+    global _pack, _unpackb
     if _pack is None:
         import msgpack
 
         _pack = msgpack.Packer().pack  # resets after every call: one for the process
+        _unpackb = msgpack.unpackb
     return _pack(maps)
 
 
@@ -489,6 +501,62 @@ class PackedCampaignStats(CampaignStats):
             CampaignStats.from_packed,
             (self.supporters, self.packed, self.extra_supporters, self.messages),
         )
+
+
+#: the ``area`` and ``org`` slots: a packed campaign with its timeline folded in keeps its state
+#: and its id there (:class:`FoldedCampaignStats`)
+_AREA_SLOT: Any = CampaignStats.__dict__["area"]
+_ORG_SLOT: Any = CampaignStats.__dict__["org"]
+
+
+class FoldedCampaignStats(PackedCampaignStats):
+    """A packed campaign whose lazy timeline is folded into its bytes too (docs/design.md,
+    "Memory", round 4): its state's ``timelines`` holds no entry and no :class:`Timeline` for
+    it. The ``action`` slot holds the maps' MessagePack followed by one MessagePack array of the
+    timeline's four numbers (:meth:`Timeline.lazy_state`; the minute as a uint32, in the four
+    bytes before the last) and the array's own length in bytes (its last byte); ``packed`` is
+    the maps' bytes alone (a copy). The ``area`` slot holds the :class:`StatsState` and ``org``
+    the campaign's id: the first write unpacks it as any packed campaign, and puts its timeline
+    back in the state's ``timelines``. Reads of the timeline rebuild a copy
+    (:meth:`StatsState.timeline_of`)."""
+
+    __slots__ = ()
+
+    if not TYPE_CHECKING:
+
+        @property
+        def packed(self) -> bytes:
+            raw = _MAPS_SLOT.__get__(self, CampaignStats)
+            return raw[: -raw[-1]]
+
+    def folded_state(self) -> tuple[int, int, int, float]:
+        """The folded timeline's :meth:`Timeline.lazy_state`."""
+        raw = _MAPS_SLOT.__get__(self, CampaignStats)
+        supporters, actions, last, minute, _ = _unpackb(raw[-raw[-1] :])
+        return minute, supporters, actions, last
+
+    def folded_timeline(self) -> Timeline:
+        """A copy of the folded timeline, to read."""
+        return Timeline.from_lazy_state(*self.folded_state())
+
+    def folded_supporters(self, unit: int, lo: int, hi: int) -> int:
+        """``folded_timeline().unit_total(unit, lo, hi)[0]`` without building the timeline
+        (``top`` by the last hour or today asks it of every candidate): the lazy branch of
+        :meth:`Timeline.unit_total`. The minute is read first, in its four bytes: most idle
+        campaigns' is out of the range."""
+        raw = _MAPS_SLOT.__get__(self, CampaignStats)
+        if not lo <= int.from_bytes(raw[-5:-1], "big") * MINUTE // unit < hi:
+            return 0
+        supporters, actions, _, _, _ = _unpackb(raw[-raw[-1] :])
+        return min(supporters, BUCKET_MAX) if supporters or actions else 0
+
+    def unpack(self) -> None:
+        state = _AREA_SLOT.__get__(self, CampaignStats)
+        cid = _ORG_SLOT.__get__(self, CampaignStats)
+        timeline = self.folded_timeline()
+        CampaignStats.unpack(self)  # its class is CampaignStats from here, its slots the maps
+        if state.campaigns.get(cid) is self and cid not in state.timelines:
+            state.timelines[cid] = timeline
 
 
 def _take(counts: dict[Any, int], key: Any, n: int) -> bool:
@@ -1303,8 +1371,11 @@ class StatsState:
             stats = self.campaigns.get(cid)
             if stats is None:
                 continue
-            packed = stats.packed
-            orgs = stats.org if packed is None else self._packed_org(packed)
+            kind = type(stats)
+            if kind is CampaignStats:
+                orgs = stats.org
+            else:  # its bytes as they are in the slot: no copy of a folded one's maps
+                orgs = self._packed_org(_MAPS_SLOT.__get__(stats), kind is FoldedCampaignStats)
             n = orgs.get(org_id, 0)
             if n:
                 per_campaign[cid] = n
@@ -1317,11 +1388,13 @@ class StatsState:
             "campaigns": dict(sorted(per_campaign.items())),
         }
 
-    def _packed_org(self, packed: bytes) -> dict[int, int]:
+    def _packed_org(self, packed: bytes, folded: bool = False) -> dict[int, int]:
         """The org map of a packed campaign, the action and area maps skipped in C: one
         MessagePack reader kept for the state, so that ``org_stats`` over an org's many packed
         campaigns decodes one small map each instead of three (about 0.5 µs a campaign against
-        2.5; docs/design.md, "Memory", round 3). The campaign stays packed."""
+        2.5; docs/design.md, "Memory", round 3). The campaign stays packed. ``folded``: the
+        bytes of a :class:`FoldedCampaignStats`, its timeline after the maps (one MessagePack
+        array too), skipped as well."""
         reader = self.org_reader
         if reader is None:
             import msgpack  # a packed campaign exists, so msgpack was imported already
@@ -1334,12 +1407,14 @@ class StatsState:
                 reader.skip()
                 reader.skip()
                 orgs = reader.unpack()
+                if folded:
+                    reader.skip()
                 if reader.tell() - start == len(packed) and type(orgs) is dict:
                     return orgs
         except Exception:  # any damage: read the long way, whose error says what it is
             pass
         self.org_reader = None  # what a damaged or longer one left in its buffer goes with it
-        return _unpack_maps(packed)[2]
+        return _unpack_maps(packed[: -packed[-1]] if folded else packed)[2]
 
     def history(
         self,
@@ -1353,7 +1428,7 @@ class StatsState:
         "history"): an unknown campaign, or one with no action, has no bucket. With ``page``,
         that page's buckets (when it is a page of this campaign)."""
         if page is None:
-            timeline = self.timelines.get(campaign_id)
+            timeline = self.timeline_of(campaign_id)
         else:
             ps = self.pages.get(page)
             on_campaign = ps is not None and ps.campaign_id == campaign_id
@@ -1363,7 +1438,18 @@ class StatsState:
 
     def recent(self, campaign_id: int, tz: str) -> dict[str, object]:
         """docs/protocol.md, "recent": ``tz`` an IANA name (checked by the caller)."""
-        return recent(self.timelines.get(campaign_id), self.clock(), ZoneInfo(tz))
+        return recent(self.timeline_of(campaign_id), self.clock(), ZoneInfo(tz))
+
+    def timeline_of(self, campaign_id: int) -> Timeline | None:
+        """A campaign's timeline, to read, never to change: its own, or, for an idle campaign
+        whose timeline is folded into its packed form, a copy rebuilt from it (docs/design.md,
+        "Memory", round 4); None when it has none."""
+        timeline = self.timelines.get(campaign_id)
+        if timeline is None:
+            stats = self.campaigns.get(campaign_id)
+            if type(stats) is FoldedCampaignStats:
+                return stats.folded_timeline()
+        return timeline
 
     def top(self, by: str, limit: int) -> list[list[int]]:
         """``[[campaign_id, value], ...]``, highest first: the leading campaigns by total
@@ -1380,13 +1466,23 @@ class StatsState:
             return self.ranking.head(limit)
         now = self.clock()
         hour = int(now) // HOUR
+        timelines, campaigns = self.timelines, self.campaigns
+
+        def folded(cid: int, unit: int, lo: int, hi: int) -> int:
+            """Supporters in ``[lo, hi)`` of a campaign with no timeline of its own: its folded
+            one's (docs/design.md, "Memory", round 4), or none."""
+            stats = campaigns.get(cid)
+            if type(stats) is FoldedCampaignStats:
+                return stats.folded_supporters(unit, lo, hi)
+            return 0
+
         if by == "last_hour":
             first_hour, minute = hour - 1, int(now) // 60
 
             def value(cid: int) -> int:
-                timeline = self.timelines.get(cid)
+                timeline = timelines.get(cid)
                 if timeline is None:
-                    return 0
+                    return folded(cid, 60, minute - 59, minute + 1)
                 return timeline.unit_total(60, minute - 59, minute + 1)[0]
 
         elif by == "today":
@@ -1394,8 +1490,10 @@ class StatsState:
             first_hour = day * 24
 
             def value(cid: int) -> int:
-                timeline = self.timelines.get(cid)
-                return 0 if timeline is None else timeline.unit_total(DAY, day, day + 1)[0]
+                timeline = timelines.get(cid)
+                if timeline is None:
+                    return folded(cid, DAY, day, day + 1)
+                return timeline.unit_total(DAY, day, day + 1)[0]
 
         else:
             raise ValueError(f"top by {by!r}: 'supporters', 'last_hour' or 'today'")
@@ -1789,13 +1887,44 @@ class StatsState:
                 if timeline is not None and timeline.last_action_at >= idle_before:
                     continue
                 stats.pack()
+                if timeline is not None:
+                    self._fold_timeline(cid, stats, timeline)
                 packed_now += 1
                 packed += 1
                 if clock() >= deadline:
                     break
                 continue
+            if type(stats) is PackedCampaignStats:  # packed by a merge or a load: not folded
+                timeline = timelines.get(cid)
+                if timeline is not None:
+                    self._fold_timeline(cid, stats, timeline)
             packed += 1
         return i, packed_now, packed
+
+    def _fold_timeline(self, cid: int, stats: CampaignStats, timeline: Timeline) -> None:
+        """Fold a packed campaign's lazy timeline into its packed form (docs/design.md,
+        "Memory", round 4): its entry in ``timelines`` goes, and the :class:`Timeline` with it
+        (a timeline with series stays as it is). ``cid`` is the campaign's key in
+        ``campaigns`` (the same int object, kept in the campaign)."""
+        lazy = timeline.lazy_state()
+        if lazy is None or type(stats) is not PackedCampaignStats:
+            return
+        if lazy[1] > MAX_ID or lazy[2] > MAX_ID or not 0 <= lazy[0] < 2**32:
+            return  # past what MessagePack's integers carry, or the minute's four bytes
+        # One MessagePack array: supporters, actions, the last action's time, the minute as a
+        # uint32 (its four bytes at a fixed place: top reads it alone) and the array's own
+        # length in bytes, a positive fixint (at most 34), so its last byte says where it
+        # starts.
+        minute, supporters, actions, last = lazy
+        counts = _packb((supporters, actions, last))  # an array of three: one header byte
+        length = len(counts) + 6
+        tail = b"\x95" + counts[1:] + b"\xce" + minute.to_bytes(4, "big") + bytes((length,))
+        raw = _MAPS_SLOT.__get__(stats, CampaignStats) + tail
+        _MAPS_SLOT.__set__(stats, raw)
+        _AREA_SLOT.__set__(stats, self)
+        _ORG_SLOT.__set__(stats, cid)
+        stats.__class__ = FoldedCampaignStats
+        del self.timelines[cid]
 
     def packed_count(self) -> int:
         """Campaigns packed now (a scan of every campaign: tests and benchmarks)."""

@@ -1,45 +1,102 @@
-"""Org -> the campaigns that have (or had) it in their ``org`` map: the index ``org_stats``
-walks instead of every campaign (docs/protocol.md, "org_stats"; docs/design.md, "Memory").
+"""Org -> the campaigns that have (or had) it in their ``org`` map: the index ``org_stats`` walks
+instead of every campaign (docs/protocol.md, "org_stats"; docs/design.md, "Memory").
 
-Plain Python, no I/O. An org of one campaign (most orgs: real campaigns have their own) is
-that campaign's id, no container (a set of one costs 216 bytes, an array 72); an org of more is
-one ``array('q')`` of their ids instead of a set: 8 bytes an entry instead of a set's 27 to 53
-(a hash table kept at most 60% full, resized by 2x or 4x), and no int object held. Entries
-are appended when a campaign gains the org (a new key on the hot path; every org of a merged
-campaign), so an array may hold an id more than once: it is checked for repeats when it has
-grown to twice its length at the last check (plus ``SLACK``), and rebuilt (sorted, each id
-once) only when it holds some, which keeps it within about 2x of its distinct ids at an
-amortised O(1) per append. An array still in ascending order (``_clean`` equal to its length:
-campaigns joining in the order of their ids) holds no repeat and is never checked. Readers get
-the distinct ids.
+Plain Python, no I/O. An org of one campaign (most orgs: real campaigns have their own) is one
+pair ``org, campaign`` in an ``array('q')`` of the orgs of one campaign whose ids share a
+*bucket* (``org_id >> BUCKET_BITS``: 256 consecutive ids), sorted by org id: 16 bytes an org
+where a dict entry of its own cost about 76 (the entry, its share of the table, and the org id's
+int object: docs/design.md, "Memory", round 4). Org ids are a database's serial ids, so a bucket
+holds many; ids a bucket apart from any other cost more than before (a bucket of one pair, about
+150 bytes). An org of more campaigns is one ``array('q')`` of their ids instead of a set: 8
+bytes an entry instead of a set's 27 to 53 (a hash table kept at most 60% full, resized by 2x or
+4x), and no int object held. Entries are appended when a campaign gains the org (a new key on
+the hot path; every org of a merged campaign), so an array may hold an id more than once: it is
+checked for repeats when it has grown to twice its length at the last check (plus ``SLACK``),
+and rebuilt (sorted, each id once) only when it holds some, which keeps it within about 2x of
+its distinct ids at an amortised O(1) per append. An array still in ascending order (``_clean``
+equal to its length: campaigns joining in the order of their ids) holds no repeat and is never
+checked. Readers get the distinct ids.
 """
 
 from __future__ import annotations
 
 from array import array
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Set
 
 #: appends allowed past twice the deduplicated length before the next deduplication (so that
 #: an org of one campaign merged again and again is not deduplicated at every merge)
 SLACK = 8
+#: orgs of one campaign are kept in buckets of 2**BUCKET_BITS consecutive org ids
+BUCKET_BITS = 8
+#: what an ``array('q')`` holds: an org or a campaign id outside it is kept in the dict
+_Q_MIN, _Q_MAX = -(2**63), 2**63 - 1
+
+
+def _position(pairs: array[int], org_id: int) -> int:
+    """Index in ``pairs`` (``org, campaign`` interleaved, by ascending org) of the pair of
+    ``org_id``, or of where it would go."""
+    if not pairs or pairs[-2] < org_id:
+        return len(pairs)  # past the last: a new org's id is the highest, commonly
+    # A strided view of the org ids, bisected in C (as campaignstats.timeline does); the views
+    # go when the call returns, so the array can grow again.
+    return 2 * bisect_left(memoryview(pairs)[0::2], org_id)
 
 
 class OrgCampaigns:
     """``org_id -> campaign ids`` (a superset: a campaign stays listed after its count for the
     org went back to zero, until it is forgotten)."""
 
-    __slots__ = ("_clean", "_ids")
+    __slots__ = ("_clean", "_ids", "_single_count", "_singles")
 
     def __init__(self) -> None:
-        #: per org, its campaign's id (one) or an array of their ids (more)
+        #: per org of several campaigns, an array of their ids; an org of one campaign that
+        #: was not put in a bucket (one that more campaigns had, and an id no array holds), its
+        #: campaign's id
         self._ids: dict[int, int | array[int]] = {}
         #: per org with an array, the array's length when it was last deduplicated
         self._clean: dict[int, int] = {}
+        #: the other orgs of one campaign: per bucket (``org_id >> BUCKET_BITS``), their
+        #: ``org, campaign`` pairs interleaved in one array, by ascending org id
+        self._singles: dict[int, array[int]] = {}
+        self._single_count = 0  # pairs in the buckets
+
+    def _single(self, org_id: int) -> int | None:
+        """The campaign of ``org_id`` when the org is in a bucket."""
+        pairs = self._singles.get(org_id >> BUCKET_BITS)
+        if pairs is None:
+            return None
+        i = _position(pairs, org_id)
+        return pairs[i + 1] if i < len(pairs) and pairs[i] == org_id else None
 
     def add(self, org_id: int, campaign_id: int) -> None:
         ids = self._ids.get(org_id)
         if ids is None:
-            self._ids[org_id] = campaign_id
+            if not (_Q_MIN <= org_id <= _Q_MAX and _Q_MIN <= campaign_id <= _Q_MAX):
+                self._ids[org_id] = campaign_id  # no array can hold it
+                return
+            key = org_id >> BUCKET_BITS
+            pairs = self._singles.get(key)
+            if pairs is None:
+                self._singles[key] = array("q", (org_id, campaign_id))
+                self._single_count += 1
+                return
+            i = _position(pairs, org_id)
+            if i == len(pairs) or pairs[i] != org_id:  # an org new to the index
+                pairs[i:i] = array("q", (org_id, campaign_id))
+                self._single_count += 1
+                return
+            ids = pairs[i + 1]
+            if ids == campaign_id:
+                return
+            # A second campaign: the org leaves its bucket for an array of its own.
+            del pairs[i : i + 2]
+            if not pairs:
+                del self._singles[key]
+            self._single_count -= 1
+            pair = (ids, campaign_id) if ids < campaign_id else (campaign_id, ids)
+            self._ids[org_id] = array("q", pair)
+            self._clean[org_id] = 2
             return
         if isinstance(ids, int):
             if ids != campaign_id:
@@ -74,11 +131,13 @@ class OrgCampaigns:
         """The distinct campaigns listed for ``org_id`` (empty for an unknown org)."""
         ids = self._ids.get(org_id)
         if ids is None:
-            return frozenset()
+            single = self._single(org_id)
+            return frozenset() if single is None else {single}
         return {ids} if isinstance(ids, int) else set(ids)
 
     def forget(self, campaign_ids: Set[int]) -> None:
         """Take ``campaign_ids`` out of every org; an org left with none goes."""
+        self._forget_singles(list(self._singles), campaign_ids)
         self._forget_in(list(self._ids), campaign_ids)
 
     def forget_steps(
@@ -92,14 +151,55 @@ class OrgCampaigns:
         campaign of ``campaign_ids`` that is still gone."""
         if orgs_per_step < 1:
             raise ValueError("orgs_per_step is at least 1")
-        orgs = list(self._ids)
+        # The buckets first, then the orgs of the dict as they are when the buckets are done:
+        # an org leaves its bucket for the dict when a second campaign joins it (between two
+        # steps), never the other way, so none is missed. A bucket is looked at whole.
+        buckets = list(self._singles)
+        # Two items per org in each bucket when the steps start (what a step counts for it;
+        # in C: the first step's work must not grow with the orgs held)
+        sizes = list(map(len, self._singles.values()))
+        in_buckets = sum(sizes) // 2
+        orgs: list[int] | None = None
+        i = start = 0
         gone = campaign_ids
-        for start in range(0, len(orgs), orgs_per_step):
+        while True:
             gone = {cid for cid in gone if still_gone(cid)}
             if not gone:
                 return
-            self._forget_in(orgs[start : start + orgs_per_step], gone)
-            yield max(0, len(orgs) - start - orgs_per_step)
+            budget, first = orgs_per_step, i
+            while i < len(buckets) and budget > 0:
+                budget -= sizes[i] // 2
+                i += 1
+            if first < i:
+                self._forget_singles(buckets[first:i], gone)
+                in_buckets -= sum(sizes[first:i]) // 2
+            if budget > 0:  # every bucket looked at: the dict's orgs
+                if orgs is None:
+                    orgs = list(self._ids)
+                self._forget_in(orgs[start : start + budget], gone)
+                start += budget
+            left = in_buckets + (len(self._ids) if orgs is None else max(0, len(orgs) - start))
+            yield left
+            if not left and orgs is not None:
+                return
+
+    def _forget_singles(self, buckets: Iterable[int], campaign_ids: Set[int]) -> None:
+        """Take ``campaign_ids`` out of the ``buckets`` still held; a bucket left with no pair
+        goes."""
+        for key in buckets:
+            pairs = self._singles.get(key)
+            if pairs is None or campaign_ids.isdisjoint(pairs[1::2]):
+                continue  # none of them in it (a check in C)
+            kept = array("q")
+            for i in range(0, len(pairs), 2):
+                if pairs[i + 1] not in campaign_ids:
+                    kept.append(pairs[i])
+                    kept.append(pairs[i + 1])
+            self._single_count -= (len(pairs) - len(kept)) // 2
+            if kept:
+                self._singles[key] = kept
+            else:
+                del self._singles[key]
 
     def _forget_in(self, orgs: Iterable[int], campaign_ids: Set[int]) -> None:
         """Take ``campaign_ids`` out of the ``orgs`` still indexed; an org left with none goes."""
@@ -143,23 +243,33 @@ class OrgCampaigns:
         """Entries held for ``org_id``, repeats included (what its array costs)."""
         ids = self._ids.get(org_id)
         if ids is None:
-            return 0
+            return 0 if self._single(org_id) is None else 1
         return 1 if isinstance(ids, int) else len(ids)
 
     def as_dict(self) -> dict[int, set[int]]:
         """``{org_id: {campaign_id, ...}}``: for tests and comparisons."""
-        return {org_id: set(self.campaigns(org_id)) for org_id in self._ids}
+        return {org_id: set(self.campaigns(org_id)) for org_id in self}
 
     def containers(self) -> list[object]:
         """The objects this index holds (bench.memory sizes them; an id that is also a key of
-        the campaigns is counted there)."""
-        return [self._ids, self._clean, *self._ids.values()]
+        the campaigns is counted there; the org ids that are keys of the dict are not counted:
+        an org of one campaign is in a bucket, and those of more are few)."""
+        return [
+            self._ids,
+            self._clean,
+            *self._ids.values(),
+            self._singles,
+            *self._singles,
+            *self._singles.values(),
+        ]
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._ids) + self._single_count
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._ids)
+        yield from self._ids
+        for pairs in self._singles.values():
+            yield from pairs[0::2]
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, OrgCampaigns):

@@ -219,6 +219,26 @@ class Timeline:
         if actions and t > self.last_action_at:
             self.last_action_at = t
 
+    def lazy_state(self) -> tuple[int, int, int, float] | None:
+        """``(minute, supporters, actions, last_action_at)`` while the pending minute is the
+        whole timeline (what an idle campaign's packed form keeps of it: docs/design.md,
+        "Memory", round 4), else None."""
+        if self._series is not None:
+            return None
+        return self.minute, self.pending_s, self.pending_a, self.last_action_at
+
+    @classmethod
+    def from_lazy_state(
+        cls, minute: int, supporters: int, actions: int, last_action_at: float
+    ) -> Timeline:
+        """The timeline whose :meth:`lazy_state` this is."""
+        timeline = cls()
+        timeline.minute = minute
+        timeline.pending_s = supporters
+        timeline.pending_a = actions
+        timeline.last_action_at = last_action_at
+        return timeline
+
     def _materialize(self) -> tuple[Series, Series, Series]:
         """The three series, created (empty) on first need; the pending minute stays pending
         until :meth:`flush` files it."""

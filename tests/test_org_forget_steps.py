@@ -22,7 +22,7 @@ from campaignstats.model import (
     StatsState,
     TxSnapshot,
 )
-from campaignstats.orgindex import OrgCampaigns
+from campaignstats.orgindex import BUCKET_BITS, OrgCampaigns
 
 from .conftest import truncate_all
 from .helpers import Start, completed, lines_run, wait_for
@@ -72,11 +72,12 @@ def test_forgetting_in_steps_takes_out_exactly_the_campaigns_that_stay_gone(
     assert all(final.values())  # an org left with none went
 
 
-def _many_orgs(orgs: int) -> StatsState:
-    """Campaigns 1 and 2 in the database, and one campaign per org that is not."""
+def _many_orgs(orgs: int, spacing: int = 1) -> StatsState:
+    """Campaigns 1 and 2 in the database, and one campaign per org that is not: campaign
+    ``c``'s org is ``c * spacing``."""
     state = StatsState()
     state.clock = lambda: NOW
-    state.apply_many([Increment(c, c, "sign", None, True) for c in range(1, orgs + 1)])
+    state.apply_many([Increment(c, c * spacing, "sign", None, True) for c in range(1, orgs + 1)])
     state.start_journal()
     return state
 
@@ -107,19 +108,22 @@ def test_a_forget_does_one_step_of_work_however_many_orgs_the_server_holds() -> 
 
 
 def test_between_steps_org_stats_stays_exact_and_a_campaign_that_came_back_keeps_its_org() -> None:
-    state = _many_orgs(200)
+    # Orgs a bucket apart (an org of one campaign is kept in a bucket of 256 consecutive ids,
+    # looked at whole in one step: campaignstats.orgindex), so that 10 a step are 10 buckets.
+    b = 1 << BUCKET_BITS
+    state = _many_orgs(200, spacing=b)
     state.forget_orgs_per_step = 10
     result = _all_but(state, range(1, 101))  # 101..200 are gone
     assert state.forget_absent(result) == list(range(101, 201))
     state.stop_journal()
     assert state.org_forgetting is not None
-    # Campaign 190 comes back, in its old org and in org 5, before the steps reach them.
+    # Campaign 190 comes back, in its old org and in org 5's, before the steps reach them.
     state.apply_many(
-        [Increment(190, 190, "sign", None, True), Increment(190, 5, "sign", None, True)]
+        [Increment(190, 190 * b, "sign", None, True), Increment(190, 5 * b, "sign", None, True)]
     )
     steps = 0
     while True:
-        for org in (5, 150, 190):
+        for org in (5 * b, 150 * b, 190 * b):
             want = {c: s.org[org] for c, s in state.campaigns.items() if s.org.get(org)}
             assert state.org_stats(org)["campaigns"] == want
         if not state.forget_step():
@@ -127,10 +131,10 @@ def test_between_steps_org_stats_stays_exact_and_a_campaign_that_came_back_keeps
         steps += 1
     assert steps >= 10  # it took steps: 200 orgs, 10 a step
     index = state.org_campaigns.as_dict()
-    assert index[190] == {190}
-    assert index[5] == {5, 190}
+    assert index[190 * b] == {190}
+    assert index[5 * b] == {5, 190}
     assert all(cid <= 100 or cid == 190 for cids in index.values() for cid in cids)
-    assert 150 not in index  # an org left with none went
+    assert 150 * b not in index  # an org left with none went
 
 
 async def test_a_server_takes_forgotten_campaigns_out_of_its_org_index_between_messages(

@@ -36,7 +36,15 @@ from campaignstats.model import (
 from campaignstats.service import StatsService
 
 from .helpers import serve_process, wait_for
-from .test_apply_paths import NOW, _calculation, _result, batches, decoded, snapshot
+from .test_apply_paths import (
+    NOW,
+    _calculation,
+    _result,
+    _timeline,
+    batches,
+    decoded,
+    snapshot,
+)
 
 PACK_IDLE = 60.0
 
@@ -56,7 +64,12 @@ pack_steps = st.one_of(
 
 
 def _counts(state: StatsState) -> Any:
-    """The state as test_apply_paths compares it, its campaigns read through ``maps``."""
+    """The state as test_apply_paths compares it, its campaigns read through ``maps``, and the
+    timelines through ``timeline_of`` (an idle campaign's is folded into its packed form:
+    ``timelines`` has no entry for it, and one put back goes after the others)."""
+    timelines = {
+        cid: state.timeline_of(cid) for cid in sorted({*state.campaigns, *state.timelines})
+    }
     held = state.campaigns
     state.campaigns = {
         cid: CampaignStats(
@@ -65,9 +78,11 @@ def _counts(state: StatsState) -> Any:
         for cid, s in held.items()
     }
     try:
-        return snapshot(state)
+        counts = snapshot(state)
     finally:
         state.campaigns = held
+    counts["timelines"] = [(cid, _timeline(t)) for cid, t in timelines.items() if t is not None]
+    return counts
 
 
 def _reads(state: StatsState) -> Any:
@@ -80,6 +95,11 @@ def _reads(state: StatsState) -> Any:
             (cid, unit): state.history(cid, unit, None, None)
             for cid in range(1, 7)
             for unit in ("minute", "hour", "day")
+        },
+        "recent": {
+            (cid, tz): state.recent(cid, tz)
+            for cid in range(1, 7)
+            for tz in ("UTC", "Pacific/Kiritimati")
         },
     }
 
@@ -370,10 +390,13 @@ async def test_a_server_with_a_short_pack_idle_answers_the_same_before_and_after
                     client.increment(cid, 1 + j % 3, ("sign", "share")[j % 2], f"A{j}", True)
             await client.flush()
             before = await client.stats_many(ids)
+            in_time = await _time_reads(client, ids[:3])
             info = await _wait_packed(client, len(ids))
             assert info["packing"]["idle_after"] == 0.5
             assert info["packing"]["packed"] >= len(ids)
             assert await client.stats_many(ids) == before
+            # their timelines folded into the packed form (docs/design.md, "Memory", round 4)
+            assert await _time_reads(client, ids[:3]) == in_time
             assert (await client.org_stats(1))["supporters"] == sum(
                 s["org"].get(1, 0) for s in before.values()
             )
@@ -382,6 +405,10 @@ async def test_a_server_with_a_short_pack_idle_answers_the_same_before_and_after
                 client.increment(cid, 1, "sign", "A0", True)
             await client.flush()
             after = await client.stats_many(ids)
+            in_time_after = await _time_reads(client, ids[:3])
+            for cid in ids[:3]:  # the write put the timeline back, and counted in it
+                days = in_time_after[("history", cid)]
+                assert sum(b[1] for b in days) == sum(b[1] for b in in_time[("history", cid)]) + 1
             for cid in ids:
                 assert after[cid]["supporters"] == before[cid]["supporters"] + 1
                 assert after[cid]["action"]["sign"] == before[cid]["action"]["sign"] + 1
@@ -389,6 +416,7 @@ async def test_a_server_with_a_short_pack_idle_answers_the_same_before_and_after
                 assert after[cid]["org"][1] == before[cid]["org"][1] + 1
             await _wait_packed(client, len(ids))  # idle again, packed again
             assert await client.stats_many(ids) == after
+            assert await _time_reads(client, ids[:3]) == in_time_after
     finally:
         if proc.returncode is None:
             proc.terminate()
@@ -397,6 +425,18 @@ async def test_a_server_with_a_short_pack_idle_answers_the_same_before_and_after
     loaded = load_snapshot(snapshot_path)  # written at stop, packed campaigns included
     assert loaded is not None
     assert {cid: loaded[cid].to_wire() for cid in ids} == after
+
+
+async def _time_reads(client: AsyncStatsClient, ids: list[int]) -> dict[Any, Any]:
+    """What a client reads of these campaigns' timelines: their day buckets, their recent
+    figures, and the leaders by the last hour and today."""
+    reads: dict[Any, Any] = {}
+    for cid in ids:
+        reads["history", cid] = (await client.history(cid, "day"))["buckets"]
+        reads["recent", cid] = await client.recent(cid, "UTC")
+    for by in ("last_hour", "today"):
+        reads["top", by] = await client.top(by, 50)
+    return reads
 
 
 class _EmptyDatabase:
