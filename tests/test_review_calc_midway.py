@@ -88,7 +88,10 @@ async def test_a_connection_killed_or_cancelled_mid_stream_fails_it_and_frees_th
         with pytest.raises(CalculationError) as failed:
             await asyncio.wait_for(calc.task, 30)
         text = str(failed.value).lower()
-        assert "cancel" in text if function == "pg_cancel_backend" else "terminat" in text
+        if function == "pg_cancel_backend":
+            assert "cancel" in text
+        else:  # Postgres's FATAL message, or the socket closed before the client read it
+            assert "terminat" in text or "closed in the middle of operation" in text, text
         # The other connection ended its transaction and still works.
         assert not other.is_closed()
         assert not other.is_in_transaction()
