@@ -1087,3 +1087,46 @@ def test_the_codec_lists_every_op_it_understands() -> None:
         "set_goals", "get_goals",
         "page_stats", "org_stats",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "valid"),
+    [
+        ("😀" * 16, True),  # 16 characters, 64 bytes: the short decoders' own
+        ("😀" * 15 + "aaaa", True),  # 19 characters, 64 bytes: past the short decoders
+        ("😀" * 15 + "aaaaa", False),  # 20 characters, 65 bytes
+        ("😀" * 17, False),  # 17 characters, 68 bytes
+        ("a" * 64, True),
+        ("a" * 65, False),
+    ],
+)
+def test_every_fast_path_limits_strings_in_bytes_whether_or_not_they_are_short(
+    text: str, valid: bool
+) -> None:
+    # A read of single incs (decoded before framing), singles after a call (framed, then one
+    # decode for the run), a lone single, and incs: the strings a quarter of the limit long in
+    # characters are taken by the short decoders, the others are measured in bytes.
+    good = [1, 2, "sign", None, True]
+    odd = [1, 2, "sign", text, True]
+    singles = [["inc", *good]] * 20 + [["inc", *odd]] + [["inc", *good]] * 20
+    streams = [
+        b"".join(pack(m) for m in singles),
+        pack(["ping", 1]) + b"".join(pack(m) for m in singles),
+        pack(["inc", *odd]),
+        pack(["incs", [good] * 20 + [odd] + [good] * 20]),
+    ]
+    for stream in streams:
+        messages = decode(stream)
+        items = [as_increment(item) for m in messages if type(m) is Batch for item in m.items]
+        refused = [m for m in messages if type(m) is Rejected] + [
+            m for m in messages if type(m) is Batch and m.rejected
+        ]
+        if valid:
+            assert Increment(*odd) in items
+            assert not refused
+        else:
+            assert Increment(*odd) not in items
+            assert len(refused) == 1
+            assert "64 bytes" in (
+                str(refused[0].error) if type(refused[0]) is Rejected else refused[0].rejected[0][1]
+            )
