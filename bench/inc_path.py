@@ -46,6 +46,7 @@ import structlog
 
 from bench import _data
 from bench._server import EmptySource
+from campaignstats.actor import actor as actor_module
 from campaignstats.actor.actor import ActorConfig
 from campaignstats.model import IncrementLike, StatsState
 from campaignstats.protocol import Batch, ServerCodec
@@ -230,6 +231,11 @@ def main() -> None:
     )
     stages = STAGES if args.stage == "all" else (args.stage,)
     if args.stream is not None:  # a run under callgrind: the stage alone
+        # The actor looks at the campaigns that moved 10 times a second of the wall clock
+        # (GOALS_TICK): under callgrind, some 50 times slower, that would be 50 times as
+        # often per increment as in a real server, and more often in the longer run. Left
+        # out: natively a look at the bench's 1,000 campaigns takes 0.07 ms (0.07% of a core).
+        actor_module.GOALS_TICK = 3600.0
         result = run(args.stage, Path(args.stream).read_bytes())
         Path(args.result).write_bytes(pickle.dumps(result))
         return

@@ -35,6 +35,7 @@ from campaignstats.model import (
     MAP_KEYS,
     MAX_AT,
     MAX_ID,
+    PLAIN_ITEM_TYPES,
     Increment,
     IncrementLike,
     WireStats,
@@ -70,7 +71,11 @@ PROTOCOL_VERSION = 1
 DEFAULT_MAX_MESSAGE = 1 << 20  # bytes
 DEFAULT_MAX_BATCH = 10_000  # items in one incs, ids in one stats_many or resync
 _FEED_CHUNK = 1 << 16
-_ENCODE = msgspec.msgpack.Encoder().encode  # stateless: shared by every client codec
+_ENCODE = msgspec.msgpack.Encoder().encode  # stateless: shared by every codec
+#: a whole reply in one read (the client's common case): the same values as msgpack's
+#: ``unpackb`` for every reply the server writes (arrays as lists, maps as dicts whatever
+#: their keys), in about 60% of its time for a STATS map; stateless, shared
+_DECODE = msgspec.msgpack.Decoder().decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,6 +368,8 @@ _SINGLE_HEADS = {
 _INC_PREFIXES = (b"\x96\xa3inc", b"\x97\xa3inc", b"\x98\xa3inc")
 _DEC_PREFIXES = (b"\x96\xa3dec", b"\x97\xa3dec", b"\x98\xa3dec")
 _LEADING_MIN = 256  # bytes of a read below which single frames are framed one by one
+#: the heads of the messages the codec decodes with msgspec (never through ``parse`` first)
+_FRAMED_HEADS = (*_INC_PREFIXES, *_DEC_PREFIXES, *_BATCH_HEADS)
 
 
 class _ArrayDecoders(NamedTuple):
@@ -414,7 +421,7 @@ def _array_structs(text: Any) -> tuple[type[Any], Callable[[Any], type[Any]]]:
     )
 
     def message_of(op: Any) -> type[Any]:
-        return msgspec.defstruct(
+        message = msgspec.defstruct(
             "IncMessage",
             # NODEFAULT marks a required field, as in the struct it is copied from
             [
@@ -426,7 +433,10 @@ def _array_structs(text: Any) -> tuple[type[Any], Callable[[Any], type[Any]]]:
             gc=False,
             namespace={"txid": None, "at": None, "page": None, "messages": 0},
         )
+        PLAIN_ITEM_TYPES.add(message)
+        return message
 
+    PLAIN_ITEM_TYPES.add(array_item)  # apply_many does not read what it cannot carry
     return array_item, message_of
 
 
@@ -517,6 +527,8 @@ class ServerCodec:
         self.limits = limits or Limits()
         self._decoder = _Decoder(self.limits.max_message, frames=True)
         self._fast = _batch_decoders(self.limits)
+        #: a read up to this size may be one whole call, decoded without framing
+        self._whole_max = min(_LEADING_MIN, self.limits.max_message)
         self._pack = msgpack.Packer().pack
         # One table per kind of message: the op names the parser, and a call's table entry says
         # how many fields follow its req_id (docs/protocol.md).
@@ -560,6 +572,20 @@ class ServerCodec:
         When bad bytes follow complete messages, the messages come first and :attr:`error`
         holds the BadFrame to answer once they are handled.
         """
+        if (
+            len(data) <= self._whole_max
+            and self._decoder.idle
+            and not data.startswith(_FRAMED_HEADS)
+        ):
+            # The commonest read of a query: one whole call and nothing pending before it.
+            # One C call, no framing (as the client codec reads a reply); anything else (several
+            # values, a part of one, bad bytes) is framed below. Casts keep their own fast path.
+            try:
+                value = msgpack.unpackb(data, raw=False, strict_map_key=False)
+            except (ValueError, TypeError, msgpack.UnpackException):  # ExtraData is a ValueError
+                pass
+            else:
+                return [self.parse(value)]
         messages: list[ClientMessage] = []
         if len(data) > _LEADING_MIN and self._decoder.error is None:
             leading = self._leading_singles(data)
@@ -929,7 +955,14 @@ class ServerCodec:
     # -- encoding answers ----------------------------------------------------------------------
 
     def ok(self, req_id: int, result: Any) -> bytes:
-        return self._pack(["ok", req_id, result])  # type: ignore[no-any-return]
+        """An ``ok`` reply. msgspec writes the same bytes as msgpack's Packer, in about half
+        the time for a STATS map (3.0 against 5.4 µs for the bench's campaigns); what it does
+        not encode (a subclass of str) goes through the Packer, and an integer past 64 bits
+        raises OverflowError from either."""
+        try:
+            return _ENCODE(("ok", req_id, result))
+        except TypeError:
+            return self._pack(["ok", req_id, result])  # type: ignore[no-any-return]
 
     def err(self, req_id: int | None, error: ProtocolError) -> bytes:
         return self._pack(["err", req_id, error.code, str(error)])  # type: ignore[no-any-return]
@@ -963,8 +996,8 @@ class ClientCodec:
             # The common read: one whole reply, and nothing pending before it. One C call, no
             # framing; anything else (several values, a part of one, bad bytes) is framed below.
             try:
-                values: list[Any] = [msgpack.unpackb(data, raw=False, strict_map_key=False)]
-            except (ValueError, TypeError, msgpack.UnpackException):  # ExtraData is a ValueError
+                values: list[Any] = [_DECODE(data)]
+            except (ValueError, TypeError, RecursionError):  # DecodeError is a ValueError
                 values = decoder.feed(data)
         else:
             values = decoder.feed(data)
