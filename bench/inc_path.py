@@ -205,6 +205,7 @@ def instructions(stage: str, n: int, outdir: str) -> int:
     # One BLAS thread (numpy comes with datasketches): its idle threads spin for a while, and
     # under callgrind their spinning counts as much as the process's own work.
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONHASHSEED"] = "0"  # the same dict and set layouts in every run
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"callgrind failed ({done.returncode}): {done.stderr[-2000:]}")
