@@ -21,6 +21,11 @@ batching, events), ``apply`` (the codec, then ``StatsState.apply_many`` in slice
 what it decoded), ``server`` (everything above, plus the connection, the producer, the mailbox,
 the actor's turns and the event loop).
 
+``--stage queries`` (``ping``, ``stats``) counts a query instead: the same server holding
+100,000 increments of the workload, then ``N`` calls, each in a read of its own through
+``buffer_updated`` and answered inline (``ping`` by the session, ``stats`` through the actor's
+read door), as an idle server answers them.
+
 ``--callgrind`` runs each stage twice under ``valgrind --tool=callgrind``, with ``--n`` and
 with ``--base`` messages, and prints (Ir(n) - Ir(base)) / (n - base): the start-up (imports,
 the workload's generation, the server's start) cancels out. Rerun it before and after a change
@@ -31,9 +36,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import pickle
+import random
 import re
 import subprocess
 import sys
@@ -42,13 +49,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import msgpack
 import structlog
 
 from bench import _data
 from bench._server import EmptySource
 from campaignstats.actor import actor as actor_module
 from campaignstats.actor.actor import ActorConfig
-from campaignstats.model import IncrementLike, StatsState
+from campaignstats.model import Increment, IncrementLike, StatsState
 from campaignstats.protocol import Batch, ServerCodec
 from campaignstats.requests import Flush
 from campaignstats.server import DEFAULT_READ_SIZE, Connection, ServerConfig, StatsServer
@@ -132,8 +140,13 @@ def run_apply(chunks: list[bytes], slice_: int) -> StatsState:
     return state
 
 
+#: ActorConfig.apply_slice of the ``server`` stage (``--apply-slice``)
+APPLY_SLICE = [ActorConfig().apply_slice]
+
+
 async def run_server(chunks: list[bytes]) -> dict[int, Any]:
-    service = StatsService(EmptySource(), ActorConfig(sync_interval=3600, backoff_initial=3600))
+    config = ActorConfig(sync_interval=3600, backoff_initial=3600, apply_slice=APPLY_SLICE[0])
+    service = StatsService(EmptySource(), config)
     await service.start()
     await service.loaded()
     server = StatsServer(service, ServerConfig(host="127.0.0.1", port=0))
@@ -164,8 +177,53 @@ async def run_server(chunks: list[bytes]) -> dict[int, Any]:
     return campaigns
 
 
+#: the query stages: one call per read, each read a fixed-size frame (req_id 7, campaign ids
+#: of one byte), so that cutting the stream costs the same in every run
+QUERY_STAGES = {"ping": 7, "stats": 9}
+FILLED = 100_000  # increments applied before the queries (1,000 campaigns)
+
+
+def query_frames(stage: str, n: int) -> bytes:
+    rng = random.Random(SEED)
+    if stage == "ping":
+        return msgpack.packb(["ping", 7]) * n  # type: ignore[no-any-return]
+    return b"".join(msgpack.packb(["stats", 7, rng.randint(1, 127)]) for _ in range(n))
+
+
+async def run_queries(stage: str, stream: bytes) -> int:
+    """A server holding ``FILLED`` increments, then the calls of ``stream``, one per read
+    through ``buffer_updated`` (answered inline, as an idle server answers); returns the
+    replies written."""
+    service = StatsService(EmptySource(), ActorConfig(sync_interval=3600, backoff_initial=3600))
+    await service.start()
+    await service.loaded()
+    server = StatsServer(service, ServerConfig(host="127.0.0.1", port=0))
+    await server.start()
+    try:
+        actor = service.supervisor.actor
+        assert actor is not None
+        actor.state.apply_many([Increment(*item) for item in _data.generate(FILLED, SEED)])
+        conn = Connection(server)
+        transport = StubTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        buffer = server.read_buffer
+        size = QUERY_STAGES[stage]
+        for start in range(0, len(stream), size):
+            buffer[:size] = stream[start : start + size]
+            conn.buffer_updated(size)
+        replies = len(transport.written)
+        conn.connection_lost(None)
+    finally:
+        await server.close()
+        await service.stop()
+    return replies
+
+
 def run(stage: str, stream: bytes) -> dict[int, Any] | int:
-    """The stage over ``stream``: the totals it left, or (codec, session) the items it saw."""
+    """The stage over ``stream``: the totals it left, or (codec, session) the items it saw, or
+    (the query stages) the replies written."""
+    if stage in QUERY_STAGES:
+        return asyncio.run(run_queries(stage, stream))
     chunks = reads(stream, DEFAULT_READ_SIZE)
     if stage == "codec":
         return run_codec(chunks)
@@ -181,8 +239,8 @@ def run(stage: str, stream: bytes) -> dict[int, Any] | int:
 def check(stage: str, n: int, result: dict[int, Any] | int, items: list[Any]) -> str:
     if isinstance(result, int):
         if result != n:
-            raise SystemExit(f"{stage}: {result} increments seen, not {n}")
-        return f"{stage}: {n} increments seen"
+            raise SystemExit(f"{stage}: {result} seen, not {n}")
+        return f"{stage}: {n} {'replies' if stage in QUERY_STAGES else 'increments'} seen"
     if not _data.same(result, _data.expected(items)):
         raise SystemExit(f"{stage}: the totals DO NOT MATCH")
     return f"{stage}: {n} increments, totals match"
@@ -194,14 +252,15 @@ _TOTAL = re.compile(r"^(?:summary|totals):\s*([\d,]+)", re.MULTILINE)
 def instructions(stage: str, n: int, outdir: str) -> int:
     """Ir of one run of ``stage`` over the first ``n`` messages under callgrind (the workload
     is generated, and the result checked, out here: what callgrind counts is the stage)."""
-    items = _data.generate(n, SEED)
-    stream_file = os.path.join(outdir, f"stream.{n}")
+    items = [] if stage in QUERY_STAGES else _data.generate(n, SEED)
+    stream_file = os.path.join(outdir, f"stream.{stage}.{n}")
     result_file = os.path.join(outdir, f"result.{stage}.{n}")
-    Path(stream_file).write_bytes(_data.encode_incs(items, 1))
+    stream = query_frames(stage, n) if stage in QUERY_STAGES else _data.encode_incs(items, 1)
+    Path(stream_file).write_bytes(stream)
     out = os.path.join(outdir, f"cg.{stage}.{n}")
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable]
     cmd += ["-m", "bench.inc_path", "--stage", stage, "--stream", stream_file]
-    cmd += ["--result", result_file]
+    cmd += ["--result", result_file, "--apply-slice", str(APPLY_SLICE[0])]
     # One BLAS thread (numpy comes with datasketches): its idle threads spin for a while, and
     # under callgrind their spinning counts as much as the process's own work.
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -220,9 +279,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=20_000, help="single inc messages")
     parser.add_argument("--base", type=int, default=5_000, help="--callgrind: the smaller run")
-    parser.add_argument("--stage", default="server", choices=(*STAGES, "all"))
+    parser.add_argument(
+        "--stage", default="server", choices=(*STAGES, *QUERY_STAGES, "all", "queries")
+    )
     parser.add_argument("--callgrind", action="store_true", help="count instructions per inc")
     parser.add_argument("--keep", help="--callgrind: keep the callgrind files in this folder")
+    parser.add_argument("--apply-slice", type=int, help="ActorConfig.apply_slice (server)")
     parser.add_argument("--stream", help=argparse.SUPPRESS)  # the run under callgrind
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -230,13 +292,20 @@ def main() -> None:
         wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    if args.apply_slice is not None:
+        APPLY_SLICE[0] = args.apply_slice
+    stages = {"all": STAGES, "queries": tuple(QUERY_STAGES)}.get(args.stage, (args.stage,))
     if args.stream is not None:  # a run under callgrind: the stage alone
         # The actor looks at the campaigns that moved 10 times a second of the wall clock
         # (GOALS_TICK): under callgrind, some 50 times slower, that would be 50 times as
         # often per increment as in a real server, and more often in the longer run. Left
         # out: natively a look at the bench's 1,000 campaigns takes 0.07 ms (0.07% of a core).
         actor_module.GOALS_TICK = 3600.0
+        # What is alive now stays out of the collector's passes, as ``serve`` does at its start:
+        # else a full pass over the imports' objects, in one run and not in the other (by
+        # where the allocation counts fall), costs some 1,000 instructions per increment.
+        gc.collect()
+        gc.freeze()
         result = run(args.stage, Path(args.stream).read_bytes())
         Path(args.result).write_bytes(pickle.dumps(result))
         return
@@ -244,18 +313,21 @@ def main() -> None:
         items = _data.generate(args.n, SEED)
         stream = _data.encode_incs(items, 1)
         for stage in stages:
-            print(check(stage, args.n, run(stage, stream), items), flush=True)
+            given = query_frames(stage, args.n) if stage in QUERY_STAGES else stream
+            print(check(stage, args.n, run(stage, given), items), flush=True)
         return
     with tempfile.TemporaryDirectory(prefix="inc-path-") as tmp:
         outdir = args.keep or tmp
         os.makedirs(outdir, exist_ok=True)
         n, base = args.n, args.base
-        print(f"instructions per single inc message: (Ir({n}) - Ir({base})) / {n - base}")
+        what = "call" if stages[0] in QUERY_STAGES else "single inc message"
+        print(f"instructions per {what}: (Ir({n}) - Ir({base})) / {n - base}")
         for stage in stages:
             big = instructions(stage, args.n, outdir)
             small = instructions(stage, args.base, outdir)
             per = (big - small) / (args.n - args.base)
-            print(f"  {stage:8} {per:10,.0f} Ir/inc   (Ir {small:,} and {big:,})", flush=True)
+            unit = "call" if stage in QUERY_STAGES else "inc"
+            print(f"  {stage:8} {per:10,.0f} Ir/{unit}   (Ir {small:,} and {big:,})", flush=True)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from bench._server import EmptySource
 from campaignstats.actor.actor import ActorConfig, StatsActor
 from campaignstats.loops import LOOPS, runner
 from campaignstats.model import Increment
-from campaignstats.server import Connection, ServerConfig, StatsServer
+from campaignstats.server import DEFAULT_READ_SIZE, Connection, ServerConfig, StatsServer
 from campaignstats.service import StatsService
 
 #: per query req_id: (start, end) of the server's read callback
@@ -114,11 +114,14 @@ def _cpu() -> tuple[float, float]:
     return sum(fields) - idle, sum(fields)
 
 
-async def measure(rate: float, queries: int) -> dict[str, Any]:
-    service = StatsService(EmptySource(), ActorConfig(sync_interval=3600))
+async def measure(
+    rate: float, queries: int, apply_slice: int = 250, read_size: int = DEFAULT_READ_SIZE
+) -> dict[str, Any]:
+    service = StatsService(EmptySource(), ActorConfig(sync_interval=3600, apply_slice=apply_slice))
     await service.start()
     await service.loaded()
-    server = StatsServer(service, ServerConfig(host="127.0.0.1", port=0))
+    config = ServerConfig(host="127.0.0.1", port=0, read_size=read_size)
+    server = StatsServer(service, config)
     await server.start()
     assert server.port is not None
     items = _data.generate(100_000, 42)
@@ -175,7 +178,18 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=5_000)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--loop", choices=LOOPS, default="asyncio")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="SLICE,READ",
+        help="ActorConfig.apply_slice and ServerConfig.read_size to compare, e.g. 100,16384 "
+        "(repeatable: the variants run in turn in every run; default 250,32768)",
+    )
     args = parser.parse_args()
+    variants = [tuple(int(x) for x in v.split(",")) for v in args.variant] or [
+        (250, DEFAULT_READ_SIZE)
+    ]
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
@@ -189,17 +203,19 @@ def main() -> None:
         f"per run; load average {load[0]:.2f}"
     )
     for i in range(args.runs):
-        got = run(measure(args.rate, args.queries))
-        print(
-            f"  run {i + 1}: load sent at {got['load rate'] or 0:,.0f}/s; server process "
-            f"{got['server cpu']:.0%} of a core, machine {got['machine cpu']:.0%} of its cores"
-        )
-        for name in ("round trip", "to server", "in server", "back", "load read", "slice"):
-            v = got[name]
-            if v is None:
-                continue
-            cells = ", ".join(f"{k} {x:,.0f}" for k, x in v.items())
-            print(f"    {name:10} {cells} (µs)")
+        for apply_slice, read_size in variants:
+            got = run(measure(args.rate, args.queries, apply_slice, read_size))
+            print(
+                f"  run {i + 1}, slices of {apply_slice}, reads of {read_size:,} B: "
+                f"load sent at {got['load rate'] or 0:,.0f}/s; server process "
+                f"{got['server cpu']:.0%} of a core, machine {got['machine cpu']:.0%} of its cores"
+            )
+            for name in ("round trip", "to server", "in server", "back", "load read", "slice"):
+                v = got[name]
+                if v is None:
+                    continue
+                cells = ", ".join(f"{k} {x:,.0f}" for k, x in v.items())
+                print(f"    {name:10} {cells} (µs)")
     print(f"load average after {os.getloadavg()[0]:.2f}")
 
 
