@@ -9,9 +9,14 @@ moment; it loads the same 100,000 increments (1,000 campaigns) into it, then tim
 forked client process:
 
 - ``stats()`` through :class:`~campaignstats.client.StatsClient` (the README's row), idle;
+- ``stats()`` through :class:`~campaignstats.client.AsyncStatsClient`, idle;
 - ``stats`` over a bare socket (no client), idle, and ``ping`` (answered without the actor);
 - ``stats()`` through ``StatsClient`` while another process sends ``incs`` of 1,000 at half
   the server's one-connection rate (measured once at the start, on the mailbox path).
+
+``--base DIR`` (a copy of another commit's tree: ``git archive <commit> | tar -x -C DIR``)
+runs every configuration a second time with that tree's server, in turn with this tree's (the
+order reversed every other round); the clients are this tree's either way.
 
 Prints, per configuration, the median over the rounds of each percentile (nearest-rank, of
 ``--queries`` sequential calls after 500 warm-up calls), the min-max, the load average before
@@ -48,6 +53,7 @@ TARGETS: dict[str, float] = {
 }
 ROWS = [
     ("client.idle", "stats() via StatsClient, idle"),
+    ("aio.idle", "stats() via AsyncStatsClient, idle"),
     ("socket.idle", "stats over a bare socket, idle"),
     ("ping.idle", "ping over a bare socket (no actor), idle"),
     ("client.load", "stats() via StatsClient, at half load"),
@@ -55,12 +61,15 @@ ROWS = [
 
 
 class Server:
-    def __init__(self, loop: str, inline: bool, extra: list[str] | None = None) -> None:
+    def __init__(
+        self, loop: str, inline: bool, extra: list[str] | None = None, tree: Path = ROOT
+    ) -> None:
         cmd = [sys.executable, "-m", "bench._server", "--port", "0", "--loop", loop]
         cmd.extend(extra or [])
         if not inline:
             cmd.append("--no-inline-reads")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        env = {**os.environ, "PYTHONPATH": str(tree)}  # that tree's server
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=tree, env=env)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line.startswith("PORT "):
@@ -96,13 +105,26 @@ def main() -> None:
         "--work", default=",".join(k for k, _ in ROWS), help="rows to measure, comma-separated"
     )
     parser.add_argument("--inline-only", action="store_true", help="skip the mailbox runs")
+    parser.add_argument(
+        "--base",
+        type=Path,
+        help="a copy of another commit's tree (git archive): its server runs each configuration "
+        "too, in turn with this tree's (the clients are this tree's)",
+    )
     args = parser.parse_args()
     loops = [name for name in args.loops.split(",") if name]
     if "uvloop" in loops and importlib.util.find_spec("uvloop") is None:
         sys.exit("uvloop is not installed (pip install -e '.[bench]')")
     variants = args.server or [""]
     modes = (True,) if args.inline_only else (False, True)
-    configs = [(loop, inline, v) for loop in loops for v in variants for inline in modes]
+    trees = [ROOT] if args.base is None else [args.base.resolve(), ROOT]
+    configs = [
+        (loop, inline, v, tree)
+        for loop in loops
+        for v in variants
+        for inline in modes
+        for tree in trees
+    ]
     t0 = time.monotonic()
 
     def say(msg: str) -> None:
@@ -126,23 +148,29 @@ def main() -> None:
         rate = r["n"] / r["seconds"] / 2
         say(f"one connection, incs of 1,000: {2 * rate:,.0f} inc/s; load at {rate:,.0f} inc/s")
 
-    Config = tuple[str, bool, str]
+    Config = tuple[str, bool, str, Path]
     runs: dict[Config, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
 
-    def named(loop: str, inline: bool, variant: str) -> str:
-        return f"{loop}, {'inline' if inline else 'mailbox'}" + (f", {variant}" if variant else "")
+    def named(loop: str, inline: bool, variant: str, tree: Path = ROOT) -> str:
+        return (
+            f"{loop}, {'inline' if inline else 'mailbox'}"
+            + (f", {variant}" if variant else "")
+            + ("" if tree == ROOT else f", server of {tree}")
+        )
 
     failures: list[str] = []
     for round_ in range(args.rounds):
-        for loop, inline, variant in configs:
-            name = named(loop, inline, variant)
-            server = Server(loop, inline, variant.split())
+        order = configs if round_ % 2 == 0 else configs[::-1]  # neither always first
+        for loop, inline, variant, tree in order:
+            name = named(loop, inline, variant, tree)
+            server = Server(loop, inline, variant.split(), tree)
             try:
                 _harness.in_child(_workers.raw_blast, server.port, fill, 100_000, 60, timeout=90)
                 seed = SEED + round_
                 ping = functools.partial(_workers.socket_query_latency, op="ping")
                 work: list[tuple[str, Any, tuple[Any, ...] | None]] = [
                     ("client.idle", _workers.query_latency, None),
+                    ("aio.idle", _workers.aio_query_latency, None),
                     ("socket.idle", _workers.socket_query_latency, None),
                     ("ping.idle", ping, None),
                     ("client.load", _workers.query_latency, (batches, 1000, rate)),
@@ -167,8 +195,8 @@ def main() -> None:
                         failures.append(f"{name} {key} round {round_ + 1}: {r.get('error', 'cut')}")
                         continue
                     for p, value in percentiles(r["latencies"]).items():
-                        runs[loop, inline, variant][f"{key}.{p}"].append(value)
-                    got = runs[loop, inline, variant]
+                        runs[loop, inline, variant, tree][f"{key}.{p}"].append(value)
+                    got = runs[loop, inline, variant, tree]
                     line.append(f"{key} {got[key + '.p50'][-1]:.0f}/{got[key + '.p99'][-1]:.0f}")
                 say(f"round {round_ + 1} {name}: " + ", ".join(line) + " µs (p50/p99)")
             finally:
@@ -183,9 +211,9 @@ def main() -> None:
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after"
     )
     table: dict[str, Any] = {}
-    for loop, inline, variant in configs:
-        got = runs[loop, inline, variant]
-        name = named(loop, inline, variant)
+    for loop, inline, variant, tree in configs:
+        got = runs[loop, inline, variant, tree]
+        name = named(loop, inline, variant, tree)
         table[name] = {}
         print(f"  {name}")
         for key, label in ROWS:

@@ -229,6 +229,11 @@ class IncrementLike(Protocol):
     def messages(self) -> int: ...
 
 
+#: classes of items whose ``txid``, ``at`` and ``page`` are None and ``messages`` 0 for every
+#: instance (class attributes: the wire codec's v1 array items register theirs): the plain
+#: path does not read them (docs/design.md, "Per-campaign state")
+PLAIN_ITEM_TYPES: set[type[Any]] = set()
+
 #: what a calculation covers: every campaign, the live ones, or a list of campaign ids
 Scope = Literal["all", "live"] | Sequence[int]
 
@@ -964,12 +969,16 @@ class StatsState:
         if touched is None:  # every campaign counts as touched (collapsed), or the clock went
             touched = set()  # back more than a day (noted nowhere): the notes go nowhere
         new_tuple = tuple.__new__
-        applied = 0
         rest = -1
+        plain = PLAIN_ITEM_TYPES
         for i, inc in enumerate(incs):
-            if inc.at is not None or inc.page is not None:
+            if type(inc) in plain:
+                messages = 0
+            elif inc.at is not None or inc.page is not None:
                 rest = i
                 break
+            else:
+                messages = inc.messages
             cid = inc.campaign_id
             if seen and (inc.action_id is not None or inc.txid is not None):
                 horizon = seen.get(cid)
@@ -997,7 +1006,6 @@ class StatsState:
                 action_type = intern(action_type)
             count = inc.count
             total = n + count
-            messages = inc.messages
             if total > MAX_ID or (messages and stats.messages + messages > MAX_ID):
                 rejected.append((i, f"campaign {cid}: {action_type!r} count would overflow"))
                 continue
@@ -1030,7 +1038,6 @@ class StatsState:
             action[action_type] = total
             if messages:
                 stats.messages += messages
-            applied += 1
             # Filed at its arrival (it has no ``at``): Timeline.add, inlined, as in apply_each
             timeline = timelines.get(cid)
             if timeline is not None and timeline.minute == now_minute:
@@ -1052,7 +1059,9 @@ class StatsState:
                 else:
                     entries.append(entry)
                 journaled += 1
-        self.applied += applied
+        # every item before ``rest`` (all, without one) was applied unless rejected: not
+        # counted one by one
+        self.applied += (len(incs) if rest < 0 else rest) - len(rejected)
         if rest >= 0:
             tail = self.apply_each(incs[rest:], now=now)
             rejected.extend((rest + j, reason) for j, reason in tail)

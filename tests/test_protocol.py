@@ -1087,3 +1087,105 @@ def test_the_codec_lists_every_op_it_understands() -> None:
         "set_goals", "get_goals",
         "page_stats", "org_stats",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "valid"),
+    [
+        ("😀" * 16, True),  # 16 characters, 64 bytes: the short decoders' own
+        ("😀" * 15 + "aaaa", True),  # 19 characters, 64 bytes: past the short decoders
+        ("😀" * 15 + "aaaaa", False),  # 20 characters, 65 bytes
+        ("😀" * 17, False),  # 17 characters, 68 bytes
+        ("a" * 64, True),
+        ("a" * 65, False),
+    ],
+)
+def test_every_fast_path_limits_strings_in_bytes_whether_or_not_they_are_short(
+    text: str, valid: bool
+) -> None:
+    # A read of single incs (decoded before framing), singles after a call (framed, then one
+    # decode for the run), a lone single, and incs: the strings a quarter of the limit long in
+    # characters are taken by the short decoders, the others are measured in bytes.
+    good = [1, 2, "sign", None, True]
+    odd = [1, 2, "sign", text, True]
+    singles = [["inc", *good]] * 20 + [["inc", *odd]] + [["inc", *good]] * 20
+    streams = [
+        b"".join(pack(m) for m in singles),
+        pack(["ping", 1]) + b"".join(pack(m) for m in singles),
+        pack(["inc", *odd]),
+        pack(["incs", [good] * 20 + [odd] + [good] * 20]),
+    ]
+    for stream in streams:
+        messages = decode(stream)
+        items = [as_increment(item) for m in messages if type(m) is Batch for item in m.items]
+        refused = [m for m in messages if type(m) is Rejected] + [
+            m for m in messages if type(m) is Batch and m.rejected
+        ]
+        if valid:
+            assert Increment(*odd) in items
+            assert not refused
+        else:
+            assert Increment(*odd) not in items
+            assert len(refused) == 1
+            assert "64 bytes" in (
+                str(refused[0].error) if type(refused[0]) is Rejected else refused[0].rejected[0][1]
+            )
+
+
+# What an ``ok`` reply may hold: what the actor answers (maps keyed by strings or ids, counts,
+# floats, None, lists), nested.
+REPLY_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.dictionaries(st.text(max_size=10) | st.integers(1, MAX_ID), inner, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@examples(300)
+@given(result=REPLY_VALUES, req_id=st.integers(0, 2**32))
+def test_an_ok_reply_is_the_bytes_msgpack_writes_and_the_client_reads_it_back(
+    result: Any, req_id: int
+) -> None:
+    wire = ServerCodec().ok(req_id, result)
+    assert wire == msgpack.packb(["ok", req_id, result])
+    assert ClientCodec().receive_data(wire) == [Ok(req_id, result)]
+
+
+def test_an_ok_reply_msgspec_cannot_encode_goes_through_msgpack_and_a_huge_count_still_raises() -> (
+    None
+):
+    class Name(str):
+        pass
+
+    result = {"action": {Name("sign"): 3}}
+    assert ServerCodec().ok(1, result) == msgpack.packb(["ok", 1, {"action": {"sign": 3}}])
+    with pytest.raises(OverflowError):
+        ServerCodec().ok(1, {"supporters": 2**64})
+
+
+def test_a_call_read_whole_and_the_same_call_read_byte_by_byte_decode_alike() -> None:
+    # One whole call in a read is decoded without framing; cut anywhere, it is framed.
+    calls = [
+        ["stats", 5, 7],
+        ["ping", 6],
+        ["stats_many", 7, [1, 2, 3]],
+        ["inc", 1, 2, "sign", None, True],
+        ["inc", {"campaign_id": 1, "org_id": 2, "action_type": "sign"}],
+        ["incs", [[1, 2, "sign", None, True]]],
+        ["stats", 8, 0],
+        ["stats", "x", 1],
+        ["nope", 9],
+    ]
+    for call in calls:
+        wire = pack(call)
+        assert_same(
+            [comparable(m) for m in decode(wire)],
+            [comparable(m) for m in decode_bytewise(wire)],
+        )
