@@ -49,8 +49,10 @@ def test_a_forget_step_over_orgs_a_bucket_apart_costs_about_one_over_consecutive
     # actor's loop is not stalled between two messages. Orgs whose ids are 256 apart are one to
     # a bucket: a step then looked at 20,000 buckets, each a lookup, a copy and a set check
     # (and a new array when one of its campaigns is gone), 4 to 20 times the CPU of a step
-    # over consecutive org ids (22.6 ms against 1.1; 62 ms against 17 when every campaign goes)
+    # over consecutive org ids (22.6 ms against 1.1; 62 ms against 17 when every campaign goes).
+    # The first step lists the buckets (as it listed the orgs before buckets: about 6 ms at
+    # 300,000, whatever their ids): 10 ms of slack.
     for gone in ({1}, set(range(1, 100_001))):
         dense = _worst_step_cpu(1, gone)
         sparse = _worst_step_cpu(256, gone)
-        assert sparse <= 3 * dense + 0.002, (len(gone), sparse, dense)
+        assert sparse <= 2 * dense + 0.010, (len(gone), sparse, dense)
