@@ -120,8 +120,6 @@ class OrgCampaigns:
                 self._ids[org_id] = _held(pair)  # ascending (see below)
                 self._clean[org_id] = 2
             return
-        if not _Q_MIN <= campaign_id <= _Q_MAX and isinstance(ids, array):
-            ids = self._ids[org_id] = list(ids)  # no array can hold it
         last = ids[-1]
         if last == campaign_id:
             return  # the commonest repeat: the same campaign again (its pages, a merge)
@@ -129,10 +127,16 @@ class OrgCampaigns:
         if campaign_id > last and clean == len(ids):
             # Still ascending, so still distinct: nothing to deduplicate, ever (a new campaign
             # joining; a sort of the whole org at each doubling fell in one increment).
-            ids.append(campaign_id)
+            try:
+                ids.append(campaign_id)
+            except OverflowError:  # no array can hold it (a try costs nothing on this path)
+                ids = self._ids[org_id] = [*ids, campaign_id]
             self._clean[org_id] = clean + 1
             return
-        ids.append(campaign_id)
+        try:
+            ids.append(campaign_id)
+        except OverflowError:
+            ids = self._ids[org_id] = [*ids, campaign_id]
         if len(ids) > 2 * clean + SLACK:
             distinct = set(ids)
             if len(distinct) == len(ids):
