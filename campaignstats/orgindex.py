@@ -29,8 +29,22 @@ from collections.abc import Callable, Iterable, Iterator, Set
 SLACK = 8
 #: orgs of one campaign are kept in buckets of 2**BUCKET_BITS consecutive org ids
 BUCKET_BITS = 8
-#: what an ``array('q')`` holds: an org or a campaign id outside it is kept in the dict
+#: what an ``array('q')`` holds: an org or a campaign id outside it is kept in the dict (an org
+#: with such a campaign and others: a list of their ids)
 _Q_MIN, _Q_MAX = -(2**63), 2**63 - 1
+#: what a forget step counts a bucket as, at least (in orgs): looking at one costs a lookup, a
+#: copy of its campaigns and a set check, about what 16 orgs' share of a full bucket costs; at
+#: one org a bucket (ids 256 apart), counted as one, a step took 4 to 20 times its budget
+BUCKET_WEIGHT = 16
+
+
+def _held(ids: Iterable[int]) -> array[int] | list[int]:
+    """An ``array('q')`` of ``ids``; a list when one is past what an array holds."""
+    ids = list(ids)
+    try:
+        return array("q", ids)
+    except OverflowError:
+        return ids
 
 
 def _position(pairs: array[int], org_id: int) -> int:
@@ -53,7 +67,7 @@ class OrgCampaigns:
         #: per org of several campaigns, an array of their ids; an org of one campaign that
         #: was not put in a bucket (one that more campaigns had, and an id no array holds), its
         #: campaign's id
-        self._ids: dict[int, int | array[int]] = {}
+        self._ids: dict[int, int | array[int] | list[int]] = {}
         #: per org with an array, the array's length when it was last deduplicated
         self._clean: dict[int, int] = {}
         #: the other orgs of one campaign: per bucket (``org_id >> BUCKET_BITS``), their
@@ -72,19 +86,21 @@ class OrgCampaigns:
     def add(self, org_id: int, campaign_id: int) -> None:
         ids = self._ids.get(org_id)
         if ids is None:
-            if not (_Q_MIN <= org_id <= _Q_MAX and _Q_MIN <= campaign_id <= _Q_MAX):
+            if not _Q_MIN <= org_id <= _Q_MAX:
                 self._ids[org_id] = campaign_id  # no array can hold it
                 return
             key = org_id >> BUCKET_BITS
             pairs = self._singles.get(key)
-            if pairs is None:
-                self._singles[key] = array("q", (org_id, campaign_id))
-                self._single_count += 1
-                return
-            i = _position(pairs, org_id)
-            if i == len(pairs) or pairs[i] != org_id:  # an org new to the index
-                pairs[i:i] = array("q", (org_id, campaign_id))
-                self._single_count += 1
+            i = -1 if pairs is None else _position(pairs, org_id)
+            if pairs is None or i == len(pairs) or pairs[i] != org_id:  # new to the index
+                if not _Q_MIN <= campaign_id <= _Q_MAX:
+                    self._ids[org_id] = campaign_id  # no array can hold it
+                elif pairs is None:
+                    self._singles[key] = array("q", (org_id, campaign_id))
+                    self._single_count += 1
+                else:
+                    pairs[i:i] = array("q", (org_id, campaign_id))
+                    self._single_count += 1
                 return
             ids = pairs[i + 1]
             if ids == campaign_id:
@@ -95,13 +111,13 @@ class OrgCampaigns:
                 del self._singles[key]
             self._single_count -= 1
             pair = (ids, campaign_id) if ids < campaign_id else (campaign_id, ids)
-            self._ids[org_id] = array("q", pair)
+            self._ids[org_id] = _held(pair)
             self._clean[org_id] = 2
             return
         if isinstance(ids, int):
             if ids != campaign_id:
                 pair = (ids, campaign_id) if ids < campaign_id else (campaign_id, ids)
-                self._ids[org_id] = array("q", pair)  # ascending (see below)
+                self._ids[org_id] = _held(pair)  # ascending (see below)
                 self._clean[org_id] = 2
             return
         last = ids[-1]
@@ -111,10 +127,16 @@ class OrgCampaigns:
         if campaign_id > last and clean == len(ids):
             # Still ascending, so still distinct: nothing to deduplicate, ever (a new campaign
             # joining; a sort of the whole org at each doubling fell in one increment).
-            ids.append(campaign_id)
+            try:
+                ids.append(campaign_id)
+            except OverflowError:  # no array can hold it (a try costs nothing on this path)
+                ids = self._ids[org_id] = [*ids, campaign_id]
             self._clean[org_id] = clean + 1
             return
-        ids.append(campaign_id)
+        try:
+            ids.append(campaign_id)
+        except OverflowError:
+            ids = self._ids[org_id] = [*ids, campaign_id]
         if len(ids) > 2 * clean + SLACK:
             distinct = set(ids)
             if len(distinct) == len(ids):
@@ -124,7 +146,7 @@ class OrgCampaigns:
                 # it cost twice the check (callgrind).
                 self._clean[org_id] = len(ids) - 1
                 return
-            self._ids[org_id] = array("q", sorted(distinct))
+            self._ids[org_id] = _held(sorted(distinct))
             self._clean[org_id] = len(distinct)
 
     def campaigns(self, org_id: int) -> Set[int]:
@@ -154,11 +176,11 @@ class OrgCampaigns:
         # The buckets first, then the orgs of the dict as they are when the buckets are done:
         # an org leaves its bucket for the dict when a second campaign joins it (between two
         # steps), never the other way, so none is missed. A bucket is looked at whole.
+        # (The keys in C: the first step's work must grow as little as it can with the orgs
+        # held; a bucket's size is read when a step comes to it. A list of every bucket's size
+        # took 15 ms at 300,000 buckets of one org.)
         buckets = list(self._singles)
-        # Two items per org in each bucket when the steps start (what a step counts for it;
-        # in C: the first step's work must not grow with the orgs held)
-        sizes = list(map(len, self._singles.values()))
-        in_buckets = sum(sizes) // 2
+        in_buckets = self._single_count  # orgs in the buckets not looked at yet (about)
         orgs: list[int] | None = None
         i = start = 0
         gone = campaign_ids
@@ -167,12 +189,17 @@ class OrgCampaigns:
             if not gone:
                 return
             budget, first = orgs_per_step, i
+            singles = self._singles
             while i < len(buckets) and budget > 0:
-                budget -= sizes[i] // 2
+                pairs = singles.get(buckets[i])
+                n = 0 if pairs is None else len(pairs) // 2
+                budget -= max(n, BUCKET_WEIGHT)  # a bucket costs at least its look
+                in_buckets -= n
                 i += 1
             if first < i:
                 self._forget_singles(buckets[first:i], gone)
-                in_buckets -= sum(sizes[first:i]) // 2
+            # while buckets are left, some orgs are: never 0 (it ends the steps)
+            in_buckets = 0 if i == len(buckets) else max(in_buckets, 1)
             if budget > 0:  # every bucket looked at: the dict's orgs
                 if orgs is None:
                     orgs = list(self._ids)
@@ -236,7 +263,7 @@ class OrgCampaigns:
             elif len(kept) == 1:
                 self._ids[org_id] = kept[0]
             else:
-                self._ids[org_id] = array("q", kept)
+                self._ids[org_id] = _held(kept)
                 self._clean[org_id] = len(kept)
 
     def held(self, org_id: int) -> int:

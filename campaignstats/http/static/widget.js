@@ -27,6 +27,9 @@
     1000000, 2000000, 5000000];
   var POLL_MS = 10000;
   var POLL_MS_MIN = 1000;  // a page cannot make its visitors ask more often than once a second
+  // The longest delay a timer takes: browsers read it as a 32-bit int (a longer one wraps to a
+  // negative or a short delay, and the widget would poll without pause).
+  var POLL_MS_MAX = 2147483647;
   var script = document.currentScript;
   var DEFAULT_SERVER = script && script.src ? script.src.replace(/\/widget\.js(\?.*)?$/, "") : "";
 
@@ -124,11 +127,12 @@
       if (this._timer !== null) { clearInterval(this._timer); this._timer = null; }
     }
 
-    // The `poll` attribute in seconds: a number of at least 1, else the default of 10.
+    // The `poll` attribute in seconds: a number of at least 1 (at most about 24 days, what a
+    // timer holds), else the default of 10.
     _pollMs() {
       var seconds = Number((this.getAttribute("poll") || "").trim());
       if (!isFinite(seconds) || seconds <= 0) return POLL_MS;
-      return Math.max(POLL_MS_MIN, Math.round(seconds * 1000));
+      return Math.min(POLL_MS_MAX, Math.max(POLL_MS_MIN, Math.round(seconds * 1000)));
     }
 
     _poll() {
