@@ -980,7 +980,10 @@ class ClientCodec:
 
     def __init__(self, max_message: int = 64 << 20) -> None:
         # Replies (stats_many, info) can be larger than requests; the limit only guards memory.
-        self._decoder = _Decoder(max_message)
+        # Framed: every value is decoded by msgspec, whole in one read or cut across several,
+        # so that a reply gives the same value whatever the chunking (msgspec and msgpack
+        # read a timestamp, an extension or a map keyed by an array differently).
+        self._decoder = _Decoder(max_message, frames=True)
         self._pack = msgpack.Packer().pack
 
     def receive_data(self, data: bytes) -> list[ServerMessage]:
@@ -998,9 +1001,9 @@ class ClientCodec:
             try:
                 values: list[Any] = [_DECODE(data)]
             except (ValueError, TypeError, RecursionError):  # DecodeError is a ValueError
-                values = decoder.feed(data)
+                values = self._decoded(decoder.feed(data))
         else:
-            values = decoder.feed(data)
+            values = self._decoded(decoder.feed(data))
         for value in values:
             op = value[0] if type(value) is list and value else None
             if op == "ok" and len(value) == 3:
@@ -1020,6 +1023,22 @@ class ClientCodec:
                 self._decoder.error = error
                 break
         return out
+
+    def _decoded(self, frames: list[bytes]) -> list[Any]:
+        """The values of whole frames, each decoded by msgspec as a whole read is. A frame it
+        refuses (bytes that are not valid MessagePack in full: invalid UTF-8, an unhashable
+        key) raises BadFrame, or, after values, is kept in :attr:`error` for the next call."""
+        values: list[Any] = []
+        for frame in frames:
+            try:
+                values.append(_DECODE(frame))
+            except (ValueError, TypeError, RecursionError) as exc:
+                error = BadFrame(f"not MessagePack: {type(exc).__name__} {exc}".strip())
+                if not values:
+                    raise error from None
+                self._decoder.error = error
+                break
+        return values
 
     @property
     def error(self) -> BadFrame | None:
