@@ -23,6 +23,8 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -188,3 +190,32 @@ def append_result(stem: str, result: dict[str, Any]) -> Path:
     runs.append(result)
     path.write_text(json.dumps(runs, indent=1, default=str) + "\n")
     return path
+
+
+class TreeServer:
+    """``python -m bench._server`` of a source tree (this one, or another's for an A/B) in a
+    child process, on a free port; ``args`` are more of ``bench._server``'s options."""
+
+    def __init__(self, tree: Path, args: Sequence[str] = ()) -> None:
+        env = {**os.environ, "PYTHONPATH": str(tree)}  # that tree's server
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench._server", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=tree,
+            env=env,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("PORT "):
+            self.stop()
+            raise RuntimeError(f"the server of {tree} did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,36 +32,8 @@ SEED = 42
 HERE = Path(__file__).parent.parent
 
 
-class Server:
-    """``python -m bench._server`` of one tree, on a free loopback port."""
-
-    def __init__(self, tree: Path) -> None:
-        env = {**os.environ, "PYTHONPATH": str(tree)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench._server", "--port", "0"],
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=tree,
-            env=env,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("PORT "):
-            self.stop()
-            raise RuntimeError(f"the server of {tree} did not start: {line!r}")
-        self.port = int(line.split()[1])
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def ours(tree: Path, stream: bytes, n: int, expected: _data.Totals, limit: float) -> float | None:
-    server = Server(tree)
+    server = _harness.TreeServer(tree)
     try:
         warm = _harness.in_child(_workers.raw_blast, server.port, [stream], n, limit, timeout=90)
         r = _harness.in_child(_workers.raw_blast, server.port, [stream], n, limit, timeout=90)

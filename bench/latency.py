@@ -32,7 +32,6 @@ import functools
 import importlib.util
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -60,30 +59,14 @@ ROWS = [
 ]
 
 
-class Server:
-    def __init__(
-        self, loop: str, inline: bool, extra: list[str] | None = None, tree: Path = ROOT
-    ) -> None:
-        cmd = [sys.executable, "-m", "bench._server", "--port", "0", "--loop", loop]
-        cmd.extend(extra or [])
-        if not inline:
-            cmd.append("--no-inline-reads")
-        env = {**os.environ, "PYTHONPATH": str(tree)}  # that tree's server
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=tree, env=env)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("PORT "):
-            self.stop()
-            raise RuntimeError(f"the server did not start: {line!r}")
-        self.port = int(line.split()[1])
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def start_server(
+    loop: str, inline: bool, extra: list[str] | None = None, tree: Path = ROOT
+) -> _harness.TreeServer:
+    """The bench's server of ``tree`` on ``loop``, answering reads inline or through the mailbox."""
+    args = ["--loop", loop, *(extra or [])]
+    if not inline:
+        args.append("--no-inline-reads")
+    return _harness.TreeServer(tree, args)
 
 
 def main() -> None:
@@ -138,7 +121,7 @@ def main() -> None:
 
     rate = args.rate
     if rate is None:
-        server = Server(loops[0], False)
+        server = start_server(loops[0], False)
         try:
             r = _harness.in_child(
                 _workers.raw_blast, server.port, [b"".join(batches)], 200_000, 60, timeout=90
@@ -163,7 +146,7 @@ def main() -> None:
         order = configs if round_ % 2 == 0 else configs[::-1]  # neither always first
         for loop, inline, variant, tree in order:
             name = named(loop, inline, variant, tree)
-            server = Server(loop, inline, variant.split(), tree)
+            server = start_server(loop, inline, variant.split(), tree)
             try:
                 _harness.in_child(_workers.raw_blast, server.port, fill, 100_000, 60, timeout=90)
                 seed = SEED + round_
