@@ -32,7 +32,7 @@ define pytest
 	exit $$rc
 endef
 
-# The whole suite, the tests marked slow included (8 to 10 minutes on 2 cores): the README's test
+# The whole suite, the tests marked slow included (about 7 to 9 minutes on 2 cores): the README's test
 # command, and what CI runs (.ci/run). It ends with its 25 slowest tests, so that a CI log says
 # where the time goes (the budget is 10 minutes).
 test: $(STAMP)
