@@ -39,8 +39,9 @@ class EmbeddedPostgres:
     """A Postgres cluster in ``data_dir / "pgdata"``, started on demand.
 
     ``delete_on_close`` makes it a throwaway cluster: deleted when the last handle closes, and run
-    without ``fsync``. At the end of the test suite, its shutdown checkpoint (syncing the shared
-    buffers to a disk about to be cleared) took most of a minute.
+    without ``fsync`` (nothing to keep past a crash of the machine). What made the test suite's
+    end slow was not this but deleting the cluster's files (tests/helpers.py puts the test
+    clusters on tmpfs).
     """
 
     def __init__(self, data_dir: Path | str = DEFAULT_DATA_DIR, *, delete_on_close: bool = False):
