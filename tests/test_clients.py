@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -357,9 +357,18 @@ class Fake:
             writer.close()
 
 
+def fake_server(
+    answer: Callable[[Any], Any | None],
+) -> contextlib.AbstractAsyncContextManager[Fake]:
+    return serving(Fake(answer))
+
+
+FakeT = TypeVar("FakeT", bound=Fake)
+
+
 @contextlib.asynccontextmanager
-async def fake_server(answer: Callable[[Any], Any | None]) -> AsyncIterator[Fake]:
-    fake = Fake(answer)
+async def serving(fake: FakeT) -> AsyncIterator[FakeT]:
+    """``fake`` (a :class:`Fake` or a subclass with its own ``handle``) listening on 127.0.0.1."""
     server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
     fake.port = server.sockets[0].getsockname()[1]
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
@@ -20,16 +19,17 @@ from campaignstats.client import AsyncStatsClient, StatsClient
 from campaignstats.errors import BadFrame
 from campaignstats.protocol import Call, ClientCodec, Hello, Ok, ServerCodec
 
+from .test_clients import Fake, serving
 
-class RawReplies:
+
+class RawReplies(Fake):
     """A server that answers ``hello`` and then every call with the same raw ``result`` bytes,
     written whole or cut in two writes far enough apart to reach the client in two reads."""
 
     def __init__(self, result: bytes, *, cut: bool) -> None:
+        super().__init__(lambda request: None)
         self.result = result
         self.cut = cut
-        self.port = 0
-        self.writers: list[asyncio.StreamWriter] = []
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.append(writer)
@@ -57,19 +57,8 @@ class RawReplies:
             writer.close()
 
 
-@contextlib.asynccontextmanager
-async def raw_server(result: bytes, *, cut: bool) -> AsyncIterator[RawReplies]:
-    fake = RawReplies(result, cut=cut)
-    server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
-    fake.port = server.sockets[0].getsockname()[1]
-    try:
-        yield fake
-    finally:
-        server.close()
-        for writer in fake.writers:
-            writer.close()
-        await server.wait_closed()
-        await asyncio.sleep(0.05)
+def raw_server(result: bytes, *, cut: bool) -> contextlib.AbstractAsyncContextManager[RawReplies]:
+    return serving(RawReplies(result, cut=cut))
 
 
 def shape(result: Any) -> str:
